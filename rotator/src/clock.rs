@@ -1,0 +1,89 @@
+//! Wall time, injected. Rotation decisions take `now` as an argument; whatever drives them asks a
+//! [`Clock`], so tests can run months of virtual time without sleeping.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+/// A source of wall-clock time.
+pub trait Clock: Send + Sync + 'static {
+    /// The current time, UTC.
+    fn now(&self) -> OffsetDateTime;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+/// A clock that only moves when told to.
+#[derive(Debug)]
+pub struct ManualClock(Mutex<OffsetDateTime>);
+
+impl ManualClock {
+    /// A clock stopped at `start`.
+    pub fn new(start: OffsetDateTime) -> Self {
+        Self(Mutex::new(start))
+    }
+
+    /// Moves the clock forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *t += d;
+    }
+
+    /// Sets the clock to `t`.
+    pub fn set(&self, t: OffsetDateTime) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A clock that follows tokio's (possibly paused) clock from a fixed wall-clock anchor, so that
+/// certificate times and `tokio::time::sleep` agree in `start_paused` tests.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    wall: OffsetDateTime,
+    instant: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// Anchors tokio's clock to the current wall time.
+    pub fn new() -> Self {
+        Self::anchored_at(OffsetDateTime::now_utc())
+    }
+
+    /// Anchors tokio's clock to `wall`.
+    pub fn anchored_at(wall: OffsetDateTime) -> Self {
+        Self { wall, instant: tokio::time::Instant::now() }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> OffsetDateTime {
+        self.wall + self.instant.elapsed()
+    }
+}
+
+/// `t` rounded down to a whole second: X.509 times have one-second resolution, and every
+/// comparison between a certificate time and `now` must use the same resolution.
+pub fn whole_seconds(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(0).unwrap_or(t)
+}

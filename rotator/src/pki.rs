@@ -1,0 +1,470 @@
+//! Keys and CA certificates: generating trust anchors and issuers, parsing and checking the
+//! certificates an authority holds. Leaves are signed in `ca-server`; this module only makes CAs.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SerialNumber,
+};
+use ring::digest::{SHA256, digest};
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::clock::whole_seconds;
+use crate::spiffe::TrustDomain;
+
+/// Why a key or certificate could not be made, parsed or accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    /// rcgen refused to build or sign.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// Not a parseable private key.
+    #[error("not a usable private key: {0}")]
+    Key(String),
+    /// Not PEM, or the wrong PEM block.
+    #[error("not PEM: {0}")]
+    Pem(String),
+    /// Not a parseable X.509 certificate.
+    #[error("not an X.509 certificate: {0}")]
+    Cert(String),
+    /// The system random number generator failed.
+    #[error("random number generator failed")]
+    Random,
+}
+
+/// A private key. The serialized form is zeroized when the last reference is dropped; it never
+/// appears in `Debug` output or logs.
+#[derive(Clone)]
+pub struct SecretKey(Arc<KeyInner>);
+
+struct KeyInner {
+    pair: KeyPair,
+}
+
+impl Drop for KeyInner {
+    fn drop(&mut self) {
+        self.pair.zeroize();
+    }
+}
+
+impl SecretKey {
+    /// A new ECDSA P-256 key, the only type meshca generates.
+    pub fn generate_p256() -> Result<Self, PkiError> {
+        let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        Ok(Self(Arc::new(KeyInner { pair })))
+    }
+
+    /// Reads a PKCS#8 PEM key (`-----BEGIN PRIVATE KEY-----`).
+    pub fn from_pem(pem_text: &str) -> Result<Self, PkiError> {
+        let block = pem::parse(pem_text).map_err(|e| PkiError::Pem(e.to_string()))?;
+        let contents = Zeroizing::new(block.contents().to_vec());
+        match block.tag() {
+            "PRIVATE KEY" => {}
+            "EC PRIVATE KEY" | "RSA PRIVATE KEY" => {
+                return Err(PkiError::Key(format!(
+                    "{} (SEC1/PKCS#1) keys are not supported; convert with `openssl pkcs8 -topk8 -nocrypt`",
+                    block.tag()
+                )));
+            }
+            other => return Err(PkiError::Pem(format!("expected PRIVATE KEY, found {other}"))),
+        }
+        let pair = KeyPair::try_from(contents.as_slice()).map_err(|e| PkiError::Key(e.to_string()))?;
+        Ok(Self(Arc::new(KeyInner { pair })))
+    }
+
+    /// The key as PKCS#8 PEM, in memory that is zeroized when dropped.
+    pub fn to_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.0.pair.serialize_pem())
+    }
+
+    /// The public key as a DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> Vec<u8> {
+        rcgen::PublicKeyData::subject_public_key_info(&self.0.pair)
+    }
+
+    /// The underlying rcgen key pair.
+    pub fn key_pair(&self) -> &KeyPair {
+        &self.0.pair
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+impl rcgen::PublicKeyData for SecretKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.pair.der_bytes()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.0.pair.algorithm()
+    }
+}
+
+impl rcgen::SigningKey for SecretKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0.pair.sign(msg)
+    }
+}
+
+/// A short, stable identifier of a certificate: the first 8 bytes of SHA-256 over its DER, hex.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct CertId(String);
+
+impl CertId {
+    /// The id of the certificate `der`.
+    pub fn of(der: &[u8]) -> Self {
+        Self(hex::encode(&digest(&SHA256, der).as_ref()[..8]))
+    }
+
+    /// The id as a string (16 lowercase hex digits).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `s` has the shape of an id (so it is safe as a file name).
+    pub fn is_well_formed(s: &str) -> bool {
+        s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+}
+
+impl fmt::Display for CertId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What meshca needs to know about a certificate, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Subject, RFC 4514 style.
+    pub subject: String,
+    /// Issuer, RFC 4514 style.
+    pub issuer: String,
+    /// notBefore.
+    pub not_before: OffsetDateTime,
+    /// notAfter.
+    pub not_after: OffsetDateTime,
+    /// basicConstraints cA.
+    pub is_ca: bool,
+    /// basicConstraints pathLenConstraint.
+    pub path_len: Option<u32>,
+    /// keyUsage has keyCertSign.
+    pub key_cert_sign: bool,
+    /// The subject public key, DER SubjectPublicKeyInfo.
+    pub spki_der: Vec<u8>,
+    /// URI SANs.
+    pub uris: Vec<String>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Self-signed (issuer name equals subject name and the signature verifies with its own key).
+    pub self_signed: bool,
+}
+
+impl CertInfo {
+    /// Parses a DER certificate.
+    pub fn parse(der: &[u8]) -> Result<Self, PkiError> {
+        let (rest, x) = X509Certificate::from_der(der).map_err(|e| PkiError::Cert(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(PkiError::Cert("trailing bytes after the certificate".into()));
+        }
+        let ts = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t).map_err(|e| PkiError::Cert(format!("time out of range: {e}")))
+        };
+        let bc = x.basic_constraints().map_err(|e| PkiError::Cert(e.to_string()))?;
+        let ku = x.key_usage().map_err(|e| PkiError::Cert(e.to_string()))?;
+        let mut uris = Vec::new();
+        let mut dns_names = Vec::new();
+        if let Ok(Some(san)) = x.subject_alternative_name() {
+            for n in &san.value.general_names {
+                match n {
+                    x509_parser::extensions::GeneralName::URI(u) => uris.push((*u).to_owned()),
+                    x509_parser::extensions::GeneralName::DNSName(d) => dns_names.push((*d).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        let self_signed =
+            x.subject().as_raw() == x.issuer().as_raw() && x.verify_signature(None).is_ok();
+        Ok(Self {
+            serial: hex::encode(x.raw_serial()),
+            subject: x.subject().to_string(),
+            issuer: x.issuer().to_string(),
+            not_before: ts(x.validity().not_before.timestamp())?,
+            not_after: ts(x.validity().not_after.timestamp())?,
+            is_ca: bc.as_ref().is_some_and(|b| b.value.ca),
+            path_len: bc.and_then(|b| b.value.path_len_constraint),
+            key_cert_sign: ku.is_some_and(|k| k.value.key_cert_sign()),
+            spki_der: x.public_key().raw.to_vec(),
+            uris,
+            dns_names,
+            self_signed,
+        })
+    }
+
+    /// Whether the certificate is valid at `now` (notBefore ≤ now < notAfter, whole seconds).
+    pub fn valid_at(&self, now: OffsetDateTime) -> bool {
+        let now = whole_seconds(now);
+        self.not_before <= now && now < self.not_after
+    }
+
+    /// Time left at `now` (zero once expired).
+    pub fn remaining(&self, now: OffsetDateTime) -> Duration {
+        (self.not_after - now).try_into().unwrap_or(Duration::ZERO)
+    }
+
+    /// Lifetime, notBefore to notAfter.
+    pub fn lifetime(&self) -> Duration {
+        (self.not_after - self.not_before).try_into().unwrap_or(Duration::ZERO)
+    }
+}
+
+/// A CA certificate (anchor or issuer) with its parsed facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaCert {
+    der: CertificateDer<'static>,
+    id: CertId,
+    /// Parsed facts.
+    pub info: CertInfo,
+}
+
+impl CaCert {
+    /// Parses `der` and checks that it is a CA certificate that may sign certificates.
+    pub fn from_der(der: Vec<u8>) -> Result<Self, PkiError> {
+        let info = CertInfo::parse(&der)?;
+        if !info.is_ca {
+            return Err(PkiError::Cert("not a CA certificate (basicConstraints cA is not true)".into()));
+        }
+        if !info.key_cert_sign {
+            return Err(PkiError::Cert("keyUsage does not allow keyCertSign".into()));
+        }
+        Ok(Self { id: CertId::of(&der), der: CertificateDer::from(der), info })
+    }
+
+    /// Parses one PEM certificate.
+    pub fn from_pem(text: &str) -> Result<Self, PkiError> {
+        let block = pem::parse(text).map_err(|e| PkiError::Pem(e.to_string()))?;
+        if block.tag() != "CERTIFICATE" {
+            return Err(PkiError::Pem(format!("expected CERTIFICATE, found {}", block.tag())));
+        }
+        Self::from_der(block.into_contents())
+    }
+
+    /// DER bytes.
+    pub fn der(&self) -> &CertificateDer<'static> {
+        &self.der
+    }
+
+    /// PEM text.
+    pub fn pem(&self) -> String {
+        pem_cert(&self.der)
+    }
+
+    /// Stable id.
+    pub fn id(&self) -> &CertId {
+        &self.id
+    }
+
+    /// Whether `key` is the private key of this certificate.
+    pub fn matches_key(&self, key: &SecretKey) -> bool {
+        self.info.spki_der == key.spki_der()
+    }
+
+    /// Checks that `self` was issued by `parent`: names chain and the signature verifies.
+    pub fn verify_issued_by(&self, parent: &CaCert) -> Result<(), String> {
+        let (_, child) = X509Certificate::from_der(&self.der).map_err(|e| e.to_string())?;
+        let (_, p) = X509Certificate::from_der(&parent.der).map_err(|e| e.to_string())?;
+        if child.issuer().as_raw() != p.subject().as_raw() {
+            return Err(format!("issuer name {} is not the subject {} of {}", child.issuer(), p.subject(), parent.id));
+        }
+        child
+            .verify_signature(Some(p.public_key()))
+            .map_err(|e| format!("signature does not verify with the key of {}: {e}", parent.id))
+    }
+
+    /// An rcgen issuer that signs with `key` under this certificate's name and key identifier.
+    pub fn rcgen_issuer(&self, key: SecretKey) -> Result<rcgen::Issuer<'static, SecretKey>, PkiError> {
+        Ok(rcgen::Issuer::from_ca_cert_der(&self.der, key)?)
+    }
+}
+
+/// PEM text of one DER certificate.
+pub fn pem_cert(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+/// A random positive serial number with 127 bits of entropy (RFC 5280: at most 20 octets;
+/// CA/B forum: at least 64 bits of entropy).
+pub fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, PkiError> {
+    let mut bytes = [0u8; 16];
+    rng.fill(&mut bytes).map_err(|_| PkiError::Random)?;
+    // Positive and without a leading zero octet: top bit clear, some bit of the first byte set.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn stamp(t: OffsetDateTime) -> String {
+    let t = whole_seconds(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn ca_params(
+    td: &TrustDomain,
+    cn: String,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    constraints: BasicConstraints,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, td.as_str());
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = whole_seconds(not_before);
+    params.not_after = whole_seconds(not_after);
+    params.serial_number = Some(random_serial(&SystemRandom::new())?);
+    Ok(params)
+}
+
+/// A new self-signed trust anchor for `td`: CA, keyCertSign + cRLSign (critical), valid from
+/// `now − skew` for `ttl`.
+pub fn new_anchor(
+    td: &TrustDomain,
+    key: &SecretKey,
+    now: OffsetDateTime,
+    ttl: Duration,
+    skew: Duration,
+) -> Result<CaCert, PkiError> {
+    let params = ca_params(
+        td,
+        format!("meshca trust anchor {}", stamp(now)),
+        now - skew,
+        now + ttl,
+        BasicConstraints::Unconstrained,
+    )?;
+    let cert = params.self_signed(key)?;
+    CaCert::from_der(cert.der().to_vec())
+}
+
+/// A new issuer signed by `anchor`: CA with pathLen 0, keyCertSign + cRLSign, valid from
+/// `now − skew` to `min(now + ttl, anchor notAfter)` so that it never outlives its anchor.
+pub fn new_issuer(
+    td: &TrustDomain,
+    key: &SecretKey,
+    anchor: &CaCert,
+    anchor_key: &SecretKey,
+    now: OffsetDateTime,
+    ttl: Duration,
+    skew: Duration,
+) -> Result<CaCert, PkiError> {
+    let not_after = (now + ttl).min(anchor.info.not_after);
+    let mut params = ca_params(
+        td,
+        format!("meshca issuer {}", stamp(now)),
+        (now - skew).max(anchor.info.not_before),
+        not_after,
+        BasicConstraints::Constrained(0),
+    )?;
+    params.use_authority_key_identifier_extension = true;
+    let issuer = anchor.rcgen_issuer(anchor_key.clone())?;
+    let cert = params.signed_by(key, &issuer)?;
+    CaCert::from_der(cert.der().to_vec())
+}
+
+/// A CSR for a new issuer whose key meshca holds but whose certificate an upstream CA signs.
+pub fn issuer_csr(td: &TrustDomain, key: &SecretKey, now: OffsetDateTime) -> Result<Vec<u8>, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, td.as_str());
+    dn.push(DnType::CommonName, format!("meshca issuer {}", stamp(now)));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params.serialize_request(key)?.der().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        "cluster.local".parse().unwrap()
+    }
+
+    #[test]
+    fn anchor_and_issuer_profiles() {
+        let now = OffsetDateTime::now_utc();
+        let ak = SecretKey::generate_p256().unwrap();
+        let anchor = new_anchor(&td(), &ak, now, Duration::from_secs(86400 * 365), Duration::from_secs(300)).unwrap();
+        assert!(anchor.info.is_ca && anchor.info.key_cert_sign && anchor.info.self_signed);
+        assert_eq!(anchor.info.path_len, None);
+        assert!(anchor.matches_key(&ak));
+        anchor.verify_issued_by(&anchor).unwrap();
+
+        let ik = SecretKey::generate_p256().unwrap();
+        let issuer = new_issuer(&td(), &ik, &anchor, &ak, now, Duration::from_secs(86400 * 7), Duration::from_secs(300)).unwrap();
+        assert!(issuer.info.is_ca && issuer.info.key_cert_sign && !issuer.info.self_signed);
+        assert_eq!(issuer.info.path_len, Some(0));
+        assert!(issuer.matches_key(&ik) && !issuer.matches_key(&ak));
+        issuer.verify_issued_by(&anchor).unwrap();
+        assert!(anchor.verify_issued_by(&issuer).is_err());
+        assert_eq!(issuer.info.lifetime(), Duration::from_secs(86400 * 7 + 300));
+        assert_ne!(anchor.id(), issuer.id());
+    }
+
+    #[test]
+    fn issuer_never_outlives_its_anchor() {
+        let now = OffsetDateTime::now_utc();
+        let ak = SecretKey::generate_p256().unwrap();
+        let anchor = new_anchor(&td(), &ak, now, Duration::from_secs(86400), Duration::ZERO).unwrap();
+        let ik = SecretKey::generate_p256().unwrap();
+        let issuer = new_issuer(&td(), &ik, &anchor, &ak, now, Duration::from_secs(86400 * 7), Duration::ZERO).unwrap();
+        assert_eq!(issuer.info.not_after, anchor.info.not_after);
+    }
+
+    #[test]
+    fn key_pem_round_trip_and_redaction() {
+        let k = SecretKey::generate_p256().unwrap();
+        let pem = k.to_pem();
+        let k2 = SecretKey::from_pem(&pem).unwrap();
+        assert_eq!(k.spki_der(), k2.spki_der());
+        assert_eq!(format!("{k:?}"), "SecretKey(<redacted>)");
+        assert!(SecretKey::from_pem("-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n")
+            .unwrap_err()
+            .to_string()
+            .contains("pkcs8"));
+    }
+
+    #[test]
+    fn serials_are_positive_and_random() {
+        let rng = SystemRandom::new();
+        let a = random_serial(&rng).unwrap();
+        let b = random_serial(&rng).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.as_ref().len(), 16);
+        assert!(a.as_ref()[0] & 0x80 == 0 && a.as_ref()[0] != 0);
+    }
+}

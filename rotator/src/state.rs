@@ -1,0 +1,525 @@
+//! The authority state: trust anchors, issuers, the bundle and the rotation phase, plus the pure
+//! transitions between states. A transition takes a state and `now` and returns the next state;
+//! it performs no I/O. Whoever drives it commits the result to a store *before* acting on it.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::pki::{self, CaCert, CertId, PkiError, SecretKey};
+use crate::policy::Policy;
+use crate::spiffe::TrustDomain;
+
+/// How many transitions the state keeps in its history (the newest).
+pub const HISTORY_LEN: usize = 64;
+
+/// Where an anchor stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnchorStatus {
+    /// In the bundle; the active issuer chains to it.
+    Active,
+    /// In the bundle, new: a rotation has staged it; nothing chains to it yet.
+    Staged,
+    /// In the bundle, old: a rotation has activated its successor; leaves may still chain to it.
+    Retiring,
+    /// Out of the bundle; kept on disk, never deleted.
+    Archived,
+}
+
+impl AnchorStatus {
+    /// Whether verifiers must trust an anchor in this status.
+    pub fn in_bundle(self) -> bool {
+        self != Self::Archived
+    }
+}
+
+/// Where an issuer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssuerStatus {
+    /// Key and certificate made and stored; not signing yet.
+    Prepared,
+    /// Signing leaves.
+    Active,
+    /// Signed leaves once; kept until it expires so those leaves can be accounted for.
+    Retired,
+}
+
+/// The trust-anchor rotation phase (see PRODUCT.md, "Trust-anchor rotation: the contract").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum Phase {
+    /// One anchor in the bundle, and it signs.
+    Steady,
+    /// A new anchor is in the bundle beside the old one; the old one still signs.
+    Staged {
+        /// The new anchor.
+        anchor: CertId,
+        /// When it entered the bundle.
+        #[serde(with = "time::serde::rfc3339")]
+        since: OffsetDateTime,
+    },
+    /// The new anchor signs; the old one stays in the bundle until leaves chaining to it expire.
+    Activated {
+        /// The old anchor, still trusted.
+        previous: CertId,
+        /// When the new anchor started signing.
+        #[serde(with = "time::serde::rfc3339")]
+        since: OffsetDateTime,
+    },
+}
+
+impl Phase {
+    /// The phase's name as used in CLI output and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Steady => "steady",
+            Self::Staged { .. } => "staged",
+            Self::Activated { .. } => "activated",
+        }
+    }
+}
+
+/// A trust anchor the authority knows.
+#[derive(Debug, Clone)]
+pub struct Anchor {
+    /// Certificate.
+    pub cert: CaCert,
+    /// Private key; `None` when the key lives elsewhere (upstream mode).
+    pub key: Option<SecretKey>,
+    /// Status.
+    pub status: AnchorStatus,
+}
+
+/// An issuer (intermediate CA) the authority knows.
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    /// Certificate.
+    pub cert: CaCert,
+    /// Private key (meshca always holds issuer keys).
+    pub key: SecretKey,
+    /// The anchor that signed it.
+    pub anchor: CertId,
+    /// Status.
+    pub status: IssuerStatus,
+}
+
+/// One transition, as recorded in the state's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// When it happened.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The generation it produced.
+    pub generation: u64,
+    /// What happened, e.g. `issuer_activated 1a2b…`.
+    pub what: String,
+}
+
+/// Everything an authority is: the unit a store persists atomically.
+#[derive(Debug, Clone)]
+pub struct AuthorityState {
+    /// SPIFFE trust domain.
+    pub trust_domain: TrustDomain,
+    /// Increases by one with every committed transition.
+    pub generation: u64,
+    /// Increases whenever the set of anchors in the bundle changes.
+    pub bundle_version: u64,
+    /// Every anchor ever held (archived ones included).
+    pub anchors: Vec<Anchor>,
+    /// Issuers not yet expired (and the active one even if it has).
+    pub issuers: Vec<Issuer>,
+    /// Trust-anchor rotation phase.
+    pub phase: Phase,
+    /// The newest transitions, oldest first.
+    pub history: Vec<Event>,
+}
+
+/// A state that breaks a structural invariant, or a transition that cannot apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StateError(pub String);
+
+impl From<PkiError> for StateError {
+    fn from(e: PkiError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl AuthorityState {
+    /// A brand-new authority: a generated anchor, an issuer it signs, bundle version 1.
+    pub fn genesis(td: TrustDomain, policy: &Policy, now: OffsetDateTime) -> Result<Self, StateError> {
+        let anchor_key = SecretKey::generate_p256()?;
+        let anchor = pki::new_anchor(&td, &anchor_key, now, policy.anchor_ttl, policy.clock_skew)?;
+        Self::with_anchor(td, anchor, Some(anchor_key), policy, now)
+    }
+
+    /// A brand-new authority around an existing anchor (imported, or upstream with `key: None`).
+    /// With the anchor's key an issuer is made at once; without it the authority has no issuer
+    /// until one is imported.
+    pub fn with_anchor(
+        td: TrustDomain,
+        anchor: CaCert,
+        key: Option<SecretKey>,
+        policy: &Policy,
+        now: OffsetDateTime,
+    ) -> Result<Self, StateError> {
+        if let Some(k) = &key {
+            if !anchor.matches_key(k) {
+                return Err(StateError("the anchor key does not match the anchor certificate".into()));
+            }
+        }
+        if !anchor.info.self_signed {
+            return Err(StateError("the anchor certificate is not self-signed".into()));
+        }
+        if !anchor.info.valid_at(now) {
+            return Err(StateError(format!(
+                "the anchor certificate is not valid now (valid {} to {})",
+                anchor.info.not_before, anchor.info.not_after
+            )));
+        }
+        let id = anchor.id().clone();
+        let mut s = Self {
+            trust_domain: td,
+            generation: 0,
+            bundle_version: 1,
+            anchors: vec![Anchor { cert: anchor, key, status: AnchorStatus::Active }],
+            issuers: Vec::new(),
+            phase: Phase::Steady,
+            history: Vec::new(),
+        };
+        s.record(now, format!("anchor_created {id}"));
+        if s.anchors[0].key.is_some() {
+            s = s.prepare_issuer(policy, now, &id)?;
+            let next = s.issuers[0].cert.id().clone();
+            s = s.activate_issuer(now, &next)?;
+        }
+        Ok(s)
+    }
+
+    /// The issuer that signs leaves, if any.
+    pub fn active_issuer(&self) -> Option<&Issuer> {
+        self.issuers.iter().find(|i| i.status == IssuerStatus::Active)
+    }
+
+    /// The anchor with this id.
+    pub fn anchor(&self, id: &CertId) -> Option<&Anchor> {
+        self.anchors.iter().find(|a| a.cert.id() == id)
+    }
+
+    /// The issuer with this id.
+    pub fn issuer(&self, id: &CertId) -> Option<&Issuer> {
+        self.issuers.iter().find(|i| i.cert.id() == id)
+    }
+
+    /// The anchor new issuers are signed by (status `Active`).
+    pub fn active_anchor(&self) -> Option<&Anchor> {
+        self.anchors.iter().find(|a| a.status == AnchorStatus::Active)
+    }
+
+    /// The anchors verifiers must trust right now, in a stable order (oldest first).
+    pub fn bundle(&self) -> impl Iterator<Item = &Anchor> {
+        self.anchors.iter().filter(|a| a.status.in_bundle())
+    }
+
+    /// A new issuer, signed by `anchor` and stored as `Prepared`.
+    pub fn prepare_issuer(&self, policy: &Policy, now: OffsetDateTime, anchor: &CertId) -> Result<Self, StateError> {
+        let a = self.anchor(anchor).ok_or_else(|| StateError(format!("no anchor {anchor}")))?;
+        let Some(anchor_key) = &a.key else {
+            return Err(StateError(format!(
+                "anchor {anchor} is held upstream (no key here): an issuer must be imported"
+            )));
+        };
+        let key = SecretKey::generate_p256()?;
+        let cert = pki::new_issuer(&self.trust_domain, &key, &a.cert, anchor_key, now, policy.issuer_ttl, policy.clock_skew)?;
+        let id = cert.id().clone();
+        let mut s = self.clone();
+        s.issuers.push(Issuer { cert, key, anchor: anchor.clone(), status: IssuerStatus::Prepared });
+        s.record(now, format!("issuer_prepared {id} under anchor {anchor}"));
+        Ok(s)
+    }
+
+    /// Adds an issuer certificate signed elsewhere, for `key`, as `Prepared`.
+    pub fn add_prepared_issuer(&self, now: OffsetDateTime, cert: CaCert, key: SecretKey) -> Result<Self, StateError> {
+        if !cert.matches_key(&key) {
+            return Err(StateError("the certificate is not for the pending issuer key".into()));
+        }
+        let anchor = self
+            .bundle()
+            .find(|a| cert.verify_issued_by(&a.cert).is_ok())
+            .ok_or_else(|| StateError("the certificate does not chain to an anchor in the bundle".into()))?
+            .cert
+            .id()
+            .clone();
+        if self.issuer(cert.id()).is_some() {
+            return Err(StateError(format!("issuer {} is already installed", cert.id())));
+        }
+        let id = cert.id().clone();
+        let mut s = self.clone();
+        s.issuers.push(Issuer { cert, key, anchor: anchor.clone(), status: IssuerStatus::Prepared });
+        s.record(now, format!("issuer_imported {id} under anchor {anchor}"));
+        Ok(s)
+    }
+
+    /// Makes the prepared issuer `id` the active one; the previous active issuer is retired.
+    pub fn activate_issuer(&self, now: OffsetDateTime, id: &CertId) -> Result<Self, StateError> {
+        let mut s = self.clone();
+        let Some(next) = s.issuers.iter().position(|i| i.cert.id() == id) else {
+            return Err(StateError(format!("no issuer {id}")));
+        };
+        if s.issuers[next].status != IssuerStatus::Prepared {
+            return Err(StateError(format!("issuer {id} is not prepared")));
+        }
+        if !s.issuers[next].cert.info.valid_at(now) {
+            return Err(StateError(format!("issuer {id} is not valid now")));
+        }
+        let anchor_ok = s.anchor(&s.issuers[next].anchor).is_some_and(|a| a.status == AnchorStatus::Active);
+        if !anchor_ok {
+            return Err(StateError(format!("issuer {id} is not signed by the active anchor")));
+        }
+        for i in &mut s.issuers {
+            if i.status == IssuerStatus::Active {
+                i.status = IssuerStatus::Retired;
+            }
+        }
+        s.issuers[next].status = IssuerStatus::Active;
+        s.record(now, format!("issuer_activated {id}"));
+        Ok(s)
+    }
+
+    /// Drops retired and prepared issuers that expired before `now` (their leaves have too).
+    pub fn prune_expired_issuers(&self, now: OffsetDateTime) -> Option<Self> {
+        let expired = |i: &Issuer| i.status != IssuerStatus::Active && i.cert.info.not_after <= now;
+        if !self.issuers.iter().any(expired) {
+            return None;
+        }
+        let mut s = self.clone();
+        let gone: Vec<String> = s.issuers.iter().filter(|i| expired(i)).map(|i| i.cert.id().to_string()).collect();
+        s.issuers.retain(|i| !expired(i));
+        s.record(now, format!("issuers_pruned {}", gone.join(",")));
+        Some(s)
+    }
+
+    /// Checks the structural invariants that hold at every instant, whatever the time:
+    /// keys match certificates, every issuer chains to its anchor and does not outlive it, at most
+    /// one issuer is active and it chains to the active anchor, the bundle is not empty, the
+    /// phase names anchors in the right status.
+    pub fn check(&self) -> Result<(), StateError> {
+        let fail = |m: String| Err(StateError(m));
+        if self.bundle().next().is_none() {
+            return fail("the bundle is empty".into());
+        }
+        let actives = self.anchors.iter().filter(|a| a.status == AnchorStatus::Active).count();
+        if actives != 1 {
+            return fail(format!("{actives} anchors are active; exactly one must be"));
+        }
+        for a in &self.anchors {
+            if let Some(k) = &a.key {
+                if !a.cert.matches_key(k) {
+                    return fail(format!("anchor {}: the key does not match the certificate", a.cert.id()));
+                }
+            }
+            if !a.cert.info.self_signed {
+                return fail(format!("anchor {}: not a self-signed certificate", a.cert.id()));
+            }
+        }
+        let mut active_issuers = 0;
+        for i in &self.issuers {
+            let id = i.cert.id();
+            if !i.cert.matches_key(&i.key) {
+                return fail(format!("issuer {id}: the key does not match the certificate"));
+            }
+            let Some(a) = self.anchor(&i.anchor) else {
+                return fail(format!("issuer {id}: its anchor {} is unknown", i.anchor));
+            };
+            if let Err(e) = i.cert.verify_issued_by(&a.cert) {
+                return fail(format!("issuer {id}: {e}"));
+            }
+            if i.cert.info.not_after > a.cert.info.not_after {
+                return fail(format!("issuer {id} outlives its anchor {}", i.anchor));
+            }
+            if i.status == IssuerStatus::Active {
+                active_issuers += 1;
+                if a.status != AnchorStatus::Active {
+                    return fail(format!("the active issuer {id} chains to anchor {} which is {:?}, not active", i.anchor, a.status));
+                }
+            }
+        }
+        if active_issuers > 1 {
+            return fail(format!("{active_issuers} issuers are active; at most one may be"));
+        }
+        let status_of = |id: &CertId| self.anchor(id).map(|a| a.status);
+        match &self.phase {
+            Phase::Steady => {
+                if self.bundle().count() != 1 {
+                    return fail("phase steady with more than one anchor in the bundle".into());
+                }
+            }
+            Phase::Staged { anchor, .. } => {
+                if status_of(anchor) != Some(AnchorStatus::Staged) {
+                    return fail(format!("phase staged names anchor {anchor}, which is not staged"));
+                }
+            }
+            Phase::Activated { previous, .. } => {
+                if status_of(previous) != Some(AnchorStatus::Retiring) {
+                    return fail(format!("phase activated names previous anchor {previous}, which is not retiring"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What is wrong with the state at `now` that time alone caused (expiry), for start-up
+    /// checks and status output. Structural problems are [`Self::check`]'s.
+    pub fn expiry_problems(&self, now: OffsetDateTime) -> Vec<String> {
+        let mut out = Vec::new();
+        for a in self.bundle() {
+            if a.cert.info.not_after <= now {
+                out.push(format!("anchor {} in the bundle expired at {}", a.cert.id(), a.cert.info.not_after));
+            }
+        }
+        if let Some(i) = self.active_issuer() {
+            if i.cert.info.not_after <= now {
+                out.push(format!("the active issuer {} expired at {}", i.cert.id(), i.cert.info.not_after));
+            }
+        }
+        out
+    }
+
+    /// Appends to the history and bumps the generation.
+    fn record(&mut self, now: OffsetDateTime, what: String) {
+        self.generation += 1;
+        self.history.push(Event { at: crate::clock::whole_seconds(now), generation: self.generation, what });
+        if self.history.len() > HISTORY_LEN {
+            let extra = self.history.len() - HISTORY_LEN;
+            self.history.drain(..extra);
+        }
+    }
+}
+
+impl fmt::Display for AnchorStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::Active => "active",
+            Self::Staged => "staged",
+            Self::Retiring => "retiring",
+            Self::Archived => "archived",
+        };
+        f.write_str(s)
+    }
+}
+
+impl fmt::Display for IssuerStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Retired => "retired",
+        };
+        f.write_str(s)
+    }
+}
+
+/// `d` in the largest whole units that read well: `3d 4h`, `5h 12m`, `42s`.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, mins) = (s / 86400, (s % 86400) / 3600, (s % 3600) / 60);
+    match (days, hours, mins) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, m) => format!("{m}m {}s", s % 60),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        "cluster.local".parse().unwrap()
+    }
+
+    #[test]
+    fn genesis_is_consistent() {
+        let now = OffsetDateTime::now_utc();
+        let s = AuthorityState::genesis(td(), &Policy::default(), now).unwrap();
+        s.check().unwrap();
+        assert!(s.expiry_problems(now).is_empty());
+        assert_eq!(s.bundle_version, 1);
+        assert_eq!(s.bundle().count(), 1);
+        let i = s.active_issuer().unwrap();
+        assert_eq!(&i.anchor, s.active_anchor().unwrap().cert.id());
+        assert_eq!(s.generation, 3, "{:?}", s.history);
+        assert_eq!(s.history.len(), 3);
+    }
+
+    #[test]
+    fn issuer_rotation_keeps_the_bundle() {
+        let now = OffsetDateTime::now_utc();
+        let p = Policy::default();
+        let s = AuthorityState::genesis(td(), &p, now).unwrap();
+        let old = s.active_issuer().unwrap().cert.id().clone();
+        let anchor = s.active_anchor().unwrap().cert.id().clone();
+        let s2 = s.prepare_issuer(&p, now, &anchor).unwrap();
+        assert_eq!(s2.active_issuer().unwrap().cert.id(), &old, "preparing does not activate");
+        let next = s2.issuers.iter().find(|i| i.status == IssuerStatus::Prepared).unwrap().cert.id().clone();
+        let s3 = s2.activate_issuer(now, &next).unwrap();
+        s3.check().unwrap();
+        assert_eq!(s3.active_issuer().unwrap().cert.id(), &next);
+        assert_eq!(s3.issuer(&old).unwrap().status, IssuerStatus::Retired);
+        assert_eq!(s3.bundle_version, s.bundle_version);
+        assert!(s3.activate_issuer(now, &next).is_err(), "an active issuer cannot be activated again");
+    }
+
+    #[test]
+    fn check_catches_broken_states() {
+        let now = OffsetDateTime::now_utc();
+        let p = Policy::default();
+        let s = AuthorityState::genesis(td(), &p, now).unwrap();
+
+        let mut wrong_key = s.clone();
+        wrong_key.issuers[0].key = SecretKey::generate_p256().unwrap();
+        assert!(wrong_key.check().unwrap_err().0.contains("key does not match"));
+
+        let other = AuthorityState::genesis(td(), &p, now).unwrap();
+        let mut foreign = s.clone();
+        foreign.issuers[0].cert = other.issuers[0].cert.clone();
+        foreign.issuers[0].key = other.issuers[0].key.clone();
+        // Both anchors were made in the same second, so the names match and the signature decides.
+        let e = foreign.check().unwrap_err().0;
+        assert!(e.contains("signature does not verify"), "{e}");
+
+        let mut empty = s.clone();
+        empty.anchors[0].status = AnchorStatus::Archived;
+        assert!(empty.check().unwrap_err().0.contains("bundle is empty"));
+
+        let mut two = s.clone();
+        let mut extra = s.issuers[0].clone();
+        extra.status = IssuerStatus::Active;
+        two.issuers.push(extra);
+        assert!(two.check().unwrap_err().0.contains("issuers are active"));
+    }
+
+    #[test]
+    fn expiry_is_reported() {
+        let now = OffsetDateTime::now_utc();
+        let s = AuthorityState::genesis(td(), &Policy::default(), now).unwrap();
+        let later = now + Duration::from_secs(8 * 86400);
+        let p = s.expiry_problems(later);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("active issuer"));
+        assert_eq!(s.expiry_problems(now + Duration::from_secs(400 * 86400)).len(), 2);
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(Duration::from_secs(42)), "42s");
+        assert_eq!(human(Duration::from_secs(125)), "2m 5s");
+        assert_eq!(human(Duration::from_secs(5 * 3600 + 720)), "5h 12m");
+        assert_eq!(human(Duration::from_secs(3 * 86400 + 4 * 3600 + 59)), "3d 4h");
+    }
+}

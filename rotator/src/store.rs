@@ -1,0 +1,487 @@
+//! Stores persist an [`AuthorityState`] so that a restart, or a crash at any instant, finds the
+//! last committed state and nothing else.
+//!
+//! [`FileStore`] layout (the state dir is 0700, keys 0600):
+//!
+//! ```text
+//! state.json            the commit record: ids, statuses, phase, generation, history
+//! anchors/<id>.crt|.key trust anchors (the key is absent in upstream mode)
+//! issuers/<id>.crt|.key issuers
+//! bundle.pem            the current bundle, derived from state.json after every commit
+//! ```
+//!
+//! A commit writes new certificate and key files first (named by the certificate's hash, so
+//! writing one twice is harmless and an unreferenced one is inert), then replaces `state.json`
+//! atomically (temp file, fsync, rename, fsync dir). The rename is the commit point: a crash
+//! before it leaves the old state, after it the new one. Files are never deleted.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::pki::{CaCert, CertId, SecretKey};
+use crate::spiffe::TrustDomain;
+use crate::state::{Anchor, AnchorStatus, AuthorityState, Event, Issuer, IssuerStatus, Phase};
+
+/// The commit record's file name.
+pub const STATE_FILE: &str = "state.json";
+/// The bundle file's name.
+pub const BUNDLE_FILE: &str = "bundle.pem";
+/// State-dir entries that belong to an authority: if any exists, the dir is not fresh.
+pub const AUTHORITY_ENTRIES: &[&str] = &["anchors", "issuers", BUNDLE_FILE, "tokens.json", "bootstrap-token"];
+const FORMAT: u32 = 1;
+
+/// Why a store could not load or commit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A file exists but does not hold what the state says it should.
+    #[error("{}: {problem}", path.display())]
+    Corrupt {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The operating system refused a read or write.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Another writer committed first (optimistic concurrency); re-read and decide again.
+    #[error("conflict: the stored generation is {found}, expected {expected}")]
+    Conflict {
+        /// The generation this writer based its change on.
+        expected: u64,
+        /// The generation found in the store.
+        found: u64,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_owned(), source }
+}
+
+fn corrupt(path: &Path, problem: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { path: path.to_owned(), problem: problem.into() }
+}
+
+/// A store persists authority state; `commit` is atomic.
+pub trait Store: Send + Sync {
+    /// The last committed state, or `None` when the store has never held one.
+    fn load(&self) -> impl Future<Output = Result<Option<AuthorityState>, StoreError>> + Send;
+    /// Makes `next` the committed state. `base` is the generation `next` was derived from
+    /// (`None` for the first commit); a store that sees another generation answers `Conflict`.
+    fn commit(&self, base: Option<u64>, next: &AuthorityState) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Authority state in a local directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    format: u32,
+    trust_domain: TrustDomain,
+    generation: u64,
+    bundle_version: u64,
+    phase: Phase,
+    anchors: Vec<AnchorMeta>,
+    issuers: Vec<IssuerMeta>,
+    #[serde(default)]
+    history: Vec<Event>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnchorMeta {
+    id: CertId,
+    status: AnchorStatus,
+    key_held: bool,
+    serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    not_after: OffsetDateTime,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuerMeta {
+    id: CertId,
+    anchor: CertId,
+    status: IssuerStatus,
+    serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    not_after: OffsetDateTime,
+}
+
+impl FileStore {
+    /// A store in `dir`, created (mode 0700) if missing; an existing dir is tightened to 0700.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let dir = dir.into();
+        create_private_dir(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// A store over `dir` for reading only: nothing is created or changed.
+    pub fn read_only(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads and checks the committed state. `Ok(None)` only for a fresh directory: one with no
+    /// `state.json` and none of [`AUTHORITY_ENTRIES`]. Anything else that is missing, unreadable
+    /// or inconsistent is `Corrupt`, naming the file and the problem.
+    pub fn load_sync(&self) -> Result<Option<AuthorityState>, StoreError> {
+        let path = self.dir.join(STATE_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let found: Vec<&str> =
+                    AUTHORITY_ENTRIES.iter().copied().filter(|n| self.dir.join(n).exists()).collect();
+                if found.is_empty() {
+                    return Ok(None);
+                }
+                return Err(corrupt(
+                    &path,
+                    format!(
+                        "missing, but {} exist: this is an existing authority whose state file is gone; \
+                         refusing to generate a new trust anchor over it (restore {STATE_FILE} from a \
+                         backup, or move the directory away to start afresh)",
+                        found.join(", ")
+                    ),
+                ));
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let file: StateFile = serde_json::from_str(&text).map_err(|e| corrupt(&path, format!("not valid state JSON: {e}")))?;
+        if file.format != FORMAT {
+            return Err(corrupt(&path, format!("format {} is not supported (this meshca reads format {FORMAT})", file.format)));
+        }
+        let mut seen = HashSet::new();
+        let mut anchors = Vec::new();
+        for m in &file.anchors {
+            check_id(&path, &m.id, &mut seen)?;
+            let cert = self.read_cert("anchors", &m.id, &m.serial, m.not_after)?;
+            let key = if m.key_held { Some(self.read_key("anchors", &m.id, &cert)?) } else { None };
+            anchors.push(Anchor { cert, key, status: m.status });
+        }
+        let mut issuers = Vec::new();
+        for m in &file.issuers {
+            check_id(&path, &m.id, &mut seen)?;
+            let cert = self.read_cert("issuers", &m.id, &m.serial, m.not_after)?;
+            let key = self.read_key("issuers", &m.id, &cert)?;
+            issuers.push(Issuer { cert, key, anchor: m.anchor.clone(), status: m.status });
+        }
+        let state = AuthorityState {
+            trust_domain: file.trust_domain,
+            generation: file.generation,
+            bundle_version: file.bundle_version,
+            anchors,
+            issuers,
+            phase: file.phase,
+            history: file.history,
+        };
+        state.check().map_err(|e| corrupt(&path, format!("inconsistent: {e}")))?;
+        Ok(Some(state))
+    }
+
+    /// Commits `next` (see the module docs for the order of writes).
+    pub fn commit_sync(&self, base: Option<u64>, next: &AuthorityState) -> Result<(), StoreError> {
+        next.check().map_err(|e| corrupt(&self.dir.join(STATE_FILE), format!("refusing to commit an inconsistent state: {e}")))?;
+        let found = self.stored_generation()?;
+        if found != base {
+            return Err(StoreError::Conflict { expected: base.unwrap_or(0), found: found.unwrap_or(0) });
+        }
+        for (sub, der, id, key) in next
+            .anchors
+            .iter()
+            .map(|a| ("anchors", a.cert.der(), a.cert.id(), a.key.as_ref()))
+            .chain(next.issuers.iter().map(|i| ("issuers", i.cert.der(), i.cert.id(), Some(&i.key))))
+        {
+            let dir = self.dir.join(sub);
+            create_private_dir(&dir)?;
+            let crt = dir.join(format!("{id}.crt"));
+            if !crt.exists() {
+                write_atomic(&crt, crate::pki::pem_cert(der).as_bytes(), 0o644)?;
+            }
+            if let Some(k) = key {
+                let kp = dir.join(format!("{id}.key"));
+                if !kp.exists() {
+                    write_atomic(&kp, k.to_pem().as_bytes(), 0o600)?;
+                }
+            }
+        }
+        let file = StateFile {
+            format: FORMAT,
+            trust_domain: next.trust_domain.clone(),
+            generation: next.generation,
+            bundle_version: next.bundle_version,
+            phase: next.phase.clone(),
+            anchors: next
+                .anchors
+                .iter()
+                .map(|a| AnchorMeta {
+                    id: a.cert.id().clone(),
+                    status: a.status,
+                    key_held: a.key.is_some(),
+                    serial: a.cert.info.serial.clone(),
+                    not_after: a.cert.info.not_after,
+                })
+                .collect(),
+            issuers: next
+                .issuers
+                .iter()
+                .map(|i| IssuerMeta {
+                    id: i.cert.id().clone(),
+                    anchor: i.anchor.clone(),
+                    status: i.status,
+                    serial: i.cert.info.serial.clone(),
+                    not_after: i.cert.info.not_after,
+                })
+                .collect(),
+            history: next.history.clone(),
+        };
+        let mut json = serde_json::to_vec_pretty(&file).map_err(|e| corrupt(&self.dir.join(STATE_FILE), e.to_string()))?;
+        json.push(b'\n');
+        fault_point("commit:before-state");
+        write_atomic(&self.dir.join(STATE_FILE), &json, 0o644)?;
+        fault_point("commit:after-state");
+        self.write_bundle(next)
+    }
+
+    /// Writes `bundle.pem` from `state` if its content differs.
+    pub fn write_bundle(&self, state: &AuthorityState) -> Result<(), StoreError> {
+        let pem: String = state.bundle().map(|a| a.cert.pem()).collect();
+        let path = self.dir.join(BUNDLE_FILE);
+        if fs::read_to_string(&path).ok().as_deref() == Some(pem.as_str()) {
+            return Ok(());
+        }
+        write_atomic(&path, pem.as_bytes(), 0o644)
+    }
+
+    fn stored_generation(&self) -> Result<Option<u64>, StoreError> {
+        #[derive(Deserialize)]
+        struct Gen {
+            generation: u64,
+        }
+        let path = self.dir.join(STATE_FILE);
+        match fs::read(&path) {
+            Ok(b) => serde_json::from_slice::<Gen>(&b)
+                .map(|g| Some(g.generation))
+                .map_err(|e| corrupt(&path, format!("not valid state JSON: {e}"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    fn read_cert(&self, sub: &str, id: &CertId, serial: &str, not_after: OffsetDateTime) -> Result<CaCert, StoreError> {
+        let path = self.dir.join(sub).join(format!("{id}.crt"));
+        let text = read_existing(&path, "certificate")?;
+        let cert = CaCert::from_pem(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+        if cert.id() != id {
+            return Err(corrupt(&path, format!("holds certificate {} where {STATE_FILE} expects {id}: the file was changed", cert.id())));
+        }
+        if cert.info.serial != serial || cert.info.not_after != not_after {
+            return Err(corrupt(&path, format!("serial or notAfter differ from {STATE_FILE}")));
+        }
+        Ok(cert)
+    }
+
+    fn read_key(&self, sub: &str, id: &CertId, cert: &CaCert) -> Result<SecretKey, StoreError> {
+        let path = self.dir.join(sub).join(format!("{id}.key"));
+        let text = zeroize::Zeroizing::new(read_existing(&path, "private key")?);
+        let mode = fs::metadata(&path).map_err(io_err(&path))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(corrupt(&path, format!("private key is readable by group or others (mode {:o}); run chmod 600", mode & 0o777)));
+        }
+        let key = SecretKey::from_pem(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+        if !cert.matches_key(&key) {
+            return Err(corrupt(&path, format!("this key does not belong to certificate {id}")));
+        }
+        Ok(key)
+    }
+}
+
+impl Store for FileStore {
+    async fn load(&self) -> Result<Option<AuthorityState>, StoreError> {
+        // Small local files: reading them inline is cheaper than a blocking-pool hop.
+        self.load_sync()
+    }
+
+    async fn commit(&self, base: Option<u64>, next: &AuthorityState) -> Result<(), StoreError> {
+        self.commit_sync(base, next)
+    }
+}
+
+fn check_id(state: &Path, id: &CertId, seen: &mut HashSet<CertId>) -> Result<(), StoreError> {
+    if !CertId::is_well_formed(id.as_str()) {
+        return Err(corrupt(state, format!("{id:?} is not a certificate id")));
+    }
+    if !seen.insert(id.clone()) {
+        return Err(corrupt(state, format!("certificate {id} is listed twice")));
+    }
+    Ok(())
+}
+
+fn read_existing(path: &Path, what: &str) -> Result<String, StoreError> {
+    match fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(corrupt(path, format!("missing: {STATE_FILE} lists this {what}")))
+        }
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(corrupt(path, "not text (not PEM)")),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Creates `dir` (and parents) if missing and sets it to mode 0700.
+pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+}
+
+/// Replaces `path` with `bytes` atomically: a temp file in the same dir (created with `mode`),
+/// fsync, rename over `path`, fsync the dir. Readers see the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        // `mode` is filtered by the umask on creation; set it exactly.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+/// Test-only crash points: when the process was started with `MESHCA_FAULT_POINT=<name>`, it
+/// aborts right here, as a crash would. Compiled only with the `fault-injection` feature, which
+/// release builds never enable.
+pub fn fault_point(name: &str) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("MESHCA_FAULT_POINT").is_ok_and(|v| v == name) {
+        eprintln!("meshca: fault point {name}: aborting");
+        std::process::abort();
+    }
+    let _ = name;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    fn genesis() -> AuthorityState {
+        AuthorityState::genesis("cluster.local".parse().unwrap(), &Policy::default(), OffsetDateTime::now_utc()).unwrap()
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn round_trip_with_permissions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let store = FileStore::open(&dir).unwrap();
+        assert!(store.load_sync().unwrap().is_none());
+        let s = genesis();
+        store.commit_sync(None, &s).unwrap();
+        let back = store.load_sync().unwrap().unwrap();
+        assert_eq!(back.generation, s.generation);
+        assert_eq!(back.active_issuer().unwrap().cert, s.active_issuer().unwrap().cert);
+        assert_eq!(back.active_anchor().unwrap().cert, s.active_anchor().unwrap().cert);
+        assert_eq!(mode(&dir), 0o700);
+        let a = s.active_anchor().unwrap().cert.id();
+        assert_eq!(mode(&dir.join(format!("anchors/{a}.key"))), 0o600);
+        assert_eq!(mode(&dir.join("anchors")), 0o700);
+        let bundle = fs::read_to_string(dir.join(BUNDLE_FILE)).unwrap();
+        assert_eq!(bundle, s.active_anchor().unwrap().cert.pem());
+    }
+
+    #[test]
+    fn stale_writer_gets_a_conflict() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        let s = genesis();
+        store.commit_sync(None, &s).unwrap();
+        assert!(matches!(store.commit_sync(None, &s), Err(StoreError::Conflict { .. })));
+        let p = Policy::default();
+        let s2 = s.prepare_issuer(&p, OffsetDateTime::now_utc(), s.active_anchor().unwrap().cert.id()).unwrap();
+        store.commit_sync(Some(s.generation), &s2).unwrap();
+        assert!(matches!(store.commit_sync(Some(s.generation), &s2), Err(StoreError::Conflict { .. })));
+    }
+
+    #[test]
+    fn lost_state_file_is_never_taken_for_a_fresh_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        store.commit_sync(None, &genesis()).unwrap();
+        fs::remove_file(tmp.path().join(STATE_FILE)).unwrap();
+        let e = store.load_sync().unwrap_err().to_string();
+        assert!(e.contains("state.json: missing, but anchors, issuers, bundle.pem exist"), "{e}");
+        assert!(e.contains("refusing to generate a new trust anchor"), "{e}");
+    }
+
+    #[test]
+    fn every_kind_of_corruption_names_the_file() {
+        let s = genesis();
+        let a = s.active_anchor().unwrap().cert.id().to_string();
+        let i = s.active_issuer().unwrap().cert.id().to_string();
+        let other = genesis();
+        let other_key = other.active_anchor().unwrap().key.as_ref().unwrap().to_pem();
+        type Damage = Box<dyn Fn(&Path)>;
+        let cases: Vec<(String, Damage, &str)> = vec![
+            (STATE_FILE.into(), Box::new(|d: &Path| fs::write(d.join(STATE_FILE), "{not json").unwrap()), "not valid state JSON"),
+            (format!("anchors/{a}.crt"), Box::new({ let a = a.clone(); move |d: &Path| fs::write(d.join(format!("anchors/{a}.crt")), "garbage").unwrap() }), "not PEM"),
+            (format!("anchors/{a}.key"), Box::new({ let a = a.clone(); move |d: &Path| fs::remove_file(d.join(format!("anchors/{a}.key"))).unwrap() }), "missing"),
+            (format!("issuers/{i}.key"), Box::new({ let i = i.clone(); let k = other_key.to_string(); move |d: &Path| fs::write(d.join(format!("issuers/{i}.key")), &k).unwrap() }), "does not belong"),
+            (format!("issuers/{i}.key"), Box::new({ let i = i.clone(); move |d: &Path| fs::set_permissions(d.join(format!("issuers/{i}.key")), fs::Permissions::from_mode(0o644)).unwrap() }), "readable by group or others"),
+            (format!("issuers/{i}.crt"), Box::new({ let i = i.clone(); let c = other.active_issuer().unwrap().cert.pem(); move |d: &Path| fs::write(d.join(format!("issuers/{i}.crt")), &c).unwrap() }), "the file was changed"),
+        ];
+        for (file, damage, want) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = FileStore::open(tmp.path()).unwrap();
+            store.commit_sync(None, &s).unwrap();
+            damage(tmp.path());
+            let e = store.load_sync().unwrap_err().to_string();
+            assert!(e.contains(&file), "{file}: {e}");
+            assert!(e.contains(want), "{file}: want {want:?} in {e}");
+        }
+    }
+
+    #[test]
+    fn inconsistent_state_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        store.commit_sync(None, &genesis()).unwrap();
+        let path = tmp.path().join(STATE_FILE);
+        let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        v["anchors"][0]["status"] = "archived".into();
+        fs::write(&path, v.to_string()).unwrap();
+        let e = store.load_sync().unwrap_err().to_string();
+        assert!(e.contains("state.json: inconsistent"), "{e}");
+    }
+}
