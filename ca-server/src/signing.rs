@@ -1,0 +1,500 @@
+//! The signing core: a CSR (DER or PEM) and a validity window in, an X.509-SVID out.
+//!
+//! What a CSR may ask for is narrow (linkerd2's `checkCSR` is the model): exactly one URI SAN
+//! holding a SPIFFE ID, a CN that is empty or that same ID, and no extension beyond SAN, KU, EKU
+//! and a non-CA basicConstraints. Nothing is copied from the CSR except the public key and the
+//! SPIFFE ID: the leaf's profile is fixed here (SPIFFE X.509-SVID spec §4):
+//! basicConstraints CA:false (critical), keyUsage digitalSignature (+ keyEncipherment for RSA,
+//! critical), EKU serverAuth + clientAuth, the URI SAN (critical: the subject is empty), SKI and
+//! AKI, a random positive 127-bit serial.
+
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    SignatureAlgorithm,
+};
+use ring::rand::SystemRandom;
+use rotator::pki::{SecretKey, random_serial};
+use rotator::policy::LeafWindow;
+use rotator::spiffe::{IdError, SpiffeId};
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::cri_attributes::ParsedCriAttribute;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION, OID_PKCS1_RSASSAPSS,
+    OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA, OID_PKCS9_EXTENSION_REQUEST,
+    OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+
+/// Smallest RSA modulus accepted, in bits.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// Why a CSR was refused. Every variant maps to `InvalidArgument`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CsrError {
+    /// PEM input without a CERTIFICATE REQUEST block.
+    #[error("CSR is PEM but holds no CERTIFICATE REQUEST block")]
+    Pem,
+    /// Not a DER PKCS#10 request.
+    #[error("malformed CSR: {0}")]
+    Malformed(String),
+    /// Signed with an algorithm meshca does not accept (SHA-1, unknown).
+    #[error("CSR signature algorithm {0} is not accepted (ECDSA with SHA-256/384, Ed25519, RSA with SHA-256/384/512 or PSS)")]
+    SignatureAlgorithm(String),
+    /// The signature does not verify with the CSR's own key.
+    #[error("CSR signature does not verify")]
+    BadSignature,
+    /// A key type other than P-256, P-384, Ed25519 or RSA.
+    #[error("key type not accepted: {0} (ECDSA P-256/P-384, Ed25519 or RSA >= {MIN_RSA_BITS} bits)")]
+    KeyType(String),
+    /// An RSA key under [`MIN_RSA_BITS`].
+    #[error("RSA key of {0} bits is too weak (minimum {MIN_RSA_BITS})")]
+    WeakRsa(usize),
+    /// No URI SAN.
+    #[error("CSR has no URI SAN: it must carry exactly one, the SPIFFE ID")]
+    NoUriSan,
+    /// More than one URI SAN.
+    #[error("CSR has {0} URI SANs: it must carry exactly one, the SPIFFE ID")]
+    ManyUriSans(usize),
+    /// A DNS, IP, email or other SAN.
+    #[error("CSR has a {0} SAN: only the SPIFFE URI SAN is allowed")]
+    OtherSan(&'static str),
+    /// The URI SAN is not a valid SPIFFE ID.
+    #[error("URI SAN {0:?} is not a SPIFFE ID: {1}")]
+    NotSpiffe(String, IdError),
+    /// A CN other than the SPIFFE ID.
+    #[error("CSR subject CN {0:?} must be empty or equal to the SPIFFE ID")]
+    CommonName(String),
+    /// basicConstraints cA = true.
+    #[error("CSR requests a CA certificate (basicConstraints cA=true)")]
+    CaRequested,
+    /// keyUsage keyCertSign or cRLSign.
+    #[error("CSR requests keyCertSign or cRLSign key usage")]
+    CaKeyUsage,
+    /// Any extension besides SAN, KU, EKU and basicConstraints.
+    #[error("CSR requests extension {0}, which is not allowed (only SAN, KU, EKU, basicConstraints)")]
+    Extension(String),
+    /// An attribute other than extensionRequest.
+    #[error("CSR carries attribute {0}, which is not allowed")]
+    Attribute(String),
+    /// The same extension twice.
+    #[error("CSR requests extension {0} twice")]
+    DuplicateExtension(String),
+}
+
+/// The public key of an accepted CSR.
+#[derive(Debug, Clone)]
+pub struct CsrKey {
+    alg: &'static SignatureAlgorithm,
+    bits: Vec<u8>,
+    rsa: bool,
+}
+
+impl rcgen::PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.alg
+    }
+}
+
+/// A CSR that passed every check: the SPIFFE ID it asks for and its key.
+#[derive(Debug, Clone)]
+pub struct ValidCsr {
+    /// The one SPIFFE ID asked for (authorization is the caller's business).
+    pub id: SpiffeId,
+    /// The subject key.
+    pub key: CsrKey,
+}
+
+/// Parses and checks a CSR, DER or PEM.
+pub fn parse_csr(input: &[u8]) -> Result<ValidCsr, CsrError> {
+    let pem_block;
+    let der: &[u8] = if input.trim_ascii_start().starts_with(b"-----BEGIN") {
+        pem_block = pem::parse(input).map_err(|_| CsrError::Pem)?;
+        if !matches!(pem_block.tag(), "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST") {
+            return Err(CsrError::Pem);
+        }
+        pem_block.contents()
+    } else {
+        input
+    };
+    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed(format!("{} trailing bytes", rest.len())));
+    }
+
+    let sig = &csr.signature_algorithm.algorithm;
+    let sig_ok = [
+        OID_SIG_ECDSA_WITH_SHA256,
+        OID_SIG_ECDSA_WITH_SHA384,
+        OID_SIG_ED25519,
+        OID_PKCS1_SHA256WITHRSA,
+        OID_PKCS1_SHA384WITHRSA,
+        OID_PKCS1_SHA512WITHRSA,
+        OID_PKCS1_RSASSAPSS,
+    ]
+    .contains(sig);
+    if !sig_ok {
+        return Err(CsrError::SignatureAlgorithm(sig.to_id_string()));
+    }
+
+    let info = &csr.certification_request_info;
+    let key = csr_key(&info.subject_pki)?;
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+
+    let mut uris = Vec::new();
+    let mut seen = Vec::new();
+    for attr in info.iter_attributes() {
+        if attr.oid != OID_PKCS9_EXTENSION_REQUEST {
+            return Err(CsrError::Attribute(attr.oid.to_id_string()));
+        }
+        let ParsedCriAttribute::ExtensionRequest(req) = attr.parsed_attribute() else {
+            return Err(CsrError::Malformed("unparseable extensionRequest attribute".into()));
+        };
+        for ext in &req.extensions {
+            let oid = ext.oid.to_id_string();
+            if seen.contains(&oid) {
+                return Err(CsrError::DuplicateExtension(oid));
+            }
+            seen.push(oid.clone());
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        match name {
+                            GeneralName::URI(u) => uris.push((*u).to_owned()),
+                            GeneralName::DNSName(_) => return Err(CsrError::OtherSan("DNS")),
+                            GeneralName::IPAddress(_) => return Err(CsrError::OtherSan("IP")),
+                            GeneralName::RFC822Name(_) => return Err(CsrError::OtherSan("email")),
+                            _ => return Err(CsrError::OtherSan("non-URI")),
+                        }
+                    }
+                }
+                ParsedExtension::BasicConstraints(bc) => {
+                    if bc.ca {
+                        return Err(CsrError::CaRequested);
+                    }
+                }
+                ParsedExtension::KeyUsage(ku) => {
+                    if ku.key_cert_sign() || ku.crl_sign() {
+                        return Err(CsrError::CaKeyUsage);
+                    }
+                }
+                ParsedExtension::ExtendedKeyUsage(_) => {}
+                ParsedExtension::ParseError { error } => {
+                    return Err(CsrError::Malformed(format!("extension {oid}: {error}")));
+                }
+                _ => return Err(CsrError::Extension(oid)),
+            }
+        }
+    }
+    let uri = match uris.len() {
+        0 => return Err(CsrError::NoUriSan),
+        1 => uris.remove(0),
+        n => return Err(CsrError::ManyUriSans(n)),
+    };
+    let id: SpiffeId = uri.parse().map_err(|e| CsrError::NotSpiffe(uri.clone(), e))?;
+    for cn in info.subject.iter_common_name() {
+        let cn = cn.as_str().map_err(|_| CsrError::CommonName("<not a string>".into()))?;
+        if cn != id.as_str() {
+            return Err(CsrError::CommonName(cn.to_owned()));
+        }
+    }
+    Ok(ValidCsr { id, key })
+}
+
+fn csr_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKey, CsrError> {
+    let alg_oid = &spki.algorithm.algorithm;
+    let bits = spki.subject_public_key.data.to_vec();
+    if *alg_oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        let alg = match curve {
+            Some(c) if c == OID_EC_P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Some(c) if c == OID_NIST_EC_P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            Some(c) => return Err(CsrError::KeyType(format!("EC curve {}", c.to_id_string()))),
+            None => return Err(CsrError::KeyType("EC key without a named curve".into())),
+        };
+        return Ok(CsrKey { alg, bits, rsa: false });
+    }
+    if *alg_oid == OID_SIG_ED25519 {
+        return Ok(CsrKey { alg: &rcgen::PKCS_ED25519, bits, rsa: false });
+    }
+    if *alg_oid == OID_PKCS1_RSAENCRYPTION {
+        let modulus_bits = match spki.parsed() {
+            Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => {
+                let m = rsa.modulus;
+                let m = &m[m.iter().position(|&b| b != 0).unwrap_or(m.len())..];
+                m.first().map_or(0, |b| (m.len() - 1) * 8 + (8 - b.leading_zeros() as usize))
+            }
+            _ => return Err(CsrError::Malformed("unparseable RSA public key".into())),
+        };
+        if modulus_bits < MIN_RSA_BITS {
+            return Err(CsrError::WeakRsa(modulus_bits));
+        }
+        return Ok(CsrKey { alg: &rcgen::PKCS_RSA_SHA256, bits, rsa: true });
+    }
+    Err(CsrError::KeyType(alg_oid.to_id_string()))
+}
+
+/// A signed leaf.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    /// DER.
+    pub der: Vec<u8>,
+    /// Serial, lowercase hex.
+    pub serial: String,
+}
+
+/// Signing failed for a reason that is not the request's fault (a bug or an RNG failure).
+#[derive(Debug, thiserror::Error)]
+#[error("signing failed: {0}")]
+pub struct SignError(String);
+
+/// Signs an X.509-SVID for `csr` valid over `window`, issued by `issuer`.
+pub fn sign_leaf(
+    csr: &ValidCsr,
+    window: &LeafWindow,
+    issuer: &rcgen::Issuer<'_, SecretKey>,
+    rng: &SystemRandom,
+) -> Result<Leaf, SignError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let uri = csr.id.as_str().try_into().map_err(|e: rcgen::Error| SignError(e.to_string()))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = if csr.key.rsa {
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment]
+    } else {
+        vec![KeyUsagePurpose::DigitalSignature]
+    };
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = window.not_before;
+    params.not_after = window.not_after;
+    let serial = random_serial(rng).map_err(|e| SignError(e.to_string()))?;
+    let serial_hex = hex::encode(serial.as_ref());
+    params.serial_number = Some(serial);
+    let cert = params.signed_by(&csr.key, issuer).map_err(|e| SignError(e.to_string()))?;
+    Ok(Leaf { der: cert.der().to_vec(), serial: serial_hex })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CustomExtension, KeyPair};
+    use rotator::client::make_csr;
+    use rotator::policy::Policy;
+    use rotator::state::AuthorityState;
+    use std::time::Duration;
+    use time::OffsetDateTime;
+    use x509_parser::prelude::X509Certificate;
+
+    const ID: &str = "spiffe://cluster.local/ns/default/sa/web";
+
+    fn id() -> SpiffeId {
+        ID.parse().unwrap()
+    }
+
+    /// A CSR built with rcgen from `params` and `key`.
+    fn csr_with(params: CertificateParams, key: &KeyPair) -> Vec<u8> {
+        params.serialize_request(key).unwrap().der().to_vec()
+    }
+
+    fn uri_params(uris: &[&str]) -> CertificateParams {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+        p
+    }
+
+    fn p256() -> KeyPair {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+    }
+
+    #[test]
+    fn accepts_every_allowed_key_type() {
+        let keys = [
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
+            KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
+            rsa_key(2048),
+        ];
+        for k in &keys {
+            let v = parse_csr(&csr_with(uri_params(&[ID]), k)).unwrap();
+            assert_eq!(v.id, id());
+        }
+    }
+
+    fn rsa_key(bits: usize) -> KeyPair {
+        // ring cannot generate RSA keys; the fixture script beside them (tests/fixtures/make.sh)
+        // made these with openssl.
+        let pem = match bits {
+            2048 => include_str!("../../tests/fixtures/rsa2048.key"),
+            _ => unreachable!(),
+        };
+        KeyPair::from_pem_and_sign_algo(pem, &rcgen::PKCS_RSA_SHA256).unwrap()
+    }
+
+    #[test]
+    fn pem_input_is_accepted() {
+        let der = make_csr(&id(), &SecretKey::generate_p256().unwrap()).unwrap();
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+        assert_eq!(parse_csr(pem.as_bytes()).unwrap().id, id());
+        let wrong = pem::encode(&pem::Pem::new("CERTIFICATE", vec![1, 2, 3]));
+        assert_eq!(parse_csr(wrong.as_bytes()).unwrap_err(), CsrError::Pem);
+    }
+
+    // One test per rejection reason.
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(matches!(parse_csr(b"\x30\x03\x01\x02\x03"), Err(CsrError::Malformed(_))));
+        assert!(matches!(parse_csr(b""), Err(CsrError::Malformed(_))));
+        let mut der = make_csr(&id(), &SecretKey::generate_p256().unwrap()).unwrap();
+        der.push(0);
+        assert!(matches!(parse_csr(&der), Err(CsrError::Malformed(m)) if m.contains("trailing")));
+    }
+
+    #[test]
+    fn rejects_a_bad_signature() {
+        let mut der = make_csr(&id(), &SecretKey::generate_p256().unwrap()).unwrap();
+        let n = der.len();
+        der[n - 5] ^= 0x55; // inside the signature value
+        assert_eq!(parse_csr(&der).unwrap_err(), CsrError::BadSignature);
+    }
+
+    #[test]
+    fn rejects_two_uri_sans() {
+        let der = csr_with(uri_params(&[ID, "spiffe://cluster.local/ns/default/sa/other"]), &p256());
+        assert_eq!(parse_csr(&der).unwrap_err(), CsrError::ManyUriSans(2));
+    }
+
+    #[test]
+    fn rejects_no_uri_san() {
+        assert_eq!(parse_csr(&csr_with(uri_params(&[]), &p256())).unwrap_err(), CsrError::NoUriSan);
+    }
+
+    #[test]
+    fn rejects_a_dns_san() {
+        let mut p = uri_params(&[ID]);
+        p.subject_alt_names.push(SanType::DnsName("web.default.svc".try_into().unwrap()));
+        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::OtherSan("DNS"));
+    }
+
+    #[test]
+    fn rejects_an_ip_san() {
+        let mut p = uri_params(&[ID]);
+        p.subject_alt_names.push(SanType::IpAddress("10.0.0.1".parse().unwrap()));
+        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::OtherSan("IP"));
+    }
+
+    #[test]
+    fn rejects_an_email_san() {
+        let mut p = uri_params(&[ID]);
+        p.subject_alt_names.push(SanType::Rfc822Name("a@b.c".try_into().unwrap()));
+        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::OtherSan("email"));
+    }
+
+    #[test]
+    fn rejects_a_uri_that_is_not_spiffe() {
+        let der = csr_with(uri_params(&["https://example.com/x"]), &p256());
+        assert!(matches!(parse_csr(&der), Err(CsrError::NotSpiffe(_, IdError::Scheme))));
+    }
+
+    #[test]
+    fn rejects_a_foreign_common_name() {
+        let mut p = uri_params(&[ID]);
+        p.distinguished_name.push(rcgen::DnType::CommonName, "admin");
+        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::CommonName("admin".into()));
+        let mut ok = uri_params(&[ID]);
+        ok.distinguished_name.push(rcgen::DnType::CommonName, ID);
+        assert_eq!(parse_csr(&csr_with(ok, &p256())).unwrap().id, id());
+    }
+
+    #[test]
+    fn rejects_a_ca_request() {
+        let mut p = uri_params(&[ID]);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::CaRequested);
+        let mut not_ca = uri_params(&[ID]);
+        not_ca.is_ca = IsCa::ExplicitNoCa;
+        assert!(parse_csr(&csr_with(not_ca, &p256())).is_ok());
+    }
+
+    #[test]
+    fn rejects_key_cert_sign() {
+        let mut p = uri_params(&[ID]);
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::CaKeyUsage);
+    }
+
+    #[test]
+    fn rejects_other_extensions() {
+        let mut p = uri_params(&[ID]);
+        // 1.3.6.1.5.5.7.1.1 authorityInfoAccess, with an empty body.
+        p.custom_extensions = vec![CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], vec![0x30, 0x00])];
+        assert!(matches!(parse_csr(&csr_with(p, &p256())), Err(CsrError::Extension(o)) if o == "1.3.6.1.5.5.7.1.1"));
+    }
+
+    #[test]
+    fn rejects_weak_rsa() {
+        // ring refuses to sign with RSA-1024, so this CSR comes from openssl (fixtures/make.sh).
+        let pem = include_bytes!("../../tests/fixtures/rsa1024.csr");
+        assert_eq!(parse_csr(pem).unwrap_err(), CsrError::WeakRsa(1024));
+    }
+
+    #[test]
+    fn rejects_sha1_signatures() {
+        // An RSA-1024/SHA-1 CSR made by `openssl req` (tests/fixtures/make.sh).
+        let pem = include_bytes!("../../tests/fixtures/sha1.csr");
+        assert!(matches!(parse_csr(pem), Err(CsrError::SignatureAlgorithm(o)) if o == "1.2.840.113549.1.1.5"));
+    }
+
+    #[test]
+    fn rejects_other_key_types() {
+        // A P-521 key (tests/fixtures/make.sh): ECDSA, but not a curve meshca accepts.
+        let pem = include_bytes!("../../tests/fixtures/p521.csr");
+        assert!(matches!(parse_csr(pem), Err(CsrError::KeyType(k)) if k.contains("1.3.132.0.35")), "{:?}", parse_csr(pem));
+    }
+
+    #[test]
+    fn leaf_has_the_svid_profile() {
+        let now = OffsetDateTime::now_utc();
+        let policy = Policy::default();
+        let state = AuthorityState::genesis("cluster.local".parse().unwrap(), &policy, now).unwrap();
+        let issuer = state.active_issuer().unwrap();
+        let rissuer = issuer.cert.rcgen_issuer(issuer.key.clone()).unwrap();
+        let rng = SystemRandom::new();
+        for (key, rsa) in [(p256(), false), (rsa_key(2048), true)] {
+            let csr = parse_csr(&csr_with(uri_params(&[ID]), &key)).unwrap();
+            let window = policy
+                .leaf_window(now, Some(Duration::from_secs(3600 * 100)), issuer.cert.info.not_before, issuer.cert.info.not_after)
+                .unwrap();
+            let leaf = sign_leaf(&csr, &window, &rissuer, &rng).unwrap();
+            let (_, x) = X509Certificate::from_der(&leaf.der).unwrap();
+            assert!(x.subject().as_raw().len() <= 2, "empty subject");
+            let bc = x.basic_constraints().unwrap().unwrap();
+            assert!(bc.critical && !bc.value.ca);
+            let ku = x.key_usage().unwrap().unwrap();
+            assert!(ku.critical && ku.value.digital_signature());
+            assert_eq!(ku.value.key_encipherment(), rsa);
+            assert!(!ku.value.key_cert_sign());
+            let eku = x.extended_key_usage().unwrap().unwrap();
+            assert!(eku.value.server_auth && eku.value.client_auth);
+            let san = x.subject_alternative_name().unwrap().unwrap();
+            assert!(san.critical);
+            assert_eq!(san.value.general_names, vec![GeneralName::URI(ID)]);
+            let exts: Vec<String> = x.extensions().iter().map(|e| e.oid.to_id_string()).collect();
+            assert!(exts.contains(&"2.5.29.14".to_string()), "SKI");
+            assert!(exts.contains(&"2.5.29.35".to_string()), "AKI");
+            assert_eq!(exts.len(), 6, "{exts:?}");
+            assert!(x.raw_serial().len() >= 8 && x.raw_serial()[0] & 0x80 == 0);
+            assert_eq!(leaf.serial, hex::encode(x.raw_serial()));
+            assert_eq!(x.validity().not_after.timestamp(), (rotator::clock::whole_seconds(now) + Duration::from_secs(48 * 3600)).unix_timestamp());
+            assert_eq!(x.validity().not_before.timestamp(), (rotator::clock::whole_seconds(now) - Duration::from_secs(300)).unix_timestamp());
+            x.verify_signature(Some(&x509_parser::parse_x509_certificate(issuer.cert.der()).unwrap().1.tbs_certificate.subject_pki)).unwrap();
+        }
+    }
+}
