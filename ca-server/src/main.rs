@@ -1,1 +1,166 @@
-fn main(){}
+//! `meshca-server`: runs a meshca certificate authority. With no flags it serves the embedded
+//! default: state in `./meshca-data`, trust domain `cluster.local`, gRPC on 127.0.0.1:8443,
+//! HTTP on 127.0.0.1:9090.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use ca_server::config::{Config, ENV_STATE_DIR, LogFormat};
+use ca_server::server::Server;
+use clap::Parser;
+use rotator::clock::SystemClock;
+use rotator::spiffe::TrustDomain;
+
+#[derive(Debug, Parser)]
+#[command(name = "meshca-server", version, about = "A certificate authority for service meshes")]
+struct Args {
+    /// TOML file with any of the settings (see docs/configuration.md); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory (anchors, issuers, tokens, bundle).
+    #[arg(long, env = ENV_STATE_DIR, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// SPIFFE trust domain [default for a new authority: cluster.local].
+    #[arg(long, env = "MESHCA_TRUST_DOMAIN", value_name = "DOMAIN")]
+    trust_domain: Option<TrustDomain>,
+    /// gRPC (TLS) listen address [default: 127.0.0.1:8443].
+    #[arg(long, env = "MESHCA_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// HTTP listen address for /healthz, /readyz, /metrics, /bundle.pem [default: 127.0.0.1:9090].
+    #[arg(long, env = "MESHCA_HTTP_LISTEN", value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, env = "MESHCA_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl Args {
+    fn config(&self) -> Result<Config, String> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.state_dir {
+            c.state_dir = v.clone();
+        }
+        if let Some(v) = &self.trust_domain {
+            c.trust_domain = Some(v.clone());
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.http_listen {
+            c.http_listen = v;
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshca-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshca-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    let server = match Server::start(config, Arc::new(SystemClock)).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Printed directly as well as logged: this is what an operator must read.
+            eprintln!("meshca-server: refusing to start: {e}");
+            tracing::error!("refusing to start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_banner(&server);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+fn print_banner(server: &Server) {
+    let snap = server.authority.snapshot();
+    let dir = server.state_dir.display();
+    let td = &snap.bundle.trust_domain;
+    let what = if server.created { "created a new authority" } else { "loaded the authority" };
+    let meshca = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("meshca")))
+        .filter(|p| p.exists())
+        .map_or_else(|| "cargo run --release --bin meshca --".to_owned(), |p| p.display().to_string());
+    let token = server.bootstrap_token.clone().unwrap_or_else(|| server.state_dir.join(ca_server::auth::BOOTSTRAP_TOKEN_FILE));
+    let issuer = snap.issuer.as_ref().map_or_else(|| "none (import one: meshca issuer import)".to_owned(), |i| format!("{} (until {})", i.id, i.not_after));
+    println!(
+        "meshca-server {ver}: {what} for trust domain {td}\n\
+         \x20 state dir        {dir}\n\
+         \x20 gRPC (TLS)       https://{grpc}\n\
+         \x20 HTTP             http://{http}  (/healthz /readyz /metrics /bundle.pem)\n\
+         \x20 trust bundle     {dir}/bundle.pem  (version {bv}, {n} anchor(s))\n\
+         \x20 active issuer    {issuer}\n\
+         \x20 bootstrap token  {token}  (may request spiffe://{td}/ns/default/sa/*)\n\
+         \n\
+         Issue a certificate:\n\
+         \x20 {meshca} issue --server https://{grpc} --ca-bundle {dir}/bundle.pem --token-file {tok} --spiffe-id spiffe://{td}/ns/default/sa/demo --out demo\n",
+        ver = env!("CARGO_PKG_VERSION"),
+        grpc = server.grpc_addr,
+        http = server.http_addr,
+        bv = snap.bundle.version,
+        n = snap.bundle.anchors.len(),
+        token = token.display(),
+        tok = token.display(),
+    );
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -87,3 +87,17 @@ impl Clock for TokioClock {
 pub fn whole_seconds(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(0).unwrap_or(t)
 }
+
+/// `t` as RFC 3339 in UTC, whole seconds: `2026-11-23T00:43:19Z`.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    let t = whole_seconds(t).to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}

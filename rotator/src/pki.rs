@@ -141,7 +141,7 @@ impl CertId {
 
 impl fmt::Display for CertId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -316,19 +316,6 @@ pub fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, PkiError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn stamp(t: OffsetDateTime) -> String {
-    let t = whole_seconds(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
-}
-
 fn ca_params(
     td: &TrustDomain,
     cn: String,
@@ -360,7 +347,7 @@ pub fn new_anchor(
 ) -> Result<CaCert, PkiError> {
     let params = ca_params(
         td,
-        format!("meshca trust anchor {}", stamp(now)),
+        format!("meshca trust anchor {}", crate::clock::rfc3339(now)),
         now - skew,
         now + ttl,
         BasicConstraints::Unconstrained,
@@ -383,7 +370,7 @@ pub fn new_issuer(
     let not_after = (now + ttl).min(anchor.info.not_after);
     let mut params = ca_params(
         td,
-        format!("meshca issuer {}", stamp(now)),
+        format!("meshca issuer {}", crate::clock::rfc3339(now)),
         (now - skew).max(anchor.info.not_before),
         not_after,
         BasicConstraints::Constrained(0),
@@ -399,7 +386,7 @@ pub fn issuer_csr(td: &TrustDomain, key: &SecretKey, now: OffsetDateTime) -> Res
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, td.as_str());
-    dn.push(DnType::CommonName, format!("meshca issuer {}", stamp(now)));
+    dn.push(DnType::CommonName, format!("meshca issuer {}", crate::clock::rfc3339(now)));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

@@ -408,7 +408,7 @@ impl fmt::Display for AnchorStatus {
             Self::Retiring => "retiring",
             Self::Archived => "archived",
         };
-        f.write_str(s)
+        f.pad(s)
     }
 }
 
@@ -419,7 +419,7 @@ impl fmt::Display for IssuerStatus {
             Self::Active => "active",
             Self::Retired => "retired",
         };
-        f.write_str(s)
+        f.pad(s)
     }
 }
 

@@ -1,1 +1,93 @@
-fn main(){}
+//! `meshca`: the operator's and workload's command line for a meshca certificate authority.
+//!
+//! Exit codes: 0 success; 1 the operation failed (the message says why); 2 bad usage.
+
+mod issue;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "meshca", version, about = "Operate a meshca certificate authority, or get a certificate from one")]
+struct Cli {
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format of every subcommand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Get a SPIFFE certificate: make a key and CSR, send them with a credential, write the result.
+    Issue(issue::IssueArgs),
+    /// Print the current trust bundle (PEM).
+    Bundle(status::BundleArgs),
+    /// Show the authority: anchors and issuers with their expiry countdowns.
+    Status(status::StatusArgs),
+}
+
+/// A failed command: the message, already worded for the user.
+#[derive(Debug)]
+pub struct Failed(pub String);
+
+impl<E: std::fmt::Display> From<E> for Failed {
+    fn from(e: E) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// The state dir when none is given: `$MESHCA_STATE_DIR`, else `./meshca-data`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("MESHCA_STATE_DIR").map_or_else(|| PathBuf::from("./meshca-data"), PathBuf::from)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    rotator::client::install_crypto_provider();
+    let result = match cli.command {
+        Command::Issue(a) => issue::run(a, cli.output),
+        Command::Bundle(a) => status::bundle(a, cli.output),
+        Command::Status(a) => status::status(a, cli.output),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failed(m)) => {
+            eprintln!("meshca: {m}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A current-thread runtime for the network commands.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Failed(format!("runtime: {e}")))
+}
+
+/// Words a gRPC failure for the user: the code and the server's reason.
+pub fn grpc_failure(server: &str, s: &tonic::Status) -> Failed {
+    // A status made on this side from a transport error (connection refused, TLS failure) has
+    // the transport error as its source; one sent by the server has none.
+    let local = std::error::Error::source(s).is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+    if local {
+        // The innermost error says what actually went wrong (refused, reset, unknown issuer).
+        let mut inner: &dyn std::error::Error = s;
+        while let Some(e) = inner.source() {
+            inner = e;
+        }
+        return Failed(format!("cannot reach {server}: {inner}"));
+    }
+    Failed(format!("{server} refused: {:?}: {}", s.code(), s.message()))
+}

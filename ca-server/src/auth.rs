@@ -1,0 +1,325 @@
+//! Authentication and authorization of certificate requests.
+//!
+//! Every credential a request carries is checked; a credential that is present but invalid
+//! fails the request (`Unauthenticated`), even if another one would pass. The request is allowed
+//! when any valid credential authorizes the SPIFFE ID asked for. No credential, no certificate.
+//!
+//! Credentials:
+//! - a client certificate issued by this CA (checked against the current bundle by the TLS
+//!   layer): renewal of exactly the SPIFFE ID it carries;
+//! - `authorization: Bearer <token>`: a static token from `<state-dir>/tokens.json`, stored as
+//!   its SHA-256 hash with the SPIFFE IDs or `/ns/<ns>/sa/*` patterns it may ask for.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use ring::digest::{SHA256, digest};
+use ring::rand::{SecureRandom, SystemRandom};
+use rotator::spiffe::{IdPattern, SpiffeId, TrustDomain};
+use rotator::store::{StoreError, write_atomic};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+
+/// The tokens file in the state dir.
+pub const TOKENS_FILE: &str = "tokens.json";
+/// The bootstrap token written on first start.
+pub const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
+
+/// Why a request was not authenticated or not authorized.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No credential at all.
+    #[error("no credential: send `authorization: Bearer <token>` or a client certificate issued by this CA")]
+    Missing,
+    /// An `authorization` header that is not `Bearer <token>`.
+    #[error("authorization header is not `Bearer <token>`")]
+    Malformed,
+    /// A bearer token the server does not know.
+    #[error("unknown token")]
+    UnknownToken,
+    /// A client certificate without a usable SPIFFE ID.
+    #[error("client certificate: {0}")]
+    BadClientCert(String),
+    /// Authenticated, but not for this SPIFFE ID.
+    #[error("{caller} may not request {id} (allowed: {allowed})")]
+    Denied {
+        /// Who asked.
+        caller: String,
+        /// What they asked for.
+        id: String,
+        /// What they may ask for.
+        allowed: String,
+    },
+    /// The authenticator's backend could not answer (e.g. the Kubernetes API server).
+    #[error("authentication unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Malformed => "malformed",
+            Self::UnknownToken => "unknown_token",
+            Self::BadClientCert(_) => "bad_client_cert",
+            Self::Denied { .. } => "denied",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// An authenticated caller and what it may ask for.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// For audit logs: `token:<name>` or `mtls:<spiffe id>`.
+    pub name: String,
+    /// The SPIFFE IDs it may request.
+    pub allowed: Vec<IdPattern>,
+}
+
+/// The credentials one request carries.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Credentials<'a> {
+    /// The raw `authorization` metadata value, if any.
+    pub authorization: Option<&'a str>,
+    /// The verified client certificate (leaf), if any.
+    pub client_cert: Option<&'a CertificateDer<'static>>,
+}
+
+/// One token in `tokens.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// A name for audit logs.
+    pub name: String,
+    /// SHA-256 of the token, lowercase hex. The token itself is never stored.
+    pub sha256: String,
+    /// SPIFFE IDs or `spiffe://<td>/ns/<ns>/sa/*` patterns it may request.
+    pub allow: Vec<IdPattern>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    tokens: Vec<TokenEntry>,
+}
+
+/// The static tokens, indexed by hash.
+#[derive(Debug, Default)]
+pub struct StaticTokens {
+    by_hash: HashMap<[u8; 32], Arc<TokenEntry>>,
+}
+
+/// The tokens file is unreadable or invalid.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {reason}", path.display())]
+pub struct TokensError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl StaticTokens {
+    /// Reads `<dir>/tokens.json`; a missing file means no tokens.
+    pub fn load(dir: &Path) -> Result<Self, TokensError> {
+        let path = dir.join(TOKENS_FILE);
+        let err = |reason: String| TokensError { path: path.clone(), reason };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let file: TokensFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let mut by_hash = HashMap::new();
+        for t in file.tokens {
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(&t.sha256, &mut h)
+                .map_err(|_| err(format!("token {:?}: sha256 is not 64 hex digits", t.name)))?;
+            by_hash.insert(h, Arc::new(t));
+        }
+        Ok(Self { by_hash })
+    }
+
+    /// How many tokens are known.
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// Whether no token is known.
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    fn lookup(&self, token: &str) -> Option<&Arc<TokenEntry>> {
+        let h: [u8; 32] = digest(&SHA256, token.as_bytes()).as_ref().try_into().ok()?;
+        self.by_hash.get(&h)
+    }
+}
+
+/// Makes a new random token (`mca_` + 43 base64url characters, 256 bits).
+pub fn new_token() -> Result<String, ring::error::Unspecified> {
+    let mut b = [0u8; 32];
+    SystemRandom::new().fill(&mut b)?;
+    Ok(format!("mca_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)))
+}
+
+/// Adds a token to `<dir>/tokens.json` (created if missing) and returns it. Only its hash is kept.
+pub fn add_token(dir: &Path, name: &str, allow: Vec<IdPattern>) -> Result<String, TokensError> {
+    let path = dir.join(TOKENS_FILE);
+    let err = |reason: String| TokensError { path: path.clone(), reason };
+    let mut file = match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str::<TokensFile>(&t).map_err(|e| err(e.to_string()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokensFile::default(),
+        Err(e) => return Err(err(e.to_string())),
+    };
+    let token = new_token().map_err(|_| err("random number generator failed".into()))?;
+    file.tokens.push(TokenEntry { name: name.into(), sha256: hex::encode(digest(&SHA256, token.as_bytes())), allow });
+    let mut json = serde_json::to_vec_pretty(&file).map_err(|e| err(e.to_string()))?;
+    json.push(b'\n');
+    write_atomic(&path, &json, 0o600).map_err(|e: StoreError| err(e.to_string()))?;
+    Ok(token)
+}
+
+/// Writes the bootstrap token for `spiffe://<td>/ns/default/sa/*` to `<dir>/bootstrap-token`
+/// (0600) and registers it in `tokens.json`. Called once, when a new authority is created.
+pub fn write_bootstrap_token(dir: &Path, td: &TrustDomain) -> Result<PathBuf, TokensError> {
+    let pattern: IdPattern = format!("spiffe://{td}/ns/default/sa/*").parse().map_err(|e| TokensError {
+        path: dir.join(TOKENS_FILE),
+        reason: format!("{e}"),
+    })?;
+    let token = zeroize::Zeroizing::new(add_token(dir, "bootstrap", vec![pattern])?);
+    let path = dir.join(BOOTSTRAP_TOKEN_FILE);
+    write_atomic(&path, format!("{}\n", token.as_str()).as_bytes(), 0o600)
+        .map_err(|e| TokensError { path: path.clone(), reason: e.to_string() })?;
+    Ok(path)
+}
+
+/// Checks credentials against the static tokens and client certificates.
+#[derive(Debug)]
+pub struct Authenticator {
+    dir: PathBuf,
+    tokens: ArcSwap<StaticTokens>,
+    loaded_mtime: std::sync::Mutex<Option<SystemTime>>,
+}
+
+impl Authenticator {
+    /// Loads the tokens from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, TokensError> {
+        let a = Self { dir: dir.to_owned(), tokens: ArcSwap::from_pointee(StaticTokens::default()), loaded_mtime: Default::default() };
+        a.reload_if_changed()?;
+        Ok(a)
+    }
+
+    /// Re-reads `tokens.json` if its modification time changed. On error the old tokens stay.
+    pub fn reload_if_changed(&self) -> Result<bool, TokensError> {
+        let mtime = std::fs::metadata(self.dir.join(TOKENS_FILE)).and_then(|m| m.modified()).ok();
+        let mut last = self.loaded_mtime.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == mtime && mtime.is_some() {
+            return Ok(false);
+        }
+        let t = StaticTokens::load(&self.dir)?;
+        self.tokens.store(Arc::new(t));
+        *last = mtime;
+        Ok(true)
+    }
+
+    /// How many static tokens are loaded.
+    pub fn token_count(&self) -> usize {
+        self.tokens.load().len()
+    }
+
+    /// Every caller the credentials prove, or why none.
+    pub fn authenticate(&self, creds: Credentials<'_>) -> Result<Vec<Caller>, AuthError> {
+        let mut callers = Vec::with_capacity(1);
+        if let Some(cert) = creds.client_cert {
+            let id = rotator::client::spiffe_id_of(cert).map_err(|e| AuthError::BadClientCert(e.to_string()))?;
+            callers.push(Caller { name: format!("mtls:{id}"), allowed: vec![IdPattern::Exact(id)] });
+        }
+        if let Some(value) = creds.authorization {
+            let token = value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .ok_or(AuthError::Malformed)?;
+            let tokens = self.tokens.load();
+            let entry = tokens.lookup(token).ok_or(AuthError::UnknownToken)?;
+            callers.push(Caller { name: format!("token:{}", entry.name), allowed: entry.allow.clone() });
+        }
+        if callers.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        Ok(callers)
+    }
+}
+
+/// The caller that may request `id`, or `Denied` naming what each may request.
+pub fn authorize<'c>(callers: &'c [Caller], id: &SpiffeId) -> Result<&'c Caller, AuthError> {
+    callers.iter().find(|c| c.allowed.iter().any(|p| p.matches(id))).ok_or_else(|| AuthError::Denied {
+        caller: callers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+        id: id.to_string(),
+        allowed: callers
+            .iter()
+            .flat_map(|c| c.allowed.iter().map(ToString::to_string))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_token_authorizes_default_namespace_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let td: TrustDomain = "cluster.local".parse().unwrap();
+        let path = write_bootstrap_token(dir.path(), &td).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+        assert!(token.starts_with("mca_") && token.len() == 47);
+        let stored = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
+        assert!(!stored.contains(&token), "only the hash is stored");
+
+        let auth = Authenticator::load(dir.path()).unwrap();
+        let header = format!("Bearer {token}");
+        let callers = auth.authenticate(Credentials { authorization: Some(&header), client_cert: None }).unwrap();
+        let ok: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let other: SpiffeId = "spiffe://cluster.local/ns/prod/sa/web".parse().unwrap();
+        assert_eq!(authorize(&callers, &ok).unwrap().name, "token:bootstrap");
+        let e = authorize(&callers, &other).unwrap_err();
+        assert_eq!(e.reason(), "denied");
+        assert!(e.to_string().contains("allowed: spiffe://cluster.local/ns/default/sa/*"), "{e}");
+    }
+
+    #[test]
+    fn credential_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Authenticator::load(dir.path()).unwrap();
+        assert_eq!(auth.authenticate(Credentials::default()).unwrap_err(), AuthError::Missing);
+        let c = |h: &'static str| auth.authenticate(Credentials { authorization: Some(h), client_cert: None }).unwrap_err();
+        assert_eq!(c("Basic abc"), AuthError::Malformed);
+        assert_eq!(c("Bearer "), AuthError::Malformed);
+        assert_eq!(c("Bearer mca_nope"), AuthError::UnknownToken);
+    }
+
+    #[test]
+    fn tokens_reload_when_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Authenticator::load(dir.path()).unwrap();
+        assert_eq!(auth.token_count(), 0);
+        let t = add_token(dir.path(), "ci", vec!["spiffe://cluster.local/ns/ci/sa/runner".parse().unwrap()]).unwrap();
+        assert!(auth.reload_if_changed().unwrap());
+        let header = format!("Bearer {t}");
+        assert!(auth.authenticate(Credentials { authorization: Some(&header), client_cert: None }).is_ok());
+        assert!(!auth.reload_if_changed().unwrap());
+    }
+}

@@ -1,0 +1,271 @@
+//! The running authority: the committed [`AuthorityState`], the store it is committed to, and
+//! the immutable [`Snapshot`] the request path reads.
+//!
+//! Every change goes through [`Authority::transition`]: compute the next state (a pure function
+//! of the current state and `now`), commit it to the store, and only then publish it. A crash
+//! between commit and publish loses nothing: the next start loads what was committed.
+
+use std::sync::Arc;
+
+use rotator::clock::Clock;
+use rotator::pki::CertId;
+use rotator::policy::Policy;
+use rotator::spiffe::TrustDomain;
+use rotator::state::{AuthorityState, StateError};
+use rotator::store::{FileStore, Store, StoreError};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, watch};
+
+/// The issuer that signs leaves right now, ready to sign.
+pub struct SigningIssuer {
+    /// Its id.
+    pub id: CertId,
+    /// The anchor it chains to.
+    pub anchor: CertId,
+    /// Its certificate.
+    pub der: CertificateDer<'static>,
+    /// notBefore.
+    pub not_before: OffsetDateTime,
+    /// notAfter.
+    pub not_after: OffsetDateTime,
+    /// The signer (certificate name, key identifier and key).
+    pub signer: rcgen::Issuer<'static, rotator::pki::SecretKey>,
+}
+
+impl std::fmt::Debug for SigningIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningIssuer").field("id", &self.id).field("not_after", &self.not_after).finish_non_exhaustive()
+    }
+}
+
+/// The trust bundle being served.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Version; only ever increases.
+    pub version: u64,
+    /// The anchors, DER, oldest first.
+    pub anchors: Vec<CertificateDer<'static>>,
+    /// Their ids, in the same order.
+    pub ids: Vec<CertId>,
+    /// The anchors as PEM.
+    pub pem: String,
+}
+
+/// What the request path reads: one immutable view of the committed state.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The state generation this view was made from.
+    pub generation: u64,
+    /// The signing issuer, if there is one.
+    pub issuer: Option<Arc<SigningIssuer>>,
+    /// The bundle.
+    pub bundle: Arc<Bundle>,
+}
+
+impl Snapshot {
+    fn of(state: &AuthorityState) -> Result<Self, StateError> {
+        let issuer = match state.active_issuer() {
+            Some(i) => Some(Arc::new(SigningIssuer {
+                id: i.cert.id().clone(),
+                anchor: i.anchor.clone(),
+                der: i.cert.der().clone(),
+                not_before: i.cert.info.not_before,
+                not_after: i.cert.info.not_after,
+                signer: i.cert.rcgen_issuer(i.key.clone())?,
+            })),
+            None => None,
+        };
+        let anchors: Vec<_> = state.bundle().collect();
+        let bundle = Arc::new(Bundle {
+            trust_domain: state.trust_domain.clone(),
+            version: state.bundle_version,
+            anchors: anchors.iter().map(|a| a.cert.der().clone()).collect(),
+            ids: anchors.iter().map(|a| a.cert.id().clone()).collect(),
+            pem: anchors.iter().map(|a| a.cert.pem()).collect(),
+        });
+        Ok(Self { generation: state.generation, issuer, bundle })
+    }
+}
+
+/// The authority could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The state dir is corrupt or unreadable.
+    #[error("cannot load the authority state: {0}")]
+    Store(#[from] StoreError),
+    /// The configuration contradicts the stored state.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The stored state cannot be served safely.
+    #[error("{0}")]
+    Unusable(String),
+    /// A transition failed.
+    #[error("{0}")]
+    State(#[from] StateError),
+    /// Replacing an unusable issuer at start-up failed.
+    #[error("replacing the unusable active issuer failed: {0}")]
+    Transition(#[from] TransitionError),
+}
+
+/// A transition could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransitionError {
+    /// The transition does not apply to the current state.
+    #[error("{0}")]
+    State(#[from] StateError),
+    /// The store refused the commit; nothing changed.
+    #[error("commit failed, nothing changed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// How the authority came to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Loaded from the store.
+    Loaded,
+    /// Created now (no state existed).
+    Created,
+}
+
+/// The running authority.
+pub struct Authority {
+    policy: Policy,
+    clock: Arc<dyn Clock>,
+    store: FileStore,
+    state: Mutex<AuthorityState>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").field("generation", &self.snapshot().generation).finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// Loads the authority from `store`, or creates one when the store has never held one.
+    ///
+    /// A loaded state must be for `trust_domain` (when given) and usable now: an expired anchor
+    /// in the bundle stops start-up; an expired or missing active issuer is replaced at once
+    /// when the active anchor's key is here.
+    pub async fn open(
+        store: FileStore,
+        trust_domain: Option<TrustDomain>,
+        default_trust_domain: TrustDomain,
+        policy: Policy,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, Origin), OpenError> {
+        let now = clock.now();
+        let (state, origin) = match store.load().await? {
+            Some(s) => {
+                if let Some(td) = &trust_domain {
+                    if *td != s.trust_domain {
+                        return Err(OpenError::Mismatch(format!(
+                            "{}: the state is for trust domain {} but the configuration says {td}; a trust domain cannot change",
+                            store.dir().display(),
+                            s.trust_domain
+                        )));
+                    }
+                }
+                (s, Origin::Loaded)
+            }
+            None => {
+                let s = AuthorityState::genesis(trust_domain.unwrap_or(default_trust_domain), &policy, now)?;
+                store.commit(None, &s).await?;
+                (s, Origin::Created)
+            }
+        };
+        for a in state.bundle() {
+            if a.cert.info.not_after <= now {
+                return Err(OpenError::Unusable(format!(
+                    "{}: trust anchor {} in the bundle expired at {}. Nothing signed under it verifies any more; \
+                     meshca will not serve it. Recover by starting a new authority (move the state dir aside) \
+                     and restarting workloads so they fetch the new bundle.",
+                    store.dir().display(),
+                    a.cert.id(),
+                    a.cert.info.not_after
+                )));
+            }
+        }
+        store.write_bundle(&state)?;
+        let snapshot = watch::Sender::new(Arc::new(Snapshot::of(&state)?));
+        let authority = Self { policy, clock, store, state: Mutex::new(state), snapshot };
+        authority.replace_unusable_issuer().await?;
+        Ok((authority, origin))
+    }
+
+    /// If the active issuer is missing or expired and the active anchor's key is here, prepares
+    /// and activates a new one. Returns whether it did.
+    pub async fn replace_unusable_issuer(&self) -> Result<bool, TransitionError> {
+        let policy = self.policy.clone();
+        self.transition(move |s, now| {
+            let usable = s.active_issuer().is_some_and(|i| i.cert.info.valid_at(now));
+            let anchor = match s.active_anchor() {
+                Some(a) if a.key.is_some() && !usable => a.cert.id().clone(),
+                _ => return Ok(None),
+            };
+            let prepared = s.prepare_issuer(&policy, now, &anchor)?;
+            let id = prepared.issuers.last().map(|i| i.cert.id().clone()).ok_or_else(|| StateError("no issuer prepared".into()))?;
+            Ok(Some(prepared.activate_issuer(now, &id)?))
+        })
+        .await
+    }
+
+    /// Applies `f` to the committed state at `now`. `Ok(None)` from `f` means nothing to do.
+    /// Otherwise the result is committed to the store and then published; on any error nothing
+    /// changes. Transitions are serialized.
+    pub async fn transition<F>(&self, f: F) -> Result<bool, TransitionError>
+    where
+        F: FnOnce(&AuthorityState, OffsetDateTime) -> Result<Option<AuthorityState>, StateError>,
+    {
+        let mut state = self.state.lock().await;
+        let now = self.clock.now();
+        let Some(next) = f(&state, now)? else {
+            return Ok(false);
+        };
+        next.check()?;
+        let snapshot = Snapshot::of(&next)?;
+        self.store.commit(Some(state.generation), &next).await?;
+        for e in next.history.iter().filter(|e| e.generation > state.generation) {
+            tracing::info!(target: "meshca::journal", generation = e.generation, "{}", e.what);
+        }
+        *state = next;
+        self.snapshot.send_replace(Arc::new(snapshot));
+        Ok(true)
+    }
+
+    /// The current view for the request path.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that sees every published snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// A copy of the committed state.
+    pub async fn state(&self) -> AuthorityState {
+        self.state.lock().await.clone()
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The store.
+    pub fn store(&self) -> &FileStore {
+        &self.store
+    }
+}

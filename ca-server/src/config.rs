@@ -1,0 +1,179 @@
+//! Configuration: one typed struct, read from TOML (`--config FILE`), overridden by environment
+//! variables and flags (flags win). Every setting has a default; `--print-config` shows the result.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use rotator::policy::Policy;
+use rotator::spiffe::TrustDomain;
+use serde::{Deserialize, Serialize};
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "./meshca-data";
+/// Trust domain of a new authority when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Default gRPC (TLS) listen address.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8443);
+/// Default HTTP listen address (health, metrics, bundle).
+pub const DEFAULT_HTTP_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
+/// Largest request body accepted on the gRPC port.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Environment variable for the state dir.
+pub const ENV_STATE_DIR: &str = "MESHCA_STATE_DIR";
+
+/// Everything `meshca-server` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the authority state, tokens and bundle live.
+    pub state_dir: PathBuf,
+    /// SPIFFE trust domain. Unset: the existing state's, or `cluster.local` for a new authority.
+    pub trust_domain: Option<TrustDomain>,
+    /// gRPC (TLS) listen address.
+    pub listen: SocketAddr,
+    /// HTTP listen address: `/healthz`, `/readyz`, `/metrics`, `/bundle.pem`.
+    pub http_listen: SocketAddr,
+    /// The gRPC server's own certificate.
+    pub tls: TlsConfig,
+    /// Lifetimes and rotation points.
+    pub policy: Policy,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// The names the gRPC server's certificate carries (clients verify one of them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// IP SANs.
+    pub ip_addresses: Vec<IpAddr>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self { dns_names: vec!["localhost".into()], ip_addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)] }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            trust_domain: None,
+            listen: DEFAULT_LISTEN,
+            http_listen: DEFAULT_HTTP_LISTEN,
+            tls: TlsConfig::default(),
+            policy: Policy::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A bad setting: which, its value, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config: {name} = {value}: {reason}")]
+pub struct ConfigError {
+    /// The setting (or file).
+    pub name: String,
+    /// Its value.
+    pub value: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            name: "--config".into(),
+            value: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text).map_err(|mut e| {
+            e.value = path.display().to_string();
+            e
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError { name: "--config".into(), value: String::new(), reason: e.to_string() })
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Checks what serde cannot: the policy's arithmetic and the TLS names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.policy.validate().map_err(|e| ConfigError {
+            name: format!("policy.{}", e.name),
+            value: e.value,
+            reason: e.reason,
+        })?;
+        if self.tls.dns_names.is_empty() && self.tls.ip_addresses.is_empty() {
+            return Err(ConfigError {
+                name: "tls".into(),
+                value: "[]".into(),
+                reason: "the server certificate needs at least one DNS name or IP address".into(),
+            });
+        }
+        for n in &self.tls.dns_names {
+            if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
+                return Err(ConfigError { name: "tls.dns_names".into(), value: n.clone(), reason: "not a DNS name".into() });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = c.to_toml();
+        assert!(text.contains("leaf_ttl_default = \"1day\""), "{text}");
+        assert_eq!(Config::from_toml(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn partial_files_keep_defaults() {
+        let c = Config::from_toml("trust_domain = \"example.org\"\n[policy]\nleaf_ttl_max = \"12h\"\nleaf_ttl_default = \"6h\"\n").unwrap();
+        assert_eq!(c.trust_domain.unwrap().as_str(), "example.org");
+        assert_eq!(c.policy.leaf_ttl_max, std::time::Duration::from_secs(12 * 3600));
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = Config::from_toml("lisen = \"1.2.3.4:5\"").unwrap_err();
+        assert!(e.reason.contains("unknown field `lisen`"), "{e}");
+        let e = Config::from_toml("trust_domain = \"Bad Domain\"").unwrap_err();
+        assert!(e.reason.contains("invalid trust domain"), "{e}");
+        let e = Config::from_toml("[policy]\nleaf_ttl_max = \"forever\"").unwrap_err();
+        assert!(e.reason.contains("forever"), "{e}");
+        let c = Config::from_toml("[policy]\nissuer_ttl = \"3d\"").unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.name, "policy.issuer_ttl");
+        let c = Config::from_toml("[tls]\ndns_names = [\"not a name\"]").unwrap();
+        assert_eq!(c.validate().unwrap_err().name, "tls.dns_names");
+    }
+}

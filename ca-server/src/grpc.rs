@@ -1,0 +1,137 @@
+//! `meshca.v1.IdentityService`: translates gRPC requests into [`IssueRequest`]s and results into
+//! responses. Errors become `Status` here and only here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use meshca_proto::v1::identity_service_server::IdentityService;
+use meshca_proto::v1::{
+    GetTrustBundleRequest, SignCertificateRequest, SignCertificateResponse, TrustBundle, WatchTrustBundleRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{AuthError, Credentials};
+use crate::authority::{Authority, Bundle};
+use crate::issuance::{IssueError, IssueRequest, Issuer};
+use crate::tls::PeerInfo;
+
+/// Longest accepted `instance_id`.
+pub const MAX_INSTANCE_ID: usize = 128;
+
+/// The meshca.v1 identity service.
+pub struct Identity {
+    issuer: Arc<Issuer>,
+    authority: Arc<Authority>,
+}
+
+impl Identity {
+    /// A service issuing through `issuer`.
+    pub fn new(issuer: Arc<Issuer>) -> Self {
+        let authority = issuer.authority().clone();
+        Self { issuer, authority }
+    }
+}
+
+/// Maps an issuance failure to its gRPC status; the message always says why.
+pub fn status_of(e: &IssueError) -> Status {
+    match e {
+        IssueError::Auth(AuthError::Denied { .. }) => Status::permission_denied(e.to_string()),
+        IssueError::Auth(AuthError::Unavailable(_)) => Status::unavailable(e.to_string()),
+        IssueError::Auth(_) => Status::unauthenticated(e.to_string()),
+        IssueError::Csr(_) => Status::invalid_argument(e.to_string()),
+        IssueError::Unavailable(_) => Status::unavailable(e.to_string()),
+        IssueError::Internal(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::from(t))
+}
+
+fn trust_bundle(b: &Bundle) -> TrustBundle {
+    TrustBundle {
+        trust_domain: b.trust_domain.to_string(),
+        anchors: b.anchors.iter().map(|a| a.to_vec()).collect(),
+        version: b.version,
+    }
+}
+
+fn check_instance_id(id: &str) -> Result<(), Status> {
+    if id.len() > MAX_INSTANCE_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(format!(
+            "instance_id must be at most {MAX_INSTANCE_ID} bytes of printable ASCII"
+        )));
+    }
+    Ok(())
+}
+
+type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl IdentityService for Identity {
+    async fn sign_certificate(
+        &self,
+        request: Request<SignCertificateRequest>,
+    ) -> Result<Response<SignCertificateResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let authorization = request.metadata().get("authorization").map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned());
+        let req = request.into_inner();
+        check_instance_id(&req.instance_id)?;
+        let ttl = match req.ttl {
+            None => None,
+            Some(d) if d.seconds < 0 || d.nanos < 0 => {
+                return Err(Status::invalid_argument("ttl must not be negative"));
+            }
+            Some(d) => Some(Duration::new(u64::try_from(d.seconds).unwrap_or(0), u32::try_from(d.nanos).unwrap_or(0))),
+        };
+        let issued = self
+            .issuer
+            .issue(IssueRequest {
+                api: "meshca",
+                csr: &req.csr,
+                ttl,
+                credentials: Credentials {
+                    authorization: authorization.as_deref(),
+                    client_cert: peer.as_ref().and_then(|p| p.client_cert.as_ref()),
+                },
+                peer: peer.as_ref().map(|p| p.addr),
+            })
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(SignCertificateResponse {
+            certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: issued.bundle.anchors.iter().map(|a| a.to_vec()).collect(),
+            bundle_version: issued.bundle.version,
+            not_after: Some(timestamp(issued.not_after)),
+            refresh_at: Some(timestamp(issued.refresh_at)),
+            serial: issued.serial,
+            spiffe_id: issued.id.to_string(),
+        }))
+    }
+
+    async fn get_trust_bundle(&self, _: Request<GetTrustBundleRequest>) -> Result<Response<TrustBundle>, Status> {
+        Ok(Response::new(trust_bundle(&self.authority.snapshot().bundle)))
+    }
+
+    type WatchTrustBundleStream = BundleStream;
+
+    async fn watch_trust_bundle(
+        &self,
+        request: Request<WatchTrustBundleRequest>,
+    ) -> Result<Response<BundleStream>, Status> {
+        check_instance_id(&request.get_ref().instance_id)?;
+        let rx = self.authority.subscribe();
+        // The current bundle first, then one message per new bundle version.
+        let stream = futures::stream::unfold((rx, 0u64), |(mut rx, last)| async move {
+            loop {
+                let bundle = rx.borrow_and_update().bundle.clone();
+                if bundle.version != last {
+                    return Some((Ok(trust_bundle(&bundle)), (rx, bundle.version)));
+                }
+                rx.changed().await.ok()?;
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

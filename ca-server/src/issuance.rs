@@ -1,0 +1,169 @@
+//! The one place that decides whether, for whom and for how long a leaf is signed. Every API
+//! face (meshca.v1 today) translates its request into an [`IssueRequest`] and the result back;
+//! authentication, authorization, CSR checks, TTL policy, audit logging and metrics happen here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use rotator::spiffe::SpiffeId;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use crate::auth::{AuthError, Authenticator, Credentials, authorize};
+use crate::authority::{Authority, Bundle};
+use crate::metrics::Metrics;
+use crate::signing::{CsrError, ValidCsr, parse_csr, sign_leaf};
+
+/// One certificate request, whatever API it came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct IssueRequest<'a> {
+    /// The API face, for metrics and audit: `meshca`, `istio`, `linkerd`.
+    pub api: &'static str,
+    /// CSR, DER or PEM.
+    pub csr: &'a [u8],
+    /// Requested lifetime; `None` or zero for the default.
+    pub ttl: Option<Duration>,
+    /// The credentials.
+    pub credentials: Credentials<'a>,
+    /// Where the request came from, for audit logs.
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+/// A signed leaf with everything a response needs.
+#[derive(Debug)]
+pub struct Issued {
+    /// Leaf first, then the issuer.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The bundle at signing time.
+    pub bundle: Arc<Bundle>,
+    /// The SPIFFE ID in the leaf.
+    pub id: SpiffeId,
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// notAfter.
+    pub not_after: OffsetDateTime,
+    /// When to renew: 50-70 % into the lifetime, jittered.
+    pub refresh_at: OffsetDateTime,
+}
+
+/// Why a request got no certificate. The faces map each variant to their status code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// Not authenticated or not authorized.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The CSR is unacceptable.
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    /// No valid issuer can sign now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an RNG failure.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl IssueError {
+    fn result_label(&self) -> &'static str {
+        match self {
+            Self::Auth(AuthError::Denied { .. }) => "denied",
+            Self::Auth(AuthError::Unavailable(_)) | Self::Unavailable(_) => "unavailable",
+            Self::Auth(_) => "unauthenticated",
+            Self::Csr(_) => "invalid",
+            Self::Internal(_) => "error",
+        }
+    }
+}
+
+/// Issues leaves.
+pub struct Issuer {
+    authority: Arc<Authority>,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    rng: SystemRandom,
+}
+
+impl Issuer {
+    /// An issuer over `authority`, checking credentials with `auth`.
+    pub fn new(authority: Arc<Authority>, auth: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
+        Self { authority, auth, metrics, rng: SystemRandom::new() }
+    }
+
+    /// Authenticates, checks, signs; logs one audit line and counts the result either way.
+    pub fn issue(&self, req: IssueRequest<'_>) -> Result<Issued, IssueError> {
+        let start = Instant::now();
+        let mut who = String::from("-");
+        let result = self.issue_inner(&req, &mut who);
+        self.metrics.count(req.api, result.as_ref().map_or_else(IssueError::result_label, |_| "ok"), start.elapsed());
+        let peer = req.peer.map(|p| p.to_string()).unwrap_or_default();
+        match &result {
+            Ok(i) => tracing::info!(
+                target: "meshca::audit",
+                api = req.api, caller = %who, peer = %peer, spiffe_id = %i.id, serial = %i.serial,
+                not_after = %rotator::clock::rfc3339(i.not_after), "issued"
+            ),
+            Err(e) => {
+                if let IssueError::Auth(a) = e {
+                    self.metrics.auth_failures.get_or_create(&crate::metrics::ReasonLabels { reason: a.reason() }).inc();
+                }
+                tracing::warn!(target: "meshca::audit", api = req.api, caller = %who, peer = %peer, reason = %e, "refused")
+            }
+        }
+        result
+    }
+
+    fn issue_inner(&self, req: &IssueRequest<'_>, who: &mut String) -> Result<Issued, IssueError> {
+        let callers = self.auth.authenticate(req.credentials)?;
+        *who = callers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(",");
+        let csr = parse_csr(req.csr)?;
+        let caller = authorize(&callers, &csr.id)?;
+        *who = caller.name.clone();
+        self.sign(&csr, req.ttl)
+    }
+
+    /// Signs `csr` (already authorized) with the current issuer.
+    pub fn sign(&self, csr: &ValidCsr, ttl: Option<Duration>) -> Result<Issued, IssueError> {
+        let snap = self.authority.snapshot();
+        let issuer = snap
+            .issuer
+            .as_ref()
+            .ok_or_else(|| IssueError::Unavailable("no issuer: this authority has none yet (upstream mode: import one)".into()))?;
+        let now = self.authority.clock().now();
+        let window = self
+            .authority
+            .policy()
+            .leaf_window(now, ttl, issuer.not_before, issuer.not_after)
+            .map_err(|e| IssueError::Unavailable(format!("issuer {}: {e}", issuer.id)))?;
+        let leaf = sign_leaf(csr, &window, &issuer.signer, &self.rng).map_err(|e| IssueError::Internal(e.to_string()))?;
+        let refresh_at = self.refresh_at(now, window.not_after)?;
+        Ok(Issued {
+            chain: vec![CertificateDer::from(leaf.der), issuer.der.clone()],
+            bundle: snap.bundle.clone(),
+            id: csr.id.clone(),
+            serial: leaf.serial,
+            not_after: window.not_after,
+            refresh_at,
+        })
+    }
+
+    /// A uniformly random point between 50 % and 70 % of the remaining lifetime.
+    fn refresh_at(&self, now: OffsetDateTime, not_after: OffsetDateTime) -> Result<OffsetDateTime, IssueError> {
+        let mut b = [0u8; 4];
+        self.rng.fill(&mut b).map_err(|_| IssueError::Internal("random number generator failed".into()))?;
+        let frac = 0.5 + 0.2 * (f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX));
+        let life = (not_after - now).as_seconds_f64().max(0.0);
+        Ok(rotator::clock::whole_seconds(now + Duration::from_secs_f64(life * frac)))
+    }
+
+    /// The readiness probe: can a leaf be signed with the current issuer right now?
+    pub fn probe(&self, probe_csr: &ValidCsr) -> Result<(), IssueError> {
+        self.sign(probe_csr, None).map(|_| ())
+    }
+
+    /// The authority served.
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+}

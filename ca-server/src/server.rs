@@ -1,0 +1,189 @@
+//! Starts and stops a whole meshca server: authority, TLS, gRPC, HTTP, background tasks.
+//! `meshca-server` calls this; so do the end-to-end tests, on `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use meshca_proto::v1::identity_service_server::IdentityServiceServer;
+use rotator::clock::Clock;
+use rotator::store::FileStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::auth::{Authenticator, write_bootstrap_token};
+use crate::authority::{Authority, OpenError, Origin};
+use crate::config::{Config, ConfigError, DEFAULT_TRUST_DOMAIN, MAX_REQUEST_BYTES};
+use crate::grpc::Identity;
+use crate::http::{HttpState, router};
+use crate::issuance::Issuer;
+use crate::metrics::Metrics;
+use crate::tls::{LiveTls, incoming};
+
+/// How often the tokens file is checked for changes.
+const TOKENS_RELOAD: Duration = Duration::from_secs(2);
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The authority could not be opened (corrupt state, expired anchor, ...).
+    #[error(transparent)]
+    Authority(#[from] OpenError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Anything else, with its reason.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A running server.
+pub struct Server {
+    /// The gRPC (TLS) address actually bound.
+    pub grpc_addr: SocketAddr,
+    /// The HTTP address actually bound.
+    pub http_addr: SocketAddr,
+    /// The authority served.
+    pub authority: Arc<Authority>,
+    /// The gRPC port's TLS material.
+    pub tls: Arc<LiveTls>,
+    /// Whether the authority was created by this start.
+    pub created: bool,
+    /// The bootstrap token file, when this start created it.
+    pub bootstrap_token: Option<PathBuf>,
+    /// The state dir.
+    pub state_dir: PathBuf,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Opens (or creates) the authority and starts serving. Returns once both ports are bound.
+    pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+        rotator::client::install_crypto_provider();
+        config.validate()?;
+        let store = FileStore::open(&config.state_dir).map_err(|e| OpenError::Store(e))?;
+        let default_td = DEFAULT_TRUST_DOMAIN.parse().map_err(|e| StartError::Other(format!("{e}")))?;
+        let (authority, origin) = Authority::open(store, config.trust_domain.clone(), default_td, config.policy.clone(), clock).await?;
+        let authority = Arc::new(authority);
+        let created = origin == Origin::Created;
+        let bootstrap_token = if created {
+            let td = authority.snapshot().bundle.trust_domain.clone();
+            Some(write_bootstrap_token(&config.state_dir, &td).map_err(|e| StartError::Other(e.to_string()))?)
+        } else {
+            None
+        };
+        let auth = Arc::new(Authenticator::load(&config.state_dir).map_err(|e| StartError::Other(e.to_string()))?);
+        let metrics = Arc::new(Metrics::new());
+        let issuer = Arc::new(Issuer::new(authority.clone(), auth.clone(), metrics.clone()));
+        let tls = LiveTls::new(&authority, config.tls.clone()).map_err(StartError::Other)?;
+        let tls_config = tls.server_config().map_err(StartError::Other)?;
+
+        let grpc_listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let http_listener =
+            TcpListener::bind(config.http_listen).await.map_err(|source| StartError::Bind { addr: config.http_listen, source })?;
+        let grpc_addr = grpc_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+        let http_addr = http_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        tasks.spawn(tls.clone().maintain(authority.clone(), shutdown_rx.clone()));
+
+        let identity = IdentityServiceServer::new(Identity::new(issuer.clone()));
+        let conns = incoming(grpc_listener, tls_config, shutdown_rx.clone());
+        let mut stop = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .layer(tower::util::MapRequestLayer::new(limit_request_body))
+                .add_service(identity)
+                .serve_with_incoming_shutdown(conns, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("gRPC server stopped: {e}");
+            }
+        });
+
+        let probe_key = rotator::pki::SecretKey::generate_p256().map_err(|e| StartError::Other(e.to_string()))?;
+        let probe_id = format!("spiffe://{}/meshca/readiness-probe", authority.snapshot().bundle.trust_domain)
+            .parse()
+            .map_err(|e| StartError::Other(format!("{e}")))?;
+        let probe_csr = rotator::client::make_csr(&probe_id, &probe_key).map_err(|e| StartError::Other(e.to_string()))?;
+        let probe = crate::signing::parse_csr(&probe_csr).map_err(|e| StartError::Other(e.to_string()))?;
+        let app = router(Arc::new(HttpState { issuer: issuer.clone(), metrics: metrics.clone(), probe }));
+        let mut stop = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let r = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("HTTP server stopped: {e}");
+            }
+        });
+
+        let mut stop = shutdown_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(TOKENS_RELOAD) => {}
+                    _ = stop.changed() => return,
+                }
+                match auth.reload_if_changed() {
+                    Ok(true) => tracing::info!(tokens = auth.token_count(), "tokens file reloaded"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("tokens file not reloaded, keeping the previous tokens: {e}"),
+                }
+            }
+        });
+
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            authority,
+            tls,
+            created,
+            bootstrap_token,
+            state_dir: config.state_dir,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops serving and waits for every task to end.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Caps every gRPC request body at [`MAX_REQUEST_BYTES`] (plus the 5-byte frame header). A
+/// larger one fails while it is being read, with `InvalidArgument`, before it is buffered.
+fn limit_request_body(req: http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> {
+    req.map(|body| {
+        let limited = http_body_util::Limited::new(body, MAX_REQUEST_BYTES + 5).map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Box::new(tonic::Status::invalid_argument(format!("request over {} KiB", MAX_REQUEST_BYTES / 1024)))
+                    as Box<dyn std::error::Error + Send + Sync>
+            } else {
+                e
+            }
+        });
+        tonic::body::Body::new(limited)
+    })
+}

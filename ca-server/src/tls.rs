@@ -1,0 +1,328 @@
+//! The gRPC port's TLS, following rotation: the server certificate is issued by meshca's current
+//! issuer and renewed before it expires or as soon as the issuer changes; client certificates are
+//! verified against the current bundle. Both are read per handshake from [`LiveTls`], which a
+//! background task keeps up to date. tonic is served over these tokio-rustls streams.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
+use ring::rand::SystemRandom;
+use rotator::pki::{SecretKey, random_serial};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::server::Connected;
+
+use crate::authority::{Authority, Snapshot};
+use crate::config::TlsConfig;
+
+/// How long a client has to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retry delay after a failed server-certificate issuance.
+const RETRY: Duration = Duration::from_secs(5);
+
+struct Verifier(Arc<dyn ClientCertVerifier>);
+
+/// The TLS material of the gRPC port, swapped atomically as the authority changes.
+pub struct LiveTls {
+    cert: ArcSwapOption<CertifiedKey>,
+    verifier: ArcSwap<Verifier>,
+    server_cert: ArcSwapOption<ServerCert>,
+    names: TlsConfig,
+}
+
+/// The server certificate currently in use.
+#[derive(Debug)]
+pub struct ServerCert {
+    /// Issued under this issuer.
+    pub issuer: rotator::pki::CertId,
+    /// notAfter.
+    pub not_after: OffsetDateTime,
+    /// When to renew it.
+    pub renew_at: OffsetDateTime,
+    /// Its DER.
+    pub der: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for LiveTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveTls").field("server_cert", &self.server_cert.load_full()).finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl LiveTls {
+    /// TLS material for `authority`'s current snapshot (a server certificate is issued now, if
+    /// there is an issuer).
+    pub fn new(authority: &Authority, names: TlsConfig) -> Result<Arc<Self>, String> {
+        let snap = authority.snapshot();
+        let live = Arc::new(Self {
+            cert: ArcSwapOption::empty(),
+            verifier: ArcSwap::from_pointee(Verifier(client_verifier(&snap)?)),
+            server_cert: ArcSwapOption::empty(),
+            names,
+        });
+        if snap.issuer.is_some() {
+            live.renew(authority, &snap)?;
+        }
+        Ok(live)
+    }
+
+    /// A rustls server config that reads this live material on every handshake.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, String> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(Arc::new(LiveVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(LiveResolver(self.clone())));
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// The server certificate in use, if any.
+    pub fn current(&self) -> Option<Arc<ServerCert>> {
+        self.server_cert.load_full()
+    }
+
+    fn renew(&self, authority: &Authority, snap: &Snapshot) -> Result<(), String> {
+        let issuer = snap.issuer.as_ref().ok_or("no issuer")?;
+        let now = authority.clock().now();
+        let policy = authority.policy();
+        let window = policy
+            .leaf_window(now, Some(policy.leaf_ttl_default), issuer.not_before, issuer.not_after)
+            .map_err(|e| e.to_string())?;
+        let key = SecretKey::generate_p256().map_err(|e| e.to_string())?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "meshca-server");
+        params.distinguished_name = dn;
+        for n in &self.names.dns_names {
+            params.subject_alt_names.push(SanType::DnsName(n.as_str().try_into().map_err(|e: rcgen::Error| e.to_string())?));
+        }
+        for ip in &self.names.ip_addresses {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // serverAuth only: this certificate must never pass as a workload's client certificate.
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = window.not_before;
+        params.not_after = window.not_after;
+        params.serial_number = Some(random_serial(&SystemRandom::new()).map_err(|e| e.to_string())?);
+        let cert = params.signed_by(&key, &issuer.signer).map_err(|e| e.to_string())?;
+        let der = cert.der().clone();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_pair().serialize_der()));
+        let signing_key = provider().key_provider.load_private_key(key_der).map_err(|e| e.to_string())?;
+        let certified = CertifiedKey::new(vec![der.clone(), issuer.der.clone()], signing_key);
+        let life = window.not_after - now;
+        let renew_at = now + life * 2 / 3;
+        self.cert.store(Some(Arc::new(certified)));
+        self.server_cert.store(Some(Arc::new(ServerCert { issuer: issuer.id.clone(), not_after: window.not_after, renew_at, der })));
+        tracing::info!(issuer = %issuer.id, not_after = %window.not_after, "server certificate issued");
+        Ok(())
+    }
+
+    /// Keeps the certificate and verifier current until `shutdown` flips: wakes when the
+    /// authority publishes a new snapshot or when the certificate is due for renewal.
+    pub async fn maintain(self: Arc<Self>, authority: Arc<Authority>, mut shutdown: watch::Receiver<bool>) {
+        let mut rx = authority.subscribe();
+        let mut bundle_version = rx.borrow().bundle.version;
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            if snap.bundle.version != bundle_version {
+                match client_verifier(&snap) {
+                    Ok(v) => {
+                        self.verifier.store(Arc::new(Verifier(v)));
+                        bundle_version = snap.bundle.version;
+                    }
+                    Err(e) => tracing::error!("client verifier for bundle {}: {e}", snap.bundle.version),
+                }
+            }
+            let now = authority.clock().now();
+            let due = match (self.current(), &snap.issuer) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(c), Some(i)) => c.issuer != i.id || c.renew_at <= now,
+            };
+            let mut wait = self.current().map_or(RETRY, |c| {
+                (c.renew_at - now).try_into().unwrap_or(Duration::ZERO).max(Duration::from_secs(1))
+            });
+            if due {
+                if let Err(e) = self.renew(&authority, &snap) {
+                    tracing::error!("server certificate renewal failed, retrying in {RETRY:?}: {e}");
+                    wait = RETRY;
+                } else {
+                    continue;
+                }
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn client_verifier(snap: &Snapshot) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut roots = RootCertStore::empty();
+    for a in &snap.bundle.anchors {
+        roots.add(a.clone()).map_err(|e| format!("bundle anchor: {e}"))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Debug)]
+struct LiveResolver(Arc<LiveTls>);
+
+impl ResolvesServerCert for LiveResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.cert.load_full()
+    }
+}
+
+#[derive(Debug)]
+struct LiveVerifier(Arc<LiveTls>);
+
+impl LiveVerifier {
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.0.verifier.load().0.clone()
+    }
+}
+
+impl ClientCertVerifier for LiveVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[TlsDn] {
+        // Hints are optional; the live roots cannot be borrowed across a swap.
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current().verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// What a handler knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The remote address.
+    pub addr: SocketAddr,
+    /// The client's leaf certificate, verified against the bundle during the handshake.
+    pub client_cert: Option<CertificateDer<'static>>,
+}
+
+/// A TLS connection handed to tonic.
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections on `listener` and completes TLS handshakes concurrently (a slow
+/// client never holds up another); established connections come out of the returned stream.
+/// Failed handshakes are logged at debug level and dropped.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off rather than spin.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let client_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+                        let _ = tx.send(Ok(TlsConn { inner: tls, info: PeerInfo { addr, client_cert } })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%addr, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,139 @@
+//! `meshca issue`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meshca_proto::v1::SignCertificateRequest;
+use meshca_proto::v1::identity_service_client::IdentityServiceClient;
+use rotator::client::{Identity, channel, client_tls, make_csr, parse_pem_certs, read_pem_certs, verify_svid};
+use rotator::clock::rfc3339;
+use rotator::pki::{SecretKey, pem_cert};
+use rotator::spiffe::SpiffeId;
+use rotator::store::write_atomic;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use time::OffsetDateTime;
+
+use crate::{Failed, Output, grpc_failure, runtime};
+
+#[derive(Debug, clap::Args)]
+pub struct IssueArgs {
+    /// The server's gRPC URL, e.g. https://127.0.0.1:8443.
+    #[arg(long)]
+    server: String,
+    /// PEM file with the trust bundle the server's certificate is verified against.
+    #[arg(long, value_name = "FILE")]
+    ca_bundle: PathBuf,
+    /// File holding a bearer token (e.g. <state-dir>/bootstrap-token).
+    #[arg(long, value_name = "FILE", required_unless_present = "cert")]
+    token_file: Option<PathBuf>,
+    /// Renew over mTLS instead: the current certificate (PEM, leaf first) ...
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// ... and its key.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The SPIFFE ID to ask for.
+    #[arg(long)]
+    spiffe_id: SpiffeId,
+    /// Requested lifetime, e.g. 24h (the server clamps it).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Optional instance id (e.g. a pod UID) for bundle-convergence tracking.
+    #[arg(long, default_value = "")]
+    instance_id: String,
+    /// Output prefix: writes PREFIX.crt (leaf then issuer), PREFIX.key (0600), PREFIX.bundle.pem.
+    #[arg(long, value_name = "PREFIX")]
+    out: PathBuf,
+}
+
+pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
+    let bundle = read_pem_certs(&a.ca_bundle.display().to_string())?;
+    let identity = match (&a.cert, &a.key) {
+        (Some(c), Some(k)) => {
+            let chain = read_pem_certs(&c.display().to_string())?;
+            let key_text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(k).map_err(|e| Failed(format!("{}: {e}", k.display())))?,
+            );
+            let key = SecretKey::from_pem(&key_text).map_err(|e| Failed(format!("{}: {e}", k.display())))?;
+            Some(Identity { chain, key })
+        }
+        _ => None,
+    };
+    let token = match &a.token_file {
+        Some(p) => Some(zeroize::Zeroizing::new(
+            std::fs::read_to_string(p).map_err(|e| Failed(format!("{}: {e}", p.display())))?.trim().to_owned(),
+        )),
+        None => None,
+    };
+    let key = SecretKey::generate_p256()?;
+    let csr = make_csr(&a.spiffe_id, &key)?;
+    let tls = client_tls(&bundle, identity.as_ref())?;
+    let mut req = tonic::Request::new(SignCertificateRequest {
+        csr,
+        ttl: a.ttl.map(|d| prost_types::Duration { seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nanos: 0 }),
+        instance_id: a.instance_id.clone(),
+    });
+    if let Some(t) = &token {
+        let v = format!("Bearer {}", t.as_str()).parse().map_err(|_| Failed("the token file holds characters not allowed in a header".into()))?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    let resp = runtime()?
+        .block_on(async {
+            let ch = channel(&a.server, tls)?;
+            IdentityServiceClient::new(ch).sign_certificate(req).await.map_err(|s| grpc_failure(&a.server, &s))
+        })?
+        .into_inner();
+
+    // Check what came back before writing anything: the chain verifies to the returned bundle
+    // and the leaf carries exactly the identity asked for.
+    let chain: Vec<CertificateDer<'static>> = resp.certificate_chain.into_iter().map(CertificateDer::from).collect();
+    let new_bundle: Vec<CertificateDer<'static>> = resp.trust_bundle.into_iter().map(CertificateDer::from).collect();
+    let got = verify_svid(&chain, &new_bundle, UnixTime::now(), webpki::KeyUsage::client_auth())
+        .map_err(|e| Failed(format!("the server's answer does not verify: {e}")))?;
+    if got != a.spiffe_id {
+        return Err(Failed(format!("the server issued {got}, not the requested {}", a.spiffe_id)));
+    }
+    let crt_path = with_ext(&a.out, "crt");
+    let key_path = with_ext(&a.out, "key");
+    let bundle_path = with_ext(&a.out, "bundle.pem");
+    let chain_pem: String = chain.iter().map(|c| pem_cert(c)).collect();
+    let bundle_pem: String = new_bundle.iter().map(|c| pem_cert(c)).collect();
+    write_atomic(&key_path, key.to_pem().as_bytes(), 0o600)?;
+    write_atomic(&crt_path, chain_pem.as_bytes(), 0o644)?;
+    write_atomic(&bundle_path, bundle_pem.as_bytes(), 0o644)?;
+    // Sanity: what we wrote parses back.
+    if parse_pem_certs(&chain_pem).len() != chain.len() {
+        return Err(Failed("internal: written chain does not parse back".into()));
+    }
+    let ts = |t: Option<prost_types::Timestamp>| {
+        t.and_then(|t| OffsetDateTime::from_unix_timestamp(t.seconds).ok()).map(rfc3339).unwrap_or_default()
+    };
+    let not_after = ts(resp.not_after);
+    let refresh_at = ts(resp.refresh_at);
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "spiffe_id": got.to_string(), "serial": resp.serial, "not_after": not_after,
+                "refresh_at": refresh_at, "bundle_version": resp.bundle_version,
+                "certificate": crt_path, "key": key_path, "bundle": bundle_path,
+            })
+        ),
+        Output::Text => println!(
+            "issued {got}\n  serial      {}\n  not after   {not_after}\n  renew at    {refresh_at}\n  bundle      version {}\n  wrote       {} (leaf + issuer), {} (0600), {}",
+            resp.serial,
+            resp.bundle_version,
+            crt_path.display(),
+            key_path.display(),
+            bundle_path.display()
+        ),
+    }
+    Ok(())
+}
+
+fn with_ext(prefix: &std::path::Path, ext: &str) -> PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
