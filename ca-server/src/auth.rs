@@ -34,7 +34,9 @@ pub const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
 #[non_exhaustive]
 pub enum AuthError {
     /// No credential at all.
-    #[error("no credential: send `authorization: Bearer <token>` or a client certificate issued by this CA")]
+    #[error(
+        "no credential: send `authorization: Bearer <token>` or a client certificate issued by this CA"
+    )]
     Missing,
     /// An `authorization` header that is not `Bearer <token>`.
     #[error("authorization header is not `Bearer <token>`")]
@@ -130,7 +132,10 @@ impl StaticTokens {
     /// Reads `<dir>/tokens.json`; a missing file means no tokens.
     pub fn load(dir: &Path) -> Result<Self, TokensError> {
         let path = dir.join(TOKENS_FILE);
-        let err = |reason: String| TokensError { path: path.clone(), reason };
+        let err = |reason: String| TokensError {
+            path: path.clone(),
+            reason,
+        };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
@@ -167,20 +172,30 @@ impl StaticTokens {
 pub fn new_token() -> Result<String, ring::error::Unspecified> {
     let mut b = [0u8; 32];
     SystemRandom::new().fill(&mut b)?;
-    Ok(format!("mca_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)))
+    Ok(format!(
+        "mca_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    ))
 }
 
 /// Adds a token to `<dir>/tokens.json` (created if missing) and returns it. Only its hash is kept.
 pub fn add_token(dir: &Path, name: &str, allow: Vec<IdPattern>) -> Result<String, TokensError> {
     let path = dir.join(TOKENS_FILE);
-    let err = |reason: String| TokensError { path: path.clone(), reason };
+    let err = |reason: String| TokensError {
+        path: path.clone(),
+        reason,
+    };
     let mut file = match std::fs::read_to_string(&path) {
         Ok(t) => serde_json::from_str::<TokensFile>(&t).map_err(|e| err(e.to_string()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokensFile::default(),
         Err(e) => return Err(err(e.to_string())),
     };
     let token = new_token().map_err(|_| err("random number generator failed".into()))?;
-    file.tokens.push(TokenEntry { name: name.into(), sha256: hex::encode(digest(&SHA256, token.as_bytes())), allow });
+    file.tokens.push(TokenEntry {
+        name: name.into(),
+        sha256: hex::encode(digest(&SHA256, token.as_bytes())),
+        allow,
+    });
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| err(e.to_string()))?;
     json.push(b'\n');
     write_atomic(&path, &json, 0o600).map_err(|e: StoreError| err(e.to_string()))?;
@@ -190,14 +205,20 @@ pub fn add_token(dir: &Path, name: &str, allow: Vec<IdPattern>) -> Result<String
 /// Writes the bootstrap token for `spiffe://<td>/ns/default/sa/*` to `<dir>/bootstrap-token`
 /// (0600) and registers it in `tokens.json`. Called once, when a new authority is created.
 pub fn write_bootstrap_token(dir: &Path, td: &TrustDomain) -> Result<PathBuf, TokensError> {
-    let pattern: IdPattern = format!("spiffe://{td}/ns/default/sa/*").parse().map_err(|e| TokensError {
-        path: dir.join(TOKENS_FILE),
-        reason: format!("{e}"),
-    })?;
+    let pattern: IdPattern = format!("spiffe://{td}/ns/default/sa/*")
+        .parse()
+        .map_err(|e| TokensError {
+            path: dir.join(TOKENS_FILE),
+            reason: format!("{e}"),
+        })?;
     let token = zeroize::Zeroizing::new(add_token(dir, "bootstrap", vec![pattern])?);
     let path = dir.join(BOOTSTRAP_TOKEN_FILE);
-    write_atomic(&path, format!("{}\n", token.as_str()).as_bytes(), 0o600)
-        .map_err(|e| TokensError { path: path.clone(), reason: e.to_string() })?;
+    write_atomic(&path, format!("{}\n", token.as_str()).as_bytes(), 0o600).map_err(|e| {
+        TokensError {
+            path: path.clone(),
+            reason: e.to_string(),
+        }
+    })?;
     Ok(path)
 }
 
@@ -212,14 +233,20 @@ pub struct Authenticator {
 impl Authenticator {
     /// Loads the tokens from `dir`.
     pub fn load(dir: &Path) -> Result<Self, TokensError> {
-        let a = Self { dir: dir.to_owned(), tokens: ArcSwap::from_pointee(StaticTokens::default()), loaded_mtime: Default::default() };
+        let a = Self {
+            dir: dir.to_owned(),
+            tokens: ArcSwap::from_pointee(StaticTokens::default()),
+            loaded_mtime: Default::default(),
+        };
         a.reload_if_changed()?;
         Ok(a)
     }
 
     /// Re-reads `tokens.json` if its modification time changed. On error the old tokens stay.
     pub fn reload_if_changed(&self) -> Result<bool, TokensError> {
-        let mtime = std::fs::metadata(self.dir.join(TOKENS_FILE)).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(self.dir.join(TOKENS_FILE))
+            .and_then(|m| m.modified())
+            .ok();
         let mut last = self.loaded_mtime.lock().unwrap_or_else(|p| p.into_inner());
         if *last == mtime && mtime.is_some() {
             return Ok(false);
@@ -239,8 +266,12 @@ impl Authenticator {
     pub fn authenticate(&self, creds: Credentials<'_>) -> Result<Vec<Caller>, AuthError> {
         let mut callers = Vec::with_capacity(1);
         if let Some(cert) = creds.client_cert {
-            let id = rotator::client::spiffe_id_of(cert).map_err(|e| AuthError::BadClientCert(e.to_string()))?;
-            callers.push(Caller { name: format!("mtls:{id}"), allowed: vec![IdPattern::Exact(id)] });
+            let id = rotator::client::spiffe_id_of(cert)
+                .map_err(|e| AuthError::BadClientCert(e.to_string()))?;
+            callers.push(Caller {
+                name: format!("mtls:{id}"),
+                allowed: vec![IdPattern::Exact(id)],
+            });
         }
         if let Some(value) = creds.authorization {
             let token = value
@@ -251,7 +282,10 @@ impl Authenticator {
                 .ok_or(AuthError::Malformed)?;
             let tokens = self.tokens.load();
             let entry = tokens.lookup(token).ok_or(AuthError::UnknownToken)?;
-            callers.push(Caller { name: format!("token:{}", entry.name), allowed: entry.allow.clone() });
+            callers.push(Caller {
+                name: format!("token:{}", entry.name),
+                allowed: entry.allow.clone(),
+            });
         }
         if callers.is_empty() {
             return Err(AuthError::Missing);
@@ -262,15 +296,22 @@ impl Authenticator {
 
 /// The caller that may request `id`, or `Denied` naming what each may request.
 pub fn authorize<'c>(callers: &'c [Caller], id: &SpiffeId) -> Result<&'c Caller, AuthError> {
-    callers.iter().find(|c| c.allowed.iter().any(|p| p.matches(id))).ok_or_else(|| AuthError::Denied {
-        caller: callers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
-        id: id.to_string(),
-        allowed: callers
-            .iter()
-            .flat_map(|c| c.allowed.iter().map(ToString::to_string))
-            .collect::<Vec<_>>()
-            .join(", "),
-    })
+    callers
+        .iter()
+        .find(|c| c.allowed.iter().any(|p| p.matches(id)))
+        .ok_or_else(|| AuthError::Denied {
+            caller: callers
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            id: id.to_string(),
+            allowed: callers
+                .iter()
+                .flat_map(|c| c.allowed.iter().map(ToString::to_string))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 #[cfg(test)]
@@ -283,7 +324,10 @@ mod tests {
         let td: TrustDomain = "cluster.local".parse().unwrap();
         let path = write_bootstrap_token(dir.path(), &td).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
         assert!(token.starts_with("mca_") && token.len() == 47);
         let stored = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
@@ -291,21 +335,39 @@ mod tests {
 
         let auth = Authenticator::load(dir.path()).unwrap();
         let header = format!("Bearer {token}");
-        let callers = auth.authenticate(Credentials { authorization: Some(&header), client_cert: None }).unwrap();
+        let callers = auth
+            .authenticate(Credentials {
+                authorization: Some(&header),
+                client_cert: None,
+            })
+            .unwrap();
         let ok: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
         let other: SpiffeId = "spiffe://cluster.local/ns/prod/sa/web".parse().unwrap();
         assert_eq!(authorize(&callers, &ok).unwrap().name, "token:bootstrap");
         let e = authorize(&callers, &other).unwrap_err();
         assert_eq!(e.reason(), "denied");
-        assert!(e.to_string().contains("allowed: spiffe://cluster.local/ns/default/sa/*"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("allowed: spiffe://cluster.local/ns/default/sa/*"),
+            "{e}"
+        );
     }
 
     #[test]
     fn credential_errors() {
         let dir = tempfile::tempdir().unwrap();
         let auth = Authenticator::load(dir.path()).unwrap();
-        assert_eq!(auth.authenticate(Credentials::default()).unwrap_err(), AuthError::Missing);
-        let c = |h: &'static str| auth.authenticate(Credentials { authorization: Some(h), client_cert: None }).unwrap_err();
+        assert_eq!(
+            auth.authenticate(Credentials::default()).unwrap_err(),
+            AuthError::Missing
+        );
+        let c = |h: &'static str| {
+            auth.authenticate(Credentials {
+                authorization: Some(h),
+                client_cert: None,
+            })
+            .unwrap_err()
+        };
         assert_eq!(c("Basic abc"), AuthError::Malformed);
         assert_eq!(c("Bearer "), AuthError::Malformed);
         assert_eq!(c("Bearer mca_nope"), AuthError::UnknownToken);
@@ -316,10 +378,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = Authenticator::load(dir.path()).unwrap();
         assert_eq!(auth.token_count(), 0);
-        let t = add_token(dir.path(), "ci", vec!["spiffe://cluster.local/ns/ci/sa/runner".parse().unwrap()]).unwrap();
+        let t = add_token(
+            dir.path(),
+            "ci",
+            vec!["spiffe://cluster.local/ns/ci/sa/runner".parse().unwrap()],
+        )
+        .unwrap();
         assert!(auth.reload_if_changed().unwrap());
         let header = format!("Bearer {t}");
-        assert!(auth.authenticate(Credentials { authorization: Some(&header), client_cert: None }).is_ok());
+        assert!(
+            auth.authenticate(Credentials {
+                authorization: Some(&header),
+                client_cert: None
+            })
+            .is_ok()
+        );
         assert!(!auth.reload_if_changed().unwrap());
     }
 }

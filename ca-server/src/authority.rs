@@ -35,7 +35,10 @@ pub struct SigningIssuer {
 
 impl std::fmt::Debug for SigningIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningIssuer").field("id", &self.id).field("not_after", &self.not_after).finish_non_exhaustive()
+        f.debug_struct("SigningIssuer")
+            .field("id", &self.id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
     }
 }
 
@@ -86,7 +89,11 @@ impl Snapshot {
             ids: anchors.iter().map(|a| a.cert.id().clone()).collect(),
             pem: anchors.iter().map(|a| a.cert.pem()).collect(),
         });
-        Ok(Self { generation: state.generation, issuer, bundle })
+        Ok(Self {
+            generation: state.generation,
+            issuer,
+            bundle,
+        })
     }
 }
 
@@ -143,7 +150,9 @@ pub struct Authority {
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authority").field("generation", &self.snapshot().generation).finish_non_exhaustive()
+        f.debug_struct("Authority")
+            .field("generation", &self.snapshot().generation)
+            .finish_non_exhaustive()
     }
 }
 
@@ -163,19 +172,23 @@ impl Authority {
         let now = clock.now();
         let (state, origin) = match store.load().await? {
             Some(s) => {
-                if let Some(td) = &trust_domain {
-                    if *td != s.trust_domain {
-                        return Err(OpenError::Mismatch(format!(
-                            "{}: the state is for trust domain {} but the configuration says {td}; a trust domain cannot change",
-                            store.dir().display(),
-                            s.trust_domain
-                        )));
-                    }
+                if let Some(td) = &trust_domain
+                    && *td != s.trust_domain
+                {
+                    return Err(OpenError::Mismatch(format!(
+                        "{}: the state is for trust domain {} but the configuration says {td}; a trust domain cannot change",
+                        store.dir().display(),
+                        s.trust_domain
+                    )));
                 }
                 (s, Origin::Loaded)
             }
             None => {
-                let s = AuthorityState::genesis(trust_domain.unwrap_or(default_trust_domain), &policy, now)?;
+                let s = AuthorityState::genesis(
+                    trust_domain.unwrap_or(default_trust_domain),
+                    &policy,
+                    now,
+                )?;
                 store.commit(None, &s).await?;
                 (s, Origin::Created)
             }
@@ -194,7 +207,13 @@ impl Authority {
         }
         store.write_bundle(&state)?;
         let snapshot = watch::Sender::new(Arc::new(Snapshot::of(&state)?));
-        let authority = Self { policy, clock, store, state: Mutex::new(state), snapshot };
+        let authority = Self {
+            policy,
+            clock,
+            store,
+            state: Mutex::new(state),
+            snapshot,
+        };
         authority.replace_unusable_issuer().await?;
         Ok((authority, origin))
     }
@@ -210,7 +229,11 @@ impl Authority {
                 _ => return Ok(None),
             };
             let prepared = s.prepare_issuer(&policy, now, &anchor)?;
-            let id = prepared.issuers.last().map(|i| i.cert.id().clone()).ok_or_else(|| StateError("no issuer prepared".into()))?;
+            let id = prepared
+                .issuers
+                .last()
+                .map(|i| i.cert.id().clone())
+                .ok_or_else(|| StateError("no issuer prepared".into()))?;
             Ok(Some(prepared.activate_issuer(now, &id)?))
         })
         .await
@@ -231,7 +254,11 @@ impl Authority {
         next.check()?;
         let snapshot = Snapshot::of(&next)?;
         self.store.commit(Some(state.generation), &next).await?;
-        for e in next.history.iter().filter(|e| e.generation > state.generation) {
+        for e in next
+            .history
+            .iter()
+            .filter(|e| e.generation > state.generation)
+        {
             tracing::info!(target: "meshca::journal", generation = e.generation, "{}", e.what);
         }
         *state = next;

@@ -53,7 +53,10 @@ pub struct TlsConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self { dns_names: vec!["localhost".into()], ip_addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)] }
+        Self {
+            dns_names: vec!["localhost".into()],
+            ip_addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        }
     }
 }
 
@@ -110,7 +113,11 @@ impl Config {
 
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError { name: "--config".into(), value: String::new(), reason: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError {
+            name: "--config".into(),
+            value: String::new(),
+            reason: e.to_string(),
+        })
     }
 
     /// The effective configuration as TOML.
@@ -134,7 +141,11 @@ impl Config {
         }
         for n in &self.tls.dns_names {
             if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
-                return Err(ConfigError { name: "tls.dns_names".into(), value: n.clone(), reason: "not a DNS name".into() });
+                return Err(ConfigError {
+                    name: "tls.dns_names".into(),
+                    value: n.clone(),
+                    reason: "not a DNS name".into(),
+                });
             }
         }
         Ok(())
@@ -158,7 +169,10 @@ mod tests {
     fn partial_files_keep_defaults() {
         let c = Config::from_toml("trust_domain = \"example.org\"\n[policy]\nleaf_ttl_max = \"12h\"\nleaf_ttl_default = \"6h\"\n").unwrap();
         assert_eq!(c.trust_domain.unwrap().as_str(), "example.org");
-        assert_eq!(c.policy.leaf_ttl_max, std::time::Duration::from_secs(12 * 3600));
+        assert_eq!(
+            c.policy.leaf_ttl_max,
+            std::time::Duration::from_secs(12 * 3600)
+        );
         assert_eq!(c.listen, DEFAULT_LISTEN);
     }
 

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 use futures::Stream;
 use meshca_proto::v1::identity_service_server::IdentityService;
 use meshca_proto::v1::{
-    GetTrustBundleRequest, SignCertificateRequest, SignCertificateResponse, TrustBundle, WatchTrustBundleRequest,
+    GetTrustBundleRequest, SignCertificateRequest, SignCertificateResponse, TrustBundle,
+    WatchTrustBundleRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -76,7 +77,10 @@ impl IdentityService for Identity {
         request: Request<SignCertificateRequest>,
     ) -> Result<Response<SignCertificateResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let authorization = request.metadata().get("authorization").map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned());
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned());
         let req = request.into_inner();
         check_instance_id(&req.instance_id)?;
         let ttl = match req.ttl {
@@ -84,7 +88,10 @@ impl IdentityService for Identity {
             Some(d) if d.seconds < 0 || d.nanos < 0 => {
                 return Err(Status::invalid_argument("ttl must not be negative"));
             }
-            Some(d) => Some(Duration::new(u64::try_from(d.seconds).unwrap_or(0), u32::try_from(d.nanos).unwrap_or(0))),
+            Some(d) => Some(Duration::new(
+                u64::try_from(d.seconds).unwrap_or(0),
+                u32::try_from(d.nanos).unwrap_or(0),
+            )),
         };
         let issued = self
             .issuer
@@ -110,8 +117,13 @@ impl IdentityService for Identity {
         }))
     }
 
-    async fn get_trust_bundle(&self, _: Request<GetTrustBundleRequest>) -> Result<Response<TrustBundle>, Status> {
-        Ok(Response::new(trust_bundle(&self.authority.snapshot().bundle)))
+    async fn get_trust_bundle(
+        &self,
+        _: Request<GetTrustBundleRequest>,
+    ) -> Result<Response<TrustBundle>, Status> {
+        Ok(Response::new(trust_bundle(
+            &self.authority.snapshot().bundle,
+        )))
     }
 
     type WatchTrustBundleStream = BundleStream;

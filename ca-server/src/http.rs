@@ -35,20 +35,37 @@ pub fn router(state: Arc<HttpState>) -> Router {
 async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     match s.issuer.probe(&s.probe) {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: cannot sign a probe leaf: {e}\n")),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: cannot sign a probe leaf: {e}\n"),
+        ),
     }
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     let snap = s.issuer.authority().snapshot();
-    s.metrics.bundle_version.set(i64::try_from(snap.bundle.version).unwrap_or(i64::MAX));
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    s.metrics
+        .bundle_version
+        .set(i64::try_from(snap.bundle.version).unwrap_or(i64::MAX));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }
 
 async fn bundle(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     let snap = s.issuer.authority().snapshot();
     (
-        [(header::CONTENT_TYPE, "application/x-pem-file".to_owned()), (header::HeaderName::from_static("x-meshca-bundle-version"), snap.bundle.version.to_string())],
+        [
+            (header::CONTENT_TYPE, "application/x-pem-file".to_owned()),
+            (
+                header::HeaderName::from_static("x-meshca-bundle-version"),
+                snap.bundle.version.to_string(),
+            ),
+        ],
         snap.bundle.pem.clone(),
     )
 }

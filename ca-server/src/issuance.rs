@@ -88,7 +88,12 @@ pub struct Issuer {
 impl Issuer {
     /// An issuer over `authority`, checking credentials with `auth`.
     pub fn new(authority: Arc<Authority>, auth: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
-        Self { authority, auth, metrics, rng: SystemRandom::new() }
+        Self {
+            authority,
+            auth,
+            metrics,
+            rng: SystemRandom::new(),
+        }
     }
 
     /// Authenticates, checks, signs; logs one audit line and counts the result either way.
@@ -96,7 +101,13 @@ impl Issuer {
         let start = Instant::now();
         let mut who = String::from("-");
         let result = self.issue_inner(&req, &mut who);
-        self.metrics.count(req.api, result.as_ref().map_or_else(IssueError::result_label, |_| "ok"), start.elapsed());
+        self.metrics.count(
+            req.api,
+            result
+                .as_ref()
+                .map_or_else(IssueError::result_label, |_| "ok"),
+            start.elapsed(),
+        );
         let peer = req.peer.map(|p| p.to_string()).unwrap_or_default();
         match &result {
             Ok(i) => tracing::info!(
@@ -106,7 +117,10 @@ impl Issuer {
             ),
             Err(e) => {
                 if let IssueError::Auth(a) = e {
-                    self.metrics.auth_failures.get_or_create(&crate::metrics::ReasonLabels { reason: a.reason() }).inc();
+                    self.metrics
+                        .auth_failures
+                        .get_or_create(&crate::metrics::ReasonLabels { reason: a.reason() })
+                        .inc();
                 }
                 tracing::warn!(target: "meshca::audit", api = req.api, caller = %who, peer = %peer, reason = %e, "refused")
             }
@@ -116,7 +130,11 @@ impl Issuer {
 
     fn issue_inner(&self, req: &IssueRequest<'_>, who: &mut String) -> Result<Issued, IssueError> {
         let callers = self.auth.authenticate(req.credentials)?;
-        *who = callers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(",");
+        *who = callers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         let csr = parse_csr(req.csr)?;
         let caller = authorize(&callers, &csr.id)?;
         *who = caller.name.clone();
@@ -126,17 +144,19 @@ impl Issuer {
     /// Signs `csr` (already authorized) with the current issuer.
     pub fn sign(&self, csr: &ValidCsr, ttl: Option<Duration>) -> Result<Issued, IssueError> {
         let snap = self.authority.snapshot();
-        let issuer = snap
-            .issuer
-            .as_ref()
-            .ok_or_else(|| IssueError::Unavailable("no issuer: this authority has none yet (upstream mode: import one)".into()))?;
+        let issuer = snap.issuer.as_ref().ok_or_else(|| {
+            IssueError::Unavailable(
+                "no issuer: this authority has none yet (upstream mode: import one)".into(),
+            )
+        })?;
         let now = self.authority.clock().now();
         let window = self
             .authority
             .policy()
             .leaf_window(now, ttl, issuer.not_before, issuer.not_after)
             .map_err(|e| IssueError::Unavailable(format!("issuer {}: {e}", issuer.id)))?;
-        let leaf = sign_leaf(csr, &window, &issuer.signer, &self.rng).map_err(|e| IssueError::Internal(e.to_string()))?;
+        let leaf = sign_leaf(csr, &window, &issuer.signer, &self.rng)
+            .map_err(|e| IssueError::Internal(e.to_string()))?;
         let refresh_at = self.refresh_at(now, window.not_after)?;
         Ok(Issued {
             chain: vec![CertificateDer::from(leaf.der), issuer.der.clone()],
@@ -149,12 +169,20 @@ impl Issuer {
     }
 
     /// A uniformly random point between 50 % and 70 % of the remaining lifetime.
-    fn refresh_at(&self, now: OffsetDateTime, not_after: OffsetDateTime) -> Result<OffsetDateTime, IssueError> {
+    fn refresh_at(
+        &self,
+        now: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<OffsetDateTime, IssueError> {
         let mut b = [0u8; 4];
-        self.rng.fill(&mut b).map_err(|_| IssueError::Internal("random number generator failed".into()))?;
+        self.rng
+            .fill(&mut b)
+            .map_err(|_| IssueError::Internal("random number generator failed".into()))?;
         let frac = 0.5 + 0.2 * (f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX));
         let life = (not_after - now).as_seconds_f64().max(0.0);
-        Ok(rotator::clock::whole_seconds(now + Duration::from_secs_f64(life * frac)))
+        Ok(rotator::clock::whole_seconds(
+            now + Duration::from_secs_f64(life * frac),
+        ))
     }
 
     /// The readiness probe: can a leaf be signed with the current issuer right now?

@@ -14,7 +14,11 @@ use rotator::clock::SystemClock;
 use rotator::spiffe::TrustDomain;
 
 #[derive(Debug, Parser)]
-#[command(name = "meshca-server", version, about = "A certificate authority for service meshes")]
+#[command(
+    name = "meshca-server",
+    version,
+    about = "A certificate authority for service meshes"
+)]
 struct Args {
     /// TOML file with any of the settings (see docs/configuration.md); flags override it.
     #[arg(long, value_name = "FILE")]
@@ -79,13 +83,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshca-server: cannot start the runtime: {e}");
@@ -116,14 +126,27 @@ fn print_banner(server: &Server) {
     let snap = server.authority.snapshot();
     let dir = server.state_dir.display();
     let td = &snap.bundle.trust_domain;
-    let what = if server.created { "created a new authority" } else { "loaded the authority" };
+    let what = if server.created {
+        "created a new authority"
+    } else {
+        "loaded the authority"
+    };
     let meshca = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("meshca")))
         .filter(|p| p.exists())
-        .map_or_else(|| "cargo run --release --bin meshca --".to_owned(), |p| p.display().to_string());
-    let token = server.bootstrap_token.clone().unwrap_or_else(|| server.state_dir.join(ca_server::auth::BOOTSTRAP_TOKEN_FILE));
-    let issuer = snap.issuer.as_ref().map_or_else(|| "none (import one: meshca issuer import)".to_owned(), |i| format!("{} (until {})", i.id, i.not_after));
+        .map_or_else(
+            || "cargo run --release --bin meshca --".to_owned(),
+            |p| p.display().to_string(),
+        );
+    let token = server
+        .bootstrap_token
+        .clone()
+        .unwrap_or_else(|| server.state_dir.join(ca_server::auth::BOOTSTRAP_TOKEN_FILE));
+    let issuer = snap.issuer.as_ref().map_or_else(
+        || "none (import one: meshca issuer import)".to_owned(),
+        |i| format!("{} (until {})", i.id, i.not_after),
+    );
     println!(
         "meshca-server {ver}: {what} for trust domain {td}\n\
          \x20 state dir        {dir}\n\
@@ -149,13 +172,14 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -50,8 +50,14 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meshca");
         let issued = Family::<IssuedLabels, Counter>::default();
-        registry.register("certificates_issued", "Certificate requests by API and result", issued.clone());
-        let sign_duration = Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1]);
+        registry.register(
+            "certificates_issued",
+            "Certificate requests by API and result",
+            issued.clone(),
+        );
+        let sign_duration = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+        ]);
         registry.register_with_unit(
             "sign_duration",
             "Time to authenticate, validate and sign one request",
@@ -59,18 +65,38 @@ impl Metrics {
             sign_duration.clone(),
         );
         let auth_failures = Family::<ReasonLabels, Counter>::default();
-        registry.register("authentication_failures", "Refused credentials by reason", auth_failures.clone());
+        registry.register(
+            "authentication_failures",
+            "Refused credentials by reason",
+            auth_failures.clone(),
+        );
         let bundle_version = Gauge::default();
-        registry.register("bundle_version", "Version of the trust bundle being served", bundle_version.clone());
+        registry.register(
+            "bundle_version",
+            "Version of the trust bundle being served",
+            bundle_version.clone(),
+        );
         let build = Family::<VersionLabels, Gauge>::default();
-        build.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        build
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
         registry.register("build_info", "meshca build information", build);
-        Self { registry, issued, sign_duration, auth_failures, bundle_version }
+        Self {
+            registry,
+            issued,
+            sign_duration,
+            auth_failures,
+            bundle_version,
+        }
     }
 
     /// Counts one issuance attempt.
     pub fn count(&self, api: &'static str, result: &'static str, took: Duration) {
-        self.issued.get_or_create(&IssuedLabels { api, result }).inc();
+        self.issued
+            .get_or_create(&IssuedLabels { api, result })
+            .inc();
         self.sign_duration.observe(took.as_secs_f64());
     }
 

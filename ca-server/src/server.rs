@@ -74,28 +74,60 @@ impl Server {
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         rotator::client::install_crypto_provider();
         config.validate()?;
-        let store = FileStore::open(&config.state_dir).map_err(|e| OpenError::Store(e))?;
-        let default_td = DEFAULT_TRUST_DOMAIN.parse().map_err(|e| StartError::Other(format!("{e}")))?;
-        let (authority, origin) = Authority::open(store, config.trust_domain.clone(), default_td, config.policy.clone(), clock).await?;
+        let store = FileStore::open(&config.state_dir).map_err(OpenError::Store)?;
+        let default_td = DEFAULT_TRUST_DOMAIN
+            .parse()
+            .map_err(|e| StartError::Other(format!("{e}")))?;
+        let (authority, origin) = Authority::open(
+            store,
+            config.trust_domain.clone(),
+            default_td,
+            config.policy.clone(),
+            clock,
+        )
+        .await?;
         let authority = Arc::new(authority);
         let created = origin == Origin::Created;
         let bootstrap_token = if created {
             let td = authority.snapshot().bundle.trust_domain.clone();
-            Some(write_bootstrap_token(&config.state_dir, &td).map_err(|e| StartError::Other(e.to_string()))?)
+            Some(
+                write_bootstrap_token(&config.state_dir, &td)
+                    .map_err(|e| StartError::Other(e.to_string()))?,
+            )
         } else {
             None
         };
-        let auth = Arc::new(Authenticator::load(&config.state_dir).map_err(|e| StartError::Other(e.to_string()))?);
+        let auth = Arc::new(
+            Authenticator::load(&config.state_dir).map_err(|e| StartError::Other(e.to_string()))?,
+        );
         let metrics = Arc::new(Metrics::new());
-        let issuer = Arc::new(Issuer::new(authority.clone(), auth.clone(), metrics.clone()));
+        let issuer = Arc::new(Issuer::new(
+            authority.clone(),
+            auth.clone(),
+            metrics.clone(),
+        ));
         let tls = LiveTls::new(&authority, config.tls.clone()).map_err(StartError::Other)?;
         let tls_config = tls.server_config().map_err(StartError::Other)?;
 
-        let grpc_listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let http_listener =
-            TcpListener::bind(config.http_listen).await.map_err(|source| StartError::Bind { addr: config.http_listen, source })?;
-        let grpc_addr = grpc_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
-        let http_addr = http_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+        let grpc_listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let http_listener = TcpListener::bind(config.http_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.http_listen,
+                source,
+            })?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -118,13 +150,23 @@ impl Server {
             }
         });
 
-        let probe_key = rotator::pki::SecretKey::generate_p256().map_err(|e| StartError::Other(e.to_string()))?;
-        let probe_id = format!("spiffe://{}/meshca/readiness-probe", authority.snapshot().bundle.trust_domain)
-            .parse()
-            .map_err(|e| StartError::Other(format!("{e}")))?;
-        let probe_csr = rotator::client::make_csr(&probe_id, &probe_key).map_err(|e| StartError::Other(e.to_string()))?;
-        let probe = crate::signing::parse_csr(&probe_csr).map_err(|e| StartError::Other(e.to_string()))?;
-        let app = router(Arc::new(HttpState { issuer: issuer.clone(), metrics: metrics.clone(), probe }));
+        let probe_key = rotator::pki::SecretKey::generate_p256()
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let probe_id = format!(
+            "spiffe://{}/meshca/readiness-probe",
+            authority.snapshot().bundle.trust_domain
+        )
+        .parse()
+        .map_err(|e| StartError::Other(format!("{e}")))?;
+        let probe_csr = rotator::client::make_csr(&probe_id, &probe_key)
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let probe =
+            crate::signing::parse_csr(&probe_csr).map_err(|e| StartError::Other(e.to_string()))?;
+        let app = router(Arc::new(HttpState {
+            issuer: issuer.clone(),
+            metrics: metrics.clone(),
+            probe,
+        }));
         let mut stop = shutdown_rx.clone();
         tasks.spawn(async move {
             let r = axum::serve(http_listener, app)
@@ -147,7 +189,9 @@ impl Server {
                 match auth.reload_if_changed() {
                     Ok(true) => tracing::info!(tokens = auth.token_count(), "tokens file reloaded"),
                     Ok(false) => {}
-                    Err(e) => tracing::error!("tokens file not reloaded, keeping the previous tokens: {e}"),
+                    Err(e) => tracing::error!(
+                        "tokens file not reloaded, keeping the previous tokens: {e}"
+                    ),
                 }
             }
         });
@@ -178,8 +222,10 @@ fn limit_request_body(req: http::Request<tonic::body::Body>) -> http::Request<to
     req.map(|body| {
         let limited = http_body_util::Limited::new(body, MAX_REQUEST_BYTES + 5).map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                Box::new(tonic::Status::invalid_argument(format!("request over {} KiB", MAX_REQUEST_BYTES / 1024)))
-                    as Box<dyn std::error::Error + Send + Sync>
+                Box::new(tonic::Status::invalid_argument(format!(
+                    "request over {} KiB",
+                    MAX_REQUEST_BYTES / 1024
+                ))) as Box<dyn std::error::Error + Send + Sync>
             } else {
                 e
             }

@@ -20,9 +20,10 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::cri_attributes::ParsedCriAttribute;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
-    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION, OID_PKCS1_RSASSAPSS,
-    OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA, OID_PKCS9_EXTENSION_REQUEST,
-    OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ED25519,
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+    OID_PKCS9_EXTENSION_REQUEST, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
+    OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer;
 
@@ -40,13 +41,17 @@ pub enum CsrError {
     #[error("malformed CSR: {0}")]
     Malformed(String),
     /// Signed with an algorithm meshca does not accept (SHA-1, unknown).
-    #[error("CSR signature algorithm {0} is not accepted (ECDSA with SHA-256/384, Ed25519, RSA with SHA-256/384/512 or PSS)")]
+    #[error(
+        "CSR signature algorithm {0} is not accepted (ECDSA with SHA-256/384, Ed25519, RSA with SHA-256/384/512 or PSS)"
+    )]
     SignatureAlgorithm(String),
     /// The signature does not verify with the CSR's own key.
     #[error("CSR signature does not verify")]
     BadSignature,
     /// A key type other than P-256, P-384, Ed25519 or RSA.
-    #[error("key type not accepted: {0} (ECDSA P-256/P-384, Ed25519 or RSA >= {MIN_RSA_BITS} bits)")]
+    #[error(
+        "key type not accepted: {0} (ECDSA P-256/P-384, Ed25519 or RSA >= {MIN_RSA_BITS} bits)"
+    )]
     KeyType(String),
     /// An RSA key under [`MIN_RSA_BITS`].
     #[error("RSA key of {0} bits is too weak (minimum {MIN_RSA_BITS})")]
@@ -73,7 +78,9 @@ pub enum CsrError {
     #[error("CSR requests keyCertSign or cRLSign key usage")]
     CaKeyUsage,
     /// Any extension besides SAN, KU, EKU and basicConstraints.
-    #[error("CSR requests extension {0}, which is not allowed (only SAN, KU, EKU, basicConstraints)")]
+    #[error(
+        "CSR requests extension {0}, which is not allowed (only SAN, KU, EKU, basicConstraints)"
+    )]
     Extension(String),
     /// An attribute other than extensionRequest.
     #[error("CSR carries attribute {0}, which is not allowed")]
@@ -114,16 +121,23 @@ pub fn parse_csr(input: &[u8]) -> Result<ValidCsr, CsrError> {
     let pem_block;
     let der: &[u8] = if input.trim_ascii_start().starts_with(b"-----BEGIN") {
         pem_block = pem::parse(input).map_err(|_| CsrError::Pem)?;
-        if !matches!(pem_block.tag(), "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST") {
+        if !matches!(
+            pem_block.tag(),
+            "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"
+        ) {
             return Err(CsrError::Pem);
         }
         pem_block.contents()
     } else {
         input
     };
-    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(CsrError::Malformed(format!("{} trailing bytes", rest.len())));
+        return Err(CsrError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
 
     let sig = &csr.signature_algorithm.algorithm;
@@ -152,7 +166,9 @@ pub fn parse_csr(input: &[u8]) -> Result<ValidCsr, CsrError> {
             return Err(CsrError::Attribute(attr.oid.to_id_string()));
         }
         let ParsedCriAttribute::ExtensionRequest(req) = attr.parsed_attribute() else {
-            return Err(CsrError::Malformed("unparseable extensionRequest attribute".into()));
+            return Err(CsrError::Malformed(
+                "unparseable extensionRequest attribute".into(),
+            ));
         };
         for ext in &req.extensions {
             let oid = ext.oid.to_id_string();
@@ -195,9 +211,13 @@ pub fn parse_csr(input: &[u8]) -> Result<ValidCsr, CsrError> {
         1 => uris.remove(0),
         n => return Err(CsrError::ManyUriSans(n)),
     };
-    let id: SpiffeId = uri.parse().map_err(|e| CsrError::NotSpiffe(uri.clone(), e))?;
+    let id: SpiffeId = uri
+        .parse()
+        .map_err(|e| CsrError::NotSpiffe(uri.clone(), e))?;
     for cn in info.subject.iter_common_name() {
-        let cn = cn.as_str().map_err(|_| CsrError::CommonName("<not a string>".into()))?;
+        let cn = cn
+            .as_str()
+            .map_err(|_| CsrError::CommonName("<not a string>".into()))?;
         if cn != id.as_str() {
             return Err(CsrError::CommonName(cn.to_owned()));
         }
@@ -209,31 +229,48 @@ fn csr_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKey,
     let alg_oid = &spki.algorithm.algorithm;
     let bits = spki.subject_public_key.data.to_vec();
     if *alg_oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
         let alg = match curve {
             Some(c) if c == OID_EC_P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
             Some(c) if c == OID_NIST_EC_P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
             Some(c) => return Err(CsrError::KeyType(format!("EC curve {}", c.to_id_string()))),
             None => return Err(CsrError::KeyType("EC key without a named curve".into())),
         };
-        return Ok(CsrKey { alg, bits, rsa: false });
+        return Ok(CsrKey {
+            alg,
+            bits,
+            rsa: false,
+        });
     }
     if *alg_oid == OID_SIG_ED25519 {
-        return Ok(CsrKey { alg: &rcgen::PKCS_ED25519, bits, rsa: false });
+        return Ok(CsrKey {
+            alg: &rcgen::PKCS_ED25519,
+            bits,
+            rsa: false,
+        });
     }
     if *alg_oid == OID_PKCS1_RSAENCRYPTION {
         let modulus_bits = match spki.parsed() {
             Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => {
                 let m = rsa.modulus;
                 let m = &m[m.iter().position(|&b| b != 0).unwrap_or(m.len())..];
-                m.first().map_or(0, |b| (m.len() - 1) * 8 + (8 - b.leading_zeros() as usize))
+                m.first()
+                    .map_or(0, |b| (m.len() - 1) * 8 + (8 - b.leading_zeros() as usize))
             }
             _ => return Err(CsrError::Malformed("unparseable RSA public key".into())),
         };
         if modulus_bits < MIN_RSA_BITS {
             return Err(CsrError::WeakRsa(modulus_bits));
         }
-        return Ok(CsrKey { alg: &rcgen::PKCS_RSA_SHA256, bits, rsa: true });
+        return Ok(CsrKey {
+            alg: &rcgen::PKCS_RSA_SHA256,
+            bits,
+            rsa: true,
+        });
     }
     Err(CsrError::KeyType(alg_oid.to_id_string()))
 }
@@ -261,23 +298,38 @@ pub fn sign_leaf(
 ) -> Result<Leaf, SignError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    let uri = csr.id.as_str().try_into().map_err(|e: rcgen::Error| SignError(e.to_string()))?;
+    let uri = csr
+        .id
+        .as_str()
+        .try_into()
+        .map_err(|e: rcgen::Error| SignError(e.to_string()))?;
     params.subject_alt_names = vec![SanType::URI(uri)];
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = if csr.key.rsa {
-        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment]
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ]
     } else {
         vec![KeyUsagePurpose::DigitalSignature]
     };
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.use_authority_key_identifier_extension = true;
     params.not_before = window.not_before;
     params.not_after = window.not_after;
     let serial = random_serial(rng).map_err(|e| SignError(e.to_string()))?;
     let serial_hex = hex::encode(serial.as_ref());
     params.serial_number = Some(serial);
-    let cert = params.signed_by(&csr.key, issuer).map_err(|e| SignError(e.to_string()))?;
-    Ok(Leaf { der: cert.der().to_vec(), serial: serial_hex })
+    let cert = params
+        .signed_by(&csr.key, issuer)
+        .map_err(|e| SignError(e.to_string()))?;
+    Ok(Leaf {
+        der: cert.der().to_vec(),
+        serial: serial_hex,
+    })
 }
 
 #[cfg(test)]
@@ -305,7 +357,10 @@ mod tests {
     fn uri_params(uris: &[&str]) -> CertificateParams {
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
         p
     }
 
@@ -350,7 +405,10 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse_csr(b"\x30\x03\x01\x02\x03"), Err(CsrError::Malformed(_))));
+        assert!(matches!(
+            parse_csr(b"\x30\x03\x01\x02\x03"),
+            Err(CsrError::Malformed(_))
+        ));
         assert!(matches!(parse_csr(b""), Err(CsrError::Malformed(_))));
         let mut der = make_csr(&id(), &SecretKey::generate_p256().unwrap()).unwrap();
         der.push(0);
@@ -367,47 +425,72 @@ mod tests {
 
     #[test]
     fn rejects_two_uri_sans() {
-        let der = csr_with(uri_params(&[ID, "spiffe://cluster.local/ns/default/sa/other"]), &p256());
+        let der = csr_with(
+            uri_params(&[ID, "spiffe://cluster.local/ns/default/sa/other"]),
+            &p256(),
+        );
         assert_eq!(parse_csr(&der).unwrap_err(), CsrError::ManyUriSans(2));
     }
 
     #[test]
     fn rejects_no_uri_san() {
-        assert_eq!(parse_csr(&csr_with(uri_params(&[]), &p256())).unwrap_err(), CsrError::NoUriSan);
+        assert_eq!(
+            parse_csr(&csr_with(uri_params(&[]), &p256())).unwrap_err(),
+            CsrError::NoUriSan
+        );
     }
 
     #[test]
     fn rejects_a_dns_san() {
         let mut p = uri_params(&[ID]);
-        p.subject_alt_names.push(SanType::DnsName("web.default.svc".try_into().unwrap()));
-        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::OtherSan("DNS"));
+        p.subject_alt_names
+            .push(SanType::DnsName("web.default.svc".try_into().unwrap()));
+        assert_eq!(
+            parse_csr(&csr_with(p, &p256())).unwrap_err(),
+            CsrError::OtherSan("DNS")
+        );
     }
 
     #[test]
     fn rejects_an_ip_san() {
         let mut p = uri_params(&[ID]);
-        p.subject_alt_names.push(SanType::IpAddress("10.0.0.1".parse().unwrap()));
-        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::OtherSan("IP"));
+        p.subject_alt_names
+            .push(SanType::IpAddress("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            parse_csr(&csr_with(p, &p256())).unwrap_err(),
+            CsrError::OtherSan("IP")
+        );
     }
 
     #[test]
     fn rejects_an_email_san() {
         let mut p = uri_params(&[ID]);
-        p.subject_alt_names.push(SanType::Rfc822Name("a@b.c".try_into().unwrap()));
-        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::OtherSan("email"));
+        p.subject_alt_names
+            .push(SanType::Rfc822Name("a@b.c".try_into().unwrap()));
+        assert_eq!(
+            parse_csr(&csr_with(p, &p256())).unwrap_err(),
+            CsrError::OtherSan("email")
+        );
     }
 
     #[test]
     fn rejects_a_uri_that_is_not_spiffe() {
         let der = csr_with(uri_params(&["https://example.com/x"]), &p256());
-        assert!(matches!(parse_csr(&der), Err(CsrError::NotSpiffe(_, IdError::Scheme))));
+        assert!(matches!(
+            parse_csr(&der),
+            Err(CsrError::NotSpiffe(_, IdError::Scheme))
+        ));
     }
 
     #[test]
     fn rejects_a_foreign_common_name() {
         let mut p = uri_params(&[ID]);
-        p.distinguished_name.push(rcgen::DnType::CommonName, "admin");
-        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::CommonName("admin".into()));
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "admin");
+        assert_eq!(
+            parse_csr(&csr_with(p, &p256())).unwrap_err(),
+            CsrError::CommonName("admin".into())
+        );
         let mut ok = uri_params(&[ID]);
         ok.distinguished_name.push(rcgen::DnType::CommonName, ID);
         assert_eq!(parse_csr(&csr_with(ok, &p256())).unwrap().id, id());
@@ -417,7 +500,10 @@ mod tests {
     fn rejects_a_ca_request() {
         let mut p = uri_params(&[ID]);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::CaRequested);
+        assert_eq!(
+            parse_csr(&csr_with(p, &p256())).unwrap_err(),
+            CsrError::CaRequested
+        );
         let mut not_ca = uri_params(&[ID]);
         not_ca.is_ca = IsCa::ExplicitNoCa;
         assert!(parse_csr(&csr_with(not_ca, &p256())).is_ok());
@@ -426,16 +512,27 @@ mod tests {
     #[test]
     fn rejects_key_cert_sign() {
         let mut p = uri_params(&[ID]);
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
-        assert_eq!(parse_csr(&csr_with(p, &p256())).unwrap_err(), CsrError::CaKeyUsage);
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ];
+        assert_eq!(
+            parse_csr(&csr_with(p, &p256())).unwrap_err(),
+            CsrError::CaKeyUsage
+        );
     }
 
     #[test]
     fn rejects_other_extensions() {
         let mut p = uri_params(&[ID]);
         // 1.3.6.1.5.5.7.1.1 authorityInfoAccess, with an empty body.
-        p.custom_extensions = vec![CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], vec![0x30, 0x00])];
-        assert!(matches!(parse_csr(&csr_with(p, &p256())), Err(CsrError::Extension(o)) if o == "1.3.6.1.5.5.7.1.1"));
+        p.custom_extensions = vec![CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 5, 5, 7, 1, 1],
+            vec![0x30, 0x00],
+        )];
+        assert!(
+            matches!(parse_csr(&csr_with(p, &p256())), Err(CsrError::Extension(o)) if o == "1.3.6.1.5.5.7.1.1")
+        );
     }
 
     #[test]
@@ -449,28 +546,40 @@ mod tests {
     fn rejects_sha1_signatures() {
         // An RSA-1024/SHA-1 CSR made by `openssl req` (tests/fixtures/make.sh).
         let pem = include_bytes!("../../tests/fixtures/sha1.csr");
-        assert!(matches!(parse_csr(pem), Err(CsrError::SignatureAlgorithm(o)) if o == "1.2.840.113549.1.1.5"));
+        assert!(
+            matches!(parse_csr(pem), Err(CsrError::SignatureAlgorithm(o)) if o == "1.2.840.113549.1.1.5")
+        );
     }
 
     #[test]
     fn rejects_other_key_types() {
         // A P-521 key (tests/fixtures/make.sh): ECDSA, but not a curve meshca accepts.
         let pem = include_bytes!("../../tests/fixtures/p521.csr");
-        assert!(matches!(parse_csr(pem), Err(CsrError::KeyType(k)) if k.contains("1.3.132.0.35")), "{:?}", parse_csr(pem));
+        assert!(
+            matches!(parse_csr(pem), Err(CsrError::KeyType(k)) if k.contains("1.3.132.0.35")),
+            "{:?}",
+            parse_csr(pem)
+        );
     }
 
     #[test]
     fn leaf_has_the_svid_profile() {
         let now = OffsetDateTime::now_utc();
         let policy = Policy::default();
-        let state = AuthorityState::genesis("cluster.local".parse().unwrap(), &policy, now).unwrap();
+        let state =
+            AuthorityState::genesis("cluster.local".parse().unwrap(), &policy, now).unwrap();
         let issuer = state.active_issuer().unwrap();
         let rissuer = issuer.cert.rcgen_issuer(issuer.key.clone()).unwrap();
         let rng = SystemRandom::new();
         for (key, rsa) in [(p256(), false), (rsa_key(2048), true)] {
             let csr = parse_csr(&csr_with(uri_params(&[ID]), &key)).unwrap();
             let window = policy
-                .leaf_window(now, Some(Duration::from_secs(3600 * 100)), issuer.cert.info.not_before, issuer.cert.info.not_after)
+                .leaf_window(
+                    now,
+                    Some(Duration::from_secs(3600 * 100)),
+                    issuer.cert.info.not_before,
+                    issuer.cert.info.not_after,
+                )
                 .unwrap();
             let leaf = sign_leaf(&csr, &window, &rissuer, &rng).unwrap();
             let (_, x) = X509Certificate::from_der(&leaf.der).unwrap();
@@ -486,15 +595,33 @@ mod tests {
             let san = x.subject_alternative_name().unwrap().unwrap();
             assert!(san.critical);
             assert_eq!(san.value.general_names, vec![GeneralName::URI(ID)]);
-            let exts: Vec<String> = x.extensions().iter().map(|e| e.oid.to_id_string()).collect();
+            let exts: Vec<String> = x
+                .extensions()
+                .iter()
+                .map(|e| e.oid.to_id_string())
+                .collect();
             assert!(exts.contains(&"2.5.29.14".to_string()), "SKI");
             assert!(exts.contains(&"2.5.29.35".to_string()), "AKI");
             assert_eq!(exts.len(), 6, "{exts:?}");
             assert!(x.raw_serial().len() >= 8 && x.raw_serial()[0] & 0x80 == 0);
             assert_eq!(leaf.serial, hex::encode(x.raw_serial()));
-            assert_eq!(x.validity().not_after.timestamp(), (rotator::clock::whole_seconds(now) + Duration::from_secs(48 * 3600)).unix_timestamp());
-            assert_eq!(x.validity().not_before.timestamp(), (rotator::clock::whole_seconds(now) - Duration::from_secs(300)).unix_timestamp());
-            x.verify_signature(Some(&x509_parser::parse_x509_certificate(issuer.cert.der()).unwrap().1.tbs_certificate.subject_pki)).unwrap();
+            assert_eq!(
+                x.validity().not_after.timestamp(),
+                (rotator::clock::whole_seconds(now) + Duration::from_secs(48 * 3600))
+                    .unix_timestamp()
+            );
+            assert_eq!(
+                x.validity().not_before.timestamp(),
+                (rotator::clock::whole_seconds(now) - Duration::from_secs(300)).unix_timestamp()
+            );
+            x.verify_signature(Some(
+                &x509_parser::parse_x509_certificate(issuer.cert.der())
+                    .unwrap()
+                    .1
+                    .tbs_certificate
+                    .subject_pki,
+            ))
+            .unwrap();
         }
     }
 }

@@ -11,13 +11,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    SanType,
+};
 use ring::rand::SystemRandom;
 use rotator::pki::{SecretKey, random_serial};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, ServerConfig, SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -58,7 +63,9 @@ pub struct ServerCert {
 
 impl std::fmt::Debug for LiveTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveTls").field("server_cert", &self.server_cert.load_full()).finish_non_exhaustive()
+        f.debug_struct("LiveTls")
+            .field("server_cert", &self.server_cert.load_full())
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +111,12 @@ impl LiveTls {
         let now = authority.clock().now();
         let policy = authority.policy();
         let window = policy
-            .leaf_window(now, Some(policy.leaf_ttl_default), issuer.not_before, issuer.not_after)
+            .leaf_window(
+                now,
+                Some(policy.leaf_ttl_default),
+                issuer.not_before,
+                issuer.not_after,
+            )
             .map_err(|e| e.to_string())?;
         let key = SecretKey::generate_p256().map_err(|e| e.to_string())?;
         let mut params = CertificateParams::default();
@@ -112,7 +124,11 @@ impl LiveTls {
         dn.push(DnType::CommonName, "meshca-server");
         params.distinguished_name = dn;
         for n in &self.names.dns_names {
-            params.subject_alt_names.push(SanType::DnsName(n.as_str().try_into().map_err(|e: rcgen::Error| e.to_string())?));
+            params.subject_alt_names.push(SanType::DnsName(
+                n.as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| e.to_string())?,
+            ));
         }
         for ip in &self.names.ip_addresses {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
@@ -124,23 +140,39 @@ impl LiveTls {
         params.use_authority_key_identifier_extension = true;
         params.not_before = window.not_before;
         params.not_after = window.not_after;
-        params.serial_number = Some(random_serial(&SystemRandom::new()).map_err(|e| e.to_string())?);
-        let cert = params.signed_by(&key, &issuer.signer).map_err(|e| e.to_string())?;
+        params.serial_number =
+            Some(random_serial(&SystemRandom::new()).map_err(|e| e.to_string())?);
+        let cert = params
+            .signed_by(&key, &issuer.signer)
+            .map_err(|e| e.to_string())?;
         let der = cert.der().clone();
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_pair().serialize_der()));
-        let signing_key = provider().key_provider.load_private_key(key_der).map_err(|e| e.to_string())?;
+        let key_der =
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_pair().serialize_der()));
+        let signing_key = provider()
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|e| e.to_string())?;
         let certified = CertifiedKey::new(vec![der.clone(), issuer.der.clone()], signing_key);
         let life = window.not_after - now;
         let renew_at = now + life * 2 / 3;
         self.cert.store(Some(Arc::new(certified)));
-        self.server_cert.store(Some(Arc::new(ServerCert { issuer: issuer.id.clone(), not_after: window.not_after, renew_at, der })));
+        self.server_cert.store(Some(Arc::new(ServerCert {
+            issuer: issuer.id.clone(),
+            not_after: window.not_after,
+            renew_at,
+            der,
+        })));
         tracing::info!(issuer = %issuer.id, not_after = %window.not_after, "server certificate issued");
         Ok(())
     }
 
     /// Keeps the certificate and verifier current until `shutdown` flips: wakes when the
     /// authority publishes a new snapshot or when the certificate is due for renewal.
-    pub async fn maintain(self: Arc<Self>, authority: Arc<Authority>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn maintain(
+        self: Arc<Self>,
+        authority: Arc<Authority>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut rx = authority.subscribe();
         let mut bundle_version = rx.borrow().bundle.version;
         loop {
@@ -151,7 +183,9 @@ impl LiveTls {
                         self.verifier.store(Arc::new(Verifier(v)));
                         bundle_version = snap.bundle.version;
                     }
-                    Err(e) => tracing::error!("client verifier for bundle {}: {e}", snap.bundle.version),
+                    Err(e) => {
+                        tracing::error!("client verifier for bundle {}: {e}", snap.bundle.version)
+                    }
                 }
             }
             let now = authority.clock().now();
@@ -161,11 +195,16 @@ impl LiveTls {
                 (Some(c), Some(i)) => c.issuer != i.id || c.renew_at <= now,
             };
             let mut wait = self.current().map_or(RETRY, |c| {
-                (c.renew_at - now).try_into().unwrap_or(Duration::ZERO).max(Duration::from_secs(1))
+                (c.renew_at - now)
+                    .try_into()
+                    .unwrap_or(Duration::ZERO)
+                    .max(Duration::from_secs(1))
             });
             if due {
                 if let Err(e) = self.renew(&authority, &snap) {
-                    tracing::error!("server certificate renewal failed, retrying in {RETRY:?}: {e}");
+                    tracing::error!(
+                        "server certificate renewal failed, retrying in {RETRY:?}: {e}"
+                    );
                     wait = RETRY;
                 } else {
                     continue;
@@ -183,7 +222,9 @@ impl LiveTls {
 fn client_verifier(snap: &Snapshot) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = RootCertStore::empty();
     for a in &snap.bundle.anchors {
-        roots.add(a.clone()).map_err(|e| format!("bundle anchor: {e}"))?;
+        roots
+            .add(a.clone())
+            .map_err(|e| format!("bundle anchor: {e}"))?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .allow_unauthenticated()
@@ -226,12 +267,23 @@ impl ClientCertVerifier for LiveVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current().verify_client_cert(end_entity, intermediates, now)
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         self.current().verify_tls12_signature(m, c, d)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         self.current().verify_tls13_signature(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -262,13 +314,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -277,7 +337,11 @@ impl AsyncWrite for TlsConn {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -315,8 +379,18 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let client_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
-                        let _ = tx.send(Ok(TlsConn { inner: tls, info: PeerInfo { addr, client_cert } })).await;
+                        let client_cert = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| c.clone().into_owned());
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                inner: tls,
+                                info: PeerInfo { addr, client_cert },
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%addr, "TLS handshake failed: {e}"),
                     Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),

@@ -16,7 +16,9 @@ use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, DistinguishedName, SanType};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, TrustAnchor, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, TrustAnchor, UnixTime,
+};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -65,7 +67,10 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// All certificates in a PEM file, DER.
 pub fn read_pem_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, ClientError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ClientError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ClientError::Read {
+        path: path.into(),
+        source,
+    })?;
     let certs = parse_pem_certs(&text);
     if certs.is_empty() {
         return Err(ClientError::EmptyBundle(path.into()));
@@ -93,17 +98,24 @@ pub struct Identity {
 
 impl Identity {
     fn key_der(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.key_pair().serialize_der()))
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            self.key.key_pair().serialize_der(),
+        ))
     }
 }
 
 /// A rustls client config that trusts exactly `bundle` (meshca's anchors), speaks h2, and
 /// presents `identity` when given.
-pub fn client_tls(bundle: &[CertificateDer<'static>], identity: Option<&Identity>) -> Result<Arc<ClientConfig>, ClientError> {
+pub fn client_tls(
+    bundle: &[CertificateDer<'static>],
+    identity: Option<&Identity>,
+) -> Result<Arc<ClientConfig>, ClientError> {
     let mut roots = RootCertStore::empty();
     let (added, _) = roots.add_parsable_certificates(bundle.iter().cloned());
     if added == 0 {
-        return Err(ClientError::Tls("no usable trust anchor in the bundle".into()));
+        return Err(ClientError::Tls(
+            "no usable trust anchor in the bundle".into(),
+        ));
     }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -121,15 +133,22 @@ pub fn client_tls(bundle: &[CertificateDer<'static>], identity: Option<&Identity
 
 /// A lazily connecting gRPC channel to `url` (`https://host:port`) over TLS with `tls`.
 pub fn channel(url: &str, tls: Arc<ClientConfig>) -> Result<Channel, ClientError> {
-    let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| ClientError::Url(url.into(), e.to_string()))?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ClientError::Url(url.into(), e.to_string()))?;
     if uri.scheme_str() != Some("https") {
-        return Err(ClientError::Url(url.into(), "the scheme must be https (meshca serves gRPC over TLS only)".into()));
+        return Err(ClientError::Url(
+            url.into(),
+            "the scheme must be https (meshca serves gRPC over TLS only)".into(),
+        ));
     }
     if uri.host().is_none() {
         return Err(ClientError::Url(url.into(), "no host".into()));
     }
     let endpoint = Endpoint::from(uri).connect_timeout(std::time::Duration::from_secs(5));
-    Ok(endpoint.connect_with_connector_lazy(TlsConnect { tls: TlsConnector::from(tls) }))
+    Ok(endpoint.connect_with_connector_lazy(TlsConnect {
+        tls: TlsConnector::from(tls),
+    }))
 }
 
 /// A tower connector: TCP, then TLS with the server name taken from the URI's host.
@@ -141,7 +160,9 @@ pub struct TlsConnect {
 impl TlsConnect {
     /// A connector using `tls`.
     pub fn new(tls: Arc<ClientConfig>) -> Self {
-        Self { tls: TlsConnector::from(tls) }
+        Self {
+            tls: TlsConnector::from(tls),
+        }
     }
 }
 
@@ -160,11 +181,17 @@ impl tower::Service<Uri> for TlsConnect {
         let tls = self.tls.clone();
         Box::pin(async move {
             let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_owned());
-            let host = uri.host().ok_or_else(|| bad("no host"))?.trim_matches(['[', ']']).to_owned();
+            let host = uri
+                .host()
+                .ok_or_else(|| bad("no host"))?
+                .trim_matches(['[', ']'])
+                .to_owned();
             let port = uri.port_u16().unwrap_or(443);
             let name = match host.parse::<IpAddr>() {
                 Ok(ip) => ServerName::IpAddress(ip.into()),
-                Err(_) => ServerName::try_from(host.clone()).map_err(|_| bad("invalid server name"))?,
+                Err(_) => {
+                    ServerName::try_from(host.clone()).map_err(|_| bad("invalid server name"))?
+                }
             };
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
@@ -177,9 +204,16 @@ impl tower::Service<Uri> for TlsConnect {
 pub fn make_csr(id: &SpiffeId, key: &SecretKey) -> Result<Vec<u8>, ClientError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    let uri = id.as_str().try_into().map_err(|e: rcgen::Error| ClientError::Csr(e.to_string()))?;
+    let uri = id
+        .as_str()
+        .try_into()
+        .map_err(|e: rcgen::Error| ClientError::Csr(e.to_string()))?;
     params.subject_alt_names = vec![SanType::URI(uri)];
-    Ok(params.serialize_request(key).map_err(|e| ClientError::Csr(e.to_string()))?.der().to_vec())
+    Ok(params
+        .serialize_request(key)
+        .map_err(|e| ClientError::Csr(e.to_string()))?
+        .der()
+        .to_vec())
 }
 
 /// Verifies `chain` (leaf first) up to one of `bundle`'s anchors at `at` for `usage`, and returns
@@ -192,12 +226,18 @@ pub fn verify_svid(
     usage: webpki::KeyUsage,
 ) -> Result<SpiffeId, ClientError> {
     let verr = |e: webpki::Error| ClientError::Verify(format!("{e:?}"));
-    let leaf = chain.first().ok_or_else(|| ClientError::Verify("empty chain".into()))?;
-    let anchors: Vec<TrustAnchor<'_>> =
-        bundle.iter().map(|c| webpki::anchor_from_trusted_cert(c).map_err(verr)).collect::<Result<_, _>>()?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| ClientError::Verify("empty chain".into()))?;
+    let anchors: Vec<TrustAnchor<'_>> = bundle
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map_err(verr))
+        .collect::<Result<_, _>>()?;
     let ee = webpki::EndEntityCert::try_from(leaf).map_err(verr)?;
-    let algs: &WebPkiSupportedAlgorithms = &rustls::crypto::ring::default_provider().signature_verification_algorithms;
-    ee.verify_for_usage(algs.all, &anchors, &chain[1..], at, usage, None, None).map_err(verr)?;
+    let algs: &WebPkiSupportedAlgorithms =
+        &rustls::crypto::ring::default_provider().signature_verification_algorithms;
+    ee.verify_for_usage(algs.all, &anchors, &chain[1..], at, usage, None, None)
+        .map_err(verr)?;
     spiffe_id_of(leaf)
 }
 
@@ -205,8 +245,13 @@ pub fn verify_svid(
 pub fn spiffe_id_of(leaf: &[u8]) -> Result<SpiffeId, ClientError> {
     let info = CertInfo::parse(leaf).map_err(|e| ClientError::Verify(e.to_string()))?;
     match info.uris.as_slice() {
-        [one] => one.parse().map_err(|e| ClientError::Verify(format!("URI SAN {one:?}: {e}"))),
-        other => Err(ClientError::Verify(format!("{} URI SANs; an SVID has exactly one", other.len()))),
+        [one] => one
+            .parse()
+            .map_err(|e| ClientError::Verify(format!("URI SAN {one:?}: {e}"))),
+        other => Err(ClientError::Verify(format!(
+            "{} URI SANs; an SVID has exactly one",
+            other.len()
+        ))),
     }
 }
 
@@ -223,7 +268,11 @@ impl SpiffeServerVerifier {
     /// Trusts `bundle`, accepts only `expected`.
     pub fn new(bundle: Vec<CertificateDer<'static>>, expected: SpiffeId) -> Arc<Self> {
         let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        Arc::new(Self { bundle, expected, algs })
+        Arc::new(Self {
+            bundle,
+            expected,
+            algs,
+        })
     }
 }
 
@@ -241,16 +290,29 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let id = verify_svid(&chain, &self.bundle, now, webpki::KeyUsage::server_auth())
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         if id != self.expected {
-            return Err(rustls::Error::General(format!("peer is {id}, expected {}", self.expected)));
+            return Err(rustls::Error::General(format!(
+                "peer is {id}, expected {}",
+                self.expected
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.algs)
     }
 
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.algs)
     }
 

@@ -66,7 +66,10 @@ impl TokioClock {
 
     /// Anchors tokio's clock to `wall`.
     pub fn anchored_at(wall: OffsetDateTime) -> Self {
-        Self { wall, instant: tokio::time::Instant::now() }
+        Self {
+            wall,
+            instant: tokio::time::Instant::now(),
+        }
     }
 }
 

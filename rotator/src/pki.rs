@@ -74,9 +74,14 @@ impl SecretKey {
                     block.tag()
                 )));
             }
-            other => return Err(PkiError::Pem(format!("expected PRIVATE KEY, found {other}"))),
+            other => {
+                return Err(PkiError::Pem(format!(
+                    "expected PRIVATE KEY, found {other}"
+                )));
+            }
         }
-        let pair = KeyPair::try_from(contents.as_slice()).map_err(|e| PkiError::Key(e.to_string()))?;
+        let pair =
+            KeyPair::try_from(contents.as_slice()).map_err(|e| PkiError::Key(e.to_string()))?;
         Ok(Self(Arc::new(KeyInner { pair })))
     }
 
@@ -118,7 +123,9 @@ impl rcgen::SigningKey for SecretKey {
 }
 
 /// A short, stable identifier of a certificate: the first 8 bytes of SHA-256 over its DER, hex.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct CertId(String);
 
@@ -135,7 +142,9 @@ impl CertId {
 
     /// Whether `s` has the shape of an id (so it is safe as a file name).
     pub fn is_well_formed(s: &str) -> bool {
-        s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        s.len() == 16
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     }
 }
 
@@ -177,14 +186,20 @@ pub struct CertInfo {
 impl CertInfo {
     /// Parses a DER certificate.
     pub fn parse(der: &[u8]) -> Result<Self, PkiError> {
-        let (rest, x) = X509Certificate::from_der(der).map_err(|e| PkiError::Cert(e.to_string()))?;
+        let (rest, x) =
+            X509Certificate::from_der(der).map_err(|e| PkiError::Cert(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(PkiError::Cert("trailing bytes after the certificate".into()));
+            return Err(PkiError::Cert(
+                "trailing bytes after the certificate".into(),
+            ));
         }
         let ts = |t: i64| {
-            OffsetDateTime::from_unix_timestamp(t).map_err(|e| PkiError::Cert(format!("time out of range: {e}")))
+            OffsetDateTime::from_unix_timestamp(t)
+                .map_err(|e| PkiError::Cert(format!("time out of range: {e}")))
         };
-        let bc = x.basic_constraints().map_err(|e| PkiError::Cert(e.to_string()))?;
+        let bc = x
+            .basic_constraints()
+            .map_err(|e| PkiError::Cert(e.to_string()))?;
         let ku = x.key_usage().map_err(|e| PkiError::Cert(e.to_string()))?;
         let mut uris = Vec::new();
         let mut dns_names = Vec::new();
@@ -192,7 +207,9 @@ impl CertInfo {
             for n in &san.value.general_names {
                 match n {
                     x509_parser::extensions::GeneralName::URI(u) => uris.push((*u).to_owned()),
-                    x509_parser::extensions::GeneralName::DNSName(d) => dns_names.push((*d).to_owned()),
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        dns_names.push((*d).to_owned())
+                    }
                     _ => {}
                 }
             }
@@ -228,7 +245,9 @@ impl CertInfo {
 
     /// Lifetime, notBefore to notAfter.
     pub fn lifetime(&self) -> Duration {
-        (self.not_after - self.not_before).try_into().unwrap_or(Duration::ZERO)
+        (self.not_after - self.not_before)
+            .try_into()
+            .unwrap_or(Duration::ZERO)
     }
 }
 
@@ -246,19 +265,28 @@ impl CaCert {
     pub fn from_der(der: Vec<u8>) -> Result<Self, PkiError> {
         let info = CertInfo::parse(&der)?;
         if !info.is_ca {
-            return Err(PkiError::Cert("not a CA certificate (basicConstraints cA is not true)".into()));
+            return Err(PkiError::Cert(
+                "not a CA certificate (basicConstraints cA is not true)".into(),
+            ));
         }
         if !info.key_cert_sign {
             return Err(PkiError::Cert("keyUsage does not allow keyCertSign".into()));
         }
-        Ok(Self { id: CertId::of(&der), der: CertificateDer::from(der), info })
+        Ok(Self {
+            id: CertId::of(&der),
+            der: CertificateDer::from(der),
+            info,
+        })
     }
 
     /// Parses one PEM certificate.
     pub fn from_pem(text: &str) -> Result<Self, PkiError> {
         let block = pem::parse(text).map_err(|e| PkiError::Pem(e.to_string()))?;
         if block.tag() != "CERTIFICATE" {
-            return Err(PkiError::Pem(format!("expected CERTIFICATE, found {}", block.tag())));
+            return Err(PkiError::Pem(format!(
+                "expected CERTIFICATE, found {}",
+                block.tag()
+            )));
         }
         Self::from_der(block.into_contents())
     }
@@ -288,15 +316,26 @@ impl CaCert {
         let (_, child) = X509Certificate::from_der(&self.der).map_err(|e| e.to_string())?;
         let (_, p) = X509Certificate::from_der(&parent.der).map_err(|e| e.to_string())?;
         if child.issuer().as_raw() != p.subject().as_raw() {
-            return Err(format!("issuer name {} is not the subject {} of {}", child.issuer(), p.subject(), parent.id));
+            return Err(format!(
+                "issuer name {} is not the subject {} of {}",
+                child.issuer(),
+                p.subject(),
+                parent.id
+            ));
         }
-        child
-            .verify_signature(Some(p.public_key()))
-            .map_err(|e| format!("signature does not verify with the key of {}: {e}", parent.id))
+        child.verify_signature(Some(p.public_key())).map_err(|e| {
+            format!(
+                "signature does not verify with the key of {}: {e}",
+                parent.id
+            )
+        })
     }
 
     /// An rcgen issuer that signs with `key` under this certificate's name and key identifier.
-    pub fn rcgen_issuer(&self, key: SecretKey) -> Result<rcgen::Issuer<'static, SecretKey>, PkiError> {
+    pub fn rcgen_issuer(
+        &self,
+        key: SecretKey,
+    ) -> Result<rcgen::Issuer<'static, SecretKey>, PkiError> {
         Ok(rcgen::Issuer::from_ca_cert_der(&self.der, key)?)
     }
 }
@@ -382,11 +421,18 @@ pub fn new_issuer(
 }
 
 /// A CSR for a new issuer whose key meshca holds but whose certificate an upstream CA signs.
-pub fn issuer_csr(td: &TrustDomain, key: &SecretKey, now: OffsetDateTime) -> Result<Vec<u8>, PkiError> {
+pub fn issuer_csr(
+    td: &TrustDomain,
+    key: &SecretKey,
+    now: OffsetDateTime,
+) -> Result<Vec<u8>, PkiError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, td.as_str());
-    dn.push(DnType::CommonName, format!("meshca issuer {}", crate::clock::rfc3339(now)));
+    dn.push(
+        DnType::CommonName,
+        format!("meshca issuer {}", crate::clock::rfc3339(now)),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -405,14 +451,30 @@ mod tests {
     fn anchor_and_issuer_profiles() {
         let now = OffsetDateTime::now_utc();
         let ak = SecretKey::generate_p256().unwrap();
-        let anchor = new_anchor(&td(), &ak, now, Duration::from_secs(86400 * 365), Duration::from_secs(300)).unwrap();
+        let anchor = new_anchor(
+            &td(),
+            &ak,
+            now,
+            Duration::from_secs(86400 * 365),
+            Duration::from_secs(300),
+        )
+        .unwrap();
         assert!(anchor.info.is_ca && anchor.info.key_cert_sign && anchor.info.self_signed);
         assert_eq!(anchor.info.path_len, None);
         assert!(anchor.matches_key(&ak));
         anchor.verify_issued_by(&anchor).unwrap();
 
         let ik = SecretKey::generate_p256().unwrap();
-        let issuer = new_issuer(&td(), &ik, &anchor, &ak, now, Duration::from_secs(86400 * 7), Duration::from_secs(300)).unwrap();
+        let issuer = new_issuer(
+            &td(),
+            &ik,
+            &anchor,
+            &ak,
+            now,
+            Duration::from_secs(86400 * 7),
+            Duration::from_secs(300),
+        )
+        .unwrap();
         assert!(issuer.info.is_ca && issuer.info.key_cert_sign && !issuer.info.self_signed);
         assert_eq!(issuer.info.path_len, Some(0));
         assert!(issuer.matches_key(&ik) && !issuer.matches_key(&ak));
@@ -426,9 +488,19 @@ mod tests {
     fn issuer_never_outlives_its_anchor() {
         let now = OffsetDateTime::now_utc();
         let ak = SecretKey::generate_p256().unwrap();
-        let anchor = new_anchor(&td(), &ak, now, Duration::from_secs(86400), Duration::ZERO).unwrap();
+        let anchor =
+            new_anchor(&td(), &ak, now, Duration::from_secs(86400), Duration::ZERO).unwrap();
         let ik = SecretKey::generate_p256().unwrap();
-        let issuer = new_issuer(&td(), &ik, &anchor, &ak, now, Duration::from_secs(86400 * 7), Duration::ZERO).unwrap();
+        let issuer = new_issuer(
+            &td(),
+            &ik,
+            &anchor,
+            &ak,
+            now,
+            Duration::from_secs(86400 * 7),
+            Duration::ZERO,
+        )
+        .unwrap();
         assert_eq!(issuer.info.not_after, anchor.info.not_after);
     }
 
@@ -439,10 +511,14 @@ mod tests {
         let k2 = SecretKey::from_pem(&pem).unwrap();
         assert_eq!(k.spki_der(), k2.spki_der());
         assert_eq!(format!("{k:?}"), "SecretKey(<redacted>)");
-        assert!(SecretKey::from_pem("-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n")
+        assert!(
+            SecretKey::from_pem(
+                "-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n"
+            )
             .unwrap_err()
             .to_string()
-            .contains("pkcs8"));
+            .contains("pkcs8")
+        );
     }
 
     #[test]

@@ -113,10 +113,20 @@ pub struct IssuerNotValid {
 impl Policy {
     /// Checks that the numbers are consistent; the error names the setting and the conflict.
     pub fn validate(&self) -> Result<(), PolicyError> {
-        let err = |name, value: String, reason: String| Err(PolicyError { name, value, reason });
+        let err = |name, value: String, reason: String| {
+            Err(PolicyError {
+                name,
+                value,
+                reason,
+            })
+        };
         let h = |d: Duration| humantime::format_duration(d).to_string();
         if self.leaf_ttl_min.is_zero() {
-            return err("leaf_ttl_min", h(self.leaf_ttl_min), "must be positive".into());
+            return err(
+                "leaf_ttl_min",
+                h(self.leaf_ttl_min),
+                "must be positive".into(),
+            );
         }
         if self.leaf_ttl_min > self.leaf_ttl_max {
             return err(
@@ -213,7 +223,11 @@ impl Policy {
         let clamped_by_issuer = wanted > issuer_not_after;
         Ok(LeafWindow {
             not_before: now - self.clock_skew,
-            not_after: if clamped_by_issuer { issuer_not_after } else { wanted },
+            not_after: if clamped_by_issuer {
+                issuer_not_after
+            } else {
+                wanted
+            },
             clamped_by_issuer,
         })
     }
@@ -229,7 +243,10 @@ pub struct Fraction {
 impl Fraction {
     /// `num/den`. A zero denominator is stored as 1 (never divides by zero).
     pub const fn new(num: u32, den: u32) -> Self {
-        Self { num, den: if den == 0 { 1 } else { den } }
+        Self {
+            num,
+            den: if den == 0 { 1 } else { den },
+        }
     }
 
     /// `self × d`, exact to the nanosecond.
@@ -281,7 +298,11 @@ impl FromStr for Fraction {
         }
         let int: u32 = int.parse().map_err(|_| bad())?;
         let den = 10u32.pow(frac.len() as u32);
-        let frac_n: u32 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| bad())? };
+        let frac_n: u32 = if frac.is_empty() {
+            0
+        } else {
+            frac.parse().map_err(|_| bad())?
+        };
         int.checked_mul(den)
             .and_then(|n| n.checked_add(frac_n))
             .map(|n| Self::new(n, den))
@@ -297,7 +318,9 @@ impl Serialize for Fraction {
 
 impl<'de> Deserialize<'de> for Fraction {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -332,38 +355,77 @@ mod tests {
         let p = Policy::default();
         p.validate().unwrap();
         assert_eq!(p.leaf_ttl(None), Duration::from_secs(24 * H));
-        assert_eq!(p.leaf_ttl(Some(Duration::ZERO)), Duration::from_secs(24 * H));
-        assert_eq!(p.leaf_ttl(Some(Duration::from_secs(100 * H))), Duration::from_secs(48 * H));
-        assert_eq!(p.leaf_ttl(Some(Duration::from_secs(60))), Duration::from_secs(H));
-        assert_eq!(p.leaf_ttl(Some(Duration::from_secs(5 * H))), Duration::from_secs(5 * H));
+        assert_eq!(
+            p.leaf_ttl(Some(Duration::ZERO)),
+            Duration::from_secs(24 * H)
+        );
+        assert_eq!(
+            p.leaf_ttl(Some(Duration::from_secs(100 * H))),
+            Duration::from_secs(48 * H)
+        );
+        assert_eq!(
+            p.leaf_ttl(Some(Duration::from_secs(60))),
+            Duration::from_secs(H)
+        );
+        assert_eq!(
+            p.leaf_ttl(Some(Duration::from_secs(5 * H))),
+            Duration::from_secs(5 * H)
+        );
         // 7 d × 1/3 = 56 h left at hand-over, which covers a 48 h leaf.
-        assert_eq!(p.issuer_activate_remaining.of(p.issuer_ttl), Duration::from_secs(56 * H));
+        assert_eq!(
+            p.issuer_activate_remaining.of(p.issuer_ttl),
+            Duration::from_secs(56 * H)
+        );
     }
 
     #[test]
     fn validation_names_the_conflict() {
-        let p = Policy { issuer_ttl: Duration::from_secs(5 * 24 * H), ..Policy::default() };
+        let p = Policy {
+            issuer_ttl: Duration::from_secs(5 * 24 * H),
+            ..Policy::default()
+        };
         let e = p.validate().unwrap_err();
         assert_eq!(e.name, "issuer_ttl");
         assert!(e.reason.contains("leaf_ttl_max = 2days"), "{e}");
         assert!(e.reason.contains("at least 6days"), "{e}");
 
-        let p = Policy { leaf_ttl_min: Duration::from_secs(49 * H), ..Policy::default() };
+        let p = Policy {
+            leaf_ttl_min: Duration::from_secs(49 * H),
+            ..Policy::default()
+        };
         assert_eq!(p.validate().unwrap_err().name, "leaf_ttl_min");
-        let p = Policy { leaf_ttl_default: Duration::from_secs(49 * H), ..Policy::default() };
+        let p = Policy {
+            leaf_ttl_default: Duration::from_secs(49 * H),
+            ..Policy::default()
+        };
         assert_eq!(p.validate().unwrap_err().name, "leaf_ttl_default");
-        let p = Policy { issuer_prepare_remaining: Fraction::new(1, 4), ..Policy::default() };
+        let p = Policy {
+            issuer_prepare_remaining: Fraction::new(1, 4),
+            ..Policy::default()
+        };
         assert_eq!(p.validate().unwrap_err().name, "issuer_prepare_remaining");
-        let p = Policy { issuer_activate_remaining: Fraction::new(1, 1), ..Policy::default() };
+        let p = Policy {
+            issuer_activate_remaining: Fraction::new(1, 1),
+            ..Policy::default()
+        };
         assert_eq!(p.validate().unwrap_err().name, "issuer_activate_remaining");
-        let p = Policy { anchor_ttl: Duration::from_secs(H), ..Policy::default() };
+        let p = Policy {
+            anchor_ttl: Duration::from_secs(H),
+            ..Policy::default()
+        };
         assert_eq!(p.validate().unwrap_err().name, "anchor_ttl");
     }
 
     #[test]
     fn fractions_parse() {
         assert_eq!("1/3".parse::<Fraction>().unwrap(), Fraction::new(1, 3));
-        assert_eq!("0.25".parse::<Fraction>().unwrap().of(Duration::from_secs(100)), Duration::from_secs(25));
+        assert_eq!(
+            "0.25"
+                .parse::<Fraction>()
+                .unwrap()
+                .of(Duration::from_secs(100)),
+            Duration::from_secs(25)
+        );
         assert_eq!("0.5".parse::<Fraction>().unwrap().as_f64(), 0.5);
         for bad in ["", "1/0", "a", "0.1234567", "-1/3", "1/x"] {
             assert!(bad.parse::<Fraction>().is_err(), "{bad}");
@@ -376,13 +438,18 @@ mod tests {
         let nb = datetime!(2026-01-01 00:00 UTC);
         let na = datetime!(2026-01-08 00:00 UTC);
         // One second before the issuer expires: a 1-second leaf, clamped.
-        let w = p.leaf_window(na - Duration::from_secs(1), None, nb, na).unwrap();
+        let w = p
+            .leaf_window(na - Duration::from_secs(1), None, nb, na)
+            .unwrap();
         assert_eq!(w.not_after, na);
         assert!(w.clamped_by_issuer);
         // At expiry: refused.
         assert!(p.leaf_window(na, None, nb, na).is_err());
         // Before the issuer's notBefore: refused.
-        assert!(p.leaf_window(nb - Duration::from_secs(1), None, nb, na).is_err());
+        assert!(
+            p.leaf_window(nb - Duration::from_secs(1), None, nb, na)
+                .is_err()
+        );
         // Far from expiry: the full default, back-dated by the skew.
         let now = datetime!(2026-01-02 12:00:00.7 UTC);
         let w = p.leaf_window(now, None, nb, na).unwrap();

@@ -23,7 +23,9 @@ pub enum IdError {
     #[error("scheme must be spiffe://")]
     Scheme,
     /// The trust domain is empty, too long or has a character outside `[a-z0-9._-]`.
-    #[error("invalid trust domain {0:?}: lowercase letters, digits, '.', '-' and '_' only, 1-255 bytes")]
+    #[error(
+        "invalid trust domain {0:?}: lowercase letters, digits, '.', '-' and '_' only, 1-255 bytes"
+    )]
     TrustDomain(String),
     /// A path segment is empty, `.`, `..` or has a character outside `[A-Za-z0-9._-]`.
     #[error("invalid path segment {0:?}")]
@@ -60,8 +62,13 @@ impl FromStr for TrustDomain {
     fn from_str(s: &str) -> Result<Self, IdError> {
         let ok = !s.is_empty()
             && s.len() <= MAX_TRUST_DOMAIN_LEN
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-        if ok { Ok(Self(s.to_owned())) } else { Err(IdError::TrustDomain(s.to_owned())) }
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(IdError::TrustDomain(s.to_owned()))
+        }
     }
 }
 
@@ -136,12 +143,17 @@ impl FromStr for SpiffeId {
             let ok = !seg.is_empty()
                 && seg != "."
                 && seg != ".."
-                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
             if !ok {
                 return Err(IdError::Segment(seg.to_owned()));
             }
         }
-        Ok(Self { td_len: td.0.len(), uri: s.to_owned() })
+        Ok(Self {
+            td_len: td.0.len(),
+            uri: s.to_owned(),
+        })
     }
 }
 
@@ -171,7 +183,10 @@ impl IdPattern {
     pub fn matches(&self, id: &SpiffeId) -> bool {
         match self {
             Self::Exact(e) => e == id,
-            Self::Namespace { trust_domain, namespace } => {
+            Self::Namespace {
+                trust_domain,
+                namespace,
+            } => {
                 id.trust_domain_str() == trust_domain.as_str()
                     && id.service_account().is_some_and(|(ns, _)| ns == namespace)
             }
@@ -204,7 +219,10 @@ impl fmt::Display for IdPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Exact(id) => id.fmt(f),
-            Self::Namespace { trust_domain, namespace } => {
+            Self::Namespace {
+                trust_domain,
+                namespace,
+            } => {
                 write!(f, "spiffe://{trust_domain}/ns/{namespace}/sa/*")
             }
         }
@@ -250,16 +268,25 @@ mod tests {
             ("", IdError::Empty),
             ("http://cluster.local/ns/a/sa/b", IdError::Scheme),
             ("SPIFFE://cluster.local/a", IdError::Scheme),
-            ("spiffe://Cluster.local/a", IdError::TrustDomain("Cluster.local".into())),
+            (
+                "spiffe://Cluster.local/a",
+                IdError::TrustDomain("Cluster.local".into()),
+            ),
             ("spiffe:///a", IdError::TrustDomain(String::new())),
             ("spiffe://cluster.local", IdError::Segment(String::new())),
             ("spiffe://cluster.local/", IdError::Segment(String::new())),
-            ("spiffe://cluster.local/a//b", IdError::Segment(String::new())),
+            (
+                "spiffe://cluster.local/a//b",
+                IdError::Segment(String::new()),
+            ),
             ("spiffe://cluster.local/a/", IdError::Segment(String::new())),
             ("spiffe://cluster.local/./a", IdError::Segment(".".into())),
             ("spiffe://cluster.local/a/..", IdError::Segment("..".into())),
             ("spiffe://cluster.local/a b", IdError::Segment("a b".into())),
-            ("spiffe://cluster.local/a%20b", IdError::Segment("a%20b".into())),
+            (
+                "spiffe://cluster.local/a%20b",
+                IdError::Segment("a%20b".into()),
+            ),
             ("spiffe://cluster.local:443/a", IdError::Extra),
             ("spiffe://user@cluster.local/a", IdError::Extra),
             ("spiffe://cluster.local/a?x=1", IdError::Extra),
@@ -278,7 +305,9 @@ mod tests {
         assert_eq!(id.trust_domain_str(), "cluster.local");
         assert_eq!(id.path(), "/ns/prod/sa/api");
         assert_eq!(id.service_account(), Some(("prod", "api")));
-        let other: SpiffeId = "spiffe://cluster.local/ns/prod/sa/api/extra".parse().unwrap();
+        let other: SpiffeId = "spiffe://cluster.local/ns/prod/sa/api/extra"
+            .parse()
+            .unwrap();
         assert_eq!(other.service_account(), None);
         let td: TrustDomain = "cluster.local".parse().unwrap();
         assert_eq!(td.service_account_id("prod", "api").unwrap(), id);
@@ -290,7 +319,9 @@ mod tests {
         let yes: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
         let other_ns: SpiffeId = "spiffe://cluster.local/ns/prod/sa/web".parse().unwrap();
         let other_td: SpiffeId = "spiffe://other.local/ns/default/sa/web".parse().unwrap();
-        let deeper: SpiffeId = "spiffe://cluster.local/ns/default/sa/web/x".parse().unwrap();
+        let deeper: SpiffeId = "spiffe://cluster.local/ns/default/sa/web/x"
+            .parse()
+            .unwrap();
         assert!(p.matches(&yes));
         assert!(!p.matches(&other_ns));
         assert!(!p.matches(&other_td));
@@ -301,7 +332,11 @@ mod tests {
         assert!(exact.matches(&yes));
         assert!(!exact.matches(&other_ns));
 
-        for bad in ["spiffe://cluster.local/*", "spiffe://cluster.local/ns/*/sa/*", "spiffe://cluster.local/x/y/*"] {
+        for bad in [
+            "spiffe://cluster.local/*",
+            "spiffe://cluster.local/ns/*/sa/*",
+            "spiffe://cluster.local/x/y/*",
+        ] {
             assert!(bad.parse::<IdPattern>().is_err(), "{bad}");
         }
     }

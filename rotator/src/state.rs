@@ -151,7 +151,11 @@ impl From<PkiError> for StateError {
 
 impl AuthorityState {
     /// A brand-new authority: a generated anchor, an issuer it signs, bundle version 1.
-    pub fn genesis(td: TrustDomain, policy: &Policy, now: OffsetDateTime) -> Result<Self, StateError> {
+    pub fn genesis(
+        td: TrustDomain,
+        policy: &Policy,
+        now: OffsetDateTime,
+    ) -> Result<Self, StateError> {
         let anchor_key = SecretKey::generate_p256()?;
         let anchor = pki::new_anchor(&td, &anchor_key, now, policy.anchor_ttl, policy.clock_skew)?;
         Self::with_anchor(td, anchor, Some(anchor_key), policy, now)
@@ -167,13 +171,17 @@ impl AuthorityState {
         policy: &Policy,
         now: OffsetDateTime,
     ) -> Result<Self, StateError> {
-        if let Some(k) = &key {
-            if !anchor.matches_key(k) {
-                return Err(StateError("the anchor key does not match the anchor certificate".into()));
-            }
+        if let Some(k) = &key
+            && !anchor.matches_key(k)
+        {
+            return Err(StateError(
+                "the anchor key does not match the anchor certificate".into(),
+            ));
         }
         if !anchor.info.self_signed {
-            return Err(StateError("the anchor certificate is not self-signed".into()));
+            return Err(StateError(
+                "the anchor certificate is not self-signed".into(),
+            ));
         }
         if !anchor.info.valid_at(now) {
             return Err(StateError(format!(
@@ -186,7 +194,11 @@ impl AuthorityState {
             trust_domain: td,
             generation: 0,
             bundle_version: 1,
-            anchors: vec![Anchor { cert: anchor, key, status: AnchorStatus::Active }],
+            anchors: vec![Anchor {
+                cert: anchor,
+                key,
+                status: AnchorStatus::Active,
+            }],
             issuers: Vec::new(),
             phase: Phase::Steady,
             history: Vec::new(),
@@ -202,7 +214,9 @@ impl AuthorityState {
 
     /// The issuer that signs leaves, if any.
     pub fn active_issuer(&self) -> Option<&Issuer> {
-        self.issuers.iter().find(|i| i.status == IssuerStatus::Active)
+        self.issuers
+            .iter()
+            .find(|i| i.status == IssuerStatus::Active)
     }
 
     /// The anchor with this id.
@@ -217,7 +231,9 @@ impl AuthorityState {
 
     /// The anchor new issuers are signed by (status `Active`).
     pub fn active_anchor(&self) -> Option<&Anchor> {
-        self.anchors.iter().find(|a| a.status == AnchorStatus::Active)
+        self.anchors
+            .iter()
+            .find(|a| a.status == AnchorStatus::Active)
     }
 
     /// The anchors verifiers must trust right now, in a stable order (oldest first).
@@ -226,40 +242,77 @@ impl AuthorityState {
     }
 
     /// A new issuer, signed by `anchor` and stored as `Prepared`.
-    pub fn prepare_issuer(&self, policy: &Policy, now: OffsetDateTime, anchor: &CertId) -> Result<Self, StateError> {
-        let a = self.anchor(anchor).ok_or_else(|| StateError(format!("no anchor {anchor}")))?;
+    pub fn prepare_issuer(
+        &self,
+        policy: &Policy,
+        now: OffsetDateTime,
+        anchor: &CertId,
+    ) -> Result<Self, StateError> {
+        let a = self
+            .anchor(anchor)
+            .ok_or_else(|| StateError(format!("no anchor {anchor}")))?;
         let Some(anchor_key) = &a.key else {
             return Err(StateError(format!(
                 "anchor {anchor} is held upstream (no key here): an issuer must be imported"
             )));
         };
         let key = SecretKey::generate_p256()?;
-        let cert = pki::new_issuer(&self.trust_domain, &key, &a.cert, anchor_key, now, policy.issuer_ttl, policy.clock_skew)?;
+        let cert = pki::new_issuer(
+            &self.trust_domain,
+            &key,
+            &a.cert,
+            anchor_key,
+            now,
+            policy.issuer_ttl,
+            policy.clock_skew,
+        )?;
         let id = cert.id().clone();
         let mut s = self.clone();
-        s.issuers.push(Issuer { cert, key, anchor: anchor.clone(), status: IssuerStatus::Prepared });
+        s.issuers.push(Issuer {
+            cert,
+            key,
+            anchor: anchor.clone(),
+            status: IssuerStatus::Prepared,
+        });
         s.record(now, format!("issuer_prepared {id} under anchor {anchor}"));
         Ok(s)
     }
 
     /// Adds an issuer certificate signed elsewhere, for `key`, as `Prepared`.
-    pub fn add_prepared_issuer(&self, now: OffsetDateTime, cert: CaCert, key: SecretKey) -> Result<Self, StateError> {
+    pub fn add_prepared_issuer(
+        &self,
+        now: OffsetDateTime,
+        cert: CaCert,
+        key: SecretKey,
+    ) -> Result<Self, StateError> {
         if !cert.matches_key(&key) {
-            return Err(StateError("the certificate is not for the pending issuer key".into()));
+            return Err(StateError(
+                "the certificate is not for the pending issuer key".into(),
+            ));
         }
         let anchor = self
             .bundle()
             .find(|a| cert.verify_issued_by(&a.cert).is_ok())
-            .ok_or_else(|| StateError("the certificate does not chain to an anchor in the bundle".into()))?
+            .ok_or_else(|| {
+                StateError("the certificate does not chain to an anchor in the bundle".into())
+            })?
             .cert
             .id()
             .clone();
         if self.issuer(cert.id()).is_some() {
-            return Err(StateError(format!("issuer {} is already installed", cert.id())));
+            return Err(StateError(format!(
+                "issuer {} is already installed",
+                cert.id()
+            )));
         }
         let id = cert.id().clone();
         let mut s = self.clone();
-        s.issuers.push(Issuer { cert, key, anchor: anchor.clone(), status: IssuerStatus::Prepared });
+        s.issuers.push(Issuer {
+            cert,
+            key,
+            anchor: anchor.clone(),
+            status: IssuerStatus::Prepared,
+        });
         s.record(now, format!("issuer_imported {id} under anchor {anchor}"));
         Ok(s)
     }
@@ -276,9 +329,13 @@ impl AuthorityState {
         if !s.issuers[next].cert.info.valid_at(now) {
             return Err(StateError(format!("issuer {id} is not valid now")));
         }
-        let anchor_ok = s.anchor(&s.issuers[next].anchor).is_some_and(|a| a.status == AnchorStatus::Active);
+        let anchor_ok = s
+            .anchor(&s.issuers[next].anchor)
+            .is_some_and(|a| a.status == AnchorStatus::Active);
         if !anchor_ok {
-            return Err(StateError(format!("issuer {id} is not signed by the active anchor")));
+            return Err(StateError(format!(
+                "issuer {id} is not signed by the active anchor"
+            )));
         }
         for i in &mut s.issuers {
             if i.status == IssuerStatus::Active {
@@ -297,7 +354,12 @@ impl AuthorityState {
             return None;
         }
         let mut s = self.clone();
-        let gone: Vec<String> = s.issuers.iter().filter(|i| expired(i)).map(|i| i.cert.id().to_string()).collect();
+        let gone: Vec<String> = s
+            .issuers
+            .iter()
+            .filter(|i| expired(i))
+            .map(|i| i.cert.id().to_string())
+            .collect();
         s.issuers.retain(|i| !expired(i));
         s.record(now, format!("issuers_pruned {}", gone.join(",")));
         Some(s)
@@ -312,25 +374,37 @@ impl AuthorityState {
         if self.bundle().next().is_none() {
             return fail("the bundle is empty".into());
         }
-        let actives = self.anchors.iter().filter(|a| a.status == AnchorStatus::Active).count();
+        let actives = self
+            .anchors
+            .iter()
+            .filter(|a| a.status == AnchorStatus::Active)
+            .count();
         if actives != 1 {
             return fail(format!("{actives} anchors are active; exactly one must be"));
         }
         for a in &self.anchors {
-            if let Some(k) = &a.key {
-                if !a.cert.matches_key(k) {
-                    return fail(format!("anchor {}: the key does not match the certificate", a.cert.id()));
-                }
+            if let Some(k) = &a.key
+                && !a.cert.matches_key(k)
+            {
+                return fail(format!(
+                    "anchor {}: the key does not match the certificate",
+                    a.cert.id()
+                ));
             }
             if !a.cert.info.self_signed {
-                return fail(format!("anchor {}: not a self-signed certificate", a.cert.id()));
+                return fail(format!(
+                    "anchor {}: not a self-signed certificate",
+                    a.cert.id()
+                ));
             }
         }
         let mut active_issuers = 0;
         for i in &self.issuers {
             let id = i.cert.id();
             if !i.cert.matches_key(&i.key) {
-                return fail(format!("issuer {id}: the key does not match the certificate"));
+                return fail(format!(
+                    "issuer {id}: the key does not match the certificate"
+                ));
             }
             let Some(a) = self.anchor(&i.anchor) else {
                 return fail(format!("issuer {id}: its anchor {} is unknown", i.anchor));
@@ -344,12 +418,17 @@ impl AuthorityState {
             if i.status == IssuerStatus::Active {
                 active_issuers += 1;
                 if a.status != AnchorStatus::Active {
-                    return fail(format!("the active issuer {id} chains to anchor {} which is {:?}, not active", i.anchor, a.status));
+                    return fail(format!(
+                        "the active issuer {id} chains to anchor {} which is {:?}, not active",
+                        i.anchor, a.status
+                    ));
                 }
             }
         }
         if active_issuers > 1 {
-            return fail(format!("{active_issuers} issuers are active; at most one may be"));
+            return fail(format!(
+                "{active_issuers} issuers are active; at most one may be"
+            ));
         }
         let status_of = |id: &CertId| self.anchor(id).map(|a| a.status);
         match &self.phase {
@@ -360,12 +439,16 @@ impl AuthorityState {
             }
             Phase::Staged { anchor, .. } => {
                 if status_of(anchor) != Some(AnchorStatus::Staged) {
-                    return fail(format!("phase staged names anchor {anchor}, which is not staged"));
+                    return fail(format!(
+                        "phase staged names anchor {anchor}, which is not staged"
+                    ));
                 }
             }
             Phase::Activated { previous, .. } => {
                 if status_of(previous) != Some(AnchorStatus::Retiring) {
-                    return fail(format!("phase activated names previous anchor {previous}, which is not retiring"));
+                    return fail(format!(
+                        "phase activated names previous anchor {previous}, which is not retiring"
+                    ));
                 }
             }
         }
@@ -378,13 +461,21 @@ impl AuthorityState {
         let mut out = Vec::new();
         for a in self.bundle() {
             if a.cert.info.not_after <= now {
-                out.push(format!("anchor {} in the bundle expired at {}", a.cert.id(), a.cert.info.not_after));
+                out.push(format!(
+                    "anchor {} in the bundle expired at {}",
+                    a.cert.id(),
+                    a.cert.info.not_after
+                ));
             }
         }
-        if let Some(i) = self.active_issuer() {
-            if i.cert.info.not_after <= now {
-                out.push(format!("the active issuer {} expired at {}", i.cert.id(), i.cert.info.not_after));
-            }
+        if let Some(i) = self.active_issuer()
+            && i.cert.info.not_after <= now
+        {
+            out.push(format!(
+                "the active issuer {} expired at {}",
+                i.cert.id(),
+                i.cert.info.not_after
+            ));
         }
         out
     }
@@ -392,7 +483,11 @@ impl AuthorityState {
     /// Appends to the history and bumps the generation.
     fn record(&mut self, now: OffsetDateTime, what: String) {
         self.generation += 1;
-        self.history.push(Event { at: crate::clock::whole_seconds(now), generation: self.generation, what });
+        self.history.push(Event {
+            at: crate::clock::whole_seconds(now),
+            generation: self.generation,
+            what,
+        });
         if self.history.len() > HISTORY_LEN {
             let extra = self.history.len() - HISTORY_LEN;
             self.history.drain(..extra);
@@ -465,14 +560,28 @@ mod tests {
         let old = s.active_issuer().unwrap().cert.id().clone();
         let anchor = s.active_anchor().unwrap().cert.id().clone();
         let s2 = s.prepare_issuer(&p, now, &anchor).unwrap();
-        assert_eq!(s2.active_issuer().unwrap().cert.id(), &old, "preparing does not activate");
-        let next = s2.issuers.iter().find(|i| i.status == IssuerStatus::Prepared).unwrap().cert.id().clone();
+        assert_eq!(
+            s2.active_issuer().unwrap().cert.id(),
+            &old,
+            "preparing does not activate"
+        );
+        let next = s2
+            .issuers
+            .iter()
+            .find(|i| i.status == IssuerStatus::Prepared)
+            .unwrap()
+            .cert
+            .id()
+            .clone();
         let s3 = s2.activate_issuer(now, &next).unwrap();
         s3.check().unwrap();
         assert_eq!(s3.active_issuer().unwrap().cert.id(), &next);
         assert_eq!(s3.issuer(&old).unwrap().status, IssuerStatus::Retired);
         assert_eq!(s3.bundle_version, s.bundle_version);
-        assert!(s3.activate_issuer(now, &next).is_err(), "an active issuer cannot be activated again");
+        assert!(
+            s3.activate_issuer(now, &next).is_err(),
+            "an active issuer cannot be activated again"
+        );
     }
 
     #[test]
@@ -483,7 +592,13 @@ mod tests {
 
         let mut wrong_key = s.clone();
         wrong_key.issuers[0].key = SecretKey::generate_p256().unwrap();
-        assert!(wrong_key.check().unwrap_err().0.contains("key does not match"));
+        assert!(
+            wrong_key
+                .check()
+                .unwrap_err()
+                .0
+                .contains("key does not match")
+        );
 
         let other = AuthorityState::genesis(td(), &p, now).unwrap();
         let mut foreign = s.clone();
@@ -512,7 +627,11 @@ mod tests {
         let p = s.expiry_problems(later);
         assert_eq!(p.len(), 1);
         assert!(p[0].contains("active issuer"));
-        assert_eq!(s.expiry_problems(now + Duration::from_secs(400 * 86400)).len(), 2);
+        assert_eq!(
+            s.expiry_problems(now + Duration::from_secs(400 * 86400))
+                .len(),
+            2
+        );
     }
 
     #[test]
@@ -520,6 +639,9 @@ mod tests {
         assert_eq!(human(Duration::from_secs(42)), "42s");
         assert_eq!(human(Duration::from_secs(125)), "2m 5s");
         assert_eq!(human(Duration::from_secs(5 * 3600 + 720)), "5h 12m");
-        assert_eq!(human(Duration::from_secs(3 * 86400 + 4 * 3600 + 59)), "3d 4h");
+        assert_eq!(
+            human(Duration::from_secs(3 * 86400 + 4 * 3600 + 59)),
+            "3d 4h"
+        );
     }
 }

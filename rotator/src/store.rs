@@ -33,7 +33,13 @@ pub const STATE_FILE: &str = "state.json";
 /// The bundle file's name.
 pub const BUNDLE_FILE: &str = "bundle.pem";
 /// State-dir entries that belong to an authority: if any exists, the dir is not fresh.
-pub const AUTHORITY_ENTRIES: &[&str] = &["anchors", "issuers", BUNDLE_FILE, "tokens.json", "bootstrap-token"];
+pub const AUTHORITY_ENTRIES: &[&str] = &[
+    "anchors",
+    "issuers",
+    BUNDLE_FILE,
+    "tokens.json",
+    "bootstrap-token",
+];
 const FORMAT: u32 = 1;
 
 /// Why a store could not load or commit.
@@ -67,11 +73,17 @@ pub enum StoreError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_owned(), source }
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn corrupt(path: &Path, problem: impl Into<String>) -> StoreError {
-    StoreError::Corrupt { path: path.to_owned(), problem: problem.into() }
+    StoreError::Corrupt {
+        path: path.to_owned(),
+        problem: problem.into(),
+    }
 }
 
 /// A store persists authority state; `commit` is atomic.
@@ -80,7 +92,11 @@ pub trait Store: Send + Sync {
     fn load(&self) -> impl Future<Output = Result<Option<AuthorityState>, StoreError>> + Send;
     /// Makes `next` the committed state. `base` is the generation `next` was derived from
     /// (`None` for the first commit); a store that sees another generation answers `Conflict`.
-    fn commit(&self, base: Option<u64>, next: &AuthorityState) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn commit(
+        &self,
+        base: Option<u64>,
+        next: &AuthorityState,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Authority state in a local directory.
@@ -151,8 +167,11 @@ impl FileStore {
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let found: Vec<&str> =
-                    AUTHORITY_ENTRIES.iter().copied().filter(|n| self.dir.join(n).exists()).collect();
+                let found: Vec<&str> = AUTHORITY_ENTRIES
+                    .iter()
+                    .copied()
+                    .filter(|n| self.dir.join(n).exists())
+                    .collect();
                 if found.is_empty() {
                     return Ok(None);
                 }
@@ -168,24 +187,44 @@ impl FileStore {
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let file: StateFile = serde_json::from_str(&text).map_err(|e| corrupt(&path, format!("not valid state JSON: {e}")))?;
+        let file: StateFile = serde_json::from_str(&text)
+            .map_err(|e| corrupt(&path, format!("not valid state JSON: {e}")))?;
         if file.format != FORMAT {
-            return Err(corrupt(&path, format!("format {} is not supported (this meshca reads format {FORMAT})", file.format)));
+            return Err(corrupt(
+                &path,
+                format!(
+                    "format {} is not supported (this meshca reads format {FORMAT})",
+                    file.format
+                ),
+            ));
         }
         let mut seen = HashSet::new();
         let mut anchors = Vec::new();
         for m in &file.anchors {
             check_id(&path, &m.id, &mut seen)?;
             let cert = self.read_cert("anchors", &m.id, &m.serial, m.not_after)?;
-            let key = if m.key_held { Some(self.read_key("anchors", &m.id, &cert)?) } else { None };
-            anchors.push(Anchor { cert, key, status: m.status });
+            let key = if m.key_held {
+                Some(self.read_key("anchors", &m.id, &cert)?)
+            } else {
+                None
+            };
+            anchors.push(Anchor {
+                cert,
+                key,
+                status: m.status,
+            });
         }
         let mut issuers = Vec::new();
         for m in &file.issuers {
             check_id(&path, &m.id, &mut seen)?;
             let cert = self.read_cert("issuers", &m.id, &m.serial, m.not_after)?;
             let key = self.read_key("issuers", &m.id, &cert)?;
-            issuers.push(Issuer { cert, key, anchor: m.anchor.clone(), status: m.status });
+            issuers.push(Issuer {
+                cert,
+                key,
+                anchor: m.anchor.clone(),
+                status: m.status,
+            });
         }
         let state = AuthorityState {
             trust_domain: file.trust_domain,
@@ -196,22 +235,36 @@ impl FileStore {
             phase: file.phase,
             history: file.history,
         };
-        state.check().map_err(|e| corrupt(&path, format!("inconsistent: {e}")))?;
+        state
+            .check()
+            .map_err(|e| corrupt(&path, format!("inconsistent: {e}")))?;
         Ok(Some(state))
     }
 
     /// Commits `next` (see the module docs for the order of writes).
     pub fn commit_sync(&self, base: Option<u64>, next: &AuthorityState) -> Result<(), StoreError> {
-        next.check().map_err(|e| corrupt(&self.dir.join(STATE_FILE), format!("refusing to commit an inconsistent state: {e}")))?;
+        next.check().map_err(|e| {
+            corrupt(
+                &self.dir.join(STATE_FILE),
+                format!("refusing to commit an inconsistent state: {e}"),
+            )
+        })?;
         let found = self.stored_generation()?;
         if found != base {
-            return Err(StoreError::Conflict { expected: base.unwrap_or(0), found: found.unwrap_or(0) });
+            return Err(StoreError::Conflict {
+                expected: base.unwrap_or(0),
+                found: found.unwrap_or(0),
+            });
         }
         for (sub, der, id, key) in next
             .anchors
             .iter()
             .map(|a| ("anchors", a.cert.der(), a.cert.id(), a.key.as_ref()))
-            .chain(next.issuers.iter().map(|i| ("issuers", i.cert.der(), i.cert.id(), Some(&i.key))))
+            .chain(
+                next.issuers
+                    .iter()
+                    .map(|i| ("issuers", i.cert.der(), i.cert.id(), Some(&i.key))),
+            )
         {
             let dir = self.dir.join(sub);
             create_private_dir(&dir)?;
@@ -256,7 +309,8 @@ impl FileStore {
                 .collect(),
             history: next.history.clone(),
         };
-        let mut json = serde_json::to_vec_pretty(&file).map_err(|e| corrupt(&self.dir.join(STATE_FILE), e.to_string()))?;
+        let mut json = serde_json::to_vec_pretty(&file)
+            .map_err(|e| corrupt(&self.dir.join(STATE_FILE), e.to_string()))?;
         json.push(b'\n');
         fault_point("commit:before-state");
         write_atomic(&self.dir.join(STATE_FILE), &json, 0o644)?;
@@ -289,15 +343,30 @@ impl FileStore {
         }
     }
 
-    fn read_cert(&self, sub: &str, id: &CertId, serial: &str, not_after: OffsetDateTime) -> Result<CaCert, StoreError> {
+    fn read_cert(
+        &self,
+        sub: &str,
+        id: &CertId,
+        serial: &str,
+        not_after: OffsetDateTime,
+    ) -> Result<CaCert, StoreError> {
         let path = self.dir.join(sub).join(format!("{id}.crt"));
         let text = read_existing(&path, "certificate")?;
         let cert = CaCert::from_pem(&text).map_err(|e| corrupt(&path, e.to_string()))?;
         if cert.id() != id {
-            return Err(corrupt(&path, format!("holds certificate {} where {STATE_FILE} expects {id}: the file was changed", cert.id())));
+            return Err(corrupt(
+                &path,
+                format!(
+                    "holds certificate {} where {STATE_FILE} expects {id}: the file was changed",
+                    cert.id()
+                ),
+            ));
         }
         if cert.info.serial != serial || cert.info.not_after != not_after {
-            return Err(corrupt(&path, format!("serial or notAfter differ from {STATE_FILE}")));
+            return Err(corrupt(
+                &path,
+                format!("serial or notAfter differ from {STATE_FILE}"),
+            ));
         }
         Ok(cert)
     }
@@ -305,13 +374,25 @@ impl FileStore {
     fn read_key(&self, sub: &str, id: &CertId, cert: &CaCert) -> Result<SecretKey, StoreError> {
         let path = self.dir.join(sub).join(format!("{id}.key"));
         let text = zeroize::Zeroizing::new(read_existing(&path, "private key")?);
-        let mode = fs::metadata(&path).map_err(io_err(&path))?.permissions().mode();
+        let mode = fs::metadata(&path)
+            .map_err(io_err(&path))?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
-            return Err(corrupt(&path, format!("private key is readable by group or others (mode {:o}); run chmod 600", mode & 0o777)));
+            return Err(corrupt(
+                &path,
+                format!(
+                    "private key is readable by group or others (mode {:o}); run chmod 600",
+                    mode & 0o777
+                ),
+            ));
         }
         let key = SecretKey::from_pem(&text).map_err(|e| corrupt(&path, e.to_string()))?;
         if !cert.matches_key(&key) {
-            return Err(corrupt(&path, format!("this key does not belong to certificate {id}")));
+            return Err(corrupt(
+                &path,
+                format!("this key does not belong to certificate {id}"),
+            ));
         }
         Ok(key)
     }
@@ -341,10 +422,13 @@ fn check_id(state: &Path, id: &CertId, seen: &mut HashSet<CertId>) -> Result<(),
 fn read_existing(path: &Path, what: &str) -> Result<String, StoreError> {
     match fs::read_to_string(path) {
         Ok(t) => Ok(t),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            Err(corrupt(path, format!("missing: {STATE_FILE} lists this {what}")))
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(corrupt(
+            path,
+            format!("missing: {STATE_FILE} lists this {what}"),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            Err(corrupt(path, "not text (not PEM)"))
         }
-        Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(corrupt(path, "not text (not PEM)")),
         Err(e) => Err(io_err(path)(e)),
     }
 }
@@ -358,11 +442,22 @@ pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
 /// Replaces `path` with `bytes` atomically: a temp file in the same dir (created with `mode`),
 /// fsync, rename over `path`, fsync the dir. Readers see the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         // `mode` is filtered by the umask on creation; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
@@ -394,7 +489,12 @@ mod tests {
     use crate::policy::Policy;
 
     fn genesis() -> AuthorityState {
-        AuthorityState::genesis("cluster.local".parse().unwrap(), &Policy::default(), OffsetDateTime::now_utc()).unwrap()
+        AuthorityState::genesis(
+            "cluster.local".parse().unwrap(),
+            &Policy::default(),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap()
     }
 
     fn mode(p: &Path) -> u32 {
@@ -411,8 +511,14 @@ mod tests {
         store.commit_sync(None, &s).unwrap();
         let back = store.load_sync().unwrap().unwrap();
         assert_eq!(back.generation, s.generation);
-        assert_eq!(back.active_issuer().unwrap().cert, s.active_issuer().unwrap().cert);
-        assert_eq!(back.active_anchor().unwrap().cert, s.active_anchor().unwrap().cert);
+        assert_eq!(
+            back.active_issuer().unwrap().cert,
+            s.active_issuer().unwrap().cert
+        );
+        assert_eq!(
+            back.active_anchor().unwrap().cert,
+            s.active_anchor().unwrap().cert
+        );
         assert_eq!(mode(&dir), 0o700);
         let a = s.active_anchor().unwrap().cert.id();
         assert_eq!(mode(&dir.join(format!("anchors/{a}.key"))), 0o600);
@@ -427,11 +533,23 @@ mod tests {
         let store = FileStore::open(tmp.path()).unwrap();
         let s = genesis();
         store.commit_sync(None, &s).unwrap();
-        assert!(matches!(store.commit_sync(None, &s), Err(StoreError::Conflict { .. })));
+        assert!(matches!(
+            store.commit_sync(None, &s),
+            Err(StoreError::Conflict { .. })
+        ));
         let p = Policy::default();
-        let s2 = s.prepare_issuer(&p, OffsetDateTime::now_utc(), s.active_anchor().unwrap().cert.id()).unwrap();
+        let s2 = s
+            .prepare_issuer(
+                &p,
+                OffsetDateTime::now_utc(),
+                s.active_anchor().unwrap().cert.id(),
+            )
+            .unwrap();
         store.commit_sync(Some(s.generation), &s2).unwrap();
-        assert!(matches!(store.commit_sync(Some(s.generation), &s2), Err(StoreError::Conflict { .. })));
+        assert!(matches!(
+            store.commit_sync(Some(s.generation), &s2),
+            Err(StoreError::Conflict { .. })
+        ));
     }
 
     #[test]
@@ -441,7 +559,10 @@ mod tests {
         store.commit_sync(None, &genesis()).unwrap();
         fs::remove_file(tmp.path().join(STATE_FILE)).unwrap();
         let e = store.load_sync().unwrap_err().to_string();
-        assert!(e.contains("state.json: missing, but anchors, issuers, bundle.pem exist"), "{e}");
+        assert!(
+            e.contains("state.json: missing, but anchors, issuers, bundle.pem exist"),
+            "{e}"
+        );
         assert!(e.contains("refusing to generate a new trust anchor"), "{e}");
     }
 
@@ -451,15 +572,70 @@ mod tests {
         let a = s.active_anchor().unwrap().cert.id().to_string();
         let i = s.active_issuer().unwrap().cert.id().to_string();
         let other = genesis();
-        let other_key = other.active_anchor().unwrap().key.as_ref().unwrap().to_pem();
+        let other_key = other
+            .active_anchor()
+            .unwrap()
+            .key
+            .as_ref()
+            .unwrap()
+            .to_pem();
         type Damage = Box<dyn Fn(&Path)>;
         let cases: Vec<(String, Damage, &str)> = vec![
-            (STATE_FILE.into(), Box::new(|d: &Path| fs::write(d.join(STATE_FILE), "{not json").unwrap()), "not valid state JSON"),
-            (format!("anchors/{a}.crt"), Box::new({ let a = a.clone(); move |d: &Path| fs::write(d.join(format!("anchors/{a}.crt")), "garbage").unwrap() }), "not PEM"),
-            (format!("anchors/{a}.key"), Box::new({ let a = a.clone(); move |d: &Path| fs::remove_file(d.join(format!("anchors/{a}.key"))).unwrap() }), "missing"),
-            (format!("issuers/{i}.key"), Box::new({ let i = i.clone(); let k = other_key.to_string(); move |d: &Path| fs::write(d.join(format!("issuers/{i}.key")), &k).unwrap() }), "does not belong"),
-            (format!("issuers/{i}.key"), Box::new({ let i = i.clone(); move |d: &Path| fs::set_permissions(d.join(format!("issuers/{i}.key")), fs::Permissions::from_mode(0o644)).unwrap() }), "readable by group or others"),
-            (format!("issuers/{i}.crt"), Box::new({ let i = i.clone(); let c = other.active_issuer().unwrap().cert.pem(); move |d: &Path| fs::write(d.join(format!("issuers/{i}.crt")), &c).unwrap() }), "the file was changed"),
+            (
+                STATE_FILE.into(),
+                Box::new(|d: &Path| fs::write(d.join(STATE_FILE), "{not json").unwrap()),
+                "not valid state JSON",
+            ),
+            (
+                format!("anchors/{a}.crt"),
+                Box::new({
+                    let a = a.clone();
+                    move |d: &Path| {
+                        fs::write(d.join(format!("anchors/{a}.crt")), "garbage").unwrap()
+                    }
+                }),
+                "not PEM",
+            ),
+            (
+                format!("anchors/{a}.key"),
+                Box::new({
+                    let a = a.clone();
+                    move |d: &Path| fs::remove_file(d.join(format!("anchors/{a}.key"))).unwrap()
+                }),
+                "missing",
+            ),
+            (
+                format!("issuers/{i}.key"),
+                Box::new({
+                    let i = i.clone();
+                    let k = other_key.to_string();
+                    move |d: &Path| fs::write(d.join(format!("issuers/{i}.key")), &k).unwrap()
+                }),
+                "does not belong",
+            ),
+            (
+                format!("issuers/{i}.key"),
+                Box::new({
+                    let i = i.clone();
+                    move |d: &Path| {
+                        fs::set_permissions(
+                            d.join(format!("issuers/{i}.key")),
+                            fs::Permissions::from_mode(0o644),
+                        )
+                        .unwrap()
+                    }
+                }),
+                "readable by group or others",
+            ),
+            (
+                format!("issuers/{i}.crt"),
+                Box::new({
+                    let i = i.clone();
+                    let c = other.active_issuer().unwrap().cert.pem();
+                    move |d: &Path| fs::write(d.join(format!("issuers/{i}.crt")), &c).unwrap()
+                }),
+                "the file was changed",
+            ),
         ];
         for (file, damage, want) in cases {
             let tmp = tempfile::tempdir().unwrap();
@@ -478,7 +654,8 @@ mod tests {
         let store = FileStore::open(tmp.path()).unwrap();
         store.commit_sync(None, &genesis()).unwrap();
         let path = tmp.path().join(STATE_FILE);
-        let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
         v["anchors"][0]["status"] = "archived".into();
         fs::write(&path, v.to_string()).unwrap();
         let e = store.load_sync().unwrap_err().to_string();

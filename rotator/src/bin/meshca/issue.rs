@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use meshca_proto::v1::SignCertificateRequest;
 use meshca_proto::v1::identity_service_client::IdentityServiceClient;
-use rotator::client::{Identity, channel, client_tls, make_csr, parse_pem_certs, read_pem_certs, verify_svid};
+use rotator::client::{
+    Identity, channel, client_tls, make_csr, parse_pem_certs, read_pem_certs, verify_svid,
+};
 use rotator::clock::rfc3339;
 use rotator::pki::{SecretKey, pem_cert};
 use rotator::spiffe::SpiffeId;
@@ -54,14 +56,18 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
             let key_text = zeroize::Zeroizing::new(
                 std::fs::read_to_string(k).map_err(|e| Failed(format!("{}: {e}", k.display())))?,
             );
-            let key = SecretKey::from_pem(&key_text).map_err(|e| Failed(format!("{}: {e}", k.display())))?;
+            let key = SecretKey::from_pem(&key_text)
+                .map_err(|e| Failed(format!("{}: {e}", k.display())))?;
             Some(Identity { chain, key })
         }
         _ => None,
     };
     let token = match &a.token_file {
         Some(p) => Some(zeroize::Zeroizing::new(
-            std::fs::read_to_string(p).map_err(|e| Failed(format!("{}: {e}", p.display())))?.trim().to_owned(),
+            std::fs::read_to_string(p)
+                .map_err(|e| Failed(format!("{}: {e}", p.display())))?
+                .trim()
+                .to_owned(),
         )),
         None => None,
     };
@@ -70,28 +76,52 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
     let tls = client_tls(&bundle, identity.as_ref())?;
     let mut req = tonic::Request::new(SignCertificateRequest {
         csr,
-        ttl: a.ttl.map(|d| prost_types::Duration { seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nanos: 0 }),
+        ttl: a.ttl.map(|d| prost_types::Duration {
+            seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
         instance_id: a.instance_id.clone(),
     });
     if let Some(t) = &token {
-        let v = format!("Bearer {}", t.as_str()).parse().map_err(|_| Failed("the token file holds characters not allowed in a header".into()))?;
+        let v = format!("Bearer {}", t.as_str()).parse().map_err(|_| {
+            Failed("the token file holds characters not allowed in a header".into())
+        })?;
         req.metadata_mut().insert("authorization", v);
     }
     let resp = runtime()?
         .block_on(async {
             let ch = channel(&a.server, tls)?;
-            IdentityServiceClient::new(ch).sign_certificate(req).await.map_err(|s| grpc_failure(&a.server, &s))
+            IdentityServiceClient::new(ch)
+                .sign_certificate(req)
+                .await
+                .map_err(|s| grpc_failure(&a.server, &s))
         })?
         .into_inner();
 
     // Check what came back before writing anything: the chain verifies to the returned bundle
     // and the leaf carries exactly the identity asked for.
-    let chain: Vec<CertificateDer<'static>> = resp.certificate_chain.into_iter().map(CertificateDer::from).collect();
-    let new_bundle: Vec<CertificateDer<'static>> = resp.trust_bundle.into_iter().map(CertificateDer::from).collect();
-    let got = verify_svid(&chain, &new_bundle, UnixTime::now(), webpki::KeyUsage::client_auth())
-        .map_err(|e| Failed(format!("the server's answer does not verify: {e}")))?;
+    let chain: Vec<CertificateDer<'static>> = resp
+        .certificate_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let new_bundle: Vec<CertificateDer<'static>> = resp
+        .trust_bundle
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let got = verify_svid(
+        &chain,
+        &new_bundle,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .map_err(|e| Failed(format!("the server's answer does not verify: {e}")))?;
     if got != a.spiffe_id {
-        return Err(Failed(format!("the server issued {got}, not the requested {}", a.spiffe_id)));
+        return Err(Failed(format!(
+            "the server issued {got}, not the requested {}",
+            a.spiffe_id
+        )));
     }
     let crt_path = with_ext(&a.out, "crt");
     let key_path = with_ext(&a.out, "key");
@@ -106,7 +136,9 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
         return Err(Failed("internal: written chain does not parse back".into()));
     }
     let ts = |t: Option<prost_types::Timestamp>| {
-        t.and_then(|t| OffsetDateTime::from_unix_timestamp(t.seconds).ok()).map(rfc3339).unwrap_or_default()
+        t.and_then(|t| OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+            .map(rfc3339)
+            .unwrap_or_default()
     };
     let not_after = ts(resp.not_after);
     let refresh_at = ts(resp.refresh_at);

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "meshca", version, about = "Operate a meshca certificate authority, or get a certificate from one")]
+#[command(
+    name = "meshca",
+    version,
+    about = "Operate a meshca certificate authority, or get a certificate from one"
+)]
 struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
@@ -51,7 +55,8 @@ impl<E: std::fmt::Display> From<E> for Failed {
 
 /// The state dir when none is given: `$MESHCA_STATE_DIR`, else `./meshca-data`.
 pub fn default_state_dir() -> PathBuf {
-    std::env::var_os("MESHCA_STATE_DIR").map_or_else(|| PathBuf::from("./meshca-data"), PathBuf::from)
+    std::env::var_os("MESHCA_STATE_DIR")
+        .map_or_else(|| PathBuf::from("./meshca-data"), PathBuf::from)
 }
 
 fn main() -> ExitCode {
@@ -73,14 +78,18 @@ fn main() -> ExitCode {
 
 /// A current-thread runtime for the network commands.
 pub fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Failed(format!("runtime: {e}")))
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failed(format!("runtime: {e}")))
 }
 
 /// Words a gRPC failure for the user: the code and the server's reason.
 pub fn grpc_failure(server: &str, s: &tonic::Status) -> Failed {
     // A status made on this side from a transport error (connection refused, TLS failure) has
     // the transport error as its source; one sent by the server has none.
-    let local = std::error::Error::source(s).is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+    let local = std::error::Error::source(s)
+        .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
     if local {
         // The innermost error says what actually went wrong (refused, reset, unknown issuer).
         let mut inner: &dyn std::error::Error = s;

@@ -36,9 +36,12 @@ pub struct BundleArgs {
 
 fn load(dir: Option<PathBuf>) -> Result<AuthorityState, Failed> {
     let dir = dir.unwrap_or_else(default_state_dir);
-    FileStore::read_only(&dir)
-        .load_sync()?
-        .ok_or_else(|| Failed(format!("{}: no authority here (start meshca-server with --state-dir {0})", dir.display())))
+    FileStore::read_only(&dir).load_sync()?.ok_or_else(|| {
+        Failed(format!(
+            "{}: no authority here (start meshca-server with --state-dir {0})",
+            dir.display()
+        ))
+    })
 }
 
 pub fn status(a: StatusArgs, output: Output) -> Result<(), Failed> {
@@ -84,7 +87,11 @@ fn status_text(s: &AuthorityState, now: OffsetDateTime) -> String {
         s.bundle_version,
         s.generation
     );
-    let _ = writeln!(o, "\nANCHORS\n  {:<16}  {:<9}  {:<8}  {:<20}  {}", "ID", "STATUS", "KEY", "NOT AFTER", "EXPIRES IN");
+    let _ = writeln!(
+        o,
+        "\nANCHORS\n  {:<16}  {:<9}  {:<8}  {:<20}  EXPIRES IN",
+        "ID", "STATUS", "KEY", "NOT AFTER"
+    );
     for a in &s.anchors {
         let _ = writeln!(
             o,
@@ -96,7 +103,11 @@ fn status_text(s: &AuthorityState, now: OffsetDateTime) -> String {
             countdown(a.cert.info.not_after, now)
         );
     }
-    let _ = writeln!(o, "\nISSUERS\n  {:<16}  {:<9}  {:<16}  {:<20}  {}", "ID", "STATUS", "ANCHOR", "NOT AFTER", "EXPIRES IN");
+    let _ = writeln!(
+        o,
+        "\nISSUERS\n  {:<16}  {:<9}  {:<16}  {:<20}  EXPIRES IN",
+        "ID", "STATUS", "ANCHOR", "NOT AFTER"
+    );
     for i in &s.issuers {
         let _ = writeln!(
             o,
@@ -115,7 +126,14 @@ fn status_text(s: &AuthorityState, now: OffsetDateTime) -> String {
 }
 
 fn countdown(t: OffsetDateTime, now: OffsetDateTime) -> String {
-    if t <= now { format!("EXPIRED {} ago", human((now - t).try_into().unwrap_or_default())) } else { human((t - now).try_into().unwrap_or_default()) }
+    if t <= now {
+        format!(
+            "EXPIRED {} ago",
+            human((now - t).try_into().unwrap_or_default())
+        )
+    } else {
+        human((t - now).try_into().unwrap_or_default())
+    }
 }
 
 pub fn bundle(a: BundleArgs, output: Output) -> Result<(), Failed> {
@@ -132,15 +150,26 @@ pub fn bundle(a: BundleArgs, output: Output) -> Result<(), Failed> {
                         .map_err(|s| grpc_failure(server, &s))
                 })?
                 .into_inner();
-            (b.version, b.trust_domain, b.anchors.iter().map(|d| pem_cert(d)).collect())
+            (
+                b.version,
+                b.trust_domain,
+                b.anchors.iter().map(|d| pem_cert(d)).collect(),
+            )
         }
         _ => {
             let s = load(a.state_dir)?;
-            (s.bundle_version, s.trust_domain.to_string(), s.bundle().map(|a| a.cert.pem()).collect())
+            (
+                s.bundle_version,
+                s.trust_domain.to_string(),
+                s.bundle().map(|a| a.cert.pem()).collect(),
+            )
         }
     };
     match output {
-        Output::Json => println!("{}", json!({ "trust_domain": td, "version": version, "anchors_pem": pems })),
+        Output::Json => println!(
+            "{}",
+            json!({ "trust_domain": td, "version": version, "anchors_pem": pems })
+        ),
         Output::Text => print!("{}", pems.concat()),
     }
     Ok(())

@@ -1,0 +1,233 @@
+//! The `meshca` CLI against a real `meshca-server` process, as a user would run them.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is how a failure is reported.
+
+use std::process::Command;
+
+use meshca_tests::{ServerProcess, bin, pem_certs};
+
+fn meshca(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
+    Command::new(bin("meshca"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run meshca")
+}
+
+#[test]
+fn the_banner_command_works_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let server = ServerProcess::spawn(&state, &[], &[]).unwrap();
+    for want in [
+        "bundle.pem",
+        "bootstrap-token",
+        "trust domain cluster.local",
+    ] {
+        assert!(
+            server.banner.contains(want),
+            "banner lacks {want}:\n{}",
+            server.banner
+        );
+    }
+    // Run the printed command exactly (it names the meshca binary beside meshca-server).
+    let line = server
+        .banner
+        .lines()
+        .skip_while(|l| !l.starts_with("Issue a certificate"))
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        words[0].ends_with("/meshca") && words[1] == "issue",
+        "{line}"
+    );
+    let out = Command::new(words[0])
+        .args(&words[1..])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{line}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("issued spiffe://cluster.local/ns/default/sa/demo"),
+        "{stdout}"
+    );
+    let chain = pem_certs(&std::fs::read_to_string(dir.path().join("demo.crt")).unwrap());
+    assert_eq!(chain.len(), 2);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(dir.path().join("demo.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("demo.bundle.pem")).unwrap(),
+        std::fs::read(state.join("bundle.pem")).unwrap()
+    );
+
+    // Renewal over mTLS with the certificate just issued, JSON output.
+    let s = state.display().to_string();
+    let out = meshca(
+        &[
+            "--output",
+            "json",
+            "issue",
+            "--server",
+            &server.url,
+            "--ca-bundle",
+            &format!("{s}/bundle.pem"),
+            "--cert",
+            "demo.crt",
+            "--key",
+            "demo.key",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/default/sa/demo",
+            "--out",
+            "renewed",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["spiffe_id"], "spiffe://cluster.local/ns/default/sa/demo");
+    assert_eq!(j["bundle_version"], 1);
+
+    // A refusal exits 1 and says why.
+    let out = meshca(
+        &[
+            "issue",
+            "--server",
+            &server.url,
+            "--ca-bundle",
+            &format!("{s}/bundle.pem"),
+            "--token-file",
+            &format!("{s}/bootstrap-token"),
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/prod/sa/x",
+            "--out",
+            "x",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PermissionDenied")
+            && err.contains("may not request spiffe://cluster.local/ns/prod/sa/x"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("x.key").exists(),
+        "nothing written on failure"
+    );
+
+    // status and bundle.
+    let out = meshca(
+        &["--output", "json", "status", "--state-dir", &s],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["trust_domain"], "cluster.local");
+    assert_eq!(j["anchors"][0]["status"], "active");
+    assert_eq!(j["issuers"][0]["status"], "active");
+    let left = j["issuers"][0]["expires_in_seconds"].as_u64().unwrap();
+    assert!(left > 6 * 86400 && left <= 7 * 86400 + 300, "{left}");
+    let text = meshca(&["status", "--state-dir", &s], dir.path());
+    assert!(String::from_utf8_lossy(&text.stdout).contains("phase steady"));
+
+    let out = meshca(
+        &[
+            "bundle",
+            "--server",
+            &server.url,
+            "--ca-bundle",
+            &format!("{s}/bundle.pem"),
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, std::fs::read(state.join("bundle.pem")).unwrap());
+}
+
+#[test]
+fn unreachable_server_and_bad_usage_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    ServerProcess::spawn(&state, &[], &[]).unwrap().kill();
+    let s = state.display().to_string();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = meshca(
+        &[
+            "issue",
+            "--server",
+            &format!("https://127.0.0.1:{port}"),
+            "--ca-bundle",
+            &format!("{s}/bundle.pem"),
+            "--token-file",
+            &format!("{s}/bootstrap-token"),
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/default/sa/a",
+            "--out",
+            "a",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot reach https://127.0.0.1:{port}")) && err.contains("refused"),
+        "{err}"
+    );
+
+    let out = meshca(
+        &[
+            "issue",
+            "--server",
+            "https://x",
+            "--ca-bundle",
+            "b.pem",
+            "--spiffe-id",
+            "not-an-id",
+            "--out",
+            "a",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("scheme must be spiffe://"));
+
+    let out = meshca(
+        &["status", "--state-dir", "/nonexistent/meshca"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no authority here"));
+}
