@@ -231,3 +231,178 @@ fn unreachable_server_and_bad_usage_are_clear() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no authority here"));
 }
+
+/// Runs the README's mTLS walkthrough with openssl: `s_server` demands a client certificate and
+/// echoes reversed; `s_client` connects with another workload's certificate. A client holding a
+/// certificate from another authority is the negative control.
+#[test]
+fn readme_walkthrough_openssl_mtls() {
+    let Some(openssl) = meshca_tests::require_tool("openssl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let server = ServerProcess::spawn(&state, &[], &[]).unwrap();
+    let s = state.display().to_string();
+    for w in ["web", "db"] {
+        let out = meshca(
+            &[
+                "issue",
+                "--server",
+                &server.url,
+                "--ca-bundle",
+                &format!("{s}/bundle.pem"),
+                "--token-file",
+                &format!("{s}/bootstrap-token"),
+                "--spiffe-id",
+                &format!("spiffe://cluster.local/ns/default/sa/{w}"),
+                "--out",
+                w,
+            ],
+            dir.path(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A workload of a different authority.
+    let other_state = dir.path().join("other");
+    let other = ServerProcess::spawn(&other_state, &[], &[]).unwrap();
+    let o = other_state.display().to_string();
+    let out = meshca(
+        &[
+            "issue",
+            "--server",
+            &other.url,
+            "--ca-bundle",
+            &format!("{o}/bundle.pem"),
+            "--token-file",
+            &format!("{o}/bootstrap-token"),
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/default/sa/db",
+            "--out",
+            "stranger",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success());
+
+    let echo = |client: &str| -> (bool, String) {
+        use std::io::{BufRead, BufReader, Write};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut srv = Command::new(&openssl)
+            .current_dir(dir.path())
+            .args([
+                "s_server",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+                "-cert",
+                "web.crt",
+                "-cert_chain",
+                "web.crt",
+                "-key",
+                "web.key",
+                "-CAfile",
+                "web.bundle.pem",
+                "-Verify",
+                "2",
+                "-verify_return_error",
+                "-naccept",
+                "1",
+                "-rev",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // s_server prints ACCEPT once it listens.
+        let mut lines = BufReader::new(srv.stdout.take().unwrap()).lines();
+        assert!(
+            lines
+                .by_ref()
+                .map_while(Result::ok)
+                .any(|l| l.contains("ACCEPT")),
+            "s_server did not start"
+        );
+        let mut cli = Command::new(&openssl)
+            .current_dir(dir.path())
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-cert",
+                &format!("{client}.crt"),
+                "-cert_chain",
+                &format!("{client}.crt"),
+                "-key",
+                &format!("{client}.key"),
+                "-CAfile",
+                "db.bundle.pem",
+                "-verify_return_error",
+                "-ign_eof",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        cli.stdin.as_mut().unwrap().write_all(b"hello\n").unwrap();
+        // Read until the echo arrives or the client ends (refused); then stop both.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = cli.stdout.take().unwrap();
+        let stderr = cli.stderr.take().unwrap();
+        for stream in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(Some(line));
+                }
+                let _ = tx.send(None);
+            });
+        }
+        let mut text = String::new();
+        let mut ended = 0;
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+                Ok(Some(line)) => {
+                    text.push_str(&line);
+                    text.push('\n');
+                    if line.contains("olleh") {
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    ended += 1;
+                    if ended == 2 {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = cli.kill();
+        let _ = cli.wait();
+        let _ = srv.kill();
+        let _ = srv.wait();
+        (text.contains("olleh"), text)
+    };
+    let (ok, text) = echo("db");
+    assert!(
+        ok && text.contains("Verify return code: 0 (ok)"),
+        "mTLS between web and db failed:\n{text}"
+    );
+    let (ok, text) = echo("stranger");
+    assert!(
+        !ok,
+        "a certificate from another authority was accepted:\n{text}"
+    );
+}
