@@ -25,7 +25,7 @@ pub struct IssueArgs {
     /// PEM file with the trust bundle the server's certificate is verified against.
     #[arg(long, value_name = "FILE")]
     ca_bundle: PathBuf,
-    /// File holding a bearer token (e.g. <state-dir>/bootstrap-token).
+    /// File holding a bearer token (e.g. `<state-dir>/bootstrap-token`).
     #[arg(long, value_name = "FILE", required_unless_present = "cert")]
     token_file: Option<PathBuf>,
     /// Renew over mTLS instead: the current certificate (PEM, leaf first) ...
