@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use base64::Engine;
@@ -227,7 +226,9 @@ pub fn write_bootstrap_token(dir: &Path, td: &TrustDomain) -> Result<PathBuf, To
 pub struct Authenticator {
     dir: PathBuf,
     tokens: ArcSwap<StaticTokens>,
-    loaded_mtime: std::sync::Mutex<Option<SystemTime>>,
+    /// SHA-256 of the tokens file as last loaded (`None`: never loaded). Content, not mtime:
+    /// two writes within one filesystem timestamp tick must still be seen.
+    loaded: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 impl Authenticator {
@@ -236,24 +237,36 @@ impl Authenticator {
         let a = Self {
             dir: dir.to_owned(),
             tokens: ArcSwap::from_pointee(StaticTokens::default()),
-            loaded_mtime: Default::default(),
+            loaded: Default::default(),
         };
         a.reload_if_changed()?;
         Ok(a)
     }
 
-    /// Re-reads `tokens.json` if its modification time changed. On error the old tokens stay.
+    /// Re-reads `tokens.json` if its content changed. On error the old tokens stay.
     pub fn reload_if_changed(&self) -> Result<bool, TokensError> {
-        let mtime = std::fs::metadata(self.dir.join(TOKENS_FILE))
-            .and_then(|m| m.modified())
-            .ok();
-        let mut last = self.loaded_mtime.lock().unwrap_or_else(|p| p.into_inner());
-        if *last == mtime && mtime.is_some() {
+        let path = self.dir.join(TOKENS_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(TokensError {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let hash: [u8; 32] = digest(&SHA256, &bytes)
+            .as_ref()
+            .try_into()
+            .unwrap_or([0; 32]);
+        let mut last = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == Some(hash) {
             return Ok(false);
         }
         let t = StaticTokens::load(&self.dir)?;
         self.tokens.store(Arc::new(t));
-        *last = mtime;
+        *last = Some(hash);
         Ok(true)
     }
 
@@ -394,5 +407,11 @@ mod tests {
             .is_ok()
         );
         assert!(!auth.reload_if_changed().unwrap());
+        // Back-to-back writes (often within one filesystem timestamp tick) are each seen.
+        for n in 0..5 {
+            add_token(dir.path(), &format!("t{n}"), vec![]).unwrap();
+            assert!(auth.reload_if_changed().unwrap(), "write {n} not seen");
+        }
+        assert_eq!(auth.token_count(), 6);
     }
 }

@@ -201,7 +201,7 @@ impl Authority {
                      and restarting workloads so they fetch the new bundle.",
                     store.dir().display(),
                     a.cert.id(),
-                    a.cert.info.not_after
+                    rotator::clock::rfc3339(a.cert.info.not_after)
                 )));
             }
         }

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ring::rand::{SecureRandom, SystemRandom};
 use rotator::spiffe::SpiffeId;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -82,7 +81,6 @@ pub struct Issuer {
     authority: Arc<Authority>,
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
-    rng: SystemRandom,
 }
 
 impl Issuer {
@@ -92,7 +90,6 @@ impl Issuer {
             authority,
             auth,
             metrics,
-            rng: SystemRandom::new(),
         }
     }
 
@@ -155,7 +152,7 @@ impl Issuer {
             .policy()
             .leaf_window(now, ttl, issuer.not_before, issuer.not_after)
             .map_err(|e| IssueError::Unavailable(format!("issuer {}: {e}", issuer.id)))?;
-        let leaf = sign_leaf(csr, &window, &issuer.signer, &self.rng)
+        let leaf = sign_leaf(csr, &window, &issuer.signer)
             .map_err(|e| IssueError::Internal(e.to_string()))?;
         let refresh_at = self.refresh_at(now, window.not_after)?;
         Ok(Issued {
@@ -175,8 +172,7 @@ impl Issuer {
         not_after: OffsetDateTime,
     ) -> Result<OffsetDateTime, IssueError> {
         let mut b = [0u8; 4];
-        self.rng
-            .fill(&mut b)
+        rotator::pki::random_bytes(&mut b)
             .map_err(|_| IssueError::Internal("random number generator failed".into()))?;
         let frac = 0.5 + 0.2 * (f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX));
         let life = (not_after - now).as_seconds_f64().max(0.0);

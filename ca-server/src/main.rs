@@ -82,12 +82,20 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    // Buffered: the appender's worker thread flushes whenever its queue is empty, so lines are
+    // never held back, but a burst goes out in one write instead of one per line.
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
+        64 * 1024,
+        std::io::stderr(),
+    ));
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG").unwrap_or_else(|_| "info".into());
+    // Colours only on a terminal: escape codes do not belong in log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        .with_ansi(ansi);
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -145,7 +153,7 @@ fn print_banner(server: &Server) {
         .unwrap_or_else(|| server.state_dir.join(ca_server::auth::BOOTSTRAP_TOKEN_FILE));
     let issuer = snap.issuer.as_ref().map_or_else(
         || "none (import one: meshca issuer import)".to_owned(),
-        |i| format!("{} (until {})", i.id, i.not_after),
+        |i| format!("{} (until {})", i.id, rotator::clock::rfc3339(i.not_after)),
     );
     println!(
         "meshca-server {ver}: {what} for trust domain {td}\n\

@@ -12,7 +12,6 @@ use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
     SignatureAlgorithm,
 };
-use ring::rand::SystemRandom;
 use rotator::pki::{SecretKey, random_serial};
 use rotator::policy::LeafWindow;
 use rotator::spiffe::{IdError, SpiffeId};
@@ -294,7 +293,6 @@ pub fn sign_leaf(
     csr: &ValidCsr,
     window: &LeafWindow,
     issuer: &rcgen::Issuer<'_, SecretKey>,
-    rng: &SystemRandom,
 ) -> Result<Leaf, SignError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -320,7 +318,7 @@ pub fn sign_leaf(
     params.use_authority_key_identifier_extension = true;
     params.not_before = window.not_before;
     params.not_after = window.not_after;
-    let serial = random_serial(rng).map_err(|e| SignError(e.to_string()))?;
+    let serial = random_serial().map_err(|e| SignError(e.to_string()))?;
     let serial_hex = hex::encode(serial.as_ref());
     params.serial_number = Some(serial);
     let cert = params
@@ -570,7 +568,6 @@ mod tests {
             AuthorityState::genesis("cluster.local".parse().unwrap(), &policy, now).unwrap();
         let issuer = state.active_issuer().unwrap();
         let rissuer = issuer.cert.rcgen_issuer(issuer.key.clone()).unwrap();
-        let rng = SystemRandom::new();
         for (key, rsa) in [(p256(), false), (rsa_key(2048), true)] {
             let csr = parse_csr(&csr_with(uri_params(&[ID]), &key)).unwrap();
             let window = policy
@@ -581,7 +578,7 @@ mod tests {
                     issuer.cert.info.not_after,
                 )
                 .unwrap();
-            let leaf = sign_leaf(&csr, &window, &rissuer, &rng).unwrap();
+            let leaf = sign_leaf(&csr, &window, &rissuer).unwrap();
             let (_, x) = X509Certificate::from_der(&leaf.der).unwrap();
             assert!(x.subject().as_raw().len() <= 2, "empty subject");
             let bc = x.basic_constraints().unwrap().unwrap();

@@ -15,7 +15,6 @@ use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
     SanType,
 };
-use ring::rand::SystemRandom;
 use rotator::pki::{SecretKey, random_serial};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -140,8 +139,7 @@ impl LiveTls {
         params.use_authority_key_identifier_extension = true;
         params.not_before = window.not_before;
         params.not_after = window.not_after;
-        params.serial_number =
-            Some(random_serial(&SystemRandom::new()).map_err(|e| e.to_string())?);
+        params.serial_number = Some(random_serial().map_err(|e| e.to_string())?);
         let cert = params
             .signed_by(&key, &issuer.signer)
             .map_err(|e| e.to_string())?;
@@ -162,7 +160,7 @@ impl LiveTls {
             renew_at,
             der,
         })));
-        tracing::info!(issuer = %issuer.id, not_after = %window.not_after, "server certificate issued");
+        tracing::info!(issuer = %issuer.id, not_after = %rotator::clock::rfc3339(window.not_after), "server certificate issued");
         Ok(())
     }
 

@@ -345,11 +345,40 @@ pub fn pem_cert(der: &[u8]) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
 }
 
+/// Fills `out` with bytes from the operating system's CSPRNG, taken from a per-thread buffer
+/// that is refilled 4 KiB at a time: one `getrandom` call per 256 serial numbers instead of one
+/// per certificate. Each byte is handed out once and then overwritten.
+pub fn random_bytes(out: &mut [u8]) -> Result<(), PkiError> {
+    use std::cell::RefCell;
+    const BUF: usize = 4096;
+    thread_local! {
+        static POOL: RefCell<(Box<[u8; BUF]>, usize)> = RefCell::new((Box::new([0u8; BUF]), BUF));
+    }
+    if out.len() > BUF {
+        return SystemRandom::new().fill(out).map_err(|_| PkiError::Random);
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let (buf, used) = &mut *p;
+        if BUF - *used < out.len() {
+            SystemRandom::new()
+                .fill(&mut buf[..])
+                .map_err(|_| PkiError::Random)?;
+            *used = 0;
+        }
+        let end = *used + out.len();
+        out.copy_from_slice(&buf[*used..end]);
+        buf[*used..end].zeroize();
+        *used = end;
+        Ok(())
+    })
+}
+
 /// A random positive serial number with 127 bits of entropy (RFC 5280: at most 20 octets;
 /// CA/B forum: at least 64 bits of entropy).
-pub fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, PkiError> {
+pub fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut bytes = [0u8; 16];
-    rng.fill(&mut bytes).map_err(|_| PkiError::Random)?;
+    random_bytes(&mut bytes)?;
     // Positive and without a leading zero octet: top bit clear, some bit of the first byte set.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
@@ -371,7 +400,7 @@ fn ca_params(
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.not_before = whole_seconds(not_before);
     params.not_after = whole_seconds(not_after);
-    params.serial_number = Some(random_serial(&SystemRandom::new())?);
+    params.serial_number = Some(random_serial()?);
     Ok(params)
 }
 
@@ -523,9 +552,8 @@ mod tests {
 
     #[test]
     fn serials_are_positive_and_random() {
-        let rng = SystemRandom::new();
-        let a = random_serial(&rng).unwrap();
-        let b = random_serial(&rng).unwrap();
+        let a = random_serial().unwrap();
+        let b = random_serial().unwrap();
         assert_ne!(a, b);
         assert_eq!(a.as_ref().len(), 16);
         assert!(a.as_ref()[0] & 0x80 == 0 && a.as_ref()[0] != 0);

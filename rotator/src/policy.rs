@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::clock::whole_seconds;
+use crate::clock::{rfc3339, whole_seconds};
 
 /// Default requested leaf lifetime.
 pub const DEFAULT_LEAF_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -100,7 +100,7 @@ pub struct LeafWindow {
 
 /// The issuer cannot sign at `now`: it has expired (or is not yet valid).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the active issuer is not valid at {now} (valid {not_before} to {not_after})")]
+#[error("the active issuer is not valid at {} (valid {} to {})", rfc3339(*now), rfc3339(*not_before), rfc3339(*not_after))]
 pub struct IssuerNotValid {
     /// The time of the request.
     pub now: OffsetDateTime,

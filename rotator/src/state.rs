@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::clock::rfc3339;
 use crate::pki::{self, CaCert, CertId, PkiError, SecretKey};
 use crate::policy::Policy;
 use crate::spiffe::TrustDomain;
@@ -186,7 +187,8 @@ impl AuthorityState {
         if !anchor.info.valid_at(now) {
             return Err(StateError(format!(
                 "the anchor certificate is not valid now (valid {} to {})",
-                anchor.info.not_before, anchor.info.not_after
+                rfc3339(anchor.info.not_before),
+                rfc3339(anchor.info.not_after)
             )));
         }
         let id = anchor.id().clone();
@@ -464,7 +466,7 @@ impl AuthorityState {
                 out.push(format!(
                     "anchor {} in the bundle expired at {}",
                     a.cert.id(),
-                    a.cert.info.not_after
+                    rfc3339(a.cert.info.not_after)
                 ));
             }
         }
@@ -474,7 +476,7 @@ impl AuthorityState {
             out.push(format!(
                 "the active issuer {} expired at {}",
                 i.cert.id(),
-                i.cert.info.not_after
+                rfc3339(i.cert.info.not_after)
             ));
         }
         out
