@@ -473,7 +473,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreErr
 
 /// Test-only crash points: when the process was started with `MESHCA_FAULT_POINT=<name>`, it
 /// aborts right here, as a crash would. Compiled only with the `fault-injection` feature, which
-/// release builds never enable.
+/// only the end-to-end test crate turns on (so `cargo test --workspace` builds binaries with it;
+/// `cargo run --release --bin meshca-server`, `cargo build -p meshca-server` and installs never).
 pub fn fault_point(name: &str) {
     #[cfg(feature = "fault-injection")]
     if std::env::var("MESHCA_FAULT_POINT").is_ok_and(|v| v == name) {

@@ -1,10 +1,12 @@
-//! meshca-loadgen: drives `SignCertificate` over TLS with authentication on long-lived HTTP/2
+//! The load generator: drives `SignCertificate` over TLS with authentication on long-lived HTTP/2
 //! connections and reports throughput and latency, next to the signing core's own one-core rate
 //! measured in the same run. A benchmark, not a test: see docs/benchmarks.md for how it is run.
 //!
 //! By default it starts `target/release/meshca-server` as a child process on a temp state dir
 //! (so the server's RSS can be read from /proc), or uses `--server URL --ca-bundle FILE
-//! --token-file FILE`.
+//! --token-file FILE`. Run: `cargo build --release --bin meshca-server && cargo run --release
+//! --example loadgen -- --rounds 5 --duration 10s`. It lives here, not in `tests/`, so that its
+//! release build never includes the test-only `fault-injection` feature.
 
 #![allow(clippy::unwrap_used)] // A benchmark binary: a panic is an acceptable report.
 
@@ -129,7 +131,7 @@ struct Target {
     bundle: Vec<CertificateDer<'static>>,
     token: String,
     pid: Option<u32>,
-    _child: Option<meshca_tests::ServerProcess>,
+    _child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -171,7 +173,20 @@ fn target(a: &Args) -> Target {
     }
 }
 
-fn spawn_server(mut cmd: std::process::Command) -> meshca_tests::ServerProcess {
+/// The server child process; killed when dropped.
+struct Child {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(mut cmd: std::process::Command) -> Child {
     use std::io::{BufRead, BufReader};
     cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
@@ -201,13 +216,7 @@ fn spawn_server(mut cmd: std::process::Command) -> meshca_tests::ServerProcess {
             .unwrap()
     };
     let url = field("gRPC (TLS)");
-    let http = field("HTTP").trim_start_matches("http://").parse().unwrap();
-    meshca_tests::ServerProcess {
-        child,
-        banner,
-        url,
-        http,
-    }
+    Child { child, url }
 }
 
 /// Closed loop (`rate = None`: as fast as possible) or open loop at `rate` req/s, where latency is
