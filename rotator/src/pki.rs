@@ -62,26 +62,30 @@ impl SecretKey {
         Ok(Self(Arc::new(KeyInner { pair })))
     }
 
-    /// Reads a PKCS#8 PEM key (`-----BEGIN PRIVATE KEY-----`).
+    /// Reads a PEM private key: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`, as `openssl` and
+    /// `step` write them) or PKCS#1 (`RSA PRIVATE KEY`). Encrypted keys are refused with the
+    /// command that decrypts them.
     pub fn from_pem(pem_text: &str) -> Result<Self, PkiError> {
         let block = pem::parse(pem_text).map_err(|e| PkiError::Pem(e.to_string()))?;
         let contents = Zeroizing::new(block.contents().to_vec());
-        match block.tag() {
-            "PRIVATE KEY" => {}
-            "EC PRIVATE KEY" | "RSA PRIVATE KEY" => {
-                return Err(PkiError::Key(format!(
-                    "{} (SEC1/PKCS#1) keys are not supported; convert with `openssl pkcs8 -topk8 -nocrypt`",
-                    block.tag()
-                )));
+        let pkcs8 = match block.tag() {
+            "PRIVATE KEY" => contents,
+            "EC PRIVATE KEY" => Zeroizing::new(der::sec1_to_pkcs8(&contents)?),
+            "RSA PRIVATE KEY" => Zeroizing::new(der::pkcs1_to_pkcs8(&contents)),
+            "ENCRYPTED PRIVATE KEY" => {
+                return Err(PkiError::Key(
+                    "the key is encrypted; decrypt it first (`openssl pkcs8 -in KEY -out PLAIN.key`, or \
+                     `step crypto change-pass KEY --out PLAIN.key --no-password --insecure`)"
+                        .into(),
+                ));
             }
             other => {
                 return Err(PkiError::Pem(format!(
-                    "expected PRIVATE KEY, found {other}"
+                    "expected a PRIVATE KEY block, found {other}"
                 )));
             }
-        }
-        let pair =
-            KeyPair::try_from(contents.as_slice()).map_err(|e| PkiError::Key(e.to_string()))?;
+        };
+        let pair = KeyPair::try_from(pkcs8.as_slice()).map_err(|e| PkiError::Key(e.to_string()))?;
         Ok(Self(Arc::new(KeyInner { pair })))
     }
 
@@ -119,6 +123,104 @@ impl rcgen::PublicKeyData for SecretKey {
 impl rcgen::SigningKey for SecretKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         self.0.pair.sign(msg)
+    }
+}
+
+/// Just enough DER to re-wrap SEC1 and PKCS#1 keys as PKCS#8 (RFC 5208), which is what ring reads.
+mod der {
+    use super::PkiError;
+
+    const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+    const RSA_ALG: &[u8] = &[
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let n = body.len();
+        if n < 0x80 {
+            out.push(n as u8);
+        } else {
+            let bytes: Vec<u8> = n
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|&b| b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Splits one TLV off the front of `b`: `(tag, body, rest)`.
+    fn next(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, b) = b.split_first()?;
+        let (len, b) = if first < 0x80 {
+            (usize::from(first), b)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            (
+                b[..n]
+                    .iter()
+                    .fold(0usize, |a, &x| (a << 8) | usize::from(x)),
+                &b[n..],
+            )
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+
+    fn pkcs8(alg: &[u8], key: &[u8]) -> Vec<u8> {
+        let mut body = vec![0x02, 0x01, 0x00];
+        body.extend_from_slice(alg);
+        body.extend(tlv(0x04, key));
+        tlv(0x30, &body)
+    }
+
+    /// SEC1 `ECPrivateKey` → PKCS#8. The curve comes from its `[0]` parameters, or from the
+    /// private key's length when they are absent.
+    pub fn sec1_to_pkcs8(sec1: &[u8]) -> Result<Vec<u8>, PkiError> {
+        let bad = || PkiError::Key("malformed EC PRIVATE KEY".into());
+        let (tag, mut body, _) = next(sec1).ok_or_else(bad)?;
+        if tag != 0x30 {
+            return Err(bad());
+        }
+        let mut curve = None;
+        let mut key_len = 0;
+        while let Some((t, v, rest)) = next(body) {
+            match t {
+                0x04 => key_len = v.len(),
+                0xa0 => curve = Some(v),
+                _ => {}
+            }
+            body = rest;
+        }
+        let curve = match (curve, key_len) {
+            (Some(c), _) if c == OID_P256 => OID_P256,
+            (Some(c), _) if c == OID_P384 => OID_P384,
+            (None, 32) => OID_P256,
+            (None, 48) => OID_P384,
+            (None, 0) => return Err(bad()),
+            _ => {
+                return Err(PkiError::Key(
+                    "EC key on a curve other than P-256 or P-384".into(),
+                ));
+            }
+        };
+        let mut alg = OID_EC_PUBLIC_KEY.to_vec();
+        alg.extend_from_slice(curve);
+        Ok(pkcs8(&tlv(0x30, &alg), sec1))
+    }
+
+    /// PKCS#1 `RSAPrivateKey` → PKCS#8.
+    pub fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+        pkcs8(RSA_ALG, pkcs1)
     }
 }
 
@@ -546,8 +648,36 @@ mod tests {
             )
             .unwrap_err()
             .to_string()
-            .contains("pkcs8")
+            .contains("malformed EC PRIVATE KEY")
         );
+        let enc =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAA==\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        assert!(
+            SecretKey::from_pem(enc)
+                .unwrap_err()
+                .to_string()
+                .contains("decrypt it first")
+        );
+    }
+
+    #[test]
+    fn legacy_key_forms_are_read() {
+        // fixtures/make.sh: the same key as SEC1 / PKCS#1 and as PKCS#8, converted by openssl.
+        let fx = |n: &str| {
+            std::fs::read_to_string(format!(
+                "{}/../tests/fixtures/{n}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap()
+        };
+        for (legacy, pkcs8) in [
+            ("ec-sec1.key", "ec-sec1.pkcs8.key"),
+            ("rsa-pkcs1.key", "rsa-pkcs1.pkcs8.key"),
+        ] {
+            let a = SecretKey::from_pem(&fx(legacy)).unwrap_or_else(|e| panic!("{legacy}: {e}"));
+            let b = SecretKey::from_pem(&fx(pkcs8)).unwrap();
+            assert_eq!(a.spki_der(), b.spki_der(), "{legacy}");
+        }
     }
 
     #[test]

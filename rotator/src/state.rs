@@ -137,6 +137,22 @@ pub struct AuthorityState {
     pub phase: Phase,
     /// The newest transitions, oldest first.
     pub history: Vec<Event>,
+    /// Upstream mode: the key of the next issuer, waiting for its certificate.
+    pub pending_issuer_key: Option<PendingKey>,
+}
+
+/// A key made for an issuer whose certificate an upstream CA signs.
+#[derive(Debug, Clone)]
+pub struct PendingKey {
+    /// The key (never leaves the store).
+    pub key: SecretKey,
+    /// When it was made.
+    pub created: OffsetDateTime,
+}
+
+/// A short id of a key: the first 8 bytes of SHA-256 over its SubjectPublicKeyInfo, hex.
+pub fn key_id(key: &SecretKey) -> String {
+    hex::encode(&ring::digest::digest(&ring::digest::SHA256, &key.spki_der()).as_ref()[..8])
 }
 
 /// A state that breaks a structural invariant, or a transition that cannot apply.
@@ -204,6 +220,7 @@ impl AuthorityState {
             issuers: Vec::new(),
             phase: Phase::Steady,
             history: Vec::new(),
+            pending_issuer_key: None,
         };
         s.record(now, format!("anchor_created {id}"));
         if s.anchors[0].key.is_some() {
@@ -280,43 +297,101 @@ impl AuthorityState {
         Ok(s)
     }
 
-    /// Adds an issuer certificate signed elsewhere, for `key`, as `Prepared`.
-    pub fn add_prepared_issuer(
+    /// The key for the next issuer in upstream mode, made now unless one is already pending.
+    /// `Ok(None)`: one was pending already (it is reused, so a CSR can be re-made).
+    pub fn with_pending_issuer_key(&self, now: OffsetDateTime) -> Result<Option<Self>, StateError> {
+        if self.pending_issuer_key.is_some() {
+            return Ok(None);
+        }
+        let mut s = self.clone();
+        let key = SecretKey::generate_p256()?;
+        let id = key_id(&key);
+        s.pending_issuer_key = Some(PendingKey {
+            key,
+            created: crate::clock::whole_seconds(now),
+        });
+        s.record(now, format!("issuer_key_pending {id}"));
+        Ok(Some(s))
+    }
+
+    /// Installs an issuer certificate signed elsewhere for the pending key. It must be a CA that
+    /// may sign, for the pending key, chain to an anchor in the bundle without outliving it, be
+    /// valid now and have at least `leaf_ttl_max` left. It becomes the active issuer at once when
+    /// it chains to the active anchor (the bundle does not change, so switching is always safe),
+    /// otherwise it stays prepared. Every refusal says why, and changes nothing.
+    pub fn import_issuer(
         &self,
+        policy: &Policy,
         now: OffsetDateTime,
         cert: CaCert,
-        key: SecretKey,
     ) -> Result<Self, StateError> {
-        if !cert.matches_key(&key) {
-            return Err(StateError(
-                "the certificate is not for the pending issuer key".into(),
-            ));
+        let pending = self.pending_issuer_key.as_ref().ok_or_else(|| {
+            StateError(
+                "no issuer key is pending: run `meshca issuer csr` first and have its CSR signed"
+                    .into(),
+            )
+        })?;
+        if !cert.matches_key(&pending.key) {
+            return Err(StateError(format!(
+                "the certificate's key is not the pending issuer key {} (was it signed from another CSR?)",
+                key_id(&pending.key)
+            )));
         }
-        let anchor = self
-            .bundle()
-            .find(|a| cert.verify_issued_by(&a.cert).is_ok())
-            .ok_or_else(|| {
-                StateError("the certificate does not chain to an anchor in the bundle".into())
-            })?
-            .cert
-            .id()
-            .clone();
         if self.issuer(cert.id()).is_some() {
             return Err(StateError(format!(
                 "issuer {} is already installed",
                 cert.id()
             )));
         }
+        let anchor = self
+            .bundle()
+            .find(|a| cert.verify_issued_by(&a.cert).is_ok())
+            .ok_or_else(|| {
+                StateError("the certificate is not signed by any anchor in the bundle".into())
+            })?;
+        if !cert.info.valid_at(now) {
+            return Err(StateError(format!(
+                "the certificate is not valid now (valid {} to {})",
+                rfc3339(cert.info.not_before),
+                rfc3339(cert.info.not_after)
+            )));
+        }
+        let left = cert.info.remaining(now);
+        if left < policy.leaf_ttl_max {
+            return Err(StateError(format!(
+                "the certificate has {} left, less than leaf_ttl_max = {}: have it signed for longer",
+                human(left),
+                human(policy.leaf_ttl_max)
+            )));
+        }
+        if cert.info.not_after > anchor.cert.info.not_after {
+            return Err(StateError(format!(
+                "the certificate outlives its anchor {} (notAfter {} > {})",
+                anchor.cert.id(),
+                rfc3339(cert.info.not_after),
+                rfc3339(anchor.cert.info.not_after)
+            )));
+        }
         let id = cert.id().clone();
+        let anchor_id = anchor.cert.id().clone();
+        let activate = anchor.status == AnchorStatus::Active;
         let mut s = self.clone();
+        s.pending_issuer_key = None;
         s.issuers.push(Issuer {
             cert,
-            key,
-            anchor: anchor.clone(),
+            key: pending.key.clone(),
+            anchor: anchor_id.clone(),
             status: IssuerStatus::Prepared,
         });
-        s.record(now, format!("issuer_imported {id} under anchor {anchor}"));
-        Ok(s)
+        s.record(
+            now,
+            format!("issuer_imported {id} under anchor {anchor_id}"),
+        );
+        if activate {
+            s.activate_issuer(now, &id)
+        } else {
+            Ok(s)
+        }
     }
 
     /// Makes the prepared issuer `id` the active one; the previous active issuer is retired.

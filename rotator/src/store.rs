@@ -26,7 +26,9 @@ use time::OffsetDateTime;
 
 use crate::pki::{CaCert, CertId, SecretKey};
 use crate::spiffe::TrustDomain;
-use crate::state::{Anchor, AnchorStatus, AuthorityState, Event, Issuer, IssuerStatus, Phase};
+use crate::state::{
+    Anchor, AnchorStatus, AuthorityState, Event, Issuer, IssuerStatus, PendingKey, Phase, key_id,
+};
 
 /// The commit record's file name.
 pub const STATE_FILE: &str = "state.json";
@@ -117,6 +119,16 @@ struct StateFile {
     issuers: Vec<IssuerMeta>,
     #[serde(default)]
     history: Vec<Event>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_issuer_key: Option<PendingMeta>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PendingMeta {
+    id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    created: OffsetDateTime,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -226,6 +238,33 @@ impl FileStore {
                 status: m.status,
             });
         }
+        let pending_issuer_key = match &file.pending_issuer_key {
+            None => None,
+            Some(m) => {
+                if !CertId::is_well_formed(&m.id) {
+                    return Err(corrupt(&path, format!("{:?} is not a key id", m.id)));
+                }
+                let kp = self
+                    .dir
+                    .join("issuers")
+                    .join(format!("pending-{}.key", m.id));
+                let key = self.read_key_file(&kp)?;
+                if key_id(&key) != m.id {
+                    return Err(corrupt(
+                        &kp,
+                        format!(
+                            "holds key {} where {STATE_FILE} expects {}",
+                            key_id(&key),
+                            m.id
+                        ),
+                    ));
+                }
+                Some(PendingKey {
+                    key,
+                    created: m.created,
+                })
+            }
+        };
         let state = AuthorityState {
             trust_domain: file.trust_domain,
             generation: file.generation,
@@ -234,6 +273,7 @@ impl FileStore {
             issuers,
             phase: file.phase,
             history: file.history,
+            pending_issuer_key,
         };
         state
             .check()
@@ -308,11 +348,23 @@ impl FileStore {
                 })
                 .collect(),
             history: next.history.clone(),
+            pending_issuer_key: next.pending_issuer_key.as_ref().map(|p| PendingMeta {
+                id: key_id(&p.key),
+                created: p.created,
+            }),
         };
+        if let Some(p) = &next.pending_issuer_key {
+            let dir = self.dir.join("issuers");
+            create_private_dir(&dir)?;
+            let kp = dir.join(format!("pending-{}.key", key_id(&p.key)));
+            if !kp.exists() {
+                write_atomic(&kp, p.key.to_pem().as_bytes(), 0o600)?;
+            }
+        }
         let mut json = serde_json::to_vec_pretty(&file)
             .map_err(|e| corrupt(&self.dir.join(STATE_FILE), e.to_string()))?;
         json.push(b'\n');
-        fault_point("commit:before-state");
+        fault_point("commit:after-files");
         write_atomic(&self.dir.join(STATE_FILE), &json, 0o644)?;
         fault_point("commit:after-state");
         self.write_bundle(next)
@@ -373,21 +425,7 @@ impl FileStore {
 
     fn read_key(&self, sub: &str, id: &CertId, cert: &CaCert) -> Result<SecretKey, StoreError> {
         let path = self.dir.join(sub).join(format!("{id}.key"));
-        let text = zeroize::Zeroizing::new(read_existing(&path, "private key")?);
-        let mode = fs::metadata(&path)
-            .map_err(io_err(&path))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(corrupt(
-                &path,
-                format!(
-                    "private key is readable by group or others (mode {:o}); run chmod 600",
-                    mode & 0o777
-                ),
-            ));
-        }
-        let key = SecretKey::from_pem(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+        let key = self.read_key_file(&path)?;
         if !cert.matches_key(&key) {
             return Err(corrupt(
                 &path,
@@ -395,6 +433,24 @@ impl FileStore {
             ));
         }
         Ok(key)
+    }
+
+    fn read_key_file(&self, path: &Path) -> Result<SecretKey, StoreError> {
+        let text = zeroize::Zeroizing::new(read_existing(path, "private key")?);
+        let mode = fs::metadata(path)
+            .map_err(io_err(path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(corrupt(
+                path,
+                format!(
+                    "private key is readable by group or others (mode {:o}); run chmod 600",
+                    mode & 0o777
+                ),
+            ));
+        }
+        SecretKey::from_pem(&text).map_err(|e| corrupt(path, e.to_string()))
     }
 }
 
@@ -462,6 +518,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreErr
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        fault_point("write:before-rename");
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
@@ -471,15 +528,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreErr
     result.map_err(io_err(path))
 }
 
-/// Test-only crash points: when the process was started with `MESHCA_FAULT_POINT=<name>`, it
-/// aborts right here, as a crash would. Compiled only with the `fault-injection` feature, which
-/// only the end-to-end test crate turns on (so `cargo test --workspace` builds binaries with it;
-/// `cargo run --release --bin meshca-server`, `cargo build -p meshca-server` and installs never).
+/// Test-only crash points: when the process was started with `MESHCA_FAULT_POINT=<name>` (or
+/// `<name>@<n>`: the n-th time that point is reached), it aborts right there, as a crash would.
+/// Compiled only with the `fault-injection` feature, which only the end-to-end test crate turns
+/// on (so `cargo test --workspace` builds binaries with it; `cargo run --release --bin
+/// meshca-server`, `cargo build -p meshca-server` and installs never do).
+///
+/// Points: `write:before-rename` (a temp file is written and synced, not yet renamed),
+/// `commit:after-files` (new certificate and key files written, `state.json` not yet),
+/// `commit:after-state` (`state.json` replaced, `bundle.pem` not yet), and in the server
+/// `transition:after-commit` (committed, not yet published to the request path).
 pub fn fault_point(name: &str) {
     #[cfg(feature = "fault-injection")]
-    if std::env::var("MESHCA_FAULT_POINT").is_ok_and(|v| v == name) {
-        eprintln!("meshca: fault point {name}: aborting");
-        std::process::abort();
+    {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static HITS: AtomicU32 = AtomicU32::new(0);
+        if let Ok(spec) = std::env::var("MESHCA_FAULT_POINT") {
+            let (point, nth) = spec
+                .split_once('@')
+                .map_or((spec.as_str(), 1), |(p, n)| (p, n.parse().unwrap_or(1)));
+            if point == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+                eprintln!("meshca: fault point {spec}: aborting");
+                std::process::abort();
+            }
+        }
     }
     let _ = name;
 }

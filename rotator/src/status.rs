@@ -1,0 +1,216 @@
+//! The status document: one JSON value describing an authority at `now`, built from the state
+//! alone (so `meshca status` can read a state dir when no server runs) and extended by a running
+//! server with its health. `meshca status --output json` prints it; [`render`] turns it into the
+//! text view, so both views always agree.
+
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use crate::clock::rfc3339;
+use crate::policy::Policy;
+use crate::rotation::{IssuerStep, plan_issuer, schedule};
+use crate::state::{AuthorityState, IssuerStatus, human, key_id};
+
+/// The status of `s` at `now` under `policy`.
+pub fn document(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> Value {
+    let secs = |t: OffsetDateTime| (t - now).whole_seconds();
+    let plan = plan_issuer(s, policy, now);
+    let next = match &plan.step {
+        Some(IssuerStep::Prepare { .. }) => json!({ "step": "prepare", "at": rfc3339(now) }),
+        Some(IssuerStep::Activate(id)) => {
+            json!({ "step": "activate", "issuer": id, "at": rfc3339(now) })
+        }
+        Some(IssuerStep::Prune) => json!({ "step": "prune", "at": rfc3339(now) }),
+        None => match (&plan.schedule, plan.wake_at) {
+            (Some(sc), Some(_)) if now < sc.prepare_at => {
+                json!({ "step": "prepare", "at": rfc3339(sc.prepare_at) })
+            }
+            (Some(sc), Some(_)) if now < sc.activate_at => {
+                json!({ "step": "activate", "at": rfc3339(sc.activate_at) })
+            }
+            _ => Value::Null,
+        },
+    };
+    json!({
+        "now": rfc3339(now),
+        "trust_domain": s.trust_domain.to_string(),
+        "generation": s.generation,
+        "bundle_version": s.bundle_version,
+        "phase": s.phase,
+        "mode": if crate::rotation::can_make_issuers(s) { "local" } else { "upstream" },
+        "anchors": s.anchors.iter().map(|a| json!({
+            "id": a.cert.id(), "status": a.status.to_string(), "key_held": a.key.is_some(),
+            "serial": a.cert.info.serial, "subject": a.cert.info.subject,
+            "not_before": rfc3339(a.cert.info.not_before), "not_after": rfc3339(a.cert.info.not_after),
+            "expires_in_seconds": secs(a.cert.info.not_after),
+        })).collect::<Vec<_>>(),
+        "issuers": s.issuers.iter().map(|i| {
+            let mut v = json!({
+                "id": i.cert.id(), "status": i.status.to_string(), "anchor": i.anchor,
+                "serial": i.cert.info.serial,
+                "not_before": rfc3339(i.cert.info.not_before), "not_after": rfc3339(i.cert.info.not_after),
+                "expires_in_seconds": secs(i.cert.info.not_after),
+            });
+            if i.status == IssuerStatus::Active {
+                let sc = schedule(&i.cert.info, policy);
+                v["prepare_next_at"] = rfc3339(sc.prepare_at).into();
+                v["activate_next_at"] = rfc3339(sc.activate_at).into();
+            }
+            v
+        }).collect::<Vec<_>>(),
+        "pending_issuer_key": s.pending_issuer_key.as_ref().map(|p| json!({ "id": key_id(&p.key), "created": rfc3339(p.created) })),
+        "next_issuer_rotation": next,
+        "attention": plan.attention.iter().map(|a| json!({
+            "message": a.message, "deadline": a.deadline.map(rfc3339),
+            "deadline_in_seconds": a.deadline.map(secs),
+        })).collect::<Vec<_>>(),
+        "problems": s.expiry_problems(now),
+    })
+}
+
+/// The text view of a status document.
+pub fn render(v: &Value) -> String {
+    use std::fmt::Write;
+    let str_of = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    let countdown = |v: &Value| match v.as_i64() {
+        Some(s) if s >= 0 => human(std::time::Duration::from_secs(s.unsigned_abs())),
+        Some(s) => format!(
+            "EXPIRED {} ago",
+            human(std::time::Duration::from_secs(s.unsigned_abs()))
+        ),
+        None => "-".into(),
+    };
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "trust domain {}   phase {}   bundle version {}   generation {}   mode {}",
+        str_of(&v["trust_domain"]),
+        str_of(&v["phase"]["name"]),
+        v["bundle_version"],
+        v["generation"],
+        str_of(&v["mode"]),
+    );
+    let _ = writeln!(
+        o,
+        "\nANCHORS\n  {:<16}  {:<9}  {:<8}  {:<20}  EXPIRES IN",
+        "ID", "STATUS", "KEY", "NOT AFTER"
+    );
+    for a in v["anchors"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<16}  {:<9}  {:<8}  {:<20}  {}",
+            str_of(&a["id"]),
+            str_of(&a["status"]),
+            if a["key_held"].as_bool() == Some(true) {
+                "here"
+            } else {
+                "upstream"
+            },
+            str_of(&a["not_after"]),
+            countdown(&a["expires_in_seconds"])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nISSUERS\n  {:<16}  {:<9}  {:<16}  {:<20}  EXPIRES IN",
+        "ID", "STATUS", "ANCHOR", "NOT AFTER"
+    );
+    for i in v["issuers"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<16}  {:<9}  {:<16}  {:<20}  {}",
+            str_of(&i["id"]),
+            str_of(&i["status"]),
+            str_of(&i["anchor"]),
+            str_of(&i["not_after"]),
+            countdown(&i["expires_in_seconds"])
+        );
+    }
+    if let Some(p) = v["pending_issuer_key"].as_object() {
+        let _ = writeln!(
+            o,
+            "  pending issuer key {} (made {}), waiting for `meshca issuer import`",
+            str_of(&p["id"]),
+            str_of(&p["created"])
+        );
+    }
+    let _ = writeln!(o, "\nNEXT ISSUER ROTATION");
+    for i in v["issuers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["status"] == "active")
+    {
+        let _ = writeln!(
+            o,
+            "  prepare the next issuer at   {}",
+            str_of(&i["prepare_next_at"])
+        );
+        let _ = writeln!(
+            o,
+            "  activate it at               {}",
+            str_of(&i["activate_next_at"])
+        );
+    }
+    match v["next_issuer_rotation"].as_object() {
+        Some(n) => {
+            let _ = writeln!(
+                o,
+                "  next step: {} at {}",
+                str_of(&n["step"]),
+                str_of(&n["at"])
+            );
+        }
+        None => {
+            let _ = writeln!(o, "  next step: none scheduled");
+        }
+    }
+    if let Some(srv) = v["server"].as_object() {
+        let _ = writeln!(
+            o,
+            "\nSERVER\n  ready: {}   issuer rotation failures in a row: {}{}",
+            srv.get("ready").and_then(Value::as_bool).unwrap_or(false),
+            srv.get("rotation_failures_consecutive")
+                .unwrap_or(&Value::Null),
+            srv.get("last_rotation_error")
+                .and_then(Value::as_str)
+                .map(|e| format!("   last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for a in v["attention"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "\nATTENTION: {}", str_of(&a["message"]));
+    }
+    for p in v["problems"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "\nPROBLEM: {}", str_of(p));
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_and_text_agree() {
+        let p = Policy::default();
+        let now = OffsetDateTime::now_utc();
+        let s = AuthorityState::genesis("cluster.local".parse().unwrap(), &p, now).unwrap();
+        let v = document(&s, &p, now);
+        assert_eq!(v["mode"], "local");
+        assert_eq!(v["next_issuer_rotation"]["step"], "prepare");
+        let active = &v["issuers"][0];
+        assert_eq!(active["status"], "active");
+        assert_eq!(v["next_issuer_rotation"]["at"], active["prepare_next_at"]);
+        let text = render(&v);
+        assert!(text.contains("phase steady"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "prepare the next issuer at   {}",
+                active["prepare_next_at"].as_str().unwrap()
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("ATTENTION"), "{text}");
+    }
+}
