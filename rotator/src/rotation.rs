@@ -158,10 +158,10 @@ pub fn plan_issuer(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> 
         ),
         deadline: Some(sched.expires_at),
     };
-    if now >= sched.activate_at {
-        if let Some(c) = candidate {
-            return plan(Some(IssuerStep::Activate(c)), None, Some(sched), None);
-        }
+    if now >= sched.activate_at
+        && let Some(c) = candidate
+    {
+        return plan(Some(IssuerStep::Activate(c)), None, Some(sched), None);
     }
     if now >= sched.prepare_at && candidate.is_none() {
         if upstream {
