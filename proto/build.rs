@@ -2,7 +2,7 @@
 
 use std::io::{Error, Result};
 
-const PROTOS: &[&str] = &["meshca/v1/identity.proto"];
+const PROTOS: &[&str] = &["meshca/v1/identity.proto", "meshca/v1/admin.proto"];
 
 fn main() -> Result<()> {
     for proto in PROTOS {

@@ -101,8 +101,8 @@ impl Snapshot {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
-    /// The state dir is corrupt or unreadable.
-    #[error("cannot load the authority state: {0}")]
+    /// The state dir is corrupt, unreadable or in use.
+    #[error("cannot use the state dir: {0}")]
     Store(#[from] StoreError),
     /// The configuration contradicts the stored state.
     #[error("{0}")]
@@ -128,6 +128,17 @@ pub enum TransitionError {
     /// The store refused the commit; nothing changed.
     #[error("commit failed, nothing changed: {0}")]
     Store(#[from] StoreError),
+}
+
+/// How to open an authority.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// The configured trust domain, if any.
+    pub trust_domain: Option<TrustDomain>,
+    /// The trust domain of a new authority when none is configured.
+    pub default_trust_domain: TrustDomain,
+    /// Upstream mode: the anchor whose key lives elsewhere.
+    pub upstream_anchor: Option<rotator::pki::CaCert>,
 }
 
 /// How the authority came to be.
@@ -157,38 +168,50 @@ impl std::fmt::Debug for Authority {
 }
 
 impl Authority {
-    /// Loads the authority from `store`, or creates one when the store has never held one.
+    /// Loads the authority from `store`, or creates one when the store has never held one
+    /// (around `how.upstream_anchor` if given: upstream mode, no anchor key here).
     ///
-    /// A loaded state must be for `trust_domain` (when given) and usable now: an expired anchor
-    /// in the bundle stops start-up; an expired or missing active issuer is replaced at once
-    /// when the active anchor's key is here.
+    /// A loaded state must be for the configured trust domain (when one is set), hold the
+    /// upstream anchor (when one is given), and have no expired anchor in its bundle. An expired
+    /// or missing issuer is the rotation driver's to replace (`rotation::catch_up`).
     pub async fn open(
         store: FileStore,
-        trust_domain: Option<TrustDomain>,
-        default_trust_domain: TrustDomain,
+        how: OpenOptions,
         policy: Policy,
         clock: Arc<dyn Clock>,
     ) -> Result<(Self, Origin), OpenError> {
         let now = clock.now();
+        let dir = store.dir().display().to_string();
         let (state, origin) = match store.load().await? {
             Some(s) => {
-                if let Some(td) = &trust_domain
+                if let Some(td) = &how.trust_domain
                     && *td != s.trust_domain
                 {
                     return Err(OpenError::Mismatch(format!(
-                        "{}: the state is for trust domain {} but the configuration says {td}; a trust domain cannot change",
-                        store.dir().display(),
+                        "{dir}: the state is for trust domain {} but the configuration says {td}; a trust domain cannot change",
                         s.trust_domain
+                    )));
+                }
+                if let Some(up) = &how.upstream_anchor
+                    && s.anchor(up.id()).is_none_or(|a| !a.status.in_bundle())
+                {
+                    return Err(OpenError::Mismatch(format!(
+                        "{dir}: --anchor-cert {} is not an anchor in this authority's bundle ({})",
+                        up.id(),
+                        s.bundle()
+                            .map(|a| a.cert.id().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )));
                 }
                 (s, Origin::Loaded)
             }
             None => {
-                let s = AuthorityState::genesis(
-                    trust_domain.unwrap_or(default_trust_domain),
-                    &policy,
-                    now,
-                )?;
+                let td = how.trust_domain.unwrap_or(how.default_trust_domain);
+                let s = match how.upstream_anchor {
+                    Some(anchor) => AuthorityState::with_anchor(td, anchor, None, &policy, now)?,
+                    None => AuthorityState::genesis(td, &policy, now)?,
+                };
                 store.commit(None, &s).await?;
                 (s, Origin::Created)
             }
@@ -196,10 +219,9 @@ impl Authority {
         for a in state.bundle() {
             if a.cert.info.not_after <= now {
                 return Err(OpenError::Unusable(format!(
-                    "{}: trust anchor {} in the bundle expired at {}. Nothing signed under it verifies any more; \
+                    "{dir}: trust anchor {} in the bundle expired at {}. Nothing signed under it verifies any more; \
                      meshca will not serve it. Recover by starting a new authority (move the state dir aside) \
                      and restarting workloads so they fetch the new bundle.",
-                    store.dir().display(),
                     a.cert.id(),
                     rotator::clock::rfc3339(a.cert.info.not_after)
                 )));
@@ -207,36 +229,16 @@ impl Authority {
         }
         store.write_bundle(&state)?;
         let snapshot = watch::Sender::new(Arc::new(Snapshot::of(&state)?));
-        let authority = Self {
-            policy,
-            clock,
-            store,
-            state: Mutex::new(state),
-            snapshot,
-        };
-        authority.replace_unusable_issuer().await?;
-        Ok((authority, origin))
-    }
-
-    /// If the active issuer is missing or expired and the active anchor's key is here, prepares
-    /// and activates a new one. Returns whether it did.
-    pub async fn replace_unusable_issuer(&self) -> Result<bool, TransitionError> {
-        let policy = self.policy.clone();
-        self.transition(move |s, now| {
-            let usable = s.active_issuer().is_some_and(|i| i.cert.info.valid_at(now));
-            let anchor = match s.active_anchor() {
-                Some(a) if a.key.is_some() && !usable => a.cert.id().clone(),
-                _ => return Ok(None),
-            };
-            let prepared = s.prepare_issuer(&policy, now, &anchor)?;
-            let id = prepared
-                .issuers
-                .last()
-                .map(|i| i.cert.id().clone())
-                .ok_or_else(|| StateError("no issuer prepared".into()))?;
-            Ok(Some(prepared.activate_issuer(now, &id)?))
-        })
-        .await
+        Ok((
+            Self {
+                policy,
+                clock,
+                store,
+                state: Mutex::new(state),
+                snapshot,
+            },
+            origin,
+        ))
     }
 
     /// Applies `f` to the committed state at `now`. `Ok(None)` from `f` means nothing to do.
@@ -254,6 +256,7 @@ impl Authority {
         next.check()?;
         let snapshot = Snapshot::of(&next)?;
         self.store.commit(Some(state.generation), &next).await?;
+        rotator::store::fault_point("transition:after-commit");
         for e in next
             .history
             .iter()
@@ -274,6 +277,11 @@ impl Authority {
     /// A receiver that sees every published snapshot.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshot.subscribe()
+    }
+
+    /// Reads the committed state.
+    pub async fn read<R>(&self, f: impl FnOnce(&AuthorityState) -> R) -> R {
+        f(&*self.state.lock().await)
     }
 
     /// A copy of the committed state.

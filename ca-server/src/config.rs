@@ -29,6 +29,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// SPIFFE trust domain. Unset: the existing state's, or `cluster.local` for a new authority.
     pub trust_domain: Option<TrustDomain>,
+    /// Upstream mode: the trust anchor (PEM) whose key lives elsewhere. meshca never holds its
+    /// key, so issuers come from `meshca issuer csr` / `meshca issuer import`.
+    pub anchor_cert: Option<PathBuf>,
     /// gRPC (TLS) listen address.
     pub listen: SocketAddr,
     /// HTTP listen address: `/healthz`, `/readyz`, `/metrics`, `/bundle.pem`.
@@ -76,6 +79,7 @@ impl Default for Config {
         Self {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             trust_domain: None,
+            anchor_cert: None,
             listen: DEFAULT_LISTEN,
             http_listen: DEFAULT_HTTP_LISTEN,
             tls: TlsConfig::default(),

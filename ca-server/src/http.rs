@@ -10,16 +10,48 @@ use axum::routing::get;
 
 use crate::issuance::Issuer;
 use crate::metrics::Metrics;
+use crate::rotation::RotationHealth;
 use crate::signing::ValidCsr;
+
+/// The readiness check: a probe leaf can be signed with the current issuer right now, and issuer
+/// rotation has not failed too often in a row.
+pub struct Readiness {
+    /// Signs the probe.
+    pub issuer: Arc<Issuer>,
+    /// The probe's CSR (made once at start-up).
+    pub probe: ValidCsr,
+    /// The rotation driver's health.
+    pub health: Arc<RotationHealth>,
+}
+
+impl Readiness {
+    /// `Ok(detail)` when ready (detail: what an operator should know, if anything), `Err(why)`.
+    pub fn check(&self) -> Result<Option<String>, String> {
+        self.issuer
+            .probe(&self.probe)
+            .map_err(|e| format!("cannot sign a probe leaf: {e}"))?;
+        if !self.health.healthy() {
+            return Err(format!(
+                "issuer rotation failed {} times in a row: {}",
+                self.health.consecutive_failures(),
+                self.health.last_error().unwrap_or_default()
+            ));
+        }
+        Ok(self.health.attention().map(|a| match a.deadline {
+            Some(d) => format!("{} (deadline {})", a.message, rotator::clock::rfc3339(d)),
+            None => a.message,
+        }))
+    }
+}
 
 /// What the handlers read.
 pub struct HttpState {
-    /// Signs the readiness probe.
+    /// Serves the bundle.
     pub issuer: Arc<Issuer>,
     /// Exposed on /metrics.
     pub metrics: Arc<Metrics>,
-    /// The readiness probe's CSR (made once at start-up).
-    pub probe: ValidCsr,
+    /// `/readyz`.
+    pub readiness: Arc<Readiness>,
 }
 
 /// The router.
@@ -33,12 +65,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    match s.issuer.probe(&s.probe) {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: cannot sign a probe leaf: {e}\n"),
-        ),
+    match s.readiness.check() {
+        Ok(None) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Some(detail)) => (StatusCode::OK, format!("ready\nattention: {detail}\n")),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
     }
 }
 

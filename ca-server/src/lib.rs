@@ -6,6 +6,7 @@
 //! bundle) → [`grpc`] translates the request → [`issuance`] authenticates ([`auth`]), checks the
 //! CSR and signs ([`signing`]) with the issuer in the [`authority`] snapshot → [`grpc`] answers.
 
+pub mod admin;
 pub mod auth;
 pub mod authority;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod issuance;
 pub mod metrics;
+pub mod rotation;
 pub mod server;
 pub mod signing;
 pub mod tls;

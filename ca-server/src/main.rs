@@ -29,6 +29,10 @@ struct Args {
     /// SPIFFE trust domain [default for a new authority: cluster.local].
     #[arg(long, env = "MESHCA_TRUST_DOMAIN", value_name = "DOMAIN")]
     trust_domain: Option<TrustDomain>,
+    /// Upstream mode: the trust anchor certificate (PEM) whose key lives elsewhere (an HSM, a
+    /// vault, an offline laptop). meshca never holds that key; issuers are imported.
+    #[arg(long, env = "MESHCA_ANCHOR_CERT", value_name = "FILE")]
+    anchor_cert: Option<PathBuf>,
     /// gRPC (TLS) listen address [default: 127.0.0.1:8443].
     #[arg(long, env = "MESHCA_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -54,6 +58,9 @@ impl Args {
         }
         if let Some(v) = &self.trust_domain {
             c.trust_domain = Some(v.clone());
+        }
+        if let Some(v) = &self.anchor_cert {
+            c.anchor_cert = Some(v.clone());
         }
         if let Some(v) = self.listen {
             c.listen = v;
@@ -152,7 +159,14 @@ fn print_banner(server: &Server) {
         .clone()
         .unwrap_or_else(|| server.state_dir.join(ca_server::auth::BOOTSTRAP_TOKEN_FILE));
     let issuer = snap.issuer.as_ref().map_or_else(
-        || "none (import one: meshca issuer import)".to_owned(),
+        || {
+            format!(
+                "none: upstream mode, nothing can be signed yet. Run\n\
+                 \x20                  {meshca} issuer csr --state-dir {dir} --out next.csr\n\
+                 \x20                  (have your root CA sign next.csr as a CA with pathlen 0), then\n\
+                 \x20                  {meshca} issuer import --state-dir {dir} --cert next.crt"
+            )
+        },
         |i| format!("{} (until {})", i.id, rotator::clock::rfc3339(i.not_after)),
     );
     println!(

@@ -43,6 +43,17 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabels, Counter>,
     /// `meshca_bundle_version`.
     pub bundle_version: Gauge,
+    /// `meshca_issuer_rotations_total{result}`: issuer rotation steps (prepare, activate, prune).
+    pub rotations: Family<ResultLabels, Counter>,
+    /// `meshca_rotation_failures_consecutive`.
+    pub rotation_failures: Gauge,
+}
+
+/// `success` or `failure`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// The result.
+    pub result: &'static str,
 }
 
 impl Metrics {
@@ -83,12 +94,26 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "meshca build information", build);
+        let rotations = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "issuer_rotations",
+            "Issuer rotation steps by result",
+            rotations.clone(),
+        );
+        let rotation_failures = Gauge::default();
+        registry.register(
+            "rotation_failures_consecutive",
+            "Rotation failures since the last success",
+            rotation_failures.clone(),
+        );
         Self {
             registry,
             issued,
             sign_duration,
             auth_failures,
             bundle_version,
+            rotations,
+            rotation_failures,
         }
     }
 
@@ -98,6 +123,16 @@ impl Metrics {
             .get_or_create(&IssuedLabels { api, result })
             .inc();
         self.sign_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one rotation step and sets the consecutive failure count.
+    pub fn rotation(&self, ok: bool, consecutive_failures: u32) {
+        self.rotations
+            .get_or_create(&ResultLabels {
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+        self.rotation_failures.set(i64::from(consecutive_failures));
     }
 
     /// The registry, for metrics defined elsewhere.

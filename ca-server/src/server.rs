@@ -14,14 +14,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::admin::{self, Admin};
 use crate::auth::{Authenticator, write_bootstrap_token};
-use crate::authority::{Authority, OpenError, Origin};
+use crate::authority::{Authority, OpenError, OpenOptions, Origin};
 use crate::config::{Config, ConfigError, DEFAULT_TRUST_DOMAIN, MAX_REQUEST_BYTES};
 use crate::grpc::Identity;
-use crate::http::{HttpState, router};
+use crate::http::{HttpState, Readiness, router};
 use crate::issuance::Issuer;
 use crate::metrics::Metrics;
+use crate::rotation::{self, RotationHealth};
 use crate::tls::{LiveTls, incoming};
+use rotator::pki::CaCert;
 
 /// How often the tokens file is checked for changes.
 const TOKENS_RELOAD: Duration = Duration::from_secs(2);
@@ -55,10 +58,18 @@ pub struct Server {
     pub grpc_addr: SocketAddr,
     /// The HTTP address actually bound.
     pub http_addr: SocketAddr,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
     /// The authority served.
     pub authority: Arc<Authority>,
     /// The gRPC port's TLS material.
     pub tls: Arc<LiveTls>,
+    /// The issuer-rotation driver's health.
+    pub health: Arc<RotationHealth>,
+    /// The readiness check behind `/readyz`.
+    pub readiness: Arc<Readiness>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
     /// Whether the authority was created by this start.
     pub created: bool,
     /// The bootstrap token file, when this start created it.
@@ -67,45 +78,75 @@ pub struct Server {
     pub state_dir: PathBuf,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    _lock: std::fs::File,
 }
 
 impl Server {
-    /// Opens (or creates) the authority and starts serving. Returns once both ports are bound.
+    /// Opens (or creates) the authority and starts serving. Returns once every port is bound
+    /// and any issuer step that was due has been taken.
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         rotator::client::install_crypto_provider();
         config.validate()?;
+        let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
         let store = FileStore::open(&config.state_dir).map_err(OpenError::Store)?;
-        let default_td = DEFAULT_TRUST_DOMAIN
-            .parse()
-            .map_err(|e| StartError::Other(format!("{e}")))?;
-        let (authority, origin) = Authority::open(
-            store,
-            config.trust_domain.clone(),
-            default_td,
-            config.policy.clone(),
-            clock,
-        )
-        .await?;
+        let lock = store.lock().map_err(OpenError::Store)?;
+        let upstream_anchor = match &config.anchor_cert {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    StartError::Other(format!("--anchor-cert {}: {e}", p.display()))
+                })?;
+                Some(CaCert::from_pem(&text).map_err(|e| {
+                    StartError::Other(format!("--anchor-cert {}: {e}", p.display()))
+                })?)
+            }
+        };
+        let how = OpenOptions {
+            trust_domain: config.trust_domain.clone(),
+            default_trust_domain: DEFAULT_TRUST_DOMAIN.parse().map_err(|e| other(&e))?,
+            upstream_anchor,
+        };
+        let (authority, origin) = Authority::open(store, how, config.policy.clone(), clock).await?;
         let authority = Arc::new(authority);
         let created = origin == Origin::Created;
         let bootstrap_token = if created {
             let td = authority.snapshot().bundle.trust_domain.clone();
-            Some(
-                write_bootstrap_token(&config.state_dir, &td)
-                    .map_err(|e| StartError::Other(e.to_string()))?,
-            )
+            Some(write_bootstrap_token(&config.state_dir, &td).map_err(|e| other(&e))?)
         } else {
             None
         };
-        let auth = Arc::new(
-            Authenticator::load(&config.state_dir).map_err(|e| StartError::Other(e.to_string()))?,
-        );
+        // Whatever issuer step is overdue (an expired issuer after downtime, a missed activation)
+        // happens before the first request is served. A failure here is the driver's to retry.
+        match rotation::catch_up(&authority, 8).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("took {n} overdue issuer rotation step(s) at start-up"),
+            Err(e) => tracing::error!(
+                "an overdue issuer rotation step failed at start-up, the driver will retry: {e}"
+            ),
+        }
+
+        let auth = Arc::new(Authenticator::load(&config.state_dir).map_err(|e| other(&e))?);
         let metrics = Arc::new(Metrics::new());
         let issuer = Arc::new(Issuer::new(
             authority.clone(),
             auth.clone(),
             metrics.clone(),
         ));
+        let health = Arc::new(RotationHealth::default());
+        let probe_key = rotator::pki::SecretKey::generate_p256().map_err(|e| other(&e))?;
+        let probe_id = format!(
+            "spiffe://{}/meshca/readiness-probe",
+            authority.snapshot().bundle.trust_domain
+        )
+        .parse()
+        .map_err(|e| other(&e))?;
+        let probe_csr = rotator::client::make_csr(&probe_id, &probe_key).map_err(|e| other(&e))?;
+        let probe = crate::signing::parse_csr(&probe_csr).map_err(|e| other(&e))?;
+        let readiness = Arc::new(Readiness {
+            issuer: issuer.clone(),
+            probe,
+            health: health.clone(),
+        });
         let tls = LiveTls::new(&authority, config.tls.clone()).map_err(StartError::Other)?;
         let tls_config = tls.server_config().map_err(StartError::Other)?;
 
@@ -122,16 +163,32 @@ impl Server {
                 addr: config.http_listen,
                 source,
             })?;
-        let grpc_addr = grpc_listener
-            .local_addr()
-            .map_err(|e| StartError::Other(e.to_string()))?;
-        let http_addr = http_listener
-            .local_addr()
-            .map_err(|e| StartError::Other(e.to_string()))?;
+        let grpc_addr = grpc_listener.local_addr().map_err(|e| other(&e))?;
+        let http_addr = http_listener.local_addr().map_err(|e| other(&e))?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
+        let ready = readiness.clone();
+        let admin = Admin::new(
+            authority.clone(),
+            health.clone(),
+            Arc::new(move || ready.check().is_ok()),
+        );
+        let (admin_socket, admin_task) =
+            admin::serve(&config.state_dir, admin, shutdown_rx.clone())
+                .await
+                .map_err(|e| StartError::Other(format!("admin socket: {e}")))?;
+        tasks.spawn(async move {
+            let _ = admin_task.await;
+        });
+
+        tasks.spawn(rotation::drive(
+            authority.clone(),
+            health.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
         tasks.spawn(tls.clone().maintain(authority.clone(), shutdown_rx.clone()));
 
         let identity = IdentityServiceServer::new(Identity::new(issuer.clone()));
@@ -150,22 +207,10 @@ impl Server {
             }
         });
 
-        let probe_key = rotator::pki::SecretKey::generate_p256()
-            .map_err(|e| StartError::Other(e.to_string()))?;
-        let probe_id = format!(
-            "spiffe://{}/meshca/readiness-probe",
-            authority.snapshot().bundle.trust_domain
-        )
-        .parse()
-        .map_err(|e| StartError::Other(format!("{e}")))?;
-        let probe_csr = rotator::client::make_csr(&probe_id, &probe_key)
-            .map_err(|e| StartError::Other(e.to_string()))?;
-        let probe =
-            crate::signing::parse_csr(&probe_csr).map_err(|e| StartError::Other(e.to_string()))?;
         let app = router(Arc::new(HttpState {
             issuer: issuer.clone(),
             metrics: metrics.clone(),
-            probe,
+            readiness: readiness.clone(),
         }));
         let mut stop = shutdown_rx.clone();
         tasks.spawn(async move {
@@ -199,13 +244,18 @@ impl Server {
         Ok(Self {
             grpc_addr,
             http_addr,
+            admin_socket,
             authority,
             tls,
+            health,
+            readiness,
+            metrics,
             created,
             bootstrap_token,
             state_dir: config.state_dir,
             shutdown,
             tasks,
+            _lock: lock,
         })
     }
 

@@ -200,6 +200,47 @@ impl tower::Service<Uri> for TlsConnect {
     }
 }
 
+/// Why the admin socket could not be reached, worded for an operator.
+pub fn admin_unreachable(socket: &std::path::Path, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => format!(
+            "no meshca-server is running here: {} does not exist (start meshca-server with this --state-dir, or pass --admin-socket)",
+            socket.display()
+        ),
+        io::ErrorKind::ConnectionRefused => format!(
+            "no meshca-server answers on {}: connection refused (the server that made it is not running; a crash leaves the socket behind)",
+            socket.display()
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "{}: permission denied (run as the user that runs meshca-server)",
+            socket.display()
+        ),
+        _ => format!("{}: {e}", socket.display()),
+    }
+}
+
+/// A gRPC channel to the admin socket. Connects now, so that an absent server is reported
+/// before any request is built.
+pub async fn admin_channel(socket: &std::path::Path) -> Result<Channel, String> {
+    // Fail fast, with the reason, before tonic wraps the error.
+    tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| admin_unreachable(socket, &e))?;
+    let path = socket.to_owned();
+    let connector = tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move {
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(TokioIo::new)
+        }
+    });
+    Endpoint::from_static("http://admin.sock")
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("{}: {e}", socket.display()))
+}
+
 /// A DER CSR for `id` with `key`: empty subject, exactly one URI SAN, nothing else.
 pub fn make_csr(id: &SpiffeId, key: &SecretKey) -> Result<Vec<u8>, ClientError> {
     let mut params = CertificateParams::default();

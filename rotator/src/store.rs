@@ -64,6 +64,12 @@ pub enum StoreError {
         /// The error.
         source: io::Error,
     },
+    /// Another process holds the state dir.
+    #[error("{}: another meshca-server is using this state dir (it holds the lock)", path.display())]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// Another writer committed first (optimistic concurrency); re-read and decide again.
     #[error("conflict: the stored generation is {found}, expected {expected}")]
     Conflict {
@@ -105,6 +111,9 @@ pub trait Store: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
+    /// Test builds: commits that are still to fail, as a full disk would make them.
+    #[cfg(feature = "fault-injection")]
+    fail_commits: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -158,12 +167,57 @@ impl FileStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
         create_private_dir(&dir)?;
-        Ok(Self { dir })
+        Ok(Self::read_only(dir))
+    }
+
+    /// Takes the state dir's exclusive lock (`<dir>/lock`, an advisory `flock` held until the
+    /// returned file is dropped; the kernel releases it if the process dies): one server per
+    /// state dir.
+    pub fn lock(&self) -> Result<File, StoreError> {
+        let path = self.dir.join("lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match f.try_lock() {
+            Ok(()) => {
+                // Holding the lock, no writer is mid-commit: temp files are leftovers of a crash.
+                for sub in [
+                    self.dir.clone(),
+                    self.dir.join("anchors"),
+                    self.dir.join("issuers"),
+                ] {
+                    for e in fs::read_dir(&sub).into_iter().flatten().flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if name.starts_with('.') && name.contains(".tmp.") {
+                            let _ = fs::remove_file(e.path());
+                        }
+                    }
+                }
+                Ok(f)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked { path }),
+            Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+        }
     }
 
     /// A store over `dir` for reading only: nothing is created or changed.
     pub fn read_only(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            #[cfg(feature = "fault-injection")]
+            fail_commits: Default::default(),
+        }
+    }
+
+    /// Test builds: the next `n` commits fail with "no space left on device" and write nothing.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_commit_failures(&self, n: u32) {
+        self.fail_commits
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The state directory.
@@ -283,6 +337,24 @@ impl FileStore {
 
     /// Commits `next` (see the module docs for the order of writes).
     pub fn commit_sync(&self, base: Option<u64>, next: &AuthorityState) -> Result<(), StoreError> {
+        #[cfg(feature = "fault-injection")]
+        if self
+            .fail_commits
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(StoreError::Io {
+                path: self.dir.join(STATE_FILE),
+                source: io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "no space left on device (injected)",
+                ),
+            });
+        }
         next.check().map_err(|e| {
             corrupt(
                 &self.dir.join(STATE_FILE),

@@ -483,7 +483,7 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Every file under `dir` with its bytes and mode, for before/after comparisons.
+/// Every regular file under `dir` with its bytes and mode, for before/after comparisons.
 pub fn snapshot_dir(dir: &Path) -> std::collections::BTreeMap<PathBuf, (Vec<u8>, u32)> {
     use std::os::unix::fs::PermissionsExt;
     let mut out = std::collections::BTreeMap::new();
@@ -494,7 +494,8 @@ pub fn snapshot_dir(dir: &Path) -> std::collections::BTreeMap<PathBuf, (Vec<u8>,
             let meta = std::fs::metadata(&p).expect("metadata");
             if meta.is_dir() {
                 stack.push(p);
-            } else {
+            } else if meta.is_file() {
+                // Regular files only: the admin socket is not state.
                 out.insert(
                     p.strip_prefix(dir).expect("under dir").to_owned(),
                     (std::fs::read(&p).expect("read"), meta.permissions().mode()),

@@ -2,6 +2,8 @@
 //!
 //! Exit codes: 0 success; 1 the operation failed (the message says why); 2 bad usage.
 
+mod admin;
+mod init;
 mod issue;
 mod status;
 
@@ -39,8 +41,22 @@ enum Command {
     Issue(issue::IssueArgs),
     /// Print the current trust bundle (PEM).
     Bundle(status::BundleArgs),
-    /// Show the authority: anchors and issuers with their expiry countdowns.
+    /// Show the authority: anchors and issuers with their expiry countdowns and the next rotation.
     Status(status::StatusArgs),
+    /// Issuer operations on a running server: rotate now; upstream mode: csr and import.
+    #[command(subcommand)]
+    Issuer(admin::IssuerCommand),
+    /// Create an authority around an existing root CA certificate and key (offline).
+    Init(init::InitArgs),
+    /// Static bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a new token and print it (once).
+    Add(init::TokenAddArgs),
 }
 
 /// A failed command: the message, already worded for the user.
@@ -66,6 +82,9 @@ fn main() -> ExitCode {
         Command::Issue(a) => issue::run(a, cli.output),
         Command::Bundle(a) => status::bundle(a, cli.output),
         Command::Status(a) => status::status(a, cli.output),
+        Command::Issuer(c) => admin::issuer(c, cli.output),
+        Command::Init(a) => init::init(a, cli.output),
+        Command::Token(TokenCommand::Add(a)) => init::token_add(a, cli.output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

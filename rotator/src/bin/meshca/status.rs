@@ -5,20 +5,23 @@ use std::path::PathBuf;
 use meshca_proto::v1::GetTrustBundleRequest;
 use meshca_proto::v1::identity_service_client::IdentityServiceClient;
 use rotator::client::{channel, client_tls, read_pem_certs};
-use rotator::clock::rfc3339;
 use rotator::pki::pem_cert;
-use rotator::state::{AuthorityState, human};
+use rotator::policy::Policy;
+use rotator::state::AuthorityState;
 use rotator::store::FileStore;
 use serde_json::json;
 use time::OffsetDateTime;
 
+use crate::admin::{AdminArgs, live_status};
 use crate::{Failed, Output, default_state_dir, grpc_failure, runtime};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// State directory of the authority [default: $MESHCA_STATE_DIR or ./meshca-data].
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Read the state dir even if a server is running (its health is then not shown).
+    #[arg(long)]
+    offline: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -45,95 +48,35 @@ fn load(dir: Option<PathBuf>) -> Result<AuthorityState, Failed> {
 }
 
 pub fn status(a: StatusArgs, output: Output) -> Result<(), Failed> {
-    let s = load(a.state_dir)?;
-    let now = OffsetDateTime::now_utc();
+    let live = if a.offline {
+        None
+    } else {
+        live_status(&a.admin)?
+    };
+    let doc = match live {
+        Some(doc) => doc,
+        None => {
+            if a.admin.admin_socket.is_some() && !a.offline {
+                return Err(Failed(format!(
+                    "no meshca-server answers on {}",
+                    a.admin.socket().display()
+                )));
+            }
+            let s = load(Some(a.admin.dir()))?;
+            if output == Output::Text && !a.offline {
+                eprintln!(
+                    "(no server answers on {}: read from the state dir, with the default policy's rotation times)",
+                    a.admin.socket().display()
+                );
+            }
+            rotator::status::document(&s, &Policy::default(), OffsetDateTime::now_utc())
+        }
+    };
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&status_json(&s, now))?),
-        Output::Text => print!("{}", status_text(&s, now)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Output::Text => print!("{}", rotator::status::render(&doc)),
     }
     Ok(())
-}
-
-fn status_json(s: &AuthorityState, now: OffsetDateTime) -> serde_json::Value {
-    json!({
-        "trust_domain": s.trust_domain.to_string(),
-        "generation": s.generation,
-        "bundle_version": s.bundle_version,
-        "phase": s.phase,
-        "anchors": s.anchors.iter().map(|a| json!({
-            "id": a.cert.id(), "status": a.status.to_string(), "key_held": a.key.is_some(),
-            "serial": a.cert.info.serial, "subject": a.cert.info.subject,
-            "not_before": rfc3339(a.cert.info.not_before), "not_after": rfc3339(a.cert.info.not_after),
-            "expires_in_seconds": a.cert.info.remaining(now).as_secs(),
-        })).collect::<Vec<_>>(),
-        "issuers": s.issuers.iter().map(|i| json!({
-            "id": i.cert.id(), "status": i.status.to_string(), "anchor": i.anchor,
-            "serial": i.cert.info.serial,
-            "not_before": rfc3339(i.cert.info.not_before), "not_after": rfc3339(i.cert.info.not_after),
-            "expires_in_seconds": i.cert.info.remaining(now).as_secs(),
-        })).collect::<Vec<_>>(),
-        "problems": s.expiry_problems(now),
-    })
-}
-
-fn status_text(s: &AuthorityState, now: OffsetDateTime) -> String {
-    use std::fmt::Write;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "trust domain {}   phase {}   bundle version {}   generation {}",
-        s.trust_domain,
-        s.phase.name(),
-        s.bundle_version,
-        s.generation
-    );
-    let _ = writeln!(
-        o,
-        "\nANCHORS\n  {:<16}  {:<9}  {:<8}  {:<20}  EXPIRES IN",
-        "ID", "STATUS", "KEY", "NOT AFTER"
-    );
-    for a in &s.anchors {
-        let _ = writeln!(
-            o,
-            "  {:<16}  {:<9}  {:<8}  {:<20}  {}",
-            a.cert.id(),
-            a.status,
-            if a.key.is_some() { "here" } else { "upstream" },
-            rfc3339(a.cert.info.not_after),
-            countdown(a.cert.info.not_after, now)
-        );
-    }
-    let _ = writeln!(
-        o,
-        "\nISSUERS\n  {:<16}  {:<9}  {:<16}  {:<20}  EXPIRES IN",
-        "ID", "STATUS", "ANCHOR", "NOT AFTER"
-    );
-    for i in &s.issuers {
-        let _ = writeln!(
-            o,
-            "  {:<16}  {:<9}  {:<16}  {:<20}  {}",
-            i.cert.id(),
-            i.status,
-            i.anchor,
-            rfc3339(i.cert.info.not_after),
-            countdown(i.cert.info.not_after, now)
-        );
-    }
-    for p in s.expiry_problems(now) {
-        let _ = writeln!(o, "\nPROBLEM: {p}");
-    }
-    o
-}
-
-fn countdown(t: OffsetDateTime, now: OffsetDateTime) -> String {
-    if t <= now {
-        format!(
-            "EXPIRED {} ago",
-            human((now - t).try_into().unwrap_or_default())
-        )
-    } else {
-        human((t - now).try_into().unwrap_or_default())
-    }
 }
 
 pub fn bundle(a: BundleArgs, output: Output) -> Result<(), Failed> {

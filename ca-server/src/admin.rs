@@ -1,0 +1,274 @@
+//! The operator API (`meshca.v1.AdminService`) on the unix socket `<state-dir>/admin.sock`.
+//!
+//! Reachable only by operators: the socket is 0600 inside the 0700 state dir, and a connection
+//! whose peer user id is not the socket owner's is closed before it reaches tonic. There is no
+//! TCP listener for it.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meshca_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
+use meshca_proto::v1::{
+    CreateIssuerCsrRequest, CreateIssuerCsrResponse, GetStatusRequest, GetStatusResponse,
+    ImportIssuerRequest, IssuerResponse, RotateIssuerRequest,
+};
+use rotator::clock::rfc3339;
+use rotator::pki::CaCert;
+use rotator::state::{IssuerStatus, StateError, key_id};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::authority::{Authority, TransitionError};
+use crate::rotation::RotationHealth;
+
+/// The socket's file name in the state dir.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+/// The admin service.
+pub struct Admin {
+    authority: Arc<Authority>,
+    health: Arc<RotationHealth>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Admin {
+    /// A service over `authority`; `ready` answers whether `/readyz` would say ready.
+    pub fn new(
+        authority: Arc<Authority>,
+        health: Arc<RotationHealth>,
+        ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Self {
+        Self {
+            authority,
+            health,
+            ready,
+        }
+    }
+}
+
+fn status_of(e: TransitionError) -> Status {
+    match e {
+        TransitionError::State(e) => Status::failed_precondition(e.0),
+        TransitionError::Store(e) => {
+            Status::unavailable(format!("the store refused the write, nothing changed: {e}"))
+        }
+    }
+}
+
+fn issuer_response(
+    a: &rotator::state::AuthorityState,
+    id: &rotator::pki::CertId,
+    replaced: Option<String>,
+) -> IssuerResponse {
+    let i = a.issuer(id);
+    IssuerResponse {
+        id: id.to_string(),
+        not_after: i
+            .map(|i| rfc3339(i.cert.info.not_after))
+            .unwrap_or_default(),
+        status: i.map(|i| i.status.to_string()).unwrap_or_default(),
+        replaced: replaced.unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn get_status(
+        &self,
+        _: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
+        let now = self.authority.clock().now();
+        let policy = self.authority.policy().clone();
+        let mut doc = self
+            .authority
+            .read(|s| rotator::status::document(s, &policy, now))
+            .await;
+        doc["server"] = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": (self.ready)(),
+            "rotation_failures_consecutive": self.health.consecutive_failures(),
+            "last_rotation_error": self.health.last_error(),
+        });
+        Ok(Response::new(GetStatusResponse {
+            json: doc.to_string(),
+        }))
+    }
+
+    async fn rotate_issuer(
+        &self,
+        _: Request<RotateIssuerRequest>,
+    ) -> Result<Response<IssuerResponse>, Status> {
+        let policy = self.authority.policy().clone();
+        let mut prepared = None;
+        // Two committed transitions, as the driver would do them: prepared, then activated.
+        self.authority
+            .transition(|s, now| {
+                let anchor = s.active_anchor().ok_or_else(|| StateError("no active anchor".into()))?;
+                if anchor.key.is_none() {
+                    return Err(StateError(
+                        "upstream mode: the anchor's key is not here, so meshca cannot sign an issuer; use \
+                         `meshca issuer csr` and `meshca issuer import`"
+                            .into(),
+                    ));
+                }
+                let next = s.prepare_issuer(&policy, now, anchor.cert.id())?;
+                prepared = next.issuers.last().map(|i| i.cert.id().clone());
+                Ok(Some(next))
+            })
+            .await
+            .map_err(status_of)?;
+        let id = prepared.ok_or_else(|| Status::internal("no issuer was prepared"))?;
+        let mut replaced = None;
+        self.authority
+            .transition(|s, now| {
+                replaced = s.active_issuer().map(|i| i.cert.id().to_string());
+                s.activate_issuer(now, &id).map(Some)
+            })
+            .await
+            .map_err(status_of)?;
+        let resp = self
+            .authority
+            .read(|s| issuer_response(s, &id, replaced))
+            .await;
+        tracing::info!(target: "meshca::audit", issuer = %resp.id, replaced = %resp.replaced, "issuer rotated by an operator");
+        Ok(Response::new(resp))
+    }
+
+    async fn create_issuer_csr(
+        &self,
+        _: Request<CreateIssuerCsrRequest>,
+    ) -> Result<Response<CreateIssuerCsrResponse>, Status> {
+        let mut new_key = false;
+        self.authority
+            .transition(|s, now| {
+                let next = s.with_pending_issuer_key(now)?;
+                new_key = next.is_some();
+                Ok(next)
+            })
+            .await
+            .map_err(status_of)?;
+        let now = self.authority.clock().now();
+        let (csr, id) = self
+            .authority
+            .read(|s| {
+                let p = s
+                    .pending_issuer_key
+                    .as_ref()
+                    .ok_or_else(|| Status::internal("no pending key after commit"))?;
+                let csr = rotator::pki::issuer_csr(&s.trust_domain, &p.key, now)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                Ok::<_, Status>((csr, key_id(&p.key)))
+            })
+            .await?;
+        tracing::info!(target: "meshca::audit", key = %id, new_key, "issuer CSR made");
+        Ok(Response::new(CreateIssuerCsrResponse {
+            csr_pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
+            key_id: id,
+            new_key,
+        }))
+    }
+
+    async fn import_issuer(
+        &self,
+        request: Request<ImportIssuerRequest>,
+    ) -> Result<Response<IssuerResponse>, Status> {
+        let cert = CaCert::from_pem(&request.into_inner().cert_pem).map_err(|e| {
+            Status::invalid_argument(format!("the issuer certificate is unusable: {e}"))
+        })?;
+        let id = cert.id().clone();
+        if self
+            .authority
+            .read(|s| s.pending_issuer_key.is_none())
+            .await
+        {
+            return Err(Status::failed_precondition(
+                "no issuer key is pending: run `meshca issuer csr` first and have that CSR signed",
+            ));
+        }
+        let policy = self.authority.policy().clone();
+        let mut replaced = None;
+        self.authority
+            .transition(|s, now| {
+                replaced = s.active_issuer().map(|i| i.cert.id().to_string());
+                s.import_issuer(&policy, now, cert).map(Some)
+            })
+            .await
+            .map_err(|e| match e {
+                TransitionError::State(e) => Status::invalid_argument(format!("refused: {e}")),
+                other => status_of(other),
+            })?;
+        let resp = self
+            .authority
+            .read(|s| {
+                let active = s
+                    .issuer(&id)
+                    .is_some_and(|i| i.status == IssuerStatus::Active);
+                issuer_response(s, &id, if active { replaced } else { None })
+            })
+            .await;
+        tracing::info!(target: "meshca::audit", issuer = %resp.id, status = %resp.status, "issuer imported");
+        Ok(Response::new(resp))
+    }
+}
+
+/// Binds `<dir>/admin.sock` (0600) and serves `admin` on it until `shutdown` flips; the socket
+/// file is removed on the way out. A stale socket from a crashed server is replaced (the state
+/// dir's lock already guarantees no other server runs here).
+pub async fn serve(
+    dir: &Path,
+    admin: Admin,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(PathBuf, tokio::task::JoinHandle<()>)> {
+    let path = dir.join(ADMIN_SOCKET);
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::info!("removed a stale {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let owner = std::fs::metadata(&path)?.uid();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<UnixStream, std::io::Error>>(16);
+    let mut stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("admin socket accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == owner => {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+                Ok(c) => {
+                    tracing::warn!(target: "meshca::audit", uid = c.uid(), "admin connection from another user refused")
+                }
+                Err(e) => tracing::warn!("admin connection without peer credentials refused: {e}"),
+            }
+        }
+    });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let socket = path.clone();
+    let task = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(AdminServiceServer::new(admin))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!("admin server stopped: {e}");
+        }
+        let _ = std::fs::remove_file(&socket);
+    });
+    Ok((path, task))
+}

@@ -1,0 +1,139 @@
+//! `meshca init` (an authority around an existing root) and `meshca token add`.
+
+use std::path::PathBuf;
+
+use rotator::clock::rfc3339;
+use rotator::pki::{CaCert, SecretKey};
+use rotator::policy::Policy;
+use rotator::spiffe::{IdPattern, TrustDomain};
+use rotator::state::{AuthorityState, human};
+use rotator::store::{FileStore, Store};
+use rotator::tokens::{add_token, write_bootstrap_token};
+use time::OffsetDateTime;
+
+use crate::{Failed, Output, default_state_dir, runtime};
+
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// The existing root CA certificate (PEM), e.g. from `step certificate create --profile root-ca`.
+    #[arg(long, value_name = "FILE")]
+    anchor_cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, SEC1 or PKCS#1; not encrypted).
+    #[arg(long, value_name = "FILE")]
+    anchor_key: PathBuf,
+    /// State directory to create [default: $MESHCA_STATE_DIR or ./meshca-data].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: TrustDomain,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TokenAddArgs {
+    /// A name for audit logs.
+    #[arg(long)]
+    name: String,
+    /// A SPIFFE ID or `spiffe://<td>/ns/<ns>/sa/*` the token may request (repeatable).
+    #[arg(long = "allow", required = true, value_name = "PATTERN")]
+    allow: Vec<IdPattern>,
+    /// State directory [default: $MESHCA_STATE_DIR or ./meshca-data].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).map_err(|e| Failed(format!("{}: {e}", p.display())))
+    };
+    let cert = CaCert::from_pem(&read(&a.anchor_cert)?)
+        .map_err(|e| Failed(format!("{}: {e}", a.anchor_cert.display())))?;
+    let key_text = zeroize::Zeroizing::new(read(&a.anchor_key)?);
+    let key = SecretKey::from_pem(&key_text)
+        .map_err(|e| Failed(format!("{}: {e}", a.anchor_key.display())))?;
+    let dir = a.state_dir.unwrap_or_else(default_state_dir);
+    let store = FileStore::open(&dir)?;
+    let _lock = store.lock()?;
+    if store.load_sync()?.is_some() {
+        return Err(Failed(format!(
+            "{} already holds an authority; init only creates new ones",
+            dir.display()
+        )));
+    }
+    let now = OffsetDateTime::now_utc();
+    let policy = Policy::default();
+    let state = AuthorityState::with_anchor(a.trust_domain.clone(), cert, Some(key), &policy, now)
+        .map_err(|e| Failed(format!("{}: {e}", a.anchor_cert.display())))?;
+    runtime()?.block_on(store.commit(None, &state))?;
+    let token = write_bootstrap_token(&dir, &a.trust_domain)?;
+    let anchor = state
+        .active_anchor()
+        .ok_or_else(|| Failed("internal: no active anchor".into()))?;
+    let issuer = state
+        .active_issuer()
+        .ok_or_else(|| Failed("internal: no issuer".into()))?;
+    let left = anchor.cert.info.remaining(now);
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "state_dir": dir, "anchor": anchor.cert.id(), "anchor_not_after": rfc3339(anchor.cert.info.not_after),
+                "issuer": issuer.cert.id(), "issuer_not_after": rfc3339(issuer.cert.info.not_after), "bootstrap_token": token,
+            })
+        ),
+        Output::Text => {
+            println!(
+                "created an authority for {} in {} around anchor {} ({}, expires {}, in {})",
+                a.trust_domain,
+                dir.display(),
+                anchor.cert.id(),
+                anchor.cert.info.subject,
+                rfc3339(anchor.cert.info.not_after),
+                human(left)
+            );
+            println!(
+                "  issuer {} until {}",
+                issuer.cert.id(),
+                rfc3339(issuer.cert.info.not_after)
+            );
+            println!("  bootstrap token {}", token.display());
+            println!("Start it: meshca-server --state-dir {}", dir.display());
+            if left < policy.issuer_ttl {
+                println!(
+                    "WARNING: the anchor expires in {}, before one issuer lifetime ({}): plan its rotation now",
+                    human(left),
+                    human(policy.issuer_ttl)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
+    let dir = a.state_dir.unwrap_or_else(default_state_dir);
+    if !dir.join("state.json").exists() {
+        return Err(Failed(format!("{}: no authority here", dir.display())));
+    }
+    let token = zeroize::Zeroizing::new(add_token(&dir, &a.name, a.allow.clone())?);
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "name": a.name, "token": token.as_str() })
+        ),
+        Output::Text => {
+            println!("{}", token.as_str());
+            eprintln!(
+                "token {:?} may request {}; only its hash is stored, so this is the only time it is shown. \
+                 A running server picks it up within 2 s.",
+                a.name,
+                a.allow
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok(())
+}
