@@ -505,3 +505,91 @@ pub fn snapshot_dir(dir: &Path) -> std::collections::BTreeMap<PathBuf, (Vec<u8>,
     }
     out
 }
+
+/// A plain blocking HTTP/1.1 GET on loopback: `(status, body)`.
+pub fn http_get_blocking(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect HTTP");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).expect("write HTTP");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read HTTP");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its output if it fails.
+pub fn openssl(openssl: &Path, dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new(openssl)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a self-signed P-256 root CA with openssl in `dir` as `<name>.pem` and `<name>.key`
+/// (SEC1 key, as `openssl ecparam` writes it), valid for `days`.
+pub fn openssl_root(tool: &Path, dir: &Path, name: &str, days: u32) {
+    openssl(
+        tool,
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &format!("{name}.key"),
+        ],
+    );
+    openssl(
+        tool,
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-key",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            &days.to_string(),
+            "-subj",
+            &format!("/O=Example Corp/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:true",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+/// Polls `f` every 20 ms for up to 10 s (blocking).
+pub fn eventually_blocking<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,199 @@
+//! Crash safety of issuer rotation: the real server process is aborted at each journal step of
+//! `meshca issuer rotate` (compiled-in fault points, `MESHCA_FAULT_POINT=<point>@<n>`), then
+//! restarted on the same state. Every time: it starts, the state is consistent, the active issuer
+//! is either the old one or the new one fully activated, a prepared issuer is never lost, no key
+//! is lost, the bundle is unchanged, and it signs.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is how a failure is reported.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use meshca_tests::{ServerProcess, bin};
+use rotator::state::IssuerStatus;
+use rotator::store::FileStore;
+
+/// Which issuer is active after the crash and restart.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Active {
+    Old,
+    New,
+}
+
+fn meshca(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(bin("meshca"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+fn crash_and_recover(point: &str, want_active: Active, want_prepared: bool) {
+    for rep in 0..3 {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let d = dir.display().to_string();
+        ServerProcess::spawn(&dir, &[], &[]).unwrap().kill();
+        let before = FileStore::read_only(&dir).load_sync().unwrap().unwrap();
+        let old = before.active_issuer().unwrap().cert.id().clone();
+        let bundle = std::fs::read(dir.join("bundle.pem")).unwrap();
+        let anchor_key = std::fs::read(dir.join(format!(
+            "anchors/{}.key",
+            before.active_anchor().unwrap().cert.id()
+        )))
+        .unwrap();
+
+        // The crash.
+        let mut faulty = ServerProcess::spawn(&dir, &[], &[("MESHCA_FAULT_POINT", point)]).unwrap();
+        let out = meshca(&["issuer", "rotate", "--state-dir", &d], tmp.path());
+        assert!(
+            !out.status.success(),
+            "{point}: rotate succeeded although the server was to crash"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = faulty.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{point}: the server did not crash"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "{point}: expected SIGABRT at the fault point, got {status:?}"
+        );
+
+        // The recovery.
+        let server = ServerProcess::spawn(&dir, &[], &[])
+            .unwrap_or_else(|r| panic!("{point} (rep {rep}): no restart: {}", r.stderr));
+        let after = FileStore::read_only(&dir).load_sync().unwrap().unwrap();
+        after.check().unwrap();
+        let active = after.active_issuer().unwrap().cert.id().clone();
+        let prepared: Vec<_> = after
+            .issuers
+            .iter()
+            .filter(|i| i.status == IssuerStatus::Prepared)
+            .collect();
+        let got = if active == old {
+            Active::Old
+        } else {
+            Active::New
+        };
+        assert_eq!(got, want_active, "{point} (rep {rep}): active issuer");
+        assert_eq!(
+            !prepared.is_empty(),
+            want_prepared,
+            "{point} (rep {rep}): prepared issuer"
+        );
+        if got == Active::New {
+            assert_eq!(
+                after.issuer(&old).unwrap().status,
+                IssuerStatus::Retired,
+                "{point}: the old issuer is kept, retired"
+            );
+        }
+        assert_eq!(
+            std::fs::read(dir.join("bundle.pem")).unwrap(),
+            bundle,
+            "{point}: the bundle changed"
+        );
+        assert_eq!(
+            std::fs::read(dir.join(format!(
+                "anchors/{}.key",
+                after.active_anchor().unwrap().cert.id()
+            )))
+            .unwrap(),
+            anchor_key,
+            "{point}: the anchor key changed"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.join("issuers"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "{point}: temp files left after restart: {leftovers:?}"
+        );
+
+        // It signs.
+        let out = meshca(
+            &[
+                "issue",
+                "--server",
+                &server.url,
+                "--ca-bundle",
+                &format!("{d}/bundle.pem"),
+                "--token-file",
+                &format!("{d}/bootstrap-token"),
+                "--spiffe-id",
+                "spiffe://cluster.local/ns/default/sa/after-crash",
+                "--out",
+                "leaf",
+            ],
+            tmp.path(),
+        );
+        assert!(
+            out.status.success(),
+            "{point}: no signing after restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let chain =
+            meshca_tests::pem_certs(&std::fs::read_to_string(tmp.path().join("leaf.crt")).unwrap());
+        assert_eq!(
+            rotator::pki::CertId::of(&chain[1]),
+            active,
+            "{point}: signed by the active issuer"
+        );
+        server.kill();
+    }
+}
+
+// `meshca issuer rotate` commits twice: 1 = the new issuer prepared, 2 = it activated.
+
+#[test]
+fn crash_after_new_files_before_the_state_file() {
+    crash_and_recover("commit:after-files@1", Active::Old, false);
+}
+
+#[test]
+fn crash_with_the_first_new_file_not_yet_renamed() {
+    crash_and_recover("write:before-rename@1", Active::Old, false);
+}
+
+#[test]
+fn crash_with_the_state_file_written_but_not_renamed() {
+    // Writes of the prepare commit: issuer .crt, issuer .key, state.json.
+    crash_and_recover("write:before-rename@3", Active::Old, false);
+}
+
+#[test]
+fn crash_right_after_the_prepared_issuer_is_committed() {
+    crash_and_recover("commit:after-state@1", Active::Old, true);
+}
+
+#[test]
+fn crash_after_the_prepare_commit_before_it_is_published() {
+    crash_and_recover("transition:after-commit@1", Active::Old, true);
+}
+
+#[test]
+fn crash_during_activation_before_the_state_file() {
+    crash_and_recover("commit:after-files@2", Active::Old, true);
+}
+
+#[test]
+fn crash_right_after_activation_is_committed() {
+    crash_and_recover("commit:after-state@2", Active::New, false);
+}
+
+#[test]
+fn crash_after_activation_before_it_is_published() {
+    crash_and_recover("transition:after-commit@2", Active::New, false);
+}
