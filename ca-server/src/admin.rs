@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use meshca_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use meshca_proto::v1::{
-    CreateIssuerCsrRequest, CreateIssuerCsrResponse, GetStatusRequest, GetStatusResponse,
-    ImportIssuerRequest, IssuerResponse, RotateIssuerRequest,
+    AnchorResponse, AnchorStepRequest, CreateIssuerCsrRequest, CreateIssuerCsrResponse,
+    GetStatusRequest, GetStatusResponse, ImportIssuerRequest, IssuerResponse, RotateIssuerRequest,
+    StageAnchorRequest,
 };
+use rotator::anchors::{NewAnchor, Step, gate};
 use rotator::clock::rfc3339;
 use rotator::pki::CaCert;
 use rotator::state::{IssuerStatus, StateError, key_id};
@@ -81,9 +83,10 @@ impl AdminService for Admin {
     ) -> Result<Response<GetStatusResponse>, Status> {
         let now = self.authority.clock().now();
         let policy = self.authority.policy().clone();
+        let summary = self.authority.ledger_summary().await;
         let mut doc = self
             .authority
-            .read(|s| rotator::status::document(s, &policy, now))
+            .read(|s| rotator::status::document(s, &policy, Some(&summary), now))
             .await;
         doc["server"] = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -211,6 +214,151 @@ impl AdminService for Admin {
         tracing::info!(target: "meshca::audit", issuer = %resp.id, status = %resp.status, "issuer imported");
         Ok(Response::new(resp))
     }
+
+    async fn stage_anchor(
+        &self,
+        request: Request<StageAnchorRequest>,
+    ) -> Result<Response<AnchorResponse>, Status> {
+        let r = request.into_inner();
+        let new = if r.cert_pem.is_empty() {
+            if !r.key_pem.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a key without a certificate: give the anchor certificate too",
+                ));
+            }
+            NewAnchor::Generate
+        } else {
+            let cert = CaCert::from_pem(&r.cert_pem).map_err(|e| {
+                Status::invalid_argument(format!("the anchor certificate is unusable: {e}"))
+            })?;
+            let key = if r.key_pem.is_empty() {
+                None
+            } else {
+                Some(
+                    rotator::pki::SecretKey::from_pem(&r.key_pem).map_err(|e| {
+                        Status::invalid_argument(format!("the anchor key is unusable: {e}"))
+                    })?,
+                )
+            };
+            NewAnchor::Import(cert, key)
+        };
+        self.anchor_step(Step::Stage, false, Some(new))
+            .await
+            .map(Response::new)
+    }
+
+    async fn activate_anchor(
+        &self,
+        request: Request<AnchorStepRequest>,
+    ) -> Result<Response<AnchorResponse>, Status> {
+        self.anchor_step(Step::Activate, step_force(request), None)
+            .await
+            .map(Response::new)
+    }
+
+    async fn finish_anchor(
+        &self,
+        request: Request<AnchorStepRequest>,
+    ) -> Result<Response<AnchorResponse>, Status> {
+        self.anchor_step(Step::Finish, step_force(request), None)
+            .await
+            .map(Response::new)
+    }
+
+    async fn rollback_anchor(
+        &self,
+        request: Request<AnchorStepRequest>,
+    ) -> Result<Response<AnchorResponse>, Status> {
+        self.anchor_step(Step::Rollback, step_force(request), None)
+            .await
+            .map(Response::new)
+    }
+}
+
+impl Admin {
+    /// Takes one anchor step: checks the phase (FAILED_PRECONDITION), then the gate with the
+    /// ledger's view, then commits. Every outcome is one audit line.
+    async fn anchor_step(
+        &self,
+        step: Step,
+        force: bool,
+        new: Option<NewAnchor>,
+    ) -> Result<AnchorResponse, Status> {
+        let policy = self.authority.policy().clone();
+        let summary = self.authority.ledger_summary().await;
+        let now = self.authority.clock().now();
+        let g = self
+            .authority
+            .read(|s| gate(s, &policy, Some(&summary), now, step))
+            .await
+            .map_err(|e| Status::failed_precondition(e.0))?;
+        if !g.open && !force {
+            tracing::warn!(target: "meshca::audit", step = step.name(), gate = %g.explain(), "anchor step refused: gate closed");
+            return Err(Status::failed_precondition(format!(
+                "gate closed, `{}` refused: {}. To skip it: --force (risk: {})",
+                step.name(),
+                g.explain(),
+                g.risk
+            )));
+        }
+        let importing = matches!(new, Some(NewAnchor::Import(..)));
+        self.authority
+            .transition(|s, now| {
+                let l = Some(&summary);
+                match step {
+                    Step::Stage => s.stage_anchor(&policy, now, new.unwrap_or(NewAnchor::Generate)),
+                    Step::Activate => s.activate_anchor(&policy, l, now, force),
+                    Step::Finish => s.finish_anchor(&policy, l, now, force),
+                    Step::Rollback => s.rollback_anchor(&policy, l, now, force),
+                }
+                .map(Some)
+            })
+            .await
+            .map_err(|e| match e {
+                TransitionError::State(e) if importing => {
+                    Status::invalid_argument(format!("refused: {e}"))
+                }
+                other => status_of(other),
+            })?;
+        let risk = if g.open { String::new() } else { g.risk.clone() };
+        let resp = self
+            .authority
+            .read(|s| AnchorResponse {
+                phase: s.phase.name().into(),
+                bundle_version: s.bundle_version,
+                anchor: match (&s.phase, step) {
+                    (rotator::state::Phase::Staged { anchor, .. }, _) => anchor.to_string(),
+                    (_, Step::Finish | Step::Rollback) => s
+                        .anchors
+                        .iter()
+                        .rev()
+                        .find(|a| a.status == rotator::state::AnchorStatus::Archived)
+                        .map(|a| a.cert.id().to_string())
+                        .unwrap_or_default(),
+                    _ => s
+                        .active_anchor()
+                        .map(|a| a.cert.id().to_string())
+                        .unwrap_or_default(),
+                },
+                gate: g.explain(),
+                risk: risk.clone(),
+                issuer: s
+                    .active_issuer()
+                    .map(|i| i.cert.id().to_string())
+                    .unwrap_or_default(),
+            })
+            .await;
+        if risk.is_empty() {
+            tracing::info!(target: "meshca::audit", step = step.name(), phase = %resp.phase, bundle_version = resp.bundle_version, anchor = %resp.anchor, gate = %resp.gate, "anchor step taken");
+        } else {
+            tracing::warn!(target: "meshca::audit", step = step.name(), phase = %resp.phase, bundle_version = resp.bundle_version, anchor = %resp.anchor, risk = %risk, "anchor step FORCED past a closed gate");
+        }
+        Ok(resp)
+    }
+}
+
+fn step_force(r: Request<AnchorStepRequest>) -> bool {
+    r.into_inner().force
 }
 
 /// Binds `<dir>/admin.sock` (0600) and serves `admin` on it until `shutdown` flips; the socket

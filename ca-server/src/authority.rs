@@ -113,6 +113,9 @@ pub enum OpenError {
     /// A transition failed.
     #[error("{0}")]
     State(#[from] StateError),
+    /// The issuance ledger file cannot be written.
+    #[error("issuance ledger: {0}")]
+    Ledger(String),
     /// Replacing an unusable issuer at start-up failed.
     #[error("replacing the unusable active issuer failed: {0}")]
     Transition(#[from] TransitionError),
@@ -153,6 +156,7 @@ pub enum Origin {
 /// The running authority.
 pub struct Authority {
     policy: Policy,
+    ledger: crate::ledger::LedgerHandle,
     clock: Arc<dyn Clock>,
     store: FileStore,
     state: Mutex<AuthorityState>,
@@ -228,9 +232,28 @@ impl Authority {
             }
         }
         store.write_bundle(&state)?;
+        let (ledger, loaded) = crate::ledger::LedgerHandle::open(
+            store.dir(),
+            origin == Origin::Created,
+            now,
+            policy.clock_skew,
+        )
+        .map_err(OpenError::Ledger)?;
+        match loaded {
+            crate::ledger::Loaded::New => {}
+            crate::ledger::Loaded::Clean { records } => {
+                tracing::info!(records, "issuance ledger loaded");
+            }
+            crate::ledger::Loaded::Incomplete(why) => tracing::warn!(
+                "issuance ledger {why}: it is complete only from now, so the trust-anchor gates use their \
+                 time-based fallback until {}",
+                rotator::clock::rfc3339(now + policy.leaf_ttl_max + policy.clock_skew)
+            ),
+        }
         let snapshot = watch::Sender::new(Arc::new(Snapshot::of(&state)?));
         Ok((
             Self {
+                ledger,
                 policy,
                 clock,
                 store,
@@ -297,6 +320,23 @@ impl Authority {
     /// The clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+
+    /// The issuance ledger.
+    pub fn ledger(&self) -> &crate::ledger::LedgerHandle {
+        &self.ledger
+    }
+
+    /// The ledger's view for the gates of the current phase (bundle convergence is counted
+    /// against the current bundle version).
+    pub async fn ledger_summary(&self) -> rotator::ledger::LedgerSummary {
+        let version = self.state.lock().await.bundle_version;
+        self.ledger.summary(
+            self.clock.now(),
+            self.policy.leaf_ttl_max,
+            self.policy.clock_skew,
+            version,
+        )
     }
 
     /// The store.

@@ -40,6 +40,9 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Lifetimes and rotation points.
     pub policy: Policy,
+    /// Opt-in trust-anchor rotation automation (`auto_stage_before`, `auto_advance`); off by
+    /// default.
+    pub anchor: rotator::anchors::Automation,
     /// Log line format.
     pub log_format: LogFormat,
 }
@@ -84,6 +87,7 @@ impl Default for Config {
             http_listen: DEFAULT_HTTP_LISTEN,
             tls: TlsConfig::default(),
             policy: Policy::default(),
+            anchor: rotator::anchors::Automation::default(),
             log_format: LogFormat::Text,
         }
     }

@@ -104,6 +104,7 @@ impl IdentityService for Identity {
                     client_cert: peer.as_ref().and_then(|p| p.client_cert.as_ref()),
                 },
                 peer: peer.as_ref().map(|p| p.addr),
+                instance_id: Some(req.instance_id.as_str()),
             })
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(SignCertificateResponse {
@@ -133,17 +134,65 @@ impl IdentityService for Identity {
         request: Request<WatchTrustBundleRequest>,
     ) -> Result<Response<BundleStream>, Status> {
         check_instance_id(&request.get_ref().instance_id)?;
+        // A stream counts toward bundle convergence only when the watcher is known: it sent an
+        // instance id and authenticated with a client certificate from this CA (the TLS layer
+        // verified it), so nobody can mark another SPIFFE ID's instances as up to date.
+        let who = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.client_cert.as_ref())
+            .and_then(|c| rotator::client::spiffe_id_of(c).ok())
+            .map(|id| id.to_string())
+            .filter(|_| !request.get_ref().instance_id.is_empty())
+            .map(|id| WatchGuard::new(self.authority.clone(), id, request.get_ref().instance_id.clone()));
         let rx = self.authority.subscribe();
         // The current bundle first, then one message per new bundle version.
-        let stream = futures::stream::unfold((rx, 0u64), |(mut rx, last)| async move {
+        let stream = futures::stream::unfold((rx, 0u64, who), |(mut rx, last, who)| async move {
             loop {
                 let bundle = rx.borrow_and_update().bundle.clone();
                 if bundle.version != last {
-                    return Some((Ok(trust_bundle(&bundle)), (rx, bundle.version)));
+                    if let Some(w) = &who {
+                        w.sent(bundle.version);
+                    }
+                    return Some((Ok(trust_bundle(&bundle)), (rx, bundle.version, who)));
                 }
                 rx.changed().await.ok()?;
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Ledger bookkeeping of one authenticated bundle stream; the stream is closed when dropped.
+struct WatchGuard {
+    authority: Arc<Authority>,
+    spiffe_id: String,
+    instance: String,
+}
+
+impl WatchGuard {
+    fn new(authority: Arc<Authority>, spiffe_id: String, instance: String) -> Self {
+        authority
+            .ledger()
+            .with(|l| l.watch_opened(&spiffe_id, &instance));
+        Self {
+            authority,
+            spiffe_id,
+            instance,
+        }
+    }
+
+    fn sent(&self, version: u64) {
+        self.authority
+            .ledger()
+            .with(|l| l.watch_sent(&self.spiffe_id, &self.instance, version));
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.authority
+            .ledger()
+            .with(|l| l.watch_closed(&self.spiffe_id, &self.instance));
     }
 }

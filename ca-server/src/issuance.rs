@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rotator::ledger::LeafRecord;
 use rotator::spiffe::SpiffeId;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -27,6 +28,8 @@ pub struct IssueRequest<'a> {
     pub credentials: Credentials<'a>,
     /// Where the request came from, for audit logs.
     pub peer: Option<std::net::SocketAddr>,
+    /// The client's instance id, if it sent one (see `rotator::ledger` for what it is for).
+    pub instance_id: Option<&'a str>,
 }
 
 /// A signed leaf with everything a response needs.
@@ -44,6 +47,8 @@ pub struct Issued {
     pub not_after: OffsetDateTime,
     /// When to renew: 50-70 % into the lifetime, jittered.
     pub refresh_at: OffsetDateTime,
+    /// The anchor the leaf chains to.
+    pub anchor: rotator::pki::CertId,
 }
 
 /// Why a request got no certificate. The faces map each variant to their status code.
@@ -135,7 +140,24 @@ impl Issuer {
         let csr = parse_csr(req.csr)?;
         let caller = authorize(&callers, &csr.id)?;
         *who = caller.name.clone();
-        self.sign(&csr, req.ttl)
+        let issued = self.sign(&csr, req.ttl)?;
+        let instance = match req.instance_id.filter(|i| !i.is_empty()) {
+            Some(i) => i.to_owned(),
+            None => {
+                use rcgen::PublicKeyData;
+                let h = ring::digest::digest(&ring::digest::SHA256, csr.key.der_bytes());
+                format!("key:{}", hex::encode(&h.as_ref()[..12]))
+            }
+        };
+        self.authority.ledger().record(LeafRecord {
+            serial: issued.serial.clone(),
+            spiffe_id: issued.id.to_string(),
+            instance,
+            anchor: issued.anchor.clone(),
+            not_after: issued.not_after.unix_timestamp(),
+            bundle_version: issued.bundle.version,
+        });
+        Ok(issued)
     }
 
     /// Signs `csr` (already authorized) with the current issuer.
@@ -162,6 +184,7 @@ impl Issuer {
             serial: leaf.serial,
             not_after: window.not_after,
             refresh_at,
+            anchor: issuer.anchor.clone(),
         })
     }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod issuance;
+pub mod ledger;
 pub mod metrics;
 pub mod rotation;
 pub mod server;

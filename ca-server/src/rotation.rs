@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rotator::anchors::{Automation, NewAnchor, Step, plan_anchor};
 use rotator::clock::rfc3339;
 use rotator::rotation::{Attention, IssuerStep, plan_issuer};
 use rotator::state::human;
@@ -106,6 +107,52 @@ pub async fn step(authority: &Authority) -> Result<Option<IssuerStep>, Transitio
     Ok(taken)
 }
 
+/// How often the driver looks at the ledger while an automated anchor rotation waits for a
+/// measured gate (measurements change without a state change).
+pub const GATE_POLL: Duration = Duration::from_secs(5);
+
+/// The opt-in anchor automation's step for now, if any, as one committed transition. Returns the
+/// step taken and when to look again.
+pub async fn anchor_step(
+    authority: &Authority,
+    auto: &Automation,
+) -> Result<(Option<Step>, Option<Duration>), TransitionError> {
+    if auto.auto_stage_before.is_none() && !auto.auto_advance {
+        return Ok((None, None));
+    }
+    let policy = authority.policy().clone();
+    let summary = authority.ledger_summary().await;
+    let mut taken = None;
+    let mut wake = None;
+    authority
+        .transition(|s, now| {
+            let plan = plan_anchor(s, &policy, auto, Some(&summary), now);
+            wake = plan
+                .wake_at
+                .map(|t| (t - now).try_into().unwrap_or(Duration::ZERO));
+            if auto.auto_advance && !matches!(s.phase, rotator::state::Phase::Steady) {
+                wake = Some(wake.map_or(GATE_POLL, |w| w.min(GATE_POLL)));
+            }
+            let Some(step) = plan.step else {
+                return Ok(None);
+            };
+            let l = Some(&summary);
+            let next = match step {
+                Step::Stage => s.stage_anchor(&policy, now, NewAnchor::Generate)?,
+                Step::Activate => s.activate_anchor(&policy, l, now, false)?,
+                Step::Finish => s.finish_anchor(&policy, l, now, false)?,
+                Step::Rollback => return Ok(None),
+            };
+            taken = Some(step);
+            Ok(Some(next))
+        })
+        .await?;
+    if let Some(st) = taken {
+        tracing::info!(target: "meshca::audit", step = st.name(), "anchor rotation step taken by the opt-in automation");
+    }
+    Ok((taken, wake))
+}
+
 /// Runs every step that is due now (at start-up, before serving). At most `limit` steps.
 pub async fn catch_up(authority: &Authority, limit: usize) -> Result<usize, TransitionError> {
     let mut n = 0;
@@ -120,6 +167,7 @@ pub async fn drive(
     authority: Arc<Authority>,
     health: Arc<RotationHealth>,
     metrics: Arc<Metrics>,
+    auto: Automation,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = authority.subscribe();
@@ -135,6 +183,14 @@ pub async fn drive(
                 continue;
             }
             Ok(None) => {
+                let anchor_wake = match anchor_step(&authority, &auto).await {
+                    Ok((Some(_), _)) => continue,
+                    Ok((None, w)) => w,
+                    Err(e) => {
+                        tracing::error!(target: "meshca::rotation", "automated anchor rotation step failed: {e}");
+                        Some(BACKOFF_MAX)
+                    }
+                };
                 health.success();
                 metrics.rotation_failures.set(0);
                 backoff = BACKOFF_START;
@@ -161,6 +217,7 @@ pub async fn drive(
                         (t - now).try_into().unwrap_or(Duration::ZERO)
                     })
                     .min(MAX_SLEEP)
+                    .min(anchor_wake.unwrap_or(MAX_SLEEP))
                     // Whole-second certificate times: never spin on a deadline a fraction away.
                     .max(Duration::from_millis(200))
             }

@@ -187,8 +187,42 @@ impl Server {
             authority.clone(),
             health.clone(),
             metrics.clone(),
+            config.anchor.clone(),
             shutdown_rx.clone(),
         ));
+        // The issuance ledger: written in batches, closed cleanly at shutdown.
+        let ledger_authority = authority.clone();
+        let mut stop = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let a = ledger_authority;
+            loop {
+                let stopping = tokio::select! {
+                    () = tokio::time::sleep(crate::ledger::FLUSH_EVERY) => false,
+                    _ = stop.wait_for(|s| *s) => true,
+                };
+                let (now, skew) = (a.clock().now(), a.policy().clock_skew);
+                let a2 = a.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    if stopping {
+                        a2.ledger().close(now, skew)
+                    } else {
+                        a2.ledger().flush(now, skew)
+                    }
+                })
+                .await;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(
+                        "issuance ledger {}: write failed, will retry: {e}",
+                        a.ledger().path().display()
+                    ),
+                    Err(e) => tracing::error!("issuance ledger task failed: {e}"),
+                }
+                if stopping {
+                    return;
+                }
+            }
+        });
         tasks.spawn(tls.clone().maintain(authority.clone(), shutdown_rx.clone()));
 
         let identity = IdentityServiceServer::new(Identity::new(issuer.clone()));

@@ -7,8 +7,10 @@
 //! atomically. [`client`] is the workload side of the gRPC API, shared by the `meshca` CLI and the
 //! end-to-end tests.
 
+pub mod anchors;
 pub mod client;
 pub mod clock;
+pub mod ledger;
 pub mod pki;
 pub mod policy;
 pub mod rotation;

@@ -342,6 +342,29 @@ pub mod duration_str {
     }
 }
 
+/// Serde for optional durations as human strings; absent means `None`.
+pub mod duration_opt_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `d` as a humantime string, or nothing.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(&humantime::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Reads a humantime string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,9 +59,18 @@ pub enum Phase {
     Staged {
         /// The new anchor.
         anchor: CertId,
-        /// When it entered the bundle.
+        /// When it entered the bundle (or, after a rollback from `activated`, when it stopped
+        /// signing).
         #[serde(with = "time::serde::rfc3339")]
         since: OffsetDateTime,
+        /// After a rollback from `activated`: when the new anchor's issuer stopped signing. Leaves
+        /// chaining to it may live until this plus the max leaf TTL.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "time::serde::rfc3339::option"
+        )]
+        signed_until: Option<OffsetDateTime>,
     },
     /// The new anchor signs; the old one stays in the bundle until leaves chaining to it expire.
     Activated {
@@ -508,10 +517,14 @@ impl AuthorityState {
             ));
         }
         let status_of = |id: &CertId| self.anchor(id).map(|a| a.status);
+        let in_bundle = |st: AnchorStatus| self.anchors.iter().filter(|a| a.status == st).count();
+        let (staged, retiring) = (in_bundle(AnchorStatus::Staged), in_bundle(AnchorStatus::Retiring));
         match &self.phase {
             Phase::Steady => {
-                if self.bundle().count() != 1 {
-                    return fail("phase steady with more than one anchor in the bundle".into());
+                if staged + retiring != 0 {
+                    return fail(format!(
+                        "phase steady, yet {staged} staged and {retiring} retiring anchors are in the bundle"
+                    ));
                 }
             }
             Phase::Staged { anchor, .. } => {
@@ -520,11 +533,21 @@ impl AuthorityState {
                         "phase staged names anchor {anchor}, which is not staged"
                     ));
                 }
+                if staged != 1 || retiring != 0 {
+                    return fail(format!(
+                        "phase staged, yet {staged} staged and {retiring} retiring anchors are in the bundle"
+                    ));
+                }
             }
             Phase::Activated { previous, .. } => {
                 if status_of(previous) != Some(AnchorStatus::Retiring) {
                     return fail(format!(
                         "phase activated names previous anchor {previous}, which is not retiring"
+                    ));
+                }
+                if staged != 0 || retiring != 1 {
+                    return fail(format!(
+                        "phase activated, yet {staged} staged and {retiring} retiring anchors are in the bundle"
                     ));
                 }
             }
@@ -558,7 +581,7 @@ impl AuthorityState {
     }
 
     /// Appends to the history and bumps the generation.
-    fn record(&mut self, now: OffsetDateTime, what: String) {
+    pub(crate) fn record(&mut self, now: OffsetDateTime, what: String) {
         self.generation += 1;
         self.history.push(Event {
             at: crate::clock::whole_seconds(now),

@@ -7,13 +7,47 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::clock::rfc3339;
+use crate::ledger::LedgerSummary;
 use crate::policy::Policy;
 use crate::rotation::{IssuerStep, plan_issuer, schedule};
 use crate::state::{AuthorityState, IssuerStatus, human, key_id};
 
-/// The status of `s` at `now` under `policy`.
-pub fn document(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> Value {
+/// The status of `s` at `now` under `policy`; `ledger` is the running server's issuance ledger
+/// (`None` when read from a state dir: gates are then time-based only).
+pub fn document(
+    s: &AuthorityState,
+    policy: &Policy,
+    ledger: Option<&LedgerSummary>,
+    now: OffsetDateTime,
+) -> Value {
     let secs = |t: OffsetDateTime| (t - now).whole_seconds();
+    let gates: Vec<Value> = crate::anchors::gates(s, policy, ledger, now)
+        .into_iter()
+        .map(|g| {
+            let mut v = serde_json::to_value(&g).unwrap_or(Value::Null);
+            v["explain"] = g.explain().into();
+            v["opens_in_seconds"] = g.opens_at.map(secs).into();
+            v
+        })
+        .collect();
+    let rotation = json!({
+        "phase": s.phase.name(),
+        "gates": gates,
+        "ledger": ledger.map(|l| json!({
+            "complete_since": rfc3339(l.complete_since),
+            "trustworthy_at": rfc3339(l.trustworthy_at),
+            "trustworthy": l.trustworthy(now),
+            "live_leaves_by_anchor": l.live_leaves,
+            "live_workloads": l.live_workloads,
+            "workloads_with_current_bundle": l.workloads_current,
+            "current_bundle_version": l.min_version,
+            "convergence_percent": if l.live_workloads == 0 { 100.0 } else {
+                #[allow(clippy::cast_precision_loss, reason = "a percentage")]
+                let p = l.workloads_current as f64 * 100.0 / l.live_workloads as f64;
+                p
+            },
+        })),
+    });
     let plan = plan_issuer(s, policy, now);
     let next = match &plan.step {
         Some(IssuerStep::Prepare { .. }) => json!({ "step": "prepare", "at": rfc3339(now) }),
@@ -65,6 +99,14 @@ pub fn document(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> Val
             "deadline_in_seconds": a.deadline.map(secs),
         })).collect::<Vec<_>>(),
         "problems": s.expiry_problems(now),
+        "anchor_rotation": rotation,
+        "policy": {
+            "leaf_ttl_max_seconds": policy.leaf_ttl_max.as_secs(),
+            "leaf_ttl_default_seconds": policy.leaf_ttl_default.as_secs(),
+            "clock_skew_seconds": policy.clock_skew.as_secs(),
+            "propagation_allowance_seconds": policy.propagation_allowance.as_secs(),
+            "issuer_ttl_seconds": policy.issuer_ttl.as_secs(),
+        },
     })
 }
 
@@ -165,6 +207,49 @@ pub fn render(v: &Value) -> String {
             let _ = writeln!(o, "  next step: none scheduled");
         }
     }
+    let r = &v["anchor_rotation"];
+    let _ = writeln!(o, "\nTRUST-ANCHOR ROTATION   phase {}", str_of(&r["phase"]));
+    match r["ledger"].as_object() {
+        Some(l) => {
+            let _ = writeln!(
+                o,
+                "  bundle convergence: {} of {} live workloads ({:.1} %) hold bundle v{} or newer",
+                l.get("workloads_with_current_bundle").unwrap_or(&Value::Null),
+                l.get("live_workloads").unwrap_or(&Value::Null),
+                l.get("convergence_percent").and_then(Value::as_f64).unwrap_or(0.0),
+                l.get("current_bundle_version").unwrap_or(&Value::Null),
+            );
+            let by: Vec<String> = l
+                .get("live_leaves_by_anchor")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "  live leaves by anchor: {}",
+                if by.is_empty() { "none".into() } else { by.join(", ") }
+            );
+        }
+        None => {
+            let _ = writeln!(o, "  no ledger (no running server): gates are time-based only");
+        }
+    }
+    for g in r["gates"].as_array().into_iter().flatten() {
+        let left = match g["opens_in_seconds"].as_i64() {
+            Some(s) if s > 0 && g["open"] != true => {
+                format!(" (in {})", human(std::time::Duration::from_secs(s.unsigned_abs())))
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "  {:<9} {}{left}",
+            str_of(&g["step"]),
+            str_of(&g["explain"])
+        );
+    }
     if let Some(srv) = v["server"].as_object() {
         let _ = writeln!(
             o,
@@ -196,7 +281,7 @@ mod tests {
         let p = Policy::default();
         let now = OffsetDateTime::now_utc();
         let s = AuthorityState::genesis("cluster.local".parse().unwrap(), &p, now).unwrap();
-        let v = document(&s, &p, now);
+        let v = document(&s, &p, None, now);
         assert_eq!(v["mode"], "local");
         assert_eq!(v["next_issuer_rotation"]["step"], "prepare");
         let active = &v["issuers"][0];

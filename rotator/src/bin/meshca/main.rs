@@ -3,8 +3,10 @@
 //! Exit codes: 0 success; 1 the operation failed (the message says why); 2 bad usage.
 
 mod admin;
+mod anchors;
 mod init;
 mod issue;
+mod plan;
 mod status;
 
 use std::path::PathBuf;
@@ -46,6 +48,11 @@ enum Command {
     /// Issuer operations on a running server: rotate now; upstream mode: csr and import.
     #[command(subcommand)]
     Issuer(admin::IssuerCommand),
+    /// Trust-anchor rotation on a running server: stage, activate, finish, rollback, wait.
+    #[command(subcommand)]
+    Anchors(anchors::AnchorsCommand),
+    /// Draw the rotation timeline: anchors, issuers, the phase, when each gate opens, today.
+    Plan(plan::PlanArgs),
     /// Create an authority around an existing root CA certificate and key (offline).
     Init(init::InitArgs),
     /// Static bearer tokens.
@@ -83,6 +90,8 @@ fn main() -> ExitCode {
         Command::Bundle(a) => status::bundle(a, cli.output),
         Command::Status(a) => status::status(a, cli.output),
         Command::Issuer(c) => admin::issuer(c, cli.output),
+        Command::Anchors(c) => anchors::anchors(c, cli.output),
+        Command::Plan(a) => plan::plan(a, cli.output),
         Command::Init(a) => init::init(a, cli.output),
         Command::Token(TokenCommand::Add(a)) => init::token_add(a, cli.output),
     };

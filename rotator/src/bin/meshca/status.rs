@@ -18,10 +18,10 @@ use crate::{Failed, Output, default_state_dir, grpc_failure, runtime};
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     #[command(flatten)]
-    admin: AdminArgs,
+    pub admin: AdminArgs,
     /// Read the state dir even if a server is running (its health is then not shown).
     #[arg(long)]
-    offline: bool,
+    pub offline: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -47,13 +47,15 @@ fn load(dir: Option<PathBuf>) -> Result<AuthorityState, Failed> {
     })
 }
 
-pub fn status(a: StatusArgs, output: Output) -> Result<(), Failed> {
+/// The status document: from the running server when one answers (with its ledger and health),
+/// else read from the state dir.
+pub fn document(a: &StatusArgs, output: Output) -> Result<serde_json::Value, Failed> {
     let live = if a.offline {
         None
     } else {
         live_status(&a.admin)?
     };
-    let doc = match live {
+    Ok(match live {
         Some(doc) => doc,
         None => {
             if a.admin.admin_socket.is_some() && !a.offline {
@@ -69,9 +71,13 @@ pub fn status(a: StatusArgs, output: Output) -> Result<(), Failed> {
                     a.admin.socket().display()
                 );
             }
-            rotator::status::document(&s, &Policy::default(), OffsetDateTime::now_utc())
+            rotator::status::document(&s, &Policy::default(), None, OffsetDateTime::now_utc())
         }
-    };
+    })
+}
+
+pub fn status(a: StatusArgs, output: Output) -> Result<(), Failed> {
+    let doc = document(&a, output)?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
         Output::Text => print!("{}", rotator::status::render(&doc)),

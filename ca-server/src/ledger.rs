@@ -1,0 +1,273 @@
+//! The issuance ledger on disk: `<state-dir>/ledger.log`, one JSON line per leaf, written in
+//! batches by a background task so that no disk write is on the signing path.
+//!
+//! The signing path only locks a mutex to update the in-memory [`Ledger`] and queue the record.
+//! [`LedgerHandle::flush`] (every [`FLUSH_EVERY`], and at shutdown) appends the queued records and
+//! fsyncs; when the file holds more than twice the live records it is rewritten with only the
+//! live ones (atomic replace). A clean shutdown appends a `closed` line.
+//!
+//! Loading is conservative: a missing, unreadable or uncleanly closed log (a crash may have
+//! lost the last batch) makes the ledger *complete only from now*, so the gates fall back to
+//! time until every leaf signed before has expired — and say so.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rotator::ledger::{LeafRecord, Ledger, LedgerSummary};
+use rotator::store::write_atomic;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// The ledger's file name in the state dir.
+pub const LEDGER_FILE: &str = "ledger.log";
+/// How often queued records are written.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    ledger: u32,
+    complete_since: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Closed {
+    closed: bool,
+}
+
+/// How the ledger was found at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loaded {
+    /// A new authority: complete from its creation.
+    New,
+    /// Cleanly closed last time: complete since it says.
+    Clean {
+        /// Records read.
+        records: usize,
+    },
+    /// Found but not usable as complete (missing, unreadable, not closed): the reason.
+    Incomplete(String),
+}
+
+struct Inner {
+    ledger: Ledger,
+    queued: Vec<LeafRecord>,
+    file: Option<File>,
+    lines_in_file: usize,
+    /// A write failed: the file may lack records, so the next flush rewrites it.
+    needs_rewrite: bool,
+}
+
+/// The ledger of a running server.
+pub struct LedgerHandle {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for LedgerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerHandle")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_log(path: &Path) -> Result<(Ledger, bool, usize), String> {
+    let f = File::open(path).map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(f).lines();
+    let first = lines
+        .next()
+        .ok_or("empty")?
+        .map_err(|e| e.to_string())?;
+    let h: Header = serde_json::from_str(&first).map_err(|e| format!("header: {e}"))?;
+    if h.ledger != 1 {
+        return Err(format!("format {} is not supported", h.ledger));
+    }
+    let since = OffsetDateTime::from_unix_timestamp(h.complete_since).map_err(|e| e.to_string())?;
+    let mut l = Ledger::new(since);
+    let (mut closed, mut n) = (false, 0);
+    for (i, line) in lines.enumerate() {
+        let line = line.map_err(|e| e.to_string())?;
+        if closed {
+            return Err(format!("line {}: records after the closing line", i + 2));
+        }
+        if let Ok(r) = serde_json::from_str::<LeafRecord>(&line) {
+            l.record(r);
+            n += 1;
+        } else if serde_json::from_str::<Closed>(&line).is_ok_and(|c| c.closed) {
+            closed = true;
+        } else {
+            // A torn last line is what a crash mid-append leaves; anything else is corruption.
+            // Either way the ledger is incomplete.
+            return Err(format!("line {} is not a ledger record", i + 2));
+        }
+    }
+    Ok((l, closed, n))
+}
+
+impl LedgerHandle {
+    /// Loads `<dir>/ledger.log`. `created` says the authority was created by this start (nothing
+    /// was ever signed before `now`). The file is rewritten at once (compacted, not closed).
+    pub fn open(
+        dir: &Path,
+        created: bool,
+        now: OffsetDateTime,
+        clock_skew: Duration,
+    ) -> Result<(Self, Loaded), String> {
+        let path = dir.join(LEDGER_FILE);
+        let (mut ledger, loaded) = if created {
+            (Ledger::new(now), Loaded::New)
+        } else {
+            match read_log(&path) {
+                Ok((l, true, records)) => (l, Loaded::Clean { records }),
+                Ok((mut l, false, _)) => {
+                    l.set_complete_since(now);
+                    (
+                        l,
+                        Loaded::Incomplete(
+                            "the previous run did not close it (a crash may have lost its last batch)".into(),
+                        ),
+                    )
+                }
+                Err(e) => {
+                    let why = if path.exists() {
+                        format!("unreadable ({e})")
+                    } else {
+                        "missing".to_owned()
+                    };
+                    (Ledger::new(now), Loaded::Incomplete(why))
+                }
+            }
+        };
+        ledger.compact(now, clock_skew);
+        let h = Self {
+            path,
+            inner: Mutex::new(Inner {
+                ledger,
+                queued: Vec::new(),
+                file: None,
+                lines_in_file: 0,
+                needs_rewrite: false,
+            }),
+        };
+        h.rewrite().map_err(|e| format!("{}: {e}", h.path.display()))?;
+        Ok((h, loaded))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a leaf (memory only; the next flush writes it).
+    pub fn record(&self, r: LeafRecord) {
+        let mut i = self.lock();
+        i.ledger.record(r.clone());
+        i.queued.push(r);
+    }
+
+    /// Runs `f` on the in-memory ledger (watch bookkeeping).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        f(&mut self.lock().ledger)
+    }
+
+    /// The gates' view.
+    pub fn summary(
+        &self,
+        now: OffsetDateTime,
+        leaf_ttl_max: Duration,
+        clock_skew: Duration,
+        min_version: u64,
+    ) -> LedgerSummary {
+        self.lock()
+            .ledger
+            .summary(now, leaf_ttl_max, clock_skew, min_version)
+    }
+
+    /// Instances with a record (live or awaiting compaction).
+    pub fn len(&self) -> usize {
+        self.lock().ledger.len()
+    }
+
+    /// Whether there is no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the whole ledger afresh (header + one line per record), atomically.
+    fn rewrite(&self) -> std::io::Result<()> {
+        let mut i = self.lock();
+        let mut out = serde_json::to_string(&Header {
+            ledger: 1,
+            complete_since: i.ledger.complete_since().unix_timestamp(),
+        })?;
+        out.push('\n');
+        for r in i.ledger.records() {
+            out.push_str(&serde_json::to_string(r)?);
+            out.push('\n');
+        }
+        let n = i.ledger.len();
+        write_atomic(&self.path, out.as_bytes(), 0o600).map_err(std::io::Error::other)?;
+        i.queued.clear();
+        i.file = Some(OpenOptions::new().append(true).open(&self.path)?);
+        i.lines_in_file = n;
+        i.needs_rewrite = false;
+        Ok(())
+    }
+
+    /// Drops expired records, then writes queued records (append + fdatasync), or rewrites the
+    /// file when it holds more than twice the live records. Blocking: call from a blocking task.
+    pub fn flush(&self, now: OffsetDateTime, clock_skew: Duration) -> std::io::Result<()> {
+        let (batch, rewrite) = {
+            let mut i = self.lock();
+            i.ledger.compact(now, clock_skew);
+            let batch = std::mem::take(&mut i.queued);
+            let rewrite =
+                i.needs_rewrite || i.lines_in_file + batch.len() > 2 * i.ledger.len() + 1024;
+            (batch, rewrite)
+        };
+        if rewrite {
+            let r = self.rewrite();
+            if r.is_err() {
+                self.lock().needs_rewrite = true;
+            }
+            return r;
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut buf = String::with_capacity(batch.len() * 160);
+        for r in &batch {
+            buf.push_str(&serde_json::to_string(r)?);
+            buf.push('\n');
+        }
+        let file = self.lock().file.as_ref().map(File::try_clone).transpose()?;
+        let Some(mut f) = file else {
+            return Err(std::io::Error::other("the ledger file is not open"));
+        };
+        let r = f.write_all(buf.as_bytes()).and_then(|()| f.sync_data());
+        let mut i = self.lock();
+        match r {
+            Ok(()) => i.lines_in_file += batch.len(),
+            Err(_) => i.needs_rewrite = true,
+        }
+        r
+    }
+
+    /// Flushes and appends the closing line: the next start may trust the ledger as complete.
+    pub fn close(&self, now: OffsetDateTime, clock_skew: Duration) -> std::io::Result<()> {
+        self.flush(now, clock_skew)?;
+        let file = self.lock().file.take();
+        if let Some(mut f) = file {
+            f.write_all(b"{\"closed\":true}\n")?;
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

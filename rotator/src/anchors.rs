@@ -1,0 +1,718 @@
+//! Trust-anchor rotation: the phase transitions (pure, like every transition in [`crate::state`])
+//! and the gates that say when each may be taken (pure functions of the state, the ledger's
+//! summary, the policy and `now`).
+//!
+//! ```text
+//!            stage                activate                 finish
+//!  steady {A} ────▶ staged {A,B} ─────────▶ activated {A,B} ─────▶ steady {B}
+//!     ▲     A signs   │      ▲   A signs            B signs
+//!     └───────────────┘      └──────────────────────┘
+//!      rollback (gate: no live     rollback (no gate: the bundle
+//!      leaf chains to B)           does not change)
+//! ```
+//!
+//! Gates (measured from the ledger, with a time-based fallback that needs no ledger):
+//! - **activate**: every live workload has been handed a bundle containing B, or
+//!   `leaf_ttl_max + propagation_allowance` has passed since staging.
+//! - **finish**: no live leaf chains to A, or `leaf_ttl_max + clock_skew` has passed since
+//!   activation (a leaf signed by A just before activation is accepted by a verifier whose clock
+//!   is `clock_skew` behind until then).
+//! - **rollback staged → steady**: no live leaf chains to B, or `leaf_ttl_max + clock_skew` has
+//!   passed since B stopped signing (open at once when B never signed).
+//! - **rollback activated → staged**: always open; both anchors stay in the bundle.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::clock::rfc3339;
+use crate::ledger::LedgerSummary;
+use crate::pki::{self, CaCert, CertId, SecretKey};
+use crate::policy::Policy;
+use crate::state::{
+    AnchorStatus, AuthorityState, Issuer, IssuerStatus, Phase, StateError, human,
+};
+
+/// A phase change an operator (or the opt-in automation) asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// steady → staged.
+    Stage,
+    /// staged → activated.
+    Activate,
+    /// activated → steady.
+    Finish,
+    /// activated → staged, or staged → steady.
+    Rollback,
+}
+
+impl Step {
+    /// As typed on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stage => "stage",
+            Self::Activate => "activate",
+            Self::Finish => "finish",
+            Self::Rollback => "rollback",
+        }
+    }
+}
+
+/// Why a gate is open (or how it would open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenedBy {
+    /// The ledger's measurement.
+    Measured,
+    /// The time-based fallback.
+    Time,
+    /// The step is safe in itself.
+    Always,
+}
+
+/// The state of one gate at one instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gate {
+    /// The step it guards.
+    pub step: Step,
+    /// Whether the step may be taken now.
+    pub open: bool,
+    /// What opened it, when open.
+    pub opened_by: Option<OpenedBy>,
+    /// The condition, in words.
+    pub condition: String,
+    /// The measurement, or why there is none.
+    pub measured: String,
+    /// When the time-based fallback opens it.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub opens_at: Option<OffsetDateTime>,
+    /// What skipping it with `--force` risks (empty when open).
+    pub risk: String,
+    /// How many leaves or workloads that risk concerns (`None`: unknown, the ledger cannot say).
+    pub at_risk: Option<u64>,
+}
+
+impl Gate {
+    /// One line for humans: `open (measured): …` / `closed: …; opens by … at the latest`.
+    pub fn explain(&self) -> String {
+        let when = self
+            .opens_at
+            .map(|t| format!("; the time fallback opens it at {}", rfc3339(t)))
+            .unwrap_or_default();
+        match (self.open, self.opened_by) {
+            (true, Some(OpenedBy::Always)) => format!("open: {}", self.condition),
+            (true, Some(OpenedBy::Measured)) => format!(
+                "open (measured): {} — {}",
+                self.condition, self.measured
+            ),
+            (true, _) => format!(
+                "open (time): {} — {}{when}",
+                self.condition, self.measured
+            ),
+            (false, _) => format!(
+                "closed: {} — {}{when}",
+                self.condition, self.measured
+            ),
+        }
+    }
+}
+
+fn ledger_note(l: Option<&LedgerSummary>, now: OffsetDateTime) -> Option<String> {
+    match l {
+        None => Some("no ledger here (ask the running server): time-based only".into()),
+        Some(l) if !l.trustworthy(now) => Some(format!(
+            "the ledger is complete only since {}, so leaves signed before may be unknown; measured gates \
+             are off until {} (time-based until then)",
+            rfc3339(l.complete_since),
+            rfc3339(l.trustworthy_at)
+        )),
+        Some(_) => None,
+    }
+}
+
+/// The gate of `step` in state `s`. `Err` when the step does not apply to the phase.
+pub fn gate(
+    s: &AuthorityState,
+    policy: &Policy,
+    ledger: Option<&LedgerSummary>,
+    now: OffsetDateTime,
+    step: Step,
+) -> Result<Gate, StateError> {
+    let not_here = || {
+        Err(StateError(format!(
+            "`{}` does not apply in phase {}{}",
+            step.name(),
+            s.phase.name(),
+            match (&s.phase, step) {
+                (Phase::Steady, _) => ": the next step is `stage`",
+                (Phase::Staged { .. }, _) => ": the next steps are `activate` or `rollback`",
+                (Phase::Activated { .. }, _) => ": the next steps are `finish` or `rollback`",
+            }
+        )))
+    };
+    let usable = ledger.filter(|l| l.trustworthy(now));
+    let note = ledger_note(ledger, now);
+    let gate = |open_measured: Option<bool>,
+                opens_at: Option<OffsetDateTime>,
+                condition: String,
+                measured: String,
+                risk: String,
+                at_risk: Option<u64>| {
+        let time_open = opens_at.is_some_and(|t| now >= t);
+        let opened_by = if open_measured == Some(true) {
+            Some(OpenedBy::Measured)
+        } else if time_open {
+            Some(OpenedBy::Time)
+        } else {
+            None
+        };
+        let open = opened_by.is_some();
+        Gate {
+            step,
+            open,
+            opened_by,
+            condition,
+            measured: note.clone().unwrap_or(measured),
+            opens_at,
+            risk: if open { String::new() } else { risk },
+            at_risk: if open { None } else { at_risk },
+        }
+    };
+    match (&s.phase, step) {
+        (Phase::Steady, Step::Stage) => Ok(Gate {
+            step,
+            open: true,
+            opened_by: Some(OpenedBy::Always),
+            condition: "staging only adds an anchor to the bundle".into(),
+            measured: String::new(),
+            opens_at: None,
+            risk: String::new(),
+            at_risk: None,
+        }),
+        (Phase::Staged { since, .. }, Step::Activate) => {
+            let opens_at = *since + policy.leaf_ttl_max + policy.propagation_allowance;
+            let (ok, measured, behind) = match usable {
+                Some(l) => {
+                    let behind = l.live_workloads - l.workloads_current.min(l.live_workloads);
+                    (
+                        Some(behind == 0),
+                        format!(
+                            "{} of {} live workloads ({}) hold bundle v{} or newer",
+                            l.workloads_current,
+                            l.live_workloads,
+                            percent(l.workloads_current, l.live_workloads),
+                            l.min_version
+                        ),
+                        Some(behind),
+                    )
+                }
+                None => (None, String::new(), None),
+            };
+            let risk = match behind {
+                Some(n) => format!(
+                    "{n} live workloads have not been handed a bundle containing the new anchor: leaves it \
+                     signs will not verify there until they fetch one"
+                ),
+                None => "an unknown number of workloads may not hold the new anchor yet: leaves it signs \
+                         will not verify there until they fetch it"
+                    .into(),
+            };
+            Ok(gate(
+                ok,
+                Some(opens_at),
+                format!(
+                    "every live workload has a bundle with the new anchor, or max leaf TTL {} + propagation \
+                     allowance {} has passed since staging",
+                    human(policy.leaf_ttl_max),
+                    human(policy.propagation_allowance)
+                ),
+                measured,
+                risk,
+                behind,
+            ))
+        }
+        (Phase::Activated { previous, since }, Step::Finish) => {
+            let opens_at = *since + policy.leaf_ttl_max + policy.clock_skew;
+            let live = usable.map(|l| l.live_under(previous));
+            Ok(gate(
+                live.map(|n| n == 0),
+                Some(opens_at),
+                format!(
+                    "no live leaf chains to the old anchor {previous}, or max leaf TTL {} + clock skew {} has \
+                     passed since activation",
+                    human(policy.leaf_ttl_max),
+                    human(policy.clock_skew)
+                ),
+                live.map(|n| format!("{n} live leaves chain to {previous}"))
+                    .unwrap_or_default(),
+                match live {
+                    Some(n) => format!(
+                        "{n} live leaves chain to {previous} and will stop verifying wherever the new bundle \
+                         (without {previous}) arrives"
+                    ),
+                    None => format!(
+                        "leaves signed under {previous} until {} may live until {} and will stop verifying",
+                        rfc3339(*since),
+                        rfc3339(opens_at)
+                    ),
+                },
+                live,
+            ))
+        }
+        (Phase::Activated { .. }, Step::Rollback) => Ok(Gate {
+            step,
+            open: true,
+            opened_by: Some(OpenedBy::Always),
+            condition: "both anchors stay in the bundle, so every live leaf keeps verifying".into(),
+            measured: String::new(),
+            opens_at: None,
+            risk: String::new(),
+            at_risk: None,
+        }),
+        (
+            Phase::Staged {
+                anchor,
+                signed_until,
+                ..
+            },
+            Step::Rollback,
+        ) => {
+            let Some(until) = signed_until else {
+                return Ok(Gate {
+                    step,
+                    open: true,
+                    opened_by: Some(OpenedBy::Always),
+                    condition: format!("the new anchor {anchor} never signed, so no leaf chains to it"),
+                    measured: String::new(),
+                    opens_at: None,
+                    risk: String::new(),
+                    at_risk: None,
+                });
+            };
+            let opens_at = *until + policy.leaf_ttl_max + policy.clock_skew;
+            let live = usable.map(|l| l.live_under(anchor));
+            Ok(gate(
+                live.map(|n| n == 0),
+                Some(opens_at),
+                format!(
+                    "no live leaf chains to the new anchor {anchor}, or max leaf TTL {} + clock skew {} has \
+                     passed since it stopped signing",
+                    human(policy.leaf_ttl_max),
+                    human(policy.clock_skew)
+                ),
+                live.map(|n| format!("{n} live leaves chain to {anchor}"))
+                    .unwrap_or_default(),
+                match live {
+                    Some(n) => format!("{n} live leaves chain to {anchor} and will stop verifying"),
+                    None => format!(
+                        "leaves signed under {anchor} until {} may live until {} and will stop verifying",
+                        rfc3339(*until),
+                        rfc3339(opens_at)
+                    ),
+                },
+                live,
+            ))
+        }
+        _ => not_here(),
+    }
+}
+
+/// The gates of the steps that apply in the current phase.
+pub fn gates(
+    s: &AuthorityState,
+    policy: &Policy,
+    ledger: Option<&LedgerSummary>,
+    now: OffsetDateTime,
+) -> Vec<Gate> {
+    [Step::Stage, Step::Activate, Step::Finish, Step::Rollback]
+        .into_iter()
+        .filter_map(|st| gate(s, policy, ledger, now, st).ok())
+        .collect()
+}
+
+fn percent(n: u64, of: u64) -> String {
+    if of == 0 {
+        return "100 %".into();
+    }
+    #[allow(clippy::cast_precision_loss, reason = "a percentage for display")]
+    let p = n as f64 * 100.0 / of as f64;
+    format!("{p:.1} %")
+}
+
+/// A new anchor for `stage`: generated here, or imported (a certificate, with its key unless it
+/// lives upstream).
+#[derive(Debug, Clone)]
+pub enum NewAnchor {
+    /// Make a new P-256 anchor with the policy's anchor TTL.
+    Generate,
+    /// Use this certificate (and key, when held here).
+    Import(CaCert, Option<SecretKey>),
+}
+
+impl AuthorityState {
+    /// steady → staged: the new anchor joins the bundle (new bundle version); an issuer under it
+    /// is prepared at once when its key is held, so activation is instant.
+    pub fn stage_anchor(
+        &self,
+        policy: &Policy,
+        now: OffsetDateTime,
+        new: NewAnchor,
+    ) -> Result<Self, StateError> {
+        gate(self, policy, None, now, Step::Stage)?;
+        let current = self
+            .active_anchor()
+            .ok_or_else(|| StateError("no active anchor".into()))?;
+        let (cert, key) = match new {
+            NewAnchor::Generate => {
+                let key = SecretKey::generate_p256()?;
+                let cert = pki::new_anchor(
+                    &self.trust_domain,
+                    &key,
+                    now,
+                    policy.anchor_ttl,
+                    policy.clock_skew,
+                )?;
+                (cert, Some(key))
+            }
+            NewAnchor::Import(cert, key) => {
+                if let Some(k) = &key
+                    && !cert.matches_key(k)
+                {
+                    return Err(StateError(
+                        "the key does not match the anchor certificate".into(),
+                    ));
+                }
+                if !cert.info.self_signed {
+                    return Err(StateError(
+                        "the anchor certificate is not self-signed (a trust anchor is a root)".into(),
+                    ));
+                }
+                if !cert.info.is_ca || !cert.info.key_cert_sign {
+                    return Err(StateError(
+                        "the anchor certificate is not a CA allowed to sign certificates \
+                         (basicConstraints CA and keyUsage keyCertSign are required)"
+                            .into(),
+                    ));
+                }
+                if !cert.info.valid_at(now) {
+                    return Err(StateError(format!(
+                        "the anchor certificate is not valid now (valid {} to {})",
+                        rfc3339(cert.info.not_before),
+                        rfc3339(cert.info.not_after)
+                    )));
+                }
+                if self.anchor(cert.id()).is_some() {
+                    return Err(StateError(format!(
+                        "anchor {} is already known to this authority (a rotation needs a new anchor)",
+                        cert.id()
+                    )));
+                }
+                (cert, key)
+            }
+        };
+        if cert.info.not_after <= current.cert.info.not_after {
+            return Err(StateError(format!(
+                "the new anchor expires {} — not after the current anchor {} ({}): rotating to it gains nothing",
+                rfc3339(cert.info.not_after),
+                current.cert.id(),
+                rfc3339(current.cert.info.not_after)
+            )));
+        }
+        let id = cert.id().clone();
+        let has_key = key.is_some();
+        let mut s = self.clone();
+        s.anchors.push(crate::state::Anchor {
+            cert,
+            key,
+            status: AnchorStatus::Staged,
+        });
+        s.bundle_version += 1;
+        s.phase = Phase::Staged {
+            anchor: id.clone(),
+            since: crate::clock::whole_seconds(now),
+            signed_until: None,
+        };
+        s.record(
+            now,
+            format!("anchor_staged {id} bundle_version {}", s.bundle_version),
+        );
+        if has_key {
+            s = s.prepare_issuer(policy, now, &id)?;
+        }
+        Ok(s)
+    }
+
+    /// staged → activated: the new anchor's prepared issuer signs from now on; the old anchor
+    /// stays in the bundle (retiring). Refused when the gate is closed unless `force`.
+    pub fn activate_anchor(
+        &self,
+        policy: &Policy,
+        ledger: Option<&LedgerSummary>,
+        now: OffsetDateTime,
+        force: bool,
+    ) -> Result<Self, StateError> {
+        let g = gate(self, policy, ledger, now, Step::Activate)?;
+        refuse_closed(&g, force)?;
+        let Phase::Staged { anchor: new, .. } = &self.phase else {
+            return Err(StateError("not staged".into()));
+        };
+        let old = self
+            .active_anchor()
+            .map(|a| a.cert.id().clone())
+            .ok_or_else(|| StateError("no active anchor".into()))?;
+        let mut s = self.clone();
+        let issuer = s.issuer_for(policy, now, new)?;
+        set_status(&mut s, &old, AnchorStatus::Retiring);
+        set_status(&mut s, new, AnchorStatus::Active);
+        switch_issuer(&mut s, &issuer);
+        s.phase = Phase::Activated {
+            previous: old.clone(),
+            since: crate::clock::whole_seconds(now),
+        };
+        s.record(
+            now,
+            format!(
+                "anchor_activated {new} issuer {issuer} previous {old}{}",
+                forced(&g, force)
+            ),
+        );
+        Ok(s)
+    }
+
+    /// activated → steady: the old anchor leaves the bundle (new bundle version) and is archived
+    /// (kept on disk). Refused when the gate is closed unless `force`.
+    pub fn finish_anchor(
+        &self,
+        policy: &Policy,
+        ledger: Option<&LedgerSummary>,
+        now: OffsetDateTime,
+        force: bool,
+    ) -> Result<Self, StateError> {
+        let g = gate(self, policy, ledger, now, Step::Finish)?;
+        refuse_closed(&g, force)?;
+        let Phase::Activated { previous, .. } = &self.phase else {
+            return Err(StateError("not activated".into()));
+        };
+        let mut s = self.clone();
+        set_status(&mut s, previous, AnchorStatus::Archived);
+        s.bundle_version += 1;
+        s.phase = Phase::Steady;
+        s.record(
+            now,
+            format!(
+                "anchor_finished archived {previous} bundle_version {}{}",
+                s.bundle_version,
+                forced(&g, force)
+            ),
+        );
+        Ok(s)
+    }
+
+    /// activated → staged (the old anchor's issuer signs again), or staged → steady (the new
+    /// anchor leaves the bundle and is archived). Refused when the gate is closed unless `force`.
+    pub fn rollback_anchor(
+        &self,
+        policy: &Policy,
+        ledger: Option<&LedgerSummary>,
+        now: OffsetDateTime,
+        force: bool,
+    ) -> Result<Self, StateError> {
+        let g = gate(self, policy, ledger, now, Step::Rollback)?;
+        refuse_closed(&g, force)?;
+        let mut s = self.clone();
+        match &self.phase {
+            Phase::Activated { previous, .. } => {
+                let new = self
+                    .active_anchor()
+                    .map(|a| a.cert.id().clone())
+                    .ok_or_else(|| StateError("no active anchor".into()))?;
+                let issuer = s.issuer_for(policy, now, previous)?;
+                set_status(&mut s, &new, AnchorStatus::Staged);
+                set_status(&mut s, previous, AnchorStatus::Active);
+                switch_issuer(&mut s, &issuer);
+                let now_s = crate::clock::whole_seconds(now);
+                s.phase = Phase::Staged {
+                    anchor: new.clone(),
+                    since: now_s,
+                    signed_until: Some(now_s),
+                };
+                s.record(
+                    now,
+                    format!("anchor_rolled_back_to_staged {new} issuer {issuer} signs under {previous}"),
+                );
+            }
+            Phase::Staged { anchor, .. } => {
+                set_status(&mut s, anchor, AnchorStatus::Archived);
+                // Prepared issuers under it will never sign: forget them (their files stay).
+                s.issuers
+                    .retain(|i| !(i.anchor == *anchor && i.status == IssuerStatus::Prepared));
+                s.bundle_version += 1;
+                s.phase = Phase::Steady;
+                s.record(
+                    now,
+                    format!(
+                        "anchor_rolled_back_to_steady archived {anchor} bundle_version {}{}",
+                        s.bundle_version,
+                        forced(&g, force)
+                    ),
+                );
+            }
+            Phase::Steady => return Err(StateError("nothing to roll back".into())),
+        }
+        Ok(s)
+    }
+
+    /// An issuer under `anchor` able to sign now for at least `leaf_ttl_max` (newest first; a
+    /// prepared or a retired one), or a new one prepared here when the anchor's key is held.
+    fn issuer_for(
+        &mut self,
+        policy: &Policy,
+        now: OffsetDateTime,
+        anchor: &CertId,
+    ) -> Result<CertId, StateError> {
+        let usable = |i: &&Issuer| {
+            i.anchor == *anchor
+                && i.status != IssuerStatus::Active
+                && i.cert.info.valid_at(now)
+                && i.cert.info.remaining(now) >= policy.leaf_ttl_max
+        };
+        if let Some(i) = self
+            .issuers
+            .iter()
+            .filter(usable)
+            .max_by_key(|i| i.cert.info.not_after)
+        {
+            return Ok(i.cert.id().clone());
+        }
+        let a = self
+            .anchor(anchor)
+            .ok_or_else(|| StateError(format!("no anchor {anchor}")))?;
+        if a.key.is_none() {
+            return Err(StateError(format!(
+                "anchor {anchor} is held upstream and no issuer under it can sign for {} from now: \
+                 run `meshca issuer csr`, have it signed by {anchor}, `meshca issuer import` it, then retry",
+                human(policy.leaf_ttl_max)
+            )));
+        }
+        *self = self.prepare_issuer(policy, now, anchor)?;
+        self.issuers
+            .last()
+            .map(|i| i.cert.id().clone())
+            .ok_or_else(|| StateError("no issuer was prepared".into()))
+    }
+}
+
+fn refuse_closed(g: &Gate, force: bool) -> Result<(), StateError> {
+    if g.open || force {
+        return Ok(());
+    }
+    Err(StateError(format!(
+        "gate closed, `{}` refused: {}. To skip it: --force (risk: {})",
+        g.step.name(),
+        g.explain(),
+        g.risk
+    )))
+}
+
+fn forced(g: &Gate, force: bool) -> String {
+    if force && !g.open {
+        format!(" FORCED past a closed gate (risk: {})", g.risk)
+    } else {
+        String::new()
+    }
+}
+
+fn set_status(s: &mut AuthorityState, id: &CertId, status: AnchorStatus) {
+    for a in &mut s.anchors {
+        if a.cert.id() == id {
+            a.status = status;
+        }
+    }
+}
+
+fn switch_issuer(s: &mut AuthorityState, id: &CertId) {
+    for i in &mut s.issuers {
+        if i.cert.id() == id {
+            i.status = IssuerStatus::Active;
+        } else if i.status == IssuerStatus::Active {
+            i.status = IssuerStatus::Retired;
+        }
+    }
+}
+
+/// Opt-in automation of anchor rotation (both off by default).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Automation {
+    /// Stage a rotation by itself when the active anchor has this long left.
+    #[serde(
+        with = "crate::policy::duration_opt_str",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub auto_stage_before: Option<Duration>,
+    /// Take `activate` and `finish` by themselves as soon as their gates open.
+    pub auto_advance: bool,
+}
+
+/// What the automation would do now, and when to look again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnchorPlan {
+    /// The step to take now.
+    pub step: Option<Step>,
+    /// When to look again (a time fallback opening, the auto-stage point).
+    pub wake_at: Option<OffsetDateTime>,
+}
+
+/// The automation's decision at `now`. Only forward steps, never forced, never a rollback.
+pub fn plan_anchor(
+    s: &AuthorityState,
+    policy: &Policy,
+    auto: &Automation,
+    ledger: Option<&LedgerSummary>,
+    now: OffsetDateTime,
+) -> AnchorPlan {
+    let none = AnchorPlan {
+        step: None,
+        wake_at: None,
+    };
+    match &s.phase {
+        Phase::Steady => {
+            let (Some(before), Some(a)) = (auto.auto_stage_before, s.active_anchor()) else {
+                return none;
+            };
+            let at = a.cert.info.not_after - before;
+            if now >= at {
+                AnchorPlan {
+                    step: Some(Step::Stage),
+                    wake_at: None,
+                }
+            } else {
+                AnchorPlan {
+                    step: None,
+                    wake_at: Some(at),
+                }
+            }
+        }
+        Phase::Staged { .. } | Phase::Activated { .. } if auto.auto_advance => {
+            let step = if matches!(s.phase, Phase::Staged { .. }) {
+                Step::Activate
+            } else {
+                Step::Finish
+            };
+            match gate(s, policy, ledger, now, step) {
+                Ok(g) if g.open => AnchorPlan {
+                    step: Some(step),
+                    wake_at: None,
+                },
+                Ok(g) => AnchorPlan {
+                    step: None,
+                    wake_at: g.opens_at,
+                },
+                Err(_) => none,
+            }
+        }
+        _ => none,
+    }
+}

@@ -1,0 +1,404 @@
+//! `meshca plan`: the rotation timeline an operator needs, as text and as an SVG picture. Both
+//! are drawn from the status document, so they show exactly what `meshca status` knows.
+//!
+//! Rows: every anchor in the bundle (and archived ones still valid), every issuer, and the
+//! window of a leaf signed now. Marks: today, and the moment each gate of the current phase
+//! opens (now, when measured open; else its time fallback). It answers "when can I safely
+//! finish?" at a glance.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::status::StatusArgs;
+use crate::{Failed, Output};
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    status: StatusArgs,
+    /// Also write the picture as SVG to this file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Active,
+    Staged,
+    Retiring,
+    Archived,
+    Prepared,
+    Retired,
+    Leaf,
+}
+
+impl Kind {
+    fn of(status: &str) -> Self {
+        match status {
+            "staged" => Self::Staged,
+            "retiring" => Self::Retiring,
+            "archived" => Self::Archived,
+            "prepared" => Self::Prepared,
+            "retired" => Self::Retired,
+            _ => Self::Active,
+        }
+    }
+
+    fn color(self) -> &'static str {
+        match self {
+            Self::Active => "#2e7d32",
+            Self::Staged => "#1565c0",
+            Self::Retiring => "#ef6c00",
+            Self::Archived | Self::Retired => "#9e9e9e",
+            Self::Prepared => "#64b5f6",
+            Self::Leaf => "#8e24aa",
+        }
+    }
+
+    fn glyph(self) -> char {
+        match self {
+            Self::Active => '=',
+            Self::Staged | Self::Prepared => '+',
+            Self::Retiring => '~',
+            Self::Archived | Self::Retired => '.',
+            Self::Leaf => '#',
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Row {
+    label: String,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+struct Mark {
+    at: OffsetDateTime,
+    label: String,
+    open: bool,
+}
+
+#[derive(Debug)]
+struct Timeline {
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    now: OffsetDateTime,
+    title: String,
+    rows: Vec<Row>,
+    marks: Vec<Mark>,
+}
+
+fn t(v: &Value) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(v.as_str()?, &Rfc3339).ok()
+}
+
+fn timeline(doc: &Value) -> Result<Timeline, Failed> {
+    let now = t(&doc["now"]).ok_or_else(|| Failed("status without `now`".into()))?;
+    let secs = |k: &str| time::Duration::seconds(doc["policy"][k].as_i64().unwrap_or(0));
+    let leaf_max = secs("leaf_ttl_max_seconds");
+    let mut rows = Vec::new();
+    for a in doc["anchors"].as_array().into_iter().flatten() {
+        let (Some(from), Some(to)) = (t(&a["not_before"]), t(&a["not_after"])) else {
+            continue;
+        };
+        let status = a["status"].as_str().unwrap_or("");
+        if status == "archived" && to < now {
+            continue;
+        }
+        rows.push(Row {
+            label: format!("anchor {} ({status})", a["id"].as_str().unwrap_or("?")),
+            from,
+            to,
+            kind: Kind::of(status),
+        });
+    }
+    for i in doc["issuers"].as_array().into_iter().flatten() {
+        let (Some(from), Some(to)) = (t(&i["not_before"]), t(&i["not_after"])) else {
+            continue;
+        };
+        let status = i["status"].as_str().unwrap_or("");
+        rows.push(Row {
+            label: format!(
+                "issuer {} ({status}, under {})",
+                i["id"].as_str().unwrap_or("?"),
+                i["anchor"].as_str().unwrap_or("?")
+            ),
+            from,
+            to,
+            kind: Kind::of(status),
+        });
+    }
+    rows.push(Row {
+        label: "a leaf signed now (max TTL)".into(),
+        from: now,
+        to: now + leaf_max,
+        kind: Kind::Leaf,
+    });
+    let mut marks = Vec::new();
+    let phase = doc["anchor_rotation"]["phase"].as_str().unwrap_or("?");
+    if let Some(since) = t(&doc["phase"]["since"]) {
+        marks.push(Mark {
+            at: since,
+            label: format!("{phase} since"),
+            open: true,
+        });
+    }
+    for g in doc["anchor_rotation"]["gates"].as_array().into_iter().flatten() {
+        let step = g["step"].as_str().unwrap_or("?");
+        if g["opened_by"] == "always" {
+            continue;
+        }
+        if g["open"] == true {
+            marks.push(Mark {
+                at: now,
+                label: format!("{step}: open now ({})", g["opened_by"].as_str().unwrap_or("")),
+                open: true,
+            });
+        } else if let Some(at) = t(&g["opens_at"]) {
+            marks.push(Mark {
+                at,
+                label: format!("{step} gate opens (time fallback)"),
+                open: false,
+            });
+        }
+    }
+    // The window: from a leaf TTL before the phase began (or now) to a leaf TTL after the last
+    // mark, at least a week either side of today for context.
+    let first = marks.iter().map(|m| m.at).min().unwrap_or(now).min(now);
+    let last = marks
+        .iter()
+        .map(|m| m.at)
+        .max()
+        .unwrap_or(now)
+        .max(now + leaf_max);
+    let start = first - leaf_max.max(time::Duration::days(2));
+    let end = last + leaf_max.max(time::Duration::days(7));
+    let title = format!(
+        "meshca {} — phase {phase}, bundle v{} — {}",
+        doc["trust_domain"].as_str().unwrap_or(""),
+        doc["bundle_version"],
+        rotator::clock::rfc3339(now)
+    );
+    Ok(Timeline {
+        start,
+        end,
+        now,
+        title,
+        rows,
+        marks,
+    })
+}
+
+fn frac(tl: &Timeline, at: OffsetDateTime) -> f64 {
+    let span = (tl.end - tl.start).as_seconds_f64();
+    ((at - tl.start).as_seconds_f64() / span).clamp(0.0, 1.0)
+}
+
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "column numbers within the width"
+)]
+fn col(tl: &Timeline, at: OffsetDateTime, width: usize) -> usize {
+    ((frac(tl, at) * (width as f64 - 1.0)).round() as usize).min(width - 1)
+}
+
+fn date(t: OffsetDateTime) -> String {
+    let r = rotator::clock::rfc3339(t);
+    r.get(..16).unwrap_or(&r).replace('T', " ")
+}
+
+fn text(tl: &Timeline) -> String {
+    const W: usize = 60;
+    let mut o = String::new();
+    let _ = writeln!(o, "{}", tl.title);
+    let _ = writeln!(
+        o,
+        "{:<44} |{}| {}",
+        format!("{} … {}", date(tl.start), date(tl.end)),
+        " ".repeat(W),
+        ""
+    );
+    let now_col = col(tl, tl.now, W);
+    for r in &tl.rows {
+        let (a, b) = (col(tl, r.from, W), col(tl, r.to, W));
+        let mut line: Vec<char> = vec![' '; W];
+        for c in line.iter_mut().take(b + 1).skip(a) {
+            *c = r.kind.glyph();
+        }
+        if line[now_col] == ' ' {
+            line[now_col] = '|';
+        }
+        let until = if r.to > tl.end {
+            format!("→ {}", date(r.to))
+        } else {
+            format!("until {}", date(r.to))
+        };
+        let _ = writeln!(
+            o,
+            "{:<44} |{}| {until}",
+            r.label,
+            line.into_iter().collect::<String>()
+        );
+    }
+    let mut marks: Vec<&Mark> = tl.marks.iter().collect();
+    marks.sort_by_key(|m| m.at);
+    let _ = writeln!(o, "\nWHEN");
+    let _ = writeln!(o, "  {}  now", date(tl.now));
+    for m in marks {
+        let _ = writeln!(
+            o,
+            "  {}  {}{}",
+            date(m.at),
+            m.label,
+            if m.open || m.at <= tl.now {
+                ""
+            } else {
+                " ◀ not before this"
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nlegend: = active  + staged/prepared  ~ retiring  . retired/archived  # leaf window  | now"
+    );
+    o
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn svg(tl: &Timeline) -> String {
+    let (left, width, row_h) = (330.0, 760.0, 26.0);
+    #[allow(clippy::cast_precision_loss, reason = "a handful of rows")]
+    let rows_h = tl.rows.len() as f64 * row_h;
+    #[allow(clippy::cast_precision_loss, reason = "a handful of marks")]
+    let height = 70.0 + rows_h + 30.0 + tl.marks.len() as f64 * 18.0 + 40.0;
+    let x = |at: OffsetDateTime| left + frac(tl, at) * width;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#,
+        w = left + width + 20.0
+    );
+    let _ = writeln!(o, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        o,
+        r#"<text x="10" y="20" font-size="15" font-weight="bold">{}</text>"#,
+        esc(&tl.title)
+    );
+    let _ = writeln!(
+        o,
+        r##"<text x="{left}" y="44" fill="#555">{}</text><text x="{}" y="44" fill="#555" text-anchor="end">{}</text>"##,
+        date(tl.start),
+        left + width,
+        date(tl.end)
+    );
+    for (i, r) in tl.rows.iter().enumerate() {
+        #[allow(clippy::cast_precision_loss, reason = "a handful of rows")]
+        let y = 56.0 + i as f64 * row_h;
+        let (a, b) = (x(r.from), x(r.to).max(x(r.from) + 2.0));
+        let _ = writeln!(
+            o,
+            r#"<text x="10" y="{}">{}</text><rect x="{a:.1}" y="{y}" width="{:.1}" height="{}" rx="3" fill="{}"/>"#,
+            y + 14.0,
+            esc(&r.label),
+            b - a,
+            row_h - 8.0,
+            r.kind.color()
+        );
+        if r.to > tl.end {
+            let _ = writeln!(
+                o,
+                r#"<text x="{}" y="{}" text-anchor="end" fill="white">→ {}</text>"#,
+                left + width - 4.0,
+                y + 13.0,
+                date(r.to)
+            );
+        }
+    }
+    let bottom = 56.0 + rows_h;
+    let nx = x(tl.now);
+    let _ = writeln!(
+        o,
+        r##"<line x1="{nx:.1}" y1="48" x2="{nx:.1}" y2="{bottom}" stroke="#d32f2f" stroke-width="2"/><text x="{nx:.1}" y="{}" fill="#d32f2f" text-anchor="middle">now</text>"##,
+        bottom + 14.0
+    );
+    let mut marks: Vec<&Mark> = tl.marks.iter().collect();
+    marks.sort_by_key(|m| m.at);
+    for (i, m) in marks.iter().enumerate() {
+        let mx = x(m.at);
+        let color = if m.open { "#2e7d32" } else { "#000000" };
+        #[allow(clippy::cast_precision_loss, reason = "a handful of marks")]
+        let ty = bottom + 34.0 + i as f64 * 18.0;
+        let _ = writeln!(
+            o,
+            r#"<line x1="{mx:.1}" y1="48" x2="{mx:.1}" y2="{ty}" stroke="{color}" stroke-dasharray="4 3"/><text x="{:.1}" y="{ty}" fill="{color}">{} — {}</text>"#,
+            mx + 3.0,
+            date(m.at),
+            esc(&m.label)
+        );
+    }
+    let ly = height - 14.0;
+    let mut lx = 10.0;
+    for (k, name) in [
+        (Kind::Active, "active"),
+        (Kind::Staged, "staged"),
+        (Kind::Prepared, "prepared"),
+        (Kind::Retiring, "retiring"),
+        (Kind::Retired, "retired/archived"),
+        (Kind::Leaf, "leaf window"),
+    ] {
+        let _ = writeln!(
+            o,
+            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{ly}">{name}</text>"#,
+            ly - 10.0,
+            k.color(),
+            lx + 16.0
+        );
+        lx += 120.0;
+    }
+    o.push_str("</svg>\n");
+    o
+}
+
+/// Runs `meshca plan`.
+pub fn plan(a: PlanArgs, output: Output) -> Result<(), Failed> {
+    let doc = crate::status::document(&a.status, output)?;
+    let tl = timeline(&doc)?;
+    if let Some(path) = &a.svg {
+        rotator::store::write_atomic(path, svg(&tl).as_bytes(), 0o644)?;
+    }
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "now": rotator::clock::rfc3339(tl.now),
+                "rows": tl.rows.iter().map(|r| serde_json::json!({
+                    "label": r.label, "from": rotator::clock::rfc3339(r.from), "to": rotator::clock::rfc3339(r.to),
+                })).collect::<Vec<_>>(),
+                "marks": tl.marks.iter().map(|m| serde_json::json!({
+                    "at": rotator::clock::rfc3339(m.at), "label": m.label, "open": m.open,
+                })).collect::<Vec<_>>(),
+                "svg": a.svg,
+            })
+        ),
+        Output::Text => {
+            print!("{}", text(&tl));
+            if let Some(p) = &a.svg {
+                println!("\nwrote {}", p.display());
+            }
+        }
+    }
+    Ok(())
+}

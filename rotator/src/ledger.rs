@@ -1,0 +1,340 @@
+//! The issuance ledger: which leaves are live, which anchor each chains to, and which bundle
+//! version each live workload has been handed. The trust-anchor gates read it
+//! ([`crate::anchors`]); it is pure (no clock, no disk). The server feeds it from the signing
+//! path and the bundle stream and persists it in batches (`ca-server/src/ledger.rs`).
+//!
+//! ## What a "live workload" is
+//!
+//! A workload *instance* is identified by `(SPIFFE ID, instance_id)` when the client sends an
+//! `instance_id` (a pod UID, a process id: anything stable for the life of one running instance),
+//! and by `(SPIFFE ID, public key)` when it does not. Each instance counts with its newest leaf
+//! only: a newer leaf for the same instance *supersedes* the older one (a proxy presents the leaf
+//! it renewed to). An instance is *live* while its newest leaf is unexpired, counting the clock
+//! skew allowance (`notAfter + clock_skew > now`), or while it holds an authenticated
+//! `WatchTrustBundle` stream open.
+//!
+//! Limits, all on the safe side except the last:
+//! - A client that sends no `instance_id` and makes a new key for every renewal looks like a new
+//!   instance each time; its superseded leaves stay "live" until they expire. Gates open later,
+//!   never earlier.
+//! - Leaves signed while the ledger was not recording (before it existed, or lost in a crash
+//!   before a flush) are unknown: the ledger is *complete* only from [`Ledger::complete_since`],
+//!   and the gates use measurements only once every unknown leaf must have expired
+//!   ([`Ledger::trustworthy_at`]); before that they use the time-based fallback and say so.
+//! - Verifiers that never talk to meshca (they read `bundle.pem` or `/bundle.pem` from
+//!   somewhere) are invisible: the `propagation_allowance` in the time-based gate is for them.
+//! - An instance is trusted to present its newest leaf once it has received it. A workload could
+//!   claim another instance's id *of its own SPIFFE ID* and so supersede that instance's leaf;
+//!   it cannot touch another SPIFFE ID's entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::pki::CertId;
+
+/// One leaf, as the ledger remembers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafRecord {
+    /// Serial, lowercase hex.
+    #[serde(rename = "s")]
+    pub serial: String,
+    /// The SPIFFE ID in the leaf.
+    #[serde(rename = "id")]
+    pub spiffe_id: String,
+    /// The instance: the client's `instance_id`, or `key:<hash>` of the leaf's public key.
+    #[serde(rename = "i")]
+    pub instance: String,
+    /// The anchor the leaf chains to.
+    #[serde(rename = "a")]
+    pub anchor: CertId,
+    /// notAfter, Unix seconds.
+    #[serde(rename = "na")]
+    pub not_after: i64,
+    /// The bundle version handed out with the leaf.
+    #[serde(rename = "v")]
+    pub bundle_version: u64,
+}
+
+impl LeafRecord {
+    fn key(&self) -> (String, String) {
+        (self.spiffe_id.clone(), self.instance.clone())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Watch {
+    /// Open streams for this instance.
+    open: u32,
+    /// The newest bundle version sent on any of them.
+    version: u64,
+}
+
+/// The ledger.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    complete_since: OffsetDateTime,
+    /// Newest leaf per instance.
+    leaves: HashMap<(String, String), LeafRecord>,
+    /// Authenticated bundle watchers per instance.
+    watches: HashMap<(String, String), Watch>,
+}
+
+/// What the gates need from the ledger at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSummary {
+    /// The ledger knows every leaf signed from here on.
+    pub complete_since: OffsetDateTime,
+    /// Measurements can be trusted from here on: every leaf signed before `complete_since` has
+    /// expired by then.
+    pub trustworthy_at: OffsetDateTime,
+    /// Live leaves (newest per instance) by the anchor they chain to.
+    pub live_leaves: BTreeMap<CertId, u64>,
+    /// Live instances.
+    pub live_workloads: u64,
+    /// Live instances that have been handed bundle version `min_version` or newer.
+    pub workloads_current: u64,
+    /// The version `workloads_current` counts against.
+    pub min_version: u64,
+}
+
+impl LedgerSummary {
+    /// Live leaves chaining to `anchor`.
+    pub fn live_under(&self, anchor: &CertId) -> u64 {
+        self.live_leaves.get(anchor).copied().unwrap_or(0)
+    }
+
+    /// Whether measurements may be used at `now`.
+    pub fn trustworthy(&self, now: OffsetDateTime) -> bool {
+        now >= self.trustworthy_at
+    }
+}
+
+impl Ledger {
+    /// An empty ledger that has known every leaf since `complete_since`.
+    pub fn new(complete_since: OffsetDateTime) -> Self {
+        Self {
+            complete_since,
+            leaves: HashMap::new(),
+            watches: HashMap::new(),
+        }
+    }
+
+    /// Since when the ledger knows every leaf.
+    pub fn complete_since(&self) -> OffsetDateTime {
+        self.complete_since
+    }
+
+    /// Marks everything before `t` unknown (the ledger was lost or may have lost a tail).
+    pub fn set_complete_since(&mut self, t: OffsetDateTime) {
+        self.complete_since = t;
+    }
+
+    /// From when measurements can be trusted: every leaf signed before `complete_since` has
+    /// expired (it lived at most `leaf_ttl_max`, and verifiers may be `clock_skew` behind).
+    pub fn trustworthy_at(&self, leaf_ttl_max: Duration, clock_skew: Duration) -> OffsetDateTime {
+        self.complete_since + leaf_ttl_max + clock_skew
+    }
+
+    /// Records a leaf. It supersedes an older leaf of the same instance; an older record never
+    /// replaces a newer one (records may be replayed out of order).
+    pub fn record(&mut self, r: LeafRecord) {
+        match self.leaves.get_mut(&r.key()) {
+            Some(old) if old.not_after > r.not_after => {
+                old.bundle_version = old.bundle_version.max(r.bundle_version);
+            }
+            Some(old) => {
+                let v = old.bundle_version.max(r.bundle_version);
+                *old = r;
+                old.bundle_version = v;
+            }
+            None => {
+                self.leaves.insert(r.key(), r);
+            }
+        }
+    }
+
+    /// An authenticated bundle stream for an instance opened.
+    pub fn watch_opened(&mut self, spiffe_id: &str, instance: &str) {
+        self.watches
+            .entry((spiffe_id.to_owned(), instance.to_owned()))
+            .or_default()
+            .open += 1;
+    }
+
+    /// Bundle `version` was sent on an instance's stream.
+    pub fn watch_sent(&mut self, spiffe_id: &str, instance: &str, version: u64) {
+        if let Some(w) = self
+            .watches
+            .get_mut(&(spiffe_id.to_owned(), instance.to_owned()))
+        {
+            w.version = w.version.max(version);
+        }
+        if let Some(l) = self
+            .leaves
+            .get_mut(&(spiffe_id.to_owned(), instance.to_owned()))
+        {
+            l.bundle_version = l.bundle_version.max(version);
+        }
+    }
+
+    /// An instance's stream closed.
+    pub fn watch_closed(&mut self, spiffe_id: &str, instance: &str) {
+        let k = (spiffe_id.to_owned(), instance.to_owned());
+        if let Some(w) = self.watches.get_mut(&k) {
+            w.open = w.open.saturating_sub(1);
+            if w.open == 0 {
+                self.watches.remove(&k);
+            }
+        }
+    }
+
+    /// Drops leaves no verifier accepts any more (`notAfter + clock_skew <= now`); returns how
+    /// many it dropped.
+    pub fn compact(&mut self, now: OffsetDateTime, clock_skew: Duration) -> usize {
+        let before = self.leaves.len();
+        let cut = (now - clock_skew).unix_timestamp();
+        self.leaves.retain(|_, r| r.not_after > cut);
+        before - self.leaves.len()
+    }
+
+    /// The newest leaf of every instance (live or not yet compacted).
+    pub fn records(&self) -> impl Iterator<Item = &LeafRecord> {
+        self.leaves.values()
+    }
+
+    /// How many instances have a record.
+    pub fn len(&self) -> usize {
+        self.leaves.len()
+    }
+
+    /// Whether the ledger holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.leaves.is_empty()
+    }
+
+    /// The gates' view at `now`, counting instances handed `min_version` or newer.
+    pub fn summary(
+        &self,
+        now: OffsetDateTime,
+        leaf_ttl_max: Duration,
+        clock_skew: Duration,
+        min_version: u64,
+    ) -> LedgerSummary {
+        let cut = (now - clock_skew).unix_timestamp();
+        let mut live_leaves = BTreeMap::new();
+        let (mut live, mut current) = (0u64, 0u64);
+        for (k, r) in &self.leaves {
+            let leaf_live = r.not_after > cut;
+            if leaf_live {
+                *live_leaves.entry(r.anchor.clone()).or_insert(0) += 1;
+            }
+            let watch = self.watches.get(k);
+            if leaf_live || watch.is_some() {
+                live += 1;
+                let v = r.bundle_version.max(watch.map_or(0, |w| w.version));
+                if v >= min_version {
+                    current += 1;
+                }
+            }
+        }
+        for (k, w) in &self.watches {
+            if !self.leaves.contains_key(k) {
+                live += 1;
+                if w.version >= min_version {
+                    current += 1;
+                }
+            }
+        }
+        LedgerSummary {
+            complete_since: self.complete_since,
+            trustworthy_at: self.trustworthy_at(leaf_ttl_max, clock_skew),
+            live_leaves,
+            live_workloads: live,
+            workloads_current: current,
+            min_version,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, inst: &str, anchor: &str, na: i64, v: u64) -> LeafRecord {
+        LeafRecord {
+            serial: format!("{id}{inst}{na}"),
+            spiffe_id: id.into(),
+            instance: inst.into(),
+            anchor: CertId::of(anchor.as_bytes()),
+            not_after: na,
+            bundle_version: v,
+        }
+    }
+
+    const SKEW: Duration = Duration::from_secs(300);
+    const MAX: Duration = Duration::from_secs(48 * 3600);
+
+    fn at(s: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(s).unwrap()
+    }
+
+    #[test]
+    fn newest_leaf_per_instance_counts() {
+        let mut l = Ledger::new(at(0));
+        l.record(rec("w", "p1", "A", 1000, 1));
+        l.record(rec("w", "p1", "B", 2000, 2));
+        // Replayed out of order: the older record does not win.
+        l.record(rec("w", "p1", "A", 1000, 1));
+        l.record(rec("w", "p2", "A", 1500, 1));
+        // Same instance id, other SPIFFE ID: a different instance.
+        l.record(rec("x", "p1", "A", 1500, 1));
+        let s = l.summary(at(100), MAX, SKEW, 2);
+        assert_eq!(s.live_under(&CertId::of(b"A")), 2);
+        assert_eq!(s.live_under(&CertId::of(b"B")), 1);
+        assert_eq!((s.live_workloads, s.workloads_current), (3, 1));
+    }
+
+    #[test]
+    fn liveness_counts_the_clock_skew() {
+        let mut l = Ledger::new(at(0));
+        l.record(rec("w", "p1", "A", 1000, 1));
+        assert_eq!(l.summary(at(1299), MAX, SKEW, 1).live_workloads, 1);
+        assert_eq!(l.summary(at(1300), MAX, SKEW, 1).live_workloads, 0);
+        assert_eq!(l.compact(at(1299), SKEW), 0);
+        assert_eq!(l.compact(at(1300), SKEW), 1);
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn watchers_are_live_and_carry_versions() {
+        let mut l = Ledger::new(at(0));
+        l.record(rec("w", "p1", "A", 1000, 1));
+        l.watch_opened("w", "p1");
+        l.watch_opened("v", "only-watches");
+        let s = l.summary(at(100), MAX, SKEW, 2);
+        assert_eq!((s.live_workloads, s.workloads_current), (2, 0));
+        l.watch_sent("w", "p1", 2);
+        l.watch_sent("v", "only-watches", 2);
+        let s = l.summary(at(100), MAX, SKEW, 2);
+        assert_eq!((s.live_workloads, s.workloads_current), (2, 2));
+        // After its leaf expired, an open stream keeps the instance live.
+        let s = l.summary(at(5000), MAX, SKEW, 2);
+        assert_eq!((s.live_workloads, s.workloads_current), (2, 2));
+        l.watch_closed("v", "only-watches");
+        l.watch_closed("w", "p1");
+        assert_eq!(l.summary(at(5000), MAX, SKEW, 2).live_workloads, 0);
+    }
+
+    #[test]
+    fn trust_starts_after_every_unknown_leaf_expired() {
+        let l = Ledger::new(at(1000));
+        let s = l.summary(at(0), MAX, SKEW, 1);
+        let t = at(1000) + MAX + SKEW;
+        assert_eq!(s.trustworthy_at, t);
+        assert!(!s.trustworthy(t - Duration::from_secs(1)));
+        assert!(s.trustworthy(t));
+    }
+}
