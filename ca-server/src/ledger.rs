@@ -118,7 +118,11 @@ impl LedgerHandle {
     ) -> Result<(Self, Loaded), String> {
         let path = dir.join(LEDGER_FILE);
         let (mut ledger, loaded) = if created {
-            (Ledger::new(now), Loaded::New)
+            // Nothing was signed before the authority existed, so the ledger is as good as
+            // complete since long enough ago that no unknown leaf can be live: measurements are
+            // trustworthy at once.
+            let max = Duration::from_secs(365 * 86400);
+            (Ledger::new(now - max - clock_skew), Loaded::New)
         } else {
             match read_log(&path) {
                 Ok((l, true, records)) => (l, Loaded::Clean { records }),

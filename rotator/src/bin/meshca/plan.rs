@@ -217,11 +217,12 @@ fn date(t: OffsetDateTime) -> String {
 
 fn text(tl: &Timeline) -> String {
     const W: usize = 60;
+    let lw = tl.rows.iter().map(|r| r.label.chars().count()).max().unwrap_or(20).max(36);
     let mut o = String::new();
     let _ = writeln!(o, "{}", tl.title);
     let _ = writeln!(
         o,
-        "{:<44} |{}| {}",
+        "{:<lw$} |{}| {}",
         format!("{} … {}", date(tl.start), date(tl.end)),
         " ".repeat(W),
         ""
@@ -243,7 +244,7 @@ fn text(tl: &Timeline) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<44} |{}| {until}",
+            "{:<lw$} |{}| {until}",
             r.label,
             line.into_iter().collect::<String>()
         );
