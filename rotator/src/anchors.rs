@@ -412,9 +412,9 @@ impl AuthorityState {
                 (cert, key)
             }
         };
-        if cert.info.not_after <= current.cert.info.not_after {
+        if cert.info.not_after < current.cert.info.not_after {
             return Err(StateError(format!(
-                "the new anchor expires {} — not after the current anchor {} ({}): rotating to it gains nothing",
+                "the new anchor expires {} — before the current anchor {} ({}): rotating to it shortens the trust chain's life",
                 rfc3339(cert.info.not_after),
                 current.cert.id(),
                 rfc3339(current.cert.info.not_after)

@@ -517,7 +517,13 @@ pub fn new_anchor(
 ) -> Result<CaCert, PkiError> {
     let params = ca_params(
         td,
-        format!("meshca trust anchor {}", crate::clock::rfc3339(now)),
+        // The key id keeps two anchors made in the same second apart by name: during a rotation
+        // both are in the bundle, and verifiers pick candidates by subject.
+        format!(
+            "meshca trust anchor {} {}",
+            crate::clock::rfc3339(now),
+            &hex::encode(ring::digest::digest(&ring::digest::SHA256, &key.spki_der()))[..8]
+        ),
         now - skew,
         now + ttl,
         BasicConstraints::Unconstrained,
