@@ -716,3 +716,216 @@ pub fn plan_anchor(
         _ => none,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn t0() -> OffsetDateTime {
+        crate::clock::whole_seconds(OffsetDateTime::now_utc())
+    }
+
+    fn genesis(p: &Policy, now: OffsetDateTime) -> AuthorityState {
+        AuthorityState::genesis("cluster.local".parse().unwrap(), p, now).unwrap()
+    }
+
+    fn ledger(
+        now: OffsetDateTime,
+        live: &[(&CertId, u64)],
+        workloads: u64,
+        current: u64,
+        version: u64,
+    ) -> LedgerSummary {
+        LedgerSummary {
+            complete_since: now - Duration::from_secs(400 * 86400),
+            trustworthy_at: now - Duration::from_secs(300 * 86400),
+            live_leaves: live
+                .iter()
+                .map(|(a, n)| ((*a).clone(), *n))
+                .collect::<BTreeMap<_, _>>(),
+            live_workloads: workloads,
+            workloads_current: current,
+            min_version: version,
+        }
+    }
+
+    #[test]
+    fn a_full_rotation_moves_the_bundle_and_the_signer() {
+        let p = Policy::default();
+        let now = t0();
+        let s = genesis(&p, now);
+        let a = s.active_anchor().unwrap().cert.id().clone();
+        let s1 = s.stage_anchor(&p, now, NewAnchor::Generate).unwrap();
+        s1.check().unwrap();
+        let Phase::Staged { anchor: b, .. } = s1.phase.clone() else {
+            panic!("not staged")
+        };
+        assert_eq!(s1.bundle_version, 2);
+        assert_eq!(s1.bundle().count(), 2);
+        assert_eq!(s1.active_issuer().unwrap().anchor, a, "A still signs");
+        assert!(
+            s1.issuers
+                .iter()
+                .any(|i| i.anchor == b && i.status == IssuerStatus::Prepared),
+            "an issuer under B is prepared at stage time"
+        );
+        let later = now + p.leaf_ttl_max + p.propagation_allowance;
+        let s2 = s1.activate_anchor(&p, None, later, false).unwrap();
+        s2.check().unwrap();
+        assert_eq!(s2.active_issuer().unwrap().anchor, b);
+        assert_eq!(s2.anchor(&a).unwrap().status, AnchorStatus::Retiring);
+        assert_eq!(s2.bundle_version, 2, "activation does not change the bundle");
+        let end = later + p.leaf_ttl_max + p.clock_skew;
+        let s3 = s2.finish_anchor(&p, None, end, false).unwrap();
+        s3.check().unwrap();
+        assert_eq!(s3.phase, Phase::Steady);
+        assert_eq!(s3.bundle_version, 3);
+        assert_eq!(
+            s3.bundle().map(|x| x.cert.id().clone()).collect::<Vec<_>>(),
+            vec![b.clone()]
+        );
+        assert!(s3.anchor(&a).unwrap().key.is_some(), "the old anchor is archived, key kept");
+    }
+
+    #[test]
+    fn time_gates_open_exactly_at_their_second() {
+        let p = Policy::default();
+        let now = t0();
+        let s1 = genesis(&p, now)
+            .stage_anchor(&p, now, NewAnchor::Generate)
+            .unwrap();
+        let open_at = now + p.leaf_ttl_max + p.propagation_allowance;
+        let g = gate(&s1, &p, None, open_at - SEC, Step::Activate).unwrap();
+        assert!(!g.open);
+        assert_eq!(g.opens_at, Some(open_at));
+        assert!(g.measured.contains("time-based only"), "{}", g.measured);
+        assert!(s1.activate_anchor(&p, None, open_at - SEC, false).is_err());
+        let g = gate(&s1, &p, None, open_at, Step::Activate).unwrap();
+        assert_eq!((g.open, g.opened_by), (true, Some(OpenedBy::Time)));
+
+        let s2 = s1.activate_anchor(&p, None, open_at, false).unwrap();
+        let fin = open_at + p.leaf_ttl_max + p.clock_skew;
+        assert!(!gate(&s2, &p, None, fin - SEC, Step::Finish).unwrap().open);
+        assert!(gate(&s2, &p, None, fin, Step::Finish).unwrap().open);
+        let e = s2.finish_anchor(&p, None, fin - SEC, false).unwrap_err();
+        assert!(e.0.contains("gate closed") && e.0.contains("--force"), "{e}");
+        // Forced: taken, and the history says so.
+        let forced = s2.finish_anchor(&p, None, fin - SEC, true).unwrap();
+        assert!(forced.history.last().unwrap().what.contains("FORCED"));
+
+        // Rollback from activated is always open; from staged after that it waits for B's leaves.
+        let back = s2.rollback_anchor(&p, None, open_at + SEC, false).unwrap();
+        back.check().unwrap();
+        assert_eq!(back.phase.name(), "staged");
+        let until = open_at + SEC + p.leaf_ttl_max + p.clock_skew;
+        assert!(!gate(&back, &p, None, until - SEC, Step::Rollback).unwrap().open);
+        assert!(gate(&back, &p, None, until, Step::Rollback).unwrap().open);
+        let steady = back.rollback_anchor(&p, None, until, false).unwrap();
+        steady.check().unwrap();
+        assert_eq!(steady.bundle().count(), 1);
+        assert_eq!(steady.bundle_version, 3);
+    }
+
+    #[test]
+    fn measured_gates_follow_the_ledger() {
+        let p = Policy::default();
+        let now = t0();
+        let s = genesis(&p, now);
+        let a = s.active_anchor().unwrap().cert.id().clone();
+        let s1 = s.stage_anchor(&p, now, NewAnchor::Generate).unwrap();
+        let l = ledger(now, &[(&a, 5)], 5, 4, 2);
+        let g = gate(&s1, &p, Some(&l), now, Step::Activate).unwrap();
+        assert!(!g.open);
+        assert_eq!(g.at_risk, Some(1));
+        assert!(g.measured.contains("4 of 5 live workloads (80.0 %)"), "{}", g.measured);
+        let l = ledger(now, &[(&a, 5)], 5, 5, 2);
+        let g = gate(&s1, &p, Some(&l), now, Step::Activate).unwrap();
+        assert_eq!((g.open, g.opened_by), (true, Some(OpenedBy::Measured)));
+        let s2 = s1.activate_anchor(&p, Some(&l), now, false).unwrap();
+        let g = gate(&s2, &p, Some(&l), now, Step::Finish).unwrap();
+        assert!(!g.open);
+        assert!(g.risk.starts_with("5 live leaves chain to"), "{}", g.risk);
+        let none = ledger(now, &[], 5, 5, 2);
+        assert!(gate(&s2, &p, Some(&none), now, Step::Finish).unwrap().open);
+        // An untrustworthy ledger is ignored: time only, and said.
+        let mut young = none.clone();
+        young.trustworthy_at = now + SEC;
+        let g = gate(&s2, &p, Some(&young), now, Step::Finish).unwrap();
+        assert!(!g.open && g.measured.contains("complete only since"), "{}", g.measured);
+        assert_eq!(g.at_risk, None, "the risk is unknown, not zero");
+    }
+
+    #[test]
+    fn steps_out_of_phase_and_bad_imports_are_refused() {
+        let p = Policy::default();
+        let now = t0();
+        let s = genesis(&p, now);
+        for st in [Step::Activate, Step::Finish, Step::Rollback] {
+            let e = gate(&s, &p, None, now, st).unwrap_err();
+            assert!(e.0.contains("does not apply in phase steady"), "{e}");
+        }
+        let s1 = s.stage_anchor(&p, now, NewAnchor::Generate).unwrap();
+        assert!(s1.stage_anchor(&p, now, NewAnchor::Generate).is_err());
+        // Import: the issuer, not a root.
+        let i = s.active_issuer().unwrap();
+        let e = s
+            .stage_anchor(&p, now, NewAnchor::Import(i.cert.clone(), None))
+            .unwrap_err();
+        assert!(e.0.contains("not self-signed"), "{e}");
+        // The same anchor again.
+        let a = s.active_anchor().unwrap();
+        let e = s
+            .stage_anchor(&p, now, NewAnchor::Import(a.cert.clone(), a.key.clone()))
+            .unwrap_err();
+        assert!(e.0.contains("already known"), "{e}");
+        // A key for another certificate.
+        let other = genesis(&p, now);
+        let oa = other.active_anchor().unwrap();
+        let e = s
+            .stage_anchor(
+                &p,
+                now,
+                NewAnchor::Import(oa.cert.clone(), Some(SecretKey::generate_p256().unwrap())),
+            )
+            .unwrap_err();
+        assert!(e.0.contains("does not match"), "{e}");
+        // Upstream B (no key): staged, but activation needs an imported issuer under it.
+        let up = s
+            .stage_anchor(&p, now, NewAnchor::Import(oa.cert.clone(), None))
+            .unwrap();
+        let later = now + p.leaf_ttl_max + p.propagation_allowance;
+        let e = up.activate_anchor(&p, None, later, false).unwrap_err();
+        assert!(e.0.contains("meshca issuer import"), "{e}");
+    }
+
+    #[test]
+    fn automation_stages_before_expiry_and_advances_on_open_gates() {
+        let p = Policy::default();
+        let now = t0();
+        let s = genesis(&p, now);
+        let off = Automation::default();
+        assert_eq!(plan_anchor(&s, &p, &off, None, now).step, None);
+        let auto = Automation {
+            auto_stage_before: Some(Duration::from_secs(90 * 86400)),
+            auto_advance: true,
+        };
+        let at = s.active_anchor().unwrap().cert.info.not_after - Duration::from_secs(90 * 86400);
+        let plan = plan_anchor(&s, &p, &auto, None, at - SEC);
+        assert_eq!((plan.step, plan.wake_at), (None, Some(at)));
+        assert_eq!(plan_anchor(&s, &p, &auto, None, at).step, Some(Step::Stage));
+        let s1 = s.stage_anchor(&p, at, NewAnchor::Generate).unwrap();
+        let open = at + p.leaf_ttl_max + p.propagation_allowance;
+        let plan = plan_anchor(&s1, &p, &auto, None, open - SEC);
+        assert_eq!((plan.step, plan.wake_at), (None, Some(open)));
+        assert_eq!(plan_anchor(&s1, &p, &auto, None, open).step, Some(Step::Activate));
+        let only_stage = Automation {
+            auto_advance: false,
+            ..auto
+        };
+        assert_eq!(plan_anchor(&s1, &p, &only_stage, None, open).step, None);
+    }
+}

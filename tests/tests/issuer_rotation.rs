@@ -55,6 +55,7 @@ async fn rig(policy: Policy) -> Rig {
         authority.clone(),
         health.clone(),
         metrics,
+        rotator::anchors::Automation::default(),
         stop_rx,
     ));
     Rig {
