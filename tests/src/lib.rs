@@ -4,6 +4,8 @@
 //!
 //! See `tests/README.md` for the tiers.
 
+pub mod fleet;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
