@@ -140,6 +140,33 @@ impl Config {
             value: e.value,
             reason: e.reason,
         })?;
+        if let Some(before) = self.anchor.auto_stage_before {
+            let h = |d: std::time::Duration| humantime::format_duration(d).to_string();
+            let p = &self.policy;
+            // A whole gated rotation by the time fallbacks: stage → activate → finish.
+            let needs = 2 * p.leaf_ttl_max + p.propagation_allowance + p.clock_skew;
+            if before >= p.anchor_ttl {
+                return Err(ConfigError {
+                    name: "anchor.auto_stage_before".into(),
+                    value: h(before),
+                    reason: format!(
+                        "not shorter than policy.anchor_ttl = {}: every new anchor would be staged over again at once",
+                        h(p.anchor_ttl)
+                    ),
+                });
+            }
+            if before < needs {
+                return Err(ConfigError {
+                    name: "anchor.auto_stage_before".into(),
+                    value: h(before),
+                    reason: format!(
+                        "shorter than a whole rotation by its time gates (2 × leaf_ttl_max + propagation_allowance + \
+                         clock_skew = {}): the anchor could expire mid-rotation",
+                        h(needs)
+                    ),
+                });
+            }
+        }
         if self.tls.dns_names.is_empty() && self.tls.ip_addresses.is_empty() {
             return Err(ConfigError {
                 name: "tls".into(),
@@ -195,6 +222,14 @@ mod tests {
         let c = Config::from_toml("[policy]\nissuer_ttl = \"3d\"").unwrap();
         let e = c.validate().unwrap_err();
         assert_eq!(e.name, "policy.issuer_ttl");
+        let c = Config::from_toml("[anchor]\nauto_stage_before = \"400d\"\nauto_advance = true").unwrap();
+        assert_eq!(c.validate().unwrap_err().name, "anchor.auto_stage_before");
+        let c = Config::from_toml("[anchor]\nauto_stage_before = \"2d\"").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.reason.contains("mid-rotation"), "{e}");
+        let c = Config::from_toml("[anchor]\nauto_stage_before = \"90d\"\nauto_advance = true").unwrap();
+        c.validate().unwrap();
+        assert!(c.anchor.auto_advance);
         let c = Config::from_toml("[tls]\ndns_names = [\"not a name\"]").unwrap();
         assert_eq!(c.validate().unwrap_err().name, "tls.dns_names");
     }

@@ -27,10 +27,15 @@ fn admin_commands_without_a_server_fail_clearly() {
     let dir = w.join("state");
     let d = dir.display().to_string();
     std::fs::write(w.join("x.crt"), "not used").unwrap();
-    let commands: [&[&str]; 3] = [
+    let commands: [&[&str]; 8] = [
         &["issuer", "rotate", "--state-dir", &d],
         &["issuer", "csr", "--state-dir", &d, "--out", "next.csr"],
         &["issuer", "import", "--state-dir", &d, "--cert", "x.crt"],
+        &["anchors", "stage", "--state-dir", &d],
+        &["anchors", "activate", "--state-dir", &d],
+        &["anchors", "finish", "--state-dir", &d, "--force"],
+        &["anchors", "rollback", "--state-dir", &d],
+        &["anchors", "wait", "--state-dir", &d, "--until", "finish-ready"],
     ];
     // 1. A state dir no server ever ran in: no socket.
     std::fs::create_dir_all(&dir).unwrap();
