@@ -234,13 +234,11 @@ impl AdminService for Admin {
             let key = if r.key_pem.is_empty() {
                 None
             } else {
-                Some(
-                    rotator::pki::SecretKey::from_pem(&r.key_pem).map_err(|e| {
-                        Status::invalid_argument(format!("the anchor key is unusable: {e}"))
-                    })?,
-                )
+                Some(rotator::pki::SecretKey::from_pem(&r.key_pem).map_err(|e| {
+                    Status::invalid_argument(format!("the anchor key is unusable: {e}"))
+                })?)
             };
-            NewAnchor::Import(cert, key)
+            NewAnchor::Import(Box::new(cert), key)
         };
         self.anchor_step(Step::Stage, false, Some(new))
             .await
@@ -320,7 +318,11 @@ impl Admin {
                 }
                 other => status_of(other),
             })?;
-        let risk = if g.open { String::new() } else { g.risk.clone() };
+        let risk = if g.open {
+            String::new()
+        } else {
+            g.risk.clone()
+        };
         let resp = self
             .authority
             .read(|s| AnchorResponse {

@@ -222,12 +222,14 @@ mod tests {
         let c = Config::from_toml("[policy]\nissuer_ttl = \"3d\"").unwrap();
         let e = c.validate().unwrap_err();
         assert_eq!(e.name, "policy.issuer_ttl");
-        let c = Config::from_toml("[anchor]\nauto_stage_before = \"400d\"\nauto_advance = true").unwrap();
+        let c = Config::from_toml("[anchor]\nauto_stage_before = \"400d\"\nauto_advance = true")
+            .unwrap();
         assert_eq!(c.validate().unwrap_err().name, "anchor.auto_stage_before");
         let c = Config::from_toml("[anchor]\nauto_stage_before = \"2d\"").unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.reason.contains("mid-rotation"), "{e}");
-        let c = Config::from_toml("[anchor]\nauto_stage_before = \"90d\"\nauto_advance = true").unwrap();
+        let c = Config::from_toml("[anchor]\nauto_stage_before = \"90d\"\nauto_advance = true")
+            .unwrap();
         c.validate().unwrap();
         assert!(c.anchor.auto_advance);
         let c = Config::from_toml("[tls]\ndns_names = [\"not a name\"]").unwrap();

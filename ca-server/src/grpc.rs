@@ -144,7 +144,13 @@ impl IdentityService for Identity {
             .and_then(|c| rotator::client::spiffe_id_of(c).ok())
             .map(|id| id.to_string())
             .filter(|_| !request.get_ref().instance_id.is_empty())
-            .map(|id| WatchGuard::new(self.authority.clone(), id, request.get_ref().instance_id.clone()));
+            .map(|id| {
+                WatchGuard::new(
+                    self.authority.clone(),
+                    id,
+                    request.get_ref().instance_id.clone(),
+                )
+            });
         let rx = self.authority.subscribe();
         // The current bundle first, then one message per new bundle version.
         let stream = futures::stream::unfold((rx, 0u64, who), |(mut rx, last, who)| async move {

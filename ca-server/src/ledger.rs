@@ -77,10 +77,7 @@ impl std::fmt::Debug for LedgerHandle {
 fn read_log(path: &Path) -> Result<(Ledger, bool, usize), String> {
     let f = File::open(path).map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(f).lines();
-    let first = lines
-        .next()
-        .ok_or("empty")?
-        .map_err(|e| e.to_string())?;
+    let first = lines.next().ok_or("empty")?.map_err(|e| e.to_string())?;
     let h: Header = serde_json::from_str(&first).map_err(|e| format!("header: {e}"))?;
     if h.ledger != 1 {
         return Err(format!("format {} is not supported", h.ledger));
@@ -156,7 +153,8 @@ impl LedgerHandle {
                 needs_rewrite: false,
             }),
         };
-        h.rewrite().map_err(|e| format!("{}: {e}", h.path.display()))?;
+        h.rewrite()
+            .map_err(|e| format!("{}: {e}", h.path.display()))?;
         Ok((h, loaded))
     }
 
@@ -208,7 +206,7 @@ impl LedgerHandle {
         })?;
         out.push('\n');
         for r in i.ledger.records() {
-            out.push_str(&serde_json::to_string(r)?);
+            out.push_str(&serde_json::to_string(&r)?);
             out.push('\n');
         }
         let n = i.ledger.len();
@@ -273,5 +271,112 @@ impl LedgerHandle {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rotator::pki::CertId;
+
+    use super::*;
+
+    /// A record as the signing path makes it: 16-byte hex serial, a typical Kubernetes SPIFFE ID,
+    /// a pod UID as the instance.
+    pub(crate) fn record(i: usize, now: OffsetDateTime) -> LeafRecord {
+        LeafRecord {
+            serial: format!("{:032x}", i * 7_919 + 1),
+            spiffe_id: format!("spiffe://cluster.local/ns/team-{}/sa/service-{i}", i % 50),
+            instance: format!("5f0c8e1a-3b7d-4c2e-9a1f-{i:012x}"),
+            anchor: CertId::of(b"anchor"),
+            not_after: (now + Duration::from_secs(86400)).unix_timestamp(),
+            bundle_version: 7,
+        }
+    }
+
+    #[test]
+    fn a_hundred_thousand_live_leaves_stay_far_under_fifty_megabytes_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (l, loaded) =
+            LedgerHandle::open(dir.path(), true, now, Duration::from_secs(300)).unwrap();
+        assert_eq!(loaded, Loaded::New);
+        for i in 0..100_000 {
+            l.record(record(i, now));
+        }
+        l.flush(now, Duration::from_secs(300)).unwrap();
+        let size = std::fs::metadata(l.path()).unwrap().len();
+        assert!(size < 50 * 1024 * 1024, "{size} bytes");
+        assert!(
+            size > 100_000 * 100,
+            "every record is on disk: {size} bytes"
+        );
+        l.close(now, Duration::from_secs(300)).unwrap();
+        let (again, loaded) =
+            LedgerHandle::open(dir.path(), false, now, Duration::from_secs(300)).unwrap();
+        assert_eq!(loaded, Loaded::Clean { records: 100_000 });
+        assert_eq!(again.len(), 100_000);
+    }
+
+    #[test]
+    fn renewals_compact_the_file_and_expiry_empties_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let skew = Duration::from_secs(300);
+        let (l, _) = LedgerHandle::open(dir.path(), true, now, skew).unwrap();
+        // 10 instances renewing 500 times: the file must not keep every superseded leaf.
+        for round in 0..500 {
+            for i in 0..10 {
+                let mut r = record(i, now);
+                r.not_after += round;
+                l.record(r);
+            }
+            l.flush(now, skew).unwrap();
+        }
+        let lines = std::fs::read_to_string(l.path()).unwrap().lines().count();
+        assert!(
+            lines < 2 * 10 + 1024 + 20,
+            "{lines} lines for 10 live records"
+        );
+        assert_eq!(l.len(), 10);
+        let later = now + Duration::from_secs(3 * 86400);
+        l.flush(later, skew).unwrap();
+        assert!(l.is_empty(), "expired leaves are dropped");
+    }
+
+    #[test]
+    fn a_torn_or_unclosed_log_is_incomplete_and_a_garbled_one_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let skew = Duration::from_secs(300);
+        let (l, _) = LedgerHandle::open(dir.path(), true, now, skew).unwrap();
+        l.record(record(1, now));
+        l.flush(now, skew).unwrap();
+        drop(l);
+        let (l, loaded) = LedgerHandle::open(dir.path(), false, now, skew).unwrap();
+        assert!(
+            matches!(loaded, Loaded::Incomplete(ref w) if w.contains("did not close")),
+            "{loaded:?}"
+        );
+        assert_eq!(l.len(), 1, "flushed records still count");
+        assert_eq!(
+            l.summary(now, Duration::from_secs(3600), skew, 1)
+                .complete_since,
+            now
+        );
+        drop(l);
+        std::fs::write(
+            dir.path().join(LEDGER_FILE),
+            "{\"ledger\":1,\"complete_since\":0}\ngarbage\n",
+        )
+        .unwrap();
+        let (l, loaded) = LedgerHandle::open(dir.path(), false, now, skew).unwrap();
+        assert!(
+            matches!(loaded, Loaded::Incomplete(ref w) if w.contains("unreadable")),
+            "{loaded:?}"
+        );
+        assert!(l.is_empty());
+        std::fs::remove_file(dir.path().join(LEDGER_FILE)).unwrap();
+        let (_, loaded) = LedgerHandle::open(dir.path(), false, now, skew).unwrap();
+        assert_eq!(loaded, Loaded::Incomplete("missing".into()));
     }
 }

@@ -30,9 +30,7 @@ use crate::clock::rfc3339;
 use crate::ledger::LedgerSummary;
 use crate::pki::{self, CaCert, CertId, SecretKey};
 use crate::policy::Policy;
-use crate::state::{
-    AnchorStatus, AuthorityState, Issuer, IssuerStatus, Phase, StateError, human,
-};
+use crate::state::{AnchorStatus, AuthorityState, Issuer, IssuerStatus, Phase, StateError, human};
 
 /// A phase change an operator (or the opt-in automation) asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -103,18 +101,11 @@ impl Gate {
             .unwrap_or_default();
         match (self.open, self.opened_by) {
             (true, Some(OpenedBy::Always)) => format!("open: {}", self.condition),
-            (true, Some(OpenedBy::Measured)) => format!(
-                "open (measured): {} — {}",
-                self.condition, self.measured
-            ),
-            (true, _) => format!(
-                "open (time): {} — {}{when}",
-                self.condition, self.measured
-            ),
-            (false, _) => format!(
-                "closed: {} — {}{when}",
-                self.condition, self.measured
-            ),
+            (true, Some(OpenedBy::Measured)) => {
+                format!("open (measured): {} — {}", self.condition, self.measured)
+            }
+            (true, _) => format!("open (time): {} — {}{when}", self.condition, self.measured),
+            (false, _) => format!("closed: {} — {}{when}", self.condition, self.measured),
         }
     }
 }
@@ -284,7 +275,9 @@ pub fn gate(
                     step,
                     open: true,
                     opened_by: Some(OpenedBy::Always),
-                    condition: format!("the new anchor {anchor} never signed, so no leaf chains to it"),
+                    condition: format!(
+                        "the new anchor {anchor} never signed, so no leaf chains to it"
+                    ),
                     measured: String::new(),
                     opens_at: None,
                     risk: String::new(),
@@ -348,7 +341,7 @@ pub enum NewAnchor {
     /// Make a new P-256 anchor with the policy's anchor TTL.
     Generate,
     /// Use this certificate (and key, when held here).
-    Import(CaCert, Option<SecretKey>),
+    Import(Box<CaCert>, Option<SecretKey>),
 }
 
 impl AuthorityState {
@@ -377,6 +370,7 @@ impl AuthorityState {
                 (cert, Some(key))
             }
             NewAnchor::Import(cert, key) => {
+                let cert = *cert;
                 if let Some(k) = &key
                     && !cert.matches_key(k)
                 {
@@ -386,7 +380,8 @@ impl AuthorityState {
                 }
                 if !cert.info.self_signed {
                     return Err(StateError(
-                        "the anchor certificate is not self-signed (a trust anchor is a root)".into(),
+                        "the anchor certificate is not self-signed (a trust anchor is a root)"
+                            .into(),
                     ));
                 }
                 if !cert.info.is_ca || !cert.info.key_cert_sign {
@@ -540,7 +535,9 @@ impl AuthorityState {
                 };
                 s.record(
                     now,
-                    format!("anchor_rolled_back_to_staged {new} issuer {issuer} signs under {previous}"),
+                    format!(
+                        "anchor_rolled_back_to_staged {new} issuer {issuer} signs under {previous}"
+                    ),
                 );
             }
             Phase::Staged { anchor, .. } => {
@@ -778,7 +775,10 @@ mod tests {
         s2.check().unwrap();
         assert_eq!(s2.active_issuer().unwrap().anchor, b);
         assert_eq!(s2.anchor(&a).unwrap().status, AnchorStatus::Retiring);
-        assert_eq!(s2.bundle_version, 2, "activation does not change the bundle");
+        assert_eq!(
+            s2.bundle_version, 2,
+            "activation does not change the bundle"
+        );
         let end = later + p.leaf_ttl_max + p.clock_skew;
         let s3 = s2.finish_anchor(&p, None, end, false).unwrap();
         s3.check().unwrap();
@@ -788,7 +788,10 @@ mod tests {
             s3.bundle().map(|x| x.cert.id().clone()).collect::<Vec<_>>(),
             vec![b.clone()]
         );
-        assert!(s3.anchor(&a).unwrap().key.is_some(), "the old anchor is archived, key kept");
+        assert!(
+            s3.anchor(&a).unwrap().key.is_some(),
+            "the old anchor is archived, key kept"
+        );
     }
 
     #[test]
@@ -812,7 +815,10 @@ mod tests {
         assert!(!gate(&s2, &p, None, fin - SEC, Step::Finish).unwrap().open);
         assert!(gate(&s2, &p, None, fin, Step::Finish).unwrap().open);
         let e = s2.finish_anchor(&p, None, fin - SEC, false).unwrap_err();
-        assert!(e.0.contains("gate closed") && e.0.contains("--force"), "{e}");
+        assert!(
+            e.0.contains("gate closed") && e.0.contains("--force"),
+            "{e}"
+        );
         // Forced: taken, and the history says so.
         let forced = s2.finish_anchor(&p, None, fin - SEC, true).unwrap();
         assert!(forced.history.last().unwrap().what.contains("FORCED"));
@@ -822,7 +828,11 @@ mod tests {
         back.check().unwrap();
         assert_eq!(back.phase.name(), "staged");
         let until = open_at + SEC + p.leaf_ttl_max + p.clock_skew;
-        assert!(!gate(&back, &p, None, until - SEC, Step::Rollback).unwrap().open);
+        assert!(
+            !gate(&back, &p, None, until - SEC, Step::Rollback)
+                .unwrap()
+                .open
+        );
         assert!(gate(&back, &p, None, until, Step::Rollback).unwrap().open);
         let steady = back.rollback_anchor(&p, None, until, false).unwrap();
         steady.check().unwrap();
@@ -841,7 +851,11 @@ mod tests {
         let g = gate(&s1, &p, Some(&l), now, Step::Activate).unwrap();
         assert!(!g.open);
         assert_eq!(g.at_risk, Some(1));
-        assert!(g.measured.contains("4 of 5 live workloads (80.0 %)"), "{}", g.measured);
+        assert!(
+            g.measured.contains("4 of 5 live workloads (80.0 %)"),
+            "{}",
+            g.measured
+        );
         let l = ledger(now, &[(&a, 5)], 5, 5, 2);
         let g = gate(&s1, &p, Some(&l), now, Step::Activate).unwrap();
         assert_eq!((g.open, g.opened_by), (true, Some(OpenedBy::Measured)));
@@ -855,7 +869,11 @@ mod tests {
         let mut young = none.clone();
         young.trustworthy_at = now + SEC;
         let g = gate(&s2, &p, Some(&young), now, Step::Finish).unwrap();
-        assert!(!g.open && g.measured.contains("complete only since"), "{}", g.measured);
+        assert!(
+            !g.open && g.measured.contains("complete only since"),
+            "{}",
+            g.measured
+        );
         assert_eq!(g.at_risk, None, "the risk is unknown, not zero");
     }
 
@@ -873,13 +891,17 @@ mod tests {
         // Import: the issuer, not a root.
         let i = s.active_issuer().unwrap();
         let e = s
-            .stage_anchor(&p, now, NewAnchor::Import(i.cert.clone(), None))
+            .stage_anchor(&p, now, NewAnchor::Import(Box::new(i.cert.clone()), None))
             .unwrap_err();
         assert!(e.0.contains("not self-signed"), "{e}");
         // The same anchor again.
         let a = s.active_anchor().unwrap();
         let e = s
-            .stage_anchor(&p, now, NewAnchor::Import(a.cert.clone(), a.key.clone()))
+            .stage_anchor(
+                &p,
+                now,
+                NewAnchor::Import(Box::new(a.cert.clone()), a.key.clone()),
+            )
             .unwrap_err();
         assert!(e.0.contains("already known"), "{e}");
         // A key for another certificate.
@@ -889,13 +911,16 @@ mod tests {
             .stage_anchor(
                 &p,
                 now,
-                NewAnchor::Import(oa.cert.clone(), Some(SecretKey::generate_p256().unwrap())),
+                NewAnchor::Import(
+                    Box::new(oa.cert.clone()),
+                    Some(SecretKey::generate_p256().unwrap()),
+                ),
             )
             .unwrap_err();
         assert!(e.0.contains("does not match"), "{e}");
         // Upstream B (no key): staged, but activation needs an imported issuer under it.
         let up = s
-            .stage_anchor(&p, now, NewAnchor::Import(oa.cert.clone(), None))
+            .stage_anchor(&p, now, NewAnchor::Import(Box::new(oa.cert.clone()), None))
             .unwrap();
         let later = now + p.leaf_ttl_max + p.propagation_allowance;
         let e = up.activate_anchor(&p, None, later, false).unwrap_err();
@@ -921,7 +946,10 @@ mod tests {
         let open = at + p.leaf_ttl_max + p.propagation_allowance;
         let plan = plan_anchor(&s1, &p, &auto, None, open - SEC);
         assert_eq!((plan.step, plan.wake_at), (None, Some(open)));
-        assert_eq!(plan_anchor(&s1, &p, &auto, None, open).step, Some(Step::Activate));
+        assert_eq!(
+            plan_anchor(&s1, &p, &auto, None, open).step,
+            Some(Step::Activate)
+        );
         let only_stage = Automation {
             auto_advance: false,
             ..auto

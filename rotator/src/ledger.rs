@@ -58,10 +58,30 @@ pub struct LeafRecord {
     pub bundle_version: u64,
 }
 
-impl LeafRecord {
-    fn key(&self) -> (String, String) {
-        (self.spiffe_id.clone(), self.instance.clone())
-    }
+/// An instance's key: 128 bits of SHA-256 over (SPIFFE ID, instance), so the map holds each
+/// string once.
+type Key = u128;
+
+fn key(spiffe_id: &str, instance: &str) -> Key {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(spiffe_id.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(instance.as_bytes());
+    let d = ctx.finish();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d.as_ref()[..16]);
+    u128::from_le_bytes(b)
+}
+
+/// A record as held in memory: boxed strings, the anchor as an index into the ledger's anchors.
+#[derive(Debug, Clone)]
+struct Entry {
+    serial: Box<str>,
+    spiffe_id: Box<str>,
+    instance: Box<str>,
+    anchor: u16,
+    not_after: i64,
+    bundle_version: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -77,9 +97,11 @@ struct Watch {
 pub struct Ledger {
     complete_since: OffsetDateTime,
     /// Newest leaf per instance.
-    leaves: HashMap<(String, String), LeafRecord>,
+    leaves: HashMap<Key, Entry>,
     /// Authenticated bundle watchers per instance.
-    watches: HashMap<(String, String), Watch>,
+    watches: HashMap<Key, Watch>,
+    /// The anchors leaves chain to (entries hold an index).
+    anchors: Vec<CertId>,
 }
 
 /// What the gates need from the ledger at one instant.
@@ -119,6 +141,26 @@ impl Ledger {
             complete_since,
             leaves: HashMap::new(),
             watches: HashMap::new(),
+            anchors: Vec::new(),
+        }
+    }
+
+    fn anchor_index(&mut self, a: &CertId) -> u16 {
+        if let Some(i) = self.anchors.iter().position(|x| x == a) {
+            return u16::try_from(i).unwrap_or(u16::MAX);
+        }
+        self.anchors.push(a.clone());
+        u16::try_from(self.anchors.len() - 1).unwrap_or(u16::MAX)
+    }
+
+    fn to_record(&self, e: &Entry) -> LeafRecord {
+        LeafRecord {
+            serial: e.serial.to_string(),
+            spiffe_id: e.spiffe_id.to_string(),
+            instance: e.instance.to_string(),
+            anchor: self.anchors[usize::from(e.anchor)].clone(),
+            not_after: e.not_after,
+            bundle_version: e.bundle_version,
         }
     }
 
@@ -141,17 +183,27 @@ impl Ledger {
     /// Records a leaf. It supersedes an older leaf of the same instance; an older record never
     /// replaces a newer one (records may be replayed out of order).
     pub fn record(&mut self, r: LeafRecord) {
-        match self.leaves.get_mut(&r.key()) {
-            Some(old) if old.not_after > r.not_after => {
-                old.bundle_version = old.bundle_version.max(r.bundle_version);
+        let k = key(&r.spiffe_id, &r.instance);
+        let anchor = self.anchor_index(&r.anchor);
+        let e = Entry {
+            serial: r.serial.into_boxed_str(),
+            spiffe_id: r.spiffe_id.into_boxed_str(),
+            instance: r.instance.into_boxed_str(),
+            anchor,
+            not_after: r.not_after,
+            bundle_version: r.bundle_version,
+        };
+        match self.leaves.get_mut(&k) {
+            Some(old) if old.not_after > e.not_after => {
+                old.bundle_version = old.bundle_version.max(e.bundle_version);
             }
             Some(old) => {
-                let v = old.bundle_version.max(r.bundle_version);
-                *old = r;
+                let v = old.bundle_version.max(e.bundle_version);
+                *old = e;
                 old.bundle_version = v;
             }
             None => {
-                self.leaves.insert(r.key(), r);
+                self.leaves.insert(k, e);
             }
         }
     }
@@ -159,30 +211,25 @@ impl Ledger {
     /// An authenticated bundle stream for an instance opened.
     pub fn watch_opened(&mut self, spiffe_id: &str, instance: &str) {
         self.watches
-            .entry((spiffe_id.to_owned(), instance.to_owned()))
+            .entry(key(spiffe_id, instance))
             .or_default()
             .open += 1;
     }
 
     /// Bundle `version` was sent on an instance's stream.
     pub fn watch_sent(&mut self, spiffe_id: &str, instance: &str, version: u64) {
-        if let Some(w) = self
-            .watches
-            .get_mut(&(spiffe_id.to_owned(), instance.to_owned()))
-        {
+        let k = key(spiffe_id, instance);
+        if let Some(w) = self.watches.get_mut(&k) {
             w.version = w.version.max(version);
         }
-        if let Some(l) = self
-            .leaves
-            .get_mut(&(spiffe_id.to_owned(), instance.to_owned()))
-        {
+        if let Some(l) = self.leaves.get_mut(&k) {
             l.bundle_version = l.bundle_version.max(version);
         }
     }
 
     /// An instance's stream closed.
     pub fn watch_closed(&mut self, spiffe_id: &str, instance: &str) {
-        let k = (spiffe_id.to_owned(), instance.to_owned());
+        let k = key(spiffe_id, instance);
         if let Some(w) = self.watches.get_mut(&k) {
             w.open = w.open.saturating_sub(1);
             if w.open == 0 {
@@ -201,8 +248,8 @@ impl Ledger {
     }
 
     /// The newest leaf of every instance (live or not yet compacted).
-    pub fn records(&self) -> impl Iterator<Item = &LeafRecord> {
-        self.leaves.values()
+    pub fn records(&self) -> impl Iterator<Item = LeafRecord> + '_ {
+        self.leaves.values().map(|e| self.to_record(e))
     }
 
     /// How many instances have a record.
@@ -229,7 +276,9 @@ impl Ledger {
         for (k, r) in &self.leaves {
             let leaf_live = r.not_after > cut;
             if leaf_live {
-                *live_leaves.entry(r.anchor.clone()).or_insert(0) += 1;
+                *live_leaves
+                    .entry(self.anchors[usize::from(r.anchor)].clone())
+                    .or_insert(0) += 1;
             }
             let watch = self.watches.get(k);
             if leaf_live || watch.is_some() {

@@ -518,7 +518,10 @@ impl AuthorityState {
         }
         let status_of = |id: &CertId| self.anchor(id).map(|a| a.status);
         let in_bundle = |st: AnchorStatus| self.anchors.iter().filter(|a| a.status == st).count();
-        let (staged, retiring) = (in_bundle(AnchorStatus::Staged), in_bundle(AnchorStatus::Retiring));
+        let (staged, retiring) = (
+            in_bundle(AnchorStatus::Staged),
+            in_bundle(AnchorStatus::Retiring),
+        );
         match &self.phase {
             Phase::Steady => {
                 if staged + retiring != 0 {

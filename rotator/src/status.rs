@@ -214,9 +214,12 @@ pub fn render(v: &Value) -> String {
             let _ = writeln!(
                 o,
                 "  bundle convergence: {} of {} live workloads ({:.1} %) hold bundle v{} or newer",
-                l.get("workloads_with_current_bundle").unwrap_or(&Value::Null),
+                l.get("workloads_with_current_bundle")
+                    .unwrap_or(&Value::Null),
                 l.get("live_workloads").unwrap_or(&Value::Null),
-                l.get("convergence_percent").and_then(Value::as_f64).unwrap_or(0.0),
+                l.get("convergence_percent")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0),
                 l.get("current_bundle_version").unwrap_or(&Value::Null),
             );
             let by: Vec<String> = l
@@ -229,17 +232,27 @@ pub fn render(v: &Value) -> String {
             let _ = writeln!(
                 o,
                 "  live leaves by anchor: {}",
-                if by.is_empty() { "none".into() } else { by.join(", ") }
+                if by.is_empty() {
+                    "none".into()
+                } else {
+                    by.join(", ")
+                }
             );
         }
         None => {
-            let _ = writeln!(o, "  no ledger (no running server): gates are time-based only");
+            let _ = writeln!(
+                o,
+                "  no ledger (no running server): gates are time-based only"
+            );
         }
     }
     for g in r["gates"].as_array().into_iter().flatten() {
         let left = match g["opens_in_seconds"].as_i64() {
             Some(s) if s > 0 && g["open"] != true => {
-                format!(" (in {})", human(std::time::Duration::from_secs(s.unsigned_abs())))
+                format!(
+                    " (in {})",
+                    human(std::time::Duration::from_secs(s.unsigned_abs()))
+                )
             }
             _ => String::new(),
         };

@@ -34,7 +34,11 @@ fn main() {
         println!(
             "{} N={workloads} sampled={sampled}: wall {:.1} s, peak RSS {} MB, leaves {}, ledger peak {} records, \
              {} h simulated, verifications {} failed {}, steps {:?}",
-            if rollback { "rollback x2" } else { "full rotation" },
+            if rollback {
+                "rollback x2"
+            } else {
+                "full rotation"
+            },
             start.elapsed().as_secs_f64(),
             rss_peak_kb() / 1024,
             r.leaves,

@@ -122,8 +122,14 @@ fn unix(t: OffsetDateTime) -> UnixTime {
 ///
 /// # Panics
 /// On a bug in the simulation itself (a transition the state machine refuses unexpectedly).
-#[allow(clippy::too_many_lines, reason = "one simulation loop, read top to bottom")]
-#[allow(clippy::expect_used, reason = "a simulation: a refused step is a bug to report")]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one simulation loop, read top to bottom"
+)]
+#[allow(
+    clippy::expect_used,
+    reason = "a simulation: a refused step is a bug to report"
+)]
 pub fn simulate(p: &Params) -> Report {
     let policy = Policy::default();
     let step = time::Duration::minutes(10);
@@ -178,9 +184,9 @@ pub fn simulate(p: &Params) -> Report {
             s = match st {
                 IssuerStep::Prepare { anchor } => s.prepare_issuer(&policy, now, &anchor),
                 IssuerStep::Activate(id) => s.activate_issuer(now, &id),
-                IssuerStep::Prune => s.prune_expired_issuers(now).ok_or_else(|| {
-                    rotator::state::StateError("nothing to prune".into())
-                }),
+                IssuerStep::Prune => s
+                    .prune_expired_issuers(now)
+                    .ok_or_else(|| rotator::state::StateError("nothing to prune".into())),
             }
             .expect("issuer step");
         }
@@ -188,7 +194,10 @@ pub fn simulate(p: &Params) -> Report {
         let bundle_ids = ids(&s);
         let bundle_ders = ders(&s);
         let issuer = s.active_issuer().expect("active issuer").clone();
-        let signer = issuer.cert.rcgen_issuer(issuer.key.clone()).expect("signer");
+        let signer = issuer
+            .cert
+            .rcgen_issuer(issuer.key.clone())
+            .expect("signer");
         for (i, w) in ws.iter_mut().enumerate() {
             if w.offline.is_some_and(|(a, b)| now >= a && now < b) {
                 continue;
@@ -229,20 +238,31 @@ pub fn simulate(p: &Params) -> Report {
                 if let Some(r) = &mut w.real {
                     r.bundle.clone_from(&bundle_ders);
                 }
-                ledger.watch_opened(&format!("spiffe://cluster.local/ns/sim/sa/w{i}"), &format!("pod-{i}"));
+                ledger.watch_opened(
+                    &format!("spiffe://cluster.local/ns/sim/sa/w{i}"),
+                    &format!("pod-{i}"),
+                );
                 ledger.watch_sent(
                     &format!("spiffe://cluster.local/ns/sim/sa/w{i}"),
                     &format!("pod-{i}"),
                     s.bundle_version,
                 );
-                ledger.watch_closed(&format!("spiffe://cluster.local/ns/sim/sa/w{i}"), &format!("pod-{i}"));
+                ledger.watch_closed(
+                    &format!("spiffe://cluster.local/ns/sim/sa/w{i}"),
+                    &format!("pod-{i}"),
+                );
             }
         }
         ledger.compact(now, policy.clock_skew);
         report.ledger_peak = report.ledger_peak.max(ledger.len());
 
         // The operator, as the opt-in automation would: take each step when its gate opens.
-        let l = ledger.summary(now, policy.leaf_ttl_max, policy.clock_skew, s.bundle_version);
+        let l = ledger.summary(
+            now,
+            policy.leaf_ttl_max,
+            policy.clock_skew,
+            s.bundle_version,
+        );
         let hour = (now - t0).whole_hours();
         let mut take = |s: &mut AuthorityState, st: Step| {
             let g = gate(s, &policy, Some(&l), now, st).expect("step applies");
@@ -251,13 +271,9 @@ pub fn simulate(p: &Params) -> Report {
             }
             *s = match st {
                 Step::Stage => s.stage_anchor(&policy, now, NewAnchor::Generate),
-                Step::Activate => {
-                    s.activate_anchor(&policy, Some(&l), now, p.gates_forced_open)
-                }
+                Step::Activate => s.activate_anchor(&policy, Some(&l), now, p.gates_forced_open),
                 Step::Finish => s.finish_anchor(&policy, Some(&l), now, p.gates_forced_open),
-                Step::Rollback => {
-                    s.rollback_anchor(&policy, Some(&l), now, p.gates_forced_open)
-                }
+                Step::Rollback => s.rollback_anchor(&policy, Some(&l), now, p.gates_forced_open),
             }
             .expect("gated step");
             report.steps.push(format!(

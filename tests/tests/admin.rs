@@ -35,7 +35,14 @@ fn admin_commands_without_a_server_fail_clearly() {
         &["anchors", "activate", "--state-dir", &d],
         &["anchors", "finish", "--state-dir", &d, "--force"],
         &["anchors", "rollback", "--state-dir", &d],
-        &["anchors", "wait", "--state-dir", &d, "--until", "finish-ready"],
+        &[
+            "anchors",
+            "wait",
+            "--state-dir",
+            &d,
+            "--until",
+            "finish-ready",
+        ],
     ];
     // 1. A state dir no server ever ran in: no socket.
     std::fs::create_dir_all(&dir).unwrap();

@@ -134,10 +134,17 @@ fn crash_and_recover(case: &Case, point: &str) {
         if let Some(s) = faulty.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "{point}: the server did not crash");
+        assert!(
+            Instant::now() < deadline,
+            "{point}: the server did not crash"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(status.signal(), Some(6), "{point}: expected SIGABRT, got {status:?}");
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "{point}: expected SIGABRT, got {status:?}"
+    );
 
     let server = ServerProcess::spawn(&dir, &[], &[])
         .unwrap_or_else(|r| panic!("{point}: no restart: {}", r.stderr));
@@ -153,19 +160,33 @@ fn crash_and_recover(case: &Case, point: &str) {
     // No anchor key lost or changed; staging may add one.
     let keys_after = anchor_keys(&dir);
     for k in &keys_before {
-        assert!(keys_after.contains(k), "{point}: anchor key {} lost or changed", k.0);
+        assert!(
+            keys_after.contains(k),
+            "{point}: anchor key {} lost or changed",
+            k.0
+        );
     }
     // bundle.pem is the state's bundle, and an anchor leaves it only with the step that removes it.
     let bundle_now = bundle_state(&after);
-    assert_eq!(bundle_file(&dir), bundle_now, "{point}: bundle.pem is not the state's bundle");
+    assert_eq!(
+        bundle_file(&dir),
+        bundle_now,
+        "{point}: bundle.pem is not the state's bundle"
+    );
     if phase == case.before {
-        assert_eq!(bundle_now, bundle_before, "{point}: the bundle changed without the step");
+        assert_eq!(
+            bundle_now, bundle_before,
+            "{point}: the bundle changed without the step"
+        );
         assert_eq!(after.bundle_version, before.bundle_version);
     }
     for a in &bundle_before {
         let removed = !bundle_now.contains(a);
         let allowed = phase == case.after && (case.after == "steady");
-        assert!(!removed || allowed, "{point}: anchor {a} left the bundle early");
+        assert!(
+            !removed || allowed,
+            "{point}: anchor {a} left the bundle early"
+        );
     }
 
     // It signs, and the leaf verifies against the bundle file.

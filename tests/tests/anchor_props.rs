@@ -97,7 +97,9 @@ impl Model {
         store.commit_sync(None, &s).unwrap();
         let csrs = (0..WORKLOADS)
             .map(|i| {
-                let id = format!("spiffe://cluster.local/ns/p/sa/w{i}").parse().unwrap();
+                let id = format!("spiffe://cluster.local/ns/p/sa/w{i}")
+                    .parse()
+                    .unwrap();
                 parse_csr(&make_csr(&id, &SecretKey::generate_p256().unwrap()).unwrap()).unwrap()
             })
             .collect();
@@ -152,13 +154,22 @@ impl Model {
         let i = self.s.active_issuer().unwrap();
         let window = self
             .p
-            .leaf_window(self.now, Some(ttl), i.cert.info.not_before, i.cert.info.not_after)
+            .leaf_window(
+                self.now,
+                Some(ttl),
+                i.cert.info.not_before,
+                i.cert.info.not_after,
+            )
             .unwrap();
         // Invariant 2, leaf side.
         assert!(window.not_after <= i.cert.info.not_after);
         assert!(window.not_before < window.not_after);
-        let leaf = sign_leaf(&self.csrs[w], &window, &i.cert.rcgen_issuer(i.key.clone()).unwrap())
-            .unwrap();
+        let leaf = sign_leaf(
+            &self.csrs[w],
+            &window,
+            &i.cert.rcgen_issuer(i.key.clone()).unwrap(),
+        )
+        .unwrap();
         self.ledger.record(LeafRecord {
             serial: leaf.serial.clone(),
             spiffe_id: self.csrs[w].id.to_string(),
@@ -176,7 +187,10 @@ impl Model {
     }
 
     fn live(&self) -> impl Iterator<Item = &Held> {
-        self.held.iter().flatten().filter(|h| h.not_after > self.now)
+        self.held
+            .iter()
+            .flatten()
+            .filter(|h| h.not_after > self.now)
     }
 
     /// Invariant 1 with real chain verification; invariants 2 and 3's structural part.
@@ -225,7 +239,9 @@ impl Model {
             }
             _ => self
                 .live()
-                .filter(|h| verify_svid(&h.chain, &server, at, webpki::KeyUsage::client_auth()).is_err())
+                .filter(|h| {
+                    verify_svid(&h.chain, &server, at, webpki::KeyUsage::client_auth()).is_err()
+                })
                 .count() as u64,
         };
         // The ledger also counts leaves within the clock-skew allowance after their notAfter.
@@ -289,7 +305,11 @@ impl Model {
                         }
                     }
                     Err(e) => {
-                        prop_assert!(!g.open && !force, "{} refused with an open gate: {e}", step.name());
+                        prop_assert!(
+                            !g.open && !force,
+                            "{} refused with an open gate: {e}",
+                            step.name()
+                        );
                         prop_assert_eq!(self.s.generation, before);
                     }
                 }

@@ -155,7 +155,9 @@ impl Fleet {
             tasks.push(tokio::spawn(async move {
                 let mut n: usize = h * 7919;
                 while !st.load(Ordering::Relaxed) {
-                    n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                    n = n
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
                     let a = (n >> 33) % WORKLOADS;
                     let b = (a + 1 + (n >> 13) % (WORKLOADS - 1)) % WORKLOADS;
                     let (server, client) = (ws[a].read().await.clone(), ws[b].read().await.clone());
@@ -217,7 +219,16 @@ async fn step(srv: &TestServer, args: &[&str]) -> String {
 async fn wait_gate(srv: &TestServer, until: &str) -> String {
     step(
         srv,
-        &["anchors", "wait", "--until", until, "--interval", "200ms", "--timeout", "90s"],
+        &[
+            "anchors",
+            "wait",
+            "--until",
+            until,
+            "--interval",
+            "200ms",
+            "--timeout",
+            "90s",
+        ],
     )
     .await
 }
@@ -282,7 +293,11 @@ async fn full_rotation_with_twenty_workloads_fails_no_handshake() {
     assert!(!old.contains(&new[0]), "the anchor changed");
     for w in &counters {
         let w = w.read().await;
-        assert_eq!(anchor_ids(&w.bundle), new, "every workload holds the new bundle");
+        assert_eq!(
+            anchor_ids(&w.bundle),
+            new,
+            "every workload holds the new bundle"
+        );
         rotator::client::verify_svid(
             &w.chain,
             &w.bundle,
@@ -291,7 +306,10 @@ async fn full_rotation_with_twenty_workloads_fails_no_handshake() {
         )
         .unwrap();
     }
-    assert!(attempted >= 200, "too few handshakes to mean anything: {attempted}");
+    assert!(
+        attempted >= 200,
+        "too few handshakes to mean anything: {attempted}"
+    );
     assert_eq!(failed, 0, "handshakes failed during a gated rotation");
     // WatchTrustBundle pushed every version to every watcher: v1 at start, v2 (stage), v3 (finish).
     assert_eq!(
@@ -327,7 +345,11 @@ async fn rollback_twice_with_twenty_workloads_fails_no_handshake() {
     let workloads = fleet.workloads.clone();
     let c = fleet.stop().await;
     let (attempted, failed) = report("rollback twice", &c);
-    assert_eq!(anchor_ids(&srv.bundle()), old, "back on the old anchor alone");
+    assert_eq!(
+        anchor_ids(&srv.bundle()),
+        old,
+        "back on the old anchor alone"
+    );
     for w in &workloads {
         assert_eq!(anchor_ids(&w.read().await.bundle), old);
     }

@@ -67,7 +67,10 @@ async fn spiffe_bundle_json_follows_the_rotation() {
     assert_eq!(keys.len(), 2);
     for (k, der) in keys.iter().zip(&bundle) {
         assert_eq!(k["use"], "x509-svid");
-        assert_eq!((k["kty"].as_str(), k["crv"].as_str()), (Some("EC"), Some("P-256")));
+        assert_eq!(
+            (k["kty"].as_str(), k["crv"].as_str()),
+            (Some("EC"), Some("P-256"))
+        );
         let x5c = STANDARD.decode(k["x5c"][0].as_str().unwrap()).unwrap();
         assert_eq!(&x5c, der.as_ref(), "x5c is the anchor");
         // x and y are the certificate's public point (checked against an independent parse).
@@ -146,7 +149,11 @@ fn issue(server: &ServerProcess, dir: &Path, name: &str) {
         .current_dir(dir.parent().unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -158,7 +165,10 @@ fn the_ledger_survives_a_clean_restart_and_falls_back_after_a_crash() {
         issue(&s, &dir, n);
     }
     let l = &status(&dir)["anchor_rotation"]["ledger"];
-    assert_eq!(l["trustworthy"], true, "a new authority's ledger is complete");
+    assert_eq!(
+        l["trustworthy"], true,
+        "a new authority's ledger is complete"
+    );
     assert_eq!(l["live_workloads"], 3);
 
     // Clean stop (SIGTERM): the ledger is closed and trusted on the next start.
@@ -180,7 +190,10 @@ fn the_ledger_survives_a_clean_restart_and_falls_back_after_a_crash() {
     let _s = ServerProcess::spawn(&dir, &[], &[]).unwrap();
     let doc = status(&dir);
     let l = &doc["anchor_rotation"]["ledger"];
-    assert_eq!(l["trustworthy"], false, "after a crash the ledger may miss a batch");
+    assert_eq!(
+        l["trustworthy"], false,
+        "after a crash the ledger may miss a batch"
+    );
     assert_eq!(l["live_workloads"], 4, "what was flushed still counts");
     let (code, _, _) = meshca(&["anchors", "stage"], &dir);
     assert_eq!(code, Some(0));
@@ -207,7 +220,9 @@ async fn automation_stages_and_advances_a_rotation_before_the_anchor_expires() {
         .await
         .unwrap();
     let authority = Arc::new(authority);
-    let first = authority.read(|s| s.active_anchor().unwrap().cert.clone()).await;
+    let first = authority
+        .read(|s| s.active_anchor().unwrap().cert.clone())
+        .await;
     let (_stop, stop_rx) = watch::channel(false);
     tokio::spawn(rotation::drive(
         authority.clone(),
@@ -242,6 +257,9 @@ async fn automation_stages_and_advances_a_rotation_before_the_anchor_expires() {
     assert_ne!(anchor.id(), first.id(), "a new anchor signs");
     assert!(anchor.info.not_after > first.info.not_after);
     for step in ["anchor_staged", "anchor_activated", "anchor_finished"] {
-        assert!(history.iter().any(|h| h.starts_with(step)), "{step}: {history:#?}");
+        assert!(
+            history.iter().any(|h| h.starts_with(step)),
+            "{step}: {history:#?}"
+        );
     }
 }

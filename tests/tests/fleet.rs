@@ -24,7 +24,11 @@ fn full_rotation_in_a_fleet_breaks_no_verification() {
     eprintln!("{r:#?}");
     assert_eq!(r.final_phase, "steady");
     assert_eq!(r.final_bundle, 1);
-    let names: Vec<&str> = r.steps.iter().map(|s| s.split_whitespace().nth(1).unwrap()).collect();
+    let names: Vec<&str> = r
+        .steps
+        .iter()
+        .map(|s| s.split_whitespace().nth(1).unwrap())
+        .collect();
     assert_eq!(names, ["stage", "activate", "finish"]);
     assert!(r.verifications > 10_000, "{}", r.verifications);
     assert_eq!(r.failed, 0, "{:?}", r.first_failure);
@@ -36,7 +40,11 @@ fn double_rollback_in_a_fleet_breaks_no_verification() {
     eprintln!("{r:#?}");
     assert_eq!(r.final_phase, "steady");
     assert_eq!(r.final_bundle, 1);
-    let names: Vec<&str> = r.steps.iter().map(|s| s.split_whitespace().nth(1).unwrap()).collect();
+    let names: Vec<&str> = r
+        .steps
+        .iter()
+        .map(|s| s.split_whitespace().nth(1).unwrap())
+        .collect();
     assert_eq!(names, ["stage", "activate", "rollback", "rollback"]);
     assert!(r.verifications > 10_000, "{}", r.verifications);
     assert_eq!(r.failed, 0, "{:?}", r.first_failure);
@@ -49,7 +57,11 @@ fn negative_control_with_gates_forced_open_verifications_fail() {
         ..params(false)
     });
     eprintln!("{r:#?}");
-    let names: Vec<&str> = r.steps.iter().map(|s| s.split_whitespace().nth(1).unwrap()).collect();
+    let names: Vec<&str> = r
+        .steps
+        .iter()
+        .map(|s| s.split_whitespace().nth(1).unwrap())
+        .collect();
     assert_eq!(names, ["stage", "activate", "finish"]);
     assert!(
         r.failed > 0,

@@ -58,8 +58,12 @@ pub struct StepArgs {
     force: bool,
 }
 
-/// Which gate `wait` waits for.
+/// Which gate `wait` waits for (named as typed: `activate-ready`, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[allow(
+    clippy::enum_variant_names,
+    reason = "the CLI values are activate-ready, finish-ready, rollback-ready"
+)]
 pub enum Until {
     /// `activate` may be taken.
     ActivateReady,

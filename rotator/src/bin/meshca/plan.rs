@@ -150,7 +150,11 @@ fn timeline(doc: &Value) -> Result<Timeline, Failed> {
             open: true,
         });
     }
-    for g in doc["anchor_rotation"]["gates"].as_array().into_iter().flatten() {
+    for g in doc["anchor_rotation"]["gates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let step = g["step"].as_str().unwrap_or("?");
         if g["opened_by"] == "always" {
             continue;
@@ -158,7 +162,10 @@ fn timeline(doc: &Value) -> Result<Timeline, Failed> {
         if g["open"] == true {
             marks.push(Mark {
                 at: now,
-                label: format!("{step}: open now ({})", g["opened_by"].as_str().unwrap_or("")),
+                label: format!(
+                    "{step}: open now ({})",
+                    g["opened_by"].as_str().unwrap_or("")
+                ),
                 open: true,
             });
         } else if let Some(at) = t(&g["opens_at"]) {
@@ -217,15 +224,20 @@ fn date(t: OffsetDateTime) -> String {
 
 fn text(tl: &Timeline) -> String {
     const W: usize = 60;
-    let lw = tl.rows.iter().map(|r| r.label.chars().count()).max().unwrap_or(20).max(36);
+    let lw = tl
+        .rows
+        .iter()
+        .map(|r| r.label.chars().count())
+        .max()
+        .unwrap_or(20)
+        .max(36);
     let mut o = String::new();
     let _ = writeln!(o, "{}", tl.title);
     let _ = writeln!(
         o,
-        "{:<lw$} |{}| {}",
+        "{:<lw$} |{}|",
         format!("{} … {}", date(tl.start), date(tl.end)),
         " ".repeat(W),
-        ""
     );
     let now_col = col(tl, tl.now, W);
     for r in &tl.rows {

@@ -1,0 +1,65 @@
+//! How big the issuance ledger gets: `cargo run --release -p meshca-server --example ledger_size
+//! -- [LEAVES]` (default 100,000) records that many live leaves (one per instance, realistic
+//! field sizes), flushes, and prints the file size and the process's resident memory growth.
+#![allow(clippy::unwrap_used, reason = "a benchmark binary")]
+
+use std::time::{Duration, Instant};
+
+use ca_server::ledger::LedgerHandle;
+use rotator::ledger::LeafRecord;
+use rotator::pki::CertId;
+use time::OffsetDateTime;
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(100_000, |a| a.parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let now = OffsetDateTime::now_utc();
+    let skew = Duration::from_secs(300);
+    let before = rss_kb();
+    let (l, _) = LedgerHandle::open(dir.path(), true, now, skew).unwrap();
+    let start = Instant::now();
+    for i in 0..n {
+        l.record(LeafRecord {
+            serial: format!("{:032x}", i * 7_919 + 1),
+            spiffe_id: format!("spiffe://cluster.local/ns/team-{}/sa/service-{i}", i % 50),
+            instance: format!("5f0c8e1a-3b7d-4c2e-9a1f-{i:012x}"),
+            anchor: CertId::of(b"anchor"),
+            not_after: (now + Duration::from_secs(86400)).unix_timestamp(),
+            bundle_version: 7,
+        });
+        // The server flushes every 500 ms; at 10,000 leaves/s that is batches of 5,000.
+        if i % 5_000 == 4_999 {
+            l.flush(now, skew).unwrap();
+        }
+    }
+    let record_time = start.elapsed();
+    let t = Instant::now();
+    l.flush(now, skew).unwrap();
+    let flush_time = t.elapsed();
+    let grown = rss_kb().saturating_sub(before);
+    let size = std::fs::metadata(l.path()).unwrap().len();
+    let t = Instant::now();
+    let s = l.summary(now, Duration::from_secs(48 * 3600), skew, 7);
+    let summary_time = t.elapsed();
+    println!(
+        "{n} live leaves: file {:.1} MB, memory +{:.1} MB , record {:.0} ns/leaf, \
+         flush {:.0} ms, gate summary {:.1} ms ({} live workloads)",
+        size as f64 / 1e6,
+        grown as f64 / 1024.0,
+        record_time.as_nanos() as f64 / n as f64,
+        flush_time.as_secs_f64() * 1e3,
+        summary_time.as_secs_f64() * 1e3,
+        s.live_workloads
+    );
+}
