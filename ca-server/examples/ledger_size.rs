@@ -35,6 +35,7 @@ fn main() {
             spiffe_id: format!("spiffe://cluster.local/ns/team-{}/sa/service-{i}", i % 50),
             instance: format!("5f0c8e1a-3b7d-4c2e-9a1f-{i:012x}"),
             anchor: CertId::of(b"anchor"),
+            issued: now.unix_timestamp(),
             not_after: (now + Duration::from_secs(86400)).unix_timestamp(),
             bundle_version: 7,
         });

@@ -154,6 +154,7 @@ impl Issuer {
             spiffe_id: issued.id.to_string(),
             instance,
             anchor: issued.anchor.clone(),
+            issued: self.authority.clock().now().unix_timestamp(),
             not_after: issued.not_after.unix_timestamp(),
             bundle_version: issued.bundle.version,
         });

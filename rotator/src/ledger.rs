@@ -50,6 +50,10 @@ pub struct LeafRecord {
     /// The anchor the leaf chains to.
     #[serde(rename = "a")]
     pub anchor: CertId,
+    /// When it was signed, Unix seconds: the newest leaf of an instance is the one signed last
+    /// (not the one living longest: a renewal may ask for a shorter TTL).
+    #[serde(rename = "t")]
+    pub issued: i64,
     /// notAfter, Unix seconds.
     #[serde(rename = "na")]
     pub not_after: i64,
@@ -80,6 +84,7 @@ struct Entry {
     spiffe_id: Box<str>,
     instance: Box<str>,
     anchor: u16,
+    issued: i64,
     not_after: i64,
     bundle_version: u64,
 }
@@ -159,6 +164,7 @@ impl Ledger {
             spiffe_id: e.spiffe_id.to_string(),
             instance: e.instance.to_string(),
             anchor: self.anchors[usize::from(e.anchor)].clone(),
+            issued: e.issued,
             not_after: e.not_after,
             bundle_version: e.bundle_version,
         }
@@ -180,8 +186,8 @@ impl Ledger {
         self.complete_since + leaf_ttl_max + clock_skew
     }
 
-    /// Records a leaf. It supersedes an older leaf of the same instance; an older record never
-    /// replaces a newer one (records may be replayed out of order).
+    /// Records a leaf. It supersedes the leaf signed before it for the same instance; an older
+    /// record never replaces a newer one (records may be replayed out of order).
     pub fn record(&mut self, r: LeafRecord) {
         let k = key(&r.spiffe_id, &r.instance);
         let anchor = self.anchor_index(&r.anchor);
@@ -190,11 +196,14 @@ impl Ledger {
             spiffe_id: r.spiffe_id.into_boxed_str(),
             instance: r.instance.into_boxed_str(),
             anchor,
+            issued: r.issued,
             not_after: r.not_after,
             bundle_version: r.bundle_version,
         };
         match self.leaves.get_mut(&k) {
-            Some(old) if old.not_after > e.not_after => {
+            // Records arrive (and are replayed from the log) in signing order; a record signed
+            // in an earlier second than the one held is stale.
+            Some(old) if old.issued > e.issued => {
                 old.bundle_version = old.bundle_version.max(e.bundle_version);
             }
             Some(old) => {
@@ -318,6 +327,7 @@ mod tests {
             spiffe_id: id.into(),
             instance: inst.into(),
             anchor: CertId::of(anchor.as_bytes()),
+            issued: v.cast_signed(),
             not_after: na,
             bundle_version: v,
         }
@@ -344,6 +354,16 @@ mod tests {
         assert_eq!(s.live_under(&CertId::of(b"A")), 2);
         assert_eq!(s.live_under(&CertId::of(b"B")), 1);
         assert_eq!((s.live_workloads, s.workloads_current), (3, 1));
+    }
+
+    #[test]
+    fn a_renewal_with_a_shorter_ttl_still_supersedes() {
+        let mut l = Ledger::new(at(0));
+        l.record(rec("w", "p1", "A", 72_000, 1));
+        l.record(rec("w", "p1", "B", 3_600, 2));
+        let s = l.summary(at(100), MAX, SKEW, 2);
+        assert_eq!(s.live_under(&CertId::of(b"A")), 0);
+        assert_eq!(s.live_under(&CertId::of(b"B")), 1);
     }
 
     #[test]

@@ -229,6 +229,7 @@ pub fn simulate(p: &Params) -> Report {
                     spiffe_id: format!("spiffe://cluster.local/ns/sim/sa/w{i}"),
                     instance: format!("pod-{i}"),
                     anchor: issuer.anchor.clone(),
+                    issued: now.unix_timestamp(),
                     not_after: window.not_after.unix_timestamp(),
                     bundle_version: s.bundle_version,
                 });

@@ -175,6 +175,7 @@ impl Model {
             spiffe_id: self.csrs[w].id.to_string(),
             instance: format!("w{w}"),
             anchor: i.anchor.clone(),
+            issued: self.now.unix_timestamp(),
             not_after: window.not_after.unix_timestamp(),
             bundle_version: self.s.bundle_version,
         });
@@ -348,7 +349,7 @@ impl Model {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn invariants_hold_through_random_rotations(ops in prop::collection::vec(op(), 1..40)) {

@@ -184,8 +184,12 @@ fn the_ledger_survives_a_clean_restart_and_falls_back_after_a_crash() {
     assert_eq!(l["trustworthy"], true);
     assert_eq!(l["live_workloads"], 3, "records survived the restart");
     issue(&s, &dir, "d");
-    // Let a flush happen, then crash: the records are on disk but the ledger was not closed.
-    std::thread::sleep(Duration::from_millis(1200));
+    // Once the batch with "d" is on disk, crash: the ledger was not closed.
+    meshca_tests::eventually_blocking(|| {
+        let text = std::fs::read_to_string(dir.join("ledger.log")).ok()?;
+        text.contains("/sa/d\"").then_some(())
+    })
+    .expect("the ledger is flushed within its interval");
     s.kill();
     let _s = ServerProcess::spawn(&dir, &[], &[]).unwrap();
     let doc = status(&dir);

@@ -176,8 +176,8 @@ fn timeline(doc: &Value) -> Result<Timeline, Failed> {
             });
         }
     }
-    // The window: from a leaf TTL before the phase began (or now) to a leaf TTL after the last
-    // mark, at least a week either side of today for context.
+    // The window: from a leaf TTL before the first mark (or now) to a leaf TTL after the last
+    // mark, so the gates and the leaf window are what the picture is about.
     let first = marks.iter().map(|m| m.at).min().unwrap_or(now).min(now);
     let last = marks
         .iter()
@@ -185,8 +185,8 @@ fn timeline(doc: &Value) -> Result<Timeline, Failed> {
         .max()
         .unwrap_or(now)
         .max(now + leaf_max);
-    let start = first - leaf_max.max(time::Duration::days(2));
-    let end = last + leaf_max.max(time::Duration::days(7));
+    let margin = leaf_max.max(time::Duration::minutes(1));
+    let (start, end) = (first - margin, last + margin);
     let title = format!(
         "meshca {} — phase {phase}, bundle v{} — {}",
         doc["trust_domain"].as_str().unwrap_or(""),
@@ -341,6 +341,20 @@ fn svg(tl: &Timeline) -> String {
         }
     }
     let bottom = 56.0 + rows_h;
+    // Day ticks (midnight UTC) when the window spans a month or less.
+    if tl.end - tl.start <= time::Duration::days(31) {
+        let mut d = tl.start.replace_time(time::Time::MIDNIGHT) + time::Duration::days(1);
+        while d < tl.end {
+            let dx = x(d);
+            let _ = writeln!(
+                o,
+                r##"<line x1="{dx:.1}" y1="50" x2="{dx:.1}" y2="{bottom}" stroke="#e0e0e0"/><text x="{dx:.1}" y="{}" fill="#999" font-size="10" text-anchor="middle">{}</text>"##,
+                bottom + 26.0,
+                &rotator::clock::rfc3339(d)[5..10]
+            );
+            d += time::Duration::days(1);
+        }
+    }
     let nx = x(tl.now);
     let _ = writeln!(
         o,
@@ -354,10 +368,15 @@ fn svg(tl: &Timeline) -> String {
         let color = if m.open { "#2e7d32" } else { "#000000" };
         #[allow(clippy::cast_precision_loss, reason = "a handful of marks")]
         let ty = bottom + 34.0 + i as f64 * 18.0;
+        // Labels right of their line, or left of it in the right half of the picture.
+        let (tx, anchor) = if mx > left + width * 0.55 {
+            (mx - 3.0, "end")
+        } else {
+            (mx + 3.0, "start")
+        };
         let _ = writeln!(
             o,
-            r#"<line x1="{mx:.1}" y1="48" x2="{mx:.1}" y2="{ty}" stroke="{color}" stroke-dasharray="4 3"/><text x="{:.1}" y="{ty}" fill="{color}">{} — {}</text>"#,
-            mx + 3.0,
+            r#"<line x1="{mx:.1}" y1="48" x2="{mx:.1}" y2="{ty}" stroke="{color}" stroke-dasharray="4 3"/><text x="{tx:.1}" y="{ty}" fill="{color}" text-anchor="{anchor}">{} — {}</text>"#,
             date(m.at),
             esc(&m.label)
         );
