@@ -267,3 +267,46 @@ async fn automation_stages_and_advances_a_rotation_before_the_anchor_expires() {
         );
     }
 }
+
+#[test]
+fn plan_draws_the_gates_as_text_svg_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let s = ServerProcess::spawn(&dir, &[], &[]).unwrap();
+    // One live workload holding the old bundle keeps the measured activate gate closed.
+    issue(&s, &dir, "web");
+    let (code, _, err) = meshca(&["anchors", "stage"], &dir);
+    assert_eq!(code, Some(0), "{err}");
+    let svg = tmp.path().join("plan.svg");
+    let (code, text, err) = meshca(&["plan", "--svg", svg.to_str().unwrap()], &dir);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(text.contains("phase staged"), "{text}");
+    assert!(
+        text.contains("activate gate opens (time fallback)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(staged)") && text.contains("(prepared, under"),
+        "{text}"
+    );
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg") && picture.trim_end().ends_with("</svg>"));
+    assert!(picture.contains("activate gate opens") && picture.contains(">now<"));
+    // The time fallback with the defaults: 48 h + 1 h after staging.
+    let (code, json, _) = meshca(&["plan", "--output", "json"], &dir);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let t = |s: &str| {
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    let marks = v["marks"].as_array().unwrap();
+    let since = marks.iter().find(|m| m["label"] == "staged since").unwrap();
+    let opens = marks
+        .iter()
+        .find(|m| m["label"] == "activate gate opens (time fallback)")
+        .unwrap();
+    assert_eq!(
+        t(opens["at"].as_str().unwrap()) - t(since["at"].as_str().unwrap()),
+        time::Duration::hours(49)
+    );
+}

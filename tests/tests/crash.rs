@@ -156,6 +156,7 @@ fn crash_and_recover(point: &str, want_active: Active, want_prepared: bool) {
 }
 
 // `meshca issuer rotate` commits twice: 1 = the new issuer prepared, 2 = it activated.
+// Atomic writes are counted from the restarted server's start, whose first is its ledger file.
 
 #[test]
 fn crash_after_new_files_before_the_state_file() {
@@ -164,13 +165,13 @@ fn crash_after_new_files_before_the_state_file() {
 
 #[test]
 fn crash_with_the_first_new_file_not_yet_renamed() {
-    crash_and_recover("write:before-rename@1", Active::Old, false);
+    crash_and_recover("write:before-rename@2", Active::Old, false);
 }
 
 #[test]
 fn crash_with_the_state_file_written_but_not_renamed() {
-    // Writes of the prepare commit: issuer .crt, issuer .key, state.json.
-    crash_and_recover("write:before-rename@3", Active::Old, false);
+    // Writes: ledger.log at start, then the prepare commit's issuer .crt, issuer .key, state.json.
+    crash_and_recover("write:before-rename@4", Active::Old, false);
 }
 
 #[test]
