@@ -75,10 +75,17 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    let snap = s.issuer.authority().snapshot();
+    let authority = s.issuer.authority();
+    let snap = authority.snapshot();
     s.metrics
         .bundle_version
         .set(i64::try_from(snap.bundle.version).unwrap_or(i64::MAX));
+    // From the committed state at scrape time: never stale after a rotation.
+    let summary = authority.ledger_summary().await;
+    let (policy, now) = (authority.policy().clone(), authority.clock().now());
+    authority
+        .read(|st| s.metrics.authority.observe(st, &summary, &policy, now))
+        .await;
     (
         [(
             header::CONTENT_TYPE,

@@ -31,6 +31,257 @@ struct VersionLabels {
     version: &'static str,
 }
 
+/// One CA certificate the authority holds.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// `anchor` or `issuer`.
+    pub role: &'static str,
+    /// Its status: anchors `active`, `staged`, `retiring`; issuers `active`, `prepared`, `retired`.
+    pub state: String,
+    /// Serial, hex.
+    pub serial: String,
+    /// meshca's id (first 8 bytes of the SHA-256 of the DER, hex).
+    pub id: String,
+}
+
+/// `anchor` or `issuer`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    /// The role.
+    pub role: &'static str,
+}
+
+/// A rotation phase.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// `steady`, `staged`, `activated`.
+    pub phase: &'static str,
+}
+
+/// A phase step.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// `activate`, `finish`, `rollback`.
+    pub step: &'static str,
+}
+
+/// An anchor.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnchorLabels {
+    /// Its id.
+    pub anchor: String,
+}
+
+/// What the authority looks like, set from the committed state at every scrape (so it can never
+/// be stale after a rotation).
+#[derive(Debug, Default)]
+pub struct AuthorityMetrics {
+    /// `meshca_certificate_expiration_timestamp_seconds{role,state,serial,id}`.
+    pub expiration: Family<CertLabels, Gauge>,
+    /// `meshca_certificate_not_before_timestamp_seconds{role,state,serial,id}`.
+    pub not_before: Family<CertLabels, Gauge>,
+    /// `meshca_rotation_deadline_timestamp_seconds{role}`.
+    pub deadline: Family<RoleLabels, Gauge>,
+    /// `meshca_anchor_rotation_phase{phase}`: 1 for the current phase, 0 for the others.
+    pub phase: Family<PhaseLabels, Gauge>,
+    /// `meshca_anchor_phase_since_timestamp_seconds` (absent in steady).
+    pub phase_since: Family<PhaseLabels, Gauge>,
+    /// `meshca_anchor_gate_open{step}` for the steps of the current phase.
+    pub gate_open: Family<StepLabels, Gauge>,
+    /// `meshca_anchor_gate_fallback_timestamp_seconds{step}`: when the time fallback opens it.
+    pub gate_fallback: Family<StepLabels, Gauge>,
+    /// `meshca_bundle_convergence_ratio`.
+    pub convergence: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `meshca_live_leaves{anchor}`.
+    pub live_leaves: Family<AnchorLabels, Gauge>,
+    /// `meshca_live_workloads`.
+    pub live_workloads: Gauge,
+    /// `meshca_ledger_trustworthy`: 1 when measured gates may be used.
+    pub ledger_trustworthy: Gauge,
+    /// `meshca_policy_leaf_ttl_max_seconds`.
+    pub leaf_ttl_max: Gauge,
+}
+
+fn ts(t: time::OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+impl AuthorityMetrics {
+    /// Sets every gauge from the state and the ledger's view at `now`; label sets of
+    /// certificates that are gone disappear.
+    pub fn observe(
+        &self,
+        s: &rotator::state::AuthorityState,
+        l: &rotator::ledger::LedgerSummary,
+        policy: &rotator::policy::Policy,
+        now: time::OffsetDateTime,
+    ) {
+        use rotator::state::AnchorStatus;
+        self.expiration.clear();
+        self.not_before.clear();
+        for a in s
+            .anchors
+            .iter()
+            .filter(|a| a.status != AnchorStatus::Archived)
+        {
+            let labels = CertLabels {
+                role: "anchor",
+                state: a.status.to_string(),
+                serial: a.cert.info.serial.clone(),
+                id: a.cert.id().to_string(),
+            };
+            self.expiration
+                .get_or_create(&labels)
+                .set(ts(a.cert.info.not_after));
+            self.not_before
+                .get_or_create(&labels)
+                .set(ts(a.cert.info.not_before));
+        }
+        for i in &s.issuers {
+            let labels = CertLabels {
+                role: "issuer",
+                state: i.status.to_string(),
+                serial: i.cert.info.serial.clone(),
+                id: i.cert.id().to_string(),
+            };
+            self.expiration
+                .get_or_create(&labels)
+                .set(ts(i.cert.info.not_after));
+            self.not_before
+                .get_or_create(&labels)
+                .set(ts(i.cert.info.not_before));
+        }
+        self.deadline.clear();
+        if let Some(a) = s.active_anchor() {
+            let d = rotator::anchors::anchor_rotation_deadline(a.cert.info.not_after, policy);
+            self.deadline
+                .get_or_create(&RoleLabels { role: "anchor" })
+                .set(ts(d));
+        }
+        if let Some(i) = s.active_issuer() {
+            let d = rotator::anchors::issuer_rotation_deadline(i.cert.info.not_after, policy);
+            self.deadline
+                .get_or_create(&RoleLabels { role: "issuer" })
+                .set(ts(d));
+        }
+        let current = s.phase.name();
+        for p in ["steady", "staged", "activated"] {
+            self.phase
+                .get_or_create(&PhaseLabels { phase: p })
+                .set(i64::from(p == current));
+        }
+        self.phase_since.clear();
+        match &s.phase {
+            rotator::state::Phase::Staged { since, .. }
+            | rotator::state::Phase::Activated { since, .. } => {
+                self.phase_since
+                    .get_or_create(&PhaseLabels { phase: current })
+                    .set(ts(*since));
+            }
+            rotator::state::Phase::Steady => {}
+        }
+        self.gate_open.clear();
+        self.gate_fallback.clear();
+        for g in rotator::anchors::gates(s, policy, Some(l), now) {
+            let step = g.step.name();
+            if step == "stage" {
+                continue;
+            }
+            self.gate_open
+                .get_or_create(&StepLabels { step })
+                .set(i64::from(g.open));
+            if let Some(t) = g.opens_at {
+                self.gate_fallback
+                    .get_or_create(&StepLabels { step })
+                    .set(ts(t));
+            }
+        }
+        #[allow(clippy::cast_precision_loss, reason = "a ratio")]
+        let ratio = if l.live_workloads == 0 {
+            1.0
+        } else {
+            l.workloads_current as f64 / l.live_workloads as f64
+        };
+        self.convergence.set(ratio);
+        self.live_leaves.clear();
+        for a in s.bundle() {
+            self.live_leaves
+                .get_or_create(&AnchorLabels {
+                    anchor: a.cert.id().to_string(),
+                })
+                .set(i64::try_from(l.live_under(a.cert.id())).unwrap_or(i64::MAX));
+        }
+        self.live_workloads
+            .set(i64::try_from(l.live_workloads).unwrap_or(i64::MAX));
+        self.ledger_trustworthy.set(i64::from(l.trustworthy(now)));
+        self.leaf_ttl_max
+            .set(i64::try_from(policy.leaf_ttl_max.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "certificate_expiration_timestamp_seconds",
+            "notAfter of every anchor and issuer the authority holds (archived anchors excepted), Unix seconds",
+            self.expiration.clone(),
+        );
+        r.register(
+            "certificate_not_before_timestamp_seconds",
+            "notBefore of every anchor and issuer the authority holds, Unix seconds",
+            self.not_before.clone(),
+        );
+        r.register(
+            "rotation_deadline_timestamp_seconds",
+            "anchor: the last moment to start a rotation that finishes by its time gates before the active anchor expires; issuer: the moment the active issuer must be replaced by",
+            self.deadline.clone(),
+        );
+        r.register(
+            "anchor_rotation_phase",
+            "1 for the current trust-anchor rotation phase",
+            self.phase.clone(),
+        );
+        r.register(
+            "anchor_phase_since_timestamp_seconds",
+            "When the current staged/activated phase began",
+            self.phase_since.clone(),
+        );
+        r.register(
+            "anchor_gate_open",
+            "1 when the gate of a step of the current phase is open",
+            self.gate_open.clone(),
+        );
+        r.register(
+            "anchor_gate_fallback_timestamp_seconds",
+            "When the time-based fallback opens the gate of a step of the current phase",
+            self.gate_fallback.clone(),
+        );
+        r.register(
+            "bundle_convergence_ratio",
+            "Share of live workloads that have been handed the current bundle version",
+            self.convergence.clone(),
+        );
+        r.register(
+            "live_leaves",
+            "Live leaves (newest per workload instance) by the anchor they chain to",
+            self.live_leaves.clone(),
+        );
+        r.register(
+            "live_workloads",
+            "Live workload instances known to the issuance ledger",
+            self.live_workloads.clone(),
+        );
+        r.register(
+            "ledger_trustworthy",
+            "1 when the issuance ledger has known every live leaf (measured gates in use)",
+            self.ledger_trustworthy.clone(),
+        );
+        r.register(
+            "policy_leaf_ttl_max_seconds",
+            "The longest leaf lifetime granted",
+            self.leaf_ttl_max.clone(),
+        );
+    }
+}
+
 /// The server's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -47,6 +298,8 @@ pub struct Metrics {
     pub rotations: Family<ResultLabels, Counter>,
     /// `meshca_rotation_failures_consecutive`.
     pub rotation_failures: Gauge,
+    /// The authority's certificates, deadlines, phase and ledger view.
+    pub authority: AuthorityMetrics,
 }
 
 /// `success` or `failure`.
@@ -106,8 +359,43 @@ impl Metrics {
             "Rotation failures since the last success",
             rotation_failures.clone(),
         );
+        let authority = AuthorityMetrics::default();
+        authority.register(&mut registry);
+        // Every counter exists from the start at 0, so rate() and the alert rules see it before
+        // the first event.
+        for result in [
+            "ok",
+            "unauthenticated",
+            "denied",
+            "invalid",
+            "unavailable",
+            "error",
+        ] {
+            issued
+                .get_or_create(&IssuedLabels {
+                    api: "meshca",
+                    result,
+                })
+                .inc_by(0);
+        }
+        for reason in [
+            "missing",
+            "malformed",
+            "unknown_token",
+            "bad_client_cert",
+            "denied",
+            "unavailable",
+        ] {
+            auth_failures
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(0);
+        }
+        for result in ["success", "failure"] {
+            rotations.get_or_create(&ResultLabels { result }).inc_by(0);
+        }
         Self {
             registry,
+            authority,
             issued,
             sign_duration,
             auth_failures,

@@ -639,6 +639,25 @@ fn switch_issuer(s: &mut AuthorityState, id: &CertId) {
     }
 }
 
+/// How long a whole trust-anchor rotation takes when every gate opens only by time:
+/// stage → activate (`leaf_ttl_max + propagation_allowance`), activate → finish
+/// (`leaf_ttl_max + clock_skew`).
+pub fn rotation_duration(policy: &Policy) -> Duration {
+    2 * policy.leaf_ttl_max + policy.propagation_allowance + policy.clock_skew
+}
+
+/// The last safe moment to *start* rotating an anchor expiring at `not_after`: after it, a
+/// rotation cannot finish by its gates before the anchor expires.
+pub fn anchor_rotation_deadline(not_after: OffsetDateTime, policy: &Policy) -> OffsetDateTime {
+    not_after - rotation_duration(policy)
+}
+
+/// The last moment by which an issuer expiring at `not_after` must have been replaced: after it,
+/// leaves it signs are cut short of the max leaf TTL.
+pub fn issuer_rotation_deadline(not_after: OffsetDateTime, policy: &Policy) -> OffsetDateTime {
+    not_after - policy.leaf_ttl_max
+}
+
 /// Opt-in automation of anchor rotation (both off by default).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -100,6 +100,16 @@ pub fn document(
         })).collect::<Vec<_>>(),
         "problems": s.expiry_problems(now),
         "anchor_rotation": rotation,
+        "rotation_deadlines": {
+            "anchor": s.active_anchor().map(|a| {
+                let d = crate::anchors::anchor_rotation_deadline(a.cert.info.not_after, policy);
+                json!({ "id": a.cert.id(), "at": rfc3339(d), "in_seconds": secs(d) })
+            }),
+            "issuer": s.active_issuer().map(|i| {
+                let d = crate::anchors::issuer_rotation_deadline(i.cert.info.not_after, policy);
+                json!({ "id": i.cert.id(), "at": rfc3339(d), "in_seconds": secs(d) })
+            }),
+        },
         "policy": {
             "leaf_ttl_max_seconds": policy.leaf_ttl_max.as_secs(),
             "leaf_ttl_default_seconds": policy.leaf_ttl_default.as_secs(),

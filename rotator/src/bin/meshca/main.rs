@@ -4,6 +4,7 @@
 
 mod admin;
 mod anchors;
+mod check;
 mod init;
 mod issue;
 mod plan;
@@ -51,6 +52,8 @@ enum Command {
     /// Trust-anchor rotation on a running server: stage, activate, finish, rollback, wait.
     #[command(subcommand)]
     Anchors(anchors::AnchorsCommand),
+    /// Fail-closed expiry check for cron and CI: exit 0 ok, 1 warning, 2 critical, 3 unreachable.
+    Check(check::CheckArgs),
     /// Draw the rotation timeline: anchors, issuers, the phase, when each gate opens, today.
     Plan(plan::PlanArgs),
     /// Create an authority around an existing root CA certificate and key (offline).
@@ -85,7 +88,11 @@ pub fn default_state_dir() -> PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rotator::client::install_crypto_provider();
+    if let Command::Check(a) = &cli.command {
+        return ExitCode::from(check::check(a, cli.output));
+    }
     let result = match cli.command {
+        Command::Check(_) => Ok(()),
         Command::Issue(a) => issue::run(a, cli.output),
         Command::Bundle(a) => status::bundle(a, cli.output),
         Command::Status(a) => status::status(a, cli.output),

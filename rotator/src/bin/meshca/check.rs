@@ -1,0 +1,276 @@
+//! `meshca check`: a fail-closed expiry check for cron jobs and CI pipelines.
+//!
+//! Exit codes: 0 all good, 1 a warning, 2 something critical, 3 nothing to check (no server
+//! answers and the state dir holds no readable authority). One line per finding, with the number
+//! of days and the command that fixes it.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::Output;
+use crate::status::{StatusArgs, document};
+
+/// Thresholds.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    status: StatusArgs,
+    /// Warn when the active trust anchor has less than this left.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "90days")]
+    anchor_warning: Duration,
+    /// Critical when the active trust anchor has less than this left.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30days")]
+    anchor_critical: Duration,
+    /// Warn this long before the anchor's rotation deadline (the last moment to start a rotation
+    /// that finishes by its gates before the anchor expires) when no rotation is under way.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "14days")]
+    deadline_warning: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Severity {
+    Ok,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+struct Finding {
+    severity: Severity,
+    what: String,
+    days: Option<f64>,
+    fix: String,
+}
+
+#[allow(clippy::cast_precision_loss, reason = "days for display")]
+fn days(secs: i64) -> f64 {
+    secs as f64 / 86400.0
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut push = |severity, what: String, d: Option<i64>, fix: &str| {
+        out.push(Finding {
+            severity,
+            what,
+            days: d.map(days),
+            fix: fix.to_owned(),
+        });
+    };
+    let phase = doc["phase"]["name"].as_str().unwrap_or("steady");
+    let leaf_max = doc["policy"]["leaf_ttl_max_seconds"]
+        .as_i64()
+        .unwrap_or(172_800);
+    for an in doc["anchors"].as_array().into_iter().flatten() {
+        let status = an["status"].as_str().unwrap_or("");
+        if status == "archived" {
+            continue;
+        }
+        let id = an["id"].as_str().unwrap_or("?");
+        let left = an["expires_in_seconds"].as_i64().unwrap_or(0);
+        if left <= 0 {
+            push(
+                Severity::Critical,
+                format!(
+                    "trust anchor {id} ({status}) EXPIRED {:.1} days ago: nothing chaining to it verifies",
+                    days(-left)
+                ),
+                Some(left),
+                "start a new authority and restart workloads; see docs/runbooks/alerts.md#meshcatrustanchorexpiringcritical",
+            );
+        } else if status == "active" && left < secs(a.anchor_critical) {
+            push(
+                Severity::Critical,
+                format!("trust anchor {id} expires in {:.1} days", days(left)),
+                Some(left),
+                "meshca anchors stage  (then follow docs/runbooks/trust-anchor-rotation.md)",
+            );
+        } else if status == "active" && left < secs(a.anchor_warning) {
+            push(
+                Severity::Warning,
+                format!("trust anchor {id} expires in {:.1} days", days(left)),
+                Some(left),
+                "meshca anchors stage  (plan it: meshca plan --svg plan.svg)",
+            );
+        }
+    }
+    if let Some(d) = doc["rotation_deadlines"]["anchor"].as_object() {
+        let left = d.get("in_seconds").and_then(Value::as_i64).unwrap_or(0);
+        let at = d.get("at").and_then(Value::as_str).unwrap_or("?");
+        if phase != "activated" && left < 0 {
+            push(
+                Severity::Critical,
+                format!(
+                    "the trust-anchor rotation deadline passed {:.1} days ago ({at}); phase {phase}: a rotation can no longer finish by its gates before the anchor expires",
+                    days(-left)
+                ),
+                Some(left),
+                if phase == "steady" {
+                    "meshca anchors stage  (now; expect to need --force near expiry)"
+                } else {
+                    "meshca anchors wait --until activate-ready && meshca anchors activate"
+                },
+            );
+        } else if phase == "steady" && left < secs(a.deadline_warning) {
+            push(
+                Severity::Warning,
+                format!(
+                    "the trust-anchor rotation must start within {:.1} days ({at}) to finish by its gates before the anchor expires",
+                    days(left)
+                ),
+                Some(left),
+                "meshca anchors stage",
+            );
+        }
+    }
+    match doc["issuers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["status"] == "active")
+    {
+        None => push(
+            Severity::Critical,
+            "no active issuer: nothing can be signed".into(),
+            None,
+            "meshca issuer rotate  (upstream mode: meshca issuer csr / meshca issuer import)",
+        ),
+        Some(i) => {
+            let id = i["id"].as_str().unwrap_or("?");
+            let left = i["expires_in_seconds"].as_i64().unwrap_or(0);
+            if left <= 0 {
+                push(
+                    Severity::Critical,
+                    format!("the active issuer {id} EXPIRED {:.1} days ago", days(-left)),
+                    Some(left),
+                    "meshca issuer rotate  (see docs/runbooks/issuer-rotation.md)",
+                );
+            } else if left < 2 * leaf_max {
+                push(
+                    Severity::Critical,
+                    format!(
+                        "the active issuer {id} expires in {:.1} days, less than twice the max leaf TTL: automatic rotation is failing",
+                        days(left)
+                    ),
+                    Some(left),
+                    "meshca status; meshca issuer rotate  (see docs/runbooks/issuer-rotation.md)",
+                );
+            }
+        }
+    }
+    if let Some(srv) = doc["server"].as_object() {
+        if srv.get("ready").and_then(Value::as_bool) == Some(false) {
+            push(
+                Severity::Critical,
+                "the server is not ready (it cannot sign, or rotation failed 10 times in a row)"
+                    .into(),
+                None,
+                "curl <http-listen>/readyz; meshca status",
+            );
+        }
+        let n = srv
+            .get("rotation_failures_consecutive")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if n > 0 {
+            push(
+                Severity::Warning,
+                format!("issuer rotation failed {n} times in a row"),
+                None,
+                "meshca status  (last error), then docs/runbooks/issuer-rotation.md",
+            );
+        }
+    }
+    for att in doc["attention"].as_array().into_iter().flatten() {
+        push(
+            Severity::Warning,
+            att["message"].as_str().unwrap_or("").to_owned(),
+            att["deadline_in_seconds"].as_i64(),
+            "see the message",
+        );
+    }
+    out
+}
+
+/// Runs `meshca check`; returns the exit code.
+pub fn check(a: &CheckArgs, output: Output) -> u8 {
+    let doc = match document(&a.status, Output::Json) {
+        Ok(d) => d,
+        Err(e) => {
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    json!({ "status": "unreachable", "exit_code": 3, "error": e.0 })
+                ),
+                Output::Text => println!("UNREACHABLE {}", e.0),
+            }
+            return 3;
+        }
+    };
+    let found = findings(&doc, a);
+    let worst = found
+        .iter()
+        .map(|f| f.severity)
+        .max()
+        .unwrap_or(Severity::Ok);
+    let code = match worst {
+        Severity::Ok => 0,
+        Severity::Warning => 1,
+        Severity::Critical => 2,
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "status": worst.name(),
+                "exit_code": code,
+                "source": if doc["server"].is_object() { "server" } else { "state-dir" },
+                "findings": found.iter().map(|f| json!({
+                    "severity": f.severity.name(), "what": f.what, "days": f.days, "fix": f.fix,
+                })).collect::<Vec<_>>(),
+            })
+        ),
+        Output::Text => {
+            for f in &found {
+                println!(
+                    "{} {} — fix: {}",
+                    f.severity.name().to_uppercase(),
+                    f.what,
+                    f.fix
+                );
+            }
+            if found.is_empty() {
+                let anchor = doc["anchors"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|x| x["status"] == "active")
+                    .and_then(|x| x["expires_in_seconds"].as_i64())
+                    .unwrap_or(0);
+                let deadline = doc["rotation_deadlines"]["anchor"]["in_seconds"]
+                    .as_i64()
+                    .unwrap_or(0);
+                println!(
+                    "OK trust anchor expires in {:.0} days; its rotation must start within {:.0} days",
+                    days(anchor),
+                    days(deadline)
+                );
+            }
+        }
+    }
+    code
+}
