@@ -2,7 +2,11 @@
 
 use std::io::{Error, Result};
 
-const PROTOS: &[&str] = &["meshca/v1/identity.proto", "meshca/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "meshca/v1/identity.proto",
+    "meshca/v1/admin.proto",
+    "istio/v1/auth/istioca.proto",
+];
 
 fn main() -> Result<()> {
     for proto in PROTOS {

@@ -45,6 +45,44 @@ pub struct Config {
     pub anchor: rotator::anchors::Automation,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Istio's CSR API (`istio.v1.auth.IstioCertificateService`) on the gRPC port.
+    pub istio: IstioConfig,
+    /// Linkerd's identity API (`io.linkerd.proxy.identity.Identity`) on the gRPC port.
+    pub linkerd: LinkerdConfig,
+}
+
+/// The Istio face.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IstioConfig {
+    /// Serve it.
+    pub enabled: bool,
+}
+
+impl Default for IstioConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// The Linkerd face.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkerdConfig {
+    /// Serve it.
+    pub enabled: bool,
+    /// The namespace of Linkerd's control plane, part of every identity:
+    /// `<sa>.<ns>.serviceaccount.identity.<control_plane_namespace>.<trust domain>`.
+    pub control_plane_namespace: String,
+}
+
+impl Default for LinkerdConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            control_plane_namespace: "linkerd".into(),
+        }
+    }
 }
 
 /// The names the gRPC server's certificate carries (clients verify one of them).
@@ -88,6 +126,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             policy: Policy::default(),
             anchor: rotator::anchors::Automation::default(),
+            istio: IstioConfig::default(),
+            linkerd: LinkerdConfig::default(),
             log_format: LogFormat::Text,
         }
     }

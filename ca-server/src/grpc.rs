@@ -105,6 +105,7 @@ impl IdentityService for Identity {
                 },
                 peer: peer.as_ref().map(|p| p.addr),
                 instance_id: Some(req.instance_id.as_str()),
+                dns_identity: None,
             })
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(SignCertificateResponse {

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use crate::auth::{AuthError, Authenticator, Credentials, authorize};
 use crate::authority::{Authority, Bundle};
 use crate::metrics::Metrics;
-use crate::signing::{CsrError, ValidCsr, parse_csr, sign_leaf};
+use crate::signing::{CsrError, ValidCsr, parse_csr, parse_dns_csr, sign_leaf};
 
 /// One certificate request, whatever API it came in on.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +30,9 @@ pub struct IssueRequest<'a> {
     pub peer: Option<std::net::SocketAddr>,
     /// The client's instance id, if it sent one (see `rotator::ledger` for what it is for).
     pub instance_id: Option<&'a str>,
+    /// A DNS-identity request (Linkerd): the identity the CSR must carry as its one DNS SAN, and
+    /// the SPIFFE ID it maps to (what authorization checks). `None`: a SPIFFE URI SAN CSR.
+    pub dns_identity: Option<(&'a str, &'a SpiffeId)>,
 }
 
 /// A signed leaf with everything a response needs.
@@ -137,7 +140,10 @@ impl Issuer {
             .map(|c| c.name.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        let csr = parse_csr(req.csr)?;
+        let csr = match req.dns_identity {
+            Some((dns, id)) => parse_dns_csr(req.csr, dns, id.clone())?,
+            None => parse_csr(req.csr)?,
+        };
         let caller = authorize(&callers, &csr.id)?;
         *who = caller.name.clone();
         let issued = self.sign(&csr, req.ttl)?;
@@ -156,7 +162,14 @@ impl Issuer {
             anchor: issued.anchor.clone(),
             issued: self.authority.clock().now().unix_timestamp(),
             not_after: issued.not_after.unix_timestamp(),
-            bundle_version: issued.bundle.version,
+            // Only meshca.v1 responses carry the whole bundle. Istio's carries the signing root
+            // alone and Linkerd's none (its proxies read trust anchors from their own config), so
+            // those workloads are never counted as having received a new anchor.
+            bundle_version: if req.api == "meshca" {
+                issued.bundle.version
+            } else {
+                0
+            },
         });
         Ok(issued)
     }

@@ -226,12 +226,27 @@ impl Server {
         tasks.spawn(tls.clone().maintain(authority.clone(), shutdown_rx.clone()));
 
         let identity = IdentityServiceServer::new(Identity::new(issuer.clone()));
+        let istio = config.istio.enabled.then(|| {
+            meshca_proto::istio::istio_certificate_service_server::IstioCertificateServiceServer::new(
+                crate::istio::Istio::new(issuer.clone()),
+            )
+        });
+        let linkerd = config.linkerd.enabled.then(|| {
+            linkerd2_proxy_api::identity::identity_server::IdentityServer::new(
+                crate::linkerd::Linkerd::new(
+                    issuer.clone(),
+                    config.linkerd.control_plane_namespace.clone(),
+                ),
+            )
+        });
         let conns = incoming(grpc_listener, tls_config, shutdown_rx.clone());
         let mut stop = shutdown_rx.clone();
         tasks.spawn(async move {
             let r = tonic::transport::Server::builder()
                 .layer(tower::util::MapRequestLayer::new(limit_request_body))
                 .add_service(identity)
+                .add_optional_service(istio)
+                .add_optional_service(linkerd)
                 .serve_with_incoming_shutdown(conns, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })

@@ -87,6 +87,23 @@ pub enum CsrError {
     /// The same extension twice.
     #[error("CSR requests extension {0} twice")]
     DuplicateExtension(String),
+    /// A DNS-identity CSR (Linkerd) without exactly one DNS SAN.
+    #[error("CSR has {0} DNS SANs: it must carry exactly one, the identity")]
+    DnsSans(usize),
+    /// A DNS-identity CSR (Linkerd) with a URI SAN.
+    #[error("CSR has a URI SAN: a Linkerd identity CSR carries only the DNS identity")]
+    UriSanInDnsCsr,
+    /// A DNS-identity CSR (Linkerd) with a key that is not ECDSA.
+    #[error("Linkerd identity CSRs must use an ECDSA key, not {0}")]
+    NotEcdsa(String),
+    /// The CSR's identity is not the one the request names.
+    #[error("CSR is for {csr:?} but the request names {requested:?}")]
+    IdentityMismatch {
+        /// In the CSR.
+        csr: String,
+        /// In the request.
+        requested: String,
+    },
 }
 
 /// The public key of an accepted CSR.
@@ -113,10 +130,83 @@ pub struct ValidCsr {
     pub id: SpiffeId,
     /// The subject key.
     pub key: CsrKey,
+    /// A DNS identity the leaf carries too (Linkerd's `<sa>.<ns>.serviceaccount.identity…`).
+    pub dns: Option<String>,
 }
 
-/// Parses and checks a CSR, DER or PEM.
+/// What a CSR asks for, after every check that does not depend on the kind of identity.
+struct Parsed {
+    key: CsrKey,
+    uris: Vec<String>,
+    dns: Vec<String>,
+    other_san: Option<&'static str>,
+    cns: Vec<String>,
+}
+
+/// Parses and checks a CSR, DER or PEM, for a SPIFFE ID (exactly one URI SAN).
 pub fn parse_csr(input: &[u8]) -> Result<ValidCsr, CsrError> {
+    let mut p = parse_common(input)?;
+    if !p.dns.is_empty() {
+        return Err(CsrError::OtherSan("DNS"));
+    }
+    if let Some(kind) = p.other_san {
+        return Err(CsrError::OtherSan(kind));
+    }
+    let uri = match p.uris.len() {
+        0 => return Err(CsrError::NoUriSan),
+        1 => p.uris.remove(0),
+        n => return Err(CsrError::ManyUriSans(n)),
+    };
+    let id: SpiffeId = uri
+        .parse()
+        .map_err(|e| CsrError::NotSpiffe(uri.clone(), e))?;
+    if let Some(cn) = p.cns.iter().find(|cn| *cn != id.as_str()) {
+        return Err(CsrError::CommonName(cn.clone()));
+    }
+    Ok(ValidCsr {
+        id,
+        key: p.key,
+        dns: None,
+    })
+}
+
+/// Parses and checks a Linkerd identity CSR, DER: exactly one DNS SAN equal to `identity`, no
+/// other SAN, CN empty or equal, an ECDSA key. `id` is the SPIFFE ID the identity maps to (it is
+/// what authorization checks, and the leaf carries it as its URI SAN).
+pub fn parse_dns_csr(input: &[u8], identity: &str, id: SpiffeId) -> Result<ValidCsr, CsrError> {
+    let mut p = parse_common(input)?;
+    if !p.uris.is_empty() {
+        return Err(CsrError::UriSanInDnsCsr);
+    }
+    if let Some(kind) = p.other_san {
+        return Err(CsrError::OtherSan(kind));
+    }
+    let dns = match p.dns.len() {
+        1 => p.dns.remove(0),
+        n => return Err(CsrError::DnsSans(n)),
+    };
+    if !dns.eq_ignore_ascii_case(identity) {
+        return Err(CsrError::IdentityMismatch {
+            csr: dns,
+            requested: identity.to_owned(),
+        });
+    }
+    if let Some(cn) = p.cns.iter().find(|cn| !cn.eq_ignore_ascii_case(identity)) {
+        return Err(CsrError::CommonName(cn.clone()));
+    }
+    if p.key.rsa || std::ptr::eq(p.key.alg, &rcgen::PKCS_ED25519) {
+        return Err(CsrError::NotEcdsa(
+            if p.key.rsa { "RSA" } else { "Ed25519" }.into(),
+        ));
+    }
+    Ok(ValidCsr {
+        id,
+        key: p.key,
+        dns: Some(identity.to_ascii_lowercase()),
+    })
+}
+
+fn parse_common(input: &[u8]) -> Result<Parsed, CsrError> {
     let pem_block;
     let der: &[u8] = if input.trim_ascii_start().starts_with(b"-----BEGIN") {
         pem_block = pem::parse(input).map_err(|_| CsrError::Pem)?;
@@ -159,6 +249,8 @@ pub fn parse_csr(input: &[u8]) -> Result<ValidCsr, CsrError> {
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
 
     let mut uris = Vec::new();
+    let mut dns = Vec::new();
+    let mut other_san = None;
     let mut seen = Vec::new();
     for attr in info.iter_attributes() {
         if attr.oid != OID_PKCS9_EXTENSION_REQUEST {
@@ -180,10 +272,12 @@ pub fn parse_csr(input: &[u8]) -> Result<ValidCsr, CsrError> {
                     for name in &san.general_names {
                         match name {
                             GeneralName::URI(u) => uris.push((*u).to_owned()),
-                            GeneralName::DNSName(_) => return Err(CsrError::OtherSan("DNS")),
-                            GeneralName::IPAddress(_) => return Err(CsrError::OtherSan("IP")),
-                            GeneralName::RFC822Name(_) => return Err(CsrError::OtherSan("email")),
-                            _ => return Err(CsrError::OtherSan("non-URI")),
+                            GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+                            GeneralName::IPAddress(_) => other_san = other_san.or(Some("IP")),
+                            GeneralName::RFC822Name(_) => {
+                                other_san = other_san.or(Some("email"));
+                            }
+                            _ => other_san = other_san.or(Some("non-URI")),
                         }
                     }
                 }
@@ -205,23 +299,21 @@ pub fn parse_csr(input: &[u8]) -> Result<ValidCsr, CsrError> {
             }
         }
     }
-    let uri = match uris.len() {
-        0 => return Err(CsrError::NoUriSan),
-        1 => uris.remove(0),
-        n => return Err(CsrError::ManyUriSans(n)),
-    };
-    let id: SpiffeId = uri
-        .parse()
-        .map_err(|e| CsrError::NotSpiffe(uri.clone(), e))?;
+    let mut cns = Vec::new();
     for cn in info.subject.iter_common_name() {
-        let cn = cn
-            .as_str()
-            .map_err(|_| CsrError::CommonName("<not a string>".into()))?;
-        if cn != id.as_str() {
-            return Err(CsrError::CommonName(cn.to_owned()));
-        }
+        cns.push(
+            cn.as_str()
+                .map_err(|_| CsrError::CommonName("<not a string>".into()))?
+                .to_owned(),
+        );
     }
-    Ok(ValidCsr { id, key })
+    Ok(Parsed {
+        key,
+        uris,
+        dns,
+        other_san,
+        cns,
+    })
 }
 
 fn csr_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKey, CsrError> {
@@ -302,6 +394,13 @@ pub fn sign_leaf(
         .try_into()
         .map_err(|e: rcgen::Error| SignError(e.to_string()))?;
     params.subject_alt_names = vec![SanType::URI(uri)];
+    if let Some(dns) = &csr.dns {
+        let name = dns
+            .as_str()
+            .try_into()
+            .map_err(|e: rcgen::Error| SignError(e.to_string()))?;
+        params.subject_alt_names.push(SanType::DnsName(name));
+    }
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = if csr.key.rsa {
         vec![

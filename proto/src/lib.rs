@@ -8,3 +8,9 @@ pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("meshca.v1");
 }
+
+/// `istio.v1.auth`: Istio's certificate service (istio-agent's CSR API), served by meshca too.
+pub mod istio {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("istio.v1.auth");
+}
