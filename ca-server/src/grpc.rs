@@ -70,17 +70,23 @@ fn check_instance_id(id: &str) -> Result<(), Status> {
 
 type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Send>>;
 
+/// The caller's connection info and `authorization` metadata, as every face reads them.
+pub fn caller_of<T>(request: &Request<T>) -> (Option<PeerInfo>, Option<String>) {
+    let peer = request.extensions().get::<PeerInfo>().cloned();
+    let authorization = request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned());
+    (peer, authorization)
+}
+
 #[tonic::async_trait]
 impl IdentityService for Identity {
     async fn sign_certificate(
         &self,
         request: Request<SignCertificateRequest>,
     ) -> Result<Response<SignCertificateResponse>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned());
+        let (peer, authorization) = caller_of(&request);
         let req = request.into_inner();
         check_instance_id(&req.instance_id)?;
         let ttl = match req.ttl {

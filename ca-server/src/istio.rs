@@ -10,9 +10,8 @@ use meshca_proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
 use tonic::{Request, Response, Status};
 
 use crate::auth::Credentials;
-use crate::grpc::status_of;
+use crate::grpc::{caller_of, status_of};
 use crate::issuance::{IssueRequest, Issuer};
-use crate::tls::PeerInfo;
 
 /// The Istio face.
 pub struct Istio {
@@ -32,11 +31,7 @@ impl IstioCertificateService for Istio {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned());
+        let (peer, authorization) = caller_of(&request);
         let req = request.into_inner();
         // Istio: 0 or less means the CA's default.
         let ttl = u64::try_from(req.validity_duration)

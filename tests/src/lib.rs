@@ -595,3 +595,32 @@ pub fn eventually_blocking<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs the real `meshca issue` against `server_url` with the bootstrap token of `state_dir`, for
+/// `spiffe://cluster.local/ns/default/sa/<name>`, writing `<cwd>/<name>.crt|.key`; panics with the
+/// CLI's message if it fails.
+pub fn cli_issue(server_url: &str, state_dir: &Path, name: &str, cwd: &Path) {
+    let d = state_dir.display().to_string();
+    let out = std::process::Command::new(bin("meshca"))
+        .args([
+            "issue",
+            "--server",
+            server_url,
+            "--ca-bundle",
+            &format!("{d}/bundle.pem"),
+            "--token-file",
+            &format!("{d}/bootstrap-token"),
+            "--spiffe-id",
+            &format!("spiffe://cluster.local/ns/default/sa/{name}"),
+            "--out",
+            name,
+        ])
+        .current_dir(cwd)
+        .output()
+        .expect("run meshca");
+    assert!(
+        out.status.success(),
+        "meshca issue {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -110,7 +110,6 @@ const ROLLBACK_STAGED: Case = Case {
 fn crash_and_recover(case: &Case, point: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("state");
-    let d = dir.display().to_string();
     let s = ServerProcess::spawn(&dir, &[], &[]).unwrap();
     for p in case.prefix {
         ok(p, &dir);
@@ -190,28 +189,7 @@ fn crash_and_recover(case: &Case, point: &str) {
     }
 
     // It signs, and the leaf verifies against the bundle file.
-    let out = Command::new(bin("meshca"))
-        .args([
-            "issue",
-            "--server",
-            &server.url,
-            "--ca-bundle",
-            &format!("{d}/bundle.pem"),
-            "--token-file",
-            &format!("{d}/bootstrap-token"),
-            "--spiffe-id",
-            "spiffe://cluster.local/ns/default/sa/after-crash",
-            "--out",
-            "leaf",
-        ])
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{point}: no signing after restart: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    meshca_tests::cli_issue(&server.url, &dir, "leaf", tmp.path());
     let chain = pem_certs(&std::fs::read_to_string(tmp.path().join("leaf.crt")).unwrap());
     let bundle = pem_certs(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap());
     rotator::client::verify_svid(

@@ -131,29 +131,7 @@ async fn admin_refusals_say_why_and_change_nothing() {
 }
 
 fn issue(server: &ServerProcess, dir: &Path, name: &str) {
-    let d = dir.display().to_string();
-    let out = Command::new(bin("meshca"))
-        .args([
-            "issue",
-            "--server",
-            &server.url,
-            "--ca-bundle",
-            &format!("{d}/bundle.pem"),
-            "--token-file",
-            &format!("{d}/bootstrap-token"),
-            "--spiffe-id",
-            &format!("spiffe://cluster.local/ns/default/sa/{name}"),
-            "--out",
-            name,
-        ])
-        .current_dir(dir.parent().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    meshca_tests::cli_issue(&server.url, dir, name, dir.parent().unwrap());
 }
 
 #[test]
