@@ -195,7 +195,7 @@ impl AdminService for Admin {
         self.authority
             .transition(|s, now| {
                 replaced = s.active_issuer().map(|i| i.cert.id().to_string());
-                s.import_issuer(&policy, now, cert).map(Some)
+                s.import_issuer(&policy, now, cert.clone()).map(Some)
             })
             .await
             .map_err(|e| match e {
@@ -304,7 +304,7 @@ impl Admin {
             .transition(|s, now| {
                 let l = Some(&summary);
                 match step {
-                    Step::Stage => s.stage_anchor(&policy, now, new.unwrap_or(NewAnchor::Generate)),
+                    Step::Stage => s.stage_anchor(&policy, now, new.clone().unwrap_or(NewAnchor::Generate)),
                     Step::Activate => s.activate_anchor(&policy, l, now, force),
                     Step::Finish => s.finish_anchor(&policy, l, now, force),
                     Step::Rollback => s.rollback_anchor(&policy, l, now, force),

@@ -22,6 +22,8 @@ pub use rotator::tokens::{
 };
 use rustls_pki_types::CertificateDer;
 
+use crate::config::{AuthConfig, AuthMethod};
+
 /// Why a request was not authenticated or not authorized.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -50,6 +52,10 @@ pub enum AuthError {
         /// What they may ask for.
         allowed: String,
     },
+    /// The Kubernetes API server did not accept the token (unauthenticated, wrong audience, not
+    /// a service account).
+    #[error("token rejected: {0}")]
+    TokenRejected(String),
     /// The authenticator's backend could not answer (e.g. the Kubernetes API server).
     #[error("authentication unavailable: {0}")]
     Unavailable(String),
@@ -62,6 +68,7 @@ impl AuthError {
             Self::Missing => "missing",
             Self::Malformed => "malformed",
             Self::UnknownToken => "unknown_token",
+            Self::TokenRejected(_) => "token_rejected",
             Self::BadClientCert(_) => "bad_client_cert",
             Self::Denied { .. } => "denied",
             Self::Unavailable(_) => "unavailable",
@@ -87,9 +94,11 @@ pub struct Credentials<'a> {
     pub client_cert: Option<&'a CertificateDer<'static>>,
 }
 
-/// Checks credentials against the static tokens and client certificates.
+/// Checks credentials with the configured chain: client certificates, TokenReview, static tokens.
 #[derive(Debug)]
 pub struct Authenticator {
+    chain: Vec<AuthMethod>,
+    reviewer: Option<Arc<crate::k8s::tokenreview::TokenReviewer>>,
     dir: PathBuf,
     tokens: ArcSwap<StaticTokens>,
     /// SHA-256 of the tokens file as last loaded (`None`: never loaded). Content, not mtime:
@@ -98,9 +107,20 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Loads the tokens from `dir`.
+    /// Loads the tokens from `dir`; the default chain (client certificates, static tokens).
     pub fn load(dir: &Path) -> Result<Self, TokensError> {
+        Self::with_chain(dir, AuthConfig::default().authenticators, None)
+    }
+
+    /// Loads the tokens from `dir`; `chain` in order; `reviewer` for `tokenreview`.
+    pub fn with_chain(
+        dir: &Path,
+        chain: Vec<AuthMethod>,
+        reviewer: Option<Arc<crate::k8s::tokenreview::TokenReviewer>>,
+    ) -> Result<Self, TokensError> {
         let a = Self {
+            chain,
+            reviewer,
             dir: dir.to_owned(),
             tokens: ArcSwap::from_pointee(StaticTokens::default()),
             loaded: Default::default(),
@@ -141,10 +161,17 @@ impl Authenticator {
         self.tokens.load().len()
     }
 
-    /// Every caller the credentials prove, or why none.
-    pub fn authenticate(&self, creds: Credentials<'_>) -> Result<Vec<Caller>, AuthError> {
+    /// Every caller the credentials prove, or why none. `audience` is the TokenReview audience
+    /// of the face the request came in on.
+    pub async fn authenticate(
+        &self,
+        creds: Credentials<'_>,
+        audience: &str,
+    ) -> Result<Vec<Caller>, AuthError> {
         let mut callers = Vec::with_capacity(1);
-        if let Some(cert) = creds.client_cert {
+        if let Some(cert) = creds.client_cert
+            && self.chain.contains(&AuthMethod::Mtls)
+        {
             let id = rotator::client::spiffe_id_of(cert)
                 .map_err(|e| AuthError::BadClientCert(e.to_string()))?;
             callers.push(Caller {
@@ -159,17 +186,43 @@ impl Authenticator {
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .ok_or(AuthError::Malformed)?;
-            let tokens = self.tokens.load();
-            let entry = tokens.lookup(token).ok_or(AuthError::UnknownToken)?;
-            callers.push(Caller {
-                name: format!("token:{}", entry.name),
-                allowed: entry.allow.clone(),
-            });
+            callers.push(self.bearer(token, audience).await?);
         }
         if callers.is_empty() {
             return Err(AuthError::Missing);
         }
         Ok(callers)
+    }
+
+    /// A bearer token offered to each token authenticator in chain order; the first that
+    /// accepts it decides. If none does, the API server's absence wins over a rejection (the
+    /// token may be good: `Unavailable`, retry), then the last rejection.
+    async fn bearer(&self, token: &str, audience: &str) -> Result<Caller, AuthError> {
+        let mut refusal = AuthError::UnknownToken;
+        let mut unavailable = None;
+        for m in &self.chain {
+            match m {
+                AuthMethod::Mtls => {}
+                AuthMethod::Static => {
+                    let tokens = self.tokens.load();
+                    if let Some(entry) = tokens.lookup(token) {
+                        return Ok(Caller {
+                            name: format!("token:{}", entry.name),
+                            allowed: entry.allow.clone(),
+                        });
+                    }
+                }
+                AuthMethod::Tokenreview => {
+                    let Some(r) = &self.reviewer else { continue };
+                    match r.authenticate(token, audience).await {
+                        Ok(c) => return Ok(c),
+                        Err(e @ AuthError::Unavailable(_)) => unavailable = Some(e),
+                        Err(e) => refusal = e,
+                    }
+                }
+            }
+        }
+        Err(unavailable.unwrap_or(refusal))
     }
 }
 
@@ -197,8 +250,8 @@ pub fn authorize<'c>(callers: &'c [Caller], id: &SpiffeId) -> Result<&'c Caller,
 mod tests {
     use super::*;
 
-    #[test]
-    fn bootstrap_token_authorizes_default_namespace_only() {
+    #[tokio::test]
+    async fn bootstrap_token_authorizes_default_namespace_only() {
         let dir = tempfile::tempdir().unwrap();
         let td: rotator::spiffe::TrustDomain = "cluster.local".parse().unwrap();
         let path = write_bootstrap_token(dir.path(), &td).unwrap();
@@ -210,7 +263,8 @@ mod tests {
             .authenticate(Credentials {
                 authorization: Some(&header),
                 client_cert: None,
-            })
+            }, "meshca")
+            .await
             .unwrap();
         let ok: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
         let other: SpiffeId = "spiffe://cluster.local/ns/prod/sa/web".parse().unwrap();
@@ -224,28 +278,35 @@ mod tests {
         );
     }
 
-    #[test]
-    fn credential_errors() {
+    #[tokio::test]
+    async fn credential_errors() {
         let dir = tempfile::tempdir().unwrap();
         let auth = Authenticator::load(dir.path()).unwrap();
         assert_eq!(
-            auth.authenticate(Credentials::default()).unwrap_err(),
+            auth.authenticate(Credentials::default(), "meshca").await.unwrap_err(),
             AuthError::Missing
         );
-        let c = |h: &'static str| {
-            auth.authenticate(Credentials {
-                authorization: Some(h),
-                client_cert: None,
-            })
-            .unwrap_err()
-        };
-        assert_eq!(c("Basic abc"), AuthError::Malformed);
-        assert_eq!(c("Bearer "), AuthError::Malformed);
-        assert_eq!(c("Bearer mca_nope"), AuthError::UnknownToken);
+        for (h, want) in [
+            ("Basic abc", AuthError::Malformed),
+            ("Bearer ", AuthError::Malformed),
+            ("Bearer mca_nope", AuthError::UnknownToken),
+        ] {
+            let got = auth
+                .authenticate(
+                    Credentials {
+                        authorization: Some(h),
+                        client_cert: None,
+                    },
+                    "meshca",
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(got, want, "{h}");
+        }
     }
 
-    #[test]
-    fn tokens_reload_when_the_file_changes() {
+    #[tokio::test]
+    async fn tokens_reload_when_the_file_changes() {
         let dir = tempfile::tempdir().unwrap();
         let auth = Authenticator::load(dir.path()).unwrap();
         assert_eq!(auth.token_count(), 0);
@@ -258,10 +319,14 @@ mod tests {
         assert!(auth.reload_if_changed().unwrap());
         let header = format!("Bearer {t}");
         assert!(
-            auth.authenticate(Credentials {
-                authorization: Some(&header),
-                client_cert: None
-            })
+            auth.authenticate(
+                Credentials {
+                    authorization: Some(&header),
+                    client_cert: None
+                },
+                "meshca"
+            )
+            .await
             .is_ok()
         );
         assert!(!auth.reload_if_changed().unwrap());

@@ -133,6 +133,13 @@ pub enum TransitionError {
     Store(#[from] StoreError),
 }
 
+/// How often a transition re-reads and re-decides after another replica committed first.
+const CONFLICT_RETRIES: u32 = 5;
+
+/// Far enough ahead that the ledger never becomes trustworthy while replicated.
+const REPLICATED_LEDGER_NEVER: std::time::Duration =
+    std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// How to open an authority.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -159,6 +166,9 @@ pub struct Authority {
     ledger: crate::ledger::LedgerHandle,
     clock: Arc<dyn Clock>,
     store: FileStore,
+    /// Kubernetes: where the state is committed (the state dir then keeps the bundle file and
+    /// the ledger only).
+    remote: Option<Arc<crate::k8s::store::KubeStore>>,
     state: Mutex<AuthorityState>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -184,9 +194,28 @@ impl Authority {
         policy: Policy,
         clock: Arc<dyn Clock>,
     ) -> Result<(Self, Origin), OpenError> {
+        Self::open_with(store, None, how, policy, clock).await
+    }
+
+    /// Like [`open`](Self::open), with the state committed to `remote` (a Kubernetes Secret)
+    /// when given; `store` then holds the bundle file and the ledger only.
+    pub async fn open_with(
+        store: FileStore,
+        remote: Option<Arc<crate::k8s::store::KubeStore>>,
+        how: OpenOptions,
+        policy: Policy,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, Origin), OpenError> {
         let now = clock.now();
-        let dir = store.dir().display().to_string();
-        let (state, origin) = match store.load().await? {
+        let dir = match &remote {
+            Some(r) => r.origin().to_owned(),
+            None => store.dir().display().to_string(),
+        };
+        let loaded = match &remote {
+            Some(r) => r.load().await?,
+            None => store.load().await?,
+        };
+        let (state, origin) = match loaded {
             Some(s) => {
                 if let Some(td) = &how.trust_domain
                     && *td != s.trust_domain
@@ -216,8 +245,25 @@ impl Authority {
                     Some(anchor) => AuthorityState::with_anchor(td, anchor, None, &policy, now)?,
                     None => AuthorityState::genesis(td, &policy, now)?,
                 };
-                store.commit(None, &s).await?;
-                (s, Origin::Created)
+                match &remote {
+                    Some(r) => match r.commit(None, &s).await {
+                        Ok(()) => (s, Origin::Created),
+                        // Another replica created it first: serve that one.
+                        Err(StoreError::Conflict { .. }) => match r.load().await? {
+                            Some(theirs) => (theirs, Origin::Loaded),
+                            None => {
+                                return Err(OpenError::Unusable(format!(
+                                    "{dir}: creating it conflicted, yet it cannot be read back"
+                                )));
+                            }
+                        },
+                        Err(e) => return Err(e.into()),
+                    },
+                    None => {
+                        store.commit(None, &s).await?;
+                        (s, Origin::Created)
+                    }
+                }
             }
         };
         for a in state.bundle() {
@@ -234,11 +280,20 @@ impl Authority {
         store.write_bundle(&state)?;
         let (ledger, loaded) = crate::ledger::LedgerHandle::open(
             store.dir(),
-            origin == Origin::Created,
+            origin == Origin::Created && remote.is_none(),
             now,
             policy.clock_skew,
         )
         .map_err(OpenError::Ledger)?;
+        if remote.is_some() {
+            // Replicas sign independently and each ledger sees only its own leaves: a measured
+            // gate would count a fraction of the fleet. Only the time-based fallbacks apply.
+            ledger.with(|l| l.set_complete_since(now + REPLICATED_LEDGER_NEVER));
+            tracing::warn!(
+                "state in {dir}: replicas sign independently, so the issuance ledger is partial; the trust-anchor \
+                 gates use their time-based fallbacks only"
+            );
+        }
         match loaded {
             crate::ledger::Loaded::New => {}
             crate::ledger::Loaded::Clean { records } => {
@@ -257,6 +312,7 @@ impl Authority {
                 policy,
                 clock,
                 store,
+                remote,
                 state: Mutex::new(state),
                 snapshot,
             },
@@ -267,29 +323,105 @@ impl Authority {
     /// Applies `f` to the committed state at `now`. `Ok(None)` from `f` means nothing to do.
     /// Otherwise the result is committed to the store and then published; on any error nothing
     /// changes. Transitions are serialized.
-    pub async fn transition<F>(&self, f: F) -> Result<bool, TransitionError>
+    pub async fn transition<F>(&self, mut f: F) -> Result<bool, TransitionError>
     where
-        F: FnOnce(&AuthorityState, OffsetDateTime) -> Result<Option<AuthorityState>, StateError>,
+        F: FnMut(&AuthorityState, OffsetDateTime) -> Result<Option<AuthorityState>, StateError>,
     {
         let mut state = self.state.lock().await;
-        let now = self.clock.now();
-        let Some(next) = f(&state, now)? else {
+        let mut attempts = 0;
+        loop {
+            let now = self.clock.now();
+            let Some(next) = f(&state, now)? else {
+                return Ok(false);
+            };
+            next.check()?;
+            let snapshot = Snapshot::of(&next)?;
+            let committed = match &self.remote {
+                Some(r) => r.commit(Some(state.generation), &next).await,
+                None => self.store.commit(Some(state.generation), &next).await,
+            };
+            match committed {
+                Ok(()) => {}
+                // Another replica committed first: take what it committed and decide again.
+                Err(StoreError::Conflict { expected, found })
+                    if self.remote.is_some() && attempts < CONFLICT_RETRIES =>
+                {
+                    attempts += 1;
+                    tracing::info!(target: "meshca::journal", expected, found, "another replica committed first; re-reading and deciding again");
+                    if let Some(r) = &self.remote
+                        && let Some(theirs) = r.fetch().await?
+                    {
+                        self.install(&mut state, theirs)?;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if self.remote.is_some() {
+                self.store.write_bundle(&next)?;
+            }
+            rotator::store::fault_point("transition:after-commit");
+            for e in next
+                .history
+                .iter()
+                .filter(|e| e.generation > state.generation)
+            {
+                tracing::info!(target: "meshca::journal", generation = e.generation, "{}", e.what);
+            }
+            *state = next;
+            self.snapshot.send_replace(Arc::new(snapshot));
+            return Ok(true);
+        }
+    }
+
+    /// Takes a state another replica committed, if it is newer than ours (generations only
+    /// grow, so a bundle version never goes backwards). `Ok(true)` when adopted.
+    pub async fn adopt(&self, theirs: AuthorityState) -> Result<bool, TransitionError> {
+        let mut state = self.state.lock().await;
+        if theirs.generation <= state.generation {
             return Ok(false);
-        };
-        next.check()?;
-        let snapshot = Snapshot::of(&next)?;
-        self.store.commit(Some(state.generation), &next).await?;
-        rotator::store::fault_point("transition:after-commit");
-        for e in next
+        }
+        self.install(&mut state, theirs)?;
+        Ok(true)
+    }
+
+    fn install(
+        &self,
+        state: &mut AuthorityState,
+        theirs: AuthorityState,
+    ) -> Result<(), TransitionError> {
+        if theirs.generation <= state.generation {
+            return Ok(());
+        }
+        theirs.check()?;
+        let snapshot = Snapshot::of(&theirs)?;
+        self.store.write_bundle(&theirs)?;
+        for e in theirs
             .history
             .iter()
             .filter(|e| e.generation > state.generation)
         {
-            tracing::info!(target: "meshca::journal", generation = e.generation, "{}", e.what);
+            tracing::info!(target: "meshca::journal", generation = e.generation, "(another replica) {}", e.what);
         }
-        *state = next;
+        *state = theirs;
         self.snapshot.send_replace(Arc::new(snapshot));
-        Ok(true)
+        Ok(())
+    }
+
+    /// Re-reads the remote state and adopts it if newer (no-op for a file store).
+    pub async fn resync(&self) -> Result<bool, TransitionError> {
+        match &self.remote {
+            Some(r) => match r.fetch().await? {
+                Some(theirs) => self.adopt(theirs).await,
+                None => Ok(false),
+            },
+            None => Ok(false),
+        }
+    }
+
+    /// The remote store, if the state lives in Kubernetes.
+    pub fn remote(&self) -> Option<&Arc<crate::k8s::store::KubeStore>> {
+        self.remote.as_ref()
     }
 
     /// The current view for the request path.

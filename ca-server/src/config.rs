@@ -49,6 +49,41 @@ pub struct Config {
     pub istio: IstioConfig,
     /// Linkerd's identity API (`io.linkerd.proxy.identity.Identity`) on the gRPC port.
     pub linkerd: LinkerdConfig,
+    /// Which credentials are accepted, in order.
+    pub auth: AuthConfig,
+    /// Running on Kubernetes: TokenReview, state in a Secret, leader-elected rotation, bundle
+    /// ConfigMaps. Off by default (the embedded default is one process with a state dir).
+    pub kubernetes: crate::k8s::KubernetesConfig,
+}
+
+/// One authenticator of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    /// A client certificate from this CA: renewal of the SPIFFE ID it carries.
+    Mtls,
+    /// `authorization: Bearer <token>` checked with a Kubernetes TokenReview (needs
+    /// `[kubernetes] enabled`).
+    Tokenreview,
+    /// `authorization: Bearer <token>` from `<state-dir>/tokens.json`.
+    Static,
+}
+
+/// The authenticator chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// In order: a bearer token is offered to `tokenreview` and `static` in the order listed;
+    /// the first that accepts it decides. `mtls` accepts client certificates.
+    pub authenticators: Vec<AuthMethod>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            authenticators: vec![AuthMethod::Mtls, AuthMethod::Static],
+        }
+    }
 }
 
 /// The Istio face.
@@ -57,11 +92,16 @@ pub struct Config {
 pub struct IstioConfig {
     /// Serve it.
     pub enabled: bool,
+    /// The audience istio-agent's tokens are reviewed for (TokenReview).
+    pub token_audience: String,
 }
 
 impl Default for IstioConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            token_audience: "istio-ca".into(),
+        }
     }
 }
 
@@ -74,6 +114,8 @@ pub struct LinkerdConfig {
     /// The namespace of Linkerd's control plane, part of every identity:
     /// `<sa>.<ns>.serviceaccount.identity.<control_plane_namespace>.<trust domain>`.
     pub control_plane_namespace: String,
+    /// The audience Linkerd proxies' tokens are reviewed for (TokenReview).
+    pub token_audience: String,
 }
 
 impl Default for LinkerdConfig {
@@ -81,6 +123,7 @@ impl Default for LinkerdConfig {
         Self {
             enabled: true,
             control_plane_namespace: "linkerd".into(),
+            token_audience: "identity.l5d.io".into(),
         }
     }
 }
@@ -128,6 +171,8 @@ impl Default for Config {
             anchor: rotator::anchors::Automation::default(),
             istio: IstioConfig::default(),
             linkerd: LinkerdConfig::default(),
+            auth: AuthConfig::default(),
+            kubernetes: crate::k8s::KubernetesConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -214,6 +259,22 @@ impl Config {
                 reason: "the server certificate needs at least one DNS name or IP address".into(),
             });
         }
+        if self.auth.authenticators.is_empty() {
+            return Err(ConfigError {
+                name: "auth.authenticators".into(),
+                value: "[]".into(),
+                reason: "no authenticator: nothing could ever be issued".into(),
+            });
+        }
+        if self.auth.authenticators.contains(&AuthMethod::Tokenreview) && !self.kubernetes.enabled
+        {
+            return Err(ConfigError {
+                name: "auth.authenticators".into(),
+                value: "tokenreview".into(),
+                reason: "TokenReview needs the Kubernetes API: set [kubernetes] enabled = true".into(),
+            });
+        }
+        self.kubernetes.validate()?;
         for n in &self.tls.dns_names {
             if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
                 return Err(ConfigError {

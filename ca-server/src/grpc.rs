@@ -113,6 +113,7 @@ impl IdentityService for Identity {
                 instance_id: Some(req.instance_id.as_str()),
                 dns_identity: None,
             })
+            .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(SignCertificateResponse {
             certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),

@@ -84,11 +84,34 @@ impl IssueError {
     }
 }
 
+/// The TokenReview audience each face's tokens must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audiences {
+    /// meshca.v1.
+    pub meshca: String,
+    /// Istio's face.
+    pub istio: String,
+    /// Linkerd's face.
+    pub linkerd: String,
+}
+
+impl Default for Audiences {
+    fn default() -> Self {
+        let c = crate::config::Config::default();
+        Self {
+            meshca: c.kubernetes.token_audience,
+            istio: c.istio.token_audience,
+            linkerd: c.linkerd.token_audience,
+        }
+    }
+}
+
 /// Issues leaves.
 pub struct Issuer {
     authority: Arc<Authority>,
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
+    audiences: Audiences,
 }
 
 impl Issuer {
@@ -98,14 +121,29 @@ impl Issuer {
             authority,
             auth,
             metrics,
+            audiences: Audiences::default(),
         }
     }
 
+    /// With the configured TokenReview audiences.
+    #[must_use]
+    pub fn with_audiences(mut self, audiences: Audiences) -> Self {
+        self.audiences = audiences;
+        self
+    }
+
     /// Authenticates, checks, signs; logs one audit line and counts the result either way.
-    pub fn issue(&self, req: IssueRequest<'_>) -> Result<Issued, IssueError> {
+    pub async fn issue(&self, req: IssueRequest<'_>) -> Result<Issued, IssueError> {
         let start = Instant::now();
         let mut who = String::from("-");
-        let result = self.issue_inner(&req, &mut who);
+        let result = match self
+            .auth
+            .authenticate(req.credentials, self.audience(req.api))
+            .await
+        {
+            Ok(callers) => self.issue_inner(&req, &callers, &mut who),
+            Err(e) => Err(e.into()),
+        };
         self.metrics.count(
             req.api,
             result
@@ -133,8 +171,21 @@ impl Issuer {
         result
     }
 
-    fn issue_inner(&self, req: &IssueRequest<'_>, who: &mut String) -> Result<Issued, IssueError> {
-        let callers = self.auth.authenticate(req.credentials)?;
+    /// The TokenReview audience of a face.
+    fn audience(&self, api: &str) -> &str {
+        match api {
+            "istio" => &self.audiences.istio,
+            "linkerd" => &self.audiences.linkerd,
+            _ => &self.audiences.meshca,
+        }
+    }
+
+    fn issue_inner(
+        &self,
+        req: &IssueRequest<'_>,
+        callers: &[crate::auth::Caller],
+        who: &mut String,
+    ) -> Result<Issued, IssueError> {
         *who = callers
             .iter()
             .map(|c| c.name.as_str())
@@ -144,7 +195,7 @@ impl Issuer {
             Some((dns, id)) => parse_dns_csr(req.csr, dns, id.clone())?,
             None => parse_csr(req.csr)?,
         };
-        let caller = authorize(&callers, &csr.id)?;
+        let caller = authorize(callers, &csr.id)?;
         *who = caller.name.clone();
         let issued = self.sign(&csr, req.ttl)?;
         let instance = match req.instance_id.filter(|i| !i.is_empty()) {

@@ -52,6 +52,7 @@ impl IstioCertificateService for Istio {
                 instance_id: None,
                 dns_identity: None,
             })
+            .await
             .map_err(|e| status_of(&e))?;
         // Leaf, issuer, then the root the chain ends at.
         let root = issued

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod issuance;
 pub mod istio;
+pub mod k8s;
 pub mod ledger;
 pub mod linkerd;
 pub mod metrics;

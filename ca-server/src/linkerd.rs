@@ -126,6 +126,7 @@ impl Identity for Linkerd {
                 instance_id: None,
                 dns_identity: Some((&req.identity, &id)),
             })
+            .await
             .map_err(|e| status(&e))?;
         let mut chain = issued.chain.into_iter();
         let leaf = chain

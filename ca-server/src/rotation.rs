@@ -162,6 +162,45 @@ pub async fn catch_up(authority: &Authority, limit: usize) -> Result<usize, Tran
     Ok(n)
 }
 
+/// Runs [`drive`] while `leader` is true (the Lease holder on Kubernetes; always, with a state
+/// dir): on becoming leader it first re-reads the committed state, so a rotation another replica
+/// left half-done is resumed from its journal, not restarted.
+pub async fn drive_while_leader(
+    authority: Arc<Authority>,
+    health: Arc<RotationHealth>,
+    metrics: Arc<Metrics>,
+    auto: Automation,
+    mut leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = leader.wait_for(|l| *l) => if r.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = authority.resync().await {
+            tracing::warn!(target: "meshca::rotation", "re-reading the state on becoming leader: {e}");
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(drive(
+            authority.clone(),
+            health.clone(),
+            metrics.clone(),
+            auto.clone(),
+            stop_rx,
+        ));
+        tokio::select! {
+            _ = leader.wait_for(|l| !*l) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+        stop.send_replace(true);
+        let _ = task.await;
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
 /// The driver loop; returns when `shutdown` flips.
 pub async fn drive(
     authority: Arc<Authority>,

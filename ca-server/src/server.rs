@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, Admin};
 use crate::auth::{Authenticator, write_bootstrap_token};
 use crate::authority::{Authority, OpenError, OpenOptions, Origin};
-use crate::config::{Config, ConfigError, DEFAULT_TRUST_DOMAIN, MAX_REQUEST_BYTES};
+use crate::config::{AuthMethod, Config, ConfigError, DEFAULT_TRUST_DOMAIN, MAX_REQUEST_BYTES};
 use crate::grpc::Identity;
 use crate::http::{HttpState, Readiness, router};
 use crate::issuance::Issuer;
@@ -76,6 +76,11 @@ pub struct Server {
     pub bootstrap_token: Option<PathBuf>,
     /// The state dir.
     pub state_dir: PathBuf,
+    /// Whether this replica rotates now (always, with a state dir; the Lease holder on
+    /// Kubernetes).
+    pub leader: watch::Receiver<bool>,
+    /// The TokenReview authenticator, when configured (tests read its call count).
+    pub reviewer: Option<Arc<crate::k8s::tokenreview::TokenReviewer>>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     _lock: std::fs::File,
@@ -106,7 +111,28 @@ impl Server {
             default_trust_domain: DEFAULT_TRUST_DOMAIN.parse().map_err(|e| other(&e))?,
             upstream_anchor,
         };
-        let (authority, origin) = Authority::open(store, how, config.policy.clone(), clock).await?;
+        let kube = &config.kubernetes;
+        let client = if kube.enabled {
+            Some(kube.client().await.map_err(StartError::Other)?)
+        } else {
+            None
+        };
+        let namespace = kube.own_namespace();
+        let remote = match &client {
+            Some(c) if !kube.state_secret.is_empty() => Some(Arc::new(
+                crate::k8s::store::KubeStore::new(c.clone(), &namespace, &kube.state_secret),
+            )),
+            _ => None,
+        };
+        let replicated = remote.is_some();
+        let (authority, origin) = Authority::open_with(
+            store,
+            remote,
+            how,
+            config.policy.clone(),
+            clock.clone(),
+        )
+        .await?;
         let authority = Arc::new(authority);
         let created = origin == Origin::Created;
         let bootstrap_token = if created {
@@ -125,13 +151,36 @@ impl Server {
             ),
         }
 
-        let auth = Arc::new(Authenticator::load(&config.state_dir).map_err(|e| other(&e))?);
+        let reviewer = match &client {
+            Some(c) if config.auth.authenticators.contains(&AuthMethod::Tokenreview) => {
+                Some(Arc::new(crate::k8s::tokenreview::TokenReviewer::new(
+                    c.clone(),
+                    authority.snapshot().bundle.trust_domain.clone(),
+                    clock.clone(),
+                    kube.token_cache_ttl,
+                    kube.token_cache_size,
+                )))
+            }
+            _ => None,
+        };
+        let auth = Arc::new(
+            Authenticator::with_chain(
+                &config.state_dir,
+                config.auth.authenticators.clone(),
+                reviewer.clone(),
+            )
+            .map_err(|e| other(&e))?,
+        );
         let metrics = Arc::new(Metrics::new());
-        let issuer = Arc::new(Issuer::new(
-            authority.clone(),
-            auth.clone(),
-            metrics.clone(),
-        ));
+        let issuer = Arc::new(
+            Issuer::new(authority.clone(), auth.clone(), metrics.clone()).with_audiences(
+                crate::issuance::Audiences {
+                    meshca: kube.token_audience.clone(),
+                    istio: config.istio.token_audience.clone(),
+                    linkerd: config.linkerd.token_audience.clone(),
+                },
+            ),
+        );
         let health = Arc::new(RotationHealth::default());
         let probe_key = rotator::pki::SecretKey::generate_p256().map_err(|e| other(&e))?;
         let probe_id = format!(
@@ -183,11 +232,41 @@ impl Server {
             let _ = admin_task.await;
         });
 
-        tasks.spawn(rotation::drive(
+        // Who rotates: with the state in a Secret, the Lease holder; otherwise this process.
+        let (leader_tx, leader_rx) = watch::channel(!replicated);
+        if let (Some(c), true) = (&client, replicated) {
+            tasks.spawn(crate::k8s::lease::run(
+                kube::Api::namespaced(c.clone(), &namespace),
+                kube.lease.clone(),
+                kube.own_identity(),
+                kube.lease_duration,
+                leader_tx,
+                shutdown_rx.clone(),
+            ));
+            tasks.spawn(crate::k8s::store::follow(
+                authority.clone(),
+                shutdown_rx.clone(),
+            ));
+        } else {
+            drop(leader_tx);
+        }
+        if let Some(c) = &client
+            && !kube.bundle.namespace_selector.is_empty()
+        {
+            tasks.spawn(crate::k8s::publish::run(
+                c.clone(),
+                kube.bundle.clone(),
+                authority.clone(),
+                leader_rx.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        tasks.spawn(rotation::drive_while_leader(
             authority.clone(),
             health.clone(),
             metrics.clone(),
             config.anchor.clone(),
+            leader_rx.clone(),
             shutdown_rx.clone(),
         ));
         // The issuance ledger: written in batches, closed cleanly at shutdown.
@@ -302,6 +381,8 @@ impl Server {
             created,
             bootstrap_token,
             state_dir: config.state_dir,
+            leader: leader_rx,
+            reviewer,
             shutdown,
             tasks,
             _lock: lock,

@@ -15,7 +15,7 @@
 //! atomically (temp file, fsync, rename, fsync dir). The rename is the commit point: a crash
 //! before it leaves the old state, after it the new one. Files are never deleted.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -70,6 +70,9 @@ pub enum StoreError {
         /// The lock file.
         path: PathBuf,
     },
+    /// A remote store (the Kubernetes API) could not be read or written.
+    #[error("{0}")]
+    Remote(String),
     /// Another writer committed first (optimistic concurrency); re-read and decide again.
     #[error("conflict: the stored generation is {found}, expected {expected}")]
     Conflict {
@@ -253,86 +256,7 @@ impl FileStore {
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let file: StateFile = serde_json::from_str(&text)
-            .map_err(|e| corrupt(&path, format!("not valid state JSON: {e}")))?;
-        if file.format != FORMAT {
-            return Err(corrupt(
-                &path,
-                format!(
-                    "format {} is not supported (this meshca reads format {FORMAT})",
-                    file.format
-                ),
-            ));
-        }
-        let mut seen = HashSet::new();
-        let mut anchors = Vec::new();
-        for m in &file.anchors {
-            check_id(&path, &m.id, &mut seen)?;
-            let cert = self.read_cert("anchors", &m.id, &m.serial, m.not_after)?;
-            let key = if m.key_held {
-                Some(self.read_key("anchors", &m.id, &cert)?)
-            } else {
-                None
-            };
-            anchors.push(Anchor {
-                cert,
-                key,
-                status: m.status,
-            });
-        }
-        let mut issuers = Vec::new();
-        for m in &file.issuers {
-            check_id(&path, &m.id, &mut seen)?;
-            let cert = self.read_cert("issuers", &m.id, &m.serial, m.not_after)?;
-            let key = self.read_key("issuers", &m.id, &cert)?;
-            issuers.push(Issuer {
-                cert,
-                key,
-                anchor: m.anchor.clone(),
-                status: m.status,
-            });
-        }
-        let pending_issuer_key = match &file.pending_issuer_key {
-            None => None,
-            Some(m) => {
-                if !CertId::is_well_formed(&m.id) {
-                    return Err(corrupt(&path, format!("{:?} is not a key id", m.id)));
-                }
-                let kp = self
-                    .dir
-                    .join("issuers")
-                    .join(format!("pending-{}.key", m.id));
-                let key = self.read_key_file(&kp)?;
-                if key_id(&key) != m.id {
-                    return Err(corrupt(
-                        &kp,
-                        format!(
-                            "holds key {} where {STATE_FILE} expects {}",
-                            key_id(&key),
-                            m.id
-                        ),
-                    ));
-                }
-                Some(PendingKey {
-                    key,
-                    created: m.created,
-                })
-            }
-        };
-        let state = AuthorityState {
-            trust_domain: file.trust_domain,
-            generation: file.generation,
-            bundle_version: file.bundle_version,
-            anchors,
-            issuers,
-            phase: file.phase,
-            history: file.history,
-            pending_issuer_key,
-        };
-        state
-            .check()
-            .map_err(|e| corrupt(&path, format!("inconsistent: {e}")))?;
-        Ok(Some(state))
+        decode(&text, &path, self)
     }
 
     /// Commits `next` (see the module docs for the order of writes).
@@ -391,40 +315,7 @@ impl FileStore {
                 }
             }
         }
-        let file = StateFile {
-            format: FORMAT,
-            trust_domain: next.trust_domain.clone(),
-            generation: next.generation,
-            bundle_version: next.bundle_version,
-            phase: next.phase.clone(),
-            anchors: next
-                .anchors
-                .iter()
-                .map(|a| AnchorMeta {
-                    id: a.cert.id().clone(),
-                    status: a.status,
-                    key_held: a.key.is_some(),
-                    serial: a.cert.info.serial.clone(),
-                    not_after: a.cert.info.not_after,
-                })
-                .collect(),
-            issuers: next
-                .issuers
-                .iter()
-                .map(|i| IssuerMeta {
-                    id: i.cert.id().clone(),
-                    anchor: i.anchor.clone(),
-                    status: i.status,
-                    serial: i.cert.info.serial.clone(),
-                    not_after: i.cert.info.not_after,
-                })
-                .collect(),
-            history: next.history.clone(),
-            pending_issuer_key: next.pending_issuer_key.as_ref().map(|p| PendingMeta {
-                id: key_id(&p.key),
-                created: p.created,
-            }),
-        };
+        let file = StateFile::of(next);
         if let Some(p) = &next.pending_issuer_key {
             let dir = self.dir.join("issuers");
             create_private_dir(&dir)?;
@@ -466,63 +357,313 @@ impl FileStore {
             Err(e) => Err(io_err(&path)(e)),
         }
     }
+}
 
-    fn read_cert(
-        &self,
-        sub: &str,
-        id: &CertId,
-        serial: &str,
-        not_after: OffsetDateTime,
-    ) -> Result<CaCert, StoreError> {
-        let path = self.dir.join(sub).join(format!("{id}.crt"));
-        let text = read_existing(&path, "certificate")?;
-        let cert = CaCert::from_pem(&text).map_err(|e| corrupt(&path, e.to_string()))?;
-        if cert.id() != id {
-            return Err(corrupt(
-                &path,
-                format!(
-                    "holds certificate {} where {STATE_FILE} expects {id}: the file was changed",
-                    cert.id()
-                ),
-            ));
+impl StateFile {
+    fn of(next: &AuthorityState) -> Self {
+        Self {
+            format: FORMAT,
+            trust_domain: next.trust_domain.clone(),
+            generation: next.generation,
+            bundle_version: next.bundle_version,
+            phase: next.phase.clone(),
+            anchors: next
+                .anchors
+                .iter()
+                .map(|a| AnchorMeta {
+                    id: a.cert.id().clone(),
+                    status: a.status,
+                    key_held: a.key.is_some(),
+                    serial: a.cert.info.serial.clone(),
+                    not_after: a.cert.info.not_after,
+                })
+                .collect(),
+            issuers: next
+                .issuers
+                .iter()
+                .map(|i| IssuerMeta {
+                    id: i.cert.id().clone(),
+                    anchor: i.anchor.clone(),
+                    status: i.status,
+                    serial: i.cert.info.serial.clone(),
+                    not_after: i.cert.info.not_after,
+                })
+                .collect(),
+            history: next.history.clone(),
+            pending_issuer_key: next.pending_issuer_key.as_ref().map(|p| PendingMeta {
+                id: key_id(&p.key),
+                created: p.created,
+            }),
         }
-        if cert.info.serial != serial || cert.info.not_after != not_after {
-            return Err(corrupt(
-                &path,
-                format!("serial or notAfter differ from {STATE_FILE}"),
-            ));
+    }
+}
+
+/// The flat form of a committed state: one entry per file, named `state.json`,
+/// `anchors.<id>.crt`, `anchors.<id>.key`, `issuers.<id>.crt|.key`, `issuers.pending-<id>.key`.
+/// This is what a Kubernetes Secret's `data` holds (its keys allow `[-._a-zA-Z0-9]` only).
+pub fn encode_flat(next: &AuthorityState) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+    next.check().map_err(|e| {
+        corrupt(
+            Path::new(STATE_FILE),
+            format!("refusing to commit an inconsistent state: {e}"),
+        )
+    })?;
+    let mut out = BTreeMap::new();
+    for a in &next.anchors {
+        let id = a.cert.id();
+        out.insert(format!("anchors.{id}.crt"), a.cert.pem().into_bytes());
+        if let Some(k) = &a.key {
+            out.insert(format!("anchors.{id}.key"), k.to_pem().as_bytes().to_vec());
         }
-        Ok(cert)
+    }
+    for i in &next.issuers {
+        let id = i.cert.id();
+        out.insert(format!("issuers.{id}.crt"), i.cert.pem().into_bytes());
+        out.insert(format!("issuers.{id}.key"), i.key.to_pem().as_bytes().to_vec());
+    }
+    if let Some(p) = &next.pending_issuer_key {
+        out.insert(
+            format!("issuers.pending-{}.key", key_id(&p.key)),
+            p.key.to_pem().as_bytes().to_vec(),
+        );
+    }
+    let mut json = serde_json::to_vec_pretty(&StateFile::of(next))
+        .map_err(|e| corrupt(Path::new(STATE_FILE), e.to_string()))?;
+    json.push(b'\n');
+    out.insert(STATE_FILE.to_owned(), json);
+    Ok(out)
+}
+
+/// Decodes and checks a flat state (see [`encode_flat`]); `origin` names where it came from in
+/// errors (e.g. `secret meshca/meshca-authority`). `Ok(None)` when `data` is empty; anything
+/// else that is missing or inconsistent is `Corrupt`.
+pub fn decode_flat(
+    origin: &str,
+    data: &BTreeMap<String, Vec<u8>>,
+) -> Result<Option<AuthorityState>, StoreError> {
+    let flat = Flat { origin, data };
+    let path = flat.path("", STATE_FILE);
+    let Some(text) = data.get(STATE_FILE) else {
+        if data.is_empty() {
+            return Ok(None);
+        }
+        return Err(corrupt(
+            &path,
+            format!(
+                "missing, but {} other entries exist: refusing to generate a new trust anchor over \
+                 an existing authority (restore the object from a backup, or delete it to start afresh)",
+                data.len()
+            ),
+        ));
+    };
+    let text = std::str::from_utf8(text).map_err(|_| corrupt(&path, "not UTF-8"))?;
+    decode(text, &path, &flat)
+}
+
+/// The generation recorded in a flat state's `state.json`, if it has one.
+pub fn flat_generation(data: &BTreeMap<String, Vec<u8>>) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Gen {
+        generation: u64,
+    }
+    let b = data.get(STATE_FILE)?;
+    serde_json::from_slice::<Gen>(b).ok().map(|g| g.generation)
+}
+
+struct Flat<'a> {
+    origin: &'a str,
+    data: &'a BTreeMap<String, Vec<u8>>,
+}
+
+impl Flat<'_> {
+    fn key(sub: &str, name: &str) -> String {
+        if sub.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{sub}.{name}")
+        }
+    }
+}
+
+impl Files for Flat<'_> {
+    fn path(&self, sub: &str, name: &str) -> PathBuf {
+        PathBuf::from(format!("{}: {}", self.origin, Self::key(sub, name)))
     }
 
-    fn read_key(&self, sub: &str, id: &CertId, cert: &CaCert) -> Result<SecretKey, StoreError> {
-        let path = self.dir.join(sub).join(format!("{id}.key"));
-        let key = self.read_key_file(&path)?;
-        if !cert.matches_key(&key) {
-            return Err(corrupt(
-                &path,
-                format!("this key does not belong to certificate {id}"),
-            ));
-        }
-        Ok(key)
+    fn read(&self, sub: &str, name: &str, what: &str) -> Result<String, StoreError> {
+        let path = self.path(sub, name);
+        let b = self
+            .data
+            .get(&Self::key(sub, name))
+            .ok_or_else(|| corrupt(&path, format!("missing: {STATE_FILE} lists this {what}")))?;
+        String::from_utf8(b.clone()).map_err(|_| corrupt(&path, "not text (not PEM)"))
     }
 
-    fn read_key_file(&self, path: &Path) -> Result<SecretKey, StoreError> {
-        let text = zeroize::Zeroizing::new(read_existing(path, "private key")?);
-        let mode = fs::metadata(path)
-            .map_err(io_err(path))?
+    fn read_key(&self, sub: &str, name: &str) -> Result<SecretKey, StoreError> {
+        let text = zeroize::Zeroizing::new(self.read(sub, name, "private key")?);
+        SecretKey::from_pem(&text).map_err(|e| corrupt(&self.path(sub, name), e.to_string()))
+    }
+}
+
+/// Where the files of a committed state are read from: a state dir, or a flat map (a Kubernetes
+/// Secret's data).
+trait Files {
+    /// Where `sub/name` lives, for error messages.
+    fn path(&self, sub: &str, name: &str) -> PathBuf;
+    /// The text of `sub/name`, which `state.json` says exists.
+    fn read(&self, sub: &str, name: &str, what: &str) -> Result<String, StoreError>;
+    /// A private key's text (a file store also checks the file's mode).
+    fn read_key(&self, sub: &str, name: &str) -> Result<SecretKey, StoreError>;
+}
+
+/// Decodes and checks a committed state whose `state.json` text is `text`.
+fn decode(text: &str, path: &Path, files: &impl Files) -> Result<Option<AuthorityState>, StoreError> {
+    let file: StateFile = serde_json::from_str(&text)
+        .map_err(|e| corrupt(&path, format!("not valid state JSON: {e}")))?;
+    if file.format != FORMAT {
+        return Err(corrupt(
+            &path,
+            format!(
+                "format {} is not supported (this meshca reads format {FORMAT})",
+                file.format
+            ),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut anchors = Vec::new();
+    for m in &file.anchors {
+        check_id(&path, &m.id, &mut seen)?;
+        let cert = read_cert(files, "anchors", &m.id, &m.serial, m.not_after)?;
+        let key = if m.key_held {
+            Some(read_key(files, "anchors", &m.id, &cert)?)
+        } else {
+            None
+        };
+        anchors.push(Anchor {
+            cert,
+            key,
+            status: m.status,
+        });
+    }
+    let mut issuers = Vec::new();
+    for m in &file.issuers {
+        check_id(&path, &m.id, &mut seen)?;
+        let cert = read_cert(files, "issuers", &m.id, &m.serial, m.not_after)?;
+        let key = read_key(files, "issuers", &m.id, &cert)?;
+        issuers.push(Issuer {
+            cert,
+            key,
+            anchor: m.anchor.clone(),
+            status: m.status,
+        });
+    }
+    let pending_issuer_key = match &file.pending_issuer_key {
+        None => None,
+        Some(m) => {
+            if !CertId::is_well_formed(&m.id) {
+                return Err(corrupt(&path, format!("{:?} is not a key id", m.id)));
+            }
+            let kp = files.path("issuers", &format!("pending-{}.key", m.id));
+            let key = files.read_key("issuers", &format!("pending-{}.key", m.id))?;
+            if key_id(&key) != m.id {
+                return Err(corrupt(
+                    &kp,
+                    format!(
+                        "holds key {} where {STATE_FILE} expects {}",
+                        key_id(&key),
+                        m.id
+                    ),
+                ));
+            }
+            Some(PendingKey {
+                key,
+                created: m.created,
+            })
+        }
+    };
+    let state = AuthorityState {
+        trust_domain: file.trust_domain,
+        generation: file.generation,
+        bundle_version: file.bundle_version,
+        anchors,
+        issuers,
+        phase: file.phase,
+        history: file.history,
+        pending_issuer_key,
+    };
+    state
+        .check()
+        .map_err(|e| corrupt(&path, format!("inconsistent: {e}")))?;
+    Ok(Some(state))
+}
+
+fn read_cert(
+    files: &impl Files,
+    sub: &str,
+    id: &CertId,
+    serial: &str,
+    not_after: OffsetDateTime,
+) -> Result<CaCert, StoreError> {
+    let name = format!("{id}.crt");
+    let path = files.path(sub, &name);
+    let text = files.read(sub, &name, "certificate")?;
+    let cert = CaCert::from_pem(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+    if cert.id() != id {
+        return Err(corrupt(
+            &path,
+            format!(
+                "holds certificate {} where {STATE_FILE} expects {id}: the file was changed",
+                cert.id()
+            ),
+        ));
+    }
+    if cert.info.serial != serial || cert.info.not_after != not_after {
+        return Err(corrupt(
+            &path,
+            format!("serial or notAfter differ from {STATE_FILE}"),
+        ));
+    }
+    Ok(cert)
+}
+
+fn read_key(files: &impl Files, sub: &str, id: &CertId, cert: &CaCert) -> Result<SecretKey, StoreError> {
+    let name = format!("{id}.key");
+    let key = files.read_key(sub, &name)?;
+    if !cert.matches_key(&key) {
+        return Err(corrupt(
+            &files.path(sub, &name),
+            format!("this key does not belong to certificate {id}"),
+        ));
+    }
+    Ok(key)
+}
+
+impl Files for FileStore {
+    fn path(&self, sub: &str, name: &str) -> PathBuf {
+        self.dir.join(sub).join(name)
+    }
+
+    fn read(&self, sub: &str, name: &str, what: &str) -> Result<String, StoreError> {
+        read_existing(&self.path(sub, name), what)
+    }
+
+    fn read_key(&self, sub: &str, name: &str) -> Result<SecretKey, StoreError> {
+        let path = self.path(sub, name);
+        let text = zeroize::Zeroizing::new(read_existing(&path, "private key")?);
+        let mode = fs::metadata(&path)
+            .map_err(io_err(&path))?
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
             return Err(corrupt(
-                path,
+                &path,
                 format!(
                     "private key is readable by group or others (mode {:o}); run chmod 600",
                     mode & 0o777
                 ),
             ));
         }
-        SecretKey::from_pem(&text).map_err(|e| corrupt(path, e.to_string()))
+        SecretKey::from_pem(&text).map_err(|e| corrupt(&path, e.to_string()))
     }
 }
 
@@ -644,6 +785,47 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn flat_round_trip_and_refusals() {
+        let s = genesis();
+        let flat = encode_flat(&s).unwrap();
+        assert!(flat.contains_key(STATE_FILE));
+        for k in flat.keys() {
+            assert!(
+                k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)),
+                "{k} is not a valid Secret data key"
+            );
+        }
+        let back = decode_flat("secret ns/x", &flat).unwrap().unwrap();
+        assert_eq!(back.generation, s.generation);
+        assert_eq!(back.anchors[0].cert, s.anchors[0].cert);
+        assert_eq!(flat_generation(&flat), Some(s.generation));
+        assert!(decode_flat("secret ns/x", &BTreeMap::new()).unwrap().is_none());
+
+        // A key entry gone: corrupt, naming the entry.
+        let mut missing = flat.clone();
+        let key = missing
+            .keys()
+            .find(|k| k.starts_with("issuers.") && k.ends_with(".key"))
+            .unwrap()
+            .clone();
+        missing.remove(&key);
+        let e = decode_flat("secret ns/x", &missing).unwrap_err().to_string();
+        assert!(e.contains(&key) && e.contains("missing"), "{e}");
+        // state.json gone while certificates remain: refuse, never "fresh".
+        let mut headless = flat.clone();
+        headless.remove(STATE_FILE);
+        let e = decode_flat("secret ns/x", &headless).unwrap_err().to_string();
+        assert!(e.contains("refusing to generate a new trust anchor"), "{e}");
+        // A key swapped for another's: corrupt.
+        let mut swapped = flat;
+        let other = SecretKey::generate_p256().unwrap().to_pem().as_bytes().to_vec();
+        swapped.insert(key.clone(), other);
+        let e = decode_flat("secret ns/x", &swapped).unwrap_err().to_string();
+        assert!(e.contains("does not belong"), "{e}");
     }
 
     #[test]

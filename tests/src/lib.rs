@@ -5,6 +5,7 @@
 //! See `tests/README.md` for the tiers.
 
 pub mod fleet;
+pub mod kubeapi;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

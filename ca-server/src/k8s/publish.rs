@@ -1,0 +1,236 @@
+//! The trust bundle as ConfigMaps: `<configmap>` (key `ca-bundle.crt`) in every namespace whose
+//! labels match `[kubernetes.bundle] namespace_selector`, optionally also Istio's
+//! `istio-ca-root-cert` (`root-cert.pem`) and Linkerd's `linkerd-identity-trust-roots`
+//! (`ca-bundle.crt`) shapes. Published by the Lease holder on every bundle change and every
+//! `resync`; removed (only ours: label `app.kubernetes.io/managed-by=meshca`) from namespaces
+//! that stop matching. Each ConfigMap carries `meshca.io/bundle-version`; one already at a newer
+//! version is never overwritten with an older bundle (a deposed leader cannot roll it back).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use tokio::sync::watch;
+
+use super::store::MANAGED_BY;
+use super::{BundlePublication, is_conflict, is_not_found};
+use crate::authority::{Authority, Bundle};
+
+/// The annotation holding the bundle version a ConfigMap was written from.
+pub const VERSION_ANNOTATION: &str = "meshca.io/bundle-version";
+
+/// Parses an equality selector `k=v,k2=v2` (also `k==v`).
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once("==")
+            .or_else(|| part.split_once('='))
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() || k.contains('!') || v.contains('=') {
+            return Err(format!("{part:?} is not key=value"));
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    if out.is_empty() {
+        return Err("empty selector".into());
+    }
+    Ok(out)
+}
+
+/// The (name, key) pairs published in each matching namespace.
+pub fn shapes(cfg: &BundlePublication) -> Vec<(String, &'static str)> {
+    let mut v = vec![(cfg.configmap.clone(), "ca-bundle.crt")];
+    if cfg.istio {
+        v.push(("istio-ca-root-cert".into(), "root-cert.pem"));
+    }
+    if cfg.linkerd {
+        v.push(("linkerd-identity-trust-roots".into(), "ca-bundle.crt"));
+    }
+    v
+}
+
+/// What one reconcile did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// ConfigMaps created or updated.
+    pub written: usize,
+    /// ConfigMaps already current.
+    pub unchanged: usize,
+    /// ConfigMaps left alone because they hold a newer bundle.
+    pub newer: usize,
+    /// ConfigMaps removed from namespaces that no longer match.
+    pub removed: usize,
+}
+
+fn version_of(cm: &ConfigMap) -> u64 {
+    cm.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(VERSION_ANNOTATION))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One reconcile: publish `bundle` to every matching namespace, remove from the others.
+pub async fn reconcile(
+    client: &kube::Client,
+    cfg: &BundlePublication,
+    bundle: &Bundle,
+) -> Result<Published, kube::Error> {
+    let mut done = Published::default();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let selector = cfg.namespace_selector.clone();
+    let matching: BTreeSet<String> = namespaces
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    let shapes = shapes(cfg);
+    let pp = PostParams {
+        field_manager: Some("meshca".into()),
+        ..Default::default()
+    };
+    for ns in &matching {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        for (name, key) in &shapes {
+            let data: BTreeMap<String, String> = [((*key).to_owned(), bundle.pem.clone())].into();
+            let meta = |rv: Option<String>| ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())].into()),
+                annotations: Some(
+                    [(VERSION_ANNOTATION.to_owned(), bundle.version.to_string())].into(),
+                ),
+                resource_version: rv,
+                ..Default::default()
+            };
+            match api.get_opt(name).await? {
+                None => {
+                    let cm = ConfigMap {
+                        metadata: meta(None),
+                        data: Some(data),
+                        ..Default::default()
+                    };
+                    match api.create(&pp, &cm).await {
+                        Ok(_) => done.written += 1,
+                        // Created meanwhile: the next round looks again.
+                        Err(e) if is_conflict(&e) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Some(cm) => {
+                    let v = version_of(&cm);
+                    if v > bundle.version {
+                        done.newer += 1;
+                        continue;
+                    }
+                    if v == bundle.version && cm.data.as_ref() == Some(&data) {
+                        done.unchanged += 1;
+                        continue;
+                    }
+                    let mut next = cm.clone();
+                    let mut m = meta(cm.metadata.resource_version.clone());
+                    // Keep other labels and annotations (e.g. a mesh's own).
+                    let mut labels = cm.metadata.labels.clone().unwrap_or_default();
+                    labels.extend(m.labels.take().unwrap_or_default());
+                    let mut ann = cm.metadata.annotations.clone().unwrap_or_default();
+                    ann.extend(m.annotations.take().unwrap_or_default());
+                    m.labels = Some(labels);
+                    m.annotations = Some(ann);
+                    next.metadata = ObjectMeta {
+                        uid: cm.metadata.uid.clone(),
+                        ..m
+                    };
+                    next.data = Some(data);
+                    match api.replace(name, &pp, &next).await {
+                        Ok(_) => done.written += 1,
+                        Err(e) if is_conflict(&e) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+    // Ours in namespaces that stopped matching.
+    let all: Api<ConfigMap> = Api::all(client.clone());
+    let ours = all
+        .list(&ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)))
+        .await?;
+    for cm in ours.items {
+        let (Some(ns), Some(name)) = (cm.metadata.namespace.clone(), cm.metadata.name.clone())
+        else {
+            continue;
+        };
+        if matching.contains(&ns) || !shapes.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => done.removed += 1,
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Publishes while this replica holds the Lease: at once on becoming leader and on every bundle
+/// change, and every `resync`.
+pub async fn run(
+    client: kube::Client,
+    cfg: BundlePublication,
+    authority: Arc<Authority>,
+    mut leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut snapshots = authority.subscribe();
+    let mut last_version = None;
+    loop {
+        if *leader.borrow_and_update() {
+            let bundle = authority.snapshot().bundle.clone();
+            match reconcile(&client, &cfg, &bundle).await {
+                Ok(p) => {
+                    if p.written + p.removed > 0 || last_version != Some(bundle.version) {
+                        tracing::info!(target: "meshca::publish", version = bundle.version, written = p.written,
+                            unchanged = p.unchanged, removed = p.removed, newer = p.newer, "trust bundle ConfigMaps published");
+                    }
+                    last_version = Some(bundle.version);
+                }
+                Err(e) => {
+                    tracing::warn!(target: "meshca::publish", "publishing the trust bundle ConfigMaps failed (retrying): {e}");
+                }
+            }
+        }
+        let wait = if last_version.is_some() {
+            cfg.resync
+        } else {
+            cfg.resync.min(std::time::Duration::from_secs(2))
+        };
+        tokio::select! {
+            r = snapshots.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let s = parse_selector("meshca.io/trust-bundle=enabled, team==a").unwrap();
+        assert_eq!(s.get("meshca.io/trust-bundle").unwrap(), "enabled");
+        assert_eq!(s.get("team").unwrap(), "a");
+        for bad in ["", "novalue", "a!=b", "a=b=c"] {
+            assert!(parse_selector(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The authority state in one Secret (`[kubernetes] state_secret`, type Opaque, in meshca's own
+//! namespace), in the flat form of [`rotator::store::encode_flat`]: `state.json` plus one entry
+//! per certificate and private key.
+//!
+//! Every write is a create (first commit) or a replace carrying the `resourceVersion` the writer
+//! last read, so the API server refuses it with 409 when anybody else wrote in between. A 409
+//! becomes [`StoreError::Conflict`]: the authority re-reads the Secret and decides again from
+//! what it finds (see `Authority::transition`); nothing is ever overwritten blind. A Secret
+//! whose data does not decode refuses start-up naming the entry, exactly like a corrupt state
+//! dir; a missing `state.json` next to certificates is never taken for "no authority yet".
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use rotator::state::AuthorityState;
+use rotator::store::{StoreError, decode_flat, encode_flat, flat_generation};
+
+use super::is_conflict;
+
+/// Label on every object meshca writes.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshca");
+
+/// The authority state in a Secret.
+pub struct KubeStore {
+    api: Api<Secret>,
+    name: String,
+    origin: String,
+    /// The generation and resourceVersion last read or written.
+    seen: std::sync::Mutex<Option<(u64, String)>>,
+}
+
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeStore")
+            .field("secret", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A Secret's data as plain bytes.
+pub fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
+    s.data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect()
+}
+
+fn remote(what: &str, e: &kube::Error) -> StoreError {
+    StoreError::Remote(format!("{what}: {e}"))
+}
+
+impl KubeStore {
+    /// The Secret `name` in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.to_owned(),
+            origin: format!("secret {namespace}/{name}"),
+            seen: Default::default(),
+        }
+    }
+
+    /// Where the state lives, for messages.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The Secrets API and the name (for watching).
+    pub fn api(&self) -> (&Api<Secret>, &str) {
+        (&self.api, &self.name)
+    }
+
+    fn remember(&self, generation: u64, rv: Option<String>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match rv {
+            Some(rv) => *seen = Some((generation, rv)),
+            None => *seen = None,
+        }
+    }
+
+    /// Decodes a Secret seen on a watch (or a get) and remembers its resourceVersion.
+    pub fn decode(&self, s: &Secret) -> Result<Option<AuthorityState>, StoreError> {
+        let state = decode_flat(&self.origin, &secret_data(s))?;
+        if let Some(st) = &state {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.as_ref().is_none_or(|(g, _)| *g <= st.generation) {
+                *seen = s
+                    .metadata
+                    .resource_version
+                    .clone()
+                    .map(|rv| (st.generation, rv));
+            }
+        }
+        Ok(state)
+    }
+
+    /// The committed state and the Secret's resourceVersion.
+    pub async fn fetch(&self) -> Result<Option<AuthorityState>, StoreError> {
+        match self.api.get_opt(&self.name).await {
+            Ok(None) => Ok(None),
+            Ok(Some(s)) => self.decode(&s),
+            Err(e) => Err(remote(&format!("reading {}", self.origin), &e)),
+        }
+    }
+
+    async fn stored_generation(&self) -> Result<Option<(u64, Option<String>)>, StoreError> {
+        match self.api.get_opt(&self.name).await {
+            Ok(None) => Ok(None),
+            Ok(Some(s)) => Ok(Some((
+                flat_generation(&secret_data(&s)).unwrap_or(0),
+                s.metadata.resource_version.clone(),
+            ))),
+            Err(e) => Err(remote(&format!("reading {}", self.origin), &e)),
+        }
+    }
+
+    fn object(&self, next: &AuthorityState, rv: Option<String>) -> Result<Secret, StoreError> {
+        let data = encode_flat(next)?
+            .into_iter()
+            .map(|(k, v)| (k, ByteString(v)))
+            .collect();
+        Ok(Secret {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                labels: Some([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())].into()),
+                annotations: Some(
+                    [(
+                        "meshca.io/generation".to_owned(),
+                        next.generation.to_string(),
+                    )]
+                    .into(),
+                ),
+                resource_version: rv,
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(data),
+            ..Default::default()
+        })
+    }
+
+    async fn conflict(&self, expected: Option<u64>) -> StoreError {
+        let found = match self.stored_generation().await {
+            Ok(g) => g.map_or(0, |(g, _)| g),
+            Err(e) => return e,
+        };
+        StoreError::Conflict {
+            expected: expected.unwrap_or(0),
+            found,
+        }
+    }
+}
+
+impl rotator::store::Store for KubeStore {
+    async fn load(&self) -> Result<Option<AuthorityState>, StoreError> {
+        self.fetch().await
+    }
+
+    async fn commit(&self, base: Option<u64>, next: &AuthorityState) -> Result<(), StoreError> {
+        let pp = PostParams {
+            field_manager: Some("meshca".into()),
+            ..Default::default()
+        };
+        let written = match base {
+            None => match self.api.create(&pp, &self.object(next, None)?).await {
+                Ok(s) => s,
+                Err(e) if is_conflict(&e) => return Err(self.conflict(None).await),
+                Err(e) => return Err(remote(&format!("creating {}", self.origin), &e)),
+            },
+            Some(b) => {
+                let known = self
+                    .seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .filter(|(g, _)| *g == b)
+                    .map(|(_, rv)| rv);
+                let rv = match known {
+                    Some(rv) => rv,
+                    None => match self.stored_generation().await? {
+                        Some((g, Some(rv))) if g == b => rv,
+                        Some((g, _)) => {
+                            return Err(StoreError::Conflict {
+                                expected: b,
+                                found: g,
+                            });
+                        }
+                        None => {
+                            return Err(StoreError::Conflict {
+                                expected: b,
+                                found: 0,
+                            });
+                        }
+                    },
+                };
+                match self
+                    .api
+                    .replace(&self.name, &pp, &self.object(next, Some(rv))?)
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) if is_conflict(&e) => return Err(self.conflict(Some(b)).await),
+                    Err(e) => return Err(remote(&format!("writing {}", self.origin), &e)),
+                }
+            }
+        };
+        self.remember(next.generation, written.metadata.resource_version);
+        Ok(())
+    }
+}
+
+/// Follows the Secret: every state another replica commits is adopted within moments (a watch,
+/// re-established with a full re-read whenever it ends or fails).
+pub async fn follow(
+    authority: std::sync::Arc<crate::authority::Authority>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures::StreamExt as _;
+    use kube::api::{WatchEvent, WatchParams};
+    let Some(remote) = authority.remote().cloned() else {
+        return;
+    };
+    let (api, name) = remote.api();
+    loop {
+        if let Err(e) = authority.resync().await {
+            tracing::warn!(target: "meshca::store", "re-reading {}: {e}", remote.origin());
+        }
+        let wp = WatchParams::default()
+            .fields(&format!("metadata.name={name}"))
+            .timeout(290);
+        let stream = match api.watch(&wp, "0").await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(target: "meshca::store", "watching {}: {e}; retrying", remote.origin());
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        };
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                _ = shutdown.changed() => return,
+            };
+            match ev {
+                Some(Ok(WatchEvent::Added(s) | WatchEvent::Modified(s))) => match remote.decode(&s) {
+                    Ok(Some(theirs)) => {
+                        if let Err(e) = authority.adopt(theirs).await {
+                            tracing::error!(target: "meshca::store", "{} holds a state this replica cannot serve, keeping its own: {e}", remote.origin());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(target: "meshca::store", "{} does not decode, keeping the state this replica has: {e}", remote.origin()),
+                },
+                Some(Ok(WatchEvent::Deleted(_))) => tracing::error!(
+                    target: "meshca::store",
+                    "{} was deleted; this replica keeps serving the state it has and will re-create nothing on its own",
+                    remote.origin()
+                ),
+                Some(Ok(WatchEvent::Bookmark(_))) => {}
+                Some(Ok(WatchEvent::Error(e))) => {
+                    tracing::debug!(target: "meshca::store", "watch ended: {e}");
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(target: "meshca::store", "watch failed: {e}");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
