@@ -304,7 +304,9 @@ impl Admin {
             .transition(|s, now| {
                 let l = Some(&summary);
                 match step {
-                    Step::Stage => s.stage_anchor(&policy, now, new.clone().unwrap_or(NewAnchor::Generate)),
+                    Step::Stage => {
+                        s.stage_anchor(&policy, now, new.clone().unwrap_or(NewAnchor::Generate))
+                    }
                     Step::Activate => s.activate_anchor(&policy, l, now, force),
                     Step::Finish => s.finish_anchor(&policy, l, now, force),
                     Step::Rollback => s.rollback_anchor(&policy, l, now, force),

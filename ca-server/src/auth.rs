@@ -260,10 +260,13 @@ mod tests {
         let auth = Authenticator::load(dir.path()).unwrap();
         let header = format!("Bearer {token}");
         let callers = auth
-            .authenticate(Credentials {
-                authorization: Some(&header),
-                client_cert: None,
-            }, "meshca")
+            .authenticate(
+                Credentials {
+                    authorization: Some(&header),
+                    client_cert: None,
+                },
+                "meshca",
+            )
             .await
             .unwrap();
         let ok: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
@@ -283,7 +286,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = Authenticator::load(dir.path()).unwrap();
         assert_eq!(
-            auth.authenticate(Credentials::default(), "meshca").await.unwrap_err(),
+            auth.authenticate(Credentials::default(), "meshca")
+                .await
+                .unwrap_err(),
             AuthError::Missing
         );
         for (h, want) in [

@@ -266,12 +266,12 @@ impl Config {
                 reason: "no authenticator: nothing could ever be issued".into(),
             });
         }
-        if self.auth.authenticators.contains(&AuthMethod::Tokenreview) && !self.kubernetes.enabled
-        {
+        if self.auth.authenticators.contains(&AuthMethod::Tokenreview) && !self.kubernetes.enabled {
             return Err(ConfigError {
                 name: "auth.authenticators".into(),
                 value: "tokenreview".into(),
-                reason: "TokenReview needs the Kubernetes API: set [kubernetes] enabled = true".into(),
+                reason: "TokenReview needs the Kubernetes API: set [kubernetes] enabled = true"
+                    .into(),
             });
         }
         self.kubernetes.validate()?;

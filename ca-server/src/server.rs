@@ -125,14 +125,8 @@ impl Server {
             _ => None,
         };
         let replicated = remote.is_some();
-        let (authority, origin) = Authority::open_with(
-            store,
-            remote,
-            how,
-            config.policy.clone(),
-            clock.clone(),
-        )
-        .await?;
+        let (authority, origin) =
+            Authority::open_with(store, remote, how, config.policy.clone(), clock.clone()).await?;
         let authority = Arc::new(authority);
         let created = origin == Origin::Created;
         let bootstrap_token = if created {
@@ -152,7 +146,12 @@ impl Server {
         }
 
         let reviewer = match &client {
-            Some(c) if config.auth.authenticators.contains(&AuthMethod::Tokenreview) => {
+            Some(c)
+                if config
+                    .auth
+                    .authenticators
+                    .contains(&AuthMethod::Tokenreview) =>
+            {
                 Some(Arc::new(crate::k8s::tokenreview::TokenReviewer::new(
                     c.clone(),
                     authority.snapshot().bundle.trust_domain.clone(),
@@ -387,6 +386,12 @@ impl Server {
             tasks,
             _lock: lock,
         })
+    }
+
+    /// Stops every task at once, as a crash would: no Lease release, no ledger close (tests of
+    /// fail-over use it).
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
     }
 
     /// Stops serving and waits for every task to end.

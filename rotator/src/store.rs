@@ -419,7 +419,10 @@ pub fn encode_flat(next: &AuthorityState) -> Result<BTreeMap<String, Vec<u8>>, S
     for i in &next.issuers {
         let id = i.cert.id();
         out.insert(format!("issuers.{id}.crt"), i.cert.pem().into_bytes());
-        out.insert(format!("issuers.{id}.key"), i.key.to_pem().as_bytes().to_vec());
+        out.insert(
+            format!("issuers.{id}.key"),
+            i.key.to_pem().as_bytes().to_vec(),
+        );
     }
     if let Some(p) = &next.pending_issuer_key {
         out.insert(
@@ -517,7 +520,11 @@ trait Files {
 }
 
 /// Decodes and checks a committed state whose `state.json` text is `text`.
-fn decode(text: &str, path: &Path, files: &impl Files) -> Result<Option<AuthorityState>, StoreError> {
+fn decode(
+    text: &str,
+    path: &Path,
+    files: &impl Files,
+) -> Result<Option<AuthorityState>, StoreError> {
     let file: StateFile = serde_json::from_str(&text)
         .map_err(|e| corrupt(&path, format!("not valid state JSON: {e}")))?;
     if file.format != FORMAT {
@@ -626,7 +633,12 @@ fn read_cert(
     Ok(cert)
 }
 
-fn read_key(files: &impl Files, sub: &str, id: &CertId, cert: &CaCert) -> Result<SecretKey, StoreError> {
+fn read_key(
+    files: &impl Files,
+    sub: &str,
+    id: &CertId,
+    cert: &CaCert,
+) -> Result<SecretKey, StoreError> {
     let name = format!("{id}.key");
     let key = files.read_key(sub, &name)?;
     if !cert.matches_key(&key) {
@@ -803,7 +815,11 @@ mod tests {
         assert_eq!(back.generation, s.generation);
         assert_eq!(back.anchors[0].cert, s.anchors[0].cert);
         assert_eq!(flat_generation(&flat), Some(s.generation));
-        assert!(decode_flat("secret ns/x", &BTreeMap::new()).unwrap().is_none());
+        assert!(
+            decode_flat("secret ns/x", &BTreeMap::new())
+                .unwrap()
+                .is_none()
+        );
 
         // A key entry gone: corrupt, naming the entry.
         let mut missing = flat.clone();
@@ -813,18 +829,28 @@ mod tests {
             .unwrap()
             .clone();
         missing.remove(&key);
-        let e = decode_flat("secret ns/x", &missing).unwrap_err().to_string();
+        let e = decode_flat("secret ns/x", &missing)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&key) && e.contains("missing"), "{e}");
         // state.json gone while certificates remain: refuse, never "fresh".
         let mut headless = flat.clone();
         headless.remove(STATE_FILE);
-        let e = decode_flat("secret ns/x", &headless).unwrap_err().to_string();
+        let e = decode_flat("secret ns/x", &headless)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("refusing to generate a new trust anchor"), "{e}");
         // A key swapped for another's: corrupt.
         let mut swapped = flat;
-        let other = SecretKey::generate_p256().unwrap().to_pem().as_bytes().to_vec();
+        let other = SecretKey::generate_p256()
+            .unwrap()
+            .to_pem()
+            .as_bytes()
+            .to_vec();
         swapped.insert(key.clone(), other);
-        let e = decode_flat("secret ns/x", &swapped).unwrap_err().to_string();
+        let e = decode_flat("secret ns/x", &swapped)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not belong"), "{e}");
     }
 

@@ -98,7 +98,10 @@ fn labels_match(obj: &Value, selector: Option<&str>) -> bool {
     };
     let labels = &obj["metadata"]["labels"];
     sel.split(',').all(|p| {
-        let (k, v) = p.split_once("==").or_else(|| p.split_once('=')).unwrap_or((p, ""));
+        let (k, v) = p
+            .split_once("==")
+            .or_else(|| p.split_once('='))
+            .unwrap_or((p, ""));
         labels[k.trim()].as_str() == Some(v.trim())
     })
 }
@@ -128,9 +131,7 @@ impl KubeApi {
             url: format!("http://{addr}"),
             addr,
         };
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(api.clone());
+        let app = axum::Router::new().fallback(handle).with_state(api.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -176,6 +177,25 @@ impl KubeApi {
             .count()
     }
 
+    /// Every stored version of every object, oldest first: (namespace, name, object).
+    pub fn history(&self) -> Vec<(String, String, Value)> {
+        self.lock()
+            .history
+            .iter()
+            .filter(|e| e.kind != "DELETED")
+            .map(|e| {
+                (
+                    e.namespace.clone(),
+                    e.object["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    e.object.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// How many 409s were answered.
     pub fn conflicts(&self) -> u64 {
         self.lock().conflicts
@@ -191,7 +211,11 @@ impl KubeApi {
             "metadata": {"name": name, "labels": labels}});
         let mut g = self.lock();
         let key = ("namespaces".to_owned(), String::new(), name.to_owned());
-        let kind = if g.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        let kind = if g.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         self.store(&mut g, key, obj, kind);
     }
 
@@ -224,11 +248,21 @@ impl KubeApi {
         }
         let mut g = self.lock();
         let key = (resource.to_owned(), namespace.to_owned(), name.to_owned());
-        let ev = if g.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        let ev = if g.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         self.store(&mut g, key, obj, ev);
     }
 
-    fn store(&self, g: &mut Inner, key: (String, String, String), mut obj: Value, kind: &'static str) -> Value {
+    fn store(
+        &self,
+        g: &mut Inner,
+        key: (String, String, String),
+        mut obj: Value,
+        kind: &'static str,
+    ) -> Value {
         g.rv += 1;
         obj["metadata"]["resourceVersion"] = g.rv.to_string().into();
         if obj["metadata"]["uid"].is_null() {
@@ -264,17 +298,18 @@ async fn handle(
 ) -> Response {
     let segs: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
     // (group, resource, namespace (None: cluster-wide or all), name)
-    let (group, resource, ns, name): (&str, &str, Option<&str>, Option<&str>) = match segs.as_slice() {
-        ["api", "v1", "namespaces"] => ("", "namespaces", None, None),
-        ["api", "v1", "namespaces", n] => ("", "namespaces", None, Some(*n)),
-        ["api", "v1", "namespaces", ns, r] => ("", *r, Some(*ns), None),
-        ["api", "v1", "namespaces", ns, r, n] => ("", *r, Some(*ns), Some(*n)),
-        ["api", "v1", r] => ("", *r, None, None),
-        ["apis", g, "v1", "namespaces", ns, r] => (*g, *r, Some(*ns), None),
-        ["apis", g, "v1", "namespaces", ns, r, n] => (*g, *r, Some(*ns), Some(*n)),
-        ["apis", g, "v1", r] => (*g, *r, None, None),
-        _ => return status(StatusCode::NOT_FOUND, "NotFound", "no such path"),
-    };
+    let (group, resource, ns, name): (&str, &str, Option<&str>, Option<&str>) =
+        match segs.as_slice() {
+            ["api", "v1", "namespaces"] => ("", "namespaces", None, None),
+            ["api", "v1", "namespaces", n] => ("", "namespaces", None, Some(*n)),
+            ["api", "v1", "namespaces", ns, r] => ("", *r, Some(*ns), None),
+            ["api", "v1", "namespaces", ns, r, n] => ("", *r, Some(*ns), Some(*n)),
+            ["api", "v1", r] => ("", *r, None, None),
+            ["apis", g, "v1", "namespaces", ns, r] => (*g, *r, Some(*ns), None),
+            ["apis", g, "v1", "namespaces", ns, r, n] => (*g, *r, Some(*ns), Some(*n)),
+            ["apis", g, "v1", r] => (*g, *r, None, None),
+            _ => return status(StatusCode::NOT_FOUND, "NotFound", "no such path"),
+        };
     let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = match (&method, name, watch) {
         (&Method::GET, Some(_), _) => "get",
@@ -295,20 +330,32 @@ async fn handle(
             namespace: ns.unwrap_or_default().into(),
         });
         if g.down {
-            return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "the API server is down (test)");
+            return status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "the API server is down (test)",
+            );
         }
     }
     if resource == "tokenreviews" {
         return token_review(&api, &body);
     }
     if !["secrets", "configmaps", "leases", "namespaces"].contains(&resource) {
-        return status(StatusCode::NOT_FOUND, "NotFound", "resource not served by the fake");
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "resource not served by the fake",
+        );
     }
     let nskey = ns.unwrap_or_default().to_owned();
     match verb {
         "get" => match api.get(resource, &nskey, name.unwrap_or_default()) {
             Some(o) => axum::Json(o).into_response(),
-            None => status(StatusCode::NOT_FOUND, "NotFound", &format!("{resource} {:?} not found", name.unwrap_or_default())),
+            None => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{resource} {:?} not found", name.unwrap_or_default()),
+            ),
         },
         "list" => {
             let g = api.lock();
@@ -334,13 +381,21 @@ async fn handle(
                 return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
             };
             let Some(n) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
-                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name required");
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "metadata.name required",
+                );
             };
             let mut g = api.lock();
             let key = (resource.to_owned(), nskey.clone(), n.clone());
             if g.objects.contains_key(&key) {
                 g.conflicts += 1;
-                return status(StatusCode::CONFLICT, "AlreadyExists", &format!("{resource} {n:?} already exists"));
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    &format!("{resource} {n:?} already exists"),
+                );
             }
             if !nskey.is_empty() {
                 obj["metadata"]["namespace"] = nskey.clone().into();
@@ -359,9 +414,16 @@ async fn handle(
             let mut g = api.lock();
             let key = (resource.to_owned(), nskey.clone(), n.clone());
             let Some(cur) = g.objects.get(&key) else {
-                return status(StatusCode::NOT_FOUND, "NotFound", &format!("{resource} {n:?} not found"));
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{resource} {n:?} not found"),
+                );
             };
-            let have = cur["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_owned();
+            let have = cur["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let uid = cur["metadata"]["uid"].clone();
             match obj["metadata"]["resourceVersion"].as_str() {
                 Some(rv) if rv != have => {
@@ -369,7 +431,9 @@ async fn handle(
                     return status(
                         StatusCode::CONFLICT,
                         "Conflict",
-                        &format!("Operation cannot be fulfilled on {resource} {n:?}: the object has been modified; please apply your changes to the latest version and try again"),
+                        &format!(
+                            "Operation cannot be fulfilled on {resource} {n:?}: the object has been modified; please apply your changes to the latest version and try again"
+                        ),
                     );
                 }
                 _ => {}
@@ -389,12 +453,20 @@ async fn handle(
             let mut g = api.lock();
             let key = (resource.to_owned(), nskey, n.clone());
             let Some(cur) = g.objects.get(&key).cloned() else {
-                return status(StatusCode::NOT_FOUND, "NotFound", &format!("{resource} {n:?} not found"));
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{resource} {n:?} not found"),
+                );
             };
             let stored = api.store(&mut g, key, cur, "DELETED");
             axum::Json(stored).into_response()
         }
-        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "not served by the fake"),
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not served by the fake",
+        ),
     }
 }
 
@@ -405,7 +477,11 @@ fn token_review(api: &KubeApi, body: &[u8]) -> Response {
     let token = req["spec"]["token"].as_str().unwrap_or_default();
     let wanted: Vec<String> = req["spec"]["audiences"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let info = api.lock().tokens.get(token).cloned();
     let status_v = match info {
@@ -428,14 +504,24 @@ fn token_review(api: &KubeApi, body: &[u8]) -> Response {
     // Like the real API server: the spec comes back with the status (the token included).
     (
         StatusCode::CREATED,
-        axum::Json(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-            "metadata": {"creationTimestamp": null}, "spec": req["spec"], "status": status_v})),
+        axum::Json(
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {"creationTimestamp": null}, "spec": req["spec"], "status": status_v}),
+        ),
     )
         .into_response()
 }
 
-fn watch_stream(api: &KubeApi, resource: &str, ns: Option<String>, q: &HashMap<String, String>) -> Response {
-    let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+fn watch_stream(
+    api: &KubeApi,
+    resource: &str,
+    ns: Option<String>,
+    q: &HashMap<String, String>,
+) -> Response {
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let labels = q.get("labelSelector").cloned();
     let fields = q.get("fieldSelector").cloned();
     let timeout = q
@@ -467,12 +553,18 @@ fn watch_stream(api: &KubeApi, resource: &str, ns: Option<String>, q: &HashMap<S
                 .filter(&matches)
                 .collect()
         } else {
-            g.history.iter().filter(|e| e.rv > from).filter(|e| matches(e)).cloned().collect()
+            g.history
+                .iter()
+                .filter(|e| e.rv > from)
+                .filter(|e| matches(e))
+                .cloned()
+                .collect()
         };
         (backlog, g.rv)
     };
     let line = |e: &Event| {
-        let mut s = serde_json::to_vec(&json!({"type": e.kind, "object": e.object})).unwrap_or_default();
+        let mut s =
+            serde_json::to_vec(&json!({"type": e.kind, "object": e.object})).unwrap_or_default();
         s.push(b'\n');
         Ok::<_, std::io::Error>(s)
     };
@@ -499,7 +591,13 @@ fn watch_stream(api: &KubeApi, resource: &str, ns: Option<String>, q: &HashMap<S
         .status(StatusCode::OK)
         .header("content-type", "application/json")
         .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "response"))
+        .unwrap_or_else(|_| {
+            status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "response",
+            )
+        })
 }
 
 /// A body stream: `first` lines, then whatever `more` sends.

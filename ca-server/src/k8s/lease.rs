@@ -230,7 +230,10 @@ mod tests {
         let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let s = time::Duration::seconds;
         assert_eq!(decide(None, "a", t0), Decision::Acquire);
-        assert_eq!(decide(Some(&spec("a", t0, 15)), "a", t0 + s(60)), Decision::Renew);
+        assert_eq!(
+            decide(Some(&spec("a", t0, 15)), "a", t0 + s(60)),
+            Decision::Renew
+        );
         assert_eq!(
             decide(Some(&spec("b", t0, 15)), "a", t0 + s(14)),
             Decision::Wait {
@@ -239,18 +242,47 @@ mod tests {
             }
         );
         // Expires at exactly renew + duration.
-        assert_eq!(decide(Some(&spec("b", t0, 15)), "a", t0 + s(15)), Decision::Acquire);
+        assert_eq!(
+            decide(Some(&spec("b", t0, 15)), "a", t0 + s(15)),
+            Decision::Acquire
+        );
         // Released (holder cleared).
         assert_eq!(decide(Some(&spec("", t0, 15)), "a", t0), Decision::Acquire);
         // Take-over counts a transition; a renewal keeps the acquire time.
         let cur = spec("b", t0, 15);
-        let next = next_spec(Some(&cur), &Decision::Acquire, "a", Duration::from_secs(15), t0 + s(20)).unwrap();
+        let next = next_spec(
+            Some(&cur),
+            &Decision::Acquire,
+            "a",
+            Duration::from_secs(15),
+            t0 + s(20),
+        )
+        .unwrap();
         assert_eq!(next.holder_identity.as_deref(), Some("a"));
         assert_eq!(next.lease_transitions, Some(1));
         assert_eq!(micro_to_time(next.renew_time.as_ref().unwrap()), t0 + s(20));
-        let renewed = next_spec(Some(&next), &Decision::Renew, "a", Duration::from_secs(15), t0 + s(25)).unwrap();
+        let renewed = next_spec(
+            Some(&next),
+            &Decision::Renew,
+            "a",
+            Duration::from_secs(15),
+            t0 + s(25),
+        )
+        .unwrap();
         assert_eq!(renewed.acquire_time, next.acquire_time);
-        assert_eq!(micro_to_time(renewed.renew_time.as_ref().unwrap()), t0 + s(25));
-        assert!(next_spec(Some(&cur), &decide(Some(&cur), "a", t0), "a", Duration::from_secs(15), t0).is_none());
+        assert_eq!(
+            micro_to_time(renewed.renew_time.as_ref().unwrap()),
+            t0 + s(25)
+        );
+        assert!(
+            next_spec(
+                Some(&cur),
+                &decide(Some(&cur), "a", t0),
+                "a",
+                Duration::from_secs(15),
+                t0
+            )
+            .is_none()
+        );
     }
 }

@@ -170,17 +170,21 @@ impl KubernetesConfig {
         std::env::var("POD_NAME")
             .ok()
             .filter(|s| !s.is_empty())
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_owned()))
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+            })
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| format!("meshca-{}", std::process::id()))
     }
 
     /// A client for the configured API server.
     pub async fn client(&self) -> Result<kube::Client, String> {
-        let config = if self.api_url.is_empty() {
-            kube::Config::infer()
-                .await
-                .map_err(|e| format!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?
+        let mut config = if self.api_url.is_empty() {
+            kube::Config::infer().await.map_err(|e| {
+                format!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}")
+            })?
         } else {
             let url = self
                 .api_url
@@ -190,6 +194,10 @@ impl KubernetesConfig {
             c.default_namespace = self.own_namespace();
             c
         };
+        // No transparent retries: kube's default retries a 503 up to 15 times with exponential
+        // backoff (minutes). A certificate request answers `Unavailable` at once and the proxy
+        // retries; the rotation driver and the publisher retry on their own schedules.
+        config.default_retry = false;
         kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
     }
 }

@@ -27,8 +27,9 @@ pub struct KubeStore {
     api: Api<Secret>,
     name: String,
     origin: String,
-    /// The generation and resourceVersion last read or written.
-    seen: std::sync::Mutex<Option<(u64, String)>>,
+    /// The generation and metadata (resourceVersion, others' labels and annotations) last read
+    /// or written.
+    seen: std::sync::Mutex<Option<(u64, ObjectMeta)>>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -73,12 +74,12 @@ impl KubeStore {
         (&self.api, &self.name)
     }
 
-    fn remember(&self, generation: u64, rv: Option<String>) {
+    fn remember(&self, generation: u64, meta: &ObjectMeta) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        match rv {
-            Some(rv) => *seen = Some((generation, rv)),
-            None => *seen = None,
-        }
+        *seen = meta
+            .resource_version
+            .is_some()
+            .then(|| (generation, meta.clone()));
     }
 
     /// Decodes a Secret seen on a watch (or a get) and remembers its resourceVersion.
@@ -90,8 +91,8 @@ impl KubeStore {
                 *seen = s
                     .metadata
                     .resource_version
-                    .clone()
-                    .map(|rv| (st.generation, rv));
+                    .is_some()
+                    .then(|| (st.generation, s.metadata.clone()));
             }
         }
         Ok(state)
@@ -106,34 +107,42 @@ impl KubeStore {
         }
     }
 
-    async fn stored_generation(&self) -> Result<Option<(u64, Option<String>)>, StoreError> {
+    async fn stored_generation(&self) -> Result<Option<(u64, ObjectMeta)>, StoreError> {
         match self.api.get_opt(&self.name).await {
             Ok(None) => Ok(None),
             Ok(Some(s)) => Ok(Some((
                 flat_generation(&secret_data(&s)).unwrap_or(0),
-                s.metadata.resource_version.clone(),
+                s.metadata,
             ))),
             Err(e) => Err(remote(&format!("reading {}", self.origin), &e)),
         }
     }
 
-    fn object(&self, next: &AuthorityState, rv: Option<String>) -> Result<Secret, StoreError> {
+    /// The Secret for `next`, over `base` (the metadata read: its resourceVersion makes the
+    /// write conditional; labels and annotations others put there are kept).
+    fn object(
+        &self,
+        next: &AuthorityState,
+        base: Option<&ObjectMeta>,
+    ) -> Result<Secret, StoreError> {
         let data = encode_flat(next)?
             .into_iter()
             .map(|(k, v)| (k, ByteString(v)))
             .collect();
+        let mut labels = base.and_then(|m| m.labels.clone()).unwrap_or_default();
+        labels.insert(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned());
+        let mut annotations = base.and_then(|m| m.annotations.clone()).unwrap_or_default();
+        annotations.insert(
+            "meshca.io/generation".to_owned(),
+            next.generation.to_string(),
+        );
         Ok(Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
-                labels: Some([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())].into()),
-                annotations: Some(
-                    [(
-                        "meshca.io/generation".to_owned(),
-                        next.generation.to_string(),
-                    )]
-                    .into(),
-                ),
-                resource_version: rv,
+                labels: Some(labels),
+                annotations: Some(annotations),
+                resource_version: base.and_then(|m| m.resource_version.clone()),
+                uid: base.and_then(|m| m.uid.clone()),
                 ..Default::default()
             },
             type_: Some("Opaque".into()),
@@ -177,11 +186,11 @@ impl rotator::store::Store for KubeStore {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone()
                     .filter(|(g, _)| *g == b)
-                    .map(|(_, rv)| rv);
-                let rv = match known {
-                    Some(rv) => rv,
+                    .map(|(_, m)| m);
+                let meta = match known {
+                    Some(m) => m,
                     None => match self.stored_generation().await? {
-                        Some((g, Some(rv))) if g == b => rv,
+                        Some((g, m)) if g == b => m,
                         Some((g, _)) => {
                             return Err(StoreError::Conflict {
                                 expected: b,
@@ -198,7 +207,7 @@ impl rotator::store::Store for KubeStore {
                 };
                 match self
                     .api
-                    .replace(&self.name, &pp, &self.object(next, Some(rv))?)
+                    .replace(&self.name, &pp, &self.object(next, Some(&meta))?)
                     .await
                 {
                     Ok(s) => s,
@@ -207,7 +216,7 @@ impl rotator::store::Store for KubeStore {
                 }
             }
         };
-        self.remember(next.generation, written.metadata.resource_version);
+        self.remember(next.generation, &written.metadata);
         Ok(())
     }
 }
@@ -248,14 +257,17 @@ pub async fn follow(
                 _ = shutdown.changed() => return,
             };
             match ev {
-                Some(Ok(WatchEvent::Added(s) | WatchEvent::Modified(s))) => match remote.decode(&s) {
+                Some(Ok(WatchEvent::Added(s) | WatchEvent::Modified(s))) => match remote.decode(&s)
+                {
                     Ok(Some(theirs)) => {
                         if let Err(e) = authority.adopt(theirs).await {
                             tracing::error!(target: "meshca::store", "{} holds a state this replica cannot serve, keeping its own: {e}", remote.origin());
                         }
                     }
                     Ok(None) => {}
-                    Err(e) => tracing::error!(target: "meshca::store", "{} does not decode, keeping the state this replica has: {e}", remote.origin()),
+                    Err(e) => {
+                        tracing::error!(target: "meshca::store", "{} does not decode, keeping the state this replica has: {e}", remote.origin())
+                    }
                 },
                 Some(Ok(WatchEvent::Deleted(_))) => tracing::error!(
                     target: "meshca::store",

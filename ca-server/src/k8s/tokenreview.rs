@@ -65,6 +65,9 @@ impl std::fmt::Debug for TokenReviewer {
 /// keeps a flood of bad tokens off the API server without pinning a mistake for long).
 const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 
+/// A TokenReview the API server has not answered by then fails the request `Unavailable`.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl TokenReviewer {
     /// A reviewer using `client`, for SPIFFE IDs in `trust_domain`.
     pub fn new(
@@ -132,7 +135,11 @@ impl TokenReviewer {
         if matches!(answer, Err(AuthError::Unavailable(_))) {
             return answer; // never cache the API server's absence
         }
-        let ttl = if answer.is_ok() { self.ttl } else { NEGATIVE_TTL.min(self.ttl) };
+        let ttl = if answer.is_ok() {
+            self.ttl
+        } else {
+            NEGATIVE_TTL.min(self.ttl)
+        };
         let mut until = now + ttl;
         if let Some(exp) = jwt_expiry(token) {
             until = until.min(exp);
@@ -141,10 +148,7 @@ impl TokenReviewer {
             let mut cache = self.lock();
             cache.retain(|_, e| e.until > now);
             if cache.len() >= self.capacity
-                && let Some(k) = cache
-                    .iter()
-                    .min_by_key(|(_, e)| e.until)
-                    .map(|(k, _)| *k)
+                && let Some(k) = cache.iter().min_by_key(|(_, e)| e.until).map(|(k, _)| *k)
             {
                 cache.remove(&k);
             }
@@ -169,10 +173,15 @@ impl TokenReviewer {
             },
             ..Default::default()
         };
-        let done = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| AuthError::Unavailable(format!("TokenReview: {e}")))?;
+        let done =
+            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| {
+                    AuthError::Unavailable(format!(
+                        "TokenReview: no answer from the API server within {REVIEW_TIMEOUT:?}"
+                    ))
+                })?
+                .map_err(|e| AuthError::Unavailable(format!("TokenReview: {e}")))?;
         let status = done.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             return Err(AuthError::TokenRejected(
@@ -261,7 +270,11 @@ mod tests {
     #[test]
     fn jwt_exp_is_read_without_verification() {
         let b = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-        let t = format!("{}.{}.sig", b("{\"alg\":\"RS256\"}"), b("{\"exp\":1700000000}"));
+        let t = format!(
+            "{}.{}.sig",
+            b("{\"alg\":\"RS256\"}"),
+            b("{\"exp\":1700000000}")
+        );
         assert_eq!(jwt_expiry(&t).unwrap().unix_timestamp(), 1_700_000_000);
         assert_eq!(jwt_expiry("mca_static"), None);
         assert_eq!(jwt_expiry("a.!!!.c"), None);

@@ -1,0 +1,558 @@
+//! Kubernetes mode against the in-test API server (`meshca_tests::kubeapi`): real HTTP, real
+//! resourceVersion conflicts and watches, but not a real cluster (see tests/README.md).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use ca_server::auth::Credentials;
+use ca_server::config::{AuthMethod, Config};
+use ca_server::issuance::{IssueError, IssueRequest, Issuer};
+use ca_server::server::Server;
+use meshca_tests::kubeapi::KubeApi;
+use meshca_tests::{
+    TestServer, Workload, eventually, mtls_handshake, sign_request, test_config, with_token,
+};
+use rotator::client::make_csr;
+use rotator::clock::{Clock, ManualClock, SystemClock};
+use rotator::pki::SecretKey;
+use rotator::spiffe::SpiffeId;
+use serde_json::json;
+use tonic::Code;
+
+const WEB: &str = "spiffe://cluster.local/ns/prod/sa/web";
+const API: &str = "spiffe://cluster.local/ns/prod/sa/api";
+
+fn kube(c: &mut Config, fake: &KubeApi) {
+    c.kubernetes.enabled = true;
+    c.kubernetes.api_url = fake.url.clone();
+    c.kubernetes.namespace = "meshca".into();
+    // One replica, state in the state dir: these tests are about authentication.
+    c.kubernetes.state_secret.clear();
+    c.auth.authenticators = vec![
+        AuthMethod::Mtls,
+        AuthMethod::Tokenreview,
+        AuthMethod::Static,
+    ];
+}
+
+async fn sign(
+    srv: &TestServer,
+    id: &str,
+    token: &str,
+) -> Result<(meshca_proto::v1::SignCertificateResponse, SecretKey), tonic::Status> {
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+    let r = srv
+        .client(None)
+        .sign_certificate(with_token(sign_request(csr), token))
+        .await?;
+    Ok((r.into_inner(), key))
+}
+
+fn tokens(fake: &KubeApi) {
+    fake.add_token("tok-web", "system:serviceaccount:prod:web", &["meshca"]);
+    fake.add_token(
+        "tok-api",
+        "system:serviceaccount:prod:api",
+        &["meshca", "istio-ca"],
+    );
+    fake.add_token(
+        "tok-other-aud",
+        "system:serviceaccount:prod:web",
+        &["vault"],
+    );
+    fake.add_token("tok-alice", "alice", &["meshca"]);
+    fake.add_token("tok-node", "system:node:worker-1", &["meshca"]);
+}
+
+#[tokio::test]
+async fn tokenreview_authenticates_service_accounts_over_grpc() {
+    let fake = KubeApi::start().await;
+    tokens(&fake);
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    let srv = TestServer::start_clocked(|c| kube(c, &fake), clock.clone()).await;
+    let reviewer = srv
+        .server()
+        .reviewer
+        .clone()
+        .expect("TokenReview configured");
+
+    // A valid token: the SPIFFE ID of its service account, a chain that verifies (handshake).
+    let (web, wk) = sign(&srv, WEB, "tok-web")
+        .await
+        .expect("token for prod/web");
+    assert_eq!(web.spiffe_id, WEB);
+    let (api, ak) = sign(&srv, API, "tok-api")
+        .await
+        .expect("token for prod/api");
+    let (web, api) = (
+        Workload::from_response(&web, wk),
+        Workload::from_response(&api, ak),
+    );
+    mtls_handshake(&web, &api)
+        .await
+        .expect("two TokenReview-issued leaves handshake");
+    assert_eq!(fake.count("create", "tokenreviews"), 2);
+
+    // Refusals, each with its code and reason.
+    let cases: [(&str, &str, Code, &str); 5] = [
+        (
+            WEB,
+            "tok-other-aud",
+            Code::Unauthenticated,
+            "invalid for the target audiences",
+        ),
+        (
+            WEB,
+            "tok-unknown",
+            Code::Unauthenticated,
+            "invalid bearer token",
+        ),
+        (
+            WEB,
+            "tok-alice",
+            Code::Unauthenticated,
+            "not a service account",
+        ),
+        (
+            WEB,
+            "tok-node",
+            Code::Unauthenticated,
+            "not a service account",
+        ),
+        // prod/api's token asking for prod/web: authenticated, not authorized.
+        (WEB, "tok-api", Code::PermissionDenied, "may not request"),
+    ];
+    for (id, token, code, why) in cases {
+        let e = sign(&srv, id, token).await.expect_err(token);
+        assert_eq!(e.code(), code, "{token}: {e:?}");
+        assert!(e.message().contains(why), "{token}: {}", e.message());
+    }
+    let other_ns = sign(&srv, "spiffe://cluster.local/ns/dev/sa/web", "tok-web")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        other_ns.code(),
+        Code::PermissionDenied,
+        "ns prod token asking for ns dev"
+    );
+
+    // Cache: a repeat is answered without the API server, refusals too (briefly).
+    let before = fake.count("create", "tokenreviews");
+    sign(&srv, WEB, "tok-web").await.unwrap();
+    sign(&srv, WEB, "tok-alice").await.unwrap_err();
+    assert_eq!(
+        fake.count("create", "tokenreviews"),
+        before,
+        "cache hits call the API server"
+    );
+    assert_eq!(reviewer.api_calls() as usize, before);
+    // Entries expire (token_cache_ttl = 60 s; refusals 10 s), on the injected clock.
+    clock.advance(Duration::from_secs(61));
+    sign(&srv, WEB, "tok-web").await.unwrap();
+    assert_eq!(
+        fake.count("create", "tokenreviews"),
+        before + 1,
+        "expired entry re-reviewed"
+    );
+
+    // The API server down: a token not in the cache is Unavailable (never allowed, never a
+    // plain deny); a cached one still works.
+    fake.set_down(true);
+    let e = sign(&srv, API, "tok-api-new").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("TokenReview"), "{}", e.message());
+    sign(&srv, WEB, "tok-web")
+        .await
+        .expect("cached answer while the API server is down");
+    fake.set_down(false);
+
+    // The Istio face reviews for its own audience: prod/api's token carries istio-ca,
+    // prod/web's does not.
+    let istio = |token: &str| {
+        let key = SecretKey::generate_p256().unwrap();
+        let id: SpiffeId = if token == "tok-api" { API } else { WEB }.parse().unwrap();
+        let csr = String::from_utf8(
+            pem::encode(&pem::Pem::new(
+                "CERTIFICATE REQUEST",
+                make_csr(&id, &key).unwrap(),
+            ))
+            .into_bytes(),
+        )
+        .unwrap();
+        let req = meshca_proto::istio::IstioCertificateRequest {
+            csr,
+            validity_duration: 3600,
+            metadata: None,
+        };
+        let tls = rotator::client::client_tls(&srv.bundle(), None).unwrap();
+        let ch = rotator::client::channel(&srv.url, tls).unwrap();
+        let token = token.to_owned();
+        async move {
+            meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient::new(ch)
+                .create_certificate(with_token(req, &token))
+                .await
+        }
+    };
+    istio("tok-api")
+        .await
+        .expect("istio-ca audience accepted on the Istio face");
+    let e = istio("tok-web").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unauthenticated,
+        "meshca-audience token on the Istio face: {e:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_unavailable() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let srv = TestServer::start_with(|c| {
+        c.kubernetes.enabled = true;
+        c.kubernetes.api_url = url;
+        c.kubernetes.state_secret.clear();
+        c.auth.authenticators = vec![AuthMethod::Tokenreview, AuthMethod::Static];
+    })
+    .await;
+    let e = sign(&srv, WEB, "eyJhbGciOi.e30.sig").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // The static token still works: the chain goes on past an unavailable authenticator.
+    let tok = srv.token.clone();
+    sign(&srv, "spiffe://cluster.local/ns/default/sa/x", &tok)
+        .await
+        .expect("static token");
+}
+
+fn replica(dir: &std::path::Path, fake: &KubeApi, name: &str) -> Config {
+    let mut c = test_config(dir);
+    kube(&mut c, fake);
+    c.kubernetes.state_secret = "meshca-authority".into();
+    c.auth.authenticators = vec![AuthMethod::Mtls, AuthMethod::Tokenreview];
+    c.kubernetes.identity = name.into();
+    c.kubernetes.lease_duration = Duration::from_secs(2);
+    c.kubernetes.bundle.namespace_selector = "meshca.io/trust-bundle=enabled".into();
+    c.kubernetes.bundle.resync = Duration::from_millis(200);
+    c.kubernetes.bundle.istio = true;
+    c.kubernetes.bundle.linkerd = true;
+    // Issuers rotate in seconds: prepared 18 s after notBefore, active at 24 s.
+    let p = &mut c.policy;
+    p.leaf_ttl_default = Duration::from_secs(5);
+    p.leaf_ttl_min = Duration::from_secs(2);
+    p.leaf_ttl_max = Duration::from_secs(10);
+    p.clock_skew = Duration::from_secs(1);
+    p.issuer_ttl = Duration::from_secs(36);
+    p.propagation_allowance = Duration::from_secs(5);
+    c
+}
+
+async fn issue_in_process(issuer: &Issuer, token: &str, id: &str) -> Result<String, IssueError> {
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+    let header = format!("Bearer {token}");
+    issuer
+        .issue(IssueRequest {
+            api: "meshca",
+            csr: &csr,
+            ttl: None,
+            credentials: Credentials {
+                authorization: Some(&header),
+                client_cert: None,
+            },
+            peer: None,
+            instance_id: None,
+            dns_identity: None,
+        })
+        .await
+        .map(|i| i.chain[1].as_ref().len().to_string())
+}
+
+fn leader(s: &Server) -> bool {
+    *s.leader.borrow()
+}
+
+/// Generations recorded on the Secret in the order the API server stored them.
+fn secret_generations(fake: &KubeApi) -> u64 {
+    fake.get("secrets", "meshca", "meshca-authority")
+        .and_then(|s| {
+            s["metadata"]["annotations"]["meshca.io/generation"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn two_replicas_one_rotates_and_the_other_takes_over() {
+    let fake = KubeApi::start().await;
+    tokens(&fake);
+    fake.set_namespace("prod", &[("meshca.io/trust-bundle", "enabled")]);
+    fake.set_namespace("dev", &[]);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(replica(da.path(), &fake, "meshca-a"), clock.clone())
+        .await
+        .expect("replica a");
+    let b = Server::start(replica(db.path(), &fake, "meshca-b"), clock.clone())
+        .await
+        .expect("replica b");
+    assert!(a.created && !b.created, "b serves the authority a created");
+    assert_eq!(
+        a.authority.snapshot().bundle.pem,
+        b.authority.snapshot().bundle.pem
+    );
+
+    // Exactly one leader.
+    let first = eventually(Duration::from_secs(10), || async {
+        (leader(&a) != leader(&b)).then(|| if leader(&a) { "a" } else { "b" })
+    })
+    .await
+    .expect("one replica holds the lease");
+    let lease = fake
+        .get("leases", "meshca", "meshca-rotation")
+        .expect("the Lease exists");
+    assert_eq!(lease["spec"]["holderIdentity"], format!("meshca-{first}"));
+
+    // Bundle ConfigMaps: in the matching namespace, all three shapes; not in dev.
+    let bundle_pem = a.authority.snapshot().bundle.pem.clone();
+    eventually(Duration::from_secs(10), || async {
+        fake.get("configmaps", "prod", "meshca-trust-bundle")
+            .map(|_| ())
+    })
+    .await
+    .expect("bundle ConfigMap published to prod");
+    for (name, key) in [
+        ("meshca-trust-bundle", "ca-bundle.crt"),
+        ("istio-ca-root-cert", "root-cert.pem"),
+        ("linkerd-identity-trust-roots", "ca-bundle.crt"),
+    ] {
+        let cm = fake
+            .get("configmaps", "prod", name)
+            .unwrap_or_else(|| panic!("{name} in prod"));
+        assert_eq!(cm["data"][key], bundle_pem.as_str(), "{name}/{key}");
+    }
+    assert!(
+        fake.get("configmaps", "dev", "meshca-trust-bundle")
+            .is_none()
+    );
+    // A namespace that starts matching gets it; one that stops matching loses it.
+    fake.set_namespace("dev", &[("meshca.io/trust-bundle", "enabled")]);
+    fake.set_namespace("prod", &[]);
+    eventually(Duration::from_secs(10), || async {
+        (fake
+            .get("configmaps", "dev", "meshca-trust-bundle")
+            .is_some()
+            && fake
+                .get("configmaps", "prod", "meshca-trust-bundle")
+                .is_none()
+            && fake
+                .get("configmaps", "prod", "istio-ca-root-cert")
+                .is_none())
+        .then_some(())
+    })
+    .await
+    .expect("ConfigMaps follow the namespace selector");
+
+    // Both replicas sign throughout (TokenReview credentials, the real signing path).
+    let stop = Arc::new(AtomicBool::new(false));
+    let alive = Arc::new([AtomicBool::new(true), AtomicBool::new(true)]);
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let signer = {
+        let (a, b) = (a.readiness.issuer.clone(), b.readiness.issuer.clone());
+        let (stop, alive, ok, failed) = (stop.clone(), alive.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                for (n, s) in [&a, &b].into_iter().enumerate() {
+                    if !alive[n].load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    match issue_in_process(s, "tok-web", WEB).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            eprintln!("signing failed: {e}");
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // The leader prepares the next issuer (18 s after notBefore); both replicas see it.
+    let (lead, other) = if first == "a" { (a, b) } else { (b, a) };
+    let prepared = eventually(Duration::from_secs(40), || async {
+        let st = other.authority.state().await;
+        st.issuers
+            .iter()
+            .find(|i| i.status == rotator::state::IssuerStatus::Prepared)
+            .map(|i| i.cert.id().clone())
+    })
+    .await
+    .expect("the leader prepared an issuer and the follower adopted it");
+    let active_before = other
+        .authority
+        .snapshot()
+        .issuer
+        .as_ref()
+        .unwrap()
+        .id
+        .clone();
+
+    // Kill the leader mid-rotation (prepared, not yet active): no Lease release.
+    alive[usize::from(first == "b")].store(false, Ordering::SeqCst);
+    let killed_at = tokio::time::Instant::now();
+    lead.abort();
+    let took_over = eventually(Duration::from_secs(10), || async {
+        leader(&other).then_some(())
+    })
+    .await;
+    assert!(took_over.is_some(), "the survivor takes the lease");
+    let takeover = killed_at.elapsed();
+    assert!(
+        takeover <= Duration::from_secs(2) + Duration::from_millis(1500),
+        "took over in {takeover:?}"
+    );
+    // It finishes the rotation the dead leader started: the prepared issuer becomes active.
+    eventually(Duration::from_secs(30), || async {
+        (other.authority.snapshot().issuer.as_ref().unwrap().id == prepared).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the survivor activated {prepared} (was {active_before})"));
+    stop.store(true, Ordering::SeqCst);
+    signer.await.unwrap();
+
+    let st = other.authority.state().await;
+    let prepares = st
+        .history
+        .iter()
+        .filter(|e| e.what.contains(prepared.as_str()) && e.what.contains("prepar"))
+        .count();
+    assert_eq!(
+        prepares, 1,
+        "resumed, not prepared twice: {:#?}",
+        st.history
+    );
+    assert_eq!(
+        secret_generations(&fake),
+        st.generation,
+        "the Secret holds the survivor's state"
+    );
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "signing failed during the fail-over"
+    );
+    assert!(ok.load(Ordering::SeqCst) > 20, "signing ran throughout");
+
+    // Bundle versions never went backwards: the Secret's generations and the ConfigMaps'
+    // bundle versions, in the order the API server stored them.
+    let mut last_gen = 0;
+    let mut last_bundle = 0;
+    for (ns, name, v) in fake.history() {
+        if name == "meshca-authority" {
+            let g: u64 = v["metadata"]["annotations"]["meshca.io/generation"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(g > last_gen, "generation went from {last_gen} to {g}");
+            last_gen = g;
+        }
+        if ns == "dev" && name == "meshca-trust-bundle" {
+            let bv: u64 = v["metadata"]["annotations"]["meshca.io/bundle-version"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                bv >= last_bundle,
+                "bundle version went from {last_bundle} to {bv}"
+            );
+            last_bundle = bv;
+        }
+    }
+    println!(
+        "fail-over: took over in {takeover:?}; {} leaves signed, 0 failed; {} conflicts answered",
+        ok.load(Ordering::SeqCst),
+        fake.conflicts()
+    );
+    other.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_concurrent_writer_loses_no_update() {
+    let fake = KubeApi::start().await;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut ca = replica(da.path(), &fake, "a");
+    ca.kubernetes.bundle.namespace_selector.clear();
+    let mut cb = replica(db.path(), &fake, "b");
+    cb.kubernetes.bundle.namespace_selector.clear();
+    let a = Server::start(ca, clock.clone()).await.unwrap();
+    let b = Server::start(cb, clock.clone()).await.unwrap();
+
+    // Another client (a backup tool, kubectl annotate) writes the Secret between meshca's read
+    // and its write: meshca's replace gets 409, re-reads, decides again and keeps their change.
+    let mut s = fake.get("secrets", "meshca", "meshca-authority").unwrap();
+    s["metadata"]["annotations"]["backup.example.com/taken"] = json!("yes");
+    fake.put("secrets", "meshca", "meshca-authority", s);
+    let conflicts = fake.conflicts();
+    let before = secret_generations(&fake);
+    let stage = |srv: &Server| {
+        let au = srv.authority.clone();
+        async move {
+            let policy = au.policy().clone();
+            au.transition(|s, now| {
+                s.stage_anchor(&policy, now, rotator::anchors::NewAnchor::Generate)
+                    .map(Some)
+            })
+            .await
+        }
+    };
+    // Both replicas race to stage: exactly one stage happens (the loser re-decides: a rotation
+    // is already staged, which is refused, not applied twice).
+    let (ra, rb) = tokio::join!(stage(&a), stage(&b));
+    assert!(ra.is_ok() != rb.is_ok(), "exactly one stage: {ra:?} {rb:?}");
+    let loser = if ra.is_ok() { rb } else { ra };
+    assert!(
+        loser.unwrap_err().to_string().contains("stag"),
+        "the loser re-decided on the winner's state"
+    );
+    assert!(fake.conflicts() > conflicts, "the API server answered 409");
+    let stored = fake.get("secrets", "meshca", "meshca-authority").unwrap();
+    assert_eq!(
+        stored["metadata"]["annotations"]["backup.example.com/taken"], "yes",
+        "their annotation survived"
+    );
+    let after: u64 = stored["metadata"]["annotations"]["meshca.io/generation"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        after > before,
+        "committed on top of the other writer's change"
+    );
+    // (The leader may follow the stage with an issuer under the new anchor: more commits.)
+    eventually(Duration::from_secs(5), || async {
+        let g = secret_generations(&fake);
+        (a.authority.state().await.generation == g && b.authority.state().await.generation == g)
+            .then_some(())
+    })
+    .await
+    .expect("both replicas hold the committed state");
+    let st = a.authority.state().await;
+    let stages = st
+        .history
+        .iter()
+        .filter(|e| e.generation > before && e.what.to_lowercase().contains("stage"))
+        .count();
+    assert_eq!(stages, 1, "one stage in the journal: {:#?}", st.history);
+    a.shutdown().await;
+    b.shutdown().await;
+}
