@@ -525,11 +525,11 @@ fn decode(
     path: &Path,
     files: &impl Files,
 ) -> Result<Option<AuthorityState>, StoreError> {
-    let file: StateFile = serde_json::from_str(&text)
-        .map_err(|e| corrupt(&path, format!("not valid state JSON: {e}")))?;
+    let file: StateFile = serde_json::from_str(text)
+        .map_err(|e| corrupt(path, format!("not valid state JSON: {e}")))?;
     if file.format != FORMAT {
         return Err(corrupt(
-            &path,
+            path,
             format!(
                 "format {} is not supported (this meshca reads format {FORMAT})",
                 file.format
@@ -539,7 +539,7 @@ fn decode(
     let mut seen = HashSet::new();
     let mut anchors = Vec::new();
     for m in &file.anchors {
-        check_id(&path, &m.id, &mut seen)?;
+        check_id(path, &m.id, &mut seen)?;
         let cert = read_cert(files, "anchors", &m.id, &m.serial, m.not_after)?;
         let key = if m.key_held {
             Some(read_key(files, "anchors", &m.id, &cert)?)
@@ -554,7 +554,7 @@ fn decode(
     }
     let mut issuers = Vec::new();
     for m in &file.issuers {
-        check_id(&path, &m.id, &mut seen)?;
+        check_id(path, &m.id, &mut seen)?;
         let cert = read_cert(files, "issuers", &m.id, &m.serial, m.not_after)?;
         let key = read_key(files, "issuers", &m.id, &cert)?;
         issuers.push(Issuer {
@@ -568,7 +568,7 @@ fn decode(
         None => None,
         Some(m) => {
             if !CertId::is_well_formed(&m.id) {
-                return Err(corrupt(&path, format!("{:?} is not a key id", m.id)));
+                return Err(corrupt(path, format!("{:?} is not a key id", m.id)));
             }
             let kp = files.path("issuers", &format!("pending-{}.key", m.id));
             let key = files.read_key("issuers", &format!("pending-{}.key", m.id))?;
@@ -600,7 +600,7 @@ fn decode(
     };
     state
         .check()
-        .map_err(|e| corrupt(&path, format!("inconsistent: {e}")))?;
+        .map_err(|e| corrupt(path, format!("inconsistent: {e}")))?;
     Ok(Some(state))
 }
 

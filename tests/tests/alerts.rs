@@ -85,8 +85,10 @@ fn every_alert_has_a_test_and_a_runbook_section() {
 #[test]
 fn the_prometheusrule_matches_the_rules_file() {
     let rules = std::fs::read_to_string(rules()).unwrap();
-    let pr = std::fs::read_to_string(repo().join("deploy/kubernetes/meshca-prometheusrule.yaml"))
-        .unwrap();
+    let pr = std::fs::read_to_string(
+        repo().join("deploy/kubernetes/overlays/monitoring/meshca-prometheusrule.yaml"),
+    )
+    .unwrap();
     let body = &rules[rules.find("groups:").unwrap()..];
     let spec = &pr[pr.find("spec:\n").unwrap() + "spec:\n".len()..];
     let dedented: String = spec

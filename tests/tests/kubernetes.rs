@@ -1,5 +1,6 @@
 //! Kubernetes mode against the in-test API server (`meshca_tests::kubeapi`): real HTTP, real
 //! resourceVersion conflicts and watches, but not a real cluster (see tests/README.md).
+#![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -423,6 +424,28 @@ async fn two_replicas_one_rotates_and_the_other_takes_over() {
     })
     .await
     .unwrap_or_else(|| panic!("the survivor activated {prepared} (was {active_before})"));
+    // A trust-anchor rotation staged on the survivor: the bundle ConfigMaps update to the
+    // dual-anchor bundle.
+    let policy = other.authority.policy().clone();
+    other
+        .authority
+        .transition(|s, now| {
+            s.stage_anchor(&policy, now, rotator::anchors::NewAnchor::Generate)
+                .map(Some)
+        })
+        .await
+        .expect("stage");
+    let staged = other.authority.snapshot().bundle.clone();
+    assert_eq!(staged.anchors.len(), 2);
+    eventually(Duration::from_secs(10), || async {
+        let cm = fake.get("configmaps", "dev", "meshca-trust-bundle")?;
+        (cm["data"]["ca-bundle.crt"] == staged.pem.as_str()
+            && cm["metadata"]["annotations"]["meshca.io/bundle-version"]
+                == staged.version.to_string().as_str())
+        .then_some(())
+    })
+    .await
+    .expect("bundle ConfigMaps updated on rotation");
     stop.store(true, Ordering::SeqCst);
     signer.await.unwrap();
 
@@ -482,6 +505,8 @@ async fn two_replicas_one_rotates_and_the_other_takes_over() {
         fake.conflicts()
     );
     other.shutdown().await;
+    // Everything meshca called in this run is granted by deploy/kubernetes, and nothing more.
+    assert_rbac_matches(&fake);
 }
 
 #[tokio::test]
@@ -555,4 +580,185 @@ async fn a_concurrent_writer_loses_no_update() {
     assert_eq!(stages, 1, "one stage in the journal: {:#?}", st.history);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `kubectl kustomize <dir>` as JSON values (None: kubectl missing on a laptop).
+fn render(dir: &str) -> Option<Vec<serde_json::Value>> {
+    let kubectl = meshca_tests::require_tool("kubectl")?;
+    let out = std::process::Command::new(kubectl)
+        .arg("kustomize")
+        .arg(repo().join(dir))
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML"))
+        .collect();
+    assert!(!docs.is_empty(), "{dir} rendered nothing");
+    Some(docs)
+}
+
+/// Deserializes `v` into `T`, rejecting fields `T` does not have (a typo in the manifests).
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(v: &serde_json::Value) -> T {
+    let t: T = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]));
+    // Round trip: what the type kept must be what the file said (unknown fields get dropped).
+    let back = serde_json::to_value(&t).unwrap();
+    fn strip(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => serde_json::Value::Object(
+                m.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), strip(v)))
+                    .collect(),
+            ),
+            serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(strip).collect()),
+            o => o.clone(),
+        }
+    }
+    assert_eq!(
+        strip(&back),
+        strip(v),
+        "{} {} has fields its type does not know",
+        v["kind"],
+        v["metadata"]["name"]
+    );
+    t
+}
+
+#[test]
+fn deploy_renders_and_every_object_is_its_kubernetes_type() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    for dir in ["deploy/kubernetes", "deploy/kubernetes/overlays/monitoring"] {
+        let Some(docs) = render(dir) else { return };
+        let mut kinds = Vec::new();
+        for d in &docs {
+            let kind = d["kind"].as_str().unwrap().to_owned();
+            match kind.as_str() {
+                "Namespace" => drop(typed::<Namespace>(d)),
+                "ServiceAccount" => drop(typed::<ServiceAccount>(d)),
+                "ClusterRole" => drop(typed::<ClusterRole>(d)),
+                "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(d)),
+                "Role" => drop(typed::<Role>(d)),
+                "RoleBinding" => drop(typed::<RoleBinding>(d)),
+                "Service" => {
+                    let s: Service = typed(d);
+                    let ports: Vec<i32> = s
+                        .spec
+                        .unwrap()
+                        .ports
+                        .unwrap()
+                        .iter()
+                        .map(|p| p.port)
+                        .collect();
+                    assert_eq!(ports, [8443, 9090]);
+                }
+                "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(d)),
+                "ConfigMap" => {
+                    let cm: ConfigMap = typed(d);
+                    let toml = &cm.data.unwrap()["meshca.toml"];
+                    let c = Config::from_toml(toml).expect("the shipped meshca.toml parses");
+                    c.validate().expect("the shipped meshca.toml validates");
+                    assert!(c.kubernetes.enabled && !c.kubernetes.state_secret.is_empty());
+                    assert_eq!(
+                        c.auth.authenticators,
+                        [AuthMethod::Mtls, AuthMethod::Tokenreview]
+                    );
+                }
+                "Deployment" => {
+                    let dep: Deployment = typed(d);
+                    let spec = dep.spec;
+                    assert_eq!(spec.replicas, Some(2));
+                    let pod = spec.template.spec.unwrap();
+                    assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+                    let c = &pod.containers[0];
+                    let sc = c.security_context.clone().unwrap();
+                    assert_eq!(sc.read_only_root_filesystem, Some(true));
+                    assert_eq!(sc.allow_privilege_escalation, Some(false));
+                    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+                        p.clone().unwrap().http_get.unwrap().path.unwrap()
+                    };
+                    assert_eq!(path(&c.liveness_probe), "/healthz");
+                    assert_eq!(path(&c.readiness_probe), "/readyz");
+                    let res = c.resources.clone().unwrap();
+                    assert!(res.requests.is_some() && res.limits.is_some());
+                }
+                "PrometheusRule" | "ServiceMonitor" => {
+                    assert_eq!(d["apiVersion"], "monitoring.coreos.com/v1");
+                }
+                other => panic!("{dir}: unexpected kind {other}"),
+            }
+            if kind != "Namespace" && !kind.starts_with("Cluster") {
+                assert_eq!(
+                    d["metadata"]["namespace"], "meshca",
+                    "{kind} {}",
+                    d["metadata"]["name"]
+                );
+            }
+            kinds.push(kind);
+        }
+        println!("{dir}: {} objects: {}", kinds.len(), kinds.join(", "));
+    }
+}
+
+/// RBAC rules of the base as (verb, group, resource, namespaced-only).
+fn rbac_grants() -> Option<std::collections::BTreeSet<(String, String, String, bool)>> {
+    let docs = render("deploy/kubernetes")?;
+    let mut out = std::collections::BTreeSet::new();
+    for d in docs {
+        let namespaced = match d["kind"].as_str() {
+            Some("Role") => true,
+            Some("ClusterRole") => false,
+            _ => continue,
+        };
+        for r in d["rules"].as_array().unwrap() {
+            for g in r["apiGroups"].as_array().unwrap() {
+                for res in r["resources"].as_array().unwrap() {
+                    for v in r["verbs"].as_array().unwrap() {
+                        out.insert((
+                            v.as_str().unwrap().to_owned(),
+                            g.as_str().unwrap().to_owned(),
+                            res.as_str().unwrap().to_owned(),
+                            namespaced,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Every call meshca made is granted, and every grant was used.
+fn assert_rbac_matches(fake: &KubeApi) {
+    let Some(grants) = rbac_grants() else { return };
+    let mut used = std::collections::BTreeSet::new();
+    for c in fake.distinct_calls() {
+        let grant = grants.iter().find(|(v, g, r, ns_only)| {
+            *v == c.verb
+                && *g == c.group
+                && *r == c.resource
+                && (!ns_only || c.namespace == "meshca")
+        });
+        let grant =
+            grant.unwrap_or_else(|| panic!("meshca called {c:?}, which rbac.yaml does not grant"));
+        used.insert(grant.clone());
+    }
+    let unused: Vec<_> = grants.difference(&used).collect();
+    assert!(
+        unused.is_empty(),
+        "rbac.yaml grants what meshca never called: {unused:?}"
+    );
 }

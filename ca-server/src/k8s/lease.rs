@@ -54,7 +54,7 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: OffsetDateTime) -> Decisi
         .renew_time
         .as_ref()
         .or(spec.acquire_time.as_ref())
-        .map(|t| micro_to_time(t));
+        .map(micro_to_time);
     let secs = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
     match renewed {
         Some(t) if t + time::Duration::seconds(secs) > now => Decision::Wait {
@@ -66,7 +66,7 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: OffsetDateTime) -> Decisi
 }
 
 fn micro_to_time(t: &MicroTime) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0.as_nanosecond()))
+    OffsetDateTime::from_unix_timestamp_nanos(t.0.as_nanosecond())
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
