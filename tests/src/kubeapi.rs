@@ -42,6 +42,7 @@ struct Inner {
     objects: BTreeMap<(String, String, String), Value>,
     tokens: HashMap<String, TokenInfo>,
     down: bool,
+    blind: bool,
     calls: Vec<Call>,
     conflicts: u64,
     history: Vec<Event>,
@@ -156,6 +157,12 @@ impl KubeApi {
     /// While `down`, every request answers 503.
     pub fn set_down(&self, down: bool) {
         self.lock().down = down;
+    }
+
+    /// Negative controls only: replaces ignore `resourceVersion` (a store without optimistic
+    /// concurrency), so the last writer silently wins.
+    pub fn set_ignore_resource_versions(&self, blind: bool) {
+        self.lock().blind = blind;
     }
 
     /// Every call so far.
@@ -426,7 +433,7 @@ async fn handle(
                 .to_owned();
             let uid = cur["metadata"]["uid"].clone();
             match obj["metadata"]["resourceVersion"].as_str() {
-                Some(rv) if rv != have => {
+                Some(rv) if rv != have && !g.blind => {
                     g.conflicts += 1;
                     return status(
                         StatusCode::CONFLICT,

@@ -511,7 +511,21 @@ async fn two_replicas_one_rotates_and_the_other_takes_over() {
 
 #[tokio::test]
 async fn a_concurrent_writer_loses_no_update() {
+    race_to_stage(false).await;
+}
+
+/// Negative control: the same race against a store that ignores resourceVersion. Both replicas'
+/// stages "succeed" and the other writer's annotation is overwritten — the checks above are what
+/// catch a store without optimistic concurrency.
+#[tokio::test]
+#[should_panic(expected = "exactly one stage")]
+async fn negative_control_without_resource_versions_updates_are_lost() {
+    race_to_stage(true).await;
+}
+
+async fn race_to_stage(blind: bool) {
     let fake = KubeApi::start().await;
+    fake.set_ignore_resource_versions(blind);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut ca = replica(da.path(), &fake, "a");
