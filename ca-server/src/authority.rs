@@ -136,10 +136,6 @@ pub enum TransitionError {
 /// How often a transition re-reads and re-decides after another replica committed first.
 const CONFLICT_RETRIES: u32 = 5;
 
-/// Far enough ahead that the ledger never becomes trustworthy while replicated.
-const REPLICATED_LEDGER_NEVER: std::time::Duration =
-    std::time::Duration::from_secs(100 * 365 * 24 * 3600);
-
 /// How to open an authority.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -288,7 +284,7 @@ impl Authority {
         if remote.is_some() {
             // Replicas sign independently and each ledger sees only its own leaves: a measured
             // gate would count a fraction of the fleet. Only the time-based fallbacks apply.
-            ledger.with(|l| l.set_complete_since(now + REPLICATED_LEDGER_NEVER));
+            ledger.with(rotator::ledger::Ledger::set_partial);
             tracing::warn!(
                 "state in {dir}: replicas sign independently, so the issuance ledger is partial; the trust-anchor \
                  gates use their time-based fallbacks only"

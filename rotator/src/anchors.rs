@@ -113,6 +113,11 @@ impl Gate {
 fn ledger_note(l: Option<&LedgerSummary>, now: OffsetDateTime) -> Option<String> {
     match l {
         None => Some("no ledger here (ask the running server): time-based only".into()),
+        Some(l) if l.partial => Some(
+            "replicas sign independently and each ledger sees only its own leaves: measured gates are \
+             off, time-based only"
+                .into(),
+        ),
         Some(l) if !l.trustworthy(now) => Some(format!(
             "the ledger is complete only since {}, so leaves signed before may be unknown; measured gates \
              are off until {} (time-based until then)",
@@ -766,6 +771,7 @@ mod tests {
             live_workloads: workloads,
             workloads_current: current,
             min_version: version,
+            partial: false,
         }
     }
 

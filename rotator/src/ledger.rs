@@ -107,6 +107,8 @@ pub struct Ledger {
     watches: HashMap<Key, Watch>,
     /// The anchors leaves chain to (entries hold an index).
     anchors: Vec<CertId>,
+    /// Other processes sign too (replicas): this ledger never sees every leaf.
+    partial: bool,
 }
 
 /// What the gates need from the ledger at one instant.
@@ -125,6 +127,8 @@ pub struct LedgerSummary {
     pub workloads_current: u64,
     /// The version `workloads_current` counts against.
     pub min_version: u64,
+    /// Other replicas sign too: this ledger never sees every leaf, so it is never trustworthy.
+    pub partial: bool,
 }
 
 impl LedgerSummary {
@@ -135,7 +139,7 @@ impl LedgerSummary {
 
     /// Whether measurements may be used at `now`.
     pub fn trustworthy(&self, now: OffsetDateTime) -> bool {
-        now >= self.trustworthy_at
+        !self.partial && now >= self.trustworthy_at
     }
 }
 
@@ -147,7 +151,14 @@ impl Ledger {
             leaves: HashMap::new(),
             watches: HashMap::new(),
             anchors: Vec::new(),
+            partial: false,
         }
+    }
+
+    /// Marks the ledger as one of several (replicas sign independently): measured gates must
+    /// never use it.
+    pub fn set_partial(&mut self) {
+        self.partial = true;
     }
 
     fn anchor_index(&mut self, a: &CertId) -> u16 {
@@ -313,6 +324,7 @@ impl Ledger {
             live_workloads: live,
             workloads_current: current,
             min_version,
+            partial: self.partial,
         }
     }
 }

@@ -37,6 +37,7 @@ pub fn document(
             "complete_since": rfc3339(l.complete_since),
             "trustworthy_at": rfc3339(l.trustworthy_at),
             "trustworthy": l.trustworthy(now),
+            "partial": l.partial,
             "live_leaves_by_anchor": l.live_leaves,
             "live_workloads": l.live_workloads,
             "workloads_with_current_bundle": l.workloads_current,

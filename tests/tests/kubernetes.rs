@@ -437,6 +437,21 @@ async fn two_replicas_one_rotates_and_the_other_takes_over() {
         .expect("stage");
     let staged = other.authority.snapshot().bundle.clone();
     assert_eq!(staged.anchors.len(), 2);
+    // Replicated, the activate gate is time-based only, and says why.
+    let summary = other.authority.ledger_summary().await;
+    assert!(summary.partial);
+    let st = other.authority.state().await;
+    let gates = rotator::anchors::gates(&st, &policy, Some(&summary), clock.now());
+    let activate = gates
+        .iter()
+        .find(|g| g.step == rotator::anchors::Step::Activate)
+        .unwrap();
+    assert!(!activate.open, "{}", activate.explain());
+    assert!(
+        activate.explain().contains("replicas sign independently"),
+        "{}",
+        activate.explain()
+    );
     eventually(Duration::from_secs(10), || async {
         let cm = fake.get("configmaps", "dev", "meshca-trust-bundle")?;
         (cm["data"]["ca-bundle.crt"] == staged.pem.as_str()
