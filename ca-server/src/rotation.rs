@@ -189,9 +189,14 @@ pub async fn drive_while_leader(
             auto.clone(),
             stop_rx,
         ));
-        tokio::select! {
-            _ = leader.wait_for(|l| !*l) => {}
-            _ = shutdown.wait_for(|s| *s) => {}
+        let deposed = tokio::select! {
+            r = leader.wait_for(|l| !*l) => r.is_ok(),
+            _ = shutdown.wait_for(|s| *s) => false,
+        };
+        if !deposed {
+            // Shutdown, or nobody can depose us any more (the campaigner ended): run until
+            // shutdown.
+            let _ = shutdown.wait_for(|s| *s).await;
         }
         stop.send_replace(true);
         let _ = task.await;

@@ -79,6 +79,7 @@ pub struct Server {
     /// Whether this replica rotates now (always, with a state dir; the Lease holder on
     /// Kubernetes).
     pub leader: watch::Receiver<bool>,
+    _leader_tx: Option<watch::Sender<bool>>,
     /// The TokenReview authenticator, when configured (tests read its call count).
     pub reviewer: Option<Arc<crate::k8s::tokenreview::TokenReviewer>>,
     shutdown: watch::Sender<bool>,
@@ -233,7 +234,7 @@ impl Server {
 
         // Who rotates: with the state in a Secret, the Lease holder; otherwise this process.
         let (leader_tx, leader_rx) = watch::channel(!replicated);
-        if let (Some(c), true) = (&client, replicated) {
+        let leader_tx = if let (Some(c), true) = (&client, replicated) {
             tasks.spawn(crate::k8s::lease::run(
                 kube::Api::namespaced(c.clone(), &namespace),
                 kube.lease.clone(),
@@ -246,9 +247,11 @@ impl Server {
                 authority.clone(),
                 shutdown_rx.clone(),
             ));
+            None
         } else {
-            drop(leader_tx);
-        }
+            // Always leader; the sender lives as long as the server so the value stays put.
+            Some(leader_tx)
+        };
         if let Some(c) = &client
             && !kube.bundle.namespace_selector.is_empty()
         {
@@ -381,6 +384,7 @@ impl Server {
             bootstrap_token,
             state_dir: config.state_dir,
             leader: leader_rx,
+            _leader_tx: leader_tx,
             reviewer,
             shutdown,
             tasks,

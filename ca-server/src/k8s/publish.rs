@@ -213,7 +213,11 @@ pub async fn run(
         };
         tokio::select! {
             r = snapshots.changed() => if r.is_err() { return },
-            r = leader.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() {
+                // The campaigner ended (shutdown): keep the last value, stop watching it.
+                let _ = shutdown.wait_for(|s| *s).await;
+                return;
+            },
             () = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
