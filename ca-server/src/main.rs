@@ -158,6 +158,12 @@ fn print_banner(server: &Server) {
         .bootstrap_token
         .clone()
         .unwrap_or_else(|| server.state_dir.join(ca_server::auth::BOOTSTRAP_TOKEN_FILE));
+    let shared = server.authority.remote().map_or_else(String::new, |r| {
+        format!(
+            "  authority state  {} (shared by every replica; the rotation Lease holder rotates)\n",
+            r.origin()
+        )
+    });
     let issuer = snap.issuer.as_ref().map_or_else(
         || {
             format!(
@@ -171,6 +177,7 @@ fn print_banner(server: &Server) {
     );
     println!(
         "meshca-server {ver}: {what} for trust domain {td}\n\
+         {shared}\
          \x20 state dir        {dir}\n\
          \x20 gRPC (TLS)       https://{grpc}\n\
          \x20 HTTP             http://{http}  (/healthz /readyz /metrics /bundle.pem)\n\

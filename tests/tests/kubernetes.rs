@@ -791,3 +791,187 @@ fn assert_rbac_matches(fake: &KubeApi) {
         "rbac.yaml grants what meshca never called: {unused:?}"
     );
 }
+
+/// The Secret's state, decoded as meshca would.
+fn stored_state(fake: &KubeApi) -> Option<rotator::state::AuthorityState> {
+    use base64::Engine as _;
+    let s = fake.get("secrets", "meshca", "meshca-authority")?;
+    let data = s["data"]
+        .as_object()?
+        .iter()
+        .map(|(k, v)| {
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap();
+            (k.clone(), b)
+        })
+        .collect();
+    rotator::store::decode_flat("test", &data).unwrap()
+}
+
+fn replica_toml(fake: &KubeApi, name: &str) -> String {
+    format!(
+        r#"
+[auth]
+authenticators = ["mtls", "tokenreview"]
+[kubernetes]
+enabled = true
+api_url = "{url}"
+namespace = "meshca"
+identity = "{name}"
+lease_duration = "2s"
+[kubernetes.bundle]
+namespace_selector = "meshca.io/trust-bundle=enabled"
+resync = "500ms"
+[policy]
+leaf_ttl_default = "5s"
+leaf_ttl_min = "2s"
+leaf_ttl_max = "10s"
+clock_skew = "1s"
+issuer_ttl = "36s"
+propagation_allowance = "5s"
+"#,
+        url = fake.url
+    )
+}
+
+/// Two real `meshca-server` processes on one API server; the leader is SIGKILLed after it
+/// prepared the next issuer; the other takes the Lease within the lease duration and activates
+/// that issuer; signing over gRPC with ServiceAccount tokens never fails on the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_server_processes_fail_over_on_sigkill() {
+    use meshca_tests::ServerProcess;
+    let fake = KubeApi::start().await;
+    tokens(&fake);
+    fake.set_namespace("prod", &[("meshca.io/trust-bundle", "enabled")]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut procs = Vec::new();
+    for name in ["meshca-a", "meshca-b"] {
+        let cfg = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, replica_toml(&fake, name)).unwrap();
+        let dir = tmp.path().join(name);
+        let cfg = cfg.display().to_string();
+        let p = tokio::task::spawn_blocking(move || {
+            ServerProcess::spawn(&dir, &["--config", &cfg], &[]).expect("replica starts")
+        })
+        .await
+        .unwrap();
+        assert!(
+            p.banner.contains("secret meshca/meshca-authority"),
+            "{}",
+            p.banner
+        );
+        procs.push(Some((name, p, tmp.path().join(name).join("bundle.pem"))));
+    }
+    let holder = || {
+        fake.get("leases", "meshca", "meshca-rotation")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+    };
+    let first = eventually(Duration::from_secs(10), || async { holder() })
+        .await
+        .expect("a replica holds the Lease");
+    let leader_ix = procs
+        .iter()
+        .position(|p| p.as_ref().unwrap().0 == first)
+        .unwrap();
+
+    // Signers: one per replica, over gRPC/TLS, with prod/web's ServiceAccount token.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut signers = Vec::new();
+    // (signed, failed, alive)
+    let counts: Vec<_> = (0..2)
+        .map(|_| Arc::new((AtomicU64::new(0), AtomicU64::new(0), AtomicBool::new(true))))
+        .collect();
+    for (ix, p) in procs.iter().enumerate() {
+        let (_, proc_, bundle) = p.as_ref().unwrap();
+        let url = proc_.url.clone();
+        let roots = meshca_tests::pem_certs(&std::fs::read_to_string(bundle).unwrap());
+        let (stop, count) = (stop.clone(), counts[ix].clone());
+        signers.push(tokio::spawn(async move {
+            let tls = rotator::client::client_tls(&roots, None).unwrap();
+            let mut client = meshca_proto::v1::identity_service_client::IdentityServiceClient::new(
+                rotator::client::channel(&url, tls).unwrap(),
+            );
+            while !stop.load(Ordering::SeqCst) && count.2.load(Ordering::SeqCst) {
+                let key = SecretKey::generate_p256().unwrap();
+                let csr = make_csr(&WEB.parse().unwrap(), &key).unwrap();
+                match client
+                    .sign_certificate(with_token(sign_request(csr), "tok-web"))
+                    .await
+                {
+                    Ok(_) => count.0.fetch_add(1, Ordering::SeqCst),
+                    Err(e) => {
+                        eprintln!("replica {ix}: {e:?}");
+                        count.1.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+
+    let prepared = eventually(Duration::from_secs(40), || async {
+        let st = stored_state(&fake)?;
+        st.issuers
+            .iter()
+            .find(|i| i.status == rotator::state::IssuerStatus::Prepared)
+            .map(|i| i.cert.id().clone())
+    })
+    .await
+    .expect("the leader prepared the next issuer");
+    // SIGKILL the leader; its signer stops (its failures from here on are expected).
+    let (name, leader, _) = procs[leader_ix].take().unwrap();
+    counts[leader_ix].2.store(false, Ordering::SeqCst);
+    let killed_at = tokio::time::Instant::now();
+    tokio::task::spawn_blocking(move || leader.kill())
+        .await
+        .unwrap();
+    let before_kill = counts[leader_ix].0.load(Ordering::SeqCst);
+    let other = procs.iter().flatten().next().unwrap().0;
+    eventually(Duration::from_secs(10), || async {
+        (holder().as_deref() == Some(other)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("{other} takes the Lease after {name} is killed"));
+    let takeover = killed_at.elapsed();
+    eventually(Duration::from_secs(30), || async {
+        let st = stored_state(&fake)?;
+        (st.active_issuer()?.cert.id() == &prepared).then_some(())
+    })
+    .await
+    .expect("the survivor activated the issuer the dead leader prepared");
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the survivor's signer sign under it
+    stop.store(true, Ordering::SeqCst);
+    for s in signers {
+        s.await.unwrap();
+    }
+    let survivor = &counts[1 - leader_ix];
+    let (ok, failed) = (
+        survivor.0.load(Ordering::SeqCst),
+        survivor.1.load(Ordering::SeqCst),
+    );
+    println!(
+        "processes: {name} SIGKILLed, {other} held the Lease {takeover:?} later; survivor signed {ok}, failed {failed}; \
+         the leader signed {before_kill} before it died"
+    );
+    assert!(
+        takeover <= Duration::from_secs(4),
+        "took over in {takeover:?} (lease 2 s)"
+    );
+    assert_eq!(failed, 0, "the survivor failed to sign");
+    assert!(
+        ok > 20 && before_kill > 5,
+        "both signed: survivor {ok}, leader {before_kill}"
+    );
+    let st = stored_state(&fake).unwrap();
+    let prepares = st
+        .history
+        .iter()
+        .filter(|e| e.what.contains(prepared.as_str()) && e.what.contains("prepar"))
+        .count();
+    assert_eq!(
+        prepares, 1,
+        "resumed, not prepared again: {:#?}",
+        st.history
+    );
+}
