@@ -133,6 +133,13 @@ pub enum TransitionError {
     Store(#[from] StoreError),
 }
 
+/// Logs the journal entries of `next` newer than generation `since`.
+fn log_journal(since: u64, next: &AuthorityState, prefix: &str) {
+    for e in next.history.iter().filter(|e| e.generation > since) {
+        tracing::info!(target: "meshca::journal", generation = e.generation, "{prefix}{}", e.what);
+    }
+}
+
 /// How often a transition re-reads and re-decides after another replica committed first.
 const CONFLICT_RETRIES: u32 = 5;
 
@@ -357,13 +364,7 @@ impl Authority {
                 self.store.write_bundle(&next)?;
             }
             rotator::store::fault_point("transition:after-commit");
-            for e in next
-                .history
-                .iter()
-                .filter(|e| e.generation > state.generation)
-            {
-                tracing::info!(target: "meshca::journal", generation = e.generation, "{}", e.what);
-            }
+            log_journal(state.generation, &next, "");
             *state = next;
             self.snapshot.send_replace(Arc::new(snapshot));
             return Ok(true);
@@ -392,13 +393,7 @@ impl Authority {
         theirs.check()?;
         let snapshot = Snapshot::of(&theirs)?;
         self.store.write_bundle(&theirs)?;
-        for e in theirs
-            .history
-            .iter()
-            .filter(|e| e.generation > state.generation)
-        {
-            tracing::info!(target: "meshca::journal", generation = e.generation, "(another replica) {}", e.what);
-        }
+        log_journal(state.generation, &theirs, "(another replica) ");
         *state = theirs;
         self.snapshot.send_replace(Arc::new(snapshot));
         Ok(())

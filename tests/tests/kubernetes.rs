@@ -271,6 +271,22 @@ async fn issue_in_process(issuer: &Issuer, token: &str, id: &str) -> Result<Stri
         .map(|i| i.chain[1].as_ref().len().to_string())
 }
 
+/// The prepared (next) issuer, if any.
+fn prepared_issuer(st: &rotator::state::AuthorityState) -> Option<rotator::pki::CertId> {
+    st.issuers
+        .iter()
+        .find(|i| i.status == rotator::state::IssuerStatus::Prepared)
+        .map(|i| i.cert.id().clone())
+}
+
+/// How many journal entries record preparing issuer `id`.
+fn times_prepared(st: &rotator::state::AuthorityState, id: &rotator::pki::CertId) -> usize {
+    st.history
+        .iter()
+        .filter(|e| e.what.contains(id.as_str()) && e.what.contains("prepar"))
+        .count()
+}
+
 fn leader(s: &Server) -> bool {
     *s.leader.borrow()
 }
@@ -387,11 +403,7 @@ async fn two_replicas_one_rotates_and_the_other_takes_over() {
     // The leader prepares the next issuer (18 s after notBefore); both replicas see it.
     let (lead, other) = if first == "a" { (a, b) } else { (b, a) };
     let prepared = eventually(Duration::from_secs(40), || async {
-        let st = other.authority.state().await;
-        st.issuers
-            .iter()
-            .find(|i| i.status == rotator::state::IssuerStatus::Prepared)
-            .map(|i| i.cert.id().clone())
+        prepared_issuer(&other.authority.state().await)
     })
     .await
     .expect("the leader prepared an issuer and the follower adopted it");
@@ -465,11 +477,7 @@ async fn two_replicas_one_rotates_and_the_other_takes_over() {
     signer.await.unwrap();
 
     let st = other.authority.state().await;
-    let prepares = st
-        .history
-        .iter()
-        .filter(|e| e.what.contains(prepared.as_str()) && e.what.contains("prepar"))
-        .count();
+    let prepares = times_prepared(&st, &prepared);
     assert_eq!(
         prepares, 1,
         "resumed, not prepared twice: {:#?}",
@@ -911,11 +919,7 @@ async fn two_server_processes_fail_over_on_sigkill() {
     }
 
     let prepared = eventually(Duration::from_secs(40), || async {
-        let st = stored_state(&fake)?;
-        st.issuers
-            .iter()
-            .find(|i| i.status == rotator::state::IssuerStatus::Prepared)
-            .map(|i| i.cert.id().clone())
+        prepared_issuer(&stored_state(&fake)?)
     })
     .await
     .expect("the leader prepared the next issuer");
@@ -964,11 +968,7 @@ async fn two_server_processes_fail_over_on_sigkill() {
         "both signed: survivor {ok}, leader {before_kill}"
     );
     let st = stored_state(&fake).unwrap();
-    let prepares = st
-        .history
-        .iter()
-        .filter(|e| e.what.contains(prepared.as_str()) && e.what.contains("prepar"))
-        .count();
+    let prepares = times_prepared(&st, &prepared);
     assert_eq!(
         prepares, 1,
         "resumed, not prepared again: {:#?}",
