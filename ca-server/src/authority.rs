@@ -375,20 +375,17 @@ impl Authority {
     /// grow, so a bundle version never goes backwards). `Ok(true)` when adopted.
     pub async fn adopt(&self, theirs: AuthorityState) -> Result<bool, TransitionError> {
         let mut state = self.state.lock().await;
-        if theirs.generation <= state.generation {
-            return Ok(false);
-        }
-        self.install(&mut state, theirs)?;
-        Ok(true)
+        self.install(&mut state, theirs)
     }
 
+    /// Makes `theirs` the state if it is newer; `Ok(true)` when it was.
     fn install(
         &self,
         state: &mut AuthorityState,
         theirs: AuthorityState,
-    ) -> Result<(), TransitionError> {
+    ) -> Result<bool, TransitionError> {
         if theirs.generation <= state.generation {
-            return Ok(());
+            return Ok(false);
         }
         theirs.check()?;
         let snapshot = Snapshot::of(&theirs)?;
@@ -396,7 +393,7 @@ impl Authority {
         log_journal(state.generation, &theirs, "(another replica) ");
         *state = theirs;
         self.snapshot.send_replace(Arc::new(snapshot));
-        Ok(())
+        Ok(true)
     }
 
     /// Re-reads the remote state and adopts it if newer (no-op for a file store).

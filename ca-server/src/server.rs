@@ -112,16 +112,16 @@ impl Server {
             default_trust_domain: DEFAULT_TRUST_DOMAIN.parse().map_err(|e| other(&e))?,
             upstream_anchor,
         };
-        let kube = &config.kubernetes;
-        let client = if kube.enabled {
-            Some(kube.client().await.map_err(StartError::Other)?)
+        let kcfg = &config.kubernetes;
+        let client = if kcfg.enabled {
+            Some(kcfg.client().await.map_err(StartError::Other)?)
         } else {
             None
         };
-        let namespace = kube.own_namespace();
+        let namespace = kcfg.own_namespace();
         let remote = match &client {
-            Some(c) if !kube.state_secret.is_empty() => Some(Arc::new(
-                crate::k8s::store::KubeStore::new(c.clone(), &namespace, &kube.state_secret),
+            Some(c) if !kcfg.state_secret.is_empty() => Some(Arc::new(
+                crate::k8s::store::KubeStore::new(c.clone(), &namespace, &kcfg.state_secret),
             )),
             _ => None,
         };
@@ -157,8 +157,8 @@ impl Server {
                     c.clone(),
                     authority.snapshot().bundle.trust_domain.clone(),
                     clock.clone(),
-                    kube.token_cache_ttl,
-                    kube.token_cache_size,
+                    kcfg.token_cache_ttl,
+                    kcfg.token_cache_size,
                 )))
             }
             _ => None,
@@ -175,7 +175,7 @@ impl Server {
         let issuer = Arc::new(
             Issuer::new(authority.clone(), auth.clone(), metrics.clone()).with_audiences(
                 crate::issuance::Audiences {
-                    meshca: kube.token_audience.clone(),
+                    meshca: kcfg.token_audience.clone(),
                     istio: config.istio.token_audience.clone(),
                     linkerd: config.linkerd.token_audience.clone(),
                 },
@@ -237,9 +237,9 @@ impl Server {
         let leader_tx = if let (Some(c), true) = (&client, replicated) {
             tasks.spawn(crate::k8s::lease::run(
                 kube::Api::namespaced(c.clone(), &namespace),
-                kube.lease.clone(),
-                kube.own_identity(),
-                kube.lease_duration,
+                kcfg.lease.clone(),
+                kcfg.own_identity(),
+                kcfg.lease_duration,
                 leader_tx,
                 shutdown_rx.clone(),
             ));
@@ -253,11 +253,11 @@ impl Server {
             Some(leader_tx)
         };
         if let Some(c) = &client
-            && !kube.bundle.namespace_selector.is_empty()
+            && !kcfg.bundle.namespace_selector.is_empty()
         {
             tasks.spawn(crate::k8s::publish::run(
                 c.clone(),
-                kube.bundle.clone(),
+                kcfg.bundle.clone(),
                 authority.clone(),
                 leader_rx.clone(),
                 shutdown_rx.clone(),

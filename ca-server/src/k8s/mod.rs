@@ -213,6 +213,18 @@ fn is_dns_subdomain(s: &str) -> bool {
         })
 }
 
+/// Marks `meta` as written by meshca: the `app.kubernetes.io/managed-by=meshca` label and
+/// `annotation`, keeping the labels and annotations others put there.
+pub fn stamp(meta: &mut kube::api::ObjectMeta, annotation: (&str, String)) {
+    meta.labels.get_or_insert_default().insert(
+        store::MANAGED_BY.0.to_owned(),
+        store::MANAGED_BY.1.to_owned(),
+    );
+    meta.annotations
+        .get_or_insert_default()
+        .insert(annotation.0.to_owned(), annotation.1);
+}
+
 /// Whether a kube error means "someone else wrote first" (409 Conflict / AlreadyExists).
 pub fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)

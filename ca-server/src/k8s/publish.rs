@@ -100,22 +100,18 @@ pub async fn reconcile(
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
         for (name, key) in &shapes {
             let data: BTreeMap<String, String> = [((*key).to_owned(), bundle.pem.clone())].into();
-            let meta = |rv: Option<String>| ObjectMeta {
-                name: Some(name.clone()),
-                labels: Some([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())].into()),
-                annotations: Some(
-                    [(VERSION_ANNOTATION.to_owned(), bundle.version.to_string())].into(),
-                ),
-                resource_version: rv,
-                ..Default::default()
-            };
+            let version = (VERSION_ANNOTATION, bundle.version.to_string());
             match api.get_opt(name).await? {
                 None => {
-                    let cm = ConfigMap {
-                        metadata: meta(None),
+                    let mut cm = ConfigMap {
+                        metadata: ObjectMeta {
+                            name: Some(name.clone()),
+                            ..Default::default()
+                        },
                         data: Some(data),
                         ..Default::default()
                     };
+                    super::stamp(&mut cm.metadata, version);
                     match api.create(&pp, &cm).await {
                         Ok(_) => done.written += 1,
                         // Created meanwhile: the next round looks again.
@@ -133,19 +129,10 @@ pub async fn reconcile(
                         done.unchanged += 1;
                         continue;
                     }
-                    let mut next = cm.clone();
-                    let mut m = meta(cm.metadata.resource_version.clone());
-                    // Keep other labels and annotations (e.g. a mesh's own).
-                    let mut labels = cm.metadata.labels.clone().unwrap_or_default();
-                    labels.extend(m.labels.take().unwrap_or_default());
-                    let mut ann = cm.metadata.annotations.clone().unwrap_or_default();
-                    ann.extend(m.annotations.take().unwrap_or_default());
-                    m.labels = Some(labels);
-                    m.annotations = Some(ann);
-                    next.metadata = ObjectMeta {
-                        uid: cm.metadata.uid.clone(),
-                        ..m
-                    };
+                    // Over what was read: conditional on its resourceVersion, keeping other
+                    // labels and annotations (e.g. a mesh's own).
+                    let mut next = cm;
+                    super::stamp(&mut next.metadata, version);
                     next.data = Some(data);
                     match api.replace(name, &pp, &next).await {
                         Ok(_) => done.written += 1,

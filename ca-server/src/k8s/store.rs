@@ -129,22 +129,15 @@ impl KubeStore {
             .into_iter()
             .map(|(k, v)| (k, ByteString(v)))
             .collect();
-        let mut labels = base.and_then(|m| m.labels.clone()).unwrap_or_default();
-        labels.insert(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned());
-        let mut annotations = base.and_then(|m| m.annotations.clone()).unwrap_or_default();
-        annotations.insert(
-            "meshca.io/generation".to_owned(),
-            next.generation.to_string(),
+        // Over what was read: its resourceVersion makes the write conditional.
+        let mut metadata = base.cloned().unwrap_or_default();
+        metadata.name = Some(self.name.clone());
+        super::stamp(
+            &mut metadata,
+            ("meshca.io/generation", next.generation.to_string()),
         );
         Ok(Secret {
-            metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                labels: Some(labels),
-                annotations: Some(annotations),
-                resource_version: base.and_then(|m| m.resource_version.clone()),
-                uid: base.and_then(|m| m.uid.clone()),
-                ..Default::default()
-            },
+            metadata,
             type_: Some("Opaque".into()),
             data: Some(data),
             ..Default::default()
