@@ -393,7 +393,12 @@ pub fn sign_leaf(
         .as_str()
         .try_into()
         .map_err(|e: rcgen::Error| SignError(e.to_string()))?;
-    params.subject_alt_names = vec![SanType::URI(uri)];
+    // SAN order is part of the contract: linkerd2-proxy names a peer by the *first* SAN of its
+    // certificate and matches that name against Linkerd identities, so a DNS identity (Linkerd
+    // face) comes first and the SPIFFE URI SAN after it (the leaf stays an X.509-SVID: exactly
+    // one URI SAN, other SAN types allowed). Go's x509 (Linkerd's own identity controller) emits
+    // the same order. Without a DNS identity the URI SAN is the only SAN.
+    params.subject_alt_names = Vec::with_capacity(2);
     if let Some(dns) = &csr.dns {
         let name = dns
             .as_str()
@@ -401,6 +406,7 @@ pub fn sign_leaf(
             .map_err(|e: rcgen::Error| SignError(e.to_string()))?;
         params.subject_alt_names.push(SanType::DnsName(name));
     }
+    params.subject_alt_names.push(SanType::URI(uri));
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = if csr.key.rsa {
         vec![
@@ -719,5 +725,73 @@ mod tests {
             ))
             .unwrap();
         }
+    }
+
+    /// The tags of the GeneralNames in a leaf's subjectAltName extension, in encoded order (read
+    /// from the DER itself, not from a parsed set): `0x82` dNSName, `0x86` uniformResourceIdentifier.
+    fn san_tags_in_der_order(leaf_der: &[u8]) -> Vec<(u8, String)> {
+        // A short DER reader: (tag, content, rest). Lengths here fit the long form's 1-2 bytes.
+        fn tlv(b: &[u8]) -> (u8, &[u8], &[u8]) {
+            let (tag, l0) = (b[0], b[1] as usize);
+            let (len, hdr) = match l0 {
+                0..=0x7f => (l0, 2),
+                0x81 => (b[2] as usize, 3),
+                0x82 => ((b[2] as usize) << 8 | b[3] as usize, 4),
+                _ => panic!("length form {l0:#x}"),
+            };
+            (tag, &b[hdr..hdr + len], &b[hdr + len..])
+        }
+        let (_, x) = X509Certificate::from_der(leaf_der).unwrap();
+        let ext = x
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "2.5.29.17")
+            .expect("a SAN extension");
+        let (tag, mut names, rest) = tlv(ext.value);
+        assert_eq!((tag, rest.len()), (0x30, 0), "GeneralNames is one SEQUENCE");
+        let mut out = Vec::new();
+        while !names.is_empty() {
+            let (tag, content, rest) = tlv(names);
+            out.push((tag, String::from_utf8(content.to_vec()).unwrap()));
+            names = rest;
+        }
+        out
+    }
+
+    #[test]
+    fn linkerd_leaf_names_the_dns_identity_first() {
+        const DNS: &str = "web.default.serviceaccount.identity.linkerd.cluster.local";
+        let now = OffsetDateTime::now_utc();
+        let policy = Policy::default();
+        let state =
+            AuthorityState::genesis("cluster.local".parse().unwrap(), &policy, now).unwrap();
+        let issuer = state.active_issuer().unwrap();
+        let rissuer = issuer.cert.rcgen_issuer(issuer.key.clone()).unwrap();
+        let window = policy
+            .leaf_window(
+                now,
+                None,
+                issuer.cert.info.not_before,
+                issuer.cert.info.not_after,
+            )
+            .unwrap();
+        let key = p256();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::DnsName(DNS.try_into().unwrap())];
+        let csr = parse_dns_csr(&csr_with(p, &key), DNS, id()).unwrap();
+        let leaf = sign_leaf(&csr, &window, &rissuer).unwrap();
+        assert_eq!(
+            san_tags_in_der_order(&leaf.der),
+            vec![(0x82, DNS.to_owned()), (0x86, ID.to_owned())],
+            "dNSName first, then the one URI SAN"
+        );
+        // And a SPIFFE-only CSR still gets exactly one SAN, the URI.
+        let csr = parse_csr(&csr_with(uri_params(&[ID]), &key)).unwrap();
+        let leaf = sign_leaf(&csr, &window, &rissuer).unwrap();
+        assert_eq!(
+            san_tags_in_der_order(&leaf.der),
+            vec![(0x86, ID.to_owned())]
+        );
     }
 }

@@ -104,8 +104,32 @@ pub fn new_token() -> Result<String, ring::error::Unspecified> {
     ))
 }
 
-/// Adds a token to `<dir>/tokens.json` (created if missing) and returns it. Only its hash is kept.
+/// Adds a new random token to `<dir>/tokens.json` (created if missing) and returns it. Only its
+/// hash is kept.
 pub fn add_token(dir: &Path, name: &str, allow: Vec<IdPattern>) -> Result<String, TokensError> {
+    let token = new_token().map_err(|_| TokensError {
+        path: dir.join(TOKENS_FILE),
+        reason: "random number generator failed".into(),
+    })?;
+    register_token(dir, name, allow, &token)?;
+    Ok(token)
+}
+
+/// Writes `token` to `path` (0600) exactly as it is: no trailing newline. Clients such as ztunnel
+/// send a token file's bytes unchanged in the `authorization` header, where a newline makes the
+/// header invalid (projected ServiceAccount token files have none either); readers here trim
+/// surrounding whitespace all the same.
+pub fn write_token_file(path: &Path, token: &str) -> Result<(), StoreError> {
+    write_atomic(path, token.as_bytes(), 0o600)
+}
+
+/// Registers `token` (its hash only) in `<dir>/tokens.json`, created if missing.
+pub fn register_token(
+    dir: &Path,
+    name: &str,
+    allow: Vec<IdPattern>,
+    token: &str,
+) -> Result<(), TokensError> {
     let path = dir.join(TOKENS_FILE);
     let err = |reason: String| TokensError {
         path: path.clone(),
@@ -116,7 +140,6 @@ pub fn add_token(dir: &Path, name: &str, allow: Vec<IdPattern>) -> Result<String
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokensFile::default(),
         Err(e) => return Err(err(e.to_string())),
     };
-    let token = new_token().map_err(|_| err("random number generator failed".into()))?;
     file.tokens.push(TokenEntry {
         name: name.into(),
         sha256: hex::encode(digest(&SHA256, token.as_bytes())),
@@ -124,8 +147,7 @@ pub fn add_token(dir: &Path, name: &str, allow: Vec<IdPattern>) -> Result<String
     });
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| err(e.to_string()))?;
     json.push(b'\n');
-    write_atomic(&path, &json, 0o600).map_err(|e: StoreError| err(e.to_string()))?;
-    Ok(token)
+    write_atomic(&path, &json, 0o600).map_err(|e: StoreError| err(e.to_string()))
 }
 
 /// Writes the bootstrap token for `spiffe://<td>/ns/default/sa/*` to `<dir>/bootstrap-token`
@@ -139,11 +161,9 @@ pub fn write_bootstrap_token(dir: &Path, td: &TrustDomain) -> Result<PathBuf, To
         })?;
     let token = zeroize::Zeroizing::new(add_token(dir, "bootstrap", vec![pattern])?);
     let path = dir.join(BOOTSTRAP_TOKEN_FILE);
-    write_atomic(&path, format!("{}\n", token.as_str()).as_bytes(), 0o600).map_err(|e| {
-        TokensError {
-            path: path.clone(),
-            reason: e.to_string(),
-        }
+    write_token_file(&path, token.as_str()).map_err(|e| TokensError {
+        path: path.clone(),
+        reason: e.to_string(),
     })?;
     Ok(path)
 }
@@ -170,8 +190,13 @@ mod tests {
                 & 0o777,
             0o600
         );
-        let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
-        assert!(token.starts_with("mca_") && token.len() == 47);
+        let token = std::fs::read_to_string(&path).unwrap();
+        assert!(token.starts_with("mca_") && token.len() == 47, "{token:?}");
+        // The exact bytes a client may send as a header value: no newline, no whitespace.
+        assert!(
+            token.bytes().all(|b| b.is_ascii_graphic()),
+            "token file holds only the token: {token:?}"
+        );
         let stored = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
         assert!(!stored.contains(&token), "only the hash is stored");
         let t = StaticTokens::load(dir.path()).unwrap();

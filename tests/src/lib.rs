@@ -625,3 +625,33 @@ pub fn cli_issue(server_url: &str, state_dir: &Path, name: &str, cwd: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The subject alternative names of a certificate, in the order they are encoded, as
+/// `DNS:<name>`, `URI:<uri>` or `other:<kind>` (x509-parser reads the GeneralNames sequence in
+/// order; nothing here sorts or deduplicates).
+pub fn san_in_order(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, x) = x509_parser::parse_x509_certificate(der).expect("a certificate");
+    let Some(san) = x.subject_alternative_name().expect("one SAN extension") else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::DNSName(d) => format!("DNS:{d}"),
+            GeneralName::URI(u) => format!("URI:{u}"),
+            other => format!("other:{other:?}"),
+        })
+        .collect()
+}
+
+/// A peer's identity as linkerd2-proxy derives it (its rustls verifier's `client_identity`): the
+/// DNS and URI SANs of the end-entity certificate in encoded order, other kinds skipped, and the
+/// **first** of them names the peer. Linkerd's authorization policies then match that name
+/// against Linkerd identities (`<sa>.<ns>.serviceaccount.identity.<cp-ns>.<td>`).
+pub fn linkerd_peer_identity(end_entity: &[u8]) -> Option<String> {
+    san_in_order(end_entity)
+        .into_iter()
+        .find(|n| n.starts_with("DNS:") || n.starts_with("URI:"))
+}

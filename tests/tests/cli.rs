@@ -406,3 +406,130 @@ fn readme_walkthrough_openssl_mtls() {
         "a certificate from another authority was accepted:\n{text}"
     );
 }
+
+/// Token files hold the token's bytes and nothing else: ztunnel (and other clients) send a token
+/// file unchanged as the `authorization` value, where a trailing newline is not a valid header
+/// byte. The bootstrap token, `meshca token add --out` and `meshca token add > file` all write
+/// such files, and each one's raw bytes authenticate a request as they are.
+#[tokio::test]
+async fn token_files_are_usable_as_raw_header_values() {
+    use meshca_tests::{TestServer, sign_request};
+    use rotator::client::make_csr;
+    use rotator::pki::SecretKey;
+    use std::os::unix::fs::PermissionsExt;
+    use tonic::metadata::MetadataValue;
+
+    let srv = TestServer::start().await;
+    let dir = srv.state_dir();
+    let work = tempfile::tempdir().unwrap();
+    // Sends `Bearer ` + the file's bytes, unchanged (as ztunnel does), asking for `id`.
+    let sign_with_file = |path: std::path::PathBuf, id: &'static str| {
+        let srv = &srv;
+        async move {
+            let raw = std::fs::read(&path).unwrap();
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                path.display()
+            );
+            let mut header = b"Bearer ".to_vec();
+            header.extend_from_slice(&raw);
+            let value = MetadataValue::try_from(header.as_slice())
+                .unwrap_or_else(|e| panic!("{}: not a valid header value: {e}", path.display()));
+            let key = SecretKey::generate_p256().unwrap();
+            let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+            let mut req = tonic::Request::new(sign_request(csr));
+            req.metadata_mut().insert("authorization", value);
+            srv.client(None).sign_certificate(req).await.map(|_| ())
+        }
+    };
+    let bootstrap = dir.join("bootstrap-token");
+    assert!(!std::fs::read(&bootstrap).unwrap().ends_with(b"\n"));
+    sign_with_file(bootstrap, "spiffe://cluster.local/ns/default/sa/a")
+        .await
+        .unwrap();
+
+    // `meshca token add --out FILE`.
+    let file = work.path().join("ztunnel-token");
+    let state = dir.to_str().unwrap();
+    let args = |out: &str| {
+        vec![
+            "token".to_owned(),
+            "add".into(),
+            "--name".into(),
+            "ztunnel".into(),
+            "--allow".into(),
+            "spiffe://cluster.local/ns/istio-system/sa/*".into(),
+            "--state-dir".into(),
+            state.into(),
+            "--out".into(),
+            out.into(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        meshca(&a, work.path())
+    };
+    let out = run(args(file.to_str().unwrap()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "the token goes to the file only");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no trailing newline"));
+    // The server picks a new token up within its reload interval (2 s): poll, never sleep.
+    let accepted = |path: std::path::PathBuf| {
+        let sign = &sign_with_file;
+        async move {
+            meshca_tests::eventually(std::time::Duration::from_secs(10), || {
+                let p = path.clone();
+                async move {
+                    sign(p, "spiffe://cluster.local/ns/istio-system/sa/ztunnel")
+                        .await
+                        .ok()
+                }
+            })
+            .await
+            .is_some()
+        }
+    };
+    assert!(
+        accepted(file.clone()).await,
+        "the --out token file authenticates"
+    );
+    // An existing file is not overwritten, and nothing is registered.
+    let tokens_before = std::fs::read(dir.join("tokens.json")).unwrap();
+    let bytes_before = std::fs::read(&file).unwrap();
+    let out = run(args(file.to_str().unwrap()));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("tokens.json")).unwrap(),
+        tokens_before
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), bytes_before);
+
+    // `meshca token add > file`: stdout is not a terminal, so it carries the bytes alone.
+    let mut a = args("unused");
+    a.truncate(a.len() - 2);
+    let out = run(a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let redirected = work.path().join("redirected");
+    std::fs::write(&redirected, &out.stdout).unwrap();
+    std::fs::set_permissions(&redirected, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(out.stdout.starts_with(b"mca_") && !out.stdout.ends_with(b"\n"));
+    assert!(
+        accepted(redirected).await,
+        "the redirected token authenticates"
+    );
+}

@@ -9,7 +9,9 @@ use linkerd2_proxy_api::identity::CertifyRequest;
 use linkerd2_proxy_api::identity::identity_client::IdentityClient as LinkerdClient;
 use meshca_proto::istio::IstioCertificateRequest;
 use meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshca_tests::{TestServer, bin, http_get, pem_certs, with_token};
+use meshca_tests::{
+    TestServer, bin, http_get, linkerd_peer_identity, pem_certs, san_in_order, with_token,
+};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rotator::client::{Identity, channel, client_tls, make_csr, verify_svid};
 use rotator::pki::{CertInfo, SecretKey};
@@ -62,12 +64,14 @@ fn chain_of(r: &linkerd2_proxy_api::identity::CertifyResponse) -> Vec<Certificat
 }
 
 /// One rustls handshake between two Linkerd leaves, the client verifying the server by its
-/// Linkerd DNS identity (standard WebPKI name verification, as linkerd2-proxy does).
+/// Linkerd DNS identity (standard WebPKI name verification, as linkerd2-proxy does). Returns the
+/// client's identity as the server proxy derives it for its authorization policy (the first SAN
+/// of the client's end-entity certificate, [`linkerd_peer_identity`]).
 async fn linkerd_handshake(
     bundle: &[CertificateDer<'static>],
     server: (&[CertificateDer<'static>], &KeyPair, &str),
     client: (&[CertificateDer<'static>], &KeyPair),
-) -> Result<(), String> {
+) -> Result<String, String> {
     let mut roots = RootCertStore::empty();
     for a in bundle {
         roots.add(a.clone()).unwrap();
@@ -97,9 +101,17 @@ async fn linkerd_handshake(
     let srv = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|ee| linkerd_peer_identity(ee))
+            .ok_or("the client presented no named certificate")?;
         let mut b = [0u8; 1];
         tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-        tls.write_all(&b).await.map_err(|e| e.to_string())
+        tls.write_all(&b).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(peer)
     });
     let name = ServerName::try_from(server.2.to_owned()).unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -145,9 +157,11 @@ async fn linkerd_certify_with_the_real_client() {
         assert_eq!(valid_until.seconds, info.not_after.unix_timestamp());
     }
     // A handshake between the two, the client checking the server's Linkerd DNS identity.
-    linkerd_handshake(&bundle, (&chain_of(&web), &kw, WEB), (&chain_of(&api), &ka))
+    // The server proxy names the client by its Linkerd identity (what authorization matches).
+    let seen = linkerd_handshake(&bundle, (&chain_of(&web), &kw, WEB), (&chain_of(&api), &ka))
         .await
         .unwrap();
+    assert_eq!(seen, format!("DNS:{API}"));
     // The same, expecting another name: refused (the check is real).
     let e = linkerd_handshake(&bundle, (&chain_of(&web), &kw, API), (&chain_of(&api), &ka))
         .await
@@ -445,4 +459,165 @@ async fn face_leaves_verify_through_an_anchor_rotation() {
     let bundle = srv.bundle();
     assert_eq!(bundle.len(), 1);
     verify(&[&l2, &i2], &bundle);
+}
+
+/// linkerd2-proxy names a peer by the first SAN of its end-entity certificate and authorizes that
+/// name against Linkerd identities (`all-authenticated`, `MeshTLSAuthentication`): a leaf whose
+/// URI SAN comes first is named `spiffe://…` and refused with 403. Every leaf from the Linkerd
+/// face — fresh, renewed, before, during and after a trust-anchor rotation — must be named by
+/// its Linkerd identity, in a real handshake, and still be an X.509-SVID (one URI SAN, second).
+#[tokio::test]
+async fn linkerd_peers_are_named_by_their_linkerd_identity_through_a_rotation() {
+    let srv = TestServer::start().await;
+    let dir = srv.state_dir();
+    let meshca = |args: &'static [&'static str]| {
+        let d = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = std::process::Command::new(bin("meshca"))
+                    .args(args)
+                    .arg("--state-dir")
+                    .arg(&d)
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "meshca {args:?}: {text}");
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (kw, ka) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+    let spiffe = |n: &str| format!("URI:spiffe://cluster.local/ns/default/sa/{}", &n[..3]);
+    // Certify both workloads (the same keys each time, as a proxy renewing), check the encoded
+    // SAN order and a real handshake's view of the client, and return the chains.
+    let round = |stage: &'static str| {
+        let (kw, ka, srv) = (&kw, &ka, &srv);
+        async move {
+            let mut chains = Vec::new();
+            for (name, key) in [(WEB, kw), (API, ka)] {
+                let r = certify(srv, name, &srv.token, dns_csr(&[dns(name)], key))
+                    .await
+                    .unwrap();
+                let chain = chain_of(&r);
+                assert_eq!(
+                    san_in_order(&chain[0]),
+                    [format!("DNS:{name}"), spiffe(name)],
+                    "{stage}: DNS identity first, then the one URI SAN"
+                );
+                assert_eq!(
+                    linkerd_peer_identity(&chain[0]).unwrap(),
+                    format!("DNS:{name}"),
+                    "{stage}"
+                );
+                // Still an X.509-SVID for SPIFFE-aware peers (the spiffe crate's parser).
+                let svid = spiffe::X509Svid::parse_from_der(
+                    &chain.iter().flat_map(|c| c.to_vec()).collect::<Vec<u8>>(),
+                    &key.serialize_der(),
+                )
+                .unwrap_or_else(|e| panic!("{stage}: {name}: not an X.509-SVID: {e}"));
+                assert_eq!(format!("URI:{}", svid.spiffe_id()), spiffe(name), "{stage}");
+                chains.push(chain);
+            }
+            let bundle = srv.bundle();
+            let seen = linkerd_handshake(&bundle, (&chains[0], kw, WEB), (&chains[1], ka))
+                .await
+                .unwrap_or_else(|e| panic!("{stage}: {e}"));
+            assert_eq!(
+                seen,
+                format!("DNS:{API}"),
+                "{stage}: the server's view of the client"
+            );
+            let seen = linkerd_handshake(&bundle, (&chains[1], ka, API), (&chains[0], kw))
+                .await
+                .unwrap_or_else(|e| panic!("{stage}: {e}"));
+            assert_eq!(
+                seen,
+                format!("DNS:{WEB}"),
+                "{stage}: the server's view of the client"
+            );
+            chains
+        }
+    };
+    let first = round("fresh").await;
+    let renewed = round("renewal").await;
+    assert_ne!(first[0], renewed[0], "a renewal is a new leaf");
+    meshca(&["anchors", "stage"]).await;
+    round("staged").await;
+    // Linkerd proxies are never counted as holding the new bundle: the gate needs --force here.
+    meshca(&["anchors", "activate", "--force"]).await;
+    let active = round("activated (new anchor)").await;
+    meshca(&["anchors", "finish"]).await;
+    assert_eq!(srv.bundle().len(), 1, "finished: one anchor");
+    let after = round("after the rotation").await;
+    // The leaves after the rotation chain to the new anchor, the one left in the bundle.
+    for c in [&active, &after] {
+        verify_svid(
+            &c[0],
+            &srv.bundle(),
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .unwrap();
+    }
+}
+
+/// The native and Istio faces are unchanged by the Linkerd ordering: exactly one SAN, the URI.
+#[tokio::test]
+async fn native_and_istio_leaves_carry_exactly_one_uri_san() {
+    let srv = TestServer::start().await;
+    let key = SecretKey::generate_p256().unwrap();
+    let id = "spiffe://cluster.local/ns/default/sa/productpage";
+    let istio_leaf = istio(&srv, None)
+        .create_certificate(with_token(istio_request(id, &key, 0), &srv.token))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain[0]
+        .clone();
+    assert_eq!(
+        san_in_order(&pem_certs(&istio_leaf)[0]),
+        [format!("URI:{id}")]
+    );
+    let (native, _) = srv.issue(id).await.unwrap();
+    assert_eq!(
+        san_in_order(&meshca_tests::chain_of(&native)[0]),
+        [format!("URI:{id}")]
+    );
+}
+
+/// Linkerd's identity client offers no ALPN (it speaks h2 with prior knowledge); meshca's TLS
+/// accepts that and serves it. The handshake is checked to have negotiated no protocol, then a
+/// `Certify` goes over a client with the same no-ALPN config.
+#[tokio::test]
+async fn a_tls_client_without_alpn_gets_its_certificate() {
+    let srv = TestServer::start().await;
+    let mut cfg = (*client_tls(&srv.bundle(), None).unwrap()).clone();
+    cfg.alpn_protocols.clear();
+    let cfg = Arc::new(cfg);
+    // The handshake alone: no ALPN offered, none negotiated, and the server did not refuse.
+    let addr = srv.url.trim_start_matches("https://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    drop(tls);
+    // The request.
+    let k = KeyPair::generate().unwrap();
+    let r = LinkerdClient::new(channel(&srv.url, cfg).unwrap())
+        .certify(CertifyRequest {
+            identity: WEB.into(),
+            token: srv.token.as_bytes().to_vec(),
+            certificate_signing_request: dns_csr(&[dns(WEB)], &k),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        linkerd_peer_identity(&r.leaf_certificate).unwrap(),
+        format!("DNS:{WEB}")
+    );
 }

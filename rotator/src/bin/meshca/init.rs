@@ -1,5 +1,6 @@
 //! `meshca init` (an authority around an existing root) and `meshca token add`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use rotator::clock::rfc3339;
@@ -8,7 +9,9 @@ use rotator::policy::Policy;
 use rotator::spiffe::{IdPattern, TrustDomain};
 use rotator::state::{AuthorityState, human};
 use rotator::store::{FileStore, Store};
-use rotator::tokens::{add_token, write_bootstrap_token};
+use rotator::tokens::{
+    add_token, new_token, register_token, write_bootstrap_token, write_token_file,
+};
 use time::OffsetDateTime;
 
 use crate::{Failed, Output, default_state_dir, runtime};
@@ -40,6 +43,10 @@ pub struct TokenAddArgs {
     /// State directory [default: $MESHCA_STATE_DIR or ./meshca-data].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Write the token to this new file (0600, the token's bytes only, no trailing newline: a
+    /// client may send the file unchanged as a header value) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
@@ -115,25 +122,62 @@ pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
     if !dir.join("state.json").exists() {
         return Err(Failed(format!("{}: no authority here", dir.display())));
     }
-    let token = zeroize::Zeroizing::new(add_token(&dir, &a.name, a.allow.clone())?);
+    let allowed = a
+        .allow
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(out) = &a.out else {
+        let token = zeroize::Zeroizing::new(add_token(&dir, &a.name, a.allow.clone())?);
+        match output {
+            Output::Json => println!(
+                "{}",
+                serde_json::json!({ "name": a.name, "token": token.as_str() })
+            ),
+            Output::Text => {
+                // On a terminal, a line; redirected (`> file`), the token's bytes alone, so that
+                // the file can be sent unchanged as a header value.
+                if std::io::stdout().is_terminal() {
+                    println!("{}", token.as_str());
+                } else {
+                    print!("{}", token.as_str());
+                }
+                eprintln!(
+                    "token {:?} may request {allowed}; only its hash is stored, so this is the only time it is shown. \
+                     A running server picks it up within 2 s.",
+                    a.name,
+                );
+            }
+        }
+        return Ok(());
+    };
+    // The file first, then the registration: a token is never registered without its only copy.
+    if out.exists() {
+        return Err(Failed(format!(
+            "{}: already exists; meshca does not overwrite a token file (remove it first, or pick another path)",
+            out.display()
+        )));
+    }
+    let token = zeroize::Zeroizing::new(
+        new_token().map_err(|_| Failed("random number generator failed".into()))?,
+    );
+    write_token_file(out, &token).map_err(|e| Failed(format!("{}: {e}", out.display())))?;
+    if let Err(e) = register_token(&dir, &a.name, a.allow.clone(), &token) {
+        let _ = std::fs::remove_file(out);
+        return Err(e.into());
+    }
     match output {
         Output::Json => println!(
             "{}",
-            serde_json::json!({ "name": a.name, "token": token.as_str() })
+            serde_json::json!({ "name": a.name, "file": out.display().to_string() })
         ),
-        Output::Text => {
-            println!("{}", token.as_str());
-            eprintln!(
-                "token {:?} may request {}; only its hash is stored, so this is the only time it is shown. \
-                 A running server picks it up within 2 s.",
-                a.name,
-                a.allow
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
+        Output::Text => eprintln!(
+            "token {:?} may request {allowed}; written to {} (0600, no trailing newline); only its hash is stored. \
+             A running server picks it up within 2 s.",
+            a.name,
+            out.display()
+        ),
     }
     Ok(())
 }
