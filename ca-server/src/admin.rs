@@ -22,8 +22,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::authority::{Authority, TransitionError};
-use crate::rotation::RotationHealth;
+use crate::authority::Authority;
+use crate::codes;
+use crate::driver::RotationHealth;
 
 /// The socket's file name in the state dir.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -46,15 +47,6 @@ impl Admin {
             authority,
             health,
             ready,
-        }
-    }
-}
-
-fn status_of(e: TransitionError) -> Status {
-    match e {
-        TransitionError::State(e) => Status::failed_precondition(e.0),
-        TransitionError::Store(e) => {
-            Status::unavailable(format!("the store refused the write, nothing changed: {e}"))
         }
     }
 }
@@ -88,15 +80,15 @@ impl AdminService for Admin {
             .authority
             .read(|s| rotator::status::document(s, &policy, Some(&summary), now))
             .await;
-        doc["server"] = serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "ready": (self.ready)(),
-            "rotation_failures_consecutive": self.health.consecutive_failures(),
-            "last_rotation_error": self.health.last_error(),
+        doc.server = Some(rotator::status::ServerEntry {
+            version: env!("CARGO_PKG_VERSION").into(),
+            ready: (self.ready)(),
+            rotation_failures_consecutive: self.health.consecutive_failures(),
+            last_rotation_error: self.health.last_error(),
         });
-        Ok(Response::new(GetStatusResponse {
-            json: doc.to_string(),
-        }))
+        let json = serde_json::to_string(&doc)
+            .map_err(|e| Status::internal(format!("status document: {e}")))?;
+        Ok(Response::new(GetStatusResponse { json }))
     }
 
     async fn rotate_issuer(
@@ -108,9 +100,11 @@ impl AdminService for Admin {
         // Two committed transitions, as the driver would do them: prepared, then activated.
         self.authority
             .transition(|s, now| {
-                let anchor = s.active_anchor().ok_or_else(|| StateError("no active anchor".into()))?;
+                let anchor = s
+                    .active_anchor()
+                    .ok_or_else(|| StateError::Invariant("no active anchor".into()))?;
                 if anchor.key.is_none() {
-                    return Err(StateError(
+                    return Err(StateError::Upstream(
                         "upstream mode: the anchor's key is not here, so meshca cannot sign an issuer; use \
                          `meshca issuer csr` and `meshca issuer import`"
                             .into(),
@@ -121,7 +115,7 @@ impl AdminService for Admin {
                 Ok(Some(next))
             })
             .await
-            .map_err(status_of)?;
+            .map_err(|e| codes::transition(&e))?;
         let id = prepared.ok_or_else(|| Status::internal("no issuer was prepared"))?;
         let mut replaced = None;
         self.authority
@@ -130,7 +124,7 @@ impl AdminService for Admin {
                 s.activate_issuer(now, &id).map(Some)
             })
             .await
-            .map_err(status_of)?;
+            .map_err(|e| codes::transition(&e))?;
         let resp = self
             .authority
             .read(|s| issuer_response(s, &id, replaced))
@@ -151,7 +145,7 @@ impl AdminService for Admin {
                 Ok(next)
             })
             .await
-            .map_err(status_of)?;
+            .map_err(|e| codes::transition(&e))?;
         let now = self.authority.clock().now();
         let (csr, id) = self
             .authority
@@ -160,7 +154,7 @@ impl AdminService for Admin {
                     .pending_issuer_key
                     .as_ref()
                     .ok_or_else(|| Status::internal("no pending key after commit"))?;
-                let csr = rotator::pki::issuer_csr(&s.trust_domain, &p.key, now)
+                let csr = rotator::profile::issuer_csr(&s.trust_domain, &p.key, now)
                     .map_err(|e| Status::internal(e.to_string()))?;
                 Ok::<_, Status>((csr, key_id(&p.key)))
             })
@@ -186,9 +180,7 @@ impl AdminService for Admin {
             .read(|s| s.pending_issuer_key.is_none())
             .await
         {
-            return Err(Status::failed_precondition(
-                "no issuer key is pending: run `meshca issuer csr` first and have that CSR signed",
-            ));
+            return Err(codes::state(&StateError::NoPendingKey));
         }
         let policy = self.authority.policy().clone();
         let mut replaced = None;
@@ -198,10 +190,7 @@ impl AdminService for Admin {
                 s.import_issuer(&policy, now, cert.clone()).map(Some)
             })
             .await
-            .map_err(|e| match e {
-                TransitionError::State(e) => Status::invalid_argument(format!("refused: {e}")),
-                other => status_of(other),
-            })?;
+            .map_err(|e| codes::transition(&e))?;
         let resp = self
             .authority
             .read(|s| {
@@ -289,17 +278,11 @@ impl Admin {
             .authority
             .read(|s| gate(s, &policy, Some(&summary), now, step))
             .await
-            .map_err(|e| Status::failed_precondition(e.0))?;
+            .map_err(|e| codes::state(&e))?;
         if !g.open && !force {
             tracing::warn!(target: "meshca::audit", step = step.name(), gate = %g.explain(), "anchor step refused: gate closed");
-            return Err(Status::failed_precondition(format!(
-                "gate closed, `{}` refused: {}. To skip it: --force (risk: {})",
-                step.name(),
-                g.explain(),
-                g.risk
-            )));
+            return Err(codes::state(&StateError::GateClosed(Box::new(g))));
         }
-        let importing = matches!(new, Some(NewAnchor::Import(..)));
         self.authority
             .transition(|s, now| {
                 let l = Some(&summary);
@@ -314,12 +297,7 @@ impl Admin {
                 .map(Some)
             })
             .await
-            .map_err(|e| match e {
-                TransitionError::State(e) if importing => {
-                    Status::invalid_argument(format!("refused: {e}"))
-                }
-                other => status_of(other),
-            })?;
+            .map_err(|e| codes::transition(&e))?;
         let risk = if g.open {
             String::new()
         } else {

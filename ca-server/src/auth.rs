@@ -10,7 +10,9 @@
 //! - `authorization: Bearer <token>`: a static token from `<state-dir>/tokens.json`, stored as
 //!   its SHA-256 hash with the SPIFFE IDs or `/ns/<ns>/sa/*` patterns it may ask for.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -94,11 +96,24 @@ pub struct Credentials<'a> {
     pub client_cert: Option<&'a CertificateDer<'static>>,
 }
 
+/// A bearer-token authenticator backed by another service (Kubernetes TokenReview): the seam
+/// between the chain here and its backends, which implement it in their own modules. The chain
+/// asks it in its configured place (`tokenreview` in `[auth] authenticators`).
+pub trait TokenAuthenticator: Send + Sync + std::fmt::Debug {
+    /// The caller `token` proves for `audience` (the face's), or why not. A backend that cannot
+    /// answer says [`AuthError::Unavailable`], so that the caller retries.
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+        audience: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>>;
+}
+
 /// Checks credentials with the configured chain: client certificates, TokenReview, static tokens.
 #[derive(Debug)]
 pub struct Authenticator {
     chain: Vec<AuthMethod>,
-    reviewer: Option<Arc<crate::k8s::tokenreview::TokenReviewer>>,
+    reviewer: Option<Arc<dyn TokenAuthenticator>>,
     dir: PathBuf,
     tokens: ArcSwap<StaticTokens>,
     /// SHA-256 of the tokens file as last loaded (`None`: never loaded). Content, not mtime:
@@ -116,7 +131,7 @@ impl Authenticator {
     pub fn with_chain(
         dir: &Path,
         chain: Vec<AuthMethod>,
-        reviewer: Option<Arc<crate::k8s::tokenreview::TokenReviewer>>,
+        reviewer: Option<Arc<dyn TokenAuthenticator>>,
     ) -> Result<Self, TokensError> {
         let a = Self {
             chain,
@@ -223,6 +238,26 @@ impl Authenticator {
             }
         }
         Err(unavailable.unwrap_or(refusal))
+    }
+}
+
+/// Re-reads the tokens file every `every` until `stop` (a token added with `meshca token add`
+/// is usable within that time); a file that does not load keeps the previous tokens.
+pub async fn reload_tokens(
+    auth: Arc<Authenticator>,
+    every: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        match auth.reload_if_changed() {
+            Ok(true) => tracing::info!(tokens = auth.token_count(), "tokens file reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::error!("tokens file not reloaded, keeping the previous tokens: {e}"),
+        }
     }
 }
 

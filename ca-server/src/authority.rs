@@ -12,7 +12,7 @@ use rotator::pki::CertId;
 use rotator::policy::Policy;
 use rotator::spiffe::TrustDomain;
 use rotator::state::{AuthorityState, StateError};
-use rotator::store::{FileStore, Store, StoreError};
+use rotator::store::{FileStore, StateDir, Store, StoreError};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
@@ -163,15 +163,32 @@ pub enum Origin {
     Created,
 }
 
+/// Where an authority keeps what it commits, and its local outputs.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// Where the state is committed (a state dir, a Kubernetes Secret, ...).
+    pub state: Arc<dyn Store>,
+    /// The local state dir: `bundle.pem` is written here after every change, whichever store
+    /// holds the state, and the issuance ledger lives here.
+    pub dir: StateDir,
+}
+
+impl Storage {
+    /// State, bundle and ledger all in one state dir (the embedded default).
+    pub fn files(store: FileStore) -> Self {
+        Self {
+            dir: store.state_dir(),
+            state: Arc::new(store),
+        }
+    }
+}
+
 /// The running authority.
 pub struct Authority {
     policy: Policy,
     ledger: crate::ledger::LedgerHandle,
     clock: Arc<dyn Clock>,
-    store: FileStore,
-    /// Kubernetes: where the state is committed (the state dir then keeps the bundle file and
-    /// the ledger only).
-    remote: Option<Arc<crate::k8s::store::KubeStore>>,
+    storage: Storage,
     state: Mutex<AuthorityState>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -185,61 +202,25 @@ impl std::fmt::Debug for Authority {
 }
 
 impl Authority {
-    /// Loads the authority from `store`, or creates one when the store has never held one
-    /// (around `how.upstream_anchor` if given: upstream mode, no anchor key here).
+    /// Loads the authority from `storage.state`, or creates one when that store has never held
+    /// one (around `how.upstream_anchor` if given: upstream mode, no anchor key here). When
+    /// another replica creates it first, that one is served.
     ///
     /// A loaded state must be for the configured trust domain (when one is set), hold the
     /// upstream anchor (when one is given), and have no expired anchor in its bundle. An expired
-    /// or missing issuer is the rotation driver's to replace (`rotation::catch_up`).
+    /// or missing issuer is the rotation driver's to replace (`driver::catch_up`).
     pub async fn open(
-        store: FileStore,
-        how: OpenOptions,
-        policy: Policy,
-        clock: Arc<dyn Clock>,
-    ) -> Result<(Self, Origin), OpenError> {
-        Self::open_with(store, None, how, policy, clock).await
-    }
-
-    /// Like [`open`](Self::open), with the state committed to `remote` (a Kubernetes Secret)
-    /// when given; `store` then holds the bundle file and the ledger only.
-    pub async fn open_with(
-        store: FileStore,
-        remote: Option<Arc<crate::k8s::store::KubeStore>>,
+        storage: Storage,
         how: OpenOptions,
         policy: Policy,
         clock: Arc<dyn Clock>,
     ) -> Result<(Self, Origin), OpenError> {
         let now = clock.now();
-        let dir = match &remote {
-            Some(r) => r.origin().to_owned(),
-            None => store.dir().display().to_string(),
-        };
-        let loaded = match &remote {
-            Some(r) => r.load().await?,
-            None => store.load().await?,
-        };
-        let (state, origin) = match loaded {
+        let store = &storage.state;
+        let origin_name = store.origin();
+        let (state, origin) = match store.load().await? {
             Some(s) => {
-                if let Some(td) = &how.trust_domain
-                    && *td != s.trust_domain
-                {
-                    return Err(OpenError::Mismatch(format!(
-                        "{dir}: the state is for trust domain {} but the configuration says {td}; a trust domain cannot change",
-                        s.trust_domain
-                    )));
-                }
-                if let Some(up) = &how.upstream_anchor
-                    && s.anchor(up.id()).is_none_or(|a| !a.status.in_bundle())
-                {
-                    return Err(OpenError::Mismatch(format!(
-                        "{dir}: --anchor-cert {} is not an anchor in this authority's bundle ({})",
-                        up.id(),
-                        s.bundle()
-                            .map(|a| a.cert.id().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
+                check_loaded(&s, &how, &origin_name)?;
                 (s, Origin::Loaded)
             }
             None => {
@@ -248,31 +229,27 @@ impl Authority {
                     Some(anchor) => AuthorityState::with_anchor(td, anchor, None, &policy, now)?,
                     None => AuthorityState::genesis(td, &policy, now)?,
                 };
-                match &remote {
-                    Some(r) => match r.commit(None, &s).await {
-                        Ok(()) => (s, Origin::Created),
-                        // Another replica created it first: serve that one.
-                        Err(StoreError::Conflict { .. }) => match r.load().await? {
+                match store.commit(None, &s).await {
+                    Ok(()) => (s, Origin::Created),
+                    // Another replica created it first: serve that one.
+                    Err(StoreError::Conflict { .. }) if store.shared() => {
+                        match store.load().await? {
                             Some(theirs) => (theirs, Origin::Loaded),
                             None => {
                                 return Err(OpenError::Unusable(format!(
-                                    "{dir}: creating it conflicted, yet it cannot be read back"
+                                    "{origin_name}: creating it conflicted, yet it cannot be read back"
                                 )));
                             }
-                        },
-                        Err(e) => return Err(e.into()),
-                    },
-                    None => {
-                        store.commit(None, &s).await?;
-                        (s, Origin::Created)
+                        }
                     }
+                    Err(e) => return Err(e.into()),
                 }
             }
         };
         for a in state.bundle() {
             if a.cert.info.not_after <= now {
                 return Err(OpenError::Unusable(format!(
-                    "{dir}: trust anchor {} in the bundle expired at {}. Nothing signed under it verifies any more; \
+                    "{origin_name}: trust anchor {} in the bundle expired at {}. Nothing signed under it verifies any more; \
                      meshca will not serve it. Recover by starting a new authority (move the state dir aside) \
                      and restarting workloads so they fetch the new bundle.",
                     a.cert.id(),
@@ -280,42 +257,20 @@ impl Authority {
                 )));
             }
         }
-        store.write_bundle(&state)?;
-        let (ledger, loaded) = crate::ledger::LedgerHandle::open(
-            store.dir(),
-            origin == Origin::Created && remote.is_none(),
+        storage.dir.write_bundle(&state)?;
+        let ledger = open_ledger(
+            &storage,
+            origin == Origin::Created && !store.shared(),
             now,
-            policy.clock_skew,
-        )
-        .map_err(OpenError::Ledger)?;
-        if remote.is_some() {
-            // Replicas sign independently and each ledger sees only its own leaves: a measured
-            // gate would count a fraction of the fleet. Only the time-based fallbacks apply.
-            ledger.with(rotator::ledger::Ledger::set_partial);
-            tracing::warn!(
-                "state in {dir}: replicas sign independently, so the issuance ledger is partial; the trust-anchor \
-                 gates use their time-based fallbacks only"
-            );
-        }
-        match loaded {
-            crate::ledger::Loaded::New => {}
-            crate::ledger::Loaded::Clean { records } => {
-                tracing::info!(records, "issuance ledger loaded");
-            }
-            crate::ledger::Loaded::Incomplete(why) => tracing::warn!(
-                "issuance ledger {why}: it is complete only from now, so the trust-anchor gates use their \
-                 time-based fallback until {}",
-                rotator::clock::rfc3339(now + policy.leaf_ttl_max + policy.clock_skew)
-            ),
-        }
+            &policy,
+        )?;
         let snapshot = watch::Sender::new(Arc::new(Snapshot::of(&state)?));
         Ok((
             Self {
                 ledger,
                 policy,
                 clock,
-                store,
-                remote,
+                storage,
                 state: Mutex::new(state),
                 snapshot,
             },
@@ -339,30 +294,27 @@ impl Authority {
             };
             next.check()?;
             let snapshot = Snapshot::of(&next)?;
-            let committed = match &self.remote {
-                Some(r) => r.commit(Some(state.generation), &next).await,
-                None => self.store.commit(Some(state.generation), &next).await,
-            };
-            match committed {
+            match self
+                .storage
+                .state
+                .commit(Some(state.generation), &next)
+                .await
+            {
                 Ok(()) => {}
                 // Another replica committed first: take what it committed and decide again.
                 Err(StoreError::Conflict { expected, found })
-                    if self.remote.is_some() && attempts < CONFLICT_RETRIES =>
+                    if self.storage.state.shared() && attempts < CONFLICT_RETRIES =>
                 {
                     attempts += 1;
                     tracing::info!(target: "meshca::journal", expected, found, "another replica committed first; re-reading and deciding again");
-                    if let Some(r) = &self.remote
-                        && let Some(theirs) = r.fetch().await?
-                    {
+                    if let Some(theirs) = self.storage.state.load().await? {
                         self.install(&mut state, theirs)?;
                     }
                     continue;
                 }
                 Err(e) => return Err(e.into()),
             }
-            if self.remote.is_some() {
-                self.store.write_bundle(&next)?;
-            }
+            self.storage.dir.write_bundle(&next)?;
             rotator::store::fault_point("transition:after-commit");
             log_journal(state.generation, &next, "");
             *state = next;
@@ -389,27 +341,28 @@ impl Authority {
         }
         theirs.check()?;
         let snapshot = Snapshot::of(&theirs)?;
-        self.store.write_bundle(&theirs)?;
+        self.storage.dir.write_bundle(&theirs)?;
         log_journal(state.generation, &theirs, "(another replica) ");
         *state = theirs;
         self.snapshot.send_replace(Arc::new(snapshot));
         Ok(true)
     }
 
-    /// Re-reads the remote state and adopts it if newer (no-op for a file store).
+    /// Re-reads a shared store and adopts its state if newer (no-op for a store only this
+    /// process writes).
     pub async fn resync(&self) -> Result<bool, TransitionError> {
-        match &self.remote {
-            Some(r) => match r.fetch().await? {
-                Some(theirs) => self.adopt(theirs).await,
-                None => Ok(false),
-            },
+        if !self.storage.state.shared() {
+            return Ok(false);
+        }
+        match self.storage.state.load().await? {
+            Some(theirs) => self.adopt(theirs).await,
             None => Ok(false),
         }
     }
 
-    /// The remote store, if the state lives in Kubernetes.
-    pub fn remote(&self) -> Option<&Arc<crate::k8s::store::KubeStore>> {
-        self.remote.as_ref()
+    /// Where the state is committed and the local outputs.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     /// The current view for the request path.
@@ -458,9 +411,96 @@ impl Authority {
             version,
         )
     }
+}
 
-    /// The store.
-    pub fn store(&self) -> &FileStore {
-        &self.store
+/// Writes the issuance ledger in batches every [`crate::ledger::FLUSH_EVERY`] until `stop`,
+/// then closes it cleanly (a `closed` line: the next start trusts it). A failed write is
+/// retried on the next tick; the records stay queued.
+pub async fn write_ledger(authority: Arc<Authority>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stopping = tokio::select! {
+            () = tokio::time::sleep(crate::ledger::FLUSH_EVERY) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let (now, skew) = (authority.clock().now(), authority.policy().clock_skew);
+        let a = authority.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            if stopping {
+                a.ledger().close(now, skew)
+            } else {
+                a.ledger().flush(now, skew)
+            }
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(
+                "issuance ledger {}: write failed, will retry: {e}",
+                authority.ledger().path().display()
+            ),
+            Err(e) => tracing::error!("issuance ledger task failed: {e}"),
+        }
+        if stopping {
+            return;
+        }
     }
+}
+
+/// A loaded state must be for the configured trust domain and hold the upstream anchor.
+fn check_loaded(s: &AuthorityState, how: &OpenOptions, origin: &str) -> Result<(), OpenError> {
+    if let Some(td) = &how.trust_domain
+        && *td != s.trust_domain
+    {
+        return Err(OpenError::Mismatch(format!(
+            "{origin}: the state is for trust domain {} but the configuration says {td}; a trust domain cannot change",
+            s.trust_domain
+        )));
+    }
+    if let Some(up) = &how.upstream_anchor
+        && s.anchor(up.id()).is_none_or(|a| !a.status.in_bundle())
+    {
+        return Err(OpenError::Mismatch(format!(
+            "{origin}: --anchor-cert {} is not an anchor in this authority's bundle ({})",
+            up.id(),
+            s.bundle()
+                .map(|a| a.cert.id().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Opens the issuance ledger in the state dir. With a shared store, replicas sign
+/// independently and each ledger sees only its own leaves: it is marked partial, so a measured
+/// gate never counts a fraction of the fleet (only the time-based fallbacks apply).
+fn open_ledger(
+    storage: &Storage,
+    fresh: bool,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<crate::ledger::LedgerHandle, OpenError> {
+    let (ledger, loaded) =
+        crate::ledger::LedgerHandle::open(storage.dir.path(), fresh, now, policy.clock_skew)
+            .map_err(OpenError::Ledger)?;
+    if storage.state.shared() {
+        ledger.with(rotator::ledger::Ledger::set_partial);
+        tracing::warn!(
+            "state in {}: replicas sign independently, so the issuance ledger is partial; the trust-anchor \
+             gates use their time-based fallbacks only",
+            storage.state.origin()
+        );
+    }
+    match loaded {
+        crate::ledger::Loaded::New => {}
+        crate::ledger::Loaded::Clean { records } => {
+            tracing::info!(records, "issuance ledger loaded");
+        }
+        crate::ledger::Loaded::Incomplete(why) => tracing::warn!(
+            "issuance ledger {why}: it is complete only from now, so the trust-anchor gates use their \
+             time-based fallback until {}",
+            rotator::clock::rfc3339(now + policy.leaf_ttl_max + policy.clock_skew)
+        ),
+    }
+    Ok(ledger)
 }

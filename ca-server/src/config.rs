@@ -1,10 +1,12 @@
 //! Configuration: one typed struct, read from TOML (`--config FILE`), overridden by environment
 //! variables and flags (flags win). Every setting has a default; `--print-config` shows the result.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use rotator::policy::Policy;
+use rotator::policy::{Policy, duration_str};
 use rotator::spiffe::TrustDomain;
 use serde::{Deserialize, Serialize};
 
@@ -53,7 +55,7 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Running on Kubernetes: TokenReview, state in a Secret, leader-elected rotation, bundle
     /// ConfigMaps. Off by default (the embedded default is one process with a state dir).
-    pub kubernetes: crate::k8s::KubernetesConfig,
+    pub kubernetes: KubernetesConfig,
 }
 
 /// One authenticator of the chain.
@@ -172,7 +174,7 @@ impl Default for Config {
             istio: IstioConfig::default(),
             linkerd: LinkerdConfig::default(),
             auth: AuthConfig::default(),
-            kubernetes: crate::k8s::KubernetesConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -288,6 +290,197 @@ impl Config {
     }
 }
 
+// Kubernetes settings. They live here, with every other setting, so that configuration depends
+// on nothing in `k8s` (which reads them).
+
+/// `[kubernetes]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Use the Kubernetes API at all.
+    pub enabled: bool,
+    /// The API server's URL. Empty: in-cluster configuration (or `KUBECONFIG` outside a pod).
+    pub api_url: String,
+    /// meshca's own namespace (Secrets, Lease). Empty: the pod's (from the service account
+    /// mount), else `meshca`.
+    pub namespace: String,
+    /// The Secret holding the authority state. Empty: keep state in the state dir (one replica).
+    pub state_secret: String,
+    /// The Lease whose holder rotates.
+    pub lease: String,
+    /// How long a Lease is held without renewal before another replica may take it.
+    #[serde(with = "duration_str")]
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease. Empty: `$POD_NAME`, else the host name.
+    pub identity: String,
+    /// The audience meshca.v1 callers' tokens are reviewed for.
+    pub token_audience: String,
+    /// How long a TokenReview answer is reused (never past the token's own `exp`).
+    #[serde(with = "duration_str")]
+    pub token_cache_ttl: Duration,
+    /// At most this many cached answers.
+    pub token_cache_size: usize,
+    /// Bundle publication.
+    pub bundle: BundlePublication,
+}
+
+/// `[kubernetes.bundle]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundlePublication {
+    /// Namespaces whose labels match this selector get the bundle ConfigMaps. Empty: publish
+    /// nothing.
+    pub namespace_selector: String,
+    /// The ConfigMap's name (key `ca-bundle.crt`).
+    pub configmap: String,
+    /// Also write Istio's shape: `istio-ca-root-cert`, key `root-cert.pem`.
+    pub istio: bool,
+    /// Also write Linkerd's shape: `linkerd-identity-trust-roots`, key `ca-bundle.crt`.
+    pub linkerd: bool,
+    /// Re-check namespaces this often (a bundle change publishes at once).
+    #[serde(with = "duration_str")]
+    pub resync: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            api_url: String::new(),
+            namespace: String::new(),
+            state_secret: "meshca-authority".into(),
+            lease: "meshca-rotation".into(),
+            lease_duration: Duration::from_secs(15),
+            identity: String::new(),
+            token_audience: "meshca".into(),
+            token_cache_ttl: Duration::from_secs(60),
+            token_cache_size: 10_000,
+            bundle: BundlePublication::default(),
+        }
+    }
+}
+
+impl Default for BundlePublication {
+    fn default() -> Self {
+        Self {
+            namespace_selector: String::new(),
+            configmap: "meshca-trust-bundle".into(),
+            istio: false,
+            linkerd: false,
+            resync: Duration::from_secs(30),
+        }
+    }
+}
+
+const SA_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+impl KubernetesConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |name: &str, value: String, reason: &str| ConfigError {
+            name: format!("kubernetes.{name}"),
+            value,
+            reason: reason.into(),
+        };
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.lease_duration < Duration::from_secs(2) {
+            return Err(bad(
+                "lease_duration",
+                humantime::format_duration(self.lease_duration).to_string(),
+                "shorter than 2s: the holder could not renew in time",
+            ));
+        }
+        if self.token_cache_size == 0 {
+            return Err(bad("token_cache_size", "0".into(), "must be at least 1"));
+        }
+        for (name, v) in [
+            ("state_secret", &self.state_secret),
+            ("lease", &self.lease),
+            ("bundle.configmap", &self.bundle.configmap),
+        ] {
+            if !v.is_empty() && !is_dns_subdomain(v) {
+                return Err(bad(
+                    name,
+                    v.clone(),
+                    "not a Kubernetes object name (lowercase DNS subdomain)",
+                ));
+            }
+        }
+        if !self.bundle.namespace_selector.is_empty()
+            && parse_selector(&self.bundle.namespace_selector).is_err()
+        {
+            return Err(bad(
+                "bundle.namespace_selector",
+                self.bundle.namespace_selector.clone(),
+                "not an equality label selector (`key=value,key2=value2`)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The namespace meshca lives in.
+    pub fn own_namespace(&self) -> String {
+        if !self.namespace.is_empty() {
+            return self.namespace.clone();
+        }
+        std::fs::read_to_string(SA_NAMESPACE_FILE)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "meshca".into())
+    }
+
+    /// This replica's identity in the Lease.
+    pub fn own_identity(&self) -> String {
+        if !self.identity.is_empty() {
+            return self.identity.clone();
+        }
+        std::env::var("POD_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("meshca-{}", std::process::id()))
+    }
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// Parses an equality selector `k=v,k2=v2` (also `k==v`).
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once("==")
+            .or_else(|| part.split_once('='))
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() || k.contains('!') || v.contains('=') {
+            return Err(format!("{part:?} is not key=value"));
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    if out.is_empty() {
+        return Err("empty selector".into());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +528,15 @@ mod tests {
         assert!(c.anchor.auto_advance);
         let c = Config::from_toml("[tls]\ndns_names = [\"not a name\"]").unwrap();
         assert_eq!(c.validate().unwrap_err().name, "tls.dns_names");
+    }
+
+    #[test]
+    fn selectors() {
+        let s = parse_selector("meshca.io/trust-bundle=enabled, team==a").unwrap();
+        assert_eq!(s.get("meshca.io/trust-bundle").unwrap(), "enabled");
+        assert_eq!(s.get("team").unwrap(), "a");
+        for bad in ["", "novalue", "a!=b", "a=b=c"] {
+            assert!(parse_selector(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! `meshca.v1.IdentityService`: translates gRPC requests into [`IssueRequest`]s and results into
-//! responses. Errors become `Status` here and only here.
+//! responses (errors become statuses in [`crate::codes`]); [`serve`] runs every face on the
+//! TLS port.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,37 +14,77 @@ use meshca_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::{AuthError, Credentials};
+use http_body_util::BodyExt;
+use linkerd2_proxy_api::identity::identity_server::IdentityServer;
+use meshca_proto::istio::istio_certificate_service_server::IstioCertificateServiceServer;
+use meshca_proto::v1::identity_service_server::IdentityServiceServer;
+
+use crate::auth::Credentials;
 use crate::authority::{Authority, Bundle};
-use crate::issuance::{IssueError, IssueRequest, Issuer};
-use crate::tls::PeerInfo;
+use crate::config::{Config, MAX_REQUEST_BYTES};
+use crate::issuance::{Face, IssueRequest, SigningCore};
+use crate::tls::{PeerInfo, TlsConn};
 
 /// Longest accepted `instance_id`.
 pub const MAX_INSTANCE_ID: usize = 128;
 
 /// The meshca.v1 identity service.
-pub struct Identity {
-    issuer: Arc<Issuer>,
+pub struct MeshcaV1 {
+    issuer: Arc<SigningCore>,
     authority: Arc<Authority>,
 }
 
-impl Identity {
+impl MeshcaV1 {
     /// A service issuing through `issuer`.
-    pub fn new(issuer: Arc<Issuer>) -> Self {
+    pub fn new(issuer: Arc<SigningCore>) -> Self {
         let authority = issuer.authority().clone();
         Self { issuer, authority }
     }
 }
 
-/// Maps an issuance failure to its gRPC status; the message always says why.
-pub fn status_of(e: &IssueError) -> Status {
-    match e {
-        IssueError::Auth(AuthError::Denied { .. }) => Status::permission_denied(e.to_string()),
-        IssueError::Auth(AuthError::Unavailable(_)) => Status::unavailable(e.to_string()),
-        IssueError::Auth(_) => Status::unauthenticated(e.to_string()),
-        IssueError::Csr(_) => Status::invalid_argument(e.to_string()),
-        IssueError::Unavailable(_) => Status::unavailable(e.to_string()),
-        IssueError::Internal(_) => Status::internal(e.to_string()),
+/// The gRPC services on the one TLS port: `meshca.v1` always, the Istio and Linkerd faces
+/// when enabled.
+pub struct Faces {
+    native: IdentityServiceServer<MeshcaV1>,
+    istio: Option<IstioCertificateServiceServer<crate::istio::Istio>>,
+    linkerd: Option<IdentityServer<crate::linkerd::Linkerd>>,
+}
+
+impl Faces {
+    /// The faces `config` enables, all issuing through `issuer`.
+    pub fn of(config: &Config, issuer: &Arc<SigningCore>) -> Self {
+        Self {
+            native: IdentityServiceServer::new(MeshcaV1::new(issuer.clone())),
+            istio: config.istio.enabled.then(|| {
+                IstioCertificateServiceServer::new(crate::istio::Istio::new(issuer.clone()))
+            }),
+            linkerd: config.linkerd.enabled.then(|| {
+                IdentityServer::new(crate::linkerd::Linkerd::new(
+                    issuer.clone(),
+                    config.linkerd.control_plane_namespace.clone(),
+                ))
+            }),
+        }
+    }
+}
+
+/// Serves `faces` over the TLS connections `conns` until `stop`.
+pub async fn serve(
+    conns: impl Stream<Item = Result<TlsConn, std::io::Error>> + Send + 'static,
+    faces: Faces,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let r = tonic::transport::Server::builder()
+        .layer(tower::util::MapRequestLayer::new(limit_request_body))
+        .add_service(faces.native)
+        .add_optional_service(faces.istio)
+        .add_optional_service(faces.linkerd)
+        .serve_with_incoming_shutdown(conns, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!("gRPC server stopped: {e}");
     }
 }
 
@@ -81,7 +122,7 @@ pub fn caller_of<T>(request: &Request<T>) -> (Option<PeerInfo>, Option<String>) 
 }
 
 #[tonic::async_trait]
-impl IdentityService for Identity {
+impl IdentityService for MeshcaV1 {
     async fn sign_certificate(
         &self,
         request: Request<SignCertificateRequest>,
@@ -102,7 +143,7 @@ impl IdentityService for Identity {
         let issued = self
             .issuer
             .issue(IssueRequest {
-                api: "meshca",
+                api: Face::Meshca,
                 csr: &req.csr,
                 ttl,
                 credentials: Credentials {
@@ -114,7 +155,7 @@ impl IdentityService for Identity {
                 dns_identity: None,
             })
             .await
-            .map_err(|e| status_of(&e))?;
+            .map_err(|e| crate::codes::issue(&e, Face::Meshca))?;
         Ok(Response::new(SignCertificateResponse {
             certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
             trust_bundle: issued.bundle.anchors.iter().map(|a| a.to_vec()).collect(),
@@ -209,4 +250,22 @@ impl Drop for WatchGuard {
             .ledger()
             .with(|l| l.watch_closed(&self.spiffe_id, &self.instance));
     }
+}
+
+/// Caps every gRPC request body at [`MAX_REQUEST_BYTES`] (plus the 5-byte frame header). A
+/// larger one fails while it is being read, with `InvalidArgument`, before it is buffered.
+fn limit_request_body(req: http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> {
+    req.map(|body| {
+        let limited = http_body_util::Limited::new(body, MAX_REQUEST_BYTES + 5).map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Box::new(tonic::Status::invalid_argument(format!(
+                    "request over {} KiB",
+                    MAX_REQUEST_BYTES / 1024
+                ))) as Box<dyn std::error::Error + Send + Sync>
+            } else {
+                e
+            }
+        });
+        tonic::body::Body::new(limited)
+    })
 }

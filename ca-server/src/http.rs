@@ -9,16 +9,16 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::issuance::Issuer;
+use crate::driver::RotationHealth;
+use crate::issuance::SigningCore;
 use crate::metrics::Metrics;
-use crate::rotation::RotationHealth;
 use crate::signing::ValidCsr;
 
 /// The readiness check: a probe leaf can be signed with the current issuer right now, and issuer
 /// rotation has not failed too often in a row.
 pub struct Readiness {
     /// Signs the probe.
-    pub issuer: Arc<Issuer>,
+    pub issuer: Arc<SigningCore>,
     /// The probe's CSR (made once at start-up).
     pub probe: ValidCsr,
     /// The rotation driver's health.
@@ -26,6 +26,25 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    /// A readiness check signing a probe leaf for `spiffe://<td>/meshca/readiness-probe` (its
+    /// key and CSR made once, here) through `issuer`, and reading the rotation driver's health.
+    pub fn new(issuer: Arc<SigningCore>, health: Arc<RotationHealth>) -> Result<Self, String> {
+        let key = rotator::pki::SecretKey::generate_p256().map_err(|e| e.to_string())?;
+        let id = format!(
+            "spiffe://{}/meshca/readiness-probe",
+            issuer.authority().snapshot().bundle.trust_domain
+        )
+        .parse()
+        .map_err(|e: rotator::spiffe::IdError| e.to_string())?;
+        let csr = rotator::client::make_csr(&id, &key).map_err(|e| e.to_string())?;
+        let probe = crate::signing::parse_csr(&csr).map_err(|e| e.to_string())?;
+        Ok(Self {
+            issuer,
+            probe,
+            health,
+        })
+    }
+
     /// `Ok(detail)` when ready (detail: what an operator should know, if anything), `Err(why)`.
     pub fn check(&self) -> Result<Option<String>, String> {
         self.issuer
@@ -48,11 +67,27 @@ impl Readiness {
 /// What the handlers read.
 pub struct HttpState {
     /// Serves the bundle.
-    pub issuer: Arc<Issuer>,
+    pub issuer: Arc<SigningCore>,
     /// Exposed on /metrics.
     pub metrics: Arc<Metrics>,
     /// `/readyz`.
     pub readiness: Arc<Readiness>,
+}
+
+/// Serves the HTTP port until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let r = axum::serve(listener, router(Arc::new(state)))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!("HTTP server stopped: {e}");
+    }
 }
 
 /// The router.

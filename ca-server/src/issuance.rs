@@ -15,11 +15,50 @@ use crate::authority::{Authority, Bundle};
 use crate::metrics::Metrics;
 use crate::signing::{CsrError, ValidCsr, parse_csr, parse_dns_csr, sign_leaf};
 
+/// The wire API a request came in on. All faces share one signing core, ledger and audit line;
+/// they differ in their TokenReview audience, their status codes and what their responses carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Face {
+    /// `meshca.v1.IdentityService`.
+    Meshca,
+    /// `istio.v1.auth.IstioCertificateService`.
+    Istio,
+    /// `io.linkerd.proxy.identity.Identity`.
+    Linkerd,
+}
+
+impl Face {
+    /// Every face, for metrics initialised at 0.
+    pub const ALL: [Face; 3] = [Face::Meshca, Face::Istio, Face::Linkerd];
+
+    /// The name in metrics (`api` label) and audit lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            Face::Meshca => "meshca",
+            Face::Istio => "istio",
+            Face::Linkerd => "linkerd",
+        }
+    }
+
+    /// Whether its responses hand the workload the whole bundle. Only meshca.v1's do: Istio's
+    /// carries the signing root alone and Linkerd's none (its proxies read trust anchors from
+    /// their own config), so those workloads never count as having received a new anchor.
+    pub fn delivers_bundle(self) -> bool {
+        self == Face::Meshca
+    }
+}
+
+impl std::fmt::Display for Face {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 /// One certificate request, whatever API it came in on.
 #[derive(Debug, Clone, Copy)]
 pub struct IssueRequest<'a> {
-    /// The API face, for metrics and audit: `meshca`, `istio`, `linkerd`.
-    pub api: &'static str,
+    /// The face it came in on.
+    pub api: Face,
     /// CSR, DER or PEM.
     pub csr: &'a [u8],
     /// Requested lifetime; `None` or zero for the default.
@@ -95,26 +134,33 @@ pub struct Audiences {
     pub linkerd: String,
 }
 
-impl Default for Audiences {
-    fn default() -> Self {
-        let c = crate::config::Config::default();
+impl Audiences {
+    /// The audiences `config` sets.
+    pub fn of(c: &crate::config::Config) -> Self {
         Self {
-            meshca: c.kubernetes.token_audience,
-            istio: c.istio.token_audience,
-            linkerd: c.linkerd.token_audience,
+            meshca: c.kubernetes.token_audience.clone(),
+            istio: c.istio.token_audience.clone(),
+            linkerd: c.linkerd.token_audience.clone(),
         }
     }
 }
 
-/// Issues leaves.
-pub struct Issuer {
+impl Default for Audiences {
+    fn default() -> Self {
+        Self::of(&crate::config::Config::default())
+    }
+}
+
+/// The signing core every face shares: authenticates, checks the CSR, signs with the current
+/// issuer, records the leaf in the ledger, and writes one audit line and one metric either way.
+pub struct SigningCore {
     authority: Arc<Authority>,
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     audiences: Audiences,
 }
 
-impl Issuer {
+impl SigningCore {
     /// An issuer over `authority`, checking credentials with `auth`.
     pub fn new(authority: Arc<Authority>, auth: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
         Self {
@@ -145,7 +191,7 @@ impl Issuer {
             Err(e) => Err(e.into()),
         };
         self.metrics.count(
-            req.api,
+            req.api.label(),
             result
                 .as_ref()
                 .map_or_else(IssueError::result_label, |_| "ok"),
@@ -155,7 +201,7 @@ impl Issuer {
         match &result {
             Ok(i) => tracing::info!(
                 target: "meshca::audit",
-                api = req.api, caller = %who, peer = %peer, spiffe_id = %i.id, serial = %i.serial,
+                api = req.api.label(), caller = %who, peer = %peer, spiffe_id = %i.id, serial = %i.serial,
                 not_after = %rotator::clock::rfc3339(i.not_after), "issued"
             ),
             Err(e) => {
@@ -165,18 +211,18 @@ impl Issuer {
                         .get_or_create(&crate::metrics::ReasonLabels { reason: a.reason() })
                         .inc();
                 }
-                tracing::warn!(target: "meshca::audit", api = req.api, caller = %who, peer = %peer, reason = %e, "refused")
+                tracing::warn!(target: "meshca::audit", api = req.api.label(), caller = %who, peer = %peer, reason = %e, "refused")
             }
         }
         result
     }
 
     /// The TokenReview audience of a face.
-    fn audience(&self, api: &str) -> &str {
-        match api {
-            "istio" => &self.audiences.istio,
-            "linkerd" => &self.audiences.linkerd,
-            _ => &self.audiences.meshca,
+    fn audience(&self, face: Face) -> &str {
+        match face {
+            Face::Meshca => &self.audiences.meshca,
+            Face::Istio => &self.audiences.istio,
+            Face::Linkerd => &self.audiences.linkerd,
         }
     }
 
@@ -213,10 +259,7 @@ impl Issuer {
             anchor: issued.anchor.clone(),
             issued: self.authority.clock().now().unix_timestamp(),
             not_after: issued.not_after.unix_timestamp(),
-            // Only meshca.v1 responses carry the whole bundle. Istio's carries the signing root
-            // alone and Linkerd's none (its proxies read trust anchors from their own config), so
-            // those workloads are never counted as having received a new anchor.
-            bundle_version: if req.api == "meshca" {
+            bundle_version: if req.api.delivers_bundle() {
                 issued.bundle.version
             } else {
                 0

@@ -10,17 +10,17 @@ use meshca_proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
 use tonic::{Request, Response, Status};
 
 use crate::auth::Credentials;
-use crate::grpc::{caller_of, status_of};
-use crate::issuance::{IssueRequest, Issuer};
+use crate::grpc::caller_of;
+use crate::issuance::{Face, IssueRequest, SigningCore};
 
 /// The Istio face.
 pub struct Istio {
-    issuer: Arc<Issuer>,
+    issuer: Arc<SigningCore>,
 }
 
 impl Istio {
     /// A face issuing through `issuer`.
-    pub fn new(issuer: Arc<Issuer>) -> Self {
+    pub fn new(issuer: Arc<SigningCore>) -> Self {
         Self { issuer }
     }
 }
@@ -41,7 +41,7 @@ impl IstioCertificateService for Istio {
         let issued = self
             .issuer
             .issue(IssueRequest {
-                api: "istio",
+                api: Face::Istio,
                 csr: req.csr.as_bytes(),
                 ttl,
                 credentials: Credentials {
@@ -53,7 +53,7 @@ impl IstioCertificateService for Istio {
                 dns_identity: None,
             })
             .await
-            .map_err(|e| status_of(&e))?;
+            .map_err(|e| crate::codes::issue(&e, Face::Istio))?;
         // Leaf, issuer, then the root the chain ends at.
         let root = issued
             .bundle

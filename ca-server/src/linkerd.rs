@@ -8,11 +8,11 @@
 //! proxies verify by, and the SPIFFE URI SAN (so the same leaf is a valid X.509-SVID for
 //! SPIFFE-aware peers; Linkerd ignores it).
 //!
-//! Status codes as Linkerd's identity controller uses them: `InvalidArgument` for a malformed
-//! request (no identity, no token, no CSR, a CSR that does not parse or verify, a key that is not
-//! ECDSA, a CA requested), `FailedPrecondition` when the CSR's names do not match the identity
-//! (another DNS name, a URI/IP/email SAN, two names) or authentication/authorization fails,
-//! `Unavailable` when no issuer can sign.
+//! Status codes as Linkerd's identity controller uses them ([`crate::codes::Mapping::Linkerd`]):
+//! `InvalidArgument` for a malformed request (no identity, no token, no CSR, a CSR that does not
+//! parse or verify, a key that is not ECDSA, a CA requested), `FailedPrecondition` when the CSR's
+//! names do not match the identity (another DNS name, a URI/IP/email SAN, two names) or
+//! authentication/authorization fails, `Unavailable` when no issuer can sign.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,19 +23,18 @@ use rotator::spiffe::SpiffeId;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Credentials;
-use crate::issuance::{IssueError, IssueRequest, Issuer};
-use crate::signing::CsrError;
+use crate::issuance::{Face, IssueRequest, SigningCore};
 use crate::tls::PeerInfo;
 
 /// The Linkerd face.
 pub struct Linkerd {
-    issuer: Arc<Issuer>,
+    issuer: Arc<SigningCore>,
     control_plane_ns: String,
 }
 
 impl Linkerd {
     /// A face issuing through `issuer`, for identities under `control_plane_ns`.
-    pub fn new(issuer: Arc<Issuer>, control_plane_ns: String) -> Self {
+    pub fn new(issuer: Arc<SigningCore>, control_plane_ns: String) -> Self {
         Self {
             issuer,
             control_plane_ns,
@@ -57,27 +56,6 @@ pub fn spiffe_id_of(identity: &str, control_plane_ns: &str, td: &str) -> Result<
     format!("spiffe://{td}/ns/{ns}/sa/{sa}")
         .parse()
         .map_err(|e| format!("identity {identity:?}: {e}"))
-}
-
-fn status(e: &IssueError) -> Status {
-    match e {
-        // As Linkerd's controller: a CSR whose names do not match the identity exactly is a
-        // failed precondition; a CSR that does not parse, verify or use an accepted key is an
-        // invalid argument.
-        IssueError::Csr(
-            CsrError::IdentityMismatch { .. }
-            | CsrError::DnsSans(_)
-            | CsrError::UriSanInDnsCsr
-            | CsrError::OtherSan(_)
-            | CsrError::CommonName(_),
-        ) => Status::failed_precondition(e.to_string()),
-        IssueError::Csr(_) => Status::invalid_argument(e.to_string()),
-        IssueError::Auth(crate::auth::AuthError::Unavailable(_)) | IssueError::Unavailable(_) => {
-            Status::unavailable(e.to_string())
-        }
-        IssueError::Auth(_) => Status::failed_precondition(e.to_string()),
-        IssueError::Internal(_) => Status::internal(e.to_string()),
-    }
 }
 
 #[tonic::async_trait]
@@ -115,7 +93,7 @@ impl Identity for Linkerd {
         let issued = self
             .issuer
             .issue(IssueRequest {
-                api: "linkerd",
+                api: Face::Linkerd,
                 csr: &req.certificate_signing_request,
                 ttl: None,
                 credentials: Credentials {
@@ -127,7 +105,7 @@ impl Identity for Linkerd {
                 dns_identity: Some((&req.identity, &id)),
             })
             .await
-            .map_err(|e| status(&e))?;
+            .map_err(|e| crate::codes::issue(&e, Face::Linkerd))?;
         let mut chain = issued.chain.into_iter();
         let leaf = chain
             .next()

@@ -158,12 +158,15 @@ fn print_banner(server: &Server) {
         .bootstrap_token
         .clone()
         .unwrap_or_else(|| server.state_dir.join(ca_server::auth::BOOTSTRAP_TOKEN_FILE));
-    let shared = server.authority.remote().map_or_else(String::new, |r| {
+    let store = &server.authority.storage().state;
+    let shared = if store.shared() {
         format!(
             "  authority state  {} (shared by every replica; the rotation Lease holder rotates)\n",
-            r.origin()
+            store.origin()
         )
-    });
+    } else {
+        String::new()
+    };
     let issuer = snap.issuer.as_ref().map_or_else(
         || {
             format!(

@@ -116,40 +116,62 @@ impl AuthorityMetrics {
         policy: &rotator::policy::Policy,
         now: time::OffsetDateTime,
     ) {
+        self.observe_certificates(s, policy);
+        self.observe_phase(s, l, policy, now);
+        #[allow(clippy::cast_precision_loss, reason = "a ratio")]
+        let ratio = if l.live_workloads == 0 {
+            1.0
+        } else {
+            l.workloads_current as f64 / l.live_workloads as f64
+        };
+        self.convergence.set(ratio);
+        self.live_leaves.clear();
+        for a in s.bundle() {
+            self.live_leaves
+                .get_or_create(&AnchorLabels {
+                    anchor: a.cert.id().to_string(),
+                })
+                .set(i64::try_from(l.live_under(a.cert.id())).unwrap_or(i64::MAX));
+        }
+        self.live_workloads
+            .set(i64::try_from(l.live_workloads).unwrap_or(i64::MAX));
+        self.ledger_trustworthy.set(i64::from(l.trustworthy(now)));
+        self.leaf_ttl_max
+            .set(i64::try_from(policy.leaf_ttl_max.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    /// Expiry and not-before of every anchor (archived ones excepted) and issuer held, and the
+    /// rotation deadlines of the active ones.
+    fn observe_certificates(
+        &self,
+        s: &rotator::state::AuthorityState,
+        policy: &rotator::policy::Policy,
+    ) {
         use rotator::state::AnchorStatus;
         self.expiration.clear();
         self.not_before.clear();
-        for a in s
+        let anchors = s
             .anchors
             .iter()
             .filter(|a| a.status != AnchorStatus::Archived)
-        {
+            .map(|a| ("anchor", a.status.to_string(), &a.cert));
+        let issuers = s
+            .issuers
+            .iter()
+            .map(|i| ("issuer", i.status.to_string(), &i.cert));
+        for (role, state, cert) in anchors.chain(issuers) {
             let labels = CertLabels {
-                role: "anchor",
-                state: a.status.to_string(),
-                serial: a.cert.info.serial.clone(),
-                id: a.cert.id().to_string(),
+                role,
+                state,
+                serial: cert.info.serial.clone(),
+                id: cert.id().to_string(),
             };
             self.expiration
                 .get_or_create(&labels)
-                .set(ts(a.cert.info.not_after));
+                .set(ts(cert.info.not_after));
             self.not_before
                 .get_or_create(&labels)
-                .set(ts(a.cert.info.not_before));
-        }
-        for i in &s.issuers {
-            let labels = CertLabels {
-                role: "issuer",
-                state: i.status.to_string(),
-                serial: i.cert.info.serial.clone(),
-                id: i.cert.id().to_string(),
-            };
-            self.expiration
-                .get_or_create(&labels)
-                .set(ts(i.cert.info.not_after));
-            self.not_before
-                .get_or_create(&labels)
-                .set(ts(i.cert.info.not_before));
+                .set(ts(cert.info.not_before));
         }
         self.deadline.clear();
         if let Some(a) = s.active_anchor() {
@@ -164,6 +186,16 @@ impl AuthorityMetrics {
                 .get_or_create(&RoleLabels { role: "issuer" })
                 .set(ts(d));
         }
+    }
+
+    /// The trust-anchor rotation: the phase, since when, and each gate of it.
+    fn observe_phase(
+        &self,
+        s: &rotator::state::AuthorityState,
+        l: &rotator::ledger::LedgerSummary,
+        policy: &rotator::policy::Policy,
+        now: time::OffsetDateTime,
+    ) {
         let current = s.phase.name();
         for p in ["steady", "staged", "activated"] {
             self.phase
@@ -196,26 +228,6 @@ impl AuthorityMetrics {
                     .set(ts(t));
             }
         }
-        #[allow(clippy::cast_precision_loss, reason = "a ratio")]
-        let ratio = if l.live_workloads == 0 {
-            1.0
-        } else {
-            l.workloads_current as f64 / l.live_workloads as f64
-        };
-        self.convergence.set(ratio);
-        self.live_leaves.clear();
-        for a in s.bundle() {
-            self.live_leaves
-                .get_or_create(&AnchorLabels {
-                    anchor: a.cert.id().to_string(),
-                })
-                .set(i64::try_from(l.live_under(a.cert.id())).unwrap_or(i64::MAX));
-        }
-        self.live_workloads
-            .set(i64::try_from(l.live_workloads).unwrap_or(i64::MAX));
-        self.ledger_trustworthy.set(i64::from(l.trustworthy(now)));
-        self.leaf_ttl_max
-            .set(i64::try_from(policy.leaf_ttl_max.as_secs()).unwrap_or(i64::MAX));
     }
 
     fn register(&self, r: &mut Registry) {
@@ -361,8 +373,23 @@ impl Metrics {
         );
         let authority = AuthorityMetrics::default();
         authority.register(&mut registry);
-        // Every counter exists from the start at 0, so rate() and the alert rules see it before
-        // the first event.
+        let m = Self {
+            registry,
+            authority,
+            issued,
+            sign_duration,
+            auth_failures,
+            bundle_version,
+            rotations,
+            rotation_failures,
+        };
+        m.start_at_zero();
+        m
+    }
+
+    /// Every counter exists from the start at 0, so rate() and the alert rules see it before
+    /// the first event.
+    fn start_at_zero(&self) {
         for result in [
             "ok",
             "unauthenticated",
@@ -371,7 +398,7 @@ impl Metrics {
             "unavailable",
             "error",
         ] {
-            issued
+            self.issued
                 .get_or_create(&IssuedLabels {
                     api: "meshca",
                     result,
@@ -386,22 +413,14 @@ impl Metrics {
             "denied",
             "unavailable",
         ] {
-            auth_failures
+            self.auth_failures
                 .get_or_create(&ReasonLabels { reason })
                 .inc_by(0);
         }
         for result in ["success", "failure"] {
-            rotations.get_or_create(&ResultLabels { result }).inc_by(0);
-        }
-        Self {
-            registry,
-            authority,
-            issued,
-            sign_duration,
-            auth_failures,
-            bundle_version,
-            rotations,
-            rotation_failures,
+            self.rotations
+                .get_or_create(&ResultLabels { result })
+                .inc_by(0);
         }
     }
 

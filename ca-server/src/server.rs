@@ -6,25 +6,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::BodyExt;
-use meshca_proto::v1::identity_service_server::IdentityServiceServer;
 use rotator::clock::Clock;
+use rotator::pki::CaCert;
 use rotator::store::FileStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, Admin};
-use crate::auth::{Authenticator, write_bootstrap_token};
-use crate::authority::{Authority, OpenError, OpenOptions, Origin};
-use crate::config::{AuthMethod, Config, ConfigError, DEFAULT_TRUST_DOMAIN, MAX_REQUEST_BYTES};
-use crate::grpc::Identity;
-use crate::http::{HttpState, Readiness, router};
-use crate::issuance::Issuer;
+use crate::auth::{Authenticator, TokenAuthenticator, write_bootstrap_token};
+use crate::authority::{Authority, OpenError, OpenOptions, Origin, Storage};
+use crate::config::{AuthMethod, Config, ConfigError, DEFAULT_TRUST_DOMAIN};
+use crate::driver::{self, RotationHealth};
+use crate::grpc::Faces;
+use crate::http::{HttpState, Readiness};
+use crate::issuance::{Audiences, SigningCore};
+use crate::k8s::store::KubeStore;
+use crate::k8s::tokenreview::TokenReviewer;
 use crate::metrics::Metrics;
-use crate::rotation::{self, RotationHealth};
 use crate::tls::{LiveTls, incoming};
-use rotator::pki::CaCert;
 
 /// How often the tokens file is checked for changes.
 const TOKENS_RELOAD: Duration = Duration::from_secs(2);
@@ -81,7 +81,7 @@ pub struct Server {
     pub leader: watch::Receiver<bool>,
     _leader_tx: Option<watch::Sender<bool>>,
     /// The TokenReview authenticator, when configured (tests read its call count).
-    pub reviewer: Option<Arc<crate::k8s::tokenreview::TokenReviewer>>,
+    pub reviewer: Option<Arc<TokenReviewer>>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     _lock: std::fs::File,
@@ -89,303 +89,68 @@ pub struct Server {
 
 impl Server {
     /// Opens (or creates) the authority and starts serving. Returns once every port is bound
-    /// and any issuer step that was due has been taken.
+    /// and any issuer step that was due has been taken. The steps, in order:
+    ///
+    /// 1. check the configuration; lock the state dir (one server per state dir);
+    /// 2. connect to Kubernetes when enabled, and choose the store (a Secret, or the state dir);
+    /// 3. open the authority (or create it, with a bootstrap token); take overdue issuer steps;
+    /// 4. build the request path: authenticators, the signing core, readiness, TLS;
+    /// 5. bind the ports, then start the tasks (see `docs/ARCHITECTURE.md`).
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         rotator::client::install_crypto_provider();
         config.validate()?;
-        let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
-        let store = FileStore::open(&config.state_dir).map_err(OpenError::Store)?;
-        let lock = store.lock().map_err(OpenError::Store)?;
-        let upstream_anchor = match &config.anchor_cert {
-            None => None,
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| {
-                    StartError::Other(format!("--anchor-cert {}: {e}", p.display()))
-                })?;
-                Some(CaCert::from_pem(&text).map_err(|e| {
-                    StartError::Other(format!("--anchor-cert {}: {e}", p.display()))
-                })?)
-            }
-        };
-        let how = OpenOptions {
-            trust_domain: config.trust_domain.clone(),
-            default_trust_domain: DEFAULT_TRUST_DOMAIN.parse().map_err(|e| other(&e))?,
-            upstream_anchor,
-        };
-        let kcfg = &config.kubernetes;
-        let client = if kcfg.enabled {
-            Some(kcfg.client().await.map_err(StartError::Other)?)
-        } else {
-            None
-        };
-        let namespace = kcfg.own_namespace();
-        let remote = match &client {
-            Some(c) if !kcfg.state_secret.is_empty() => Some(Arc::new(
-                crate::k8s::store::KubeStore::new(c.clone(), &namespace, &kcfg.state_secret),
-            )),
-            _ => None,
-        };
-        let replicated = remote.is_some();
-        let (authority, origin) =
-            Authority::open_with(store, remote, how, config.policy.clone(), clock.clone()).await?;
-        let authority = Arc::new(authority);
-        let created = origin == Origin::Created;
-        let bootstrap_token = if created {
-            let td = authority.snapshot().bundle.trust_domain.clone();
-            Some(write_bootstrap_token(&config.state_dir, &td).map_err(|e| other(&e))?)
-        } else {
-            None
-        };
-        // Whatever issuer step is overdue (an expired issuer after downtime, a missed activation)
-        // happens before the first request is served. A failure here is the driver's to retry.
-        match rotation::catch_up(&authority, 8).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("took {n} overdue issuer rotation step(s) at start-up"),
-            Err(e) => tracing::error!(
-                "an overdue issuer rotation step failed at start-up, the driver will retry: {e}"
-            ),
-        }
+        let (files, lock) = lock_state_dir(&config)?;
+        let kube = Kube::connect(&config).await?;
+        let secret = kube.as_ref().and_then(|k| k.state_secret(&config));
+        let storage = storage(files, secret.clone());
+        let (authority, created) = open_authority(&config, storage, clock.clone()).await?;
+        let bootstrap_token = created
+            .then(|| {
+                write_bootstrap_token(&config.state_dir, &authority.snapshot().bundle.trust_domain)
+            })
+            .transpose()
+            .map_err(other)?;
+        catch_up(&authority).await;
+        let path = RequestPath::build(&config, &authority, kube.as_ref(), &clock)?;
 
-        let reviewer = match &client {
-            Some(c)
-                if config
-                    .auth
-                    .authenticators
-                    .contains(&AuthMethod::Tokenreview) =>
-            {
-                Some(Arc::new(crate::k8s::tokenreview::TokenReviewer::new(
-                    c.clone(),
-                    authority.snapshot().bundle.trust_domain.clone(),
-                    clock.clone(),
-                    kcfg.token_cache_ttl,
-                    kcfg.token_cache_size,
-                )))
-            }
-            _ => None,
-        };
-        let auth = Arc::new(
-            Authenticator::with_chain(
-                &config.state_dir,
-                config.auth.authenticators.clone(),
-                reviewer.clone(),
-            )
-            .map_err(|e| other(&e))?,
-        );
-        let metrics = Arc::new(Metrics::new());
-        let issuer = Arc::new(
-            Issuer::new(authority.clone(), auth.clone(), metrics.clone()).with_audiences(
-                crate::issuance::Audiences {
-                    meshca: kcfg.token_audience.clone(),
-                    istio: config.istio.token_audience.clone(),
-                    linkerd: config.linkerd.token_audience.clone(),
-                },
-            ),
-        );
-        let health = Arc::new(RotationHealth::default());
-        let probe_key = rotator::pki::SecretKey::generate_p256().map_err(|e| other(&e))?;
-        let probe_id = format!(
-            "spiffe://{}/meshca/readiness-probe",
-            authority.snapshot().bundle.trust_domain
-        )
-        .parse()
-        .map_err(|e| other(&e))?;
-        let probe_csr = rotator::client::make_csr(&probe_id, &probe_key).map_err(|e| other(&e))?;
-        let probe = crate::signing::parse_csr(&probe_csr).map_err(|e| other(&e))?;
-        let readiness = Arc::new(Readiness {
-            issuer: issuer.clone(),
-            probe,
-            health: health.clone(),
-        });
-        let tls = LiveTls::new(&authority, config.tls.clone()).map_err(StartError::Other)?;
-        let tls_config = tls.server_config().map_err(StartError::Other)?;
-
-        let grpc_listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let http_listener = TcpListener::bind(config.http_listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.http_listen,
-                source,
-            })?;
-        let grpc_addr = grpc_listener.local_addr().map_err(|e| other(&e))?;
-        let http_addr = http_listener.local_addr().map_err(|e| other(&e))?;
-
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let grpc_listener = bind(config.listen).await?;
+        let http_listener = bind(config.http_listen).await?;
+        let grpc_addr = grpc_listener.local_addr().map_err(other)?;
+        let http_addr = http_listener.local_addr().map_err(other)?;
+        let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
-
-        let ready = readiness.clone();
-        let admin = Admin::new(
-            authority.clone(),
-            health.clone(),
-            Arc::new(move || ready.check().is_ok()),
+        let admin_socket = path
+            .spawn_admin(&config, &authority, &mut tasks, &stop)
+            .await?;
+        let (leader, leader_tx) = elect(
+            kube.as_ref().zip(secret),
+            &config,
+            &authority,
+            &clock,
+            &mut tasks,
+            &stop,
         );
-        let (admin_socket, admin_task) =
-            admin::serve(&config.state_dir, admin, shutdown_rx.clone())
-                .await
-                .map_err(|e| StartError::Other(format!("admin socket: {e}")))?;
-        tasks.spawn(async move {
-            let _ = admin_task.await;
-        });
-
-        // Who rotates: with the state in a Secret, the Lease holder; otherwise this process.
-        let (leader_tx, leader_rx) = watch::channel(!replicated);
-        let leader_tx = if let (Some(c), true) = (&client, replicated) {
-            tasks.spawn(crate::k8s::lease::run(
-                kube::Api::namespaced(c.clone(), &namespace),
-                kcfg.lease.clone(),
-                kcfg.own_identity(),
-                kcfg.lease_duration,
-                leader_tx,
-                shutdown_rx.clone(),
-            ));
-            tasks.spawn(crate::k8s::store::follow(
-                authority.clone(),
-                shutdown_rx.clone(),
-            ));
-            None
-        } else {
-            // Always leader; the sender lives as long as the server so the value stays put.
-            Some(leader_tx)
-        };
-        if let Some(c) = &client
-            && !kcfg.bundle.namespace_selector.is_empty()
-        {
-            tasks.spawn(crate::k8s::publish::run(
-                c.clone(),
-                kcfg.bundle.clone(),
-                authority.clone(),
-                leader_rx.clone(),
-                shutdown_rx.clone(),
-            ));
+        if let Some(k) = &kube {
+            k.publish_bundles(&config, &authority, &leader, &mut tasks, &stop);
         }
-        tasks.spawn(rotation::drive_while_leader(
-            authority.clone(),
-            health.clone(),
-            metrics.clone(),
-            config.anchor.clone(),
-            leader_rx.clone(),
-            shutdown_rx.clone(),
-        ));
-        // The issuance ledger: written in batches, closed cleanly at shutdown.
-        let ledger_authority = authority.clone();
-        let mut stop = shutdown_rx.clone();
-        tasks.spawn(async move {
-            let a = ledger_authority;
-            loop {
-                let stopping = tokio::select! {
-                    () = tokio::time::sleep(crate::ledger::FLUSH_EVERY) => false,
-                    _ = stop.wait_for(|s| *s) => true,
-                };
-                let (now, skew) = (a.clock().now(), a.policy().clock_skew);
-                let a2 = a.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    if stopping {
-                        a2.ledger().close(now, skew)
-                    } else {
-                        a2.ledger().flush(now, skew)
-                    }
-                })
-                .await;
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(
-                        "issuance ledger {}: write failed, will retry: {e}",
-                        a.ledger().path().display()
-                    ),
-                    Err(e) => tracing::error!("issuance ledger task failed: {e}"),
-                }
-                if stopping {
-                    return;
-                }
-            }
-        });
-        tasks.spawn(tls.clone().maintain(authority.clone(), shutdown_rx.clone()));
-
-        let identity = IdentityServiceServer::new(Identity::new(issuer.clone()));
-        let istio = config.istio.enabled.then(|| {
-            meshca_proto::istio::istio_certificate_service_server::IstioCertificateServiceServer::new(
-                crate::istio::Istio::new(issuer.clone()),
-            )
-        });
-        let linkerd = config.linkerd.enabled.then(|| {
-            linkerd2_proxy_api::identity::identity_server::IdentityServer::new(
-                crate::linkerd::Linkerd::new(
-                    issuer.clone(),
-                    config.linkerd.control_plane_namespace.clone(),
-                ),
-            )
-        });
-        let conns = incoming(grpc_listener, tls_config, shutdown_rx.clone());
-        let mut stop = shutdown_rx.clone();
-        tasks.spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .layer(tower::util::MapRequestLayer::new(limit_request_body))
-                .add_service(identity)
-                .add_optional_service(istio)
-                .add_optional_service(linkerd)
-                .serve_with_incoming_shutdown(conns, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("gRPC server stopped: {e}");
-            }
-        });
-
-        let app = router(Arc::new(HttpState {
-            issuer: issuer.clone(),
-            metrics: metrics.clone(),
-            readiness: readiness.clone(),
-        }));
-        let mut stop = shutdown_rx.clone();
-        tasks.spawn(async move {
-            let r = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("HTTP server stopped: {e}");
-            }
-        });
-
-        let mut stop = shutdown_rx.clone();
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(TOKENS_RELOAD) => {}
-                    _ = stop.changed() => return,
-                }
-                match auth.reload_if_changed() {
-                    Ok(true) => tracing::info!(tokens = auth.token_count(), "tokens file reloaded"),
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(
-                        "tokens file not reloaded, keeping the previous tokens: {e}"
-                    ),
-                }
-            }
-        });
+        path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
+        path.spawn_faces(&config, grpc_listener, http_listener, &mut tasks, &stop);
 
         Ok(Self {
             grpc_addr,
             http_addr,
             admin_socket,
             authority,
-            tls,
-            health,
-            readiness,
-            metrics,
+            tls: path.tls,
+            health: path.health,
+            readiness: path.readiness,
+            metrics: path.metrics,
             created,
             bootstrap_token,
             state_dir: config.state_dir,
-            leader: leader_rx,
+            leader,
             _leader_tx: leader_tx,
-            reviewer,
+            reviewer: path.reviewer,
             shutdown,
             tasks,
             _lock: lock,
@@ -405,20 +170,303 @@ impl Server {
     }
 }
 
-/// Caps every gRPC request body at [`MAX_REQUEST_BYTES`] (plus the 5-byte frame header). A
-/// larger one fails while it is being read, with `InvalidArgument`, before it is buffered.
-fn limit_request_body(req: http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> {
-    req.map(|body| {
-        let limited = http_body_util::Limited::new(body, MAX_REQUEST_BYTES + 5).map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Box::new(tonic::Status::invalid_argument(format!(
-                    "request over {} KiB",
-                    MAX_REQUEST_BYTES / 1024
-                ))) as Box<dyn std::error::Error + Send + Sync>
-            } else {
-                e
-            }
+/// Step 4: everything a request goes through, built once and shared by the tasks.
+struct RequestPath {
+    auth: Arc<Authenticator>,
+    reviewer: Option<Arc<TokenReviewer>>,
+    metrics: Arc<Metrics>,
+    core: Arc<SigningCore>,
+    health: Arc<RotationHealth>,
+    readiness: Arc<Readiness>,
+    tls: Arc<LiveTls>,
+    tls_config: Arc<rustls::ServerConfig>,
+}
+
+impl RequestPath {
+    /// The authenticator chain (with TokenReview on Kubernetes), the signing core every face
+    /// shares, readiness, and the gRPC port's live TLS.
+    fn build(
+        config: &Config,
+        authority: &Arc<Authority>,
+        kube: Option<&Kube>,
+        clock: &Arc<dyn Clock>,
+    ) -> Result<Self, StartError> {
+        let reviewer = kube.and_then(|k| k.token_reviewer(config, authority, clock));
+        let auth = Arc::new(
+            Authenticator::with_chain(
+                &config.state_dir,
+                config.auth.authenticators.clone(),
+                reviewer.clone().map(|r| r as Arc<dyn TokenAuthenticator>),
+            )
+            .map_err(other)?,
+        );
+        let metrics = Arc::new(Metrics::new());
+        let core = Arc::new(
+            SigningCore::new(authority.clone(), auth.clone(), metrics.clone())
+                .with_audiences(Audiences::of(config)),
+        );
+        let health = Arc::new(RotationHealth::default());
+        let readiness = Arc::new(Readiness::new(core.clone(), health.clone()).map_err(other)?);
+        let tls = LiveTls::new(authority, config.tls.clone()).map_err(StartError::Other)?;
+        let tls_config = tls.server_config().map_err(StartError::Other)?;
+        Ok(Self {
+            auth,
+            reviewer,
+            metrics,
+            core,
+            health,
+            readiness,
+            tls,
+            tls_config,
+        })
+    }
+
+    /// The admin API on its 0600 unix socket in the state dir; returns the socket's path.
+    async fn spawn_admin(
+        &self,
+        config: &Config,
+        authority: &Arc<Authority>,
+        tasks: &mut JoinSet<()>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<PathBuf, StartError> {
+        let ready = self.readiness.clone();
+        let admin = Admin::new(
+            authority.clone(),
+            self.health.clone(),
+            Arc::new(move || ready.check().is_ok()),
+        );
+        let (socket, task) = admin::serve(&config.state_dir, admin, stop.clone())
+            .await
+            .map_err(|e| StartError::Other(format!("admin socket: {e}")))?;
+        tasks.spawn(async move {
+            let _ = task.await;
         });
-        tonic::body::Body::new(limited)
-    })
+        Ok(socket)
+    }
+
+    /// The rotation driver (acting while leader), the ledger writer, the TLS certificate's
+    /// renewal, and the tokens-file reloader.
+    fn spawn_background(
+        &self,
+        config: &Config,
+        authority: &Arc<Authority>,
+        leader: &watch::Receiver<bool>,
+        tasks: &mut JoinSet<()>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        tasks.spawn(driver::drive_while_leader(
+            authority.clone(),
+            self.health.clone(),
+            self.metrics.clone(),
+            config.anchor.clone(),
+            leader.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(crate::authority::write_ledger(
+            authority.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(self.tls.clone().maintain(authority.clone(), stop.clone()));
+        tasks.spawn(crate::auth::reload_tokens(
+            self.auth.clone(),
+            TOKENS_RELOAD,
+            stop.clone(),
+        ));
+    }
+
+    /// The gRPC faces on the TLS port and the HTTP port.
+    fn spawn_faces(
+        &self,
+        config: &Config,
+        grpc: TcpListener,
+        http: TcpListener,
+        tasks: &mut JoinSet<()>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let conns = incoming(grpc, self.tls_config.clone(), stop.clone());
+        tasks.spawn(crate::grpc::serve(
+            conns,
+            Faces::of(config, &self.core),
+            stop.clone(),
+        ));
+        let state = HttpState {
+            issuer: self.core.clone(),
+            metrics: self.metrics.clone(),
+            readiness: self.readiness.clone(),
+        };
+        tasks.spawn(crate::http::serve(http, state, stop.clone()));
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> StartError {
+    StartError::Other(e.to_string())
+}
+
+/// Step 1: the state dir, created 0700 if missing, and its lock (held while the server runs).
+fn lock_state_dir(config: &Config) -> Result<(FileStore, std::fs::File), StartError> {
+    let files = FileStore::open(&config.state_dir).map_err(OpenError::Store)?;
+    let lock = files.lock().map_err(OpenError::Store)?;
+    Ok((files, lock))
+}
+
+/// Kubernetes, when `[kubernetes] enabled`: the client and meshca's own namespace.
+struct Kube {
+    client: kube::Client,
+    namespace: String,
+}
+
+impl Kube {
+    /// Step 2: a client for the configured API server (no request is made yet).
+    async fn connect(config: &Config) -> Result<Option<Self>, StartError> {
+        let k = &config.kubernetes;
+        if !k.enabled {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            client: crate::k8s::client(k).await.map_err(StartError::Other)?,
+            namespace: k.own_namespace(),
+        }))
+    }
+
+    /// The TokenReview authenticator, when `tokenreview` is in the chain.
+    fn token_reviewer(
+        &self,
+        config: &Config,
+        authority: &Authority,
+        clock: &Arc<dyn Clock>,
+    ) -> Option<Arc<TokenReviewer>> {
+        let k = &config.kubernetes;
+        config
+            .auth
+            .authenticators
+            .contains(&AuthMethod::Tokenreview)
+            .then(|| {
+                Arc::new(TokenReviewer::new(
+                    self.client.clone(),
+                    authority.snapshot().bundle.trust_domain.clone(),
+                    clock.clone(),
+                    k.token_cache_ttl,
+                    k.token_cache_size,
+                ))
+            })
+    }
+
+    /// The state Secret, when one is configured (replicas share it).
+    fn state_secret(&self, config: &Config) -> Option<Arc<KubeStore>> {
+        let name = &config.kubernetes.state_secret;
+        (!name.is_empty())
+            .then(|| Arc::new(KubeStore::new(self.client.clone(), &self.namespace, name)))
+    }
+
+    /// The bundle ConfigMaps, when a namespace selector is configured (the leader writes).
+    fn publish_bundles(
+        &self,
+        config: &Config,
+        authority: &Arc<Authority>,
+        leader: &watch::Receiver<bool>,
+        tasks: &mut JoinSet<()>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let b = &config.kubernetes.bundle;
+        if b.namespace_selector.is_empty() {
+            return;
+        }
+        tasks.spawn(crate::k8s::publish::run(
+            self.client.clone(),
+            b.clone(),
+            authority.clone(),
+            leader.clone(),
+            stop.clone(),
+        ));
+    }
+}
+
+/// Step 2: where the state is committed: the shared Secret when configured (the state dir then
+/// keeps the bundle file and the ledger only), else the state dir itself.
+fn storage(files: FileStore, secret: Option<Arc<KubeStore>>) -> Storage {
+    match secret {
+        Some(secret) => Storage {
+            dir: files.state_dir(),
+            state: secret,
+        },
+        None => Storage::files(files),
+    }
+}
+
+/// Step 3: the authority, loaded or created. `true` when this start created it.
+async fn open_authority(
+    config: &Config,
+    storage: Storage,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<Authority>, bool), StartError> {
+    let upstream_anchor = match &config.anchor_cert {
+        None => None,
+        Some(p) => {
+            let bad = |e: &dyn std::fmt::Display| {
+                StartError::Other(format!("--anchor-cert {}: {e}", p.display()))
+            };
+            let text = std::fs::read_to_string(p).map_err(|e| bad(&e))?;
+            Some(CaCert::from_pem(&text).map_err(|e| bad(&e))?)
+        }
+    };
+    let how = OpenOptions {
+        trust_domain: config.trust_domain.clone(),
+        default_trust_domain: DEFAULT_TRUST_DOMAIN.parse().map_err(other)?,
+        upstream_anchor,
+    };
+    let (authority, origin) = Authority::open(storage, how, config.policy.clone(), clock).await?;
+    Ok((Arc::new(authority), origin == Origin::Created))
+}
+
+/// Step 3: whatever issuer step is overdue (an expired issuer after downtime, a missed
+/// activation) happens before the first request is served. A failure is the driver's to retry.
+async fn catch_up(authority: &Authority) {
+    match driver::catch_up(authority, 8).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("took {n} overdue issuer rotation step(s) at start-up"),
+        Err(e) => tracing::error!(
+            "an overdue issuer rotation step failed at start-up, the driver will retry: {e}"
+        ),
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Who rotates: with the state in a shared Secret, the Lease holder (and every replica follows
+/// the Secret); otherwise this process, always. Returns the leader flag and, when always
+/// leader, its sender (kept for the server's life so the value stays put).
+fn elect(
+    shared: Option<(&Kube, Arc<KubeStore>)>,
+    config: &Config,
+    authority: &Arc<Authority>,
+    clock: &Arc<dyn Clock>,
+    tasks: &mut JoinSet<()>,
+    stop: &watch::Receiver<bool>,
+) -> (watch::Receiver<bool>, Option<watch::Sender<bool>>) {
+    let (leader_tx, leader) = watch::channel(shared.is_none());
+    let Some((k, secret)) = shared else {
+        return (leader, Some(leader_tx));
+    };
+    let kc = &config.kubernetes;
+    tasks.spawn(crate::k8s::lease::run(
+        crate::k8s::lease::Campaign {
+            api: kube::Api::namespaced(k.client.clone(), &k.namespace),
+            name: kc.lease.clone(),
+            me: kc.own_identity(),
+            duration: kc.lease_duration,
+            clock: clock.clone(),
+        },
+        leader_tx,
+        stop.clone(),
+    ));
+    tasks.spawn(crate::k8s::follow::follow(
+        authority.clone(),
+        secret,
+        stop.clone(),
+    ));
+    (leader, None)
 }

@@ -3,17 +3,15 @@
 //! What a CSR may ask for is narrow (linkerd2's `checkCSR` is the model): exactly one URI SAN
 //! holding a SPIFFE ID, a CN that is empty or that same ID, and no extension beyond SAN, KU, EKU
 //! and a non-CA basicConstraints. Nothing is copied from the CSR except the public key and the
-//! SPIFFE ID: the leaf's profile is fixed here (SPIFFE X.509-SVID spec §4):
-//! basicConstraints CA:false (critical), keyUsage digitalSignature (+ keyEncipherment for RSA,
-//! critical), EKU serverAuth + clientAuth, the URI SAN (critical: the subject is empty), SKI and
-//! AKI, a random positive 127-bit serial.
+//! SPIFFE ID (and, on the Linkerd face, the DNS identity): the leaf's profile is fixed in
+//! [`rotator::profile::leaf`] (SPIFFE X.509-SVID spec §4): basicConstraints CA:false (critical),
+//! keyUsage digitalSignature (+ keyEncipherment for RSA, critical), EKU serverAuth + clientAuth,
+//! the SANs (critical: the subject is empty), SKI and AKI, a random positive 127-bit serial.
 
-use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
-    SignatureAlgorithm,
-};
-use rotator::pki::{SecretKey, random_serial};
+use rcgen::SignatureAlgorithm;
+use rotator::pki::SecretKey;
 use rotator::policy::LeafWindow;
+use rotator::profile::LeafNames;
 use rotator::spiffe::{IdError, SpiffeId};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::cri_attributes::ParsedCriAttribute;
@@ -207,50 +205,80 @@ pub fn parse_dns_csr(input: &[u8], identity: &str, id: SpiffeId) -> Result<Valid
 }
 
 fn parse_common(input: &[u8]) -> Result<Parsed, CsrError> {
-    let pem_block;
-    let der: &[u8] = if input.trim_ascii_start().starts_with(b"-----BEGIN") {
-        pem_block = pem::parse(input).map_err(|_| CsrError::Pem)?;
-        if !matches!(
-            pem_block.tag(),
-            "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"
-        ) {
-            return Err(CsrError::Pem);
-        }
-        pem_block.contents()
-    } else {
-        input
-    };
+    let der = der_of(input)?;
     let (rest, csr) =
-        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+        X509CertificationRequest::from_der(&der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CsrError::Malformed(format!(
             "{} trailing bytes",
             rest.len()
         )));
     }
-
     let sig = &csr.signature_algorithm.algorithm;
-    let sig_ok = [
-        OID_SIG_ECDSA_WITH_SHA256,
-        OID_SIG_ECDSA_WITH_SHA384,
-        OID_SIG_ED25519,
-        OID_PKCS1_SHA256WITHRSA,
-        OID_PKCS1_SHA384WITHRSA,
-        OID_PKCS1_SHA512WITHRSA,
-        OID_PKCS1_RSASSAPSS,
-    ]
-    .contains(sig);
-    if !sig_ok {
+    if !ACCEPTED_SIGNATURES.contains(sig) {
         return Err(CsrError::SignatureAlgorithm(sig.to_id_string()));
     }
-
     let info = &csr.certification_request_info;
     let key = csr_key(&info.subject_pki)?;
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    let names = requested_names(info)?;
+    let mut cns = Vec::new();
+    for cn in info.subject.iter_common_name() {
+        cns.push(
+            cn.as_str()
+                .map_err(|_| CsrError::CommonName("<not a string>".into()))?
+                .to_owned(),
+        );
+    }
+    Ok(Parsed {
+        key,
+        uris: names.uris,
+        dns: names.dns,
+        other_san: names.other_san,
+        cns,
+    })
+}
 
-    let mut uris = Vec::new();
-    let mut dns = Vec::new();
-    let mut other_san = None;
+/// Signature algorithms a CSR may be signed with (no SHA-1, no MD5).
+const ACCEPTED_SIGNATURES: [x509_parser::der_parser::oid::Oid<'static>; 7] = [
+    OID_SIG_ECDSA_WITH_SHA256,
+    OID_SIG_ECDSA_WITH_SHA384,
+    OID_SIG_ED25519,
+    OID_PKCS1_SHA256WITHRSA,
+    OID_PKCS1_SHA384WITHRSA,
+    OID_PKCS1_SHA512WITHRSA,
+    OID_PKCS1_RSASSAPSS,
+];
+
+/// The DER of a CSR given as DER or as one PEM `CERTIFICATE REQUEST` block.
+fn der_of(input: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, CsrError> {
+    if !input.trim_ascii_start().starts_with(b"-----BEGIN") {
+        return Ok(std::borrow::Cow::Borrowed(input));
+    }
+    let block = pem::parse(input).map_err(|_| CsrError::Pem)?;
+    if !matches!(
+        block.tag(),
+        "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"
+    ) {
+        return Err(CsrError::Pem);
+    }
+    Ok(std::borrow::Cow::Owned(block.into_contents()))
+}
+
+/// The names a CSR's extension request asks for.
+#[derive(Default)]
+struct Names {
+    uris: Vec<String>,
+    dns: Vec<String>,
+    other_san: Option<&'static str>,
+}
+
+/// Reads the CSR's attributes: only an extensionRequest, with each extension at most once and
+/// only SAN, a non-CA basicConstraints, a non-CA keyUsage and EKU; returns the SANs asked for.
+fn requested_names(
+    info: &x509_parser::certification_request::X509CertificationRequestInfo<'_>,
+) -> Result<Names, CsrError> {
+    let mut names = Names::default();
     let mut seen = Vec::new();
     for attr in info.iter_attributes() {
         if attr.oid != OID_PKCS9_EXTENSION_REQUEST {
@@ -270,28 +298,18 @@ fn parse_common(input: &[u8]) -> Result<Parsed, CsrError> {
             match ext.parsed_extension() {
                 ParsedExtension::SubjectAlternativeName(san) => {
                     for name in &san.general_names {
-                        match name {
-                            GeneralName::URI(u) => uris.push((*u).to_owned()),
-                            GeneralName::DNSName(d) => dns.push((*d).to_owned()),
-                            GeneralName::IPAddress(_) => other_san = other_san.or(Some("IP")),
-                            GeneralName::RFC822Name(_) => {
-                                other_san = other_san.or(Some("email"));
-                            }
-                            _ => other_san = other_san.or(Some("non-URI")),
-                        }
+                        names.add(name);
                     }
                 }
-                ParsedExtension::BasicConstraints(bc) => {
-                    if bc.ca {
-                        return Err(CsrError::CaRequested);
-                    }
+                ParsedExtension::BasicConstraints(bc) if bc.ca => {
+                    return Err(CsrError::CaRequested);
                 }
-                ParsedExtension::KeyUsage(ku) => {
-                    if ku.key_cert_sign() || ku.crl_sign() {
-                        return Err(CsrError::CaKeyUsage);
-                    }
+                ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                    return Err(CsrError::CaKeyUsage);
                 }
-                ParsedExtension::ExtendedKeyUsage(_) => {}
+                ParsedExtension::BasicConstraints(_)
+                | ParsedExtension::KeyUsage(_)
+                | ParsedExtension::ExtendedKeyUsage(_) => {}
                 ParsedExtension::ParseError { error } => {
                     return Err(CsrError::Malformed(format!("extension {oid}: {error}")));
                 }
@@ -299,21 +317,20 @@ fn parse_common(input: &[u8]) -> Result<Parsed, CsrError> {
             }
         }
     }
-    let mut cns = Vec::new();
-    for cn in info.subject.iter_common_name() {
-        cns.push(
-            cn.as_str()
-                .map_err(|_| CsrError::CommonName("<not a string>".into()))?
-                .to_owned(),
-        );
+    Ok(names)
+}
+
+impl Names {
+    fn add(&mut self, name: &GeneralName<'_>) {
+        let other = match name {
+            GeneralName::URI(u) => return self.uris.push((*u).to_owned()),
+            GeneralName::DNSName(d) => return self.dns.push((*d).to_owned()),
+            GeneralName::IPAddress(_) => "IP",
+            GeneralName::RFC822Name(_) => "email",
+            _ => "non-URI",
+        };
+        self.other_san = self.other_san.or(Some(other));
     }
-    Ok(Parsed {
-        key,
-        uris,
-        dns,
-        other_san,
-        cns,
-    })
 }
 
 fn csr_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKey, CsrError> {
@@ -380,52 +397,24 @@ pub struct Leaf {
 #[error("signing failed: {0}")]
 pub struct SignError(String);
 
-/// Signs an X.509-SVID for `csr` valid over `window`, issued by `issuer`.
+/// Signs an X.509-SVID for `csr` valid over `window`, issued by `issuer`, with the leaf profile
+/// ([`rotator::profile::leaf`]): nothing from the CSR but its key and its names as checked.
 pub fn sign_leaf(
     csr: &ValidCsr,
     window: &LeafWindow,
     issuer: &rcgen::Issuer<'_, SecretKey>,
 ) -> Result<Leaf, SignError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    let uri = csr
-        .id
-        .as_str()
-        .try_into()
-        .map_err(|e: rcgen::Error| SignError(e.to_string()))?;
-    // SAN order is part of the contract: linkerd2-proxy names a peer by the *first* SAN of its
-    // certificate and matches that name against Linkerd identities, so a DNS identity (Linkerd
-    // face) comes first and the SPIFFE URI SAN after it (the leaf stays an X.509-SVID: exactly
-    // one URI SAN, other SAN types allowed). Go's x509 (Linkerd's own identity controller) emits
-    // the same order. Without a DNS identity the URI SAN is the only SAN.
-    params.subject_alt_names = Vec::with_capacity(2);
-    if let Some(dns) = &csr.dns {
-        let name = dns
-            .as_str()
-            .try_into()
-            .map_err(|e: rcgen::Error| SignError(e.to_string()))?;
-        params.subject_alt_names.push(SanType::DnsName(name));
-    }
-    params.subject_alt_names.push(SanType::URI(uri));
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = if csr.key.rsa {
-        vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ]
-    } else {
-        vec![KeyUsagePurpose::DigitalSignature]
+    let names = LeafNames {
+        dns: csr.dns.as_deref(),
+        spiffe_id: csr.id.as_str(),
     };
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    params.not_before = window.not_before;
-    params.not_after = window.not_after;
-    let serial = random_serial().map_err(|e| SignError(e.to_string()))?;
-    let serial_hex = hex::encode(serial.as_ref());
-    params.serial_number = Some(serial);
+    let params = rotator::profile::leaf(&names, csr.key.rsa, window.not_before, window.not_after)
+        .map_err(|e| SignError(e.to_string()))?;
+    let serial_hex = params
+        .serial_number
+        .as_ref()
+        .map(|s| hex::encode(s.as_ref()))
+        .unwrap_or_default();
     let cert = params
         .signed_by(&csr.key, issuer)
         .map_err(|e| SignError(e.to_string()))?;
@@ -438,7 +427,10 @@ pub fn sign_leaf(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CustomExtension, KeyPair};
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, IsCa, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
     use rotator::client::make_csr;
     use rotator::policy::Policy;
     use rotator::state::AuthorityState;

@@ -11,11 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
-    SanType,
-};
-use rotator::pki::{SecretKey, random_serial};
+use rotator::pki::SecretKey;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -118,28 +114,13 @@ impl LiveTls {
             )
             .map_err(|e| e.to_string())?;
         let key = SecretKey::generate_p256().map_err(|e| e.to_string())?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "meshca-server");
-        params.distinguished_name = dn;
-        for n in &self.names.dns_names {
-            params.subject_alt_names.push(SanType::DnsName(
-                n.as_str()
-                    .try_into()
-                    .map_err(|e: rcgen::Error| e.to_string())?,
-            ));
-        }
-        for ip in &self.names.ip_addresses {
-            params.subject_alt_names.push(SanType::IpAddress(*ip));
-        }
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        // serverAuth only: this certificate must never pass as a workload's client certificate.
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = window.not_before;
-        params.not_after = window.not_after;
-        params.serial_number = Some(random_serial().map_err(|e| e.to_string())?);
+        let params = rotator::profile::server(
+            &self.names.dns_names,
+            &self.names.ip_addresses,
+            window.not_before,
+            window.not_after,
+        )
+        .map_err(|e| e.to_string())?;
         let cert = params
             .signed_by(&key, &issuer.signer)
             .map_err(|e| e.to_string())?;
@@ -151,8 +132,7 @@ impl LiveTls {
             .load_private_key(key_der)
             .map_err(|e| e.to_string())?;
         let certified = CertifiedKey::new(vec![der.clone(), issuer.der.clone()], signing_key);
-        let life = window.not_after - now;
-        let renew_at = now + life * 2 / 3;
+        let renew_at = rotator::profile::renew_at(now, window.not_after);
         self.cert.store(Some(Arc::new(certified)));
         self.server_cert.store(Some(Arc::new(ServerCert {
             issuer: issuer.id.clone(),

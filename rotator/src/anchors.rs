@@ -28,7 +28,7 @@ use time::OffsetDateTime;
 
 use crate::clock::rfc3339;
 use crate::ledger::LedgerSummary;
-use crate::pki::{self, CaCert, CertId, SecretKey};
+use crate::pki::{CaCert, CertId, SecretKey};
 use crate::policy::Policy;
 use crate::state::{AnchorStatus, AuthorityState, Issuer, IssuerStatus, Phase, StateError, human};
 
@@ -136,18 +136,7 @@ pub fn gate(
     now: OffsetDateTime,
     step: Step,
 ) -> Result<Gate, StateError> {
-    let not_here = || {
-        Err(StateError(format!(
-            "`{}` does not apply in phase {}{}",
-            step.name(),
-            s.phase.name(),
-            match (&s.phase, step) {
-                (Phase::Steady, _) => ": the next step is `stage`",
-                (Phase::Staged { .. }, _) => ": the next steps are `activate` or `rollback`",
-                (Phase::Activated { .. }, _) => ": the next steps are `finish` or `rollback`",
-            }
-        )))
-    };
+    let not_here = || Err(wrong_phase(s, step));
     let usable = ledger.filter(|l| l.trustworthy(now));
     let note = ledger_note(ledger, now);
     let gate = |open_measured: Option<bool>,
@@ -359,13 +348,11 @@ impl AuthorityState {
         new: NewAnchor,
     ) -> Result<Self, StateError> {
         gate(self, policy, None, now, Step::Stage)?;
-        let current = self
-            .active_anchor()
-            .ok_or_else(|| StateError("no active anchor".into()))?;
+        let current = self.active_anchor().ok_or_else(no_active_anchor)?;
         let (cert, key) = match new {
             NewAnchor::Generate => {
                 let key = SecretKey::generate_p256()?;
-                let cert = pki::new_anchor(
+                let cert = crate::profile::new_anchor(
                     &self.trust_domain,
                     &key,
                     now,
@@ -379,32 +366,32 @@ impl AuthorityState {
                 if let Some(k) = &key
                     && !cert.matches_key(k)
                 {
-                    return Err(StateError(
+                    return Err(StateError::Unusable(
                         "the key does not match the anchor certificate".into(),
                     ));
                 }
                 if !cert.info.self_signed {
-                    return Err(StateError(
+                    return Err(StateError::Unusable(
                         "the anchor certificate is not self-signed (a trust anchor is a root)"
                             .into(),
                     ));
                 }
                 if !cert.info.is_ca || !cert.info.key_cert_sign {
-                    return Err(StateError(
+                    return Err(StateError::Unusable(
                         "the anchor certificate is not a CA allowed to sign certificates \
                          (basicConstraints CA and keyUsage keyCertSign are required)"
                             .into(),
                     ));
                 }
                 if !cert.info.valid_at(now) {
-                    return Err(StateError(format!(
+                    return Err(StateError::Unusable(format!(
                         "the anchor certificate is not valid now (valid {} to {})",
                         rfc3339(cert.info.not_before),
                         rfc3339(cert.info.not_after)
                     )));
                 }
                 if self.anchor(cert.id()).is_some() {
-                    return Err(StateError(format!(
+                    return Err(StateError::Unusable(format!(
                         "anchor {} is already known to this authority (a rotation needs a new anchor)",
                         cert.id()
                     )));
@@ -413,7 +400,7 @@ impl AuthorityState {
             }
         };
         if cert.info.not_after < current.cert.info.not_after {
-            return Err(StateError(format!(
+            return Err(StateError::Unusable(format!(
                 "the new anchor expires {} — before the current anchor {} ({}): rotating to it shortens the trust chain's life",
                 rfc3339(cert.info.not_after),
                 current.cert.id(),
@@ -456,12 +443,12 @@ impl AuthorityState {
         let g = gate(self, policy, ledger, now, Step::Activate)?;
         refuse_closed(&g, force)?;
         let Phase::Staged { anchor: new, .. } = &self.phase else {
-            return Err(StateError("not staged".into()));
+            return Err(wrong_phase(self, Step::Activate));
         };
         let old = self
             .active_anchor()
             .map(|a| a.cert.id().clone())
-            .ok_or_else(|| StateError("no active anchor".into()))?;
+            .ok_or_else(no_active_anchor)?;
         let mut s = self.clone();
         let issuer = s.issuer_for(policy, now, new)?;
         set_status(&mut s, &old, AnchorStatus::Retiring);
@@ -493,7 +480,7 @@ impl AuthorityState {
         let g = gate(self, policy, ledger, now, Step::Finish)?;
         refuse_closed(&g, force)?;
         let Phase::Activated { previous, .. } = &self.phase else {
-            return Err(StateError("not activated".into()));
+            return Err(wrong_phase(self, Step::Finish));
         };
         let mut s = self.clone();
         set_status(&mut s, previous, AnchorStatus::Archived);
@@ -527,7 +514,7 @@ impl AuthorityState {
                 let new = self
                     .active_anchor()
                     .map(|a| a.cert.id().clone())
-                    .ok_or_else(|| StateError("no active anchor".into()))?;
+                    .ok_or_else(no_active_anchor)?;
                 let issuer = s.issuer_for(policy, now, previous)?;
                 set_status(&mut s, &new, AnchorStatus::Staged);
                 set_status(&mut s, previous, AnchorStatus::Active);
@@ -561,7 +548,7 @@ impl AuthorityState {
                     ),
                 );
             }
-            Phase::Steady => return Err(StateError("nothing to roll back".into())),
+            Phase::Steady => return Err(wrong_phase(self, Step::Rollback)),
         }
         Ok(s)
     }
@@ -590,9 +577,9 @@ impl AuthorityState {
         }
         let a = self
             .anchor(anchor)
-            .ok_or_else(|| StateError(format!("no anchor {anchor}")))?;
+            .ok_or_else(|| StateError::NotFound(format!("no anchor {anchor}")))?;
         if a.key.is_none() {
-            return Err(StateError(format!(
+            return Err(StateError::Upstream(format!(
                 "anchor {anchor} is held upstream and no issuer under it can sign for {} from now: \
                  run `meshca issuer csr`, have it signed by {anchor}, `meshca issuer import` it, then retry",
                 human(policy.leaf_ttl_max)
@@ -602,7 +589,7 @@ impl AuthorityState {
         self.issuers
             .last()
             .map(|i| i.cert.id().clone())
-            .ok_or_else(|| StateError("no issuer was prepared".into()))
+            .ok_or_else(|| StateError::Invariant("no issuer was prepared".into()))
     }
 }
 
@@ -610,12 +597,26 @@ fn refuse_closed(g: &Gate, force: bool) -> Result<(), StateError> {
     if g.open || force {
         return Ok(());
     }
-    Err(StateError(format!(
-        "gate closed, `{}` refused: {}. To skip it: --force (risk: {})",
-        g.step.name(),
-        g.explain(),
-        g.risk
-    )))
+    Err(StateError::GateClosed(Box::new(g.clone())))
+}
+
+/// `step` refused in the current phase, naming the steps that apply.
+fn wrong_phase(s: &AuthorityState, step: Step) -> StateError {
+    StateError::WrongPhase {
+        step: step.name(),
+        phase: s.phase.name(),
+        next: match &s.phase {
+            Phase::Steady => ": the next step is `stage`",
+            Phase::Staged { .. } => ": the next steps are `activate` or `rollback`",
+            Phase::Activated { .. } => ": the next steps are `finish` or `rollback`",
+        },
+    }
+}
+
+/// A state with no active anchor breaks an invariant (`check` refuses it); a step that finds
+/// one says so rather than panic.
+fn no_active_anchor() -> StateError {
+    StateError::Invariant("no active anchor".into())
 }
 
 fn forced(g: &Gate, force: bool) -> String {
@@ -841,7 +842,11 @@ mod tests {
         assert!(gate(&s2, &p, None, fin, Step::Finish).unwrap().open);
         let e = s2.finish_anchor(&p, None, fin - SEC, false).unwrap_err();
         assert!(
-            e.0.contains("gate closed") && e.0.contains("--force"),
+            matches!(&e, StateError::GateClosed(g) if g.step == Step::Finish),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("gate closed") && e.to_string().contains("--force"),
             "{e}"
         );
         // Forced: taken, and the history says so.
@@ -909,7 +914,10 @@ mod tests {
         let s = genesis(&p, now);
         for st in [Step::Activate, Step::Finish, Step::Rollback] {
             let e = gate(&s, &p, None, now, st).unwrap_err();
-            assert!(e.0.contains("does not apply in phase steady"), "{e}");
+            assert!(
+                e.to_string().contains("does not apply in phase steady"),
+                "{e}"
+            );
         }
         let s1 = s.stage_anchor(&p, now, NewAnchor::Generate).unwrap();
         assert!(s1.stage_anchor(&p, now, NewAnchor::Generate).is_err());
@@ -918,7 +926,7 @@ mod tests {
         let e = s
             .stage_anchor(&p, now, NewAnchor::Import(Box::new(i.cert.clone()), None))
             .unwrap_err();
-        assert!(e.0.contains("not self-signed"), "{e}");
+        assert!(e.to_string().contains("not self-signed"), "{e}");
         // The same anchor again.
         let a = s.active_anchor().unwrap();
         let e = s
@@ -928,7 +936,7 @@ mod tests {
                 NewAnchor::Import(Box::new(a.cert.clone()), a.key.clone()),
             )
             .unwrap_err();
-        assert!(e.0.contains("already known"), "{e}");
+        assert!(e.to_string().contains("already known"), "{e}");
         // A key for another certificate.
         let other = genesis(&p, now);
         let oa = other.active_anchor().unwrap();
@@ -942,14 +950,14 @@ mod tests {
                 ),
             )
             .unwrap_err();
-        assert!(e.0.contains("does not match"), "{e}");
+        assert!(e.to_string().contains("does not match"), "{e}");
         // Upstream B (no key): staged, but activation needs an imported issuer under it.
         let up = s
             .stage_anchor(&p, now, NewAnchor::Import(Box::new(oa.cert.clone()), None))
             .unwrap();
         let later = now + p.leaf_ttl_max + p.propagation_allowance;
         let e = up.activate_anchor(&p, None, later, false).unwrap_err();
-        assert!(e.0.contains("meshca issuer import"), "{e}");
+        assert!(e.to_string().contains("meshca issuer import"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod ledger;
 pub mod pki;
 pub mod policy;
+pub mod profile;
 pub mod rotation;
 pub mod spiffe;
 pub mod state;

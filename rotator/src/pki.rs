@@ -1,14 +1,11 @@
-//! Keys and CA certificates: generating trust anchors and issuers, parsing and checking the
-//! certificates an authority holds. Leaves are signed in `ca-server`; this module only makes CAs.
+//! Keys and CA certificates: generating keys, parsing and checking the certificates an authority
+//! holds. What each certificate meshca makes looks like is [`crate::profile`].
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SerialNumber,
-};
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, SerialNumber};
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::CertificateDer;
@@ -17,7 +14,6 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::clock::whole_seconds;
-use crate::spiffe::TrustDomain;
 
 /// Why a key or certificate could not be made, parsed or accepted.
 #[derive(Debug, thiserror::Error)]
@@ -486,160 +482,9 @@ pub fn random_serial() -> Result<SerialNumber, PkiError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn ca_params(
-    td: &TrustDomain,
-    cn: String,
-    not_before: OffsetDateTime,
-    not_after: OffsetDateTime,
-    constraints: BasicConstraints,
-) -> Result<CertificateParams, PkiError> {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, td.as_str());
-    dn.push(DnType::CommonName, cn);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(constraints);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.not_before = whole_seconds(not_before);
-    params.not_after = whole_seconds(not_after);
-    params.serial_number = Some(random_serial()?);
-    Ok(params)
-}
-
-/// A new self-signed trust anchor for `td`: CA, keyCertSign + cRLSign (critical), valid from
-/// `now − skew` for `ttl`.
-pub fn new_anchor(
-    td: &TrustDomain,
-    key: &SecretKey,
-    now: OffsetDateTime,
-    ttl: Duration,
-    skew: Duration,
-) -> Result<CaCert, PkiError> {
-    let params = ca_params(
-        td,
-        // The key id keeps two anchors made in the same second apart by name: during a rotation
-        // both are in the bundle, and verifiers pick candidates by subject.
-        format!(
-            "meshca trust anchor {} {}",
-            crate::clock::rfc3339(now),
-            &hex::encode(ring::digest::digest(&ring::digest::SHA256, &key.spki_der()))[..8]
-        ),
-        now - skew,
-        now + ttl,
-        BasicConstraints::Unconstrained,
-    )?;
-    let cert = params.self_signed(key)?;
-    CaCert::from_der(cert.der().to_vec())
-}
-
-/// A new issuer signed by `anchor`: CA with pathLen 0, keyCertSign + cRLSign, valid from
-/// `now − skew` to `min(now + ttl, anchor notAfter)` so that it never outlives its anchor.
-pub fn new_issuer(
-    td: &TrustDomain,
-    key: &SecretKey,
-    anchor: &CaCert,
-    anchor_key: &SecretKey,
-    now: OffsetDateTime,
-    ttl: Duration,
-    skew: Duration,
-) -> Result<CaCert, PkiError> {
-    let not_after = (now + ttl).min(anchor.info.not_after);
-    let mut params = ca_params(
-        td,
-        format!("meshca issuer {}", crate::clock::rfc3339(now)),
-        (now - skew).max(anchor.info.not_before),
-        not_after,
-        BasicConstraints::Constrained(0),
-    )?;
-    params.use_authority_key_identifier_extension = true;
-    let issuer = anchor.rcgen_issuer(anchor_key.clone())?;
-    let cert = params.signed_by(key, &issuer)?;
-    CaCert::from_der(cert.der().to_vec())
-}
-
-/// A CSR for a new issuer whose key meshca holds but whose certificate an upstream CA signs.
-pub fn issuer_csr(
-    td: &TrustDomain,
-    key: &SecretKey,
-    now: OffsetDateTime,
-) -> Result<Vec<u8>, PkiError> {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, td.as_str());
-    dn.push(
-        DnType::CommonName,
-        format!("meshca issuer {}", crate::clock::rfc3339(now)),
-    );
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    Ok(params.serialize_request(key)?.der().to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn td() -> TrustDomain {
-        "cluster.local".parse().unwrap()
-    }
-
-    #[test]
-    fn anchor_and_issuer_profiles() {
-        let now = OffsetDateTime::now_utc();
-        let ak = SecretKey::generate_p256().unwrap();
-        let anchor = new_anchor(
-            &td(),
-            &ak,
-            now,
-            Duration::from_secs(86400 * 365),
-            Duration::from_secs(300),
-        )
-        .unwrap();
-        assert!(anchor.info.is_ca && anchor.info.key_cert_sign && anchor.info.self_signed);
-        assert_eq!(anchor.info.path_len, None);
-        assert!(anchor.matches_key(&ak));
-        anchor.verify_issued_by(&anchor).unwrap();
-
-        let ik = SecretKey::generate_p256().unwrap();
-        let issuer = new_issuer(
-            &td(),
-            &ik,
-            &anchor,
-            &ak,
-            now,
-            Duration::from_secs(86400 * 7),
-            Duration::from_secs(300),
-        )
-        .unwrap();
-        assert!(issuer.info.is_ca && issuer.info.key_cert_sign && !issuer.info.self_signed);
-        assert_eq!(issuer.info.path_len, Some(0));
-        assert!(issuer.matches_key(&ik) && !issuer.matches_key(&ak));
-        issuer.verify_issued_by(&anchor).unwrap();
-        assert!(anchor.verify_issued_by(&issuer).is_err());
-        assert_eq!(issuer.info.lifetime(), Duration::from_secs(86400 * 7 + 300));
-        assert_ne!(anchor.id(), issuer.id());
-    }
-
-    #[test]
-    fn issuer_never_outlives_its_anchor() {
-        let now = OffsetDateTime::now_utc();
-        let ak = SecretKey::generate_p256().unwrap();
-        let anchor =
-            new_anchor(&td(), &ak, now, Duration::from_secs(86400), Duration::ZERO).unwrap();
-        let ik = SecretKey::generate_p256().unwrap();
-        let issuer = new_issuer(
-            &td(),
-            &ik,
-            &anchor,
-            &ak,
-            now,
-            Duration::from_secs(86400 * 7),
-            Duration::ZERO,
-        )
-        .unwrap();
-        assert_eq!(issuer.info.not_after, anchor.info.not_after);
-    }
 
     #[test]
     fn key_pem_round_trip_and_redaction() {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::clock::rfc3339;
-use crate::pki::{self, CaCert, CertId, PkiError, SecretKey};
+use crate::pki::{CaCert, CertId, PkiError, SecretKey};
 use crate::policy::Policy;
 use crate::spiffe::TrustDomain;
 
@@ -164,14 +164,54 @@ pub fn key_id(key: &SecretKey) -> String {
     hex::encode(&ring::digest::digest(&ring::digest::SHA256, &key.spki_der()).as_ref()[..8])
 }
 
-/// A state that breaks a structural invariant, or a transition that cannot apply.
+/// Why a transition cannot apply, or why a state is inconsistent. Each variant is one kind of
+/// refusal, so that the service boundary maps it to a status code without reading messages.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct StateError(pub String);
+#[non_exhaustive]
+pub enum StateError {
+    /// The step does not apply in the current phase; `next` says what does.
+    #[error("`{step}` does not apply in phase {phase}{next}")]
+    WrongPhase {
+        /// The step asked for (`stage`, `activate`, `finish`, `rollback`).
+        step: &'static str,
+        /// The current phase.
+        phase: &'static str,
+        /// What may be done instead (`: the next step is …`), or empty.
+        next: &'static str,
+    },
+    /// A trust-anchor gate is closed and the step was not forced.
+    #[error(
+        "gate closed, `{}` refused: {}. To skip it: --force (risk: {})",
+        .0.step.name(),
+        .0.explain(),
+        .0.risk
+    )]
+    GateClosed(Box<crate::anchors::Gate>),
+    /// The anchor's key is held upstream (not here), so meshca cannot sign with it; the message
+    /// says what the operator must do instead.
+    #[error("{0}")]
+    Upstream(String),
+    /// No issuer key is pending, so there is nothing an imported issuer could be for.
+    #[error("no issuer key is pending: run `meshca issuer csr` first and have its CSR signed")]
+    NoPendingKey,
+    /// An anchor or issuer the step names is not in the state, or not in the status it needs.
+    #[error("{0}")]
+    NotFound(String),
+    /// A certificate or key offered to the authority (an imported anchor or issuer) is refused;
+    /// the message says why.
+    #[error("{0}")]
+    Unusable(String),
+    /// A structural invariant is broken (see [`AuthorityState::check`]).
+    #[error("{0}")]
+    Invariant(String),
+    /// Making a key or certificate failed (the RNG, or a bug): not the request's fault.
+    #[error("{0}")]
+    Pki(String),
+}
 
 impl From<PkiError> for StateError {
     fn from(e: PkiError) -> Self {
-        Self(e.to_string())
+        Self::Pki(e.to_string())
     }
 }
 
@@ -183,7 +223,13 @@ impl AuthorityState {
         now: OffsetDateTime,
     ) -> Result<Self, StateError> {
         let anchor_key = SecretKey::generate_p256()?;
-        let anchor = pki::new_anchor(&td, &anchor_key, now, policy.anchor_ttl, policy.clock_skew)?;
+        let anchor = crate::profile::new_anchor(
+            &td,
+            &anchor_key,
+            now,
+            policy.anchor_ttl,
+            policy.clock_skew,
+        )?;
         Self::with_anchor(td, anchor, Some(anchor_key), policy, now)
     }
 
@@ -200,17 +246,17 @@ impl AuthorityState {
         if let Some(k) = &key
             && !anchor.matches_key(k)
         {
-            return Err(StateError(
+            return Err(StateError::Unusable(
                 "the anchor key does not match the anchor certificate".into(),
             ));
         }
         if !anchor.info.self_signed {
-            return Err(StateError(
+            return Err(StateError::Unusable(
                 "the anchor certificate is not self-signed".into(),
             ));
         }
         if !anchor.info.valid_at(now) {
-            return Err(StateError(format!(
+            return Err(StateError::Unusable(format!(
                 "the anchor certificate is not valid now (valid {} to {})",
                 rfc3339(anchor.info.not_before),
                 rfc3339(anchor.info.not_after)
@@ -278,14 +324,14 @@ impl AuthorityState {
     ) -> Result<Self, StateError> {
         let a = self
             .anchor(anchor)
-            .ok_or_else(|| StateError(format!("no anchor {anchor}")))?;
+            .ok_or_else(|| StateError::NotFound(format!("no anchor {anchor}")))?;
         let Some(anchor_key) = &a.key else {
-            return Err(StateError(format!(
+            return Err(StateError::Upstream(format!(
                 "anchor {anchor} is held upstream (no key here): an issuer must be imported"
             )));
         };
         let key = SecretKey::generate_p256()?;
-        let cert = pki::new_issuer(
+        let cert = crate::profile::new_issuer(
             &self.trust_domain,
             &key,
             &a.cert,
@@ -334,20 +380,18 @@ impl AuthorityState {
         now: OffsetDateTime,
         cert: CaCert,
     ) -> Result<Self, StateError> {
-        let pending = self.pending_issuer_key.as_ref().ok_or_else(|| {
-            StateError(
-                "no issuer key is pending: run `meshca issuer csr` first and have its CSR signed"
-                    .into(),
-            )
-        })?;
+        let pending = self
+            .pending_issuer_key
+            .as_ref()
+            .ok_or(StateError::NoPendingKey)?;
         if !cert.matches_key(&pending.key) {
-            return Err(StateError(format!(
+            return Err(StateError::Unusable(format!(
                 "the certificate's key is not the pending issuer key {} (was it signed from another CSR?)",
                 key_id(&pending.key)
             )));
         }
         if self.issuer(cert.id()).is_some() {
-            return Err(StateError(format!(
+            return Err(StateError::Unusable(format!(
                 "issuer {} is already installed",
                 cert.id()
             )));
@@ -356,10 +400,12 @@ impl AuthorityState {
             .bundle()
             .find(|a| cert.verify_issued_by(&a.cert).is_ok())
             .ok_or_else(|| {
-                StateError("the certificate is not signed by any anchor in the bundle".into())
+                StateError::Unusable(
+                    "the certificate is not signed by any anchor in the bundle".into(),
+                )
             })?;
         if !cert.info.valid_at(now) {
-            return Err(StateError(format!(
+            return Err(StateError::Unusable(format!(
                 "the certificate is not valid now (valid {} to {})",
                 rfc3339(cert.info.not_before),
                 rfc3339(cert.info.not_after)
@@ -367,14 +413,14 @@ impl AuthorityState {
         }
         let left = cert.info.remaining(now);
         if left < policy.leaf_ttl_max {
-            return Err(StateError(format!(
+            return Err(StateError::Unusable(format!(
                 "the certificate has {} left, less than leaf_ttl_max = {}: have it signed for longer",
                 human(left),
                 human(policy.leaf_ttl_max)
             )));
         }
         if cert.info.not_after > anchor.cert.info.not_after {
-            return Err(StateError(format!(
+            return Err(StateError::Unusable(format!(
                 "the certificate outlives its anchor {} (notAfter {} > {})",
                 anchor.cert.id(),
                 rfc3339(cert.info.not_after),
@@ -407,19 +453,21 @@ impl AuthorityState {
     pub fn activate_issuer(&self, now: OffsetDateTime, id: &CertId) -> Result<Self, StateError> {
         let mut s = self.clone();
         let Some(next) = s.issuers.iter().position(|i| i.cert.id() == id) else {
-            return Err(StateError(format!("no issuer {id}")));
+            return Err(StateError::NotFound(format!("no issuer {id}")));
         };
         if s.issuers[next].status != IssuerStatus::Prepared {
-            return Err(StateError(format!("issuer {id} is not prepared")));
+            return Err(StateError::NotFound(format!("issuer {id} is not prepared")));
         }
         if !s.issuers[next].cert.info.valid_at(now) {
-            return Err(StateError(format!("issuer {id} is not valid now")));
+            return Err(StateError::NotFound(format!(
+                "issuer {id} is not valid now"
+            )));
         }
         let anchor_ok = s
             .anchor(&s.issuers[next].anchor)
             .is_some_and(|a| a.status == AnchorStatus::Active);
         if !anchor_ok {
-            return Err(StateError(format!(
+            return Err(StateError::NotFound(format!(
                 "issuer {id} is not signed by the active anchor"
             )));
         }
@@ -456,7 +504,7 @@ impl AuthorityState {
     /// one issuer is active and it chains to the active anchor, the bundle is not empty, the
     /// phase names anchors in the right status.
     pub fn check(&self) -> Result<(), StateError> {
-        let fail = |m: String| Err(StateError(m));
+        let fail = |m: String| Err(StateError::Invariant(m));
         if self.bundle().next().is_none() {
             return fail("the bundle is empty".into());
         }
@@ -699,7 +747,7 @@ mod tests {
             wrong_key
                 .check()
                 .unwrap_err()
-                .0
+                .to_string()
                 .contains("key does not match")
         );
 
@@ -708,18 +756,29 @@ mod tests {
         foreign.issuers[0].cert = other.issuers[0].cert.clone();
         foreign.issuers[0].key = other.issuers[0].key.clone();
         // Anchor names carry a key id, so the name check catches it before the signature would.
-        let e = foreign.check().unwrap_err().0;
+        let e = foreign.check().unwrap_err().to_string();
         assert!(e.contains("is not the subject"), "{e}");
 
         let mut empty = s.clone();
         empty.anchors[0].status = AnchorStatus::Archived;
-        assert!(empty.check().unwrap_err().0.contains("bundle is empty"));
+        assert!(
+            empty
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("bundle is empty")
+        );
 
         let mut two = s.clone();
         let mut extra = s.issuers[0].clone();
         extra.status = IssuerStatus::Active;
         two.issuers.push(extra);
-        assert!(two.check().unwrap_err().0.contains("issuers are active"));
+        assert!(
+            two.check()
+                .unwrap_err()
+                .to_string()
+                .contains("issuers are active")
+        );
     }
 
     #[test]

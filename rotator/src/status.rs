@@ -1,16 +1,268 @@
-//! The status document: one JSON value describing an authority at `now`, built from the state
+//! The status document: one typed description of an authority at `now`, built from the state
 //! alone (so `meshca status` can read a state dir when no server runs) and extended by a running
-//! server with its health. `meshca status --output json` prints it; [`render`] turns it into the
-//! text view, so both views always agree.
+//! server with its health. The server sends it as JSON over the admin socket; `meshca status
+//! --output json` prints it; [`render`] turns it into the text view, so both views always agree.
+//! The CLI reads it back into the same types: a renamed field fails to compile, not to print.
 
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::clock::rfc3339;
+use crate::anchors::Gate;
+use crate::clock::{rfc3339_utc, rfc3339_utc::option as rfc3339_opt};
 use crate::ledger::LedgerSummary;
+use crate::pki::CertId;
 use crate::policy::Policy;
 use crate::rotation::{IssuerStep, plan_issuer, schedule};
-use crate::state::{AuthorityState, IssuerStatus, human, key_id};
+use crate::state::{AnchorStatus, AuthorityState, IssuerStatus, Phase, human, key_id};
+
+/// The whole document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// When it was made.
+    #[serde(with = "rfc3339_utc")]
+    pub now: OffsetDateTime,
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+    /// The committed state's generation.
+    pub generation: u64,
+    /// The bundle version.
+    pub bundle_version: u64,
+    /// The trust-anchor rotation phase.
+    pub phase: Phase,
+    /// Whether meshca makes its own issuers.
+    pub mode: Mode,
+    /// Every anchor, oldest first.
+    pub anchors: Vec<AnchorEntry>,
+    /// Every issuer, oldest first.
+    pub issuers: Vec<IssuerEntry>,
+    /// Upstream mode: the key waiting for `meshca issuer import`.
+    pub pending_issuer_key: Option<PendingKeyEntry>,
+    /// The issuer rotation's next step, if one is scheduled.
+    pub next_issuer_rotation: Option<NextStep>,
+    /// What an operator must do, and by when.
+    pub attention: Vec<AttentionEntry>,
+    /// Expired certificates that still matter.
+    pub problems: Vec<String>,
+    /// The trust-anchor rotation: phase, gates, ledger.
+    pub anchor_rotation: AnchorRotation,
+    /// When each rotation must have happened at the latest.
+    pub rotation_deadlines: Deadlines,
+    /// The policy the times were computed with.
+    pub policy: PolicyEntry,
+    /// The running server's health (absent when read from a state dir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerEntry>,
+}
+
+/// Whether meshca holds the active anchor's key (`local`) or issuers come from upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// meshca signs its own issuers.
+    Local,
+    /// The anchor's key is elsewhere: `meshca issuer csr` / `import`.
+    Upstream,
+}
+
+/// One anchor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnchorEntry {
+    /// Its id.
+    pub id: CertId,
+    /// Its status.
+    pub status: AnchorStatus,
+    /// Whether its key is here.
+    pub key_held: bool,
+    /// Serial, hex.
+    pub serial: String,
+    /// Subject.
+    pub subject: String,
+    /// notBefore.
+    #[serde(with = "rfc3339_utc")]
+    pub not_before: OffsetDateTime,
+    /// notAfter.
+    #[serde(with = "rfc3339_utc")]
+    pub not_after: OffsetDateTime,
+    /// Seconds from `now` to notAfter (negative: expired).
+    pub expires_in_seconds: i64,
+}
+
+/// One issuer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuerEntry {
+    /// Its id.
+    pub id: CertId,
+    /// Its status.
+    pub status: IssuerStatus,
+    /// The anchor it chains to.
+    pub anchor: CertId,
+    /// Serial, hex.
+    pub serial: String,
+    /// notBefore.
+    #[serde(with = "rfc3339_utc")]
+    pub not_before: OffsetDateTime,
+    /// notAfter.
+    #[serde(with = "rfc3339_utc")]
+    pub not_after: OffsetDateTime,
+    /// Seconds from `now` to notAfter (negative: expired).
+    pub expires_in_seconds: i64,
+    /// The active issuer: when its successor is prepared.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339_opt")]
+    pub prepare_next_at: Option<OffsetDateTime>,
+    /// The active issuer: when its successor takes over.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339_opt")]
+    pub activate_next_at: Option<OffsetDateTime>,
+}
+
+/// The pending issuer key (upstream mode).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingKeyEntry {
+    /// The key's id.
+    pub id: String,
+    /// When it was made.
+    #[serde(with = "rfc3339_utc")]
+    pub created: OffsetDateTime,
+}
+
+/// The issuer rotation's next step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NextStep {
+    /// `prepare`, `activate` or `prune`.
+    pub step: String,
+    /// The issuer to activate, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<CertId>,
+    /// When.
+    #[serde(with = "rfc3339_utc")]
+    pub at: OffsetDateTime,
+}
+
+/// Something an operator must do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttentionEntry {
+    /// What to do.
+    pub message: String,
+    /// By when (`None`: overdue already).
+    #[serde(with = "rfc3339_opt")]
+    pub deadline: Option<OffsetDateTime>,
+    /// Seconds from `now` to the deadline.
+    pub deadline_in_seconds: Option<i64>,
+}
+
+/// The trust-anchor rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnchorRotation {
+    /// The phase's name.
+    pub phase: String,
+    /// The gate of every step.
+    pub gates: Vec<GateEntry>,
+    /// The running server's issuance ledger (`None` from a state dir).
+    pub ledger: Option<LedgerEntry>,
+}
+
+/// One gate, with its one-line explanation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GateEntry {
+    /// The gate.
+    #[serde(flatten)]
+    pub gate: Gate,
+    /// [`Gate::explain`].
+    pub explain: String,
+    /// Seconds from `now` to when the time fallback opens it.
+    pub opens_in_seconds: Option<i64>,
+}
+
+/// What the issuance ledger measures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// It knows every leaf signed since then.
+    #[serde(with = "rfc3339_utc")]
+    pub complete_since: OffsetDateTime,
+    /// Its measurements count from then.
+    #[serde(with = "rfc3339_utc")]
+    pub trustworthy_at: OffsetDateTime,
+    /// Whether they count now.
+    pub trustworthy: bool,
+    /// Other replicas sign too: it never sees every leaf.
+    pub partial: bool,
+    /// Live leaves by the anchor they chain to.
+    pub live_leaves_by_anchor: BTreeMap<CertId, u64>,
+    /// Live workloads (instances).
+    pub live_workloads: u64,
+    /// Of which hold the current bundle version or newer.
+    pub workloads_with_current_bundle: u64,
+    /// The version counted against.
+    pub current_bundle_version: u64,
+    /// `workloads_with_current_bundle` in percent of `live_workloads` (100 when none).
+    pub convergence_percent: f64,
+}
+
+/// The latest moment each rotation must happen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deadlines {
+    /// The active anchor's.
+    pub anchor: Option<Deadline>,
+    /// The active issuer's.
+    pub issuer: Option<Deadline>,
+}
+
+/// One deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deadline {
+    /// The certificate it is for.
+    pub id: CertId,
+    /// When.
+    #[serde(with = "rfc3339_utc")]
+    pub at: OffsetDateTime,
+    /// Seconds from `now`.
+    pub in_seconds: i64,
+}
+
+/// The policy's times, in seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyEntry {
+    /// Longest leaf lifetime.
+    pub leaf_ttl_max_seconds: u64,
+    /// Default leaf lifetime.
+    pub leaf_ttl_default_seconds: u64,
+    /// notBefore back-dating.
+    pub clock_skew_seconds: u64,
+    /// Time allowed for a bundle to reach every workload.
+    pub propagation_allowance_seconds: u64,
+    /// Issuer lifetime.
+    pub issuer_ttl_seconds: u64,
+}
+
+/// A running server's health.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerEntry {
+    /// meshca's version.
+    pub version: String,
+    /// Whether `/readyz` answers ready.
+    pub ready: bool,
+    /// Issuer rotation failures in a row.
+    pub rotation_failures_consecutive: u32,
+    /// The last one's error.
+    pub last_rotation_error: Option<String>,
+}
+
+impl Status {
+    /// The active issuer's entry.
+    pub fn active_issuer(&self) -> Option<&IssuerEntry> {
+        self.issuers
+            .iter()
+            .find(|i| i.status == IssuerStatus::Active)
+    }
+
+    /// The active anchor's entry.
+    pub fn active_anchor(&self) -> Option<&AnchorEntry> {
+        self.anchors
+            .iter()
+            .find(|a| a.status == AnchorStatus::Active)
+    }
+}
 
 /// The status of `s` at `now` under `policy`; `ledger` is the running server's issuance ledger
 /// (`None` when read from a state dir: gates are then time-based only).
@@ -19,148 +271,183 @@ pub fn document(
     policy: &Policy,
     ledger: Option<&LedgerSummary>,
     now: OffsetDateTime,
-) -> Value {
+) -> Status {
     let secs = |t: OffsetDateTime| (t - now).whole_seconds();
-    let gates: Vec<Value> = crate::anchors::gates(s, policy, ledger, now)
+    let gates = crate::anchors::gates(s, policy, ledger, now)
         .into_iter()
-        .map(|g| {
-            let mut v = serde_json::to_value(&g).unwrap_or(Value::Null);
-            v["explain"] = g.explain().into();
-            v["opens_in_seconds"] = g.opens_at.map(secs).into();
-            v
+        .map(|g| GateEntry {
+            explain: g.explain(),
+            opens_in_seconds: g.opens_at.map(secs),
+            gate: g,
         })
         .collect();
-    let rotation = json!({
-        "phase": s.phase.name(),
-        "gates": gates,
-        "ledger": ledger.map(|l| json!({
-            "complete_since": rfc3339(l.complete_since),
-            "trustworthy_at": rfc3339(l.trustworthy_at),
-            "trustworthy": l.trustworthy(now),
-            "partial": l.partial,
-            "live_leaves_by_anchor": l.live_leaves,
-            "live_workloads": l.live_workloads,
-            "workloads_with_current_bundle": l.workloads_current,
-            "current_bundle_version": l.min_version,
-            "convergence_percent": if l.live_workloads == 0 { 100.0 } else {
-                #[allow(clippy::cast_precision_loss, reason = "a percentage")]
-                let p = l.workloads_current as f64 * 100.0 / l.live_workloads as f64;
-                p
-            },
-        })),
+    let ledger = ledger.map(|l| LedgerEntry {
+        complete_since: l.complete_since,
+        trustworthy_at: l.trustworthy_at,
+        trustworthy: l.trustworthy(now),
+        partial: l.partial,
+        live_leaves_by_anchor: l.live_leaves.clone(),
+        live_workloads: l.live_workloads,
+        workloads_with_current_bundle: l.workloads_current,
+        current_bundle_version: l.min_version,
+        convergence_percent: if l.live_workloads == 0 {
+            100.0
+        } else {
+            #[allow(clippy::cast_precision_loss, reason = "a percentage")]
+            let p = l.workloads_current as f64 * 100.0 / l.live_workloads as f64;
+            p
+        },
     });
     let plan = plan_issuer(s, policy, now);
-    let next = match &plan.step {
-        Some(IssuerStep::Prepare { .. }) => json!({ "step": "prepare", "at": rfc3339(now) }),
-        Some(IssuerStep::Activate(id)) => {
-            json!({ "step": "activate", "issuer": id, "at": rfc3339(now) })
-        }
-        Some(IssuerStep::Prune) => json!({ "step": "prune", "at": rfc3339(now) }),
+    let step = |step: &str, issuer: Option<CertId>, at| {
+        Some(NextStep {
+            step: step.into(),
+            issuer,
+            at,
+        })
+    };
+    let next_issuer_rotation = match &plan.step {
+        Some(IssuerStep::Prepare { .. }) => step("prepare", None, now),
+        Some(IssuerStep::Activate(id)) => step("activate", Some(id.clone()), now),
+        Some(IssuerStep::Prune) => step("prune", None, now),
         None => match (&plan.schedule, plan.wake_at) {
-            (Some(sc), Some(_)) if now < sc.prepare_at => {
-                json!({ "step": "prepare", "at": rfc3339(sc.prepare_at) })
-            }
-            (Some(sc), Some(_)) if now < sc.activate_at => {
-                json!({ "step": "activate", "at": rfc3339(sc.activate_at) })
-            }
-            _ => Value::Null,
+            (Some(sc), Some(_)) if now < sc.prepare_at => step("prepare", None, sc.prepare_at),
+            (Some(sc), Some(_)) if now < sc.activate_at => step("activate", None, sc.activate_at),
+            _ => None,
         },
     };
-    json!({
-        "now": rfc3339(now),
-        "trust_domain": s.trust_domain.to_string(),
-        "generation": s.generation,
-        "bundle_version": s.bundle_version,
-        "phase": s.phase,
-        "mode": if crate::rotation::can_make_issuers(s) { "local" } else { "upstream" },
-        "anchors": s.anchors.iter().map(|a| json!({
-            "id": a.cert.id(), "status": a.status.to_string(), "key_held": a.key.is_some(),
-            "serial": a.cert.info.serial, "subject": a.cert.info.subject,
-            "not_before": rfc3339(a.cert.info.not_before), "not_after": rfc3339(a.cert.info.not_after),
-            "expires_in_seconds": secs(a.cert.info.not_after),
-        })).collect::<Vec<_>>(),
-        "issuers": s.issuers.iter().map(|i| {
-            let mut v = json!({
-                "id": i.cert.id(), "status": i.status.to_string(), "anchor": i.anchor,
-                "serial": i.cert.info.serial,
-                "not_before": rfc3339(i.cert.info.not_before), "not_after": rfc3339(i.cert.info.not_after),
-                "expires_in_seconds": secs(i.cert.info.not_after),
-            });
-            if i.status == IssuerStatus::Active {
-                let sc = schedule(&i.cert.info, policy);
-                v["prepare_next_at"] = rfc3339(sc.prepare_at).into();
-                v["activate_next_at"] = rfc3339(sc.activate_at).into();
-            }
-            v
-        }).collect::<Vec<_>>(),
-        "pending_issuer_key": s.pending_issuer_key.as_ref().map(|p| json!({ "id": key_id(&p.key), "created": rfc3339(p.created) })),
-        "next_issuer_rotation": next,
-        "attention": plan.attention.iter().map(|a| json!({
-            "message": a.message, "deadline": a.deadline.map(rfc3339),
-            "deadline_in_seconds": a.deadline.map(secs),
-        })).collect::<Vec<_>>(),
-        "problems": s.expiry_problems(now),
-        "anchor_rotation": rotation,
-        "rotation_deadlines": {
-            "anchor": s.active_anchor().map(|a| {
-                let d = crate::anchors::anchor_rotation_deadline(a.cert.info.not_after, policy);
-                json!({ "id": a.cert.id(), "at": rfc3339(d), "in_seconds": secs(d) })
+    let deadline = |id: &CertId, at: OffsetDateTime| Deadline {
+        id: id.clone(),
+        at,
+        in_seconds: secs(at),
+    };
+    Status {
+        now,
+        trust_domain: s.trust_domain.to_string(),
+        generation: s.generation,
+        bundle_version: s.bundle_version,
+        phase: s.phase.clone(),
+        mode: if crate::rotation::can_make_issuers(s) {
+            Mode::Local
+        } else {
+            Mode::Upstream
+        },
+        anchors: s
+            .anchors
+            .iter()
+            .map(|a| AnchorEntry {
+                id: a.cert.id().clone(),
+                status: a.status,
+                key_held: a.key.is_some(),
+                serial: a.cert.info.serial.clone(),
+                subject: a.cert.info.subject.clone(),
+                not_before: a.cert.info.not_before,
+                not_after: a.cert.info.not_after,
+                expires_in_seconds: secs(a.cert.info.not_after),
+            })
+            .collect(),
+        issuers: s
+            .issuers
+            .iter()
+            .map(|i| {
+                let sc = (i.status == IssuerStatus::Active).then(|| schedule(&i.cert.info, policy));
+                IssuerEntry {
+                    id: i.cert.id().clone(),
+                    status: i.status,
+                    anchor: i.anchor.clone(),
+                    serial: i.cert.info.serial.clone(),
+                    not_before: i.cert.info.not_before,
+                    not_after: i.cert.info.not_after,
+                    expires_in_seconds: secs(i.cert.info.not_after),
+                    prepare_next_at: sc.as_ref().map(|sc| sc.prepare_at),
+                    activate_next_at: sc.as_ref().map(|sc| sc.activate_at),
+                }
+            })
+            .collect(),
+        pending_issuer_key: s.pending_issuer_key.as_ref().map(|p| PendingKeyEntry {
+            id: key_id(&p.key),
+            created: p.created,
+        }),
+        next_issuer_rotation,
+        attention: plan
+            .attention
+            .iter()
+            .map(|a| AttentionEntry {
+                message: a.message.clone(),
+                deadline: a.deadline,
+                deadline_in_seconds: a.deadline.map(secs),
+            })
+            .collect(),
+        problems: s.expiry_problems(now),
+        anchor_rotation: AnchorRotation {
+            phase: s.phase.name().into(),
+            gates,
+            ledger,
+        },
+        rotation_deadlines: Deadlines {
+            anchor: s.active_anchor().map(|a| {
+                deadline(
+                    a.cert.id(),
+                    crate::anchors::anchor_rotation_deadline(a.cert.info.not_after, policy),
+                )
             }),
-            "issuer": s.active_issuer().map(|i| {
-                let d = crate::anchors::issuer_rotation_deadline(i.cert.info.not_after, policy);
-                json!({ "id": i.cert.id(), "at": rfc3339(d), "in_seconds": secs(d) })
+            issuer: s.active_issuer().map(|i| {
+                deadline(
+                    i.cert.id(),
+                    crate::anchors::issuer_rotation_deadline(i.cert.info.not_after, policy),
+                )
             }),
         },
-        "policy": {
-            "leaf_ttl_max_seconds": policy.leaf_ttl_max.as_secs(),
-            "leaf_ttl_default_seconds": policy.leaf_ttl_default.as_secs(),
-            "clock_skew_seconds": policy.clock_skew.as_secs(),
-            "propagation_allowance_seconds": policy.propagation_allowance.as_secs(),
-            "issuer_ttl_seconds": policy.issuer_ttl.as_secs(),
+        policy: PolicyEntry {
+            leaf_ttl_max_seconds: policy.leaf_ttl_max.as_secs(),
+            leaf_ttl_default_seconds: policy.leaf_ttl_default.as_secs(),
+            clock_skew_seconds: policy.clock_skew.as_secs(),
+            propagation_allowance_seconds: policy.propagation_allowance.as_secs(),
+            issuer_ttl_seconds: policy.issuer_ttl.as_secs(),
         },
-    })
+        server: None,
+    }
 }
 
 /// The text view of a status document.
-pub fn render(v: &Value) -> String {
+pub fn render(v: &Status) -> String {
     use std::fmt::Write;
-    let str_of = |v: &Value| v.as_str().unwrap_or("-").to_owned();
-    let countdown = |v: &Value| match v.as_i64() {
-        Some(s) if s >= 0 => human(std::time::Duration::from_secs(s.unsigned_abs())),
-        Some(s) => format!(
-            "EXPIRED {} ago",
-            human(std::time::Duration::from_secs(s.unsigned_abs()))
-        ),
-        None => "-".into(),
+    let at = |t: OffsetDateTime| crate::clock::rfc3339(t);
+    let countdown = |s: i64| {
+        let d = human(std::time::Duration::from_secs(s.unsigned_abs()));
+        if s >= 0 {
+            d
+        } else {
+            format!("EXPIRED {d} ago")
+        }
     };
     let mut o = String::new();
     let _ = writeln!(
         o,
         "trust domain {}   phase {}   bundle version {}   generation {}   mode {}",
-        str_of(&v["trust_domain"]),
-        str_of(&v["phase"]["name"]),
-        v["bundle_version"],
-        v["generation"],
-        str_of(&v["mode"]),
+        v.trust_domain,
+        v.phase.name(),
+        v.bundle_version,
+        v.generation,
+        match v.mode {
+            Mode::Local => "local",
+            Mode::Upstream => "upstream",
+        },
     );
     let _ = writeln!(
         o,
         "\nANCHORS\n  {:<16}  {:<9}  {:<8}  {:<20}  EXPIRES IN",
         "ID", "STATUS", "KEY", "NOT AFTER"
     );
-    for a in v["anchors"].as_array().into_iter().flatten() {
+    for a in &v.anchors {
         let _ = writeln!(
             o,
             "  {:<16}  {:<9}  {:<8}  {:<20}  {}",
-            str_of(&a["id"]),
-            str_of(&a["status"]),
-            if a["key_held"].as_bool() == Some(true) {
-                "here"
-            } else {
-                "upstream"
-            },
-            str_of(&a["not_after"]),
-            countdown(&a["expires_in_seconds"])
+            a.id.as_str(),
+            a.status,
+            if a.key_held { "here" } else { "upstream" },
+            at(a.not_after),
+            countdown(a.expires_in_seconds)
         );
     }
     let _ = writeln!(
@@ -168,76 +455,62 @@ pub fn render(v: &Value) -> String {
         "\nISSUERS\n  {:<16}  {:<9}  {:<16}  {:<20}  EXPIRES IN",
         "ID", "STATUS", "ANCHOR", "NOT AFTER"
     );
-    for i in v["issuers"].as_array().into_iter().flatten() {
+    for i in &v.issuers {
         let _ = writeln!(
             o,
             "  {:<16}  {:<9}  {:<16}  {:<20}  {}",
-            str_of(&i["id"]),
-            str_of(&i["status"]),
-            str_of(&i["anchor"]),
-            str_of(&i["not_after"]),
-            countdown(&i["expires_in_seconds"])
+            i.id.as_str(),
+            i.status,
+            i.anchor.as_str(),
+            at(i.not_after),
+            countdown(i.expires_in_seconds)
         );
     }
-    if let Some(p) = v["pending_issuer_key"].as_object() {
+    if let Some(p) = &v.pending_issuer_key {
         let _ = writeln!(
             o,
             "  pending issuer key {} (made {}), waiting for `meshca issuer import`",
-            str_of(&p["id"]),
-            str_of(&p["created"])
+            p.id,
+            at(p.created)
         );
     }
     let _ = writeln!(o, "\nNEXT ISSUER ROTATION");
-    for i in v["issuers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|i| i["status"] == "active")
-    {
+    if let Some(i) = v.active_issuer() {
+        let opt = |t: Option<OffsetDateTime>| t.map_or_else(|| "-".into(), at);
         let _ = writeln!(
             o,
             "  prepare the next issuer at   {}",
-            str_of(&i["prepare_next_at"])
+            opt(i.prepare_next_at)
         );
         let _ = writeln!(
             o,
             "  activate it at               {}",
-            str_of(&i["activate_next_at"])
+            opt(i.activate_next_at)
         );
     }
-    match v["next_issuer_rotation"].as_object() {
+    match &v.next_issuer_rotation {
         Some(n) => {
-            let _ = writeln!(
-                o,
-                "  next step: {} at {}",
-                str_of(&n["step"]),
-                str_of(&n["at"])
-            );
+            let _ = writeln!(o, "  next step: {} at {}", n.step, at(n.at));
         }
         None => {
             let _ = writeln!(o, "  next step: none scheduled");
         }
     }
-    let r = &v["anchor_rotation"];
-    let _ = writeln!(o, "\nTRUST-ANCHOR ROTATION   phase {}", str_of(&r["phase"]));
-    match r["ledger"].as_object() {
+    let r = &v.anchor_rotation;
+    let _ = writeln!(o, "\nTRUST-ANCHOR ROTATION   phase {}", r.phase);
+    match &r.ledger {
         Some(l) => {
             let _ = writeln!(
                 o,
                 "  bundle convergence: {} of {} live workloads ({:.1} %) hold bundle v{} or newer",
-                l.get("workloads_with_current_bundle")
-                    .unwrap_or(&Value::Null),
-                l.get("live_workloads").unwrap_or(&Value::Null),
-                l.get("convergence_percent")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0),
-                l.get("current_bundle_version").unwrap_or(&Value::Null),
+                l.workloads_with_current_bundle,
+                l.live_workloads,
+                l.convergence_percent,
+                l.current_bundle_version,
             );
             let by: Vec<String> = l
-                .get("live_leaves_by_anchor")
-                .and_then(Value::as_object)
-                .into_iter()
-                .flatten()
+                .live_leaves_by_anchor
+                .iter()
                 .map(|(k, n)| format!("{k}: {n}"))
                 .collect();
             let _ = writeln!(
@@ -257,9 +530,9 @@ pub fn render(v: &Value) -> String {
             );
         }
     }
-    for g in r["gates"].as_array().into_iter().flatten() {
-        let left = match g["opens_in_seconds"].as_i64() {
-            Some(s) if s > 0 && g["open"] != true => {
+    for g in &r.gates {
+        let left = match g.opens_in_seconds {
+            Some(s) if s > 0 && !g.gate.open => {
                 format!(
                     " (in {})",
                     human(std::time::Duration::from_secs(s.unsigned_abs()))
@@ -267,31 +540,25 @@ pub fn render(v: &Value) -> String {
             }
             _ => String::new(),
         };
-        let _ = writeln!(
-            o,
-            "  {:<9} {}{left}",
-            str_of(&g["step"]),
-            str_of(&g["explain"])
-        );
+        let _ = writeln!(o, "  {:<9} {}{left}", g.gate.step.name(), g.explain);
     }
-    if let Some(srv) = v["server"].as_object() {
+    if let Some(srv) = &v.server {
         let _ = writeln!(
             o,
             "\nSERVER\n  ready: {}   issuer rotation failures in a row: {}{}",
-            srv.get("ready").and_then(Value::as_bool).unwrap_or(false),
-            srv.get("rotation_failures_consecutive")
-                .unwrap_or(&Value::Null),
-            srv.get("last_rotation_error")
-                .and_then(Value::as_str)
+            srv.ready,
+            srv.rotation_failures_consecutive,
+            srv.last_rotation_error
+                .as_ref()
                 .map(|e| format!("   last error: {e}"))
                 .unwrap_or_default()
         );
     }
-    for a in v["attention"].as_array().into_iter().flatten() {
-        let _ = writeln!(o, "\nATTENTION: {}", str_of(&a["message"]));
+    for a in &v.attention {
+        let _ = writeln!(o, "\nATTENTION: {}", a.message);
     }
-    for p in v["problems"].as_array().into_iter().flatten() {
-        let _ = writeln!(o, "\nPROBLEM: {}", str_of(p));
+    for p in &v.problems {
+        let _ = writeln!(o, "\nPROBLEM: {p}");
     }
     o
 }
@@ -306,20 +573,85 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let s = AuthorityState::genesis("cluster.local".parse().unwrap(), &p, now).unwrap();
         let v = document(&s, &p, None, now);
-        assert_eq!(v["mode"], "local");
-        assert_eq!(v["next_issuer_rotation"]["step"], "prepare");
-        let active = &v["issuers"][0];
-        assert_eq!(active["status"], "active");
-        assert_eq!(v["next_issuer_rotation"]["at"], active["prepare_next_at"]);
+        assert_eq!(v.mode, Mode::Local);
+        let next = v.next_issuer_rotation.as_ref().unwrap();
+        assert_eq!(next.step, "prepare");
+        let active = &v.issuers[0];
+        assert_eq!(active.status, IssuerStatus::Active);
+        assert_eq!(Some(next.at), active.prepare_next_at);
         let text = render(&v);
         assert!(text.contains("phase steady"), "{text}");
         assert!(
             text.contains(&format!(
                 "prepare the next issuer at   {}",
-                active["prepare_next_at"].as_str().unwrap()
+                crate::clock::rfc3339(active.prepare_next_at.unwrap())
             )),
             "{text}"
         );
         assert!(!text.contains("ATTENTION"), "{text}");
+    }
+
+    /// The JSON keeps the field names and shapes the untyped document had (scripts read it), and
+    /// reads back into the same types.
+    #[test]
+    fn json_keeps_its_fields_and_round_trips() {
+        let p = Policy::default();
+        let now = OffsetDateTime::now_utc();
+        let s = AuthorityState::genesis("cluster.local".parse().unwrap(), &p, now).unwrap();
+        let ledger = LedgerSummary {
+            complete_since: now,
+            trustworthy_at: now,
+            live_leaves: BTreeMap::new(),
+            live_workloads: 0,
+            workloads_current: 0,
+            min_version: 1,
+            partial: false,
+        };
+        let mut doc = document(&s, &p, Some(&ledger), now);
+        doc.server = Some(ServerEntry {
+            version: "0.1.0".into(),
+            ready: true,
+            rotation_failures_consecutive: 0,
+            last_rotation_error: None,
+        });
+        let v = serde_json::to_value(&doc).unwrap();
+        let keys = |v: &serde_json::Value| {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k.join(",")
+        };
+        assert_eq!(
+            keys(&v),
+            "anchor_rotation,anchors,attention,bundle_version,generation,issuers,mode,next_issuer_rotation,\
+             now,pending_issuer_key,phase,policy,problems,rotation_deadlines,server,trust_domain"
+        );
+        assert_eq!(
+            keys(&v["anchors"][0]),
+            "expires_in_seconds,id,key_held,not_after,not_before,serial,status,subject"
+        );
+        assert_eq!(
+            keys(&v["issuers"][0]),
+            "activate_next_at,anchor,expires_in_seconds,id,not_after,not_before,prepare_next_at,serial,status"
+        );
+        assert_eq!(
+            keys(&v["anchor_rotation"]["gates"][0]),
+            "at_risk,condition,explain,measured,open,opened_by,opens_at,opens_in_seconds,risk,step"
+        );
+        assert_eq!(
+            keys(&v["anchor_rotation"]["ledger"]),
+            "complete_since,convergence_percent,current_bundle_version,live_leaves_by_anchor,\
+             live_workloads,partial,trustworthy,trustworthy_at,workloads_with_current_bundle"
+        );
+        assert_eq!(v["phase"]["name"], "steady");
+        assert_eq!(v["mode"], "local");
+        assert_eq!(v["anchors"][0]["status"], "active");
+        assert_eq!(v["now"], crate::clock::rfc3339(now));
+        assert!(v["pending_issuer_key"].is_null());
+        let back: Status = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), v);
+        // Read from a state dir: no `server` key at all.
+        let offline = serde_json::to_value(document(&s, &p, None, now)).unwrap();
+        assert!(offline.get("server").is_none());
+        assert!(offline["anchor_rotation"]["ledger"].is_null());
     }
 }

@@ -20,6 +20,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -97,17 +98,52 @@ fn corrupt(path: &Path, problem: impl Into<String>) -> StoreError {
     }
 }
 
-/// A store persists authority state; `commit` is atomic.
-pub trait Store: Send + Sync {
+/// A store operation's future (boxed, so that [`Store`] is object-safe).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Where the authority state is committed: the one seam between the authority and its
+/// persistence. The authority owns an `Arc<dyn Store>` whatever the backend — [`FileStore`]
+/// (a state dir) or the Kubernetes Secret store (`ca_server::k8s::store`) — and a new backend
+/// is a new file implementing these four methods. `commit` is atomic: after a crash, `load`
+/// finds the last committed state and nothing else.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Where the state lives, for messages: a directory, or `secret <namespace>/<name>`.
+    fn origin(&self) -> String;
+    /// Whether other processes commit to this store too (replicas sharing one Secret). A commit
+    /// may then meet [`StoreError::Conflict`], which re-reading and deciding again resolves, a
+    /// newer state may appear at any moment, and no one process sees every issued leaf. A state
+    /// dir is never shared: its lock keeps it to one server.
+    fn shared(&self) -> bool;
     /// The last committed state, or `None` when the store has never held one.
-    fn load(&self) -> impl Future<Output = Result<Option<AuthorityState>, StoreError>> + Send;
+    fn load(&self) -> StoreFuture<'_, Option<AuthorityState>>;
     /// Makes `next` the committed state. `base` is the generation `next` was derived from
-    /// (`None` for the first commit); a store that sees another generation answers `Conflict`.
-    fn commit(
-        &self,
-        base: Option<u64>,
-        next: &AuthorityState,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// (`None` for the first commit); a store that holds another generation answers `Conflict`.
+    fn commit<'a>(&'a self, base: Option<u64>, next: &'a AuthorityState) -> StoreFuture<'a, ()>;
+}
+
+/// The local state dir as an output beside whatever [`Store`] holds the state: `bundle.pem`
+/// (for operators and workloads that read files) and the issuance ledger live here in every
+/// mode, the Kubernetes one included.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `bundle.pem` from `state` if its content differs.
+    pub fn write_bundle(&self, state: &AuthorityState) -> Result<(), StoreError> {
+        let pem: String = state.bundle().map(|a| a.cert.pem()).collect();
+        let path = self.dir.join(BUNDLE_FILE);
+        if fs::read_to_string(&path).ok().as_deref() == Some(pem.as_str()) {
+            return Ok(());
+        }
+        write_atomic(&path, pem.as_bytes(), 0o644)
+    }
 }
 
 /// Authority state in a local directory.
@@ -335,12 +371,14 @@ impl FileStore {
 
     /// Writes `bundle.pem` from `state` if its content differs.
     pub fn write_bundle(&self, state: &AuthorityState) -> Result<(), StoreError> {
-        let pem: String = state.bundle().map(|a| a.cert.pem()).collect();
-        let path = self.dir.join(BUNDLE_FILE);
-        if fs::read_to_string(&path).ok().as_deref() == Some(pem.as_str()) {
-            return Ok(());
+        self.state_dir().write_bundle(state)
+    }
+
+    /// The directory as a local output ([`StateDir`]), whichever store holds the state.
+    pub fn state_dir(&self) -> StateDir {
+        StateDir {
+            dir: self.dir.clone(),
         }
-        write_atomic(&path, pem.as_bytes(), 0o644)
     }
 
     fn stored_generation(&self) -> Result<Option<u64>, StoreError> {
@@ -680,13 +718,21 @@ impl Files for FileStore {
 }
 
 impl Store for FileStore {
-    async fn load(&self) -> Result<Option<AuthorityState>, StoreError> {
-        // Small local files: reading them inline is cheaper than a blocking-pool hop.
-        self.load_sync()
+    fn origin(&self) -> String {
+        self.dir.display().to_string()
     }
 
-    async fn commit(&self, base: Option<u64>, next: &AuthorityState) -> Result<(), StoreError> {
-        self.commit_sync(base, next)
+    fn shared(&self) -> bool {
+        false
+    }
+
+    // Small local files: reading and writing them inline is cheaper than a blocking-pool hop.
+    fn load(&self) -> StoreFuture<'_, Option<AuthorityState>> {
+        Box::pin(std::future::ready(self.load_sync()))
+    }
+
+    fn commit<'a>(&'a self, base: Option<u64>, next: &'a AuthorityState) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(self.commit_sync(base, next)))
     }
 }
 

@@ -186,7 +186,7 @@ pub fn simulate(p: &Params) -> Report {
                 IssuerStep::Activate(id) => s.activate_issuer(now, &id),
                 IssuerStep::Prune => s
                     .prune_expired_issuers(now)
-                    .ok_or_else(|| rotator::state::StateError("nothing to prune".into())),
+                    .ok_or_else(|| rotator::state::StateError::NotFound("nothing to prune".into())),
             }
             .expect("issuer step");
         }

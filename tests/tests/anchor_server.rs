@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use ca_server::authority::{Authority, OpenOptions};
+use ca_server::authority::{Authority, OpenOptions, Storage};
+use ca_server::driver::{self, RotationHealth};
 use ca_server::metrics::Metrics;
-use ca_server::rotation::{self, RotationHealth};
 use meshca_tests::{ServerProcess, TestServer, bin, http_get};
 use rotator::anchors::Automation;
 use rotator::clock::{Clock, TokioClock};
@@ -198,7 +198,7 @@ async fn automation_stages_and_advances_a_rotation_before_the_anchor_expires() {
         upstream_anchor: None,
     };
     let policy = Policy::default();
-    let (authority, _) = Authority::open(store, how, policy, clock.clone())
+    let (authority, _) = Authority::open(Storage::files(store), how, policy, clock.clone())
         .await
         .unwrap();
     let authority = Arc::new(authority);
@@ -206,7 +206,7 @@ async fn automation_stages_and_advances_a_rotation_before_the_anchor_expires() {
         .read(|s| s.active_anchor().unwrap().cert.clone())
         .await;
     let (_stop, stop_rx) = watch::channel(false);
-    tokio::spawn(rotation::drive(
+    tokio::spawn(driver::drive(
         authority.clone(),
         Arc::new(RotationHealth::default()),
         Arc::new(Metrics::new()),

@@ -1,6 +1,6 @@
 //! Issuer rotation in virtual time, and what happens when it fails.
 //!
-//! These run the real driver (`ca_server::rotation::drive`), the real file store and the real
+//! These run the real driver (`ca_server::driver::drive`), the real file store and the real
 //! signing path, on tokio's paused clock with certificate times following it (`TokioClock`), so
 //! 60 days pass in seconds. Chains are checked with rustls-webpki at each virtual instant.
 
@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ca_server::auth::Authenticator;
-use ca_server::authority::{Authority, OpenOptions};
-use ca_server::issuance::{IssueError, Issuer};
+use ca_server::authority::{Authority, OpenOptions, Storage};
+use ca_server::driver::{self, RotationHealth, UNREADY_AFTER_FAILURES};
+use ca_server::issuance::{IssueError, SigningCore};
 use ca_server::metrics::Metrics;
-use ca_server::rotation::{self, RotationHealth, UNREADY_AFTER_FAILURES};
 use ca_server::signing::parse_csr;
 use rotator::client::{make_csr, verify_svid};
 use rotator::clock::{Clock, TokioClock};
@@ -26,7 +26,9 @@ use tokio::sync::watch;
 
 struct Rig {
     authority: Arc<Authority>,
-    issuer: Issuer,
+    /// The state dir's store, shared with the authority (for injected commit failures).
+    store: FileStore,
+    issuer: SigningCore,
     health: Arc<RotationHealth>,
     clock: Arc<dyn Clock>,
     _stop: watch::Sender<bool>,
@@ -42,16 +44,16 @@ async fn rig(policy: Policy) -> Rig {
         default_trust_domain: "cluster.local".parse().unwrap(),
         upstream_anchor: None,
     };
-    let (authority, _) = Authority::open(store, how, policy, clock.clone())
+    let (authority, _) = Authority::open(Storage::files(store.clone()), how, policy, clock.clone())
         .await
         .unwrap();
     let authority = Arc::new(authority);
     let metrics = Arc::new(Metrics::new());
     let auth = Arc::new(Authenticator::load(&dir.path().join("state")).unwrap());
-    let issuer = Issuer::new(authority.clone(), auth, metrics.clone());
+    let issuer = SigningCore::new(authority.clone(), auth, metrics.clone());
     let health = Arc::new(RotationHealth::default());
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(rotation::drive(
+    tokio::spawn(driver::drive(
         authority.clone(),
         health.clone(),
         metrics,
@@ -60,6 +62,7 @@ async fn rig(policy: Policy) -> Rig {
     ));
     Rig {
         authority,
+        store,
         issuer,
         health,
         clock,
@@ -204,7 +207,7 @@ async fn failing_rotation_keeps_signing_backs_off_and_turns_unready_after_ten() 
     let id = "spiffe://cluster.local/ns/default/sa/x".parse().unwrap();
     let csr = parse_csr(&make_csr(&id, &SecretKey::generate_p256().unwrap()).unwrap()).unwrap();
     // Every commit fails from now on, as with a full disk.
-    r.authority.store().inject_commit_failures(u32::MAX);
+    r.store.inject_commit_failures(u32::MAX);
     let prepare_at = rotator::rotation::schedule(
         &r.authority
             .read(|s| s.active_issuer().unwrap().cert.info.clone())
@@ -255,7 +258,7 @@ async fn failing_rotation_keeps_signing_backs_off_and_turns_unready_after_ten() 
     }
 
     // The disk recovers: the next attempt (within the 5 min cap) succeeds and all is well.
-    r.authority.store().inject_commit_failures(0);
+    r.store.inject_commit_failures(0);
     tokio::time::sleep(Duration::from_secs(301)).await;
     assert_eq!(r.health.consecutive_failures(), 0);
     assert!(r.health.healthy());

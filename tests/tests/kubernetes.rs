@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ca_server::auth::Credentials;
 use ca_server::config::{AuthMethod, Config};
-use ca_server::issuance::{IssueError, IssueRequest, Issuer};
+use ca_server::issuance::{Face, IssueError, IssueRequest, SigningCore};
 use ca_server::server::Server;
 use meshca_tests::kubeapi::KubeApi;
 use meshca_tests::{
@@ -250,13 +250,17 @@ fn replica(dir: &std::path::Path, fake: &KubeApi, name: &str) -> Config {
     c
 }
 
-async fn issue_in_process(issuer: &Issuer, token: &str, id: &str) -> Result<String, IssueError> {
+async fn issue_in_process(
+    issuer: &SigningCore,
+    token: &str,
+    id: &str,
+) -> Result<String, IssueError> {
     let key = SecretKey::generate_p256().unwrap();
     let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
     let header = format!("Bearer {token}");
     issuer
         .issue(IssueRequest {
-            api: "meshca",
+            api: Face::Meshca,
             csr: &csr,
             ttl: None,
             credentials: Credentials {

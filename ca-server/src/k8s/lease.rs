@@ -12,11 +12,13 @@
 //! (The `kube-lease-manager` crate does the same with strategic-merge and server-side-apply
 //! patches; this uses only get/create/replace, the calls the state Secret already needs.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
+use rotator::clock::Clock;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -157,21 +159,39 @@ pub async fn round(
     }
 }
 
+/// One replica's campaign for the rotation Lease.
+pub struct Campaign {
+    /// The Leases API in meshca's namespace.
+    pub api: Api<Lease>,
+    /// The Lease's name.
+    pub name: String,
+    /// This replica's identity in it.
+    pub me: String,
+    /// How long a Lease is held without renewal.
+    pub duration: Duration,
+    /// Wall time for the Lease's renew times (the injected clock, as everywhere).
+    pub clock: Arc<dyn Clock>,
+}
+
 /// Campaigns until `shutdown`; `leader` says whether this replica may act as leader now. On
 /// shutdown a held Lease is released (holder cleared) so another replica takes over at once.
 pub async fn run(
-    api: Api<Lease>,
-    name: String,
-    me: String,
-    duration: Duration,
+    campaign: Campaign,
     leader: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Campaign {
+        api,
+        name,
+        me,
+        duration,
+        clock,
+    } = campaign;
     let every = duration / 3;
     let mut held_until: Option<tokio::time::Instant> = None;
     loop {
         let started = tokio::time::Instant::now();
-        match round(&api, &name, &me, duration, OffsetDateTime::now_utc()).await {
+        match round(&api, &name, &me, duration, clock.now()).await {
             Ok(true) => {
                 // Act for 2/3 of the lease from when the renewal was sent.
                 held_until = Some(started + duration * 2 / 3);

@@ -20,26 +20,6 @@ use crate::authority::{Authority, Bundle};
 /// The annotation holding the bundle version a ConfigMap was written from.
 pub const VERSION_ANNOTATION: &str = "meshca.io/bundle-version";
 
-/// Parses an equality selector `k=v,k2=v2` (also `k==v`).
-pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once("==")
-            .or_else(|| part.split_once('='))
-            .ok_or_else(|| format!("{part:?} is not key=value"))?;
-        let (k, v) = (k.trim(), v.trim());
-        if k.is_empty() || k.contains('!') || v.contains('=') {
-            return Err(format!("{part:?} is not key=value"));
-        }
-        out.insert(k.to_owned(), v.to_owned());
-    }
-    if out.is_empty() {
-        return Err("empty selector".into());
-    }
-    Ok(out)
-}
-
 /// The (name, key) pairs published in each matching namespace.
 pub fn shapes(cfg: &BundlePublication) -> Vec<(String, &'static str)> {
     let mut v = vec![(cfg.configmap.clone(), "ca-bundle.crt")];
@@ -92,58 +72,78 @@ pub async fn reconcile(
         .filter_map(|n| n.metadata.name)
         .collect();
     let shapes = shapes(cfg);
+    for ns in &matching {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        for (name, key) in &shapes {
+            write_one(&api, name, key, bundle, &mut done).await?;
+        }
+    }
+    remove_unmatched(client, &matching, &shapes, &mut done).await?;
+    Ok(done)
+}
+
+/// Writes one bundle ConfigMap (`name`, the bundle under `key`) unless it already holds this
+/// bundle or a newer one. A conflict is left to the next round.
+async fn write_one(
+    api: &Api<ConfigMap>,
+    name: &str,
+    key: &str,
+    bundle: &Bundle,
+    done: &mut Published,
+) -> Result<(), kube::Error> {
     let pp = PostParams {
         field_manager: Some("meshca".into()),
         ..Default::default()
     };
-    for ns in &matching {
-        let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-        for (name, key) in &shapes {
-            let data: BTreeMap<String, String> = [((*key).to_owned(), bundle.pem.clone())].into();
-            let version = (VERSION_ANNOTATION, bundle.version.to_string());
-            match api.get_opt(name).await? {
-                None => {
-                    let mut cm = ConfigMap {
-                        metadata: ObjectMeta {
-                            name: Some(name.clone()),
-                            ..Default::default()
-                        },
-                        data: Some(data),
-                        ..Default::default()
-                    };
-                    super::stamp(&mut cm.metadata, version);
-                    match api.create(&pp, &cm).await {
-                        Ok(_) => done.written += 1,
-                        // Created meanwhile: the next round looks again.
-                        Err(e) if is_conflict(&e) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Some(cm) => {
-                    let v = version_of(&cm);
-                    if v > bundle.version {
-                        done.newer += 1;
-                        continue;
-                    }
-                    if v == bundle.version && cm.data.as_ref() == Some(&data) {
-                        done.unchanged += 1;
-                        continue;
-                    }
-                    // Over what was read: conditional on its resourceVersion, keeping other
-                    // labels and annotations (e.g. a mesh's own).
-                    let mut next = cm;
-                    super::stamp(&mut next.metadata, version);
-                    next.data = Some(data);
-                    match api.replace(name, &pp, &next).await {
-                        Ok(_) => done.written += 1,
-                        Err(e) if is_conflict(&e) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
+    let data: BTreeMap<String, String> = [(key.to_owned(), bundle.pem.clone())].into();
+    let version = (VERSION_ANNOTATION, bundle.version.to_string());
+    let written = match api.get_opt(name).await? {
+        None => {
+            let mut cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    ..Default::default()
+                },
+                data: Some(data),
+                ..Default::default()
+            };
+            super::stamp(&mut cm.metadata, version);
+            api.create(&pp, &cm).await
         }
+        Some(cm) => {
+            let v = version_of(&cm);
+            if v > bundle.version {
+                done.newer += 1;
+                return Ok(());
+            }
+            if v == bundle.version && cm.data.as_ref() == Some(&data) {
+                done.unchanged += 1;
+                return Ok(());
+            }
+            // Over what was read: conditional on its resourceVersion, keeping other labels and
+            // annotations (e.g. a mesh's own).
+            let mut next = cm;
+            super::stamp(&mut next.metadata, version);
+            next.data = Some(data);
+            api.replace(name, &pp, &next).await
+        }
+    };
+    match written {
+        Ok(_) => done.written += 1,
+        // Written by someone else meanwhile: the next round looks again.
+        Err(e) if is_conflict(&e) => {}
+        Err(e) => return Err(e),
     }
-    // Ours in namespaces that stopped matching.
+    Ok(())
+}
+
+/// Deletes ours in namespaces that stopped matching.
+async fn remove_unmatched(
+    client: &kube::Client,
+    matching: &BTreeSet<String>,
+    shapes: &[(String, &'static str)],
+    done: &mut Published,
+) -> Result<(), kube::Error> {
     let all: Api<ConfigMap> = Api::all(client.clone());
     let ours = all
         .list(&ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)))
@@ -163,7 +163,7 @@ pub async fn reconcile(
             Err(e) => return Err(e),
         }
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Publishes while this replica holds the Lease: at once on becoming leader and on every bundle
@@ -207,21 +207,6 @@ pub async fn run(
             },
             () = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn selectors() {
-        let s = parse_selector("meshca.io/trust-bundle=enabled, team==a").unwrap();
-        assert_eq!(s.get("meshca.io/trust-bundle").unwrap(), "enabled");
-        assert_eq!(s.get("team").unwrap(), "a");
-        for bad in ["", "novalue", "a!=b", "a=b=c"] {
-            assert!(parse_selector(bad).is_err(), "{bad}");
         }
     }
 }

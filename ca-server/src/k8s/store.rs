@@ -15,7 +15,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use rotator::state::AuthorityState;
-use rotator::store::{StoreError, decode_flat, encode_flat, flat_generation};
+use rotator::store::{Store, StoreError, StoreFuture, decode_flat, encode_flat, flat_generation};
 
 use super::is_conflict;
 
@@ -156,12 +156,31 @@ impl KubeStore {
     }
 }
 
-impl rotator::store::Store for KubeStore {
-    async fn load(&self) -> Result<Option<AuthorityState>, StoreError> {
-        self.fetch().await
+impl Store for KubeStore {
+    fn origin(&self) -> String {
+        self.origin.clone()
     }
 
-    async fn commit(&self, base: Option<u64>, next: &AuthorityState) -> Result<(), StoreError> {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn load(&self) -> StoreFuture<'_, Option<AuthorityState>> {
+        Box::pin(self.fetch())
+    }
+
+    fn commit<'a>(&'a self, base: Option<u64>, next: &'a AuthorityState) -> StoreFuture<'a, ()> {
+        Box::pin(self.commit_conditionally(base, next))
+    }
+}
+
+impl KubeStore {
+    /// A create (`base` None) or a replace carrying the resourceVersion of generation `base`.
+    async fn commit_conditionally(
+        &self,
+        base: Option<u64>,
+        next: &AuthorityState,
+    ) -> Result<(), StoreError> {
         let pp = PostParams {
             field_manager: Some("meshca".into()),
             ..Default::default()
@@ -211,73 +230,5 @@ impl rotator::store::Store for KubeStore {
         };
         self.remember(next.generation, &written.metadata);
         Ok(())
-    }
-}
-
-/// Follows the Secret: every state another replica commits is adopted within moments (a watch,
-/// re-established with a full re-read whenever it ends or fails).
-pub async fn follow(
-    authority: std::sync::Arc<crate::authority::Authority>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    use futures::StreamExt as _;
-    use kube::api::{WatchEvent, WatchParams};
-    let Some(remote) = authority.remote().cloned() else {
-        return;
-    };
-    let (api, name) = remote.api();
-    loop {
-        if let Err(e) = authority.resync().await {
-            tracing::warn!(target: "meshca::store", "re-reading {}: {e}", remote.origin());
-        }
-        let wp = WatchParams::default()
-            .fields(&format!("metadata.name={name}"))
-            .timeout(290);
-        let stream = match api.watch(&wp, "0").await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(target: "meshca::store", "watching {}: {e}; retrying", remote.origin());
-                tokio::select! {
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                    _ = shutdown.changed() => return,
-                }
-            }
-        };
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            let ev = tokio::select! {
-                ev = stream.next() => ev,
-                _ = shutdown.changed() => return,
-            };
-            match ev {
-                Some(Ok(WatchEvent::Added(s) | WatchEvent::Modified(s))) => match remote.decode(&s)
-                {
-                    Ok(Some(theirs)) => {
-                        if let Err(e) = authority.adopt(theirs).await {
-                            tracing::error!(target: "meshca::store", "{} holds a state this replica cannot serve, keeping its own: {e}", remote.origin());
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(target: "meshca::store", "{} does not decode, keeping the state this replica has: {e}", remote.origin())
-                    }
-                },
-                Some(Ok(WatchEvent::Deleted(_))) => tracing::error!(
-                    target: "meshca::store",
-                    "{} was deleted; this replica keeps serving the state it has and will re-create nothing on its own",
-                    remote.origin()
-                ),
-                Some(Ok(WatchEvent::Bookmark(_))) => {}
-                Some(Ok(WatchEvent::Error(e))) => {
-                    tracing::debug!(target: "meshca::store", "watch ended: {e}");
-                    break;
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(target: "meshca::store", "watch failed: {e}");
-                    break;
-                }
-                None => break,
-            }
-        }
     }
 }

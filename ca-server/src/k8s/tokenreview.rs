@@ -11,6 +11,8 @@
 //! cannot answer, the request fails `Unavailable`: neither a silent deny nor an allow.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,7 +25,7 @@ use rotator::clock::Clock;
 use rotator::spiffe::{IdPattern, SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
-use crate::auth::{AuthError, Caller};
+use crate::auth::{AuthError, Caller, TokenAuthenticator};
 
 /// A ServiceAccount proven by a TokenReview.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,8 +104,9 @@ impl TokenReviewer {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The caller `token` proves for `audience`, or why not.
-    pub async fn authenticate(&self, token: &str, audience: &str) -> Result<Caller, AuthError> {
+    /// The caller `token` proves for `audience`, or why not: the token's ServiceAccount, which
+    /// may request its own SPIFFE ID.
+    pub async fn caller_of(&self, token: &str, audience: &str) -> Result<Caller, AuthError> {
         let sa = self.review(token, audience).await?;
         let id: SpiffeId = format!(
             "spiffe://{}/ns/{}/sa/{}",
@@ -219,6 +222,16 @@ fn cache_key(token: &str, audience: &str) -> [u8; 32] {
     buf.push(0);
     buf.extend_from_slice(token.as_bytes());
     digest(&SHA256, &buf).as_ref().try_into().unwrap_or([0; 32])
+}
+
+impl TokenAuthenticator for TokenReviewer {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+        audience: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>> {
+        Box::pin(self.caller_of(token, audience))
+    }
 }
 
 /// `system:serviceaccount:<ns>:<sa>` → (ns, sa).

@@ -159,13 +159,15 @@ pub fn issuer(cmd: IssuerCommand, output: Output) -> Result<(), Failed> {
 
 /// The live status document, if a server answers on the socket. `Err` only when the server
 /// answered with an error; `Ok(None)` when none is running.
-pub fn live_status(a: &AdminArgs) -> Result<Option<serde_json::Value>, Failed> {
+pub fn live_status(a: &AdminArgs) -> Result<Option<rotator::status::Status>, Failed> {
     let rt = runtime()?;
     rt.block_on(async {
         let Ok(mut c) = client(a).await else {
             return Ok(None);
         };
         let r = c.get_status(GetStatusRequest {}).await.map_err(refused)?;
-        Ok(Some(serde_json::from_str(&r.get_ref().json)?))
+        let doc = serde_json::from_str(&r.get_ref().json)
+            .map_err(|e| Failed(format!("the server's status document does not parse: {e}")))?;
+        Ok(Some(doc))
     })
 }

@@ -1,13 +1,19 @@
 //! `meshca anchors …`: trust-anchor rotation over the admin socket, and `meshca anchors wait`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressStyle};
 use meshca_proto::v1::admin_service_client::AdminServiceClient;
 use meshca_proto::v1::{AnchorResponse, AnchorStepRequest, GetStatusRequest, StageAnchorRequest};
-use serde_json::Value;
+use rotator::anchors::Step;
+use rotator::state::Phase;
+use rotator::status::{GateEntry, Status};
 use tonic::transport::Channel;
+
+/// The progress bar's resolution.
+const BAR_STEPS: u64 = 1000;
 
 use crate::admin::AdminArgs;
 use crate::{Failed, Output, runtime};
@@ -205,37 +211,32 @@ fn step(
     Ok(())
 }
 
-async fn status(c: &mut AdminServiceClient<Channel>) -> Result<Value, Failed> {
+async fn status(c: &mut AdminServiceClient<Channel>) -> Result<Status, Failed> {
     let r = c.get_status(GetStatusRequest {}).await.map_err(refused)?;
-    Ok(serde_json::from_str(&r.get_ref().json)?)
+    serde_json::from_str(&r.get_ref().json)
+        .map_err(|e| Failed(format!("the server's status document does not parse: {e}")))
 }
 
 /// How far a gate is from opening, 0.0 to 1.0: the larger of the measured progress and the
 /// elapsed share of the time fallback.
-fn progress(doc: &Value, gate: &Value) -> f64 {
-    let by_time = (|| {
-        let since = time::OffsetDateTime::parse(
-            doc["phase"]["since"].as_str()?,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .ok()?;
-        let now = time::OffsetDateTime::parse(
-            doc["now"].as_str()?,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .ok()?;
-        let left = gate["opens_in_seconds"].as_f64()?;
-        let done = (now - since).as_seconds_f64();
-        Some(done / (done + left.max(0.0)))
-    })()
-    .unwrap_or(0.0);
-    let l = &doc["anchor_rotation"]["ledger"];
-    let measured = if l["trustworthy"] == true && gate["step"] == "activate" {
-        l["convergence_percent"].as_f64().unwrap_or(0.0) / 100.0
-    } else {
-        0.0
+fn progress(doc: &Status, gate: &GateEntry) -> f64 {
+    let by_time = match (&doc.phase, gate.opens_in_seconds) {
+        (Phase::Staged { since, .. } | Phase::Activated { since, .. }, Some(left)) => {
+            let done = (doc.now - *since).as_seconds_f64();
+            #[allow(clippy::cast_precision_loss, reason = "a fraction")]
+            let left = left.max(0) as f64;
+            done / (done + left)
+        }
+        _ => 0.0,
     };
-    by_time.max(measured).clamp(0.0, 1.0)
+    let measured = match &doc.anchor_rotation.ledger {
+        Some(l) if l.trustworthy && gate.gate.step == Step::Activate => {
+            l.convergence_percent / 100.0
+        }
+        _ => 0.0,
+    };
+    let p = by_time.max(measured);
+    if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) }
 }
 
 async fn wait(
@@ -247,20 +248,27 @@ async fn wait(
 ) -> Result<(), Failed> {
     let mut c = client(admin).await?;
     let start = Instant::now();
-    let tty = std::io::stderr().is_terminal() && output == Output::Text;
+    // A bar on a terminal (indicatif draws nothing when stderr is not one); otherwise one line
+    // each time the gate's explanation changes.
+    let bar = (std::io::stderr().is_terminal() && output == Output::Text).then(|| {
+        let bar = ProgressBar::new(BAR_STEPS);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {percent:>3}%  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("#>-"),
+        );
+        bar.set_prefix(until.step());
+        bar
+    });
     let mut last_line = String::new();
     loop {
         let doc = status(&mut c).await?;
-        let phase = doc["anchor_rotation"]["phase"]
-            .as_str()
-            .unwrap_or("?")
-            .to_owned();
-        let gate = doc["anchor_rotation"]["gates"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|g| g["step"] == until.step())
-            .cloned()
+        let phase = doc.anchor_rotation.phase.clone();
+        let gate = doc
+            .anchor_rotation
+            .gates
+            .iter()
+            .find(|g| g.gate.step.name() == until.step())
             .ok_or_else(|| {
                 Failed(format!(
                     "`{}` does not apply in phase {phase}: {}",
@@ -268,10 +276,10 @@ async fn wait(
                     next_hint(&phase)
                 ))
             })?;
-        let explain = gate["explain"].as_str().unwrap_or("").to_owned();
-        if gate["open"] == true {
-            if tty {
-                eprintln!();
+        let explain = gate.explain.clone();
+        if gate.gate.open {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
             }
             match output {
                 Output::Json => println!(
@@ -283,8 +291,8 @@ async fn wait(
             return Ok(());
         }
         if start.elapsed() >= timeout {
-            if tty {
-                eprintln!();
+            if let Some(b) = &bar {
+                b.abandon();
             }
             return Err(Failed(format!(
                 "timed out after {} waiting for the {} gate: {explain}",
@@ -292,17 +300,10 @@ async fn wait(
                 until.step()
             )));
         }
-        let p = progress(&doc, &gate);
-        if tty {
-            let width = 30;
-            #[allow(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "0..=30"
-            )]
-            let filled = (p * f64::from(width)).round() as usize;
-            let opens = gate["opens_in_seconds"]
-                .as_u64()
+        if let Some(b) = &bar {
+            let opens = gate
+                .opens_in_seconds
+                .and_then(|s| u64::try_from(s).ok())
                 .map(|s| {
                     format!(
                         " time fallback in {}",
@@ -310,15 +311,13 @@ async fn wait(
                     )
                 })
                 .unwrap_or_default();
-            let measured = gate["measured"].as_str().unwrap_or("");
-            eprint!(
-                "\r\x1b[2K{} [{}{}] {:>3.0}%  {measured};{opens}",
-                until.step(),
-                "#".repeat(filled),
-                "-".repeat(30 - filled.min(30)),
-                p * 100.0
-            );
-            let _ = std::io::stderr().flush();
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "0..=BAR_STEPS"
+            )]
+            b.set_position((progress(&doc, gate) * BAR_STEPS as f64).round() as u64);
+            b.set_message(format!("{};{opens}", gate.gate.measured));
         } else if explain != last_line && output == Output::Text {
             eprintln!("waiting: {} gate {explain}", until.step());
             last_line = explain;

@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use rotator::clock::rfc3339;
+use rotator::state::{AnchorStatus, Phase};
+use rotator::status::Status;
+use serde_json::json;
 
 use crate::Output;
 use crate::status::{StatusArgs, document};
@@ -61,7 +64,7 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
-fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
+fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut push = |severity, what: String, d: Option<i64>, fix: &str| {
         out.push(Finding {
@@ -71,17 +74,15 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
             fix: fix.to_owned(),
         });
     };
-    let phase = doc["phase"]["name"].as_str().unwrap_or("steady");
-    let leaf_max = doc["policy"]["leaf_ttl_max_seconds"]
-        .as_i64()
-        .unwrap_or(172_800);
-    for an in doc["anchors"].as_array().into_iter().flatten() {
-        let status = an["status"].as_str().unwrap_or("");
-        if status == "archived" {
+    let phase = doc.phase.name();
+    let leaf_max = i64::try_from(doc.policy.leaf_ttl_max_seconds).unwrap_or(i64::MAX);
+    for an in &doc.anchors {
+        let status = an.status;
+        if status == AnchorStatus::Archived {
             continue;
         }
-        let id = an["id"].as_str().unwrap_or("?");
-        let left = an["expires_in_seconds"].as_i64().unwrap_or(0);
+        let id = &an.id;
+        let left = an.expires_in_seconds;
         if left <= 0 {
             push(
                 Severity::Critical,
@@ -92,14 +93,14 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
                 Some(left),
                 "start a new authority and restart workloads; see docs/runbooks/alerts.md#meshcatrustanchorexpiringcritical",
             );
-        } else if status == "active" && left < secs(a.anchor_critical) {
+        } else if status == AnchorStatus::Active && left < secs(a.anchor_critical) {
             push(
                 Severity::Critical,
                 format!("trust anchor {id} expires in {:.1} days", days(left)),
                 Some(left),
                 "meshca anchors stage  (then follow docs/runbooks/trust-anchor-rotation.md)",
             );
-        } else if status == "active" && left < secs(a.anchor_warning) {
+        } else if status == AnchorStatus::Active && left < secs(a.anchor_warning) {
             push(
                 Severity::Warning,
                 format!("trust anchor {id} expires in {:.1} days", days(left)),
@@ -108,10 +109,11 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
-    if let Some(d) = doc["rotation_deadlines"]["anchor"].as_object() {
-        let left = d.get("in_seconds").and_then(Value::as_i64).unwrap_or(0);
-        let at = d.get("at").and_then(Value::as_str).unwrap_or("?");
-        if phase != "activated" && left < 0 {
+    if let Some(d) = &doc.rotation_deadlines.anchor {
+        let left = d.in_seconds;
+        let at = rfc3339(d.at);
+        let steady = doc.phase == Phase::Steady;
+        if !matches!(doc.phase, Phase::Activated { .. }) && left < 0 {
             push(
                 Severity::Critical,
                 format!(
@@ -119,13 +121,13 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
                     days(-left)
                 ),
                 Some(left),
-                if phase == "steady" {
+                if steady {
                     "meshca anchors stage  (now; expect to need --force near expiry)"
                 } else {
                     "meshca anchors wait --until activate-ready && meshca anchors activate"
                 },
             );
-        } else if phase == "steady" && left < secs(a.deadline_warning) {
+        } else if steady && left < secs(a.deadline_warning) {
             push(
                 Severity::Warning,
                 format!(
@@ -137,12 +139,7 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
-    match doc["issuers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|i| i["status"] == "active")
-    {
+    match doc.active_issuer() {
         None => push(
             Severity::Critical,
             "no active issuer: nothing can be signed".into(),
@@ -150,8 +147,8 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
             "meshca issuer rotate  (upstream mode: meshca issuer csr / meshca issuer import)",
         ),
         Some(i) => {
-            let id = i["id"].as_str().unwrap_or("?");
-            let left = i["expires_in_seconds"].as_i64().unwrap_or(0);
+            let id = &i.id;
+            let left = i.expires_in_seconds;
             if left <= 0 {
                 push(
                     Severity::Critical,
@@ -172,8 +169,8 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
             }
         }
     }
-    if let Some(srv) = doc["server"].as_object() {
-        if srv.get("ready").and_then(Value::as_bool) == Some(false) {
+    if let Some(srv) = &doc.server {
+        if !srv.ready {
             push(
                 Severity::Critical,
                 "the server is not ready (it cannot sign, or rotation failed 10 times in a row)"
@@ -182,10 +179,7 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
                 "curl <http-listen>/readyz; meshca status",
             );
         }
-        let n = srv
-            .get("rotation_failures_consecutive")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let n = srv.rotation_failures_consecutive;
         if n > 0 {
             push(
                 Severity::Warning,
@@ -195,11 +189,11 @@ fn findings(doc: &Value, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
-    for att in doc["attention"].as_array().into_iter().flatten() {
+    for att in &doc.attention {
         push(
             Severity::Warning,
-            att["message"].as_str().unwrap_or("").to_owned(),
-            att["deadline_in_seconds"].as_i64(),
+            att.message.clone(),
+            att.deadline_in_seconds,
             "see the message",
         );
     }
@@ -238,7 +232,7 @@ pub fn check(a: &CheckArgs, output: Output) -> u8 {
             json!({
                 "status": worst.name(),
                 "exit_code": code,
-                "source": if doc["server"].is_object() { "server" } else { "state-dir" },
+                "source": if doc.server.is_some() { "server" } else { "state-dir" },
                 "findings": found.iter().map(|f| json!({
                     "severity": f.severity.name(), "what": f.what, "days": f.days, "fix": f.fix,
                 })).collect::<Vec<_>>(),
@@ -254,16 +248,12 @@ pub fn check(a: &CheckArgs, output: Output) -> u8 {
                 );
             }
             if found.is_empty() {
-                let anchor = doc["anchors"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|x| x["status"] == "active")
-                    .and_then(|x| x["expires_in_seconds"].as_i64())
-                    .unwrap_or(0);
-                let deadline = doc["rotation_deadlines"]["anchor"]["in_seconds"]
-                    .as_i64()
-                    .unwrap_or(0);
+                let anchor = doc.active_anchor().map_or(0, |x| x.expires_in_seconds);
+                let deadline = doc
+                    .rotation_deadlines
+                    .anchor
+                    .as_ref()
+                    .map_or(0, |d| d.in_seconds);
                 println!(
                     "OK trust anchor expires in {:.0} days; its rotation must start within {:.0} days",
                     days(anchor),

@@ -9,9 +9,10 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use serde_json::Value;
+use rotator::anchors::OpenedBy;
+use rotator::state::{AnchorStatus, IssuerStatus, Phase};
+use rotator::status::Status;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::status::StatusArgs;
 use crate::{Failed, Output};
@@ -37,14 +38,20 @@ enum Kind {
 }
 
 impl Kind {
-    fn of(status: &str) -> Self {
+    fn of_anchor(status: AnchorStatus) -> Self {
         match status {
-            "staged" => Self::Staged,
-            "retiring" => Self::Retiring,
-            "archived" => Self::Archived,
-            "prepared" => Self::Prepared,
-            "retired" => Self::Retired,
-            _ => Self::Active,
+            AnchorStatus::Active => Self::Active,
+            AnchorStatus::Staged => Self::Staged,
+            AnchorStatus::Retiring => Self::Retiring,
+            AnchorStatus::Archived => Self::Archived,
+        }
+    }
+
+    fn of_issuer(status: IssuerStatus) -> Self {
+        match status {
+            IssuerStatus::Active => Self::Active,
+            IssuerStatus::Prepared => Self::Prepared,
+            IssuerStatus::Retired => Self::Retired,
         }
     }
 
@@ -95,44 +102,28 @@ struct Timeline {
     marks: Vec<Mark>,
 }
 
-fn t(v: &Value) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(v.as_str()?, &Rfc3339).ok()
-}
-
-fn timeline(doc: &Value) -> Result<Timeline, Failed> {
-    let now = t(&doc["now"]).ok_or_else(|| Failed("status without `now`".into()))?;
-    let secs = |k: &str| time::Duration::seconds(doc["policy"][k].as_i64().unwrap_or(0));
-    let leaf_max = secs("leaf_ttl_max_seconds");
+fn timeline(doc: &Status) -> Timeline {
+    let now = doc.now;
+    let leaf_max =
+        time::Duration::seconds(i64::try_from(doc.policy.leaf_ttl_max_seconds).unwrap_or(0));
     let mut rows = Vec::new();
-    for a in doc["anchors"].as_array().into_iter().flatten() {
-        let (Some(from), Some(to)) = (t(&a["not_before"]), t(&a["not_after"])) else {
-            continue;
-        };
-        let status = a["status"].as_str().unwrap_or("");
-        if status == "archived" && to < now {
+    for a in &doc.anchors {
+        if a.status == AnchorStatus::Archived && a.not_after < now {
             continue;
         }
         rows.push(Row {
-            label: format!("anchor {} ({status})", a["id"].as_str().unwrap_or("?")),
-            from,
-            to,
-            kind: Kind::of(status),
+            label: format!("anchor {} ({})", a.id, a.status),
+            from: a.not_before,
+            to: a.not_after,
+            kind: Kind::of_anchor(a.status),
         });
     }
-    for i in doc["issuers"].as_array().into_iter().flatten() {
-        let (Some(from), Some(to)) = (t(&i["not_before"]), t(&i["not_after"])) else {
-            continue;
-        };
-        let status = i["status"].as_str().unwrap_or("");
+    for i in &doc.issuers {
         rows.push(Row {
-            label: format!(
-                "issuer {} ({status}, under {})",
-                i["id"].as_str().unwrap_or("?"),
-                i["anchor"].as_str().unwrap_or("?")
-            ),
-            from,
-            to,
-            kind: Kind::of(status),
+            label: format!("issuer {} ({}, under {})", i.id, i.status, i.anchor),
+            from: i.not_before,
+            to: i.not_after,
+            kind: Kind::of_issuer(i.status),
         });
     }
     rows.push(Row {
@@ -142,33 +133,33 @@ fn timeline(doc: &Value) -> Result<Timeline, Failed> {
         kind: Kind::Leaf,
     });
     let mut marks = Vec::new();
-    let phase = doc["anchor_rotation"]["phase"].as_str().unwrap_or("?");
-    if let Some(since) = t(&doc["phase"]["since"]) {
+    let phase = &doc.anchor_rotation.phase;
+    if let Phase::Staged { since, .. } | Phase::Activated { since, .. } = &doc.phase {
         marks.push(Mark {
-            at: since,
+            at: *since,
             label: format!("{phase} since"),
             open: true,
         });
     }
-    for g in doc["anchor_rotation"]["gates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        let step = g["step"].as_str().unwrap_or("?");
-        if g["opened_by"] == "always" {
+    for g in doc.anchor_rotation.gates.iter().map(|g| &g.gate) {
+        let step = g.step.name();
+        if g.opened_by == Some(OpenedBy::Always) {
             continue;
         }
-        if g["open"] == true {
+        if g.open {
             marks.push(Mark {
                 at: now,
                 label: format!(
                     "{step}: open now ({})",
-                    g["opened_by"].as_str().unwrap_or("")
+                    match g.opened_by {
+                        Some(OpenedBy::Measured) => "measured",
+                        Some(OpenedBy::Time) => "time",
+                        Some(OpenedBy::Always) | None => "",
+                    }
                 ),
                 open: true,
             });
-        } else if let Some(at) = t(&g["opens_at"]) {
+        } else if let Some(at) = g.opens_at {
             marks.push(Mark {
                 at,
                 label: format!("{step} gate opens (time fallback)"),
@@ -189,18 +180,18 @@ fn timeline(doc: &Value) -> Result<Timeline, Failed> {
     let (start, end) = (first - margin, last + margin);
     let title = format!(
         "meshca {} — phase {phase}, bundle v{} — {}",
-        doc["trust_domain"].as_str().unwrap_or(""),
-        doc["bundle_version"],
+        doc.trust_domain,
+        doc.bundle_version,
         rotator::clock::rfc3339(now)
     );
-    Ok(Timeline {
+    Timeline {
         start,
         end,
         now,
         title,
         rows,
         marks,
-    })
+    }
 }
 
 fn frac(tl: &Timeline, at: OffsetDateTime) -> f64 {
@@ -407,7 +398,7 @@ fn svg(tl: &Timeline) -> String {
 /// Runs `meshca plan`.
 pub fn plan(a: PlanArgs, output: Output) -> Result<(), Failed> {
     let doc = crate::status::document(&a.status, output)?;
-    let tl = timeline(&doc)?;
+    let tl = timeline(&doc);
     if let Some(path) = &a.svg {
         rotator::store::write_atomic(path, svg(&tl).as_bytes(), 0o644)?;
     }

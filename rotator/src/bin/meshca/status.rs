@@ -49,7 +49,7 @@ fn load(dir: Option<PathBuf>) -> Result<AuthorityState, Failed> {
 
 /// The status document: from the running server when one answers (with its ledger and health),
 /// else read from the state dir.
-pub fn document(a: &StatusArgs, output: Output) -> Result<serde_json::Value, Failed> {
+pub fn document(a: &StatusArgs, output: Output) -> Result<rotator::status::Status, Failed> {
     let live = if a.offline {
         None
     } else {

@@ -1,6 +1,7 @@
-//! The issuer-rotation driver. It decides nothing: it asks `rotator::rotation::plan_issuer` what
-//! to do, performs that one step as a committed transition, and sleeps until the plan's next
-//! deadline, a state change, or a retry. Failures keep the current issuer signing (nothing is
+//! The rotation driver, of both rotations: issuers (always) and, when automation is opted into,
+//! trust anchors. It decides nothing: it asks `rotator::rotation::plan_issuer` (and
+//! `rotator::anchors::plan_anchor`) what to do, performs that one step as a committed
+//! transition, and sleeps until the plan's next deadline, a state change, or a retry. Failures keep the current issuer signing (nothing is
 //! published unless committed), back off exponentially, and after
 //! [`UNREADY_AFTER_FAILURES`] in a row turn `/readyz` unready.
 
