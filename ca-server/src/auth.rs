@@ -58,6 +58,16 @@ pub enum AuthError {
     /// a service account).
     #[error("token rejected: {0}")]
     TokenRejected(String),
+    /// A SPIFFE ID in another trust domain than the authority's: no credential may ask for it.
+    #[error(
+        "a caller may not request {requested}: it is outside this authority's trust domain {ours} (meshca issues only for its own)"
+    )]
+    ForeignTrustDomain {
+        /// The ID asked for.
+        requested: String,
+        /// The authority's trust domain.
+        ours: String,
+    },
     /// The authenticator's backend could not answer (e.g. the Kubernetes API server).
     #[error("authentication unavailable: {0}")]
     Unavailable(String),
@@ -72,7 +82,7 @@ impl AuthError {
             Self::UnknownToken => "unknown_token",
             Self::TokenRejected(_) => "token_rejected",
             Self::BadClientCert(_) => "bad_client_cert",
-            Self::Denied { .. } => "denied",
+            Self::Denied { .. } | Self::ForeignTrustDomain { .. } => "denied",
             Self::Unavailable(_) => "unavailable",
         }
     }
@@ -94,6 +104,8 @@ pub struct Credentials<'a> {
     pub authorization: Option<&'a str>,
     /// The verified client certificate (leaf), if any.
     pub client_cert: Option<&'a CertificateDer<'static>>,
+    /// The certificates the client sent after its leaf.
+    pub client_intermediates: &'a [CertificateDer<'static>],
 }
 
 /// A bearer-token authenticator backed by another service (Kubernetes TokenReview): the seam
@@ -299,6 +311,7 @@ mod tests {
                 Credentials {
                     authorization: Some(&header),
                     client_cert: None,
+                    client_intermediates: &[],
                 },
                 "meshca",
             )
@@ -336,6 +349,7 @@ mod tests {
                     Credentials {
                         authorization: Some(h),
                         client_cert: None,
+                        client_intermediates: &[],
                     },
                     "meshca",
                 )
@@ -362,7 +376,8 @@ mod tests {
             auth.authenticate(
                 Credentials {
                     authorization: Some(&header),
-                    client_cert: None
+                    client_cert: None,
+                    client_intermediates: &[],
                 },
                 "meshca"
             )

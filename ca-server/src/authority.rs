@@ -66,6 +66,9 @@ pub struct Snapshot {
     pub issuer: Option<Arc<SigningIssuer>>,
     /// The bundle.
     pub bundle: Arc<Bundle>,
+    /// Every issuer the authority holds (prepared, active, retired), DER: a client
+    /// certificate's chain must pass through one of them.
+    pub issuers: Arc<Vec<CertificateDer<'static>>>,
 }
 
 impl Snapshot {
@@ -93,6 +96,7 @@ impl Snapshot {
             generation: state.generation,
             issuer,
             bundle,
+            issuers: Arc::new(state.issuers.iter().map(|i| i.cert.der().clone()).collect()),
         })
     }
 }

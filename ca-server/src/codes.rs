@@ -7,13 +7,14 @@
 //! | error | meshca.v1 / Istio | Linkerd | admin |
 //! | --- | --- | --- | --- |
 //! | no / malformed / unknown credential | `UNAUTHENTICATED` | `FAILED_PRECONDITION` | — |
-//! | credential not allowed this identity | `PERMISSION_DENIED` | `FAILED_PRECONDITION` | — |
+//! | credential not allowed this identity, or another trust domain | `PERMISSION_DENIED` | `FAILED_PRECONDITION` | — |
 //! | token backend down, no valid issuer | `UNAVAILABLE` | `UNAVAILABLE` | — |
 //! | CSR names do not match the identity | `INVALID_ARGUMENT` | `FAILED_PRECONDITION` | — |
 //! | any other CSR problem | `INVALID_ARGUMENT` | `INVALID_ARGUMENT` | — |
 //! | wrong phase, gate closed, upstream anchor, unknown id, no pending key, a broken invariant | — | — | `FAILED_PRECONDITION` |
 //! | an imported certificate or key is refused | — | — | `INVALID_ARGUMENT` |
 //! | the store refused the write | — | — | `UNAVAILABLE` |
+//! | a watch stream over a `[limits]` cap | `RESOURCE_EXHAUSTED` | — | — |
 //! | a bug or an RNG failure | `INTERNAL` | `INTERNAL` | `INTERNAL` |
 //!
 //! Linkerd's column is Linkerd's identity controller's own choice of codes (what its proxies
@@ -54,9 +55,10 @@ pub fn issue(e: &IssueError, face: Face) -> Status {
             Status::unavailable(msg)
         }
         (_, IssueError::Internal(_)) => Status::internal(msg),
-        (Mapping::Standard, IssueError::Auth(AuthError::Denied { .. })) => {
-            Status::permission_denied(msg)
-        }
+        (
+            Mapping::Standard,
+            IssueError::Auth(AuthError::Denied { .. } | AuthError::ForeignTrustDomain { .. }),
+        ) => Status::permission_denied(msg),
         (Mapping::Standard, IssueError::Auth(_)) => Status::unauthenticated(msg),
         (Mapping::Standard, IssueError::Csr(_)) => Status::invalid_argument(msg),
         (Mapping::Linkerd, IssueError::Auth(_)) => Status::failed_precondition(msg),
@@ -72,6 +74,11 @@ pub fn issue(e: &IssueError, face: Face) -> Status {
         ) => Status::failed_precondition(msg),
         (Mapping::Linkerd, IssueError::Csr(_)) => Status::invalid_argument(msg),
     }
+}
+
+/// The status for a request over one of `[limits]`: `RESOURCE_EXHAUSTED`, naming the cap.
+pub fn limit(e: &crate::limits::WatchRefused) -> Status {
+    Status::resource_exhausted(e.to_string())
 }
 
 /// The status the admin API answers a refused or failed transition with.

@@ -56,6 +56,8 @@ pub struct Config {
     /// Running on Kubernetes: TokenReview, state in a Secret, leader-elected rotation, bundle
     /// ConfigMaps. Off by default (the embedded default is one process with a state dir).
     pub kubernetes: KubernetesConfig,
+    /// Bounds on what any caller can hold: connections, streams, watchers (`[limits]`).
+    pub limits: LimitsConfig,
 }
 
 /// One authenticator of the chain.
@@ -175,6 +177,7 @@ impl Default for Config {
             linkerd: LinkerdConfig::default(),
             auth: AuthConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            limits: LimitsConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -277,6 +280,7 @@ impl Config {
             });
         }
         self.kubernetes.validate()?;
+        self.limits.validate()?;
         for n in &self.tls.dns_names {
             if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
                 return Err(ConfigError {
@@ -285,6 +289,134 @@ impl Config {
                     reason: "not a DNS name".into(),
                 });
             }
+        }
+        Ok(())
+    }
+}
+
+/// `[limits]`: every resource a caller can hold has a bound. The defaults are sized for the
+/// shipped Deployment (256 MiB, 1 CPU); the arithmetic is beside each field and in
+/// docs/configuration.md. `0` means unlimited (for tests and negative controls only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open connections on the gRPC port, handshaking ones included. An idle TLS connection
+    /// costs ~27 KiB: 2048 × 27 KiB ≈ 55 MiB worst case.
+    pub max_connections: usize,
+    /// A connection that finished TLS must open its first stream within this.
+    #[serde(with = "duration_str")]
+    pub preface_timeout: Duration,
+    /// A connection with no open stream for this long is closed.
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// The server pings an idle connection this often ...
+    #[serde(with = "duration_str")]
+    pub keepalive_interval: Duration,
+    /// ... and closes it when no answer comes within this.
+    #[serde(with = "duration_str")]
+    pub keepalive_timeout: Duration,
+    /// Connections are closed (gracefully) after this long, so that long-lived ones
+    /// re-handshake and re-authenticate.
+    #[serde(with = "duration_str")]
+    pub max_connection_age: Duration,
+    /// In-flight requests may finish within this after `max_connection_age`.
+    #[serde(with = "duration_str")]
+    pub max_connection_age_grace: Duration,
+    /// Every unary request must be answered within this.
+    #[serde(with = "duration_str")]
+    pub request_timeout: Duration,
+    /// `WatchTrustBundle` streams open at once. ~6 KiB each: 4096 × 6 KiB ≈ 24 MiB.
+    pub watch_max: usize,
+    /// Of which without a client certificate (the bundle is public, so anyone may watch; they
+    /// get a quarter of the share).
+    pub watch_max_unauthenticated: usize,
+    /// Per peer: per remote IP without a client certificate, per (IP, SPIFFE ID) with one.
+    /// 32: pods sharing an address (hostNetwork, NAT) and restarts whose old streams have not
+    /// closed yet fit; one address still cannot take the unauthenticated share (1024).
+    pub watch_per_peer: usize,
+    /// Open connections on the HTTP port (probes, scrapes, bundle downloads).
+    pub http_max_connections: usize,
+    /// An HTTP request's headers must arrive within this (slowloris).
+    #[serde(with = "duration_str")]
+    pub http_header_timeout: Duration,
+    /// `/readyz` reuses a probe result this young instead of signing a probe leaf each time.
+    #[serde(with = "duration_str")]
+    pub readyz_cache: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 2048,
+            preface_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_concurrent_streams: 64,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            max_connection_age: Duration::from_secs(3600),
+            max_connection_age_grace: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(15),
+            watch_max: 4096,
+            watch_max_unauthenticated: 1024,
+            watch_per_peer: 32,
+            http_max_connections: 256,
+            http_header_timeout: Duration::from_secs(5),
+            readyz_cache: Duration::from_secs(1),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// No limit at all (`0` everywhere a count is): for negative controls in tests.
+    pub fn unlimited() -> Self {
+        Self {
+            max_connections: 0,
+            watch_max: 0,
+            watch_max_unauthenticated: 0,
+            watch_per_peer: 0,
+            http_max_connections: 0,
+            ..Self::default()
+        }
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let h = |d: Duration| humantime::format_duration(d).to_string();
+        for (name, d) in [
+            ("preface_timeout", self.preface_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("max_connection_age", self.max_connection_age),
+            ("request_timeout", self.request_timeout),
+            ("http_header_timeout", self.http_header_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError {
+                    name: format!("limits.{name}"),
+                    value: h(d),
+                    reason: "must be more than 0".into(),
+                });
+            }
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(ConfigError {
+                name: "limits.max_concurrent_streams".into(),
+                value: "0".into(),
+                reason: "no stream could ever open".into(),
+            });
+        }
+        if self.watch_max != 0 && self.watch_max_unauthenticated > self.watch_max {
+            return Err(ConfigError {
+                name: "limits.watch_max_unauthenticated".into(),
+                value: self.watch_max_unauthenticated.to_string(),
+                reason: format!(
+                    "more than watch_max = {}: unauthenticated watchers could take every slot",
+                    self.watch_max
+                ),
+            });
         }
         Ok(())
     }

@@ -21,8 +21,9 @@ use meshca_proto::v1::identity_service_server::IdentityServiceServer;
 
 use crate::auth::Credentials;
 use crate::authority::{Authority, Bundle};
-use crate::config::{Config, MAX_REQUEST_BYTES};
+use crate::config::{Config, LimitsConfig, MAX_REQUEST_BYTES};
 use crate::issuance::{Face, IssueRequest, SigningCore};
+use crate::limits::{CountStreams, Limits, WatchPeer};
 use crate::tls::{PeerInfo, TlsConn};
 
 /// Longest accepted `instance_id`.
@@ -32,13 +33,18 @@ pub const MAX_INSTANCE_ID: usize = 128;
 pub struct MeshcaV1 {
     issuer: Arc<SigningCore>,
     authority: Arc<Authority>,
+    limits: Arc<Limits>,
 }
 
 impl MeshcaV1 {
-    /// A service issuing through `issuer`.
-    pub fn new(issuer: Arc<SigningCore>) -> Self {
+    /// A service issuing through `issuer`, its watch streams bounded by `limits`.
+    pub fn new(issuer: Arc<SigningCore>, limits: Arc<Limits>) -> Self {
         let authority = issuer.authority().clone();
-        Self { issuer, authority }
+        Self {
+            issuer,
+            authority,
+            limits,
+        }
     }
 }
 
@@ -52,9 +58,9 @@ pub struct Faces {
 
 impl Faces {
     /// The faces `config` enables, all issuing through `issuer`.
-    pub fn of(config: &Config, issuer: &Arc<SigningCore>) -> Self {
+    pub fn of(config: &Config, issuer: &Arc<SigningCore>, limits: &Arc<Limits>) -> Self {
         Self {
-            native: IdentityServiceServer::new(MeshcaV1::new(issuer.clone())),
+            native: IdentityServiceServer::new(MeshcaV1::new(issuer.clone(), limits.clone())),
             istio: config.istio.enabled.then(|| {
                 IstioCertificateServiceServer::new(crate::istio::Istio::new(issuer.clone()))
             }),
@@ -68,13 +74,23 @@ impl Faces {
     }
 }
 
-/// Serves `faces` over the TLS connections `conns` until `stop`.
+/// Serves `faces` over the TLS connections `conns` until `stop`, with the HTTP/2 limits of
+/// `[limits]`: streams per connection, keepalive pings, a maximum connection age (with grace)
+/// so that long-lived connections re-handshake, and a deadline on every request.
 pub async fn serve(
     conns: impl Stream<Item = Result<TlsConn, std::io::Error>> + Send + 'static,
     faces: Faces,
+    limits: &LimitsConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let r = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_connection_age(limits.max_connection_age)
+        .max_connection_age_grace(limits.max_connection_age_grace)
+        .timeout(limits.request_timeout)
+        .layer(CountStreams)
         .layer(tower::util::MapRequestLayer::new(limit_request_body))
         .add_service(faces.native)
         .add_optional_service(faces.istio)
@@ -149,6 +165,9 @@ impl IdentityService for MeshcaV1 {
                 credentials: Credentials {
                     authorization: authorization.as_deref(),
                     client_cert: peer.as_ref().and_then(|p| p.client_cert.as_ref()),
+                    client_intermediates: peer
+                        .as_ref()
+                        .map_or(&[][..], |p| &p.client_intermediates),
                 },
                 peer: peer.as_ref().map(|p| p.addr),
                 instance_id: Some(req.instance_id.as_str()),
@@ -183,15 +202,22 @@ impl IdentityService for MeshcaV1 {
         request: Request<WatchTrustBundleRequest>,
     ) -> Result<Response<BundleStream>, Status> {
         check_instance_id(&request.get_ref().instance_id)?;
+        let peer = request.extensions().get::<PeerInfo>();
+        let spiffe_id = peer
+            .and_then(|p| p.client_cert.as_ref())
+            .and_then(|c| rotator::client::spiffe_id_of(c).ok())
+            .map(|id| id.to_string());
+        let permit = self
+            .limits
+            .watch(WatchPeer {
+                ip: peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.addr.ip()),
+                spiffe_id: spiffe_id.clone(),
+            })
+            .map_err(|e| crate::codes::limit(&e))?;
         // A stream counts toward bundle convergence only when the watcher is known: it sent an
         // instance id and authenticated with a client certificate from this CA (the TLS layer
         // verified it), so nobody can mark another SPIFFE ID's instances as up to date.
-        let who = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.client_cert.as_ref())
-            .and_then(|c| rotator::client::spiffe_id_of(c).ok())
-            .map(|id| id.to_string())
+        let who = spiffe_id
             .filter(|_| !request.get_ref().instance_id.is_empty())
             .map(|id| {
                 WatchGuard::new(
@@ -201,15 +227,18 @@ impl IdentityService for MeshcaV1 {
                 )
             });
         let rx = self.authority.subscribe();
-        // The current bundle first, then one message per new bundle version.
-        let stream = futures::stream::unfold((rx, 0u64, who), |(mut rx, last, who)| async move {
+        // The current bundle first, then one message per new bundle version. The stream holds
+        // its watch slot (`permit`) until it is dropped.
+        let state = (rx, 0u64, who, permit);
+        let stream = futures::stream::unfold(state, |(mut rx, last, who, permit)| async move {
             loop {
                 let bundle = rx.borrow_and_update().bundle.clone();
                 if bundle.version != last {
                     if let Some(w) = &who {
                         w.sent(bundle.version);
                     }
-                    return Some((Ok(trust_bundle(&bundle)), (rx, bundle.version, who)));
+                    let next = (rx, bundle.version, who, permit);
+                    return Some((Ok(trust_bundle(&bundle)), next));
                 }
                 rx.changed().await.ok()?;
             }

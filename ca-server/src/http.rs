@@ -1,7 +1,9 @@
 //! The HTTP face (axum): `/healthz`, `/readyz`, `/metrics`, `/bundle.pem`, and
 //! `/spiffe-bundle.json` (the SPIFFE trust bundle format, for federation with SPIRE).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -11,11 +13,17 @@ use axum::routing::get;
 
 use crate::driver::RotationHealth;
 use crate::issuance::SigningCore;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::signing::ValidCsr;
 
+/// A probe's answer: when, for which state generation, and what it said.
+type Probed = (tokio::time::Instant, u64, Result<(), String>);
+
 /// The readiness check: a probe leaf can be signed with the current issuer right now, and issuer
-/// rotation has not failed too often in a row.
+/// rotation has not failed too often in a row. `/readyz` is unauthenticated, so the probe's
+/// result is reused for `cache` (and while the authority's generation is unchanged): a flood of
+/// probes signs at most one leaf per `cache`.
 pub struct Readiness {
     /// Signs the probe.
     pub issuer: Arc<SigningCore>,
@@ -23,12 +31,19 @@ pub struct Readiness {
     pub probe: ValidCsr,
     /// The rotation driver's health.
     pub health: Arc<RotationHealth>,
+    cache: Duration,
+    last: Mutex<Option<Probed>>,
+    signed: AtomicU64,
 }
 
 impl Readiness {
     /// A readiness check signing a probe leaf for `spiffe://<td>/meshca/readiness-probe` (its
     /// key and CSR made once, here) through `issuer`, and reading the rotation driver's health.
-    pub fn new(issuer: Arc<SigningCore>, health: Arc<RotationHealth>) -> Result<Self, String> {
+    pub fn new(
+        issuer: Arc<SigningCore>,
+        health: Arc<RotationHealth>,
+        cache: Duration,
+    ) -> Result<Self, String> {
         let key = rotator::pki::SecretKey::generate_p256().map_err(|e| e.to_string())?;
         let id = format!(
             "spiffe://{}/meshca/readiness-probe",
@@ -42,14 +57,42 @@ impl Readiness {
             issuer,
             probe,
             health,
+            cache,
+            last: Mutex::default(),
+            signed: AtomicU64::new(0),
         })
+    }
+
+    /// Probe leaves signed so far.
+    pub fn probes_signed(&self) -> u64 {
+        self.signed.load(Ordering::Relaxed)
+    }
+
+    /// Whether a probe leaf can be signed: the last answer if it is younger than `cache` and
+    /// the authority has not changed since, else a new probe.
+    fn probe(&self) -> Result<(), String> {
+        let now = tokio::time::Instant::now();
+        let generation = self.issuer.authority().snapshot().generation;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, g, r)) = last.as_ref()
+            && *g == generation
+            && now.duration_since(*at) < self.cache
+        {
+            return r.clone();
+        }
+        self.signed.fetch_add(1, Ordering::Relaxed);
+        let r = self
+            .issuer
+            .probe(&self.probe)
+            .map(|_| ())
+            .map_err(|e| format!("cannot sign a probe leaf: {e}"));
+        *last = Some((now, generation, r.clone()));
+        r
     }
 
     /// `Ok(detail)` when ready (detail: what an operator should know, if anything), `Err(why)`.
     pub fn check(&self) -> Result<Option<String>, String> {
-        self.issuer
-            .probe(&self.probe)
-            .map_err(|e| format!("cannot sign a probe leaf: {e}"))?;
+        self.probe()?;
         if !self.health.healthy() {
             return Err(format!(
                 "issuer rotation failed {} times in a row: {}",
@@ -74,20 +117,58 @@ pub struct HttpState {
     pub readiness: Arc<Readiness>,
 }
 
-/// Serves the HTTP port until `stop`.
+/// Serves the HTTP port until `stop`: HTTP/1.1, at most `limits.http_max_connections` open
+/// connections (one over it is closed at once), request headers within
+/// `limits.http_header_timeout` (a slow client is dropped).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
+    limits: Arc<Limits>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let r = axum::serve(listener, router(Arc::new(state)))
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = r {
-        tracing::error!("HTTP server stopped: {e}");
+    let app = router(Arc::new(state));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("HTTP accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        };
+        let Some(slot) = limits.http_connection(addr.ip()) else {
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let header_timeout = limits.config().http_header_timeout;
+        let mut stop = stop.clone();
+        conns.spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%addr, "HTTP connection: {e}");
+                    }
+                }
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+        // Reap finished connections so the set does not grow.
+        while conns.try_join_next().is_some() {}
     }
+    while conns.join_next().await.is_some() {}
 }
 
 /// The router.

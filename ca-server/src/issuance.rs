@@ -114,7 +114,7 @@ pub enum IssueError {
 impl IssueError {
     fn result_label(&self) -> &'static str {
         match self {
-            Self::Auth(AuthError::Denied { .. }) => "denied",
+            Self::Auth(AuthError::Denied { .. } | AuthError::ForeignTrustDomain { .. }) => "denied",
             Self::Auth(AuthError::Unavailable(_)) | Self::Unavailable(_) => "unavailable",
             Self::Auth(_) => "unauthenticated",
             Self::Csr(_) => "invalid",
@@ -182,11 +182,15 @@ impl SigningCore {
     pub async fn issue(&self, req: IssueRequest<'_>) -> Result<Issued, IssueError> {
         let start = Instant::now();
         let mut who = String::from("-");
-        let result = match self
-            .auth
-            .authenticate(req.credentials, self.audience(req.api))
-            .await
-        {
+        let checked = match self.reverify_client_cert(&req.credentials) {
+            Ok(()) => {
+                self.auth
+                    .authenticate(req.credentials, self.audience(req.api))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let result = match checked {
             Ok(callers) => self.issue_inner(&req, &callers, &mut who),
             Err(e) => Err(e.into()),
         };
@@ -217,6 +221,40 @@ impl SigningCore {
         result
     }
 
+    /// A client certificate is checked at the handshake, but a connection (or a resumed TLS
+    /// session) may outlive that moment: on every request it must still verify against the
+    /// bundle and the time of *now*, through one of this authority's issuers.
+    fn reverify_client_cert(&self, creds: &Credentials<'_>) -> Result<(), AuthError> {
+        let Some(leaf) = creds.client_cert else {
+            return Ok(());
+        };
+        let snap = self.authority.snapshot();
+        let bad = |why: String| AuthError::BadClientCert(format!("no longer valid: {why}"));
+        let [issuer] = creds.client_intermediates else {
+            return Err(bad(format!(
+                "it came with {} intermediate certificates; meshca's leaves chain through exactly one issuer",
+                creds.client_intermediates.len()
+            )));
+        };
+        if !snap.issuers.contains(issuer) {
+            return Err(bad(
+                "its issuer is not one of this authority's issuers".into()
+            ));
+        }
+        let now = self.authority.clock().now();
+        let at = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+            u64::try_from(now.unix_timestamp()).unwrap_or(0),
+        ));
+        rotator::client::verify_svid(
+            &[leaf.clone(), issuer.clone()],
+            &snap.bundle.anchors,
+            at,
+            webpki::KeyUsage::client_auth(),
+        )
+        .map(|_| ())
+        .map_err(|e| bad(format!("{e} (expired, or its anchor left the bundle)")))
+    }
+
     /// The TokenReview audience of a face.
     fn audience(&self, face: Face) -> &str {
         match face {
@@ -241,6 +279,13 @@ impl SigningCore {
             Some((dns, id)) => parse_dns_csr(req.csr, dns, id.clone())?,
             None => parse_csr(req.csr)?,
         };
+        let ours = &self.authority.snapshot().bundle.trust_domain;
+        if csr.id.trust_domain_str() != ours.as_str() {
+            return Err(IssueError::Auth(AuthError::ForeignTrustDomain {
+                requested: csr.id.to_string(),
+                ours: ours.to_string(),
+            }));
+        }
         let caller = authorize(callers, &csr.id)?;
         *who = caller.name.clone();
         let issued = self.sign(&csr, req.ttl)?;

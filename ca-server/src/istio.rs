@@ -47,6 +47,9 @@ impl IstioCertificateService for Istio {
                 credentials: Credentials {
                     authorization: authorization.as_deref(),
                     client_cert: peer.as_ref().and_then(|p| p.client_cert.as_ref()),
+                    client_intermediates: peer
+                        .as_ref()
+                        .map_or(&[][..], |p| &p.client_intermediates),
                 },
                 peer: peer.as_ref().map(|p| p.addr),
                 instance_id: None,

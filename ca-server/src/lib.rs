@@ -23,6 +23,7 @@ pub mod issuance;
 pub(crate) mod istio;
 pub(crate) mod k8s;
 pub mod ledger;
+pub mod limits;
 pub(crate) mod linkerd;
 pub mod metrics;
 pub mod server;

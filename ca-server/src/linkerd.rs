@@ -99,6 +99,7 @@ impl Identity for Linkerd {
                 credentials: Credentials {
                     authorization: Some(&authorization),
                     client_cert: None,
+                    client_intermediates: &[],
                 },
                 peer: peer.as_ref().map(|p| p.addr),
                 instance_id: None,

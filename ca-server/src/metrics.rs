@@ -312,6 +312,8 @@ pub struct Metrics {
     pub rotation_failures: Gauge,
     /// The authority's certificates, deadlines, phase and ledger view.
     pub authority: AuthorityMetrics,
+    /// `meshca_limit_refusals_total{limit}`: requests and connections refused by `[limits]`.
+    pub limit_refusals: Family<crate::limits::LimitLabels, Counter>,
 }
 
 /// `success` or `failure`.
@@ -371,6 +373,12 @@ impl Metrics {
             "Rotation failures since the last success",
             rotation_failures.clone(),
         );
+        let limit_refusals = Family::<crate::limits::LimitLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Connections and requests refused by a [limits] cap, by limit",
+            limit_refusals.clone(),
+        );
         let authority = AuthorityMetrics::default();
         authority.register(&mut registry);
         let m = Self {
@@ -382,6 +390,7 @@ impl Metrics {
             bundle_version,
             rotations,
             rotation_failures,
+            limit_refusals,
         };
         m.start_at_zero();
         m
@@ -390,6 +399,11 @@ impl Metrics {
     /// Every counter exists from the start at 0, so rate() and the alert rules see it before
     /// the first event.
     fn start_at_zero(&self) {
+        for l in crate::limits::Limit::ALL {
+            self.limit_refusals
+                .get_or_create(&crate::limits::LimitLabels { limit: l.label() })
+                .inc_by(0);
+        }
         for result in [
             "ok",
             "unauthenticated",

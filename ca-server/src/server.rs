@@ -23,6 +23,7 @@ use crate::http::{HttpState, Readiness};
 use crate::issuance::{Audiences, SigningCore};
 use crate::k8s::store::KubeStore;
 use crate::k8s::tokenreview::TokenReviewer;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::tls::{LiveTls, incoming};
 
@@ -172,6 +173,7 @@ impl Server {
 
 /// Step 4: everything a request goes through, built once and shared by the tasks.
 struct RequestPath {
+    limits: Arc<Limits>,
     auth: Arc<Authenticator>,
     reviewer: Option<Arc<TokenReviewer>>,
     metrics: Arc<Metrics>,
@@ -201,15 +203,23 @@ impl RequestPath {
             .map_err(other)?,
         );
         let metrics = Arc::new(Metrics::new());
+        let limits = Arc::new(Limits::new(
+            config.limits.clone(),
+            metrics.limit_refusals.clone(),
+        ));
         let core = Arc::new(
             SigningCore::new(authority.clone(), auth.clone(), metrics.clone())
                 .with_audiences(Audiences::of(config)),
         );
         let health = Arc::new(RotationHealth::default());
-        let readiness = Arc::new(Readiness::new(core.clone(), health.clone()).map_err(other)?);
+        let readiness = Arc::new(
+            Readiness::new(core.clone(), health.clone(), config.limits.readyz_cache)
+                .map_err(other)?,
+        );
         let tls = LiveTls::new(authority, config.tls.clone()).map_err(StartError::Other)?;
         let tls_config = tls.server_config().map_err(StartError::Other)?;
         Ok(Self {
+            limits,
             auth,
             reviewer,
             metrics,
@@ -283,18 +293,27 @@ impl RequestPath {
         tasks: &mut JoinSet<()>,
         stop: &watch::Receiver<bool>,
     ) {
-        let conns = incoming(grpc, self.tls_config.clone(), stop.clone());
-        tasks.spawn(crate::grpc::serve(
-            conns,
-            Faces::of(config, &self.core),
+        let conns = incoming(
+            grpc,
+            self.tls_config.clone(),
+            self.limits.clone(),
             stop.clone(),
-        ));
+        );
+        let faces = Faces::of(config, &self.core, &self.limits);
+        let cfg = config.limits.clone();
+        let grpc_stop = stop.clone();
+        tasks.spawn(async move { crate::grpc::serve(conns, faces, &cfg, grpc_stop).await });
         let state = HttpState {
             issuer: self.core.clone(),
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
         };
-        tasks.spawn(crate::http::serve(http, state, stop.clone()));
+        tasks.spawn(crate::http::serve(
+            http,
+            state,
+            self.limits.clone(),
+            stop.clone(),
+        ));
     }
 }
 

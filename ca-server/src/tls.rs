@@ -22,11 +22,12 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTi
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tonic::transport::server::Connected;
 
 use crate::authority::{Authority, Snapshot};
 use crate::config::TlsConfig;
+use crate::limits::{ConnActivity, Limit, Limits};
 
 /// How long a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -274,14 +275,65 @@ impl ClientCertVerifier for LiveVerifier {
 pub struct PeerInfo {
     /// The remote address.
     pub addr: SocketAddr,
-    /// The client's leaf certificate, verified against the bundle during the handshake.
+    /// The client's leaf certificate, verified against the bundle during the handshake (and
+    /// again on every request, against the bundle and time of that moment).
     pub client_cert: Option<CertificateDer<'static>>,
+    /// The certificates the client sent after its leaf (its issuer).
+    pub client_intermediates: Vec<CertificateDer<'static>>,
+    /// The connection's open streams (for its idle timeout).
+    pub activity: Arc<ConnActivity>,
 }
 
-/// A TLS connection handed to tonic.
+/// A TLS connection handed to tonic. It holds its connection slot, and closes itself when it
+/// opens no stream within `preface_timeout` or has none open for `idle_timeout`.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    limits: Arc<Limits>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl TlsConn {
+    /// Pending until the connection has been idle too long (then the refusal is counted).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let cfg = self.limits.config();
+        loop {
+            if self.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let a = &self.info.activity;
+            let (limit, timeout) = if a.served() {
+                (Limit::Idle, cfg.idle_timeout)
+            } else {
+                (Limit::Preface, cfg.preface_timeout)
+            };
+            match a.idle_since() {
+                // Streams are open: look again one idle timeout from now.
+                None => {
+                    let at = tokio::time::Instant::now() + cfg.idle_timeout;
+                    self.idle.as_mut().reset(at);
+                }
+                Some(since) if since + timeout > tokio::time::Instant::now() => {
+                    self.idle.as_mut().reset(since + timeout);
+                }
+                Some(_) => {
+                    self.limits.refused(
+                        limit,
+                        &format_args!(
+                            "connection from {} closed: no stream for {}",
+                            self.info.addr,
+                            humantime::format_duration(timeout)
+                        ),
+                    );
+                    return Poll::Ready(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "idle connection closed",
+                    ));
+                }
+            }
+        }
+    }
 }
 
 impl Connected for TlsConn {
@@ -297,7 +349,10 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Pending => self.poll_idle(cx).map(Err),
+            ready => ready,
+        }
     }
 }
 
@@ -333,6 +388,7 @@ impl AsyncWrite for TlsConn {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
@@ -351,22 +407,41 @@ pub fn incoming(
                 },
                 _ = shutdown.changed() => return,
             };
+            // Over the cap: closed at once, before any TLS work.
+            let Some(slot) = limits.grpc_connection(addr.ip()) else {
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let limits = limits.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let client_cert = tls
+                        let mut chain = tls
                             .get_ref()
                             .1
                             .peer_certificates()
-                            .and_then(|c| c.first())
+                            .unwrap_or_default()
+                            .iter()
                             .map(|c| c.clone().into_owned());
+                        let client_cert = chain.next();
+                        let client_intermediates = chain.collect();
+                        let activity = ConnActivity::new();
+                        let first = tokio::time::Instant::now() + limits.config().preface_timeout;
                         let _ = tx
                             .send(Ok(TlsConn {
                                 inner: tls,
-                                info: PeerInfo { addr, client_cert },
+                                info: PeerInfo {
+                                    addr,
+                                    client_cert,
+                                    client_intermediates,
+                                    activity,
+                                },
+                                idle: Box::pin(tokio::time::sleep_until(first)),
+                                limits,
+                                _slot: slot,
                             }))
                             .await;
                     }

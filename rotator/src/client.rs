@@ -89,6 +89,7 @@ pub fn parse_pem_certs(text: &str) -> Vec<CertificateDer<'static>> {
 }
 
 /// A client identity: a certificate chain (leaf first) and its key.
+#[derive(Clone)]
 pub struct Identity {
     /// Leaf first, then the issuer.
     pub chain: Vec<CertificateDer<'static>>,

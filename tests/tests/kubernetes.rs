@@ -266,6 +266,7 @@ async fn issue_in_process(
             credentials: Credentials {
                 authorization: Some(&header),
                 client_cert: None,
+                client_intermediates: &[],
             },
             peer: None,
             instance_id: None,

@@ -1,0 +1,523 @@
+//! Bounds on what a caller can hold, and the bookkeeping that enforces them: open connections
+//! per port, a connection that never opens a stream or stays without one, watch streams (total,
+//! without a client certificate, per peer). The decisions are pure ([`admit_watch`]); this
+//! module holds the counters, counts every refusal in `meshca_limit_refusals_total{limit}` and
+//! logs refusals at most once per [`LOG_EVERY`] per limit (an attack must not flood the log).
+//!
+//! What a refusal looks like to the caller: a connection over the cap is closed right after
+//! `accept` (before TLS); a silent or idle connection is closed; a watch over a cap gets
+//! `RESOURCE_EXHAUSTED` naming the cap.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::LimitsConfig;
+
+/// How often a refusal of one kind is logged at most (the counter counts every one).
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One kind of refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// `limits.max_connections` on the gRPC port.
+    Connections,
+    /// `limits.http_max_connections` on the HTTP port.
+    HttpConnections,
+    /// A connection finished TLS and opened no stream within `limits.preface_timeout`.
+    Preface,
+    /// A connection had no open stream for `limits.idle_timeout`.
+    Idle,
+    /// `limits.watch_max`.
+    WatchTotal,
+    /// `limits.watch_max_unauthenticated`.
+    WatchUnauthenticated,
+    /// `limits.watch_per_peer`.
+    WatchPerPeer,
+}
+
+impl Limit {
+    /// Every limit, for counters initialised at 0.
+    pub const ALL: [Limit; 7] = [
+        Limit::Connections,
+        Limit::HttpConnections,
+        Limit::Preface,
+        Limit::Idle,
+        Limit::WatchTotal,
+        Limit::WatchUnauthenticated,
+        Limit::WatchPerPeer,
+    ];
+
+    /// The `limit` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::HttpConnections => "http_connections",
+            Limit::Preface => "preface_timeout",
+            Limit::Idle => "idle_timeout",
+            Limit::WatchTotal => "watch_total",
+            Limit::WatchUnauthenticated => "watch_unauthenticated",
+            Limit::WatchPerPeer => "watch_per_peer",
+        }
+    }
+}
+
+/// `limit` of `meshca_limit_refusals_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// [`Limit::label`].
+    pub limit: &'static str,
+}
+
+/// The limits of one server and what they currently hold.
+#[derive(Debug)]
+pub struct Limits {
+    cfg: LimitsConfig,
+    refusals: Family<LimitLabels, Counter>,
+    last_log: [AtomicI64; Limit::ALL.len()],
+    grpc_connections: Option<Arc<Semaphore>>,
+    http_connections: Option<Arc<Semaphore>>,
+    watches: Mutex<WatchBook>,
+    started: Instant,
+}
+
+impl Limits {
+    /// Limits `cfg`, counting refusals in `refusals` (registered by [`crate::metrics`]).
+    pub fn new(cfg: LimitsConfig, refusals: Family<LimitLabels, Counter>) -> Self {
+        let cap = |n: usize| (n > 0).then(|| Arc::new(Semaphore::new(n)));
+        Self {
+            grpc_connections: cap(cfg.max_connections),
+            http_connections: cap(cfg.http_max_connections),
+            cfg,
+            refusals,
+            last_log: Default::default(),
+            watches: Mutex::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LimitsConfig {
+        &self.cfg
+    }
+
+    /// Counts a refusal and logs it unless one of its kind was logged within [`LOG_EVERY`].
+    pub fn refused(&self, limit: Limit, detail: &dyn std::fmt::Display) {
+        let total = self
+            .refusals
+            .get_or_create(&LimitLabels {
+                limit: limit.label(),
+            })
+            .inc()
+            + 1;
+        let now = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let slot = &self.last_log[Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0)];
+        let last = slot.load(Ordering::Relaxed);
+        let every = i64::try_from(LOG_EVERY.as_millis()).unwrap_or(i64::MAX);
+        if (last == 0 || now - last >= every)
+            && slot
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(target: "meshca::limits", limit = limit.label(), total, "refused: {detail} (logged at most every {}s per limit)", LOG_EVERY.as_secs());
+        }
+    }
+
+    /// A slot for a new gRPC connection, or `None` (counted) when all are taken.
+    pub fn grpc_connection(&self, peer: IpAddr) -> Option<Option<OwnedSemaphorePermit>> {
+        self.connection(&self.grpc_connections, Limit::Connections, peer)
+    }
+
+    /// A slot for a new HTTP connection, or `None` (counted) when all are taken.
+    pub fn http_connection(&self, peer: IpAddr) -> Option<Option<OwnedSemaphorePermit>> {
+        self.connection(&self.http_connections, Limit::HttpConnections, peer)
+    }
+
+    fn connection(
+        &self,
+        sem: &Option<Arc<Semaphore>>,
+        limit: Limit,
+        peer: IpAddr,
+    ) -> Option<Option<OwnedSemaphorePermit>> {
+        let Some(sem) = sem else {
+            return Some(None);
+        };
+        match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(Some(p)),
+            Err(_) => {
+                self.refused(
+                    limit,
+                    &format_args!("connection from {peer}: all connection slots are taken"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Admits a watch stream from `peer`, or says which cap it would exceed (counted).
+    pub fn watch(self: &Arc<Self>, peer: WatchPeer) -> Result<WatchPermit, WatchRefused> {
+        let mut book = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        match admit_watch(&book, &peer, &self.cfg) {
+            Ok(()) => {
+                book.add(&peer);
+                Ok(WatchPermit {
+                    limits: self.clone(),
+                    peer,
+                })
+            }
+            Err(limit) => {
+                drop(book);
+                let refusal = WatchRefused {
+                    limit,
+                    cap: match limit {
+                        Limit::WatchTotal => self.cfg.watch_max,
+                        Limit::WatchUnauthenticated => self.cfg.watch_max_unauthenticated,
+                        _ => self.cfg.watch_per_peer,
+                    },
+                };
+                self.refused(limit, &format_args!("watch from {}: {refusal}", peer.key()));
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Open watch streams: (all, without a client certificate).
+    pub fn watching(&self) -> (usize, usize) {
+        let b = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        (b.total, b.unauthenticated)
+    }
+}
+
+/// Who opens a watch stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WatchPeer {
+    /// The remote address.
+    pub ip: IpAddr,
+    /// The SPIFFE ID of its client certificate, if it presented one.
+    pub spiffe_id: Option<String>,
+}
+
+impl WatchPeer {
+    fn key(&self) -> String {
+        match &self.spiffe_id {
+            Some(id) => format!("{} ({id})", self.ip),
+            None => format!("{} (no client certificate)", self.ip),
+        }
+    }
+}
+
+/// Open watch streams.
+#[derive(Debug, Default)]
+pub struct WatchBook {
+    total: usize,
+    unauthenticated: usize,
+    per_peer: HashMap<WatchPeer, usize>,
+}
+
+impl WatchBook {
+    fn add(&mut self, p: &WatchPeer) {
+        self.total += 1;
+        self.unauthenticated += usize::from(p.spiffe_id.is_none());
+        *self.per_peer.entry(p.clone()).or_default() += 1;
+    }
+
+    fn remove(&mut self, p: &WatchPeer) {
+        self.total = self.total.saturating_sub(1);
+        if p.spiffe_id.is_none() {
+            self.unauthenticated = self.unauthenticated.saturating_sub(1);
+        }
+        if let Some(n) = self.per_peer.get_mut(p) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(p);
+            }
+        }
+    }
+}
+
+/// Whether one more watch stream from `peer` fits (`0` in `cfg` means unlimited), or which cap
+/// it would exceed: per peer first (the narrowest), then the unauthenticated share, then all.
+pub fn admit_watch(book: &WatchBook, peer: &WatchPeer, cfg: &LimitsConfig) -> Result<(), Limit> {
+    let full = |n: usize, cap: usize| cap != 0 && n >= cap;
+    if full(
+        book.per_peer.get(peer).copied().unwrap_or(0),
+        cfg.watch_per_peer,
+    ) {
+        return Err(Limit::WatchPerPeer);
+    }
+    if peer.spiffe_id.is_none() && full(book.unauthenticated, cfg.watch_max_unauthenticated) {
+        return Err(Limit::WatchUnauthenticated);
+    }
+    if full(book.total, cfg.watch_max) {
+        return Err(Limit::WatchTotal);
+    }
+    Ok(())
+}
+
+/// A watch stream over a cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{} watch streams are open ({}): try again later, or fetch the bundle with GetTrustBundle", .cap, match .limit {
+    Limit::WatchPerPeer => "limits.watch_per_peer, from this peer",
+    Limit::WatchUnauthenticated => "limits.watch_max_unauthenticated, without a client certificate",
+    _ => "limits.watch_max, in all",
+})]
+pub struct WatchRefused {
+    /// The cap.
+    pub limit: Limit,
+    /// Its value.
+    pub cap: usize,
+}
+
+/// An admitted watch stream; dropping it frees its slot.
+#[derive(Debug)]
+pub struct WatchPermit {
+    limits: Arc<Limits>,
+    peer: WatchPeer,
+}
+
+impl Drop for WatchPermit {
+    fn drop(&mut self) {
+        self.limits
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.peer);
+    }
+}
+
+/// What one connection is doing: how many streams are open and since when it has had none.
+/// The request path counts streams ([`CountStreams`]); the connection reads it to decide
+/// whether it is idle.
+#[derive(Debug)]
+pub struct ConnActivity {
+    open: AtomicUsize,
+    /// Milliseconds from `born` to the moment the last stream closed (0: none has yet).
+    last_close_ms: AtomicI64,
+    born: Instant,
+}
+
+impl ConnActivity {
+    /// A connection with no stream yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            last_close_ms: AtomicI64::new(0),
+            born: Instant::now(),
+        })
+    }
+
+    /// Streams open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// When the connection became idle (its last stream closed, or it was born), if it is idle.
+    pub fn idle_since(&self) -> Option<Instant> {
+        (self.open() == 0).then(|| {
+            let ms = self.last_close_ms.load(Ordering::Acquire);
+            self.born + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        })
+    }
+
+    /// Whether a stream has ever closed on it (it sent a preface and a request).
+    pub fn served(&self) -> bool {
+        self.last_close_ms.load(Ordering::Acquire) > 0 || self.open() > 0
+    }
+
+    /// A stream opened; dropping the guard closes it.
+    pub fn begin(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(self.clone())
+    }
+}
+
+/// One open stream of a connection.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<ConnActivity>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let ms = i64::try_from(self.0.born.elapsed().as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        self.0.last_close_ms.store(ms, Ordering::Release);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A tower layer that counts each request as an open stream of its connection until its
+/// response body is dropped (a watch stream stays open as long as it is watched).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountStreams;
+
+impl<S> tower::Layer<S> for CountStreams {
+    type Service = CountStreamsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CountStreamsService { inner }
+    }
+}
+
+/// See [`CountStreams`].
+#[derive(Debug, Clone)]
+pub struct CountStreamsService<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for CountStreamsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let guard = req
+            .extensions()
+            .get::<crate::tls::PeerInfo>()
+            .map(|p| p.activity.begin());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(match guard {
+                Some(g) => resp.map(|b| {
+                    tonic::body::Body::new(Guarded {
+                        inner: b,
+                        _guard: g,
+                    })
+                }),
+                None => resp,
+            })
+        })
+    }
+}
+
+/// A response body that holds its stream open until dropped.
+struct Guarded {
+    inner: tonic::body::Body,
+    _guard: StreamGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(ip: u8, id: Option<&str>) -> WatchPeer {
+        WatchPeer {
+            ip: IpAddr::from([10, 0, 0, ip]),
+            spiffe_id: id.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn watch_caps_apply_narrowest_first_and_free_on_close() {
+        let cfg = LimitsConfig {
+            watch_max: 4,
+            watch_max_unauthenticated: 2,
+            watch_per_peer: 2,
+            ..LimitsConfig::default()
+        };
+        let mut b = WatchBook::default();
+        let (a, c, d) = (
+            peer(1, None),
+            peer(2, None),
+            peer(3, Some("spiffe://td/ns/a/sa/b")),
+        );
+        assert_eq!(admit_watch(&b, &a, &cfg), Ok(()));
+        b.add(&a);
+        b.add(&a);
+        // A third from the same peer: per peer, although the unauthenticated share is full too.
+        assert_eq!(admit_watch(&b, &a, &cfg), Err(Limit::WatchPerPeer));
+        // Another unauthenticated peer: the share is full.
+        assert_eq!(admit_watch(&b, &c, &cfg), Err(Limit::WatchUnauthenticated));
+        // An authenticated peer still fits, twice, then all four slots are taken.
+        b.add(&d);
+        b.add(&peer(4, Some("spiffe://td/ns/a/sa/c")));
+        assert_eq!(
+            admit_watch(&b, &peer(5, Some("spiffe://td/ns/x/sa/y")), &cfg),
+            Err(Limit::WatchTotal)
+        );
+        // Closing one frees its slot in every count it held.
+        b.remove(&a);
+        assert_eq!(admit_watch(&b, &c, &cfg), Ok(()));
+        b.add(&c);
+        assert_eq!(
+            admit_watch(&b, &peer(6, None), &cfg),
+            Err(Limit::WatchUnauthenticated)
+        );
+        assert_eq!(admit_watch(&b, &d, &cfg), Err(Limit::WatchTotal));
+        // Unlimited: nothing is refused.
+        let open = LimitsConfig::unlimited();
+        for _ in 0..100 {
+            b.add(&a);
+        }
+        assert_eq!(admit_watch(&b, &a, &open), Ok(()));
+    }
+
+    #[test]
+    fn refusals_are_counted_every_time() {
+        let fam = Family::<LimitLabels, Counter>::default();
+        let l = Limits::new(LimitsConfig::default(), fam.clone());
+        for _ in 0..5 {
+            l.refused(Limit::Preface, &"x");
+        }
+        assert_eq!(
+            fam.get_or_create(&LimitLabels {
+                limit: "preface_timeout"
+            })
+            .get(),
+            5
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_without_streams() {
+        let a = ConnActivity::new();
+        let born = a.idle_since().unwrap();
+        assert!(!a.served());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let g = a.begin();
+        assert_eq!(a.idle_since(), None);
+        assert!(a.served());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        drop(g);
+        assert_eq!(a.idle_since().unwrap(), born + Duration::from_secs(5));
+    }
+}

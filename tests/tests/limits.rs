@@ -1,0 +1,365 @@
+//! `[limits]` (issue #14): a caller cannot hold more than its share. Each test starts a real
+//! server with small limits, abuses one resource, checks the refusal (and its count in
+//! `meshca_limit_refusals_total`), and checks that a legitimate caller still signs. Negative
+//! controls run the same abuse with `LimitsConfig::unlimited()` and show it is then accepted.
+//! Time here is real but short (timeouts of 1 s); waits poll, never sleep a fixed time.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ca_server::config::LimitsConfig;
+use meshca_proto::v1::WatchTrustBundleRequest;
+use meshca_tests::{TestServer, eventually, http_get, sign_request, with_token};
+use rotator::client::{Identity, client_tls, make_csr};
+use rotator::clock::{Clock, ManualClock};
+use rotator::pki::SecretKey;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::Code;
+
+/// `meshca_limit_refusals_total{limit="<limit>"}` in a scrape.
+async fn refusals(srv: &TestServer, limit: &str) -> u64 {
+    let (_, m) = http_get(srv.http, "/metrics").await;
+    let line = format!("meshca_limit_refusals_total{{limit=\"{limit}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in\n{m}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A TLS connection to the gRPC port that sends nothing after the handshake.
+async fn silent_tls(
+    srv: &TestServer,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let cfg = client_tls(&srv.bundle(), None).unwrap();
+    let tcp = TcpStream::connect(srv.url.trim_start_matches("https://"))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Whether the server closed `tls` (a read ends) within `limit`.
+async fn closed_within(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    limit: Duration,
+) -> bool {
+    let mut b = [0u8; 64];
+    loop {
+        match tokio::time::timeout(limit, tls.read(&mut b)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // Server frames (SETTINGS, GOAWAY): keep reading until the end.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+async fn legit_issue(srv: &TestServer) {
+    let (r, _) = srv
+        .issue("spiffe://cluster.local/ns/default/sa/legit")
+        .await
+        .expect("a legitimate caller signs");
+    assert!(!r.certificate_chain.is_empty());
+}
+
+#[tokio::test]
+async fn silent_tls_connections_are_closed_after_the_preface_timeout() {
+    let srv = TestServer::start_with(|c| c.limits.preface_timeout = Duration::from_secs(1)).await;
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(silent_tls(&srv).await.unwrap());
+    }
+    let start = Instant::now();
+    legit_issue(&srv).await;
+    for c in &mut conns {
+        assert!(
+            closed_within(c, Duration::from_secs(10)).await,
+            "silent connection left open"
+        );
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
+    assert_eq!(refusals(&srv, "preface_timeout").await, 20);
+    legit_issue(&srv).await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_before_tls() {
+    for (limits, capped) in [
+        (
+            LimitsConfig {
+                max_connections: 4,
+                ..LimitsConfig::default()
+            },
+            true,
+        ),
+        // Negative control: without the cap the fifth handshake completes.
+        (LimitsConfig::unlimited(), false),
+    ] {
+        let srv = TestServer::start_with(|c| c.limits = limits).await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(silent_tls(&srv).await.unwrap());
+        }
+        let fifth = silent_tls(&srv).await;
+        assert_eq!(fifth.is_err(), capped, "{fifth:?}");
+        if capped {
+            assert_eq!(refusals(&srv, "connections").await, 1);
+            // Slots come back when connections close.
+            drop(held);
+            let ok = eventually(Duration::from_secs(10), || async {
+                srv.issue("spiffe://cluster.local/ns/default/sa/legit")
+                    .await
+                    .ok()
+            })
+            .await;
+            assert!(
+                ok.is_some(),
+                "no slot freed after the held connections closed"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_without_streams_is_closed_but_a_watched_one_is_kept() {
+    let srv = TestServer::start_with(|c| c.limits.idle_timeout = Duration::from_secs(1)).await;
+    // A watch keeps its connection busy: no idle close while it is open (three idle timeouts
+    // of waiting for the stream to end, which it must not).
+    let client = srv.client(None);
+    let mut watch = client
+        .clone()
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some());
+    let ended = tokio::time::timeout(Duration::from_secs(3), watch.message()).await;
+    assert!(ended.is_err(), "the watch stream ended: {ended:?}");
+    assert_eq!(
+        refusals(&srv, "idle_timeout").await,
+        0,
+        "a watched connection was closed"
+    );
+    drop(watch);
+    // Without it, the connection goes within about a second.
+    let closed = eventually(Duration::from_secs(10), || async {
+        (refusals(&srv, "idle_timeout").await >= 1).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "an idle connection was never closed");
+    legit_issue(&srv).await;
+}
+
+#[tokio::test]
+async fn watch_streams_have_caps_and_refuse_with_resource_exhausted() {
+    let srv = TestServer::start_with(|c| {
+        c.limits.watch_per_peer = 0;
+        c.limits.watch_max_unauthenticated = 3;
+        c.limits.watch_max = 5;
+    })
+    .await;
+    let watch = |id: Option<Identity>| {
+        let srv = &srv;
+        async move {
+            srv.client(id.as_ref())
+                .watch_trust_bundle(WatchTrustBundleRequest::default())
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(watch(None).await.unwrap());
+    }
+    let e = watch(None).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("watch_max_unauthenticated"), "{e:?}");
+    // Authenticated watchers have their own room, up to the total.
+    let (r, key) = srv
+        .issue("spiffe://cluster.local/ns/default/sa/watcher")
+        .await
+        .unwrap();
+    let me = Identity {
+        chain: meshca_tests::chain_of(&r),
+        key,
+    };
+    open.push(watch(Some(me.clone())).await.unwrap());
+    open.push(watch(Some(me.clone())).await.unwrap());
+    let e = watch(Some(me.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("watch_max,"), "{e:?}");
+    assert_eq!(refusals(&srv, "watch_unauthenticated").await, 1);
+    assert_eq!(refusals(&srv, "watch_total").await, 1);
+    // Closing one frees its slot.
+    drop(open.pop());
+    let again = eventually(Duration::from_secs(10), || async {
+        watch(Some(me.clone())).await.ok()
+    })
+    .await;
+    assert!(again.is_some(), "a closed watch never freed its slot");
+    legit_issue(&srv).await;
+}
+
+#[tokio::test]
+async fn watch_streams_per_peer_and_the_unlimited_control() {
+    let srv = TestServer::start_with(|c| c.limits.watch_per_peer = 2).await;
+    let c = srv.client(None);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            c.clone()
+                .watch_trust_bundle(WatchTrustBundleRequest::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let e = c
+        .clone()
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("watch_per_peer"), "{e:?}");
+    // Negative control: unlimited, fifty watchers from one peer all get their stream.
+    let open = TestServer::start_with(|c| c.limits = LimitsConfig::unlimited()).await;
+    let c = open.client(None);
+    let mut many = Vec::new();
+    for _ in 0..50 {
+        many.push(
+            c.clone()
+                .watch_trust_bundle(WatchTrustBundleRequest::default())
+                .await
+                .unwrap(),
+        );
+    }
+}
+
+/// A client certificate checked only at the handshake would keep renewing on an open
+/// connection after it expired. It is re-verified on every request, at the authority's time.
+#[tokio::test]
+async fn a_client_certificate_is_reverified_on_every_request() {
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    let srv = TestServer::start_clocked(|_| {}, clock.clone()).await;
+    let id = "spiffe://cluster.local/ns/default/sa/renewer";
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+    let mut req = sign_request(csr.clone());
+    req.ttl = Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    });
+    let r = srv
+        .client(None)
+        .sign_certificate(with_token(req, &srv.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let me = Identity {
+        chain: meshca_tests::chain_of(&r),
+        key: key.clone(),
+    };
+    // One connection, presenting the leaf: renewal over mTLS works ...
+    let mut client = srv.client(Some(&me));
+    client
+        .sign_certificate(sign_request(csr.clone()))
+        .await
+        .expect("renewal with a valid client certificate");
+    // ... and two hours later (the leaf lived one), on the same connection, it does not.
+    clock.advance(Duration::from_secs(2 * 3600));
+    let e = client
+        .sign_certificate(sign_request(csr.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("no longer valid"), "{e:?}");
+    // The holder must come back with another credential: a token on a new connection works.
+    assert!(clock.now() > time::OffsetDateTime::now_utc());
+    srv.client(None)
+        .sign_certificate(with_token(sign_request(csr), &srv.token))
+        .await
+        .expect("a token still authenticates");
+}
+
+#[tokio::test]
+async fn only_the_authoritys_own_trust_domain_is_issued() {
+    let srv = TestServer::start().await;
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(
+        &"spiffe://other.example/ns/default/sa/x".parse().unwrap(),
+        &key,
+    )
+    .unwrap();
+    let e = srv
+        .client(None)
+        .sign_certificate(with_token(sign_request(csr), &srv.token))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("trust domain cluster.local"), "{e:?}");
+}
+
+#[tokio::test]
+async fn readyz_reuses_a_recent_probe() {
+    for (cache, most) in [(Duration::from_secs(60), 1), (Duration::ZERO, 50)] {
+        let srv = TestServer::start_with(|c| c.limits.readyz_cache = cache).await;
+        let before = srv.server().readiness.probes_signed();
+        for _ in 0..50 {
+            let (code, _) = http_get(srv.http, "/readyz").await;
+            assert_eq!(code, 200);
+        }
+        let signed = srv.server().readiness.probes_signed() - before;
+        if cache.is_zero() {
+            // Negative control: no cache, one probe leaf per call.
+            assert_eq!(signed, most);
+        } else {
+            assert!(signed <= most, "{signed} probe leaves for 50 calls");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_http_port_has_a_header_timeout_and_a_connection_cap() {
+    let srv = TestServer::start_with(|c| {
+        c.limits.http_header_timeout = Duration::from_secs(1);
+        c.limits.http_max_connections = 2;
+    })
+    .await;
+    // Slowloris: a request line, then nothing.
+    let mut slow = TcpStream::connect(srv.http).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let mut other = TcpStream::connect(srv.http).await.unwrap();
+    other.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    // A third connection is over the cap: closed at once.
+    let mut third = TcpStream::connect(srv.http).await.unwrap();
+    let mut b = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut b))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // The slow ones are dropped after the header timeout (hyper answers 408 or closes).
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(start.elapsed() < Duration::from_secs(5), "slow client kept");
+    // With the slots free again, probes work.
+    drop(other);
+    let ok = eventually(Duration::from_secs(10), || async {
+        let (code, _) = http_get(srv.http, "/healthz").await;
+        (code == 200).then_some(())
+    })
+    .await;
+    assert!(ok.is_some());
+    assert!(refusals(&srv, "http_connections").await >= 1);
+}
