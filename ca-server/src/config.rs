@@ -344,6 +344,13 @@ pub struct LimitsConfig {
     /// `/readyz` reuses a probe result this young instead of signing a probe leaf each time.
     #[serde(with = "duration_str")]
     pub readyz_cache: Duration,
+    /// TokenReviews sent per second at most (a burst of `tokenreview_burst` allowed); beyond,
+    /// a request whose token is not cached fails `UNAVAILABLE` (the proxy retries).
+    pub tokenreview_rate: u32,
+    /// See `tokenreview_rate`.
+    pub tokenreview_burst: u32,
+    /// TokenReviews awaiting the API server at once.
+    pub tokenreview_in_flight: usize,
 }
 
 impl Default for LimitsConfig {
@@ -364,6 +371,9 @@ impl Default for LimitsConfig {
             http_max_connections: 256,
             http_header_timeout: Duration::from_secs(5),
             readyz_cache: Duration::from_secs(1),
+            tokenreview_rate: 50,
+            tokenreview_burst: 100,
+            tokenreview_in_flight: 32,
         }
     }
 }
@@ -377,6 +387,8 @@ impl LimitsConfig {
             watch_max_unauthenticated: 0,
             watch_per_peer: 0,
             http_max_connections: 0,
+            tokenreview_rate: 0,
+            tokenreview_in_flight: 0,
             ..Self::default()
         }
     }

@@ -44,11 +44,15 @@ pub enum Limit {
     WatchUnauthenticated,
     /// `limits.watch_per_peer`.
     WatchPerPeer,
+    /// `limits.tokenreview_rate`.
+    TokenReviewRate,
+    /// `limits.tokenreview_in_flight`.
+    TokenReviewInFlight,
 }
 
 impl Limit {
     /// Every limit, for counters initialised at 0.
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 9] = [
         Limit::Connections,
         Limit::HttpConnections,
         Limit::Preface,
@@ -56,6 +60,8 @@ impl Limit {
         Limit::WatchTotal,
         Limit::WatchUnauthenticated,
         Limit::WatchPerPeer,
+        Limit::TokenReviewRate,
+        Limit::TokenReviewInFlight,
     ];
 
     /// The `limit` label.
@@ -68,6 +74,8 @@ impl Limit {
             Limit::WatchTotal => "watch_total",
             Limit::WatchUnauthenticated => "watch_unauthenticated",
             Limit::WatchPerPeer => "watch_per_peer",
+            Limit::TokenReviewRate => "tokenreview_rate",
+            Limit::TokenReviewInFlight => "tokenreview_in_flight",
         }
     }
 }
@@ -88,16 +96,26 @@ pub struct Limits {
     grpc_connections: Option<Arc<Semaphore>>,
     http_connections: Option<Arc<Semaphore>>,
     watches: Mutex<WatchBook>,
+    reviews_in_flight: Option<Arc<Semaphore>>,
+    review_rate: Option<DirectLimiter>,
     started: Instant,
 }
+
+type DirectLimiter = governor::DefaultDirectRateLimiter;
 
 impl Limits {
     /// Limits `cfg`, counting refusals in `refusals` (registered by [`crate::metrics`]).
     pub fn new(cfg: LimitsConfig, refusals: Family<LimitLabels, Counter>) -> Self {
         let cap = |n: usize| (n > 0).then(|| Arc::new(Semaphore::new(n)));
+        let review_rate = std::num::NonZeroU32::new(cfg.tokenreview_rate).map(|rate| {
+            let burst = std::num::NonZeroU32::new(cfg.tokenreview_burst).unwrap_or(rate);
+            governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+        });
         Self {
             grpc_connections: cap(cfg.max_connections),
             http_connections: cap(cfg.http_max_connections),
+            reviews_in_flight: cap(cfg.tokenreview_in_flight),
+            review_rate,
             cfg,
             refusals,
             last_log: Default::default(),
@@ -162,6 +180,38 @@ impl Limits {
                 None
             }
         }
+    }
+
+    /// Room for one TokenReview (its in-flight slot, held until dropped), or the cap that is
+    /// reached (counted): the API server sees at most `tokenreview_rate` reviews per second
+    /// and `tokenreview_in_flight` at once from this replica.
+    pub fn token_review(&self) -> Result<Option<OwnedSemaphorePermit>, Limit> {
+        let slot = match &self.reviews_in_flight {
+            None => None,
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    self.refused(
+                        Limit::TokenReviewInFlight,
+                        &format_args!(
+                            "{} TokenReviews already await the API server",
+                            self.cfg.tokenreview_in_flight
+                        ),
+                    );
+                    return Err(Limit::TokenReviewInFlight);
+                }
+            },
+        };
+        if let Some(rate) = &self.review_rate
+            && rate.check().is_err()
+        {
+            self.refused(
+                Limit::TokenReviewRate,
+                &format_args!("over {} TokenReviews per second", self.cfg.tokenreview_rate),
+            );
+            return Err(Limit::TokenReviewRate);
+        }
+        Ok(slot)
     }
 
     /// Admits a watch stream from `peer`, or says which cap it would exceed (counted).

@@ -193,7 +193,12 @@ impl RequestPath {
         kube: Option<&Kube>,
         clock: &Arc<dyn Clock>,
     ) -> Result<Self, StartError> {
-        let reviewer = kube.and_then(|k| k.token_reviewer(config, authority, clock));
+        let metrics = Arc::new(Metrics::new());
+        let limits = Arc::new(Limits::new(
+            config.limits.clone(),
+            metrics.limit_refusals.clone(),
+        ));
+        let reviewer = kube.and_then(|k| k.token_reviewer(config, authority, clock, &limits));
         let auth = Arc::new(
             Authenticator::with_chain(
                 &config.state_dir,
@@ -202,11 +207,6 @@ impl RequestPath {
             )
             .map_err(other)?,
         );
-        let metrics = Arc::new(Metrics::new());
-        let limits = Arc::new(Limits::new(
-            config.limits.clone(),
-            metrics.limit_refusals.clone(),
-        ));
         let core = Arc::new(
             SigningCore::new(authority.clone(), auth.clone(), metrics.clone())
                 .with_audiences(Audiences::of(config)),
@@ -353,6 +353,7 @@ impl Kube {
         config: &Config,
         authority: &Authority,
         clock: &Arc<dyn Clock>,
+        limits: &Arc<Limits>,
     ) -> Option<Arc<TokenReviewer>> {
         let k = &config.kubernetes;
         config
@@ -366,6 +367,7 @@ impl Kube {
                     clock.clone(),
                     k.token_cache_ttl,
                     k.token_cache_size,
+                    limits.clone(),
                 ))
             })
     }

@@ -143,10 +143,10 @@ impl KubeApi {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a token.
-    pub fn add_token(&self, token: &str, username: &str, audiences: &[&str]) {
+    /// Registers the token [`jwt`]`(name)`.
+    pub fn add_token(&self, name: &str, username: &str, audiences: &[&str]) {
         self.lock().tokens.insert(
-            token.to_owned(),
+            jwt(name),
             TokenInfo {
                 username: username.to_owned(),
                 audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
@@ -629,3 +629,17 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 use futures::StreamExt as _;
+
+/// A token shaped like a ServiceAccount JWT (header, claims, signature; base64url), named `name`.
+/// The in-test API server knows tokens by their exact bytes, as the real one knows them by their
+/// signature; meshca refuses anything that is not JWT-shaped before asking the API server.
+pub fn jwt(name: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"RS256","kid":"in-test"}"#),
+        b64(format!(r#"{{"iss":"kubernetes/serviceaccount","sub":"{name}"}}"#).as_bytes()),
+        b64(name.as_bytes())
+    )
+}

@@ -10,7 +10,7 @@ use ca_server::auth::Credentials;
 use ca_server::config::{AuthMethod, Config};
 use ca_server::issuance::{Face, IssueError, IssueRequest, SigningCore};
 use ca_server::server::Server;
-use meshca_tests::kubeapi::KubeApi;
+use meshca_tests::kubeapi::{KubeApi, jwt};
 use meshca_tests::{
     TestServer, Workload, eventually, mtls_handshake, sign_request, test_config, with_token,
 };
@@ -37,7 +37,17 @@ fn kube(c: &mut Config, fake: &KubeApi) {
     ];
 }
 
+/// Signs with the in-test ServiceAccount token named `name` ([`jwt`]).
 async fn sign(
+    srv: &TestServer,
+    id: &str,
+    name: &str,
+) -> Result<(meshca_proto::v1::SignCertificateResponse, SecretKey), tonic::Status> {
+    sign_raw(srv, id, &jwt(name)).await
+}
+
+/// Signs with `token` exactly as given.
+async fn sign_raw(
     srv: &TestServer,
     id: &str,
     token: &str,
@@ -192,7 +202,7 @@ async fn tokenreview_authenticates_service_accounts_over_grpc() {
         let token = token.to_owned();
         async move {
             meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient::new(ch)
-                .create_certificate(with_token(req, &token))
+                .create_certificate(with_token(req, &jwt(&token)))
                 .await
         }
     };
@@ -205,6 +215,106 @@ async fn tokenreview_authenticates_service_accounts_over_grpc() {
         Code::Unauthenticated,
         "meshca-audience token on the Istio face: {e:?}"
     );
+}
+
+/// A JWT-shaped token with these claims (nothing the in-test API server knows).
+fn jwt_with(claims: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    format!(
+        "{}.{}.c2ln",
+        b64(br#"{"alg":"RS256"}"#),
+        b64(claims.as_bytes())
+    )
+}
+
+/// Random bearer tokens must not become a flood against the API server (istio#27945): what
+/// cannot be a ServiceAccount JWT for this face is refused without a call, one token is reviewed
+/// once however many ask at once, and reviews are capped per second; beyond the cap requests
+/// fail Unavailable while cached tokens keep working. Negative control: unlimited, every
+/// distinct token costs a review.
+#[tokio::test]
+async fn a_flood_of_tokens_is_kept_off_the_api_server() {
+    let fake = KubeApi::start().await;
+    tokens(&fake);
+    let srv = TestServer::start_with(|c| {
+        kube(c, &fake);
+        c.limits.tokenreview_rate = 5;
+        c.limits.tokenreview_burst = 5;
+    })
+    .await;
+    sign(&srv, WEB, "tok-web").await.expect("a real token");
+    let reviews = || fake.count("create", "tokenreviews");
+    assert_eq!(reviews(), 1);
+    // 1. Not JWTs, expired, for another audience, oversized: refused before any call.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut shapeless: Vec<String> = (0..200).map(|i| format!("random-{i}")).collect();
+    shapeless.push(jwt_with(&format!(r#"{{"exp":{}}}"#, now - 60)));
+    shapeless.push(jwt_with(r#"{"aud":["vault"]}"#));
+    shapeless.push(format!("{}.{}.x", "e30", "e30"));
+    shapeless.push("a".repeat(10_000));
+    for t in &shapeless {
+        let e = sign_raw(&srv, WEB, t).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{t:.40}: {e:?}");
+    }
+    assert_eq!(reviews(), 1, "a shapeless token reached the API server");
+    // 2. Fifty at once with one unknown token: one review.
+    let same = jwt_with(r#"{"sub":"unknown"}"#);
+    let all = futures::future::join_all((0..50).map(|_| sign_raw(&srv, WEB, &same))).await;
+    assert!(all.iter().all(Result::is_err));
+    assert_eq!(
+        reviews(),
+        2,
+        "concurrent requests with one token were reviewed separately"
+    );
+    // 3. Distinct unknown tokens: at most the burst plus the rate reach the API server; the
+    // rest are Unavailable, and the cached real token keeps signing meanwhile.
+    let start = std::time::Instant::now();
+    let mut unavailable = 0;
+    for i in 0..60 {
+        let e = sign_raw(&srv, WEB, &jwt_with(&format!(r#"{{"sub":"x{i}"}}"#)))
+            .await
+            .unwrap_err();
+        if e.code() == Code::Unavailable {
+            assert!(e.message().contains("limits.tokenreview_rate"), "{e:?}");
+            unavailable += 1;
+        }
+        if i % 10 == 0 {
+            sign(&srv, WEB, "tok-web")
+                .await
+                .expect("a cached token still works");
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "small"
+    )]
+    let allowed = 5 + (secs * 5.0).ceil() as usize;
+    assert!(
+        reviews() - 2 <= allowed,
+        "{} reviews in {secs:.1} s, allowed {allowed}",
+        reviews() - 2
+    );
+    assert!(unavailable > 0);
+    let (_, m) = meshca_tests::http_get(srv.http, "/metrics").await;
+    assert!(
+        !m.contains(r#"meshca_limit_refusals_total{limit="tokenreview_rate"} 0"#),
+        "{m}"
+    );
+
+    // Negative control: no rate cap, each distinct token is a review.
+    let open = TestServer::start_with(|c| {
+        kube(c, &fake);
+        c.limits = ca_server::config::LimitsConfig::unlimited();
+    })
+    .await;
+    let before = reviews();
+    for i in 0..60 {
+        let _ = sign_raw(&open, WEB, &jwt_with(&format!(r#"{{"sub":"y{i}"}}"#))).await;
+    }
+    assert_eq!(reviews() - before, 60);
 }
 
 #[tokio::test]
@@ -223,7 +333,7 @@ async fn an_unreachable_api_server_is_unavailable() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     // The static token still works: the chain goes on past an unavailable authenticator.
     let tok = srv.token.clone();
-    sign(&srv, "spiffe://cluster.local/ns/default/sa/x", &tok)
+    sign_raw(&srv, "spiffe://cluster.local/ns/default/sa/x", &tok)
         .await
         .expect("static token");
 }
@@ -257,7 +367,7 @@ async fn issue_in_process(
 ) -> Result<String, IssueError> {
     let key = SecretKey::generate_p256().unwrap();
     let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
-    let header = format!("Bearer {token}");
+    let header = format!("Bearer {}", jwt(token));
     issuer
         .issue(IssueRequest {
             api: Face::Meshca,
@@ -909,7 +1019,7 @@ async fn two_server_processes_fail_over_on_sigkill() {
                 let key = SecretKey::generate_p256().unwrap();
                 let csr = make_csr(&WEB.parse().unwrap(), &key).unwrap();
                 match client
-                    .sign_certificate(with_token(sign_request(csr), "tok-web"))
+                    .sign_certificate(with_token(sign_request(csr), &jwt("tok-web")))
                     .await
                 {
                     Ok(_) => count.0.fetch_add(1, Ordering::SeqCst),

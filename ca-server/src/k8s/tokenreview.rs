@@ -26,6 +26,7 @@ use rotator::spiffe::{IdPattern, SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
 use crate::auth::{AuthError, Caller, TokenAuthenticator};
+use crate::limits::Limits;
 
 /// A ServiceAccount proven by a TokenReview.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +44,10 @@ struct Entry {
     until: OffsetDateTime,
 }
 
-/// Reviews tokens, with a bounded cache.
+/// Reviews tokens, with a bounded cache. A token that cannot be a ServiceAccount JWT for this
+/// face is refused before any API call ([`precheck`]); concurrent requests with the same token
+/// share one review; the reviews sent are capped in rate and in flight (`[limits]`), and beyond
+/// a cap a request fails `Unavailable` while cached answers keep serving.
 pub struct TokenReviewer {
     client: kube::Client,
     trust_domain: TrustDomain,
@@ -51,8 +55,14 @@ pub struct TokenReviewer {
     ttl: Duration,
     capacity: usize,
     cache: std::sync::Mutex<HashMap<[u8; 32], Entry>>,
+    in_flight: std::sync::Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Answer>>>>,
+    limits: Arc<Limits>,
     calls: AtomicU64,
 }
+
+/// The largest token reviewed. Projected ServiceAccount tokens are about 1 KiB; anything over
+/// this is refused before the API server sees it.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 impl std::fmt::Debug for TokenReviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,6 +88,7 @@ impl TokenReviewer {
         clock: Arc<dyn Clock>,
         ttl: Duration,
         capacity: usize,
+        limits: Arc<Limits>,
     ) -> Self {
         Self {
             client,
@@ -86,6 +97,8 @@ impl TokenReviewer {
             ttl,
             capacity: capacity.max(1),
             cache: Default::default(),
+            in_flight: Default::default(),
+            limits,
             calls: AtomicU64::new(0),
         }
     }
@@ -134,9 +147,25 @@ impl TokenReviewer {
         {
             return e.answer.clone();
         }
-        let answer = self.ask(token, audience).await;
+        precheck(token, audience, now)?;
+        // One review per token at a time: later callers wait for the first one's answer.
+        let cell = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let answer = cell
+            .get_or_init(|| self.ask_within_limits(token, audience))
+            .await
+            .clone();
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
         if matches!(answer, Err(AuthError::Unavailable(_))) {
-            return answer; // never cache the API server's absence
+            return answer; // never cache the API server's absence (or a limit)
         }
         let ttl = if answer.is_ok() {
             self.ttl
@@ -164,6 +193,17 @@ impl TokenReviewer {
             );
         }
         answer
+    }
+
+    /// A review within `[limits]`: `Unavailable` (not cached) when a cap is reached.
+    async fn ask_within_limits(&self, token: &str, audience: &str) -> Answer {
+        let _slot = self.limits.token_review().map_err(|l| {
+            AuthError::Unavailable(format!(
+                "TokenReview refused by limits.{}: the API server is being spared; retry shortly",
+                l.label()
+            ))
+        })?;
+        self.ask(token, audience).await
     }
 
     async fn ask(&self, token: &str, audience: &str) -> Answer {
@@ -234,6 +274,70 @@ impl TokenAuthenticator for TokenReviewer {
     }
 }
 
+/// Whether `token` can be a ServiceAccount JWT for `audience` at `now`, judged from its shape
+/// alone (nothing is verified here: the API server does that). Refuses what no API server would
+/// accept, before any call: too long, not three base64url parts, a header or payload that is not
+/// a JSON object, an unsigned (`alg: none`) token, an `exp` in the past, an `aud` that does not
+/// name this face's audience. A token without `exp` or `aud` (a legacy Secret token) goes on
+/// to the API server, which decides.
+pub fn precheck(token: &str, audience: &str, now: OffsetDateTime) -> Result<(), AuthError> {
+    let bad = |why: &str| {
+        Err(AuthError::TokenRejected(format!(
+            "not a ServiceAccount token: {why}"
+        )))
+    };
+    if token.len() > MAX_TOKEN_BYTES {
+        return bad(&format!("longer than {MAX_TOKEN_BYTES} bytes"));
+    }
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+        return bad("a JWT has three non-empty dot-separated parts");
+    }
+    let json = |part: &str| -> Option<serde_json::Map<String, serde_json::Value>> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part.trim_end_matches('='))
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let Some(header) = json(parts[0]) else {
+        return bad("its header is not base64url JSON");
+    };
+    let Some(claims) = json(parts[1]) else {
+        return bad("its payload is not base64url JSON");
+    };
+    match header.get("alg").and_then(|a| a.as_str()) {
+        None => return bad("its header names no algorithm"),
+        Some(a) if a.eq_ignore_ascii_case("none") => return bad("it is unsigned (alg none)"),
+        Some(_) => {}
+    }
+    if let Some(exp) = claims.get("exp") {
+        match exp.as_i64() {
+            Some(e) if e <= now.unix_timestamp() => {
+                return Err(AuthError::TokenRejected(format!(
+                    "the token expired at {}",
+                    OffsetDateTime::from_unix_timestamp(e)
+                        .map_or_else(|_| e.to_string(), rotator::clock::rfc3339)
+                )));
+            }
+            Some(_) => {}
+            None => return bad("its exp is not a number"),
+        }
+    }
+    let names = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s == audience,
+        serde_json::Value::Array(a) => a.iter().any(|x| x.as_str() == Some(audience)),
+        _ => false,
+    };
+    if let Some(aud) = claims.get("aud")
+        && !names(aud)
+    {
+        return Err(AuthError::TokenRejected(format!(
+            "the token is not valid for audience {audience:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// `system:serviceaccount:<ns>:<sa>` → (ns, sa).
 pub fn parse_service_account(user: &str) -> Option<ServiceAccount> {
     let rest = user.strip_prefix("system:serviceaccount:")?;
@@ -258,6 +362,42 @@ pub fn jwt_expiry(token: &str) -> Option<OffsetDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn jwt(header: &str, claims: &str) -> String {
+        let b = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!("{}.{}.c2ln", b(header), b(claims))
+    }
+
+    #[test]
+    fn precheck_refuses_what_no_api_server_would_accept() {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let ok = |t: &str| precheck(t, "meshca", now).is_ok();
+        let h = r#"{"alg":"RS256","kid":"k"}"#;
+        assert!(ok(&jwt(h, r#"{"aud":["meshca"],"exp":1800000001}"#)));
+        assert!(ok(&jwt(h, r#"{"aud":"meshca"}"#)));
+        assert!(ok(&jwt(h, r#"{"sub":"legacy, no aud or exp"}"#)));
+        for bad in [
+            "mca_static-token".to_owned(),
+            "a.b".to_owned(),
+            "a..c".to_owned(),
+            jwt("not json", "{}"),
+            jwt(h, "[1]"),
+            jwt(r#"{"typ":"JWT"}"#, "{}"),
+            jwt(r#"{"alg":"none"}"#, "{}"),
+            jwt(h, r#"{"exp":1800000000}"#),
+            jwt(h, r#"{"exp":"soon"}"#),
+            jwt(h, r#"{"aud":["istio-ca"]}"#),
+            format!("{}{}", jwt(h, "{}"), "A".repeat(MAX_TOKEN_BYTES)),
+        ] {
+            assert!(
+                matches!(
+                    precheck(&bad, "meshca", now),
+                    Err(AuthError::TokenRejected(_))
+                ),
+                "{bad:.60}"
+            );
+        }
+    }
 
     #[test]
     fn service_account_users() {
