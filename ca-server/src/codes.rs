@@ -14,7 +14,7 @@
 //! | wrong phase, gate closed, upstream anchor, unknown id, no pending key, a broken invariant | — | — | `FAILED_PRECONDITION` |
 //! | an imported certificate or key is refused | — | — | `INVALID_ARGUMENT` |
 //! | the store refused the write | — | — | `UNAVAILABLE` |
-//! | a watch stream over a `[limits]` cap | `RESOURCE_EXHAUSTED` | — | — |
+//! | a watch stream, the caller's issue rate or its identity's ledger instances over a `[limits]` cap | `RESOURCE_EXHAUSTED` (with `grpc-retry-pushback-ms` when known) | `RESOURCE_EXHAUSTED` | — |
 //! | a bug or an RNG failure | `INTERNAL` | `INTERNAL` | `INTERNAL` |
 //!
 //! Linkerd's column is Linkerd's identity controller's own choice of codes (what its proxies
@@ -55,6 +55,16 @@ pub fn issue(e: &IssueError, face: Face) -> Status {
             Status::unavailable(msg)
         }
         (_, IssueError::Internal(_)) => Status::internal(msg),
+        (_, IssueError::Limited(r)) => {
+            let mut st = Status::resource_exhausted(msg);
+            // gRPC's retry pushback: a client that honours it waits this long.
+            if let Some(wait) = r.retry_after
+                && let Ok(v) = wait.as_millis().max(1).to_string().parse()
+            {
+                st.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            st
+        }
         (
             Mapping::Standard,
             IssueError::Auth(AuthError::Denied { .. } | AuthError::ForeignTrustDomain { .. }),

@@ -351,6 +351,17 @@ pub struct LimitsConfig {
     pub tokenreview_burst: u32,
     /// TokenReviews awaiting the API server at once.
     pub tokenreview_in_flight: usize,
+    /// Certificates one caller credential (a token, a ServiceAccount, a client certificate's
+    /// SPIFFE ID) may obtain per second, after a burst of `issue_burst`; beyond it
+    /// `RESOURCE_EXHAUSTED` with a retry hint.
+    pub issue_rate: u32,
+    /// See `issue_rate`.
+    pub issue_burst: u32,
+    /// Instances the issuance ledger holds in all (~310 bytes each: 200,000 ≈ 62 MiB). Beyond,
+    /// leaves are still signed but not recorded, and the measured gates fall back to time.
+    pub ledger_max_instances: usize,
+    /// Live instances one SPIFFE ID may hold in the ledger; a new one beyond it is refused.
+    pub ledger_instances_per_identity: usize,
 }
 
 impl Default for LimitsConfig {
@@ -374,6 +385,10 @@ impl Default for LimitsConfig {
             tokenreview_rate: 50,
             tokenreview_burst: 100,
             tokenreview_in_flight: 32,
+            issue_rate: 20,
+            issue_burst: 200,
+            ledger_max_instances: 200_000,
+            ledger_instances_per_identity: 1000,
         }
     }
 }
@@ -389,7 +404,18 @@ impl LimitsConfig {
             http_max_connections: 0,
             tokenreview_rate: 0,
             tokenreview_in_flight: 0,
+            issue_rate: 0,
+            ledger_max_instances: 0,
+            ledger_instances_per_identity: 0,
             ..Self::default()
+        }
+    }
+
+    /// The ledger's share of these limits.
+    pub fn ledger(&self) -> rotator::ledger::LedgerLimits {
+        rotator::ledger::LedgerLimits {
+            max_instances: self.ledger_max_instances,
+            max_per_identity: self.ledger_instances_per_identity,
         }
     }
 

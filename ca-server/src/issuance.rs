@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rotator::ledger::LeafRecord;
+use rotator::ledger::{LeafRecord, Recorded};
 use rotator::spiffe::SpiffeId;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use crate::auth::{AuthError, Authenticator, Credentials, authorize};
 use crate::authority::{Authority, Bundle};
+use crate::limits::{Limit, Limits, Refusal};
 use crate::metrics::Metrics;
 use crate::signing::{CsrError, ValidCsr, parse_csr, parse_dns_csr, sign_leaf};
 
@@ -106,6 +107,9 @@ pub enum IssueError {
     /// No valid issuer can sign now.
     #[error("{0}")]
     Unavailable(String),
+    /// A `[limits]` cap: the caller's issue rate, its identity's instances in the ledger.
+    #[error(transparent)]
+    Limited(#[from] Refusal),
     /// A bug or an RNG failure.
     #[error("{0}")]
     Internal(String),
@@ -114,6 +118,7 @@ pub enum IssueError {
 impl IssueError {
     fn result_label(&self) -> &'static str {
         match self {
+            Self::Limited(_) => "limited",
             Self::Auth(AuthError::Denied { .. } | AuthError::ForeignTrustDomain { .. }) => "denied",
             Self::Auth(AuthError::Unavailable(_)) | Self::Unavailable(_) => "unavailable",
             Self::Auth(_) => "unauthenticated",
@@ -158,17 +163,31 @@ pub struct SigningCore {
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     audiences: Audiences,
+    limits: Arc<Limits>,
 }
 
 impl SigningCore {
-    /// An issuer over `authority`, checking credentials with `auth`.
+    /// An issuer over `authority`, checking credentials with `auth`, without limits (the
+    /// server sets them with [`with_limits`](Self::with_limits)).
     pub fn new(authority: Arc<Authority>, auth: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
+        let limits = Arc::new(Limits::new(
+            crate::config::LimitsConfig::unlimited(),
+            metrics.limit_refusals.clone(),
+        ));
         Self {
             authority,
             auth,
             metrics,
             audiences: Audiences::default(),
+            limits,
         }
+    }
+
+    /// With `[limits]`: the issue rate per caller and the ledger's caps.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// With the configured TokenReview audiences.
@@ -288,7 +307,7 @@ impl SigningCore {
         }
         let caller = authorize(callers, &csr.id)?;
         *who = caller.name.clone();
-        let issued = self.sign(&csr, req.ttl)?;
+        self.limits.issue(&caller.name)?;
         let instance = match req.instance_id.filter(|i| !i.is_empty()) {
             Some(i) => i.to_owned(),
             None => {
@@ -297,9 +316,20 @@ impl SigningCore {
                 format!("key:{}", hex::encode(&h.as_ref()[..12]))
             }
         };
-        self.authority.ledger().record(LeafRecord {
+        let spiffe_id = csr.id.to_string();
+        if let Err(e) = self.authority.ledger().admit(&spiffe_id, &instance) {
+            let message = e.to_string();
+            self.limits.refused(Limit::LedgerPerIdentity, &message);
+            return Err(IssueError::Limited(Refusal {
+                limit: Limit::LedgerPerIdentity,
+                message,
+                retry_after: None,
+            }));
+        }
+        let issued = self.sign(&csr, req.ttl)?;
+        let recorded = self.authority.ledger().record(LeafRecord {
             serial: issued.serial.clone(),
-            spiffe_id: issued.id.to_string(),
+            spiffe_id,
             instance,
             anchor: issued.anchor.clone(),
             issued: self.authority.clock().now().unix_timestamp(),
@@ -310,6 +340,16 @@ impl SigningCore {
                 0
             },
         });
+        if recorded == Recorded::DroppedFull {
+            self.limits.refused(
+                Limit::LedgerFull,
+                &format_args!(
+                    "the issuance ledger holds limits.ledger_max_instances instances: {} signed but not recorded; \
+                     the trust-anchor gates use their time fallback until every unrecorded leaf has expired",
+                    issued.id
+                ),
+            );
+        }
         Ok(issued)
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rotator::ledger::{LeafRecord, Ledger, LedgerSummary};
+use rotator::ledger::{LeafRecord, Ledger, LedgerSummary, Recorded, TooManyInstances};
 use rotator::store::write_atomic;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -162,11 +162,23 @@ impl LedgerHandle {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a leaf (memory only; the next flush writes it).
-    pub fn record(&self, r: LeafRecord) {
+    /// Records a leaf (memory only; the next flush writes it). A leaf the full ledger drops is
+    /// not written either (the ledger is complete only from then on, in memory and, through
+    /// the next rewrite's header, on disk).
+    pub fn record(&self, r: LeafRecord) -> Recorded {
         let mut i = self.lock();
-        i.ledger.record(r.clone());
-        i.queued.push(r);
+        let kept = i.ledger.record(r.clone());
+        if kept == Recorded::Kept {
+            i.queued.push(r);
+        } else {
+            i.needs_rewrite = true;
+        }
+        kept
+    }
+
+    /// Whether a leaf for `(spiffe_id, instance)` may be signed (its identity's instance cap).
+    pub fn admit(&self, spiffe_id: &str, instance: &str) -> Result<(), TooManyInstances> {
+        self.lock().ledger.admit(spiffe_id, instance)
     }
 
     /// Runs `f` on the in-memory ledger (watch bookkeeping).

@@ -48,11 +48,17 @@ pub enum Limit {
     TokenReviewRate,
     /// `limits.tokenreview_in_flight`.
     TokenReviewInFlight,
+    /// `limits.issue_rate`, per caller credential.
+    IssueRate,
+    /// `limits.ledger_instances_per_identity`.
+    LedgerPerIdentity,
+    /// `limits.ledger_max_instances` (the leaf is signed but not recorded).
+    LedgerFull,
 }
 
 impl Limit {
     /// Every limit, for counters initialised at 0.
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 12] = [
         Limit::Connections,
         Limit::HttpConnections,
         Limit::Preface,
@@ -62,6 +68,9 @@ impl Limit {
         Limit::WatchPerPeer,
         Limit::TokenReviewRate,
         Limit::TokenReviewInFlight,
+        Limit::IssueRate,
+        Limit::LedgerPerIdentity,
+        Limit::LedgerFull,
     ];
 
     /// The `limit` label.
@@ -76,6 +85,9 @@ impl Limit {
             Limit::WatchPerPeer => "watch_per_peer",
             Limit::TokenReviewRate => "tokenreview_rate",
             Limit::TokenReviewInFlight => "tokenreview_in_flight",
+            Limit::IssueRate => "issue_rate",
+            Limit::LedgerPerIdentity => "ledger_instances_per_identity",
+            Limit::LedgerFull => "ledger_max_instances",
         }
     }
 }
@@ -98,10 +110,25 @@ pub struct Limits {
     watches: Mutex<WatchBook>,
     reviews_in_flight: Option<Arc<Semaphore>>,
     review_rate: Option<DirectLimiter>,
+    issue_rate: Option<KeyedLimiter>,
+    issue_checks: std::sync::atomic::AtomicU64,
     started: Instant,
 }
 
 type DirectLimiter = governor::DefaultDirectRateLimiter;
+type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+/// A request refused by a limit, with when trying again makes sense.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// Which limit.
+    pub limit: Limit,
+    /// Why, for the caller.
+    pub message: String,
+    /// When a retry can succeed, if known.
+    pub retry_after: Option<Duration>,
+}
 
 impl Limits {
     /// Limits `cfg`, counting refusals in `refusals` (registered by [`crate::metrics`]).
@@ -111,7 +138,13 @@ impl Limits {
             let burst = std::num::NonZeroU32::new(cfg.tokenreview_burst).unwrap_or(rate);
             governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
         });
+        let issue_rate = std::num::NonZeroU32::new(cfg.issue_rate).map(|rate| {
+            let burst = std::num::NonZeroU32::new(cfg.issue_burst).unwrap_or(rate);
+            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
+        });
         Self {
+            issue_rate,
+            issue_checks: Default::default(),
             grpc_connections: cap(cfg.max_connections),
             http_connections: cap(cfg.http_max_connections),
             reviews_in_flight: cap(cfg.tokenreview_in_flight),
@@ -212,6 +245,37 @@ impl Limits {
             return Err(Limit::TokenReviewRate);
         }
         Ok(slot)
+    }
+
+    /// One certificate for `caller` (its credential's name), or a refusal with the time until
+    /// its bucket has room (counted).
+    pub fn issue(&self, caller: &str) -> Result<(), Refusal> {
+        let Some(rate) = &self.issue_rate else {
+            return Ok(());
+        };
+        // Forget idle callers now and then, so the buckets do not grow without bound.
+        if self.issue_checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            rate.retain_recent();
+            rate.shrink_to_fit();
+        }
+        let Err(not_until) = rate.check_key(&caller.to_owned()) else {
+            return Ok(());
+        };
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        let r = Refusal {
+            limit: Limit::IssueRate,
+            message: format!(
+                "{caller} is over limits.issue_rate ({}/s after a burst of {}): retry in {} ms",
+                self.cfg.issue_rate,
+                self.cfg.issue_burst,
+                wait.as_millis().max(1)
+            ),
+            retry_after: Some(wait),
+        };
+        self.refused(Limit::IssueRate, &r.message);
+        Err(r)
     }
 
     /// Admits a watch stream from `peer`, or says which cap it would exceed (counted).

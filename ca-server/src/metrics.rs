@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 pub struct IssuedLabels {
     /// `meshca`, `istio` or `linkerd`.
     pub api: &'static str,
-    /// `ok`, `unauthenticated`, `denied`, `invalid`, `unavailable`, `error`.
+    /// `ok`, `unauthenticated`, `denied`, `invalid`, `unavailable`, `limited`, `error`.
     pub result: &'static str,
 }
 
@@ -410,6 +410,7 @@ impl Metrics {
             "denied",
             "invalid",
             "unavailable",
+            "limited",
             "error",
         ] {
             self.issued

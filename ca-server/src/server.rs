@@ -105,6 +105,8 @@ impl Server {
         let secret = kube.as_ref().and_then(|k| k.state_secret(&config));
         let storage = storage(files, secret.clone());
         let (authority, created) = open_authority(&config, storage, clock.clone()).await?;
+        let ledger_limits = config.limits.ledger();
+        authority.ledger().with(|l| l.set_limits(ledger_limits));
         let bootstrap_token = created
             .then(|| {
                 write_bootstrap_token(&config.state_dir, &authority.snapshot().bundle.trust_domain)
@@ -209,7 +211,8 @@ impl RequestPath {
         );
         let core = Arc::new(
             SigningCore::new(authority.clone(), auth.clone(), metrics.clone())
-                .with_audiences(Audiences::of(config)),
+                .with_audiences(Audiences::of(config))
+                .with_limits(limits.clone()),
         );
         let health = Arc::new(RotationHealth::default());
         let readiness = Arc::new(

@@ -109,6 +109,44 @@ pub struct Ledger {
     anchors: Vec<CertId>,
     /// Other processes sign too (replicas): this ledger never sees every leaf.
     partial: bool,
+    /// Bounds on what it holds.
+    limits: LedgerLimits,
+    /// Instances held per SPIFFE ID (for `limits.max_per_identity`).
+    per_identity: HashMap<Box<str>, u32>,
+}
+
+/// Bounds on the ledger (`0`: unlimited). Memory is the reason: ~310 bytes per instance
+/// (docs/benchmarks.md), so 200,000 instances are ~62 MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LedgerLimits {
+    /// Instances held in all. A leaf signed while it is full is not recorded, and the ledger is
+    /// then complete only from that moment: the measured gates fall back to time until every
+    /// unrecorded leaf has expired. A full ledger makes a rotation slower, never unsafe.
+    pub max_instances: usize,
+    /// Instances of one SPIFFE ID. A new instance beyond it is refused before signing (one
+    /// identity cannot fill the ledger with fresh instance ids).
+    pub max_per_identity: usize,
+}
+
+/// Whether a signed leaf's record was kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Held (a new instance, or a newer leaf of a known one).
+    Kept,
+    /// Not held: the ledger was full. It is complete only from the leaf's issue time on.
+    DroppedFull,
+}
+
+/// An identity already holds as many instances as it may.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{spiffe_id} already holds {held} live instances (limits.ledger_instances_per_identity): reuse an instance_id, or wait for old leaves to expire"
+)]
+pub struct TooManyInstances {
+    /// The identity.
+    pub spiffe_id: String,
+    /// How many it holds.
+    pub held: u32,
 }
 
 /// What the gates need from the ledger at one instant.
@@ -152,7 +190,31 @@ impl Ledger {
             watches: HashMap::new(),
             anchors: Vec::new(),
             partial: false,
+            limits: LedgerLimits::default(),
+            per_identity: HashMap::new(),
         }
+    }
+
+    /// Sets its bounds.
+    pub fn set_limits(&mut self, limits: LedgerLimits) {
+        self.limits = limits;
+    }
+
+    /// Whether a leaf for `(spiffe_id, instance)` may be signed: a known instance always may;
+    /// a new one not when its identity already holds `max_per_identity` instances.
+    pub fn admit(&self, spiffe_id: &str, instance: &str) -> Result<(), TooManyInstances> {
+        let cap = self.limits.max_per_identity;
+        if cap == 0 || self.leaves.contains_key(&key(spiffe_id, instance)) {
+            return Ok(());
+        }
+        let held = self.per_identity.get(spiffe_id).copied().unwrap_or(0);
+        if usize::try_from(held).unwrap_or(usize::MAX) >= cap {
+            return Err(TooManyInstances {
+                spiffe_id: spiffe_id.to_owned(),
+                held,
+            });
+        }
+        Ok(())
     }
 
     /// Marks the ledger as one of several (replicas sign independently): measured gates must
@@ -198,9 +260,18 @@ impl Ledger {
     }
 
     /// Records a leaf. It supersedes the leaf signed before it for the same instance; an older
-    /// record never replaces a newer one (records may be replayed out of order).
-    pub fn record(&mut self, r: LeafRecord) {
+    /// record never replaces a newer one (records may be replayed out of order). A new instance
+    /// while the ledger holds `max_instances` is dropped, and the ledger is complete only from
+    /// its issue time on.
+    pub fn record(&mut self, r: LeafRecord) -> Recorded {
         let k = key(&r.spiffe_id, &r.instance);
+        let cap = self.limits.max_instances;
+        if cap != 0 && self.leaves.len() >= cap && !self.leaves.contains_key(&k) {
+            if let Ok(t) = OffsetDateTime::from_unix_timestamp(r.issued) {
+                self.complete_since = self.complete_since.max(t);
+            }
+            return Recorded::DroppedFull;
+        }
         let anchor = self.anchor_index(&r.anchor);
         let e = Entry {
             serial: r.serial.into_boxed_str(),
@@ -223,9 +294,11 @@ impl Ledger {
                 old.bundle_version = v;
             }
             None => {
+                *self.per_identity.entry(e.spiffe_id.clone()).or_default() += 1;
                 self.leaves.insert(k, e);
             }
         }
+        Recorded::Kept
     }
 
     /// An authenticated bundle stream for an instance opened.
@@ -263,7 +336,17 @@ impl Ledger {
     pub fn compact(&mut self, now: OffsetDateTime, clock_skew: Duration) -> usize {
         let before = self.leaves.len();
         let cut = (now - clock_skew).unix_timestamp();
-        self.leaves.retain(|_, r| r.not_after > cut);
+        let per_identity = &mut self.per_identity;
+        self.leaves.retain(|_, r| {
+            let keep = r.not_after > cut;
+            if !keep && let Some(n) = per_identity.get_mut(&r.spiffe_id) {
+                *n -= 1;
+                if *n == 0 {
+                    per_identity.remove(&r.spiffe_id);
+                }
+            }
+            keep
+        });
         before - self.leaves.len()
     }
 
@@ -347,6 +430,47 @@ mod tests {
 
     const SKEW: Duration = Duration::from_secs(300);
     const MAX: Duration = Duration::from_secs(48 * 3600);
+
+    #[test]
+    fn caps_refuse_new_instances_per_identity_and_degrade_to_time_when_full() {
+        let t0 = OffsetDateTime::from_unix_timestamp(0).unwrap();
+        let mut l = Ledger::new(t0);
+        l.set_limits(LedgerLimits {
+            max_instances: 4,
+            max_per_identity: 2,
+        });
+        let leaf = |id: &str, inst: &str, issued: i64| LeafRecord {
+            issued,
+            ..rec(id, inst, "A", 100_000, 1)
+        };
+        assert_eq!(l.record(leaf("w", "p1", 10)), Recorded::Kept);
+        assert_eq!(l.record(leaf("w", "p2", 11)), Recorded::Kept);
+        // A third instance of w: refused before signing; a known one may renew.
+        assert_eq!(l.admit("w", "p3").unwrap_err().held, 2);
+        assert!(l.admit("w", "p1").is_ok());
+        assert_eq!(l.record(leaf("w", "p1", 12)), Recorded::Kept);
+        // Other identities fill the ledger; the fifth instance is dropped and the ledger is
+        // complete only from its issue time (measured gates wait for time again).
+        assert_eq!(l.record(leaf("x", "p1", 13)), Recorded::Kept);
+        assert_eq!(l.record(leaf("y", "p1", 14)), Recorded::Kept);
+        assert_eq!(l.complete_since(), t0);
+        assert_eq!(l.record(leaf("z", "p1", 15)), Recorded::DroppedFull);
+        assert_eq!(l.complete_since().unix_timestamp(), 15);
+        assert_eq!(l.len(), 4);
+        // A known instance still renews in a full ledger.
+        assert_eq!(l.record(leaf("x", "p1", 16)), Recorded::Kept);
+        // Expired leaves leave, and their identity's count with them.
+        let later = OffsetDateTime::from_unix_timestamp(200_000).unwrap();
+        assert_eq!(l.compact(later, SKEW), 4);
+        assert!(l.admit("w", "p3").is_ok());
+        assert_eq!(l.record(leaf("z", "p1", 17)), Recorded::Kept);
+        // Unlimited: nothing refused.
+        l.set_limits(LedgerLimits::default());
+        for i in 0..10 {
+            assert!(l.admit("w", &format!("q{i}")).is_ok());
+            assert_eq!(l.record(leaf("w", &format!("q{i}"), 20)), Recorded::Kept);
+        }
+    }
 
     fn at(s: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(s).unwrap()

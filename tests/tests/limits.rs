@@ -363,3 +363,109 @@ async fn the_http_port_has_a_header_timeout_and_a_connection_cap() {
     assert!(ok.is_some());
     assert!(refusals(&srv, "http_connections").await >= 1);
 }
+
+/// Signs `id` with the bootstrap token and `instance`.
+async fn issue_instance(
+    srv: &TestServer,
+    token: &str,
+    id: &str,
+    instance: &str,
+) -> Result<(), tonic::Status> {
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+    let req = meshca_proto::v1::SignCertificateRequest {
+        instance_id: instance.into(),
+        ..sign_request(csr)
+    };
+    srv.client(None)
+        .sign_certificate(with_token(req, token))
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn each_caller_has_its_own_issue_rate() {
+    let srv = TestServer::start_with(|c| {
+        c.limits.issue_rate = 1;
+        c.limits.issue_burst = 3;
+    })
+    .await;
+    let id = "spiffe://cluster.local/ns/default/sa/fast";
+    for i in 0..3 {
+        issue_instance(&srv, &srv.token, id, &format!("i{i}"))
+            .await
+            .expect("within the burst");
+    }
+    let e = issue_instance(&srv, &srv.token, id, "i3")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("limits.issue_rate"), "{e:?}");
+    let pushback: u64 = e
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .expect("a retry hint")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1000).contains(&pushback), "{pushback}");
+    assert_eq!(refusals(&srv, "issue_rate").await, 1);
+    // Another credential has its own bucket.
+    let other = ca_server::auth::add_token(
+        &srv.state_dir(),
+        "other",
+        vec!["spiffe://cluster.local/ns/default/sa/*".parse().unwrap()],
+    )
+    .unwrap();
+    let ok = eventually(Duration::from_secs(10), || async {
+        issue_instance(&srv, &other, id, "o1").await.ok()
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "a second caller was throttled by the first one's bucket"
+    );
+}
+
+#[tokio::test]
+async fn the_ledger_caps_refuse_per_identity_and_degrade_gates_when_full() {
+    let srv = TestServer::start_with(|c| {
+        c.limits.ledger_instances_per_identity = 2;
+        c.limits.ledger_max_instances = 4;
+    })
+    .await;
+    let tok = srv.token.clone();
+    let a = "spiffe://cluster.local/ns/default/sa/a";
+    issue_instance(&srv, &tok, a, "p1").await.unwrap();
+    issue_instance(&srv, &tok, a, "p2").await.unwrap();
+    let e = issue_instance(&srv, &tok, a, "p3").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("ledger_instances_per_identity"),
+        "{e:?}"
+    );
+    issue_instance(&srv, &tok, a, "p1")
+        .await
+        .expect("a known instance renews");
+    let authority = &srv.server().authority;
+    let now = authority.clock().now();
+    assert!(authority.ledger_summary().await.trustworthy(now));
+    // Fill the ledger: the next new instance is signed, not recorded, and the measured gates
+    // are off until its leaf could have expired (time fallback).
+    for id in ["b", "c"] {
+        let id = format!("spiffe://cluster.local/ns/default/sa/{id}");
+        issue_instance(&srv, &tok, &id, "p1").await.unwrap();
+    }
+    issue_instance(&srv, &tok, "spiffe://cluster.local/ns/default/sa/d", "p1")
+        .await
+        .expect("a full ledger never refuses a leaf");
+    let s = authority.ledger_summary().await;
+    assert!(!s.trustworthy(authority.clock().now()), "{s:?}");
+    assert!(s.complete_since >= now - time::Duration::seconds(1));
+    assert_eq!(refusals(&srv, "ledger_max_instances").await, 1);
+    assert_eq!(refusals(&srv, "ledger_instances_per_identity").await, 1);
+    // The gate says why it uses time.
+    let (_, m) = http_get(srv.http, "/metrics").await;
+    assert!(m.contains("meshca_ledger_trustworthy 0"), "{m}");
+}
