@@ -148,7 +148,18 @@ fn target(a: &Args) -> Target {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
+    // One token asks for every certificate here, at thousands per second, all for one SPIFFE
+    // ID: exactly what `[limits] issue_rate` and `ledger_instances_per_identity` exist to stop.
+    // They are lifted (every other limit stays at its default) so that the run measures what the
+    // limit checks cost on the signing path, not the limits doing their job.
+    let config = dir.path().join("loadgen.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nissue_rate = 1000000\nissue_burst = 1000000\nledger_instances_per_identity = 0\n",
+    )
+    .unwrap();
     let mut cmd = std::process::Command::new(&a.server_bin);
+    cmd.arg("--config").arg(&config);
     cmd.arg("--state-dir").arg(&state).args([
         "--listen",
         "127.0.0.1:0",

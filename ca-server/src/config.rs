@@ -303,6 +303,8 @@ pub struct LimitsConfig {
     /// Open connections on the gRPC port, handshaking ones included. An idle TLS connection
     /// costs ~27 KiB: 2048 × 27 KiB ≈ 55 MiB worst case.
     pub max_connections: usize,
+    /// Of which from one remote address: one source cannot take every slot.
+    pub max_connections_per_ip: usize,
     /// A connection that finished TLS must open its first stream within this.
     #[serde(with = "duration_str")]
     pub preface_timeout: Duration,
@@ -368,6 +370,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_connections: 2048,
+            max_connections_per_ip: 128,
             preface_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_concurrent_streams: 64,
@@ -398,6 +401,7 @@ impl LimitsConfig {
     pub fn unlimited() -> Self {
         Self {
             max_connections: 0,
+            max_connections_per_ip: 0,
             watch_max: 0,
             watch_max_unauthenticated: 0,
             watch_per_peer: 0,

@@ -32,6 +32,8 @@ pub const LOG_EVERY: Duration = Duration::from_secs(10);
 pub enum Limit {
     /// `limits.max_connections` on the gRPC port.
     Connections,
+    /// `limits.max_connections_per_ip` on the gRPC port.
+    ConnectionsPerIp,
     /// `limits.http_max_connections` on the HTTP port.
     HttpConnections,
     /// A connection finished TLS and opened no stream within `limits.preface_timeout`.
@@ -58,8 +60,9 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit, for counters initialised at 0.
-    pub const ALL: [Limit; 12] = [
+    pub const ALL: [Limit; 13] = [
         Limit::Connections,
+        Limit::ConnectionsPerIp,
         Limit::HttpConnections,
         Limit::Preface,
         Limit::Idle,
@@ -77,6 +80,7 @@ impl Limit {
     pub fn label(self) -> &'static str {
         match self {
             Limit::Connections => "connections",
+            Limit::ConnectionsPerIp => "connections_per_ip",
             Limit::HttpConnections => "http_connections",
             Limit::Preface => "preface_timeout",
             Limit::Idle => "idle_timeout",
@@ -106,6 +110,7 @@ pub struct Limits {
     refusals: Family<LimitLabels, Counter>,
     last_log: [AtomicI64; Limit::ALL.len()],
     grpc_connections: Option<Arc<Semaphore>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
     http_connections: Option<Arc<Semaphore>>,
     watches: Mutex<WatchBook>,
     reviews_in_flight: Option<Arc<Semaphore>>,
@@ -146,6 +151,7 @@ impl Limits {
             issue_rate,
             issue_checks: Default::default(),
             grpc_connections: cap(cfg.max_connections),
+            per_ip: Mutex::default(),
             http_connections: cap(cfg.http_max_connections),
             reviews_in_flight: cap(cfg.tokenreview_in_flight),
             review_rate,
@@ -184,9 +190,33 @@ impl Limits {
         }
     }
 
-    /// A slot for a new gRPC connection, or `None` (counted) when all are taken.
-    pub fn grpc_connection(&self, peer: IpAddr) -> Option<Option<OwnedSemaphorePermit>> {
-        self.connection(&self.grpc_connections, Limit::Connections, peer)
+    /// A slot for a new gRPC connection from `peer`, or `None` (counted) when its address
+    /// holds `max_connections_per_ip` already (one source cannot take every slot) or all
+    /// slots are taken.
+    pub fn grpc_connection(self: &Arc<Self>, peer: IpAddr) -> Option<ConnSlot> {
+        let cap = self.cfg.max_connections_per_ip;
+        if cap != 0 {
+            let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(peer).or_default();
+            if *n >= cap {
+                drop(m);
+                self.refused(
+                    Limit::ConnectionsPerIp,
+                    &format_args!("connection from {peer}: it holds {cap} already"),
+                );
+                return None;
+            }
+            *n += 1;
+        }
+        let ip_slot = (cap != 0).then(|| PerIpSlot {
+            limits: self.clone(),
+            ip: peer,
+        });
+        let global = self.connection(&self.grpc_connections, Limit::Connections, peer)?;
+        Some(ConnSlot {
+            _global: global,
+            _per_ip: ip_slot,
+        })
     }
 
     /// A slot for a new HTTP connection, or `None` (counted) when all are taken.
@@ -309,6 +339,31 @@ impl Limits {
     pub fn watching(&self) -> (usize, usize) {
         let b = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         (b.total, b.unauthenticated)
+    }
+}
+
+/// A gRPC connection's slots (global and per address), freed when dropped.
+#[derive(Debug)]
+pub struct ConnSlot {
+    _global: Option<OwnedSemaphorePermit>,
+    _per_ip: Option<PerIpSlot>,
+}
+
+#[derive(Debug)]
+struct PerIpSlot {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        let mut m = self.limits.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 

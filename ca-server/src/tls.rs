@@ -22,12 +22,12 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTi
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tonic::transport::server::Connected;
 
 use crate::authority::{Authority, Snapshot};
 use crate::config::TlsConfig;
-use crate::limits::{ConnActivity, Limit, Limits};
+use crate::limits::{ConnActivity, ConnSlot, Limit, Limits};
 
 /// How long a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -291,7 +291,7 @@ pub struct TlsConn {
     info: PeerInfo,
     idle: Pin<Box<tokio::time::Sleep>>,
     limits: Arc<Limits>,
-    _slot: Option<OwnedSemaphorePermit>,
+    _slot: ConnSlot,
 }
 
 impl TlsConn {

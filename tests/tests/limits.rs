@@ -35,10 +35,20 @@ async fn refusals(srv: &TestServer, limit: &str) -> u64 {
 async fn silent_tls(
     srv: &TestServer,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    silent_tls_from(srv, [127, 0, 0, 1]).await
+}
+
+/// The same from the loopback address `from` (127.0.0.0/8 is all this host's).
+async fn silent_tls_from(
+    srv: &TestServer,
+    from: [u8; 4],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let cfg = client_tls(&srv.bundle(), None).unwrap();
-    let tcp = TcpStream::connect(srv.url.trim_start_matches("https://"))
-        .await
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind((std::net::Ipv4Addr::from(from), 0).into())
         .map_err(|e| e.to_string())?;
+    let addr: std::net::SocketAddr = srv.url.trim_start_matches("https://").parse().unwrap();
+    let tcp = sock.connect(addr).await.map_err(|e| e.to_string())?;
     tokio_rustls::TlsConnector::from(cfg)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
@@ -468,4 +478,29 @@ async fn the_ledger_caps_refuse_per_identity_and_degrade_gates_when_full() {
     // The gate says why it uses time.
     let (_, m) = http_get(srv.http, "/metrics").await;
     assert!(m.contains("meshca_ledger_trustworthy 0"), "{m}");
+}
+
+/// One source address cannot take every connection slot: beyond its share it is refused, and
+/// a caller from another address still connects and signs.
+#[tokio::test]
+async fn one_address_cannot_take_every_connection_slot() {
+    let srv = TestServer::start_with(|c| {
+        c.limits.max_connections = 8;
+        c.limits.max_connections_per_ip = 3;
+    })
+    .await;
+    let mut flood = Vec::new();
+    for _ in 0..3 {
+        flood.push(silent_tls_from(&srv, [127, 0, 0, 2]).await.unwrap());
+    }
+    assert!(silent_tls_from(&srv, [127, 0, 0, 2]).await.is_err());
+    assert_eq!(refusals(&srv, "connections_per_ip").await, 1);
+    legit_issue(&srv).await;
+    // The flood's slots come back when it goes.
+    drop(flood);
+    let back = eventually(Duration::from_secs(10), || async {
+        silent_tls_from(&srv, [127, 0, 0, 2]).await.ok()
+    })
+    .await;
+    assert!(back.is_some());
 }
