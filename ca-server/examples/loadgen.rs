@@ -152,12 +152,17 @@ fn target(a: &Args) -> Target {
     // ID: exactly what `[limits] issue_rate` and `ledger_instances_per_identity` exist to stop.
     // They are lifted (every other limit stays at its default) so that the run measures what the
     // limit checks cost on the signing path, not the limits doing their job.
+    // `LOADGEN_LIMITS=off` turns every limit off instead (the A/B in docs/benchmarks.md).
     let config = dir.path().join("loadgen.toml");
-    std::fs::write(
-        &config,
-        "[limits]\nissue_rate = 1000000\nissue_burst = 1000000\nledger_instances_per_identity = 0\n",
-    )
-    .unwrap();
+    let limits = if std::env::var("LOADGEN_LIMITS").as_deref() == Ok("off") {
+        "[limits]\nmax_connections = 0\nmax_connections_per_ip = 0\nwatch_max = 0\n\
+         watch_max_unauthenticated = 0\nwatch_per_peer = 0\nhttp_max_connections = 0\n\
+         tokenreview_rate = 0\ntokenreview_in_flight = 0\nissue_rate = 0\n\
+         ledger_max_instances = 0\nledger_instances_per_identity = 0\n"
+    } else {
+        "[limits]\nissue_rate = 1000000\nissue_burst = 1000000\nledger_instances_per_identity = 0\n"
+    };
+    std::fs::write(&config, limits).unwrap();
     let mut cmd = std::process::Command::new(&a.server_bin);
     cmd.arg("--config").arg(&config);
     cmd.arg("--state-dir").arg(&state).args([
