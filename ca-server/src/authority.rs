@@ -415,6 +415,18 @@ impl Authority {
             version,
         )
     }
+
+    /// The same for `/metrics`: reused for up to a second (see
+    /// [`LedgerHandle::summary_for_scrape`](crate::ledger::LedgerHandle::summary_for_scrape)).
+    pub async fn ledger_summary_for_scrape(&self) -> rotator::ledger::LedgerSummary {
+        let version = self.state.lock().await.bundle_version;
+        self.ledger.summary_for_scrape(
+            self.clock.now(),
+            self.policy.leaf_ttl_max,
+            self.policy.clock_skew,
+            version,
+        )
+    }
 }
 
 /// Writes the issuance ledger in batches every [`crate::ledger::FLUSH_EVERY`] until `stop`,

@@ -197,7 +197,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         .bundle_version
         .set(i64::try_from(snap.bundle.version).unwrap_or(i64::MAX));
     // From the committed state at scrape time: never stale after a rotation.
-    let summary = authority.ledger_summary().await;
+    let summary = authority.ledger_summary_for_scrape().await;
     let (policy, now) = (authority.policy().clone(), authority.clock().now());
     authority
         .read(|st| s.metrics.authority.observe(st, &summary, &policy, now))

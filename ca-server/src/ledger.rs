@@ -25,6 +25,8 @@ use time::OffsetDateTime;
 pub const LEDGER_FILE: &str = "ledger.log";
 /// How often queued records are written.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// How long a scrape's ledger summary is reused.
+pub const SCRAPE_SUMMARY_MAX_AGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
@@ -64,6 +66,9 @@ struct Inner {
 pub struct LedgerHandle {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// The last summary made for a scrape: (when, for which bundle version, the summary).
+    scraped: Mutex<Option<(tokio::time::Instant, u64, LedgerSummary)>>,
+    summaries: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for LedgerHandle {
@@ -145,6 +150,8 @@ impl LedgerHandle {
         ledger.compact(now, clock_skew);
         let h = Self {
             path,
+            scraped: Mutex::default(),
+            summaries: Default::default(),
             inner: Mutex::new(Inner {
                 ledger,
                 queued: Vec::new(),
@@ -186,7 +193,8 @@ impl LedgerHandle {
         f(&mut self.lock().ledger)
     }
 
-    /// The gates' view.
+    /// The gates' view. It walks every record under the lock the signing path takes: the
+    /// gates ask for it when they decide, and scrapes through [`summary_for_scrape`](Self::summary_for_scrape).
     pub fn summary(
         &self,
         now: OffsetDateTime,
@@ -194,9 +202,40 @@ impl LedgerHandle {
         clock_skew: Duration,
         min_version: u64,
     ) -> LedgerSummary {
+        self.summaries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.lock()
             .ledger
             .summary(now, leaf_ttl_max, clock_skew, min_version)
+    }
+
+    /// The view `/metrics` shows: a summary at most [`SCRAPE_SUMMARY_MAX_AGE`] old for the same
+    /// bundle version is reused. `/metrics` is unauthenticated, so a flood of scrapes walks the
+    /// ledger at most once per that interval instead of once per request (Prometheus scrapes
+    /// every 15-60 s, so it always sees a fresh one).
+    pub fn summary_for_scrape(
+        &self,
+        now: OffsetDateTime,
+        leaf_ttl_max: Duration,
+        clock_skew: Duration,
+        min_version: u64,
+    ) -> LedgerSummary {
+        let at = tokio::time::Instant::now();
+        let mut last = self.scraped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((t, v, s)) = last.as_ref()
+            && *v == min_version
+            && at.duration_since(*t) < SCRAPE_SUMMARY_MAX_AGE
+        {
+            return s.clone();
+        }
+        let s = self.summary(now, leaf_ttl_max, clock_skew, min_version);
+        *last = Some((at, min_version, s.clone()));
+        s
+    }
+
+    /// Summaries computed so far (walks of the whole ledger).
+    pub fn summaries_computed(&self) -> u64 {
+        self.summaries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Instances with a record (live or awaiting compaction).

@@ -504,3 +504,31 @@ async fn one_address_cannot_take_every_connection_slot() {
     .await;
     assert!(back.is_some());
 }
+
+/// `/metrics` is unauthenticated: a flood of scrapes walks the issuance ledger (under the lock
+/// the signing path takes) at most once per second, not once per request.
+#[tokio::test]
+async fn a_flood_of_scrapes_walks_the_ledger_once_a_second() {
+    let srv = TestServer::start().await;
+    legit_issue(&srv).await;
+    let ledger = srv.server().authority.ledger();
+    let before = ledger.summaries_computed();
+    let start = Instant::now();
+    for _ in 0..100 {
+        let (code, _) = http_get(srv.http, "/metrics").await;
+        assert_eq!(code, 200);
+    }
+    let walks = ledger.summaries_computed() - before;
+    let secs = start.elapsed().as_secs_f64();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "small"
+    )]
+    let most = secs.ceil() as u64 + 1;
+    assert!(
+        walks <= most,
+        "{walks} ledger walks for 100 scrapes in {secs:.1} s"
+    );
+    assert!(walks >= 1);
+}
