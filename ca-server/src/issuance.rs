@@ -249,11 +249,13 @@ impl SigningCore {
         };
         let snap = self.authority.snapshot();
         let bad = |why: String| AuthError::BadClientCert(format!("no longer valid: {why}"));
-        let [issuer] = creds.client_intermediates else {
-            return Err(bad(format!(
-                "it came with {} intermediate certificates; meshca's leaves chain through exactly one issuer",
-                creds.client_intermediates.len()
-            )));
+        // The first certificate after the leaf is its issuer; anything after that (a client that
+        // also sends the root) plays no part.
+        let Some(issuer) = creds.client_intermediates.first() else {
+            return Err(bad(
+                "it came without its issuer; meshca's leaves chain through one of its issuers"
+                    .into(),
+            ));
         };
         if !snap.issuers.contains(issuer) {
             return Err(bad(

@@ -24,6 +24,25 @@ use tonic::Code;
 const WEB: &str = "web.default.serviceaccount.identity.linkerd.cluster.local";
 const API: &str = "api.default.serviceaccount.identity.linkerd.cluster.local";
 
+/// Runs the `meshca` CLI on `dir` (off the async runtime): (success, stdout + stderr).
+async fn meshca_cli(dir: std::path::PathBuf, args: &'static [&'static str]) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(bin("meshca"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    })
+    .await
+    .unwrap()
+}
+
 fn linkerd(srv: &TestServer) -> LinkerdClient<tonic::transport::Channel> {
     let tls = client_tls(&srv.bundle(), None).unwrap();
     LinkerdClient::new(channel(&srv.url, tls).unwrap())
@@ -394,26 +413,7 @@ async fn faces_can_be_turned_off() {
 async fn face_leaves_verify_through_an_anchor_rotation() {
     let srv = TestServer::start().await;
     let dir = srv.state_dir();
-    let meshca = |args: &'static [&'static str]| {
-        let d = dir.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let out = std::process::Command::new(bin("meshca"))
-                    .args(args)
-                    .arg("--state-dir")
-                    .arg(&d)
-                    .output()
-                    .unwrap();
-                (
-                    out.status.success(),
-                    String::from_utf8_lossy(&out.stdout).into_owned()
-                        + &String::from_utf8_lossy(&out.stderr),
-                )
-            })
-            .await
-            .unwrap()
-        }
-    };
+    let meshca = |args: &'static [&'static str]| meshca_cli(dir.clone(), args);
     let lk = KeyPair::generate().unwrap();
     let ik = SecretKey::generate_p256().unwrap();
     let iid = "spiffe://cluster.local/ns/default/sa/reviews";
@@ -473,19 +473,8 @@ async fn linkerd_peers_are_named_by_their_linkerd_identity_through_a_rotation() 
     let meshca = |args: &'static [&'static str]| {
         let d = dir.clone();
         async move {
-            tokio::task::spawn_blocking(move || {
-                let out = std::process::Command::new(bin("meshca"))
-                    .args(args)
-                    .arg("--state-dir")
-                    .arg(&d)
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout).into_owned()
-                    + &String::from_utf8_lossy(&out.stderr);
-                assert!(out.status.success(), "meshca {args:?}: {text}");
-            })
-            .await
-            .unwrap()
+            let (ok, text) = meshca_cli(d, args).await;
+            assert!(ok, "meshca {args:?}: {text}");
         }
     };
     let (kw, ka) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());

@@ -285,6 +285,15 @@ async fn a_client_certificate_is_reverified_on_every_request() {
         .sign_certificate(sign_request(csr.clone()))
         .await
         .expect("renewal with a valid client certificate");
+    // A client that also sends the root after its issuer renews as well.
+    let with_root = Identity {
+        chain: [me.chain.clone(), srv.bundle()].concat(),
+        key: key.clone(),
+    };
+    srv.client(Some(&with_root))
+        .sign_certificate(sign_request(csr.clone()))
+        .await
+        .expect("leaf, issuer and root: the root plays no part");
     // ... and two hours later (the leaf lived one), on the same connection, it does not.
     clock.advance(Duration::from_secs(2 * 3600));
     let e = client
