@@ -394,6 +394,12 @@ where
     F: FnOnce(Arc<Server>) -> Fut,
     Fut: std::future::Future<Output = String>,
 {
+    // `ABUSE_ONLY=<text>` runs only the scenarios whose name contains it.
+    if let Ok(only) = std::env::var("ABUSE_ONLY")
+        && !name.contains(&only)
+    {
+        return;
+    }
     let srv = Arc::new(start());
     let pid = srv.child.id();
     // The legitimate caller alone first: its quiet p99 on this server.
