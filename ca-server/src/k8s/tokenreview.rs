@@ -156,16 +156,30 @@ impl TokenReviewer {
             .entry(key)
             .or_default()
             .clone();
+        // The flight that asks also caches the answer, before the flight ends: a caller that
+        // comes after it finds the cache, and the waiters only read.
         let answer = cell
-            .get_or_init(|| self.ask_within_limits(token, audience))
+            .get_or_init(|| async {
+                let answer = self.ask_within_limits(token, audience).await;
+                self.remember(key, token, &answer, now);
+                answer
+            })
             .await
             .clone();
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        // End this flight only: a newer one for the same token has its own cell.
+        let mut flights = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if flights.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            flights.remove(&key);
+        }
+        answer
+    }
+
+    /// Caches `answer` for `token` (never the API server's absence, or a limit): accepted ones
+    /// for the TTL, refusals for [`NEGATIVE_TTL`], never past the token's own `exp`; at most
+    /// `capacity` entries, the soonest-expiring going first.
+    fn remember(&self, key: [u8; 32], token: &str, answer: &Answer, now: OffsetDateTime) {
         if matches!(answer, Err(AuthError::Unavailable(_))) {
-            return answer; // never cache the API server's absence (or a limit)
+            return;
         }
         let ttl = if answer.is_ok() {
             self.ttl
@@ -176,23 +190,23 @@ impl TokenReviewer {
         if let Some(exp) = jwt_expiry(token) {
             until = until.min(exp);
         }
-        if until > now {
-            let mut cache = self.lock();
-            cache.retain(|_, e| e.until > now);
-            if cache.len() >= self.capacity
-                && let Some(k) = cache.iter().min_by_key(|(_, e)| e.until).map(|(k, _)| *k)
-            {
-                cache.remove(&k);
-            }
-            cache.insert(
-                key,
-                Entry {
-                    answer: answer.clone(),
-                    until,
-                },
-            );
+        if until <= now {
+            return;
         }
-        answer
+        let mut cache = self.lock();
+        cache.retain(|_, e| e.until > now);
+        if cache.len() >= self.capacity
+            && let Some(k) = cache.iter().min_by_key(|(_, e)| e.until).map(|(k, _)| *k)
+        {
+            cache.remove(&k);
+        }
+        cache.insert(
+            key,
+            Entry {
+                answer: answer.clone(),
+                until,
+            },
+        );
     }
 
     /// A review within `[limits]`: `Unavailable` (not cached) when a cap is reached.
