@@ -97,10 +97,13 @@ impl Server {
     /// 3. open the authority (or create it, with a bootstrap token); take overdue issuer steps;
     /// 4. build the request path: authenticators, the signing core, readiness, TLS;
     /// 5. bind the ports, then start the tasks (see `docs/ARCHITECTURE.md`).
-    pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+    pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         rotator::client::install_crypto_provider();
         config.validate()?;
         let (files, lock) = lock_state_dir(&config)?;
+        // Everything local (ledger, tokens, admin socket, bootstrap token) lives where the store
+        // does: `<state dir>/meshca` when the configured dir belongs to another user.
+        config.state_dir = files.dir().to_owned();
         let kube = Kube::connect(&config).await?;
         let secret = kube.as_ref().and_then(|k| k.state_secret(&config));
         let storage = storage(files, secret.clone());
@@ -324,7 +327,8 @@ fn other(e: impl std::fmt::Display) -> StartError {
     StartError::Other(e.to_string())
 }
 
-/// Step 1: the state dir, created 0700 if missing, and its lock (held while the server runs).
+/// Step 1: the state dir, created 0700 if missing (or meshca's own directory in it when it belongs
+/// to another user, as an emptyDir does), and its lock (held while the server runs).
 fn lock_state_dir(config: &Config) -> Result<(FileStore, std::fs::File), StartError> {
     let files = FileStore::open(&config.state_dir).map_err(OpenError::Store)?;
     let lock = files.lock().map_err(OpenError::Store)?;

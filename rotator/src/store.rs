@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
@@ -202,10 +202,11 @@ struct IssuerMeta {
 }
 
 impl FileStore {
-    /// A store in `dir`, created (mode 0700) if missing; an existing dir is tightened to 0700.
+    /// A store in the state dir `dir`, created (mode 0700) if missing; an existing dir is
+    /// tightened to 0700, or, when it belongs to another user, the store is `dir/meshca`
+    /// ([`resolve_state_dir`]). [`FileStore::dir`] says where it is.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
-        let dir = dir.into();
-        create_private_dir(&dir)?;
+        let dir = resolve_state_dir(&dir.into())?;
         Ok(Self::read_only(dir))
     }
 
@@ -764,6 +765,98 @@ fn read_existing(path: &Path, what: &str) -> Result<String, StoreError> {
 pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+}
+
+/// The directory meshca keeps its own files in when the configured state dir belongs to another
+/// user: `<state dir>/meshca`.
+pub const PRIVATE_SUBDIR: &str = "meshca";
+
+/// Where the files of the state dir `dir` live, creating that directory (mode 0700) if needed.
+///
+/// - `dir` is missing, or owned by this process's user: `dir` itself, tightened to 0700 (a state
+///   dir on a laptop, or one a previous start created).
+/// - `dir` belongs to another user — a Kubernetes emptyDir is root-owned, group = fsGroup, mode
+///   2777, and meshca runs as uid 65532, so it cannot chmod it: `dir/meshca`, a directory this user
+///   creates and owns with mode 0700. An existing `dir/meshca` must be a real directory (not a
+///   symlink) owned by this user, so another user of the shared dir cannot plant one.
+///
+/// Every caller (the server, `meshca` run by the same user) resolves the same path, and
+/// [`locate_state_dir`] finds it again without creating anything.
+pub fn resolve_state_dir(dir: &Path) -> Result<PathBuf, StoreError> {
+    let me = rustix::process::geteuid().as_raw();
+    let meta = match fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            create_private_dir(dir)?;
+            return Ok(dir.to_owned());
+        }
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    if !meta.is_dir() {
+        return Err(corrupt(dir, "the state dir is not a directory"));
+    }
+    if meta.uid() == me {
+        create_private_dir(dir)?;
+        return Ok(dir.to_owned());
+    }
+    let private = dir.join(PRIVATE_SUBDIR);
+    match fs::DirBuilder::new().mode(0o700).create(&private) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(corrupt(
+                dir,
+                format!(
+                    "the state dir belongs to uid {} (mode {:o}) and uid {me} may not create its \
+                     own directory {PRIVATE_SUBDIR}/ in it: make the state dir writable by this \
+                     user (an emptyDir with fsGroup is), or owned by it",
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+        Err(e) => return Err(io_err(&private)(e)),
+    }
+    check_own_private_dir(&private, me)?;
+    create_private_dir(&private)?;
+    Ok(private)
+}
+
+/// Where the files of the state dir `dir` are, without creating or changing anything: `dir/meshca`
+/// when `dir` belongs to another user and that directory exists, else `dir` (see
+/// [`resolve_state_dir`]).
+pub fn locate_state_dir(dir: &Path) -> PathBuf {
+    let me = rustix::process::geteuid().as_raw();
+    let private = dir.join(PRIVATE_SUBDIR);
+    let foreign = fs::metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() != me);
+    let exists = fs::symlink_metadata(&private).is_ok_and(|m| m.is_dir());
+    if foreign && exists {
+        private
+    } else {
+        dir.to_owned()
+    }
+}
+
+fn check_own_private_dir(private: &Path, me: u32) -> Result<(), StoreError> {
+    let meta = fs::symlink_metadata(private).map_err(io_err(private))?;
+    if !meta.is_dir() {
+        return Err(corrupt(
+            private,
+            "not a directory (a symlink or a file): meshca keeps its keys only in a directory \
+             it created itself; remove it",
+        ));
+    }
+    if meta.uid() != me {
+        return Err(corrupt(
+            private,
+            format!(
+                "owned by uid {}, not by this process's uid {me}: meshca keeps its keys only in \
+                 a directory it owns",
+                meta.uid()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Replaces `path` with `bytes` atomically: a temp file in the same dir (created with `mode`),

@@ -405,10 +405,23 @@ impl ServerProcess {
     /// Starts `meshca-server --state-dir dir` on `127.0.0.1:0` with `extra` args and `env`,
     /// and waits (polling its output, at most 30 s) for the banner — or for it to exit.
     pub fn spawn(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Self, Refused> {
+        Self::spawn_as(&[bin("meshca-server").into()], dir, extra, env)
+    }
+
+    /// As [`ServerProcess::spawn`], started through `argv`: a launcher and its arguments, ending
+    /// with the `meshca-server` binary (e.g. `unshare … setpriv … meshca-server`).
+    pub fn spawn_as(
+        argv: &[std::ffi::OsString],
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, Refused> {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
-        let mut cmd = Command::new(bin("meshca-server"));
-        cmd.arg("--state-dir")
+        let (program, launcher_args) = argv.split_first().expect("a program");
+        let mut cmd = Command::new(program);
+        cmd.args(launcher_args)
+            .arg("--state-dir")
             .arg(dir)
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .args(extra);

@@ -12,7 +12,7 @@ use rotator::client::admin_channel;
 use rotator::store::write_atomic;
 use tonic::transport::Channel;
 
-use crate::{Failed, Output, default_state_dir, runtime};
+use crate::{Failed, Output, runtime};
 
 /// Where the admin socket is.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,7 +29,7 @@ pub struct AdminArgs {
 impl AdminArgs {
     /// The state dir.
     pub fn dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(default_state_dir)
+        crate::state_dir(self.state_dir.clone())
     }
 
     /// The socket path.

@@ -64,7 +64,7 @@ pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
     if store.load_sync()?.is_some() {
         return Err(Failed(format!(
             "{} already holds an authority; init only creates new ones",
-            dir.display()
+            store.dir().display()
         )));
     }
     let now = OffsetDateTime::now_utc();
@@ -118,7 +118,7 @@ pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
 }
 
 pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
-    let dir = a.state_dir.unwrap_or_else(default_state_dir);
+    let dir = crate::state_dir(a.state_dir);
     if !dir.join("state.json").exists() {
         return Err(Failed(format!("{}: no authority here", dir.display())));
     }

@@ -85,6 +85,12 @@ pub fn default_state_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from("./meshca-data"), PathBuf::from)
 }
 
+/// Where the files of the state dir `given` (or the default) are: the dir itself, or meshca's own
+/// `<dir>/meshca` when the dir belongs to another user (see `rotator::store::resolve_state_dir`).
+pub fn state_dir(given: Option<PathBuf>) -> PathBuf {
+    rotator::store::locate_state_dir(&given.unwrap_or_else(default_state_dir))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rotator::client::install_crypto_provider();

@@ -13,7 +13,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::admin::{AdminArgs, live_status};
-use crate::{Failed, Output, default_state_dir, grpc_failure, runtime};
+use crate::{Failed, Output, grpc_failure, runtime};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -38,7 +38,7 @@ pub struct BundleArgs {
 }
 
 fn load(dir: Option<PathBuf>) -> Result<AuthorityState, Failed> {
-    let dir = dir.unwrap_or_else(default_state_dir);
+    let dir = crate::state_dir(dir);
     FileStore::read_only(&dir).load_sync()?.ok_or_else(|| {
         Failed(format!(
             "{}: no authority here (start meshca-server with --state-dir {0})",
