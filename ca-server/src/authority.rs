@@ -195,6 +195,7 @@ pub struct Authority {
     storage: Storage,
     state: Mutex<AuthorityState>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    disk: crate::disk::DiskWrites,
 }
 
 impl std::fmt::Debug for Authority {
@@ -261,7 +262,10 @@ impl Authority {
                 )));
             }
         }
-        storage.dir.write_bundle(&state)?;
+        let disk = crate::disk::DiskWrites::default();
+        if let Err(e) = storage.dir.write_bundle(&state) {
+            disk.failed("bundle", &e);
+        }
         let ledger = open_ledger(
             &storage,
             origin == Origin::Created && !store.shared(),
@@ -277,6 +281,7 @@ impl Authority {
                 storage,
                 state: Mutex::new(state),
                 snapshot,
+                disk,
             },
             origin,
         ))
@@ -316,9 +321,37 @@ impl Authority {
                     }
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    if matches!(e, StoreError::Io { .. }) {
+                        self.disk.failed("state", &e);
+                    }
+                    // A write can fail after its commit point (state.json renamed, then its
+                    // directory's fsync failed; an API call that timed out after the server
+                    // applied it). Ask the store what it holds: if that is newer than ours, take
+                    // it — disk and memory must never disagree — and, if it is not exactly ours,
+                    // decide again on top of it.
+                    let stored = self.storage.state.load().await.ok().flatten();
+                    if let Some(stored) = stored
+                        && stored.generation > state.generation
+                        && attempts < CONFLICT_RETRIES
+                    {
+                        attempts += 1;
+                        let ours = format!("{stored:?}") == format!("{next:?}");
+                        tracing::warn!(target: "meshca::journal", generation = stored.generation, ours,
+                            "the store reported an error, yet holds a newer state: taking it ({e})");
+                        self.install(&mut state, stored)?;
+                        if ours {
+                            return Ok(true);
+                        }
+                        continue;
+                    }
+                    return Err(e.into());
+                }
             }
-            self.storage.dir.write_bundle(&next)?;
+            if !self.storage.state.shared() {
+                self.disk.ok("state");
+            }
+            self.write_bundle(&next);
             rotator::store::fault_point("transition:after-commit");
             log_journal(state.generation, &next, "");
             *state = next;
@@ -345,11 +378,34 @@ impl Authority {
         }
         theirs.check()?;
         let snapshot = Snapshot::of(&theirs)?;
-        self.storage.dir.write_bundle(&theirs)?;
+        self.write_bundle(&theirs);
         log_journal(state.generation, &theirs, "(another replica) ");
         *state = theirs;
         self.snapshot.send_replace(Arc::new(snapshot));
         Ok(true)
+    }
+
+    /// Writes `bundle.pem` for `state`; a failure is recorded ([`Authority::disk`]) and retried
+    /// by [`Authority::retry_outputs`], never returned: the state is committed either way.
+    fn write_bundle(&self, state: &AuthorityState) {
+        match self.storage.dir.write_bundle(state) {
+            Ok(()) => self.disk.ok("bundle"),
+            Err(e) => self.disk.failed("bundle", &e),
+        }
+    }
+
+    /// Writes again the local outputs whose last write failed (`bundle.pem`). Called by the
+    /// ledger writer every tick; cheap when nothing is failing.
+    pub async fn retry_outputs(&self) {
+        if self.disk.is_failing("bundle") {
+            let state = self.state.lock().await;
+            self.write_bundle(&state);
+        }
+    }
+
+    /// Failed local writes, for `/readyz` and `/metrics`.
+    pub fn disk(&self) -> &crate::disk::DiskWrites {
+        &self.disk
     }
 
     /// Re-reads a shared store and adopts its state if newer (no-op for a store only this
@@ -449,13 +505,14 @@ pub async fn write_ledger(authority: Arc<Authority>, mut stop: watch::Receiver<b
         })
         .await;
         match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(
-                "issuance ledger {}: write failed, will retry: {e}",
-                authority.ledger().path().display()
+            Ok(Ok(())) => authority.disk().ok("ledger"),
+            Ok(Err(e)) => authority.disk().failed(
+                "ledger",
+                &format!("{}: {e}", authority.ledger().path().display()),
             ),
             Err(e) => tracing::error!("issuance ledger task failed: {e}"),
         }
+        authority.retry_outputs().await;
         if stopping {
             return;
         }

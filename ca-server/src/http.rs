@@ -100,10 +100,17 @@ impl Readiness {
                 self.health.last_error().unwrap_or_default()
             ));
         }
-        Ok(self.health.attention().map(|a| match a.deadline {
+        let attention = self.health.attention().map(|a| match a.deadline {
             Some(d) => format!("{} (deadline {})", a.message, rotator::clock::rfc3339(d)),
             None => a.message,
-        }))
+        });
+        // A failing local write (bundle file, ledger) is said, but does not take the CA out of
+        // service: it still signs, and every replica on a full disk going unready is an outage.
+        let disk = self.issuer.authority().disk().describe();
+        Ok(match (attention, disk) {
+            (Some(a), Some(d)) => Some(format!("{a}; {d}")),
+            (a, d) => a.or(d),
+        })
     }
 }
 

@@ -299,7 +299,9 @@ impl LedgerHandle {
         let Some(mut f) = file else {
             return Err(std::io::Error::other("the ledger file is not open"));
         };
-        let r = f.write_all(buf.as_bytes()).and_then(|()| f.sync_data());
+        let r = rotator::store::io_faults::hit(&self.path, rotator::store::io_faults::Stage::Write)
+            .and_then(|()| f.write_all(buf.as_bytes()))
+            .and_then(|()| f.sync_data());
         let mut i = self.lock();
         match r {
             Ok(()) => i.lines_in_file += batch.len(),

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod authority;
 pub(crate) mod codes;
 pub mod config;
+pub mod disk;
 pub mod driver;
 pub(crate) mod grpc;
 pub(crate) mod http;

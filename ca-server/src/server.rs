@@ -198,7 +198,13 @@ impl RequestPath {
         kube: Option<&Kube>,
         clock: &Arc<dyn Clock>,
     ) -> Result<Self, StartError> {
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        metrics.registry_mut().register(
+            "disk_write_failures",
+            "Failed writes of local files (state, bundle, ledger); each is retried",
+            authority.disk().counter(),
+        );
+        let metrics = Arc::new(metrics);
         let limits = Arc::new(Limits::new(
             config.limits.clone(),
             metrics.limit_refusals.clone(),

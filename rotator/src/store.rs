@@ -296,7 +296,13 @@ impl FileStore {
         decode(&text, &path, self)
     }
 
-    /// Commits `next` (see the module docs for the order of writes).
+    /// Commits `next` (see the module docs for the order of writes). `bundle.pem` is the caller's
+    /// to write next ([`FileStore::write_bundle`]): it is an output, and failing to write it must
+    /// not look like a failed commit.
+    ///
+    /// An error means the commit may or may not have happened: one after the rename of
+    /// `state.json` (its directory's fsync) leaves the new state visible. Callers re-read the
+    /// store to learn which (`Authority::transition` does).
     pub fn commit_sync(&self, base: Option<u64>, next: &AuthorityState) -> Result<(), StoreError> {
         #[cfg(feature = "fault-injection")]
         if self
@@ -367,7 +373,7 @@ impl FileStore {
         fault_point("commit:after-files");
         write_atomic(&self.dir.join(STATE_FILE), &json, 0o644)?;
         fault_point("commit:after-state");
-        self.write_bundle(next)
+        Ok(())
     }
 
     /// Writes `bundle.pem` from `state` if its content differs.
@@ -880,10 +886,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreErr
             .open(&tmp)?;
         // `mode` is filtered by the umask on creation; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
+        io_faults::hit(path, io_faults::Stage::Write)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fault_point("write:before-rename");
         fs::rename(&tmp, path)?;
+        io_faults::hit(path, io_faults::Stage::AfterRename)?;
         File::open(dir)?.sync_all()
     })();
     if result.is_err() {
@@ -918,6 +926,98 @@ pub fn fault_point(name: &str) {
         }
     }
     let _ = name;
+}
+
+/// Injected write errors (test builds, feature `fault-injection`): a write of a file under a
+/// given directory whose name ends with a given suffix fails with a given errno, at a given stage
+/// of [`write_atomic`] (or of an append that calls [`io_faults::hit`]), until cleared. Scoped by
+/// directory so that tests running in parallel in one process do not see each other's faults.
+/// A child process takes one fault from `MESHCA_IO_FAULT=<suffix>:<write|after-rename>:<errno>`.
+/// Without the feature every check is a no-op.
+pub mod io_faults {
+    use std::io;
+    use std::path::Path;
+    #[cfg(feature = "fault-injection")]
+    use std::path::PathBuf;
+
+    /// Where in a write the fault strikes.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Stage {
+        /// Before any byte is written (the temp file exists): ENOSPC, EIO.
+        Write,
+        /// After the rename made the new content visible (the directory's fsync fails).
+        AfterRename,
+    }
+
+    #[cfg(feature = "fault-injection")]
+    struct Fault {
+        under: PathBuf,
+        suffix: String,
+        stage: Stage,
+        errno: i32,
+    }
+
+    #[cfg(feature = "fault-injection")]
+    static FAULTS: std::sync::Mutex<Vec<Fault>> = std::sync::Mutex::new(Vec::new());
+
+    /// From now on, writes of files under `under` named `*suffix` fail at `stage` with `errno`.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject(under: &Path, suffix: &str, stage: Stage, errno: i32) {
+        FAULTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Fault {
+                under: under.to_owned(),
+                suffix: suffix.to_owned(),
+                stage,
+                errno,
+            });
+    }
+
+    /// Clears every fault under `under`: the disk is healthy again.
+    #[cfg(feature = "fault-injection")]
+    pub fn clear(under: &Path) {
+        FAULTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|f| !f.under.starts_with(under));
+    }
+
+    /// The injected error for a write of `path` at `stage`, if any.
+    pub fn hit(path: &Path, stage: Stage) -> io::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let from_env = std::env::var("MESHCA_IO_FAULT").ok().and_then(|spec| {
+                let mut it = spec.splitn(3, ':');
+                let (suffix, at, errno) = (it.next()?, it.next()?, it.next()?.parse().ok()?);
+                let at = match at {
+                    "write" => Stage::Write,
+                    "after-rename" => Stage::AfterRename,
+                    _ => return None,
+                };
+                (at == stage && name.ends_with(suffix)).then_some(errno)
+            });
+            let injected = from_env.or_else(|| {
+                FAULTS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .find(|f| {
+                        f.stage == stage && path.starts_with(&f.under) && name.ends_with(&f.suffix)
+                    })
+                    .map(|f| f.errno)
+            });
+            if let Some(errno) = injected {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        let _ = (path, stage);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -60,11 +60,13 @@ pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
         .map_err(|e| Failed(format!("{}: {e}", a.anchor_key.display())))?;
     let dir = a.state_dir.unwrap_or_else(default_state_dir);
     let store = FileStore::open(&dir)?;
+    // Where the files go: the dir, or meshca's own directory in it (another user's dir).
+    let dir = store.dir().to_owned();
     let _lock = store.lock()?;
     if store.load_sync()?.is_some() {
         return Err(Failed(format!(
             "{} already holds an authority; init only creates new ones",
-            store.dir().display()
+            dir.display()
         )));
     }
     let now = OffsetDateTime::now_utc();
@@ -72,6 +74,7 @@ pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
     let state = AuthorityState::with_anchor(a.trust_domain.clone(), cert, Some(key), &policy, now)
         .map_err(|e| Failed(format!("{}: {e}", a.anchor_cert.display())))?;
     runtime()?.block_on(store.commit(None, &state))?;
+    store.write_bundle(&state)?;
     let token = write_bootstrap_token(&dir, &a.trust_domain)?;
     let anchor = state
         .active_anchor()
