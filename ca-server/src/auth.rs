@@ -20,7 +20,7 @@ use ring::digest::{SHA256, digest};
 use rotator::spiffe::{IdPattern, SpiffeId};
 use rotator::tokens::StaticTokens;
 pub use rotator::tokens::{
-    BOOTSTRAP_TOKEN_FILE, TOKENS_FILE, TokensError, add_token, write_bootstrap_token,
+    BOOTSTRAP_TOKEN_FILE, TOKENS_FILE, TokensError, add_token, list_tokens, write_bootstrap_token,
 };
 use rustls_pki_types::CertificateDer;
 
@@ -41,6 +41,14 @@ pub enum AuthError {
     /// A bearer token the server does not know.
     #[error("unknown token")]
     UnknownToken,
+    /// A static token past its expiry.
+    #[error("token {name:?} expired at {at}: make a new one with `meshca token add`")]
+    TokenExpired {
+        /// Its name in tokens.json.
+        name: String,
+        /// When it expired (RFC 3339).
+        at: String,
+    },
     /// A client certificate without a usable SPIFFE ID.
     #[error("client certificate: {0}")]
     BadClientCert(String),
@@ -80,6 +88,7 @@ impl AuthError {
             Self::Missing => "missing",
             Self::Malformed => "malformed",
             Self::UnknownToken => "unknown_token",
+            Self::TokenExpired { .. } => "token_expired",
             Self::TokenRejected(_) => "token_rejected",
             Self::BadClientCert(_) => "bad_client_cert",
             Self::Denied { .. } | Self::ForeignTrustDomain { .. } => "denied",
@@ -233,6 +242,14 @@ impl Authenticator {
                 AuthMethod::Static => {
                     let tokens = self.tokens.load();
                     if let Some(entry) = tokens.lookup(token) {
+                        if let Some(at) = entry.expires
+                            && entry.expired(time::OffsetDateTime::now_utc())
+                        {
+                            return Err(AuthError::TokenExpired {
+                                name: entry.name.clone(),
+                                at: rotator::clock::rfc3339(at),
+                            });
+                        }
                         return Ok(Caller {
                             name: format!("token:{}", entry.name),
                             allowed: entry.allow.clone(),
@@ -301,7 +318,7 @@ mod tests {
     async fn bootstrap_token_authorizes_default_namespace_only() {
         let dir = tempfile::tempdir().unwrap();
         let td: rotator::spiffe::TrustDomain = "cluster.local".parse().unwrap();
-        let path = write_bootstrap_token(dir.path(), &td).unwrap();
+        let path = write_bootstrap_token(dir.path(), &td, None).unwrap();
         let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
 
         let auth = Authenticator::load(dir.path()).unwrap();
@@ -368,6 +385,7 @@ mod tests {
             dir.path(),
             "ci",
             vec!["spiffe://cluster.local/ns/ci/sa/runner".parse().unwrap()],
+            None,
         )
         .unwrap();
         assert!(auth.reload_if_changed().unwrap());
@@ -387,7 +405,7 @@ mod tests {
         assert!(!auth.reload_if_changed().unwrap());
         // Back-to-back writes (often within one filesystem timestamp tick) are each seen.
         for n in 0..5 {
-            add_token(dir.path(), &format!("t{n}"), vec![]).unwrap();
+            add_token(dir.path(), &format!("t{n}"), vec![], None).unwrap();
             assert!(auth.reload_if_changed().unwrap(), "write {n} not seen");
         }
         assert_eq!(auth.token_count(), 6);

@@ -80,13 +80,29 @@ pub struct AuthConfig {
     /// In order: a bearer token is offered to `tokenreview` and `static` in the order listed;
     /// the first that accepts it decides. `mtls` accepts client certificates.
     pub authenticators: Vec<AuthMethod>,
+    /// How long the bootstrap token written for a new authority is accepted (`0s`: until
+    /// revoked). Long enough for the README walkthrough and a day of trying things; after that,
+    /// `meshca token add` makes tokens with their own scope and expiry.
+    #[serde(with = "duration_str")]
+    pub bootstrap_token_ttl: Duration,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             authenticators: vec![AuthMethod::Mtls, AuthMethod::Static],
+            bootstrap_token_ttl: Duration::from_secs(24 * 3600),
         }
+    }
+}
+
+impl AuthConfig {
+    /// When a bootstrap token made at `now` expires (`None`: a ttl of 0, never).
+    pub fn bootstrap_token_expiry(
+        &self,
+        now: time::OffsetDateTime,
+    ) -> Option<time::OffsetDateTime> {
+        (!self.bootstrap_token_ttl.is_zero()).then(|| now + self.bootstrap_token_ttl)
     }
 }
 

@@ -39,6 +39,10 @@ struct Args {
     /// HTTP listen address for /healthz, /readyz, /metrics, /bundle.pem [default: 127.0.0.1:9090].
     #[arg(long, env = "MESHCA_HTTP_LISTEN", value_name = "ADDR")]
     http_listen: Option<SocketAddr>,
+    /// How long a new authority's bootstrap token is accepted, e.g. 24h; 0s: until revoked
+    /// [default: 24h].
+    #[arg(long, env = "MESHCA_BOOTSTRAP_TOKEN_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    bootstrap_token_ttl: Option<std::time::Duration>,
     /// Log format [default: text].
     #[arg(long, env = "MESHCA_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -67,6 +71,9 @@ impl Args {
         }
         if let Some(v) = self.http_listen {
             c.http_listen = v;
+        }
+        if let Some(v) = self.bootstrap_token_ttl {
+            c.auth.bootstrap_token_ttl = v;
         }
         if let Some(v) = self.log_format {
             c.log_format = v;
@@ -158,6 +165,19 @@ fn print_banner(server: &Server) {
         .bootstrap_token
         .clone()
         .unwrap_or_else(|| server.state_dir.join(ca_server::auth::BOOTSTRAP_TOKEN_FILE));
+    // Said from tokens.json: expired, revoked or good until when.
+    let now = time::OffsetDateTime::now_utc();
+    let bootstrap = ca_server::auth::list_tokens(&server.state_dir)
+        .ok()
+        .and_then(|ts| ts.into_iter().find(|t| t.name == "bootstrap"))
+        .map_or_else(
+            || "revoked".to_owned(),
+            |t| match t.expires {
+                None => "until revoked".to_owned(),
+                Some(e) if t.expired(now) => format!("EXPIRED {}", rotator::clock::rfc3339(e)),
+                Some(e) => format!("until {}", rotator::clock::rfc3339(e)),
+            },
+        );
     let store = &server.authority.storage().state;
     let shared = if store.shared() {
         format!(
@@ -186,7 +206,7 @@ fn print_banner(server: &Server) {
          \x20 HTTP             http://{http}  (/healthz /readyz /metrics /bundle.pem)\n\
          \x20 trust bundle     {dir}/bundle.pem  (version {bv}, {n} anchor(s))\n\
          \x20 active issuer    {issuer}\n\
-         \x20 bootstrap token  {token}  (may request spiffe://{td}/ns/default/sa/*)\n\
+         \x20 bootstrap token  {token}  (may request spiffe://{td}/ns/default/sa/*, {bootstrap})\n\
          \n\
          Issue a certificate:\n\
          \x20 {meshca} issue --server https://{grpc} --ca-bundle {dir}/bundle.pem --token-file {tok} --spiffe-id spiffe://{td}/ns/default/sa/demo --out demo\n",

@@ -112,7 +112,11 @@ impl Server {
         authority.ledger().with(|l| l.set_limits(ledger_limits));
         let bootstrap_token = created
             .then(|| {
-                write_bootstrap_token(&config.state_dir, &authority.snapshot().bundle.trust_domain)
+                write_bootstrap_token(
+                    &config.state_dir,
+                    &authority.snapshot().bundle.trust_domain,
+                    config.auth.bootstrap_token_expiry(clock.now()),
+                )
             })
             .transpose()
             .map_err(other)?;

@@ -865,6 +865,8 @@ fn check_own_private_dir(private: &Path, me: u32) -> Result<(), StoreError> {
     Ok(())
 }
 
+static TEMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Replaces `path` with `bytes` atomically: a temp file in the same dir (created with `mode`),
 /// fsync, rename over `path`, fsync the dir. Readers see the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
@@ -876,12 +878,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreErr
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // A fresh name, created exclusively: with O_CREAT|O_EXCL an existing file or a planted
+    // symlink there fails the open (EEXIST) instead of being written through.
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        TEMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
         // `mode` is filtered by the umask on creation; set it exactly.

@@ -11,6 +11,8 @@ use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
+use time::OffsetDateTime;
+
 use crate::spiffe::{IdPattern, TrustDomain};
 use crate::store::{StoreError, write_atomic};
 
@@ -18,6 +20,8 @@ use crate::store::{StoreError, write_atomic};
 pub const TOKENS_FILE: &str = "tokens.json";
 /// The bootstrap token written on first start.
 pub const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
+/// The lock taken around every change of the tokens file.
+pub const TOKENS_LOCK_FILE: &str = "tokens.lock";
 
 /// One token in `tokens.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +33,20 @@ pub struct TokenEntry {
     pub sha256: String,
     /// SPIFFE IDs or `spiffe://<td>/ns/<ns>/sa/*` patterns it may request.
     pub allow: Vec<IdPattern>,
+    /// When it stops being accepted (RFC 3339); absent: never.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub expires: Option<OffsetDateTime>,
+}
+
+impl TokenEntry {
+    /// Whether it has expired at `now`.
+    pub fn expired(&self, now: OffsetDateTime) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -106,13 +124,87 @@ pub fn new_token() -> Result<String, ring::error::Unspecified> {
 
 /// Adds a new random token to `<dir>/tokens.json` (created if missing) and returns it. Only its
 /// hash is kept.
-pub fn add_token(dir: &Path, name: &str, allow: Vec<IdPattern>) -> Result<String, TokensError> {
+pub fn add_token(
+    dir: &Path,
+    name: &str,
+    allow: Vec<IdPattern>,
+    expires: Option<OffsetDateTime>,
+) -> Result<String, TokensError> {
     let token = new_token().map_err(|_| TokensError {
         path: dir.join(TOKENS_FILE),
         reason: "random number generator failed".into(),
     })?;
-    register_token(dir, name, allow, &token)?;
+    register_token(dir, name, allow, &token, expires)?;
     Ok(token)
+}
+
+/// Reads `<dir>/tokens.json`, lets `f` change it, and writes it back — all under an exclusive lock
+/// (`<dir>/tokens.lock`, `flock`), so that two `meshca token` commands never lose each other's
+/// change. The file is replaced atomically; nothing is written when `f` fails.
+fn update_tokens<R>(
+    dir: &Path,
+    f: impl FnOnce(&mut Vec<TokenEntry>) -> Result<R, String>,
+) -> Result<R, TokensError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(TOKENS_FILE);
+    let err = |reason: String| TokensError {
+        path: path.clone(),
+        reason,
+    };
+    let lock_path = dir.join(TOKENS_LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| err(format!("{}: {e}", lock_path.display())))?;
+    lock.lock()
+        .map_err(|e| err(format!("{}: {e}", lock_path.display())))?;
+    let mut file = match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str::<TokensFile>(&t).map_err(|e| err(e.to_string()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokensFile::default(),
+        Err(e) => return Err(err(e.to_string())),
+    };
+    let r = f(&mut file.tokens).map_err(err)?;
+    let mut json = serde_json::to_vec_pretty(&file).map_err(|e| err(e.to_string()))?;
+    json.push(b'\n');
+    write_atomic(&path, &json, 0o600).map_err(|e: StoreError| err(e.to_string()))?;
+    drop(lock);
+    Ok(r)
+}
+
+/// The tokens in `<dir>/tokens.json` (hashes, names, patterns, expiry), in file order.
+pub fn list_tokens(dir: &Path) -> Result<Vec<TokenEntry>, TokensError> {
+    let path = dir.join(TOKENS_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str::<TokensFile>(&t)
+            .map(|f| f.tokens)
+            .map_err(|e| TokensError {
+                path,
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(TokensError {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Removes every token named `name` (a name, or the first 8 or more hex digits of a token's
+/// SHA-256 as `meshca token list` shows it); returns how many. None matching is an error and
+/// changes nothing.
+pub fn revoke_token(dir: &Path, name: &str) -> Result<usize, TokensError> {
+    update_tokens(dir, |tokens| {
+        let before = tokens.len();
+        let by_hash = name.len() >= 8 && name.bytes().all(|b| b.is_ascii_hexdigit());
+        tokens.retain(|t| t.name != name && !(by_hash && t.sha256.starts_with(name)));
+        match before - tokens.len() {
+            0 => Err(format!("no token named {name:?}")),
+            n => Ok(n),
+        }
+    })
 }
 
 /// Writes `token` to `path` (0600) exactly as it is: no trailing newline. Clients such as ztunnel
@@ -129,37 +221,34 @@ pub fn register_token(
     name: &str,
     allow: Vec<IdPattern>,
     token: &str,
+    expires: Option<OffsetDateTime>,
 ) -> Result<(), TokensError> {
-    let path = dir.join(TOKENS_FILE);
-    let err = |reason: String| TokensError {
-        path: path.clone(),
-        reason,
-    };
-    let mut file = match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str::<TokensFile>(&t).map_err(|e| err(e.to_string()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokensFile::default(),
-        Err(e) => return Err(err(e.to_string())),
-    };
-    file.tokens.push(TokenEntry {
-        name: name.into(),
-        sha256: hex::encode(digest(&SHA256, token.as_bytes())),
-        allow,
-    });
-    let mut json = serde_json::to_vec_pretty(&file).map_err(|e| err(e.to_string()))?;
-    json.push(b'\n');
-    write_atomic(&path, &json, 0o600).map_err(|e: StoreError| err(e.to_string()))
+    update_tokens(dir, |tokens| {
+        tokens.push(TokenEntry {
+            name: name.into(),
+            sha256: hex::encode(digest(&SHA256, token.as_bytes())),
+            allow,
+            expires,
+        });
+        Ok(())
+    })
 }
 
 /// Writes the bootstrap token for `spiffe://<td>/ns/default/sa/*` to `<dir>/bootstrap-token`
-/// (0600) and registers it in `tokens.json`. Called once, when a new authority is created.
-pub fn write_bootstrap_token(dir: &Path, td: &TrustDomain) -> Result<PathBuf, TokensError> {
+/// (0600) and registers it in `tokens.json`, valid until `expires` (`None`: until revoked).
+/// Called once, when a new authority is created.
+pub fn write_bootstrap_token(
+    dir: &Path,
+    td: &TrustDomain,
+    expires: Option<OffsetDateTime>,
+) -> Result<PathBuf, TokensError> {
     let pattern: IdPattern = format!("spiffe://{td}/ns/default/sa/*")
         .parse()
         .map_err(|e| TokensError {
             path: dir.join(TOKENS_FILE),
             reason: format!("{e}"),
         })?;
-    let token = zeroize::Zeroizing::new(add_token(dir, "bootstrap", vec![pattern])?);
+    let token = zeroize::Zeroizing::new(add_token(dir, "bootstrap", vec![pattern], expires)?);
     let path = dir.join(BOOTSTRAP_TOKEN_FILE);
     write_token_file(&path, token.as_str()).map_err(|e| TokensError {
         path: path.clone(),
@@ -176,7 +265,7 @@ mod tests {
     fn bootstrap_token_is_private_and_only_its_hash_is_stored() {
         let dir = tempfile::tempdir().unwrap();
         let td: TrustDomain = "cluster.local".parse().unwrap();
-        let path = write_bootstrap_token(dir.path(), &td).unwrap();
+        let path = write_bootstrap_token(dir.path(), &td, None).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -207,5 +296,51 @@ mod tests {
             "spiffe://cluster.local/ns/default/sa/*"
         );
         assert!(t.lookup("mca_other").is_none());
+    }
+
+    #[test]
+    fn concurrent_adds_lose_nothing_and_revoke_removes_by_name_or_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let d = dir.path().to_owned();
+                std::thread::spawn(move || add_token(&d, &format!("t{i}"), vec![], None).unwrap())
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let listed = list_tokens(dir.path()).unwrap();
+        assert_eq!(listed.len(), 16, "every concurrent add kept");
+        assert_eq!(revoke_token(dir.path(), "t3").unwrap(), 1);
+        let hash = listed[5].sha256[..12].to_owned();
+        assert_eq!(revoke_token(dir.path(), &hash).unwrap(), 1);
+        let err = revoke_token(dir.path(), "nobody").unwrap_err();
+        assert!(err.reason.contains("no token named \"nobody\""), "{err}");
+        assert_eq!(list_tokens(dir.path()).unwrap().len(), 14);
+    }
+
+    #[test]
+    fn an_expiry_is_kept_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let t = add_token(
+            dir.path(),
+            "short",
+            vec![],
+            Some(now + time::Duration::hours(1)),
+        )
+        .unwrap();
+        let tokens = StaticTokens::load(dir.path()).unwrap();
+        let e = tokens.lookup(&t).unwrap();
+        assert!(!e.expired(now));
+        assert!(e.expired(now + time::Duration::hours(2)));
+        // A file from before expiries loads (no field: never expires).
+        std::fs::write(
+            dir.path().join(TOKENS_FILE),
+            r#"{"tokens":[{"name":"old","sha256":"00000000000000000000000000000000000000000000000000000000000000aa","allow":[]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(list_tokens(dir.path()).unwrap()[0].expires, None);
     }
 }

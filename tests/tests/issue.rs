@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use meshca_proto::v1::{GetTrustBundleRequest, WatchTrustBundleRequest};
 use meshca_tests::{
-    TestServer, Workload, bundle_of, chain_of, http_get, mtls_handshake, pem_certs, require_tool,
-    sign_request,
+    TestServer, Workload, bundle_of, chain_of, eventually, http_get, mtls_handshake, pem_certs,
+    require_tool, sign_request, with_token,
 };
 use rotator::client::{Identity, make_csr, verify_svid};
 use rotator::pki::{CertInfo, SecretKey};
@@ -296,6 +296,7 @@ async fn new_tokens_are_picked_up_without_a_restart() {
         &ts.state_dir(),
         "team-a",
         vec!["spiffe://cluster.local/ns/a/sa/*".parse().unwrap()],
+        None,
     )
     .unwrap();
     let key = SecretKey::generate_p256().unwrap();
@@ -319,4 +320,101 @@ async fn new_tokens_are_picked_up_without_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
+}
+
+/// Static tokens carry an expiry (the bootstrap token one of 24 h by default), are listed and
+/// revoked with `meshca token list|revoke`, and a running server follows both without a restart.
+#[tokio::test]
+async fn tokens_expire_and_are_revoked_while_the_server_runs() {
+    let ts = TestServer::start().await;
+    let dir = ts.state_dir();
+    let now = time::OffsetDateTime::now_utc();
+    let listed = rotator::tokens::list_tokens(&dir).unwrap();
+    let bootstrap = listed.iter().find(|t| t.name == "bootstrap").unwrap();
+    let left = bootstrap.expires.expect("the bootstrap token expires") - now;
+    assert!(
+        left > time::Duration::hours(23) && left <= time::Duration::hours(24),
+        "{left}"
+    );
+
+    let pattern = || vec!["spiffe://cluster.local/ns/a/sa/*".parse().unwrap()];
+    let old = ca_server::auth::add_token(
+        &dir,
+        "old",
+        pattern(),
+        Some(now - time::Duration::seconds(1)),
+    )
+    .unwrap();
+    let fresh = ca_server::auth::add_token(
+        &dir,
+        "fresh",
+        pattern(),
+        Some(now + time::Duration::hours(1)),
+    )
+    .unwrap();
+    let ask = |token: String| {
+        let ts = &ts;
+        async move {
+            let key = rotator::pki::SecretKey::generate_p256().unwrap();
+            let id = "spiffe://cluster.local/ns/a/sa/x".parse().unwrap();
+            let csr = rotator::client::make_csr(&id, &key).unwrap();
+            ts.client(None)
+                .sign_certificate(with_token(sign_request(csr), &token))
+                .await
+        }
+    };
+    let ok = eventually(Duration::from_secs(10), || {
+        let f = ask(fresh.clone());
+        async move { f.await.ok() }
+    })
+    .await;
+    assert!(ok.is_some(), "a token before its expiry works");
+    let e = ask(old).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("\"old\" expired at"), "{e:?}");
+
+    // The CLI lists them (JSON) and revokes the bootstrap token.
+    let d = dir.display().to_string();
+    let out = std::process::Command::new(meshca_tests::bin("meshca"))
+        .args(["--output", "json", "token", "list", "--state-dir", &d])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["tokens"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{v}");
+    assert!(
+        rows.iter()
+            .any(|r| r["name"] == "old" && r["expired"] == true),
+        "{v}"
+    );
+    let out = std::process::Command::new(meshca_tests::bin("meshca"))
+        .args(["token", "revoke", "bootstrap", "--state-dir", &d])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = eventually(Duration::from_secs(10), || async {
+        ts.issue(WEB).await.err()
+    })
+    .await
+    .expect("the revoked bootstrap token is refused without a restart");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let out = std::process::Command::new(meshca_tests::bin("meshca"))
+        .args(["token", "revoke", "bootstrap", "--state-dir", &d])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no token named \"bootstrap\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -435,6 +435,7 @@ async fn each_caller_has_its_own_issue_rate() {
         &srv.state_dir(),
         "other",
         vec!["spiffe://cluster.local/ns/default/sa/*".parse().unwrap()],
+        None,
     )
     .unwrap();
     let ok = eventually(Duration::from_secs(10), || async {

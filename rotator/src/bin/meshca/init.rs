@@ -1,4 +1,4 @@
-//! `meshca init` (an authority around an existing root) and `meshca token add`.
+//! `meshca init` (an authority around an existing root) and `meshca token add|list|revoke`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,7 +10,8 @@ use rotator::spiffe::{IdPattern, TrustDomain};
 use rotator::state::{AuthorityState, human};
 use rotator::store::{FileStore, Store};
 use rotator::tokens::{
-    add_token, new_token, register_token, write_bootstrap_token, write_token_file,
+    add_token, list_tokens, new_token, register_token, revoke_token, write_bootstrap_token,
+    write_token_file,
 };
 use time::OffsetDateTime;
 
@@ -30,6 +31,27 @@ pub struct InitArgs {
     /// SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: TrustDomain,
+    /// How long the bootstrap token is accepted; 0s: until revoked.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    bootstrap_token_ttl: std::time::Duration,
+}
+
+/// `meshca token list`.
+#[derive(Debug, clap::Args)]
+pub struct TokenListArgs {
+    /// State directory [default: $MESHCA_STATE_DIR or ./meshca-data].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+/// `meshca token revoke`.
+#[derive(Debug, clap::Args)]
+pub struct TokenRevokeArgs {
+    /// The token's name, or the first 8+ hex digits of its SHA-256 (`meshca token list`).
+    name: String,
+    /// State directory [default: $MESHCA_STATE_DIR or ./meshca-data].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -47,6 +69,9 @@ pub struct TokenAddArgs {
     /// client may send the file unchanged as a header value) instead of printing it.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Accept the token for this long only, e.g. 30d [default: until revoked].
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    ttl: Option<std::time::Duration>,
 }
 
 pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
@@ -75,7 +100,8 @@ pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
         .map_err(|e| Failed(format!("{}: {e}", a.anchor_cert.display())))?;
     runtime()?.block_on(store.commit(None, &state))?;
     store.write_bundle(&state)?;
-    let token = write_bootstrap_token(&dir, &a.trust_domain)?;
+    let expires = (!a.bootstrap_token_ttl.is_zero()).then(|| now + a.bootstrap_token_ttl);
+    let token = write_bootstrap_token(&dir, &a.trust_domain, expires)?;
     let anchor = state
         .active_anchor()
         .ok_or_else(|| Failed("internal: no active anchor".into()))?;
@@ -125,14 +151,18 @@ pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
     if !dir.join("state.json").exists() {
         return Err(Failed(format!("{}: no authority here", dir.display())));
     }
-    let allowed = a
+    let mut allowed = a
         .allow
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    let expires = a.ttl.map(|t| OffsetDateTime::now_utc() + t);
+    if let Some(e) = expires {
+        allowed.push_str(&format!(" until {}", rfc3339(e)));
+    }
     let Some(out) = &a.out else {
-        let token = zeroize::Zeroizing::new(add_token(&dir, &a.name, a.allow.clone())?);
+        let token = zeroize::Zeroizing::new(add_token(&dir, &a.name, a.allow.clone(), expires)?);
         match output {
             Output::Json => println!(
                 "{}",
@@ -166,7 +196,7 @@ pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
         new_token().map_err(|_| Failed("random number generator failed".into()))?,
     );
     write_token_file(out, &token).map_err(|e| Failed(format!("{}: {e}", out.display())))?;
-    if let Err(e) = register_token(&dir, &a.name, a.allow.clone(), &token) {
+    if let Err(e) = register_token(&dir, &a.name, a.allow.clone(), &token, expires) {
         let _ = std::fs::remove_file(out);
         return Err(e.into());
     }
@@ -180,6 +210,66 @@ pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
              A running server picks it up within 2 s.",
             a.name,
             out.display()
+        ),
+    }
+    Ok(())
+}
+
+pub fn token_list(a: TokenListArgs, output: Output) -> Result<(), Failed> {
+    let dir = crate::state_dir(a.state_dir);
+    let tokens = list_tokens(&dir)?;
+    let now = OffsetDateTime::now_utc();
+    match output {
+        Output::Json => {
+            let rows: Vec<_> = tokens
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "name": t.name, "sha256": t.sha256,
+                        "allow": t.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "expires": t.expires.map(rfc3339), "expired": t.expired(now),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({ "tokens": rows }));
+        }
+        Output::Text => {
+            if tokens.is_empty() {
+                println!("no tokens in {}", dir.display());
+            }
+            for t in &tokens {
+                let expiry = match t.expires {
+                    None => "never expires".to_owned(),
+                    Some(e) if t.expired(now) => format!("EXPIRED {}", rfc3339(e)),
+                    Some(e) => format!("expires {}", rfc3339(e)),
+                };
+                println!(
+                    "{:<16} {}  {expiry}  {}",
+                    t.name,
+                    &t.sha256[..t.sha256.len().min(12)],
+                    t.allow
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn token_revoke(a: TokenRevokeArgs, output: Output) -> Result<(), Failed> {
+    let dir = crate::state_dir(a.state_dir);
+    if !dir.join("state.json").exists() {
+        return Err(Failed(format!("{}: no authority here", dir.display())));
+    }
+    let n = revoke_token(&dir, &a.name)?;
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "revoked": a.name, "count": n })),
+        Output::Text => eprintln!(
+            "revoked {n} token(s) {:?}; a running server refuses it within 2 s",
+            a.name
         ),
     }
     Ok(())

@@ -67,6 +67,10 @@ enum Command {
 enum TokenCommand {
     /// Make a new token and print it (once).
     Add(init::TokenAddArgs),
+    /// The tokens: name, hash prefix, expiry, what each may request.
+    List(init::TokenListArgs),
+    /// Remove a token (by name or hash prefix): a running server refuses it within 2 s.
+    Revoke(init::TokenRevokeArgs),
 }
 
 /// A failed command: the message, already worded for the user.
@@ -107,6 +111,8 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan::plan(a, cli.output),
         Command::Init(a) => init::init(a, cli.output),
         Command::Token(TokenCommand::Add(a)) => init::token_add(a, cli.output),
+        Command::Token(TokenCommand::List(a)) => init::token_list(a, cli.output),
+        Command::Token(TokenCommand::Revoke(a)) => init::token_revoke(a, cli.output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
