@@ -198,3 +198,115 @@ fn crash_right_after_activation_is_committed() {
 fn crash_after_activation_before_it_is_published() {
     crash_and_recover("transition:after-commit@2", Active::New, false);
 }
+
+/// Whether `<dir>/web.key` is the key of the leaf in `<dir>/web.crt`.
+fn pair_matches(dir: &Path) -> bool {
+    let chain = meshca_tests::pem_certs(&std::fs::read_to_string(dir.join("web.crt")).unwrap());
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    let key =
+        rotator::pki::SecretKey::from_pem(&std::fs::read_to_string(dir.join("web.key")).unwrap())
+            .unwrap();
+    leaf.public_key().raw == key.spki_der().as_slice()
+}
+
+/// `meshca issue` replaces a credential atomically (#15): killed at each step of writing a renewal,
+/// the key on disk matches the certificate beside it, and that credential renews again over mTLS.
+/// (Before: the key was written, then the certificate; a kill between left a new key beside the old
+/// certificate, and the credential used to renew was gone.) Old credentials' directories, keys
+/// included, are deleted once a new one is live.
+#[test]
+fn a_killed_meshca_issue_never_leaves_a_key_beside_a_certificate_it_does_not_match() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let server = ServerProcess::spawn(&dir, &[], &[]).unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    meshca_tests::cli_issue(&server.url, &dir, "web", &work);
+    assert!(pair_matches(&work));
+    // The check can fail: the same certificate beside another key does not match.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::copy(work.join("web.crt"), other.join("web.crt")).unwrap();
+    let stranger = rotator::pki::SecretKey::generate_p256().unwrap();
+    std::fs::write(other.join("web.key"), stranger.to_pem().as_bytes()).unwrap();
+    assert!(!pair_matches(&other));
+    let bundle = dir.join("bundle.pem").display().to_string();
+    let renew = |fault: Option<&str>| {
+        let mut cmd = Command::new(bin("meshca"));
+        if let Some(f) = fault {
+            cmd.env("MESHCA_FAULT_POINT", f);
+        }
+        cmd.args([
+            "issue",
+            "--server",
+            &server.url,
+            "--ca-bundle",
+            &bundle,
+            "--cert",
+            "web.crt",
+            "--key",
+            "web.key",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/default/sa/web",
+            "--out",
+            "web",
+        ])
+        .current_dir(&work)
+        .output()
+        .unwrap()
+    };
+    let serial = |w: &Path| std::fs::read_link(w.join(".web.live")).unwrap();
+    for point in [
+        "write:before-rename@1",
+        "write:before-rename@2",
+        "issue:before-swap",
+        "issue:after-swap",
+    ] {
+        let before = serial(&work);
+        let out = renew(Some(point));
+        assert_eq!(
+            out.status.signal(),
+            Some(libc_sigabrt()),
+            "{point}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            pair_matches(&work),
+            "{point}: the key matches the certificate"
+        );
+        let committed = serial(&work) != before;
+        assert_eq!(committed, point == "issue:after-swap", "{point}");
+        let out = renew(None);
+        assert!(
+            out.status.success(),
+            "{point}: renews again: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(pair_matches(&work), "{point}");
+        let versions: Vec<_> = std::fs::read_dir(&work)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            versions.len(),
+            1,
+            "{point}: old credentials deleted: {versions:?}"
+        );
+    }
+    for name in ["web.crt", "web.key", "web.bundle.pem"] {
+        assert!(
+            std::fs::symlink_metadata(work.join(name))
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "{name}"
+        );
+    }
+}
+
+/// SIGABRT, which `std::process::abort` raises at a fault point.
+fn libc_sigabrt() -> i32 {
+    6
+}

@@ -128,9 +128,16 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
     let bundle_path = with_ext(&a.out, "bundle.pem");
     let chain_pem: String = chain.iter().map(|c| pem_cert(c)).collect();
     let bundle_pem: String = new_bundle.iter().map(|c| pem_cert(c)).collect();
-    write_atomic(&key_path, key.to_pem().as_bytes(), 0o600)?;
-    write_atomic(&crt_path, chain_pem.as_bytes(), 0o644)?;
-    write_atomic(&bundle_path, bundle_pem.as_bytes(), 0o644)?;
+    let key_pem = zeroize::Zeroizing::new(key.to_pem());
+    write_credential(
+        &a.out,
+        &resp.serial,
+        [
+            ("crt", chain_pem.as_bytes(), 0o644),
+            ("key", key_pem.as_bytes(), 0o600),
+            ("bundle.pem", bundle_pem.as_bytes(), 0o644),
+        ],
+    )?;
     // Sanity: what we wrote parses back.
     if parse_pem_certs(&chain_pem).len() != chain.len() {
         return Err(Failed("internal: written chain does not parse back".into()));
@@ -168,4 +175,93 @@ fn with_ext(prefix: &std::path::Path, ext: &str) -> PathBuf {
     s.push(".");
     s.push(ext);
     PathBuf::from(s)
+}
+
+/// Writes a credential so that a reader, or a crash at any instant, sees the whole old one or the
+/// whole new one — never a key beside a certificate it does not match (the layout the kubelet
+/// uses for Secret volumes):
+///
+/// ```text
+/// PREFIX.crt        -> .PREFIX.live/crt          (symlinks made once)
+/// PREFIX.key        -> .PREFIX.live/key
+/// PREFIX.bundle.pem -> .PREFIX.live/bundle.pem
+/// .PREFIX.live      -> .PREFIX.<serial>          (replaced by one rename: the commit point)
+/// .PREFIX.<serial>/crt|key|bundle.pem            (a new directory per credential)
+/// ```
+///
+/// Older `.PREFIX.<serial>` directories, their keys included, are deleted once the new one is
+/// live. A PREFIX.crt (etc.) that is a regular file (written by an older meshca) is replaced by
+/// its symlink after the swap.
+fn write_credential(
+    prefix: &std::path::Path,
+    serial: &str,
+    files: [(&str, &[u8], u32); 3],
+) -> Result<(), Failed> {
+    use std::os::unix::fs::DirBuilderExt;
+    let fail =
+        |p: &std::path::Path, e: &dyn std::fmt::Display| Failed(format!("{}: {e}", p.display()));
+    let dir = prefix
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let base = prefix
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Failed(format!("{}: not a file name prefix", prefix.display())))?;
+    let mut serial: String = serial.chars().filter(char::is_ascii_hexdigit).collect();
+    if serial.is_empty() {
+        let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+        serial = format!("{:x}", nanos.unsigned_abs());
+    }
+    let version = format!(".{base}.{serial}");
+    let vdir = dir.join(&version);
+    // A new directory of our own (never one someone left there).
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&vdir)
+        .map_err(|e| fail(&vdir, &e))?;
+    for (name, bytes, mode) in files {
+        write_atomic(&vdir.join(name), bytes, mode).map_err(|e| Failed(e.to_string()))?;
+    }
+    rotator::store::fault_point("issue:before-swap");
+    // The commit point: one rename of a fresh symlink over `.PREFIX.live`.
+    let live = format!(".{base}.live");
+    swap_symlink(dir, &version, &live)?;
+    rotator::store::fault_point("issue:after-swap");
+    for (name, _, _) in files {
+        let link = dir.join(format!("{base}.{name}"));
+        let target = format!("{live}/{name}");
+        if std::fs::read_link(&link).ok().as_deref() != Some(std::path::Path::new(&target)) {
+            swap_symlink(dir, &target, &format!("{base}.{name}"))?;
+        }
+    }
+    // Old credentials can never be used again: delete them (keys included).
+    let prefix_dot = format!(".{base}.");
+    for e in std::fs::read_dir(dir).map_err(|e| fail(dir, &e))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix_dot) else {
+            continue;
+        };
+        let is_version = !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_version && name != version && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fail(dir, &e))
+}
+
+/// Points `dir/name` at `target` atomically: a fresh symlink under a temporary name, renamed over
+/// `name` (which may be a file, a symlink, or missing), then the directory synced.
+fn swap_symlink(dir: &std::path::Path, target: &str, name: &str) -> Result<(), Failed> {
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, dir.join(name)))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Failed(format!("{}: {e}", dir.join(name).display()))
+        })
 }
