@@ -96,7 +96,7 @@ pub async fn step(authority: &Authority) -> Result<Option<IssuerStep>, Transitio
             let next = match &step {
                 IssuerStep::Prepare { anchor } => s.prepare_issuer(&policy, now, anchor)?,
                 IssuerStep::Activate(id) => s.activate_issuer(now, id)?,
-                IssuerStep::Prune => match s.prune_expired_issuers(now) {
+                IssuerStep::Prune => match s.prune_expired_issuers(policy.key_retention, now) {
                     Some(n) => n,
                     None => return Ok(None),
                 },

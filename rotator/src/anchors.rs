@@ -414,6 +414,7 @@ impl AuthorityState {
             cert,
             key,
             status: AnchorStatus::Staged,
+            archived: None,
         });
         s.bundle_version += 1;
         s.phase = Phase::Staged {
@@ -469,7 +470,7 @@ impl AuthorityState {
     }
 
     /// activated → steady: the old anchor leaves the bundle (new bundle version) and is archived
-    /// (kept on disk). Refused when the gate is closed unless `force`.
+    /// (its certificate kept; its key destroyed after `policy.key_retention`). Refused when the gate is closed unless `force`.
     pub fn finish_anchor(
         &self,
         policy: &Policy,
@@ -483,7 +484,7 @@ impl AuthorityState {
             return Err(wrong_phase(self, Step::Finish));
         };
         let mut s = self.clone();
-        set_status(&mut s, previous, AnchorStatus::Archived);
+        archive(&mut s, previous, now);
         s.bundle_version += 1;
         s.phase = Phase::Steady;
         s.record(
@@ -533,7 +534,7 @@ impl AuthorityState {
                 );
             }
             Phase::Staged { anchor, .. } => {
-                set_status(&mut s, anchor, AnchorStatus::Archived);
+                archive(&mut s, anchor, now);
                 // Prepared issuers under it will never sign: forget them (their files stay).
                 s.issuers
                     .retain(|i| !(i.anchor == *anchor && i.status == IssuerStatus::Prepared));
@@ -631,6 +632,17 @@ fn set_status(s: &mut AuthorityState, id: &CertId, status: AnchorStatus) {
     for a in &mut s.anchors {
         if a.cert.id() == id {
             a.status = status;
+        }
+    }
+}
+
+/// Archives anchor `id` at `now`: out of the bundle; its key is destroyed after
+/// `policy.key_retention` (`AuthorityState::prune_expired_issuers`).
+fn archive(s: &mut AuthorityState, id: &CertId, now: OffsetDateTime) {
+    set_status(s, id, AnchorStatus::Archived);
+    for a in &mut s.anchors {
+        if a.cert.id() == id {
+            a.archived = Some(crate::clock::whole_seconds(now));
         }
     }
 }

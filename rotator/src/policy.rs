@@ -57,6 +57,11 @@ pub struct Policy {
     /// Time allowed for a new bundle to reach verifiers that hold no leaf from meshca.
     #[serde(with = "duration_str")]
     pub propagation_allowance: Duration,
+    /// How long a key that can never be used again is kept before it is destroyed: a retired or
+    /// rolled-back anchor's key after its archival, an issuer's key after the issuer expired.
+    /// `0s`: destroyed at the first step after that.
+    #[serde(with = "duration_str")]
+    pub key_retention: Duration,
 }
 
 impl Default for Policy {
@@ -71,6 +76,7 @@ impl Default for Policy {
             issuer_activate_remaining: Fraction::new(1, 3),
             anchor_ttl: DEFAULT_ANCHOR_TTL,
             propagation_allowance: DEFAULT_PROPAGATION_ALLOWANCE,
+            key_retention: Duration::ZERO,
         }
     }
 }

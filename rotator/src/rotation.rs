@@ -110,10 +110,7 @@ pub fn plan_issuer(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> 
     // Would a new issuer made now outlive the active one? Not when the anchor ends first.
     let worth_preparing =
         active_expiry.is_none_or(|e| (now + policy.issuer_ttl).min(anchor.cert.info.not_after) > e);
-    let prune = s
-        .issuers
-        .iter()
-        .any(|i| i.status != IssuerStatus::Active && i.cert.info.not_after <= now);
+    let prune = s.prune_due(policy.key_retention, now);
     let plan = |step, wake_at, schedule, attention| IssuerPlan {
         step,
         wake_at,
@@ -196,13 +193,8 @@ pub fn plan_issuer(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> 
     } else {
         sched.activate_at
     };
-    // The next retired issuer to expire also needs a wake-up, to be pruned.
-    let next_prune = s
-        .issuers
-        .iter()
-        .filter(|i| i.status != IssuerStatus::Active)
-        .map(|i| i.cert.info.not_after)
-        .min();
+    // The next retired issuer to expire (or retired key to destroy) also needs a wake-up.
+    let next_prune = s.next_prune(policy.key_retention);
     let wake_at = next_prune.map_or(wake_at, |p| p.min(wake_at));
     let attention =
         (upstream && now >= sched.prepare_at).then(|| upstream_attention(Some(sched.expires_at)));
@@ -238,7 +230,7 @@ mod tests {
         match step {
             IssuerStep::Prepare { anchor } => s.prepare_issuer(p, now, anchor).unwrap(),
             IssuerStep::Activate(id) => s.activate_issuer(now, id).unwrap(),
-            IssuerStep::Prune => s.prune_expired_issuers(now).unwrap(),
+            IssuerStep::Prune => s.prune_expired_issuers(p.key_retention, now).unwrap(),
         }
     }
 

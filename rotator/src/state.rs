@@ -98,10 +98,13 @@ impl Phase {
 pub struct Anchor {
     /// Certificate.
     pub cert: CaCert,
-    /// Private key; `None` when the key lives elsewhere (upstream mode).
+    /// Private key; `None` when the key lives elsewhere (upstream mode), or once destroyed
+    /// after archival (see [`crate::policy::Policy::key_retention`]).
     pub key: Option<SecretKey>,
     /// Status.
     pub status: AnchorStatus,
+    /// When it was archived (finished or rolled back), for its key's retention.
+    pub archived: Option<OffsetDateTime>,
 }
 
 /// An issuer (intermediate CA) the authority knows.
@@ -271,6 +274,7 @@ impl AuthorityState {
                 cert: anchor,
                 key,
                 status: AnchorStatus::Active,
+                archived: None,
             }],
             issuers: Vec::new(),
             phase: Phase::Steady,
@@ -481,12 +485,50 @@ impl AuthorityState {
         Ok(s)
     }
 
-    /// Drops retired and prepared issuers that expired before `now` (their leaves have too).
-    pub fn prune_expired_issuers(&self, now: OffsetDateTime) -> Option<Self> {
-        let expired = |i: &Issuer| i.status != IssuerStatus::Active && i.cert.info.not_after <= now;
-        if !self.issuers.iter().any(expired) {
+    /// When each key that can never be used again is due for destruction: a retired or
+    /// prepared issuer's at its expiry (its leaves have expired too), an archived anchor's at its
+    /// archival — each plus `retention`. Only keys still held are listed.
+    fn keys_due(
+        &self,
+        retention: std::time::Duration,
+    ) -> impl Iterator<Item = OffsetDateTime> + '_ {
+        let issuers = self
+            .issuers
+            .iter()
+            .filter(|i| i.status != IssuerStatus::Active)
+            .map(move |i| i.cert.info.not_after + retention);
+        let anchors = self
+            .anchors
+            .iter()
+            .filter(|a| a.status == AnchorStatus::Archived && a.key.is_some())
+            .map(move |a| a.archived.unwrap_or(OffsetDateTime::UNIX_EPOCH) + retention);
+        issuers.chain(anchors)
+    }
+
+    /// Whether [`AuthorityState::prune_expired_issuers`] has something to do at `now`.
+    pub fn prune_due(&self, retention: std::time::Duration, now: OffsetDateTime) -> bool {
+        self.keys_due(retention).any(|t| t <= now)
+    }
+
+    /// The next time [`AuthorityState::prune_due`] becomes true, if any.
+    pub fn next_prune(&self, retention: std::time::Duration) -> Option<OffsetDateTime> {
+        self.keys_due(retention).min()
+    }
+
+    /// Destroys the keys that can never be used again, `retention` after that became so: drops
+    /// retired and prepared issuers that expired (their leaves have too), and the keys of
+    /// archived anchors. The store deletes the key files the state no longer names.
+    pub fn prune_expired_issuers(
+        &self,
+        retention: std::time::Duration,
+        now: OffsetDateTime,
+    ) -> Option<Self> {
+        if !self.prune_due(retention, now) {
             return None;
         }
+        let expired = |i: &Issuer| {
+            i.status != IssuerStatus::Active && i.cert.info.not_after + retention <= now
+        };
         let mut s = self.clone();
         let gone: Vec<String> = s
             .issuers
@@ -495,7 +537,24 @@ impl AuthorityState {
             .map(|i| i.cert.id().to_string())
             .collect();
         s.issuers.retain(|i| !expired(i));
-        s.record(now, format!("issuers_pruned {}", gone.join(",")));
+        let mut destroyed = Vec::new();
+        for a in &mut s.anchors {
+            if a.status == AnchorStatus::Archived
+                && a.key.is_some()
+                && a.archived.unwrap_or(OffsetDateTime::UNIX_EPOCH) + retention <= now
+            {
+                a.key = None;
+                destroyed.push(a.cert.id().to_string());
+            }
+        }
+        let mut what = Vec::new();
+        if !gone.is_empty() {
+            what.push(format!("issuers_pruned {}", gone.join(",")));
+        }
+        if !destroyed.is_empty() {
+            what.push(format!("anchor_keys_destroyed {}", destroyed.join(",")));
+        }
+        s.record(now, what.join(" "));
         Some(s)
     }
 

@@ -13,7 +13,8 @@
 //! A commit writes new certificate and key files first (named by the certificate's hash, so
 //! writing one twice is harmless and an unreferenced one is inert), then replaces `state.json`
 //! atomically (temp file, fsync, rename, fsync dir). The rename is the commit point: a crash
-//! before it leaves the old state, after it the new one. Files are never deleted.
+//! before it leaves the old state, after it the new one. After it, key files the state no longer
+//! names (destroyed keys) are deleted; certificates are never deleted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -185,6 +186,12 @@ struct AnchorMeta {
     id: CertId,
     status: AnchorStatus,
     key_held: bool,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    archived: Option<OffsetDateTime>,
     serial: String,
     #[serde(with = "time::serde::rfc3339")]
     not_after: OffsetDateTime,
@@ -373,7 +380,39 @@ impl FileStore {
         fault_point("commit:after-files");
         write_atomic(&self.dir.join(STATE_FILE), &json, 0o644)?;
         fault_point("commit:after-state");
+        self.destroy_unnamed_keys(next);
         Ok(())
+    }
+
+    /// Deletes the key files the committed `state` no longer names: keys destroyed by
+    /// [`AuthorityState::prune_expired_issuers`] (expired issuers, archived anchors past their
+    /// retention), and keys written for a commit that never happened. Best effort, after the
+    /// commit point: a file that cannot be removed now goes at the next commit. (Unlinking does not
+    /// scrub the disk blocks; on a journaling filesystem or an SSD nothing a process can do
+    /// reliably does. Keys that must never touch a disk belong in an HSM.)
+    fn destroy_unnamed_keys(&self, state: &AuthorityState) {
+        let mut named = HashSet::new();
+        for a in state.anchors.iter().filter(|a| a.key.is_some()) {
+            named.insert(format!("anchors/{}.key", a.cert.id()));
+        }
+        for i in &state.issuers {
+            named.insert(format!("issuers/{}.key", i.cert.id()));
+        }
+        if let Some(p) = &state.pending_issuer_key {
+            named.insert(format!("issuers/pending-{}.key", key_id(&p.key)));
+        }
+        for sub in ["anchors", "issuers"] {
+            for e in fs::read_dir(self.dir.join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".key") && !named.contains(&format!("{sub}/{name}")) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
     }
 
     /// Writes `bundle.pem` from `state` if its content differs.
@@ -419,6 +458,7 @@ impl StateFile {
                     id: a.cert.id().clone(),
                     status: a.status,
                     key_held: a.key.is_some(),
+                    archived: a.archived,
                     serial: a.cert.info.serial.clone(),
                     not_after: a.cert.info.not_after,
                 })
@@ -595,6 +635,7 @@ fn decode(
             cert,
             key,
             status: m.status,
+            archived: m.archived,
         });
     }
     let mut issuers = Vec::new();
@@ -1031,6 +1072,7 @@ pub mod io_faults {
 mod tests {
     use super::*;
     use crate::policy::Policy;
+    use crate::state::AnchorStatus;
 
     fn genesis() -> AuthorityState {
         AuthorityState::genesis(
@@ -1108,6 +1150,11 @@ mod tests {
         assert!(store.load_sync().unwrap().is_none());
         let s = genesis();
         store.commit_sync(None, &s).unwrap();
+        assert!(
+            !dir.join(BUNDLE_FILE).exists(),
+            "the bundle is the caller's to write"
+        );
+        store.write_bundle(&s).unwrap();
         let back = store.load_sync().unwrap().unwrap();
         assert_eq!(back.generation, s.generation);
         assert_eq!(
@@ -1155,7 +1202,9 @@ mod tests {
     fn lost_state_file_is_never_taken_for_a_fresh_dir() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStore::open(tmp.path()).unwrap();
-        store.commit_sync(None, &genesis()).unwrap();
+        let s = genesis();
+        store.commit_sync(None, &s).unwrap();
+        store.write_bundle(&s).unwrap();
         fs::remove_file(tmp.path().join(STATE_FILE)).unwrap();
         let e = store.load_sync().unwrap_err().to_string();
         assert!(
@@ -1259,5 +1308,74 @@ mod tests {
         fs::write(&path, v.to_string()).unwrap();
         let e = store.load_sync().unwrap_err().to_string();
         assert!(e.contains("state.json: inconsistent"), "{e}");
+    }
+
+    /// #15: keys that can never be used again are destroyed — an archived anchor's after its
+    /// archival, a rolled-back one's too, an expired issuer's — each `key_retention` later, and
+    /// the store deletes their files at the commit that drops them (certificates stay).
+    #[test]
+    fn retired_keys_are_destroyed_after_their_retention() {
+        use crate::anchors::NewAnchor;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let store = FileStore::open(dir).unwrap();
+        let p = Policy {
+            key_retention: std::time::Duration::from_secs(3600),
+            ..Policy::default()
+        };
+        let t0 = crate::clock::whole_seconds(OffsetDateTime::now_utc());
+        let s = AuthorityState::genesis("cluster.local".parse().unwrap(), &p, t0).unwrap();
+        store.commit_sync(None, &s).unwrap();
+        let old = s.active_anchor().unwrap().cert.id().clone();
+        let old_issuer = s.active_issuer().unwrap().cert.id().clone();
+        let key_file = |sub: &str, id: &CertId| dir.join(format!("{sub}/{id}.key"));
+        let mut s2 = s.stage_anchor(&p, t0, NewAnchor::Generate).unwrap();
+        s2 = s2.activate_anchor(&p, None, t0, true).unwrap();
+        let t1 = t0 + time::Duration::minutes(1);
+        s2 = s2.finish_anchor(&p, None, t1, true).unwrap();
+        store.commit_sync(Some(s.generation), &s2).unwrap();
+        let archived = s2.anchors.iter().find(|a| a.cert.id() == &old).unwrap();
+        assert_eq!(archived.status, AnchorStatus::Archived);
+        assert_eq!(archived.archived, Some(t1));
+        assert!(archived.key.is_some(), "kept during its retention");
+        assert!(key_file("anchors", &old).exists());
+        // Not before its retention ends.
+        let t2 = t1 + time::Duration::minutes(59);
+        assert!(s2.prune_expired_issuers(p.key_retention, t2).is_none());
+        assert_eq!(
+            s2.next_prune(p.key_retention),
+            Some(t1 + time::Duration::hours(1))
+        );
+        let t3 = t1 + time::Duration::hours(1);
+        let s3 = s2.prune_expired_issuers(p.key_retention, t3).unwrap();
+        s3.check().unwrap();
+        store.commit_sync(Some(s2.generation), &s3).unwrap();
+        assert!(!key_file("anchors", &old).exists(), "anchor key destroyed");
+        assert!(
+            dir.join(format!("anchors/{old}.crt")).exists(),
+            "its certificate stays"
+        );
+        let back = store.load_sync().unwrap().unwrap();
+        let a = back.anchors.iter().find(|a| a.cert.id() == &old).unwrap();
+        assert!(a.key.is_none());
+        assert_eq!(a.archived, Some(t1), "archival time survives a reload");
+        assert!(back.active_anchor().unwrap().key.is_some());
+        // The old anchor's issuer, retired by the rotation, goes once expired + retention.
+        assert!(key_file("issuers", &old_issuer).exists());
+        let expiry = s.active_issuer().unwrap().cert.info.not_after;
+        let s4 = back
+            .prune_expired_issuers(p.key_retention, expiry + time::Duration::hours(1))
+            .unwrap();
+        store.commit_sync(Some(back.generation), &s4).unwrap();
+        assert!(
+            !key_file("issuers", &old_issuer).exists(),
+            "issuer key destroyed"
+        );
+        for i in &s4.issuers {
+            assert!(
+                key_file("issuers", i.cert.id()).exists(),
+                "live issuers keep theirs"
+            );
+        }
     }
 }

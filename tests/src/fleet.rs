@@ -185,7 +185,7 @@ pub fn simulate(p: &Params) -> Report {
                 IssuerStep::Prepare { anchor } => s.prepare_issuer(&policy, now, &anchor),
                 IssuerStep::Activate(id) => s.activate_issuer(now, &id),
                 IssuerStep::Prune => s
-                    .prune_expired_issuers(now)
+                    .prune_expired_issuers(policy.key_retention, now)
                     .ok_or_else(|| rotator::state::StateError::NotFound("nothing to prune".into())),
             }
             .expect("issuer step");

@@ -144,7 +144,10 @@ impl Model {
                     self.s.prepare_issuer(&self.p, self.now, &anchor).unwrap()
                 }
                 IssuerStep::Activate(id) => self.s.activate_issuer(self.now, &id).unwrap(),
-                IssuerStep::Prune => self.s.prune_expired_issuers(self.now).unwrap(),
+                IssuerStep::Prune => self
+                    .s
+                    .prune_expired_issuers(self.p.key_retention, self.now)
+                    .unwrap(),
             };
             self.commit(next);
         }

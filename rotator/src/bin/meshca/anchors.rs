@@ -34,7 +34,8 @@ pub enum AnchorsCommand {
     },
     /// staged → activated: the new anchor's issuer signs from now on.
     Activate(StepArgs),
-    /// activated → steady: the old anchor leaves the bundle (archived on disk).
+    /// activated → steady: the old anchor leaves the bundle (archived; its key destroyed after
+    /// policy.key_retention).
     Finish(StepArgs),
     /// One phase back: activated → staged, or staged → steady.
     Rollback(StepArgs),
@@ -143,7 +144,7 @@ fn print_step(what: &str, r: &AnchorResponse, output: Output) {
                     r.anchor, r.issuer, r.bundle_version
                 ),
                 "finish" => format!(
-                    "finished: anchor {} left the bundle and is archived on disk; bundle v{} holds only the new anchor",
+                    "finished: anchor {} left the bundle and is archived (its key is destroyed after policy.key_retention); bundle v{} holds only the new anchor",
                     r.anchor, r.bundle_version
                 ),
                 _ => format!(
