@@ -81,7 +81,12 @@ impl std::fmt::Debug for LedgerHandle {
 
 fn read_log(path: &Path) -> Result<(Ledger, bool, usize), String> {
     let f = File::open(path).map_err(|e| e.to_string())?;
-    let mut lines = BufReader::new(f).lines();
+    parse_log(BufReader::new(f))
+}
+
+/// Replays a ledger file's lines: the ledger, whether it was closed cleanly, how many records.
+pub(crate) fn parse_log(r: impl BufRead) -> Result<(Ledger, bool, usize), String> {
+    let mut lines = r.lines();
     let first = lines.next().ok_or("empty")?.map_err(|e| e.to_string())?;
     let h: Header = serde_json::from_str(&first).map_err(|e| format!("header: {e}"))?;
     if h.ledger != 1 {

@@ -30,3 +30,148 @@ pub mod metrics;
 pub mod server;
 pub mod signing;
 pub(crate) mod tls;
+
+/// Entry points for the fuzz targets in `fuzz/` (cargo fuzz), one per parser of outside input,
+/// each fed bytes as the server (or `meshca`) would be. `tests/tests/fuzz_corpus.rs` replays the
+/// committed corpus through the same functions on every test run. Not an API: a target panics
+/// only where the code under test broke a promise (a parsed value that does not round-trip).
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::collections::BTreeMap;
+    use std::sync::OnceLock;
+
+    use prost::Message;
+    use rotator::spiffe::{IdPattern, SpiffeId, TrustDomain};
+
+    /// A target: its name (`fuzz/fuzz_targets/<name>.rs`, `fuzz/corpus/<name>/`) and body.
+    pub type Target = (&'static str, fn(&[u8]));
+
+    /// The targets.
+    pub const TARGETS: [Target; 8] = [
+        ("csr", csr),
+        ("spiffe", spiffe),
+        ("linkerd_identity", linkerd_identity),
+        ("istio_request", istio_request),
+        ("state_flat", state_flat),
+        ("ledger_log", ledger_log),
+        ("tokens_json", tokens_json),
+        ("config_toml", config_toml),
+    ];
+
+    /// A CSR as the native and Istio faces take it (DER or PEM), and as the Linkerd face does.
+    pub fn csr(data: &[u8]) {
+        if let Ok(v) = crate::signing::parse_csr(data) {
+            let again: SpiffeId = v.id.as_str().parse().expect("an accepted ID parses again");
+            assert_eq!(again, v.id);
+        }
+        if let Ok(id) = "spiffe://cluster.local/ns/a/sa/b".parse() {
+            let _ = crate::signing::parse_dns_csr(
+                data,
+                "b.a.serviceaccount.identity.linkerd.cluster.local",
+                id,
+            );
+        }
+    }
+
+    /// SPIFFE IDs, trust domains and token patterns from text; what parses round-trips, and a
+    /// pattern matches the ID it was made from when that is an exact ID.
+    pub fn spiffe(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        if let Ok(id) = text.parse::<SpiffeId>() {
+            let again: SpiffeId = id.as_str().parse().expect("an ID round-trips");
+            assert_eq!(again, id);
+            if let Ok(p) = id.as_str().parse::<IdPattern>() {
+                assert!(p.matches(&id), "an exact pattern matches its ID");
+            }
+        }
+        if let Ok(td) = text.parse::<TrustDomain>() {
+            let _ = td.to_string().parse::<TrustDomain>().expect("a domain round-trips");
+        }
+        if let Ok(p) = text.parse::<IdPattern>() {
+            let _ = p.to_string().parse::<IdPattern>().expect("a pattern round-trips");
+        }
+    }
+
+    /// The Linkerd face's identity → SPIFFE ID mapping: input `identity\ncontrol-plane-ns`.
+    pub fn linkerd_identity(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        let (identity, ns) = text.split_once('\n').unwrap_or((text, "linkerd"));
+        if let Ok(id) = crate::linkerd::spiffe_id_of(identity, ns, "cluster.local") {
+            let again: SpiffeId = id.as_str().parse().expect("a mapped ID parses");
+            assert_eq!(again, id);
+        }
+    }
+
+    /// An Istio `CreateCertificate` request as the server decodes it: the protobuf message, its
+    /// CSR (PEM text), its validity and metadata.
+    pub fn istio_request(data: &[u8]) {
+        let Ok(req) = meshca_proto::istio::IstioCertificateRequest::decode(data) else {
+            return;
+        };
+        let _ = u64::try_from(req.validity_duration);
+        let _ = crate::signing::parse_csr(req.csr.as_bytes());
+        if let Some(meta) = &req.metadata {
+            for (k, v) in &meta.fields {
+                let _ = (k.len(), format!("{v:?}").len());
+            }
+        }
+    }
+
+    /// A valid authority in flat form (what a Secret holds), made once.
+    fn baseline() -> &'static BTreeMap<String, Vec<u8>> {
+        static B: OnceLock<BTreeMap<String, Vec<u8>>> = OnceLock::new();
+        B.get_or_init(|| {
+            let s = rotator::state::AuthorityState::genesis(
+                "cluster.local".parse().expect("literal"),
+                &rotator::policy::Policy::default(),
+                time::OffsetDateTime::now_utc(),
+            )
+            .expect("genesis");
+            rotator::store::encode_flat(&s).expect("encode")
+        })
+    }
+
+    /// `state.json` and the flat (Secret) codec: the input is a whole flat form —
+    /// `name 0xFF value 0xFF name 0xFF value …` — or, with no 0xFF, a `state.json` put in place of
+    /// a valid authority's. Whatever decodes must pass the state's invariants.
+    pub fn state_flat(data: &[u8]) {
+        let mut map = BTreeMap::new();
+        if data.contains(&0xFF) {
+            let mut parts = data.split(|b| *b == 0xFF);
+            while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+                map.insert(String::from_utf8_lossy(k).into_owned(), v.to_vec());
+            }
+        } else {
+            map = baseline().clone();
+            map.insert("state.json".into(), data.to_vec());
+        }
+        if let Ok(Some(s)) = rotator::store::decode_flat("fuzz", &map) {
+            s.check().expect("a decoded state holds its invariants");
+        }
+    }
+
+    /// A `ledger.log` replayed at start-up.
+    pub fn ledger_log(data: &[u8]) {
+        let _ = crate::ledger::parse_log(data);
+    }
+
+    /// A `tokens.json` as the server (re)loads it.
+    pub fn tokens_json(data: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(data) {
+            let _ = rotator::tokens::StaticTokens::parse(text);
+        }
+    }
+
+    /// A TOML configuration file, parsed and validated.
+    pub fn config_toml(data: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(data)
+            && let Ok(c) = crate::config::Config::from_toml(text)
+        {
+            let _ = c.validate();
+        }
+    }
+}

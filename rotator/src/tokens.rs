@@ -84,12 +84,17 @@ impl StaticTokens {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(err(e.to_string())),
         };
-        let file: TokensFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        Self::parse(&text).map_err(err)
+    }
+
+    /// Parses the text of a tokens file.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: TokensFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let mut by_hash = HashMap::new();
         for t in file.tokens {
             let mut h = [0u8; 32];
             hex::decode_to_slice(&t.sha256, &mut h)
-                .map_err(|_| err(format!("token {:?}: sha256 is not 64 hex digits", t.name)))?;
+                .map_err(|_| format!("token {:?}: sha256 is not 64 hex digits", t.name))?;
             by_hash.insert(h, Arc::new(t));
         }
         Ok(Self { by_hash })
