@@ -87,10 +87,16 @@ pub mod fuzzing {
             }
         }
         if let Ok(td) = text.parse::<TrustDomain>() {
-            let _ = td.to_string().parse::<TrustDomain>().expect("a domain round-trips");
+            let _ = td
+                .to_string()
+                .parse::<TrustDomain>()
+                .expect("a domain round-trips");
         }
         if let Ok(p) = text.parse::<IdPattern>() {
-            let _ = p.to_string().parse::<IdPattern>().expect("a pattern round-trips");
+            let _ = p
+                .to_string()
+                .parse::<IdPattern>()
+                .expect("a pattern round-trips");
         }
     }
 

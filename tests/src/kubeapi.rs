@@ -234,6 +234,26 @@ impl KubeApi {
             .cloned()
     }
 
+    /// A Secret's `data`, base64-decoded.
+    pub fn secret_data(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<std::collections::BTreeMap<String, Vec<u8>>> {
+        use base64::Engine as _;
+        let s = self.get("secrets", namespace, name)?;
+        s["data"]
+            .as_object()?
+            .iter()
+            .map(|(k, v)| {
+                let b = base64::engine::general_purpose::STANDARD
+                    .decode(v.as_str()?)
+                    .ok()?;
+                Some((k.clone(), b))
+            })
+            .collect()
+    }
+
     /// All objects of `resource` (namespace, name, object).
     pub fn list(&self, resource: &str) -> Vec<(String, String, Value)> {
         self.lock()

@@ -6,6 +6,7 @@
 
 pub mod fleet;
 pub mod kubeapi;
+pub mod trials;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -242,7 +242,10 @@ fn the_fuzz_corpus_replays_without_a_panic() {
         );
         let mut inputs = Vec::new();
         for dir in ["seeds", "regressions"] {
-            for e in std::fs::read_dir(root.join(dir).join(name)).into_iter().flatten() {
+            for e in std::fs::read_dir(root.join(dir).join(name))
+                .into_iter()
+                .flatten()
+            {
                 inputs.push(e.unwrap().path());
             }
         }
@@ -267,9 +270,15 @@ fn the_fuzz_corpus_replays_without_a_panic() {
     }
     assert!(rotator::store::decode_flat("seed", &map).unwrap().is_some());
     let tokens = String::from_utf8(seed("tokens_json", "tokens.json")).unwrap();
-    assert_eq!(rotator::tokens::StaticTokens::parse(&tokens).unwrap().len(), 2);
+    assert_eq!(
+        rotator::tokens::StaticTokens::parse(&tokens).unwrap().len(),
+        2
+    );
     for f in ["defaults.toml", "kubernetes.toml"] {
         let text = String::from_utf8(seed("config_toml", f)).unwrap();
-        ca_server::config::Config::from_toml(&text).unwrap().validate().unwrap();
+        ca_server::config::Config::from_toml(&text)
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 }
