@@ -6,6 +6,7 @@
 
 pub mod fleet;
 pub mod kubeapi;
+pub mod soak;
 pub mod trials;
 
 use std::net::SocketAddr;
