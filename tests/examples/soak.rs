@@ -11,9 +11,9 @@ use meshca_tests::soak::{self, Soak};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let duration = args
-        .next()
-        .map_or(Duration::from_secs(600), |a| humantime::parse_duration(&a).unwrap());
+    let duration = args.next().map_or(Duration::from_secs(600), |a| {
+        humantime::parse_duration(&a).unwrap()
+    });
     let rate: u32 = args.next().map_or(4500, |a| a.parse().unwrap());
     let s = Soak {
         server_bin: "target/release/meshca-server".into(),
@@ -54,6 +54,9 @@ async fn main() {
         (re as f64 / rs.max(1) as f64 - 1.0) * 100.0
     );
     for (t, rss, fds) in &r.samples {
-        println!("  t={t:>4}s rss={:>6.1} MiB fds={fds}", *rss as f64 / 1024.0);
+        println!(
+            "  t={t:>4}s rss={:>6.1} MiB fds={fds}",
+            *rss as f64 / 1024.0
+        );
     }
 }

@@ -670,3 +670,14 @@ pub fn linkerd_peer_identity(end_entity: &[u8]) -> Option<String> {
         .into_iter()
         .find(|n| n.starts_with("DNS:") || n.starts_with("URI:"))
 }
+
+/// Whether `<dir>/<name>.key` is the key of the leaf in `<dir>/<name>.crt` (what `meshca issue
+/// --out <name>` writes).
+pub fn key_matches_certificate(dir: &Path, name: &str) -> bool {
+    let read =
+        |ext: &str| std::fs::read_to_string(dir.join(format!("{name}.{ext}"))).expect("read");
+    let chain = pem_certs(&read("crt"));
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("a certificate");
+    let key = SecretKey::from_pem(&read("key")).expect("a key");
+    leaf.public_key().raw == key.spki_der().as_slice()
+}

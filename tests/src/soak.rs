@@ -144,7 +144,9 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
     // now keep their connection, and the client trusts every anchor it has seen (the bundle the
     // watchers push is added).
     let tls = client_tls(&bundle, None).expect("tls");
-    let channels: Vec<_> = (0..4).map(|_| channel(&server.url, tls.clone()).expect("channel")).collect();
+    let channels: Vec<_> = (0..4)
+        .map(|_| channel(&server.url, tls.clone()).expect("channel"))
+        .collect();
 
     let issued = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -190,9 +192,10 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
     let ids: Arc<Vec<(rotator::spiffe::SpiffeId, Vec<u8>)>> = Arc::new(
         (0..64)
             .map(|i| {
-                let id: rotator::spiffe::SpiffeId = format!("spiffe://cluster.local/ns/default/sa/soak-{i}")
-                    .parse()
-                    .expect("id");
+                let id: rotator::spiffe::SpiffeId =
+                    format!("spiffe://cluster.local/ns/default/sa/soak-{i}")
+                        .parse()
+                        .expect("id");
                 let csr = make_csr(&id, &SecretKey::generate_p256().expect("key")).expect("csr");
                 (id, csr)
             })
@@ -248,11 +251,22 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
             let why = match r {
                 Ok(resp) => {
                     let r = resp.into_inner();
-                    let chain: Vec<CertificateDer<'static>> =
-                        r.certificate_chain.into_iter().map(CertificateDer::from).collect();
-                    let bundle: Vec<CertificateDer<'static>> =
-                        r.trust_bundle.into_iter().map(CertificateDer::from).collect();
-                    match verify_svid(&chain, &bundle, UnixTime::now(), webpki::KeyUsage::client_auth()) {
+                    let chain: Vec<CertificateDer<'static>> = r
+                        .certificate_chain
+                        .into_iter()
+                        .map(CertificateDer::from)
+                        .collect();
+                    let bundle: Vec<CertificateDer<'static>> = r
+                        .trust_bundle
+                        .into_iter()
+                        .map(CertificateDer::from)
+                        .collect();
+                    match verify_svid(
+                        &chain,
+                        &bundle,
+                        UnixTime::now(),
+                        webpki::KeyUsage::client_auth(),
+                    ) {
                         Ok(got) if got == ids[k].0 => None,
                         Ok(got) => Some(format!("issued {got}, asked {}", ids[k].0)),
                         Err(e) => Some(format!("does not verify: {e}")),
@@ -293,7 +307,10 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
             .map_or(0.0, |v| f64::from(*v) / 1000.0)
     };
-    let error_samples = samples_err.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let error_samples = samples_err
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     Report {
         issued: issued.load(Ordering::Relaxed),
         errors: errors.load(Ordering::Relaxed),
@@ -302,7 +319,10 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
         watchers_lost: lost.load(Ordering::Relaxed),
         samples,
         bundle_version: metric(&metrics, "meshca_bundle_version "),
-        issuer_rotation_steps: metric(&metrics, "meshca_issuer_rotations_total{result=\"success\"} "),
+        issuer_rotation_steps: metric(
+            &metrics,
+            "meshca_issuer_rotations_total{result=\"success\"} ",
+        ),
         latency_ms: (pct(0.5), pct(0.99), pct(1.0)),
     }
 }

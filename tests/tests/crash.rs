@@ -199,14 +199,8 @@ fn crash_after_activation_before_it_is_published() {
     crash_and_recover("transition:after-commit@2", Active::New, false);
 }
 
-/// Whether `<dir>/web.key` is the key of the leaf in `<dir>/web.crt`.
 fn pair_matches(dir: &Path) -> bool {
-    let chain = meshca_tests::pem_certs(&std::fs::read_to_string(dir.join("web.crt")).unwrap());
-    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
-    let key =
-        rotator::pki::SecretKey::from_pem(&std::fs::read_to_string(dir.join("web.key")).unwrap())
-            .unwrap();
-    leaf.public_key().raw == key.spki_der().as_slice()
+    meshca_tests::key_matches_certificate(dir, "web")
 }
 
 /// `meshca issue` replaces a credential atomically (#15): killed at each step of writing a renewal,

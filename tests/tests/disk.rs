@@ -213,3 +213,68 @@ async fn a_ledger_that_cannot_be_written_does_not_stop_signing() {
     let (_, body) = http_get(ts.http, "/readyz").await;
     assert!(!body.contains("cannot write"), "{body}");
 }
+
+/// The CLI's outputs on a full or failing disk (`MESHCA_IO_FAULT` in the `meshca` process):
+/// `meshca issue` says why and exits non-zero, and the credential it was renewing stays whole — its
+/// key still matches its certificate, and it renews once the disk recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshca_issue_on_a_failing_disk_keeps_the_credential_it_renews() {
+    let ts = TestServer::start().await;
+    let (url, state) = (ts.url.clone(), ts.state_dir());
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        meshca_tests::cli_issue(&url, &state, "web", &w);
+        let renew = |fault: Option<&str>| {
+            let mut cmd = std::process::Command::new(meshca_tests::bin("meshca"));
+            if let Some(f) = fault {
+                cmd.env("MESHCA_IO_FAULT", f);
+            }
+            cmd.args([
+                "issue",
+                "--server",
+                &url,
+                "--ca-bundle",
+                &state.join("bundle.pem").display().to_string(),
+                "--cert",
+                "web.crt",
+                "--key",
+                "web.key",
+                "--spiffe-id",
+                WEB,
+                "--out",
+                "web",
+            ])
+            .current_dir(&w)
+            .output()
+            .unwrap()
+        };
+        let live = || std::fs::read_link(w.join(".web.live")).unwrap();
+        for (fault, said) in [
+            ("key:write:28", "No space left on device"),
+            ("crt:write:5", "Input/output error"),
+            ("bundle.pem:write:28", "No space left on device"),
+        ] {
+            let before = live();
+            let out = renew(Some(fault));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{fault}");
+            assert!(stderr.contains(said), "{fault}: {stderr}");
+            assert_eq!(
+                live(),
+                before,
+                "{fault}: the old credential is still the live one"
+            );
+            assert!(meshca_tests::key_matches_certificate(&w, "web"), "{fault}");
+        }
+        let out = renew(None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(meshca_tests::key_matches_certificate(&w, "web"));
+    })
+    .await
+    .unwrap();
+}

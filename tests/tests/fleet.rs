@@ -92,11 +92,25 @@ async fn a_minute_of_load_through_rotations_leaks_nothing() {
     assert_eq!(r.errors, 0, "{:?}", r.error_samples);
     assert!(r.issued >= 60 * 150, "{} issued", r.issued);
     assert_eq!(r.watchers_lost, 0);
-    assert!(r.bundle_version >= 5, "two full anchor rotations: {}", r.bundle_version);
-    assert!(r.pushes >= 20 * 4, "every watcher saw the rotations: {}", r.pushes);
+    assert!(
+        r.bundle_version >= 5,
+        "two full anchor rotations: {}",
+        r.bundle_version
+    );
+    assert!(
+        r.pushes >= 20 * 4,
+        "every watcher saw the rotations: {}",
+        r.pushes
+    );
     assert!(r.issuer_rotation_steps > 0);
     let (rss0, _, rss1) = r.rss(s.warm_up);
-    assert!(rss1 * 10 <= rss0 * 12, "RSS {rss0} KiB after warm-up, {rss1} KiB at the end");
+    assert!(
+        rss1 * 10 <= rss0 * 12,
+        "RSS {rss0} KiB after warm-up, {rss1} KiB at the end"
+    );
     let (fd0, _, fd1) = r.fds(s.warm_up);
-    assert!(fd1 <= fd0 + 4, "open fds {fd0} after warm-up, {fd1} at the end");
+    assert!(
+        fd1 <= fd0 + 4,
+        "open fds {fd0} after warm-up, {fd1} at the end"
+    );
 }
