@@ -542,3 +542,105 @@ async fn a_flood_of_scrapes_walks_the_ledger_once_a_second() {
     );
     assert!(walks >= 1);
 }
+
+/// A tower connector (TCP, then TLS) that records whether each handshake was full or resumed.
+#[derive(Clone)]
+struct Recording {
+    tls: tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    kinds: Arc<std::sync::Mutex<Vec<rustls::HandshakeKind>>>,
+}
+
+impl tower::Service<http::Uri> for Recording {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect(me.addr).await?;
+            let name = ServerName::IpAddress(me.addr.ip().into());
+            let s = me.tls.connect(name, tcp).await?;
+            let kind = s.get_ref().1.handshake_kind().expect("handshake done");
+            me.kinds.lock().unwrap().push(kind);
+            Ok(hyper_util::rt::TokioIo::new(s))
+        })
+    }
+}
+
+/// TLS resumption must not skip the client certificate's check (#14): a session resumed with a
+/// certificate that was valid when the session began is re-verified on every request like any
+/// other. The client's resumption store is shared across connections (rustls' default), and a
+/// recording connector shows the later handshakes were resumed.
+#[tokio::test]
+async fn a_resumed_tls_session_is_reverified_too() {
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    let srv = TestServer::start_clocked(|_| {}, clock.clone()).await;
+    let id = "spiffe://cluster.local/ns/default/sa/resumer";
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+    let mut req = sign_request(csr.clone());
+    req.ttl = Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    });
+    let r = srv
+        .client(None)
+        .sign_certificate(with_token(req, &srv.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let me = Identity {
+        chain: meshca_tests::chain_of(&r),
+        key,
+    };
+    let connector = Recording {
+        tls: tokio_rustls::TlsConnector::from(client_tls(&srv.bundle(), Some(&me)).unwrap()),
+        addr: srv.server().grpc_addr,
+        kinds: Arc::default(),
+    };
+    let renew_on_a_new_connection = || {
+        let connector = connector.clone();
+        let csr = csr.clone();
+        async move {
+            let ch = tonic::transport::Endpoint::from_static("https://127.0.0.1")
+                .connect_with_connector(connector)
+                .await
+                .unwrap();
+            meshca_proto::v1::identity_service_client::IdentityServiceClient::new(ch)
+                .sign_certificate(sign_request(csr))
+                .await
+        }
+    };
+    renew_on_a_new_connection()
+        .await
+        .expect("first connection: full handshake, renewal works");
+    renew_on_a_new_connection()
+        .await
+        .expect("second connection: resumed, renewal works");
+    // Two hours later (the leaf lived one), a resumed session carries the same certificate.
+    clock.advance(Duration::from_secs(2 * 3600));
+    let e = renew_on_a_new_connection().await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("no longer valid"), "{e:?}");
+    let kinds = connector.kinds.lock().unwrap().clone();
+    assert_eq!(
+        kinds,
+        vec![
+            rustls::HandshakeKind::Full,
+            rustls::HandshakeKind::Resumed,
+            rustls::HandshakeKind::Resumed
+        ],
+        "the later sessions were resumed"
+    );
+}
