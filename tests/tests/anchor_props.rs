@@ -124,13 +124,20 @@ impl Model {
         self.s = next;
     }
 
-    fn summary(&self) -> rotator::ledger::LedgerSummary {
-        self.ledger.summary(
+    fn summary(&mut self) -> rotator::ledger::LedgerSummary {
+        let args = (
             self.now,
             self.p.leaf_ttl_max,
             self.p.clock_skew,
             self.s.bundle_version,
-        )
+        );
+        let kept = self.ledger.summary(args.0, args.1, args.2, args.3);
+        // The incremental tally and a full scan agree at every step of every model run.
+        assert_eq!(
+            kept,
+            self.ledger.summary_by_scan(args.0, args.1, args.2, args.3)
+        );
+        kept
     }
 
     /// What the server's driver does: every due issuer step.
