@@ -215,9 +215,10 @@ impl LedgerHandle {
     }
 
     /// The view `/metrics` shows: a summary at most [`SCRAPE_SUMMARY_MAX_AGE`] old for the same
-    /// bundle version is reused. `/metrics` is unauthenticated, so a flood of scrapes walks the
-    /// ledger at most once per that interval instead of once per request (Prometheus scrapes
-    /// every 15-60 s, so it always sees a fresh one).
+    /// bundle version is reused. A summary is cheap now (the ledger keeps its tally
+    /// incrementally: O(anchors + bundle versions)), but `/metrics` is unauthenticated and each
+    /// one still takes the mutex the signing path takes, so a flood of scrapes takes it at most
+    /// once per that interval (Prometheus scrapes every 15-60 s, so it always sees a fresh one).
     pub fn summary_for_scrape(
         &self,
         now: OffsetDateTime,
