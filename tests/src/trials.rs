@@ -154,19 +154,8 @@ fn trial(
         .map_err(|r| format!("first start: {}", r.stderr))?;
     let d = dir.display().to_string();
     let url = server.url.clone();
-    let committed = |backend: &Backend| -> Option<u64> {
-        match backend {
-            Backend::Files => FileStore::read_only(&dir)
-                .load_sync()
-                .ok()
-                .flatten()
-                .map(|s| s.generation),
-            Backend::Secret { read, .. } => {
-                read(&secret).and_then(|d| rotator::store::flat_generation(&d))
-            }
-        }
-    };
-    let start_gen = committed(backend).ok_or("no committed state after the first start")?;
+    let start_gen = committed_generation(backend, &dir, &secret)
+        .ok_or("no committed state after the first start")?;
 
     // Load: certificates issued with the bootstrap token until the kill.
     let stop = Arc::new(AtomicBool::new(false));
@@ -235,16 +224,7 @@ fn trial(
                     done.lock().unwrap_or_else(|p| p.into_inner()).2 = true;
                     return;
                 }
-                let g = match &backend {
-                    Backend::Files => FileStore::read_only(&dir)
-                        .load_sync()
-                        .ok()
-                        .flatten()
-                        .map(|s| s.generation),
-                    Backend::Secret { read, .. } => {
-                        read(&secret).and_then(|x| rotator::store::flat_generation(&x))
-                    }
-                };
+                let g = committed_generation(&backend, &dir, &secret);
                 let mut dn = done.lock().unwrap_or_else(|p| p.into_inner());
                 dn.0 += 1;
                 dn.1 = dn.1.max(g.unwrap_or(0));
@@ -331,4 +311,18 @@ fn trial(
     again.kill();
     let _ = std::fs::remove_dir_all(&base);
     Ok(())
+}
+
+/// The generation the store holds now: `state.json` in `dir`, or the Secret `secret`.
+fn committed_generation(backend: &Backend, dir: &Path, secret: &str) -> Option<u64> {
+    match backend {
+        Backend::Files => FileStore::read_only(dir)
+            .load_sync()
+            .ok()
+            .flatten()
+            .map(|s| s.generation),
+        Backend::Secret { read, .. } => {
+            read(secret).and_then(|d| rotator::store::flat_generation(&d))
+        }
+    }
 }

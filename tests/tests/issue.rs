@@ -375,10 +375,14 @@ async fn tokens_expire_and_are_revoked_while_the_server_runs() {
 
     // The CLI lists them (JSON) and revokes the bootstrap token.
     let d = dir.display().to_string();
-    let out = std::process::Command::new(meshca_tests::bin("meshca"))
-        .args(["--output", "json", "token", "list", "--state-dir", &d])
-        .output()
-        .unwrap();
+    let meshca = |args: &[&str]| {
+        std::process::Command::new(meshca_tests::bin("meshca"))
+            .args(args)
+            .args(["--state-dir", &d])
+            .output()
+            .unwrap()
+    };
+    let out = meshca(&["--output", "json", "token", "list"]);
     assert!(
         out.status.success(),
         "{}",
@@ -392,10 +396,7 @@ async fn tokens_expire_and_are_revoked_while_the_server_runs() {
             .any(|r| r["name"] == "old" && r["expired"] == true),
         "{v}"
     );
-    let out = std::process::Command::new(meshca_tests::bin("meshca"))
-        .args(["token", "revoke", "bootstrap", "--state-dir", &d])
-        .output()
-        .unwrap();
+    let out = meshca(&["token", "revoke", "bootstrap"]);
     assert!(
         out.status.success(),
         "{}",
@@ -407,10 +408,7 @@ async fn tokens_expire_and_are_revoked_while_the_server_runs() {
     .await
     .expect("the revoked bootstrap token is refused without a restart");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
-    let out = std::process::Command::new(meshca_tests::bin("meshca"))
-        .args(["token", "revoke", "bootstrap", "--state-dir", &d])
-        .output()
-        .unwrap();
+    let out = meshca(&["token", "revoke", "bootstrap"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no token named \"bootstrap\""),

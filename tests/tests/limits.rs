@@ -255,13 +255,8 @@ async fn watch_streams_per_peer_and_the_unlimited_control() {
     }
 }
 
-/// A client certificate checked only at the handshake would keep renewing on an open
-/// connection after it expired. It is re-verified on every request, at the authority's time.
-#[tokio::test]
-async fn a_client_certificate_is_reverified_on_every_request() {
-    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
-    let srv = TestServer::start_clocked(|_| {}, clock.clone()).await;
-    let id = "spiffe://cluster.local/ns/default/sa/renewer";
+/// A leaf living one hour for `id`, issued with the bootstrap token: its identity and its CSR.
+async fn hour_leaf(srv: &TestServer, id: &str) -> (Identity, Vec<u8>) {
     let key = SecretKey::generate_p256().unwrap();
     let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
     let mut req = sign_request(csr.clone());
@@ -277,8 +272,19 @@ async fn a_client_certificate_is_reverified_on_every_request() {
         .into_inner();
     let me = Identity {
         chain: meshca_tests::chain_of(&r),
-        key: key.clone(),
+        key,
     };
+    (me, csr)
+}
+
+/// A client certificate checked only at the handshake would keep renewing on an open
+/// connection after it expired. It is re-verified on every request, at the authority's time.
+#[tokio::test]
+async fn a_client_certificate_is_reverified_on_every_request() {
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    let srv = TestServer::start_clocked(|_| {}, clock.clone()).await;
+    let (me, csr) = hour_leaf(&srv, "spiffe://cluster.local/ns/default/sa/renewer").await;
+    let key = me.key.clone();
     // One connection, presenting the leaf: renewal over mTLS works ...
     let mut client = srv.client(Some(&me));
     client
@@ -586,24 +592,7 @@ impl tower::Service<http::Uri> for Recording {
 async fn a_resumed_tls_session_is_reverified_too() {
     let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
     let srv = TestServer::start_clocked(|_| {}, clock.clone()).await;
-    let id = "spiffe://cluster.local/ns/default/sa/resumer";
-    let key = SecretKey::generate_p256().unwrap();
-    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
-    let mut req = sign_request(csr.clone());
-    req.ttl = Some(prost_types::Duration {
-        seconds: 3600,
-        nanos: 0,
-    });
-    let r = srv
-        .client(None)
-        .sign_certificate(with_token(req, &srv.token))
-        .await
-        .unwrap()
-        .into_inner();
-    let me = Identity {
-        chain: meshca_tests::chain_of(&r),
-        key,
-    };
+    let (me, csr) = hour_leaf(&srv, "spiffe://cluster.local/ns/default/sa/resumer").await;
     let connector = Recording {
         tls: tokio_rustls::TlsConnector::from(client_tls(&srv.bundle(), Some(&me)).unwrap()),
         addr: srv.server().grpc_addr,
