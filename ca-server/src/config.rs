@@ -375,7 +375,7 @@ pub struct LimitsConfig {
     pub issue_rate: u32,
     /// See `issue_rate`.
     pub issue_burst: u32,
-    /// Instances the issuance ledger holds in all (~310 bytes each: 200,000 ≈ 62 MiB). Beyond,
+    /// Instances the issuance ledger holds in all (~450 bytes each with the incremental tally: 200,000 ≈ 90 MiB). Beyond,
     /// leaves are still signed but not recorded, and the measured gates fall back to time.
     pub ledger_max_instances: usize,
     /// Live instances one SPIFFE ID may hold in the ledger; a new one beyond it is refused.

@@ -150,8 +150,8 @@ impl Default for Tally {
 /// is live at all.
 type Contribution = (Option<u16>, Option<u64>);
 
-/// Bounds on the ledger (`0`: unlimited). Memory is the reason: ~310 bytes per instance
-/// (docs/benchmarks.md), so 200,000 instances are ~62 MiB.
+/// Bounds on the ledger (`0`: unlimited). Memory is the reason: ~450 bytes per instance
+/// with its incremental tally (docs/benchmarks.md), so 200,000 instances are ~90 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LedgerLimits {
     /// Instances held in all. A leaf signed while it is full is not recorded, and the ledger is
