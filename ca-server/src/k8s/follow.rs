@@ -43,18 +43,19 @@ pub async fn follow(
                 _ = shutdown.changed() => return,
             };
             match ev {
-                Some(Ok(WatchEvent::Added(s) | WatchEvent::Modified(s))) => match remote.decode(&s)
-                {
-                    Ok(Some(theirs)) => {
-                        if let Err(e) = authority.adopt(theirs).await {
-                            tracing::error!(target: "meshca::store", "{} holds a state this replica cannot serve, keeping its own: {e}", remote.origin());
+                Some(Ok(WatchEvent::Added(s) | WatchEvent::Modified(s))) => {
+                    match remote.decode(&super::store::Scrubbed(s).0) {
+                        Ok(Some(theirs)) => {
+                            if let Err(e) = authority.adopt(theirs).await {
+                                tracing::error!(target: "meshca::store", "{} holds a state this replica cannot serve, keeping its own: {e}", remote.origin());
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(target: "meshca::store", "{} does not decode, keeping the state this replica has: {e}", remote.origin())
                         }
                     }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(target: "meshca::store", "{} does not decode, keeping the state this replica has: {e}", remote.origin())
-                    }
-                },
+                }
                 Some(Ok(WatchEvent::Deleted(_))) => tracing::error!(
                     target: "meshca::store",
                     "{} was deleted; this replica keeps serving the state it has and will re-create nothing on its own",

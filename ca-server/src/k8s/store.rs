@@ -11,6 +11,8 @@
 
 use std::collections::BTreeMap;
 
+use zeroize::Zeroize;
+
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -40,13 +42,46 @@ impl std::fmt::Debug for KubeStore {
     }
 }
 
-/// A Secret's data as plain bytes.
-pub fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
-    s.data
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect()
+/// A copy of a Secret's data (private keys among them), zeroized when dropped.
+pub struct SecretData(BTreeMap<String, Vec<u8>>);
+
+impl std::ops::Deref for SecretData {
+    type Target = BTreeMap<String, Vec<u8>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for SecretData {
+    fn drop(&mut self) {
+        for v in self.0.values_mut() {
+            v.zeroize();
+        }
+    }
+}
+
+/// A Secret's data as plain bytes (a copy, zeroized when dropped).
+pub fn secret_data(s: &Secret) -> SecretData {
+    SecretData(
+        s.data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect(),
+    )
+}
+
+/// A Secret this process holds (built to be written, or read back), whose data bytes are
+/// zeroized when it is dropped: the copies of private keys meshca owns never linger in freed
+/// memory. (What the Kubernetes client serializes on the way out is its own.)
+pub struct Scrubbed(pub Secret);
+
+impl Drop for Scrubbed {
+    fn drop(&mut self) {
+        for v in self.0.data.iter_mut().flat_map(|d| d.values_mut()) {
+            v.0.zeroize();
+        }
+    }
 }
 
 fn remote(what: &str, e: &kube::Error) -> StoreError {
@@ -102,7 +137,7 @@ impl KubeStore {
     pub async fn fetch(&self) -> Result<Option<AuthorityState>, StoreError> {
         match self.api.get_opt(&self.name).await {
             Ok(None) => Ok(None),
-            Ok(Some(s)) => self.decode(&s),
+            Ok(Some(s)) => self.decode(&Scrubbed(s).0),
             Err(e) => Err(remote(&format!("reading {}", self.origin), &e)),
         }
     }
@@ -110,10 +145,13 @@ impl KubeStore {
     async fn stored_generation(&self) -> Result<Option<(u64, ObjectMeta)>, StoreError> {
         match self.api.get_opt(&self.name).await {
             Ok(None) => Ok(None),
-            Ok(Some(s)) => Ok(Some((
-                flat_generation(&secret_data(&s)).unwrap_or(0),
-                s.metadata,
-            ))),
+            Ok(Some(s)) => {
+                let s = Scrubbed(s);
+                Ok(Some((
+                    flat_generation(&secret_data(&s.0)).unwrap_or(0),
+                    s.0.metadata.clone(),
+                )))
+            }
             Err(e) => Err(remote(&format!("reading {}", self.origin), &e)),
         }
     }
@@ -186,8 +224,12 @@ impl KubeStore {
             ..Default::default()
         };
         let written = match base {
-            None => match self.api.create(&pp, &self.object(next, None)?).await {
-                Ok(s) => s,
+            None => match self
+                .api
+                .create(&pp, &Scrubbed(self.object(next, None)?).0)
+                .await
+            {
+                Ok(s) => Scrubbed(s),
                 Err(e) if is_conflict(&e) => return Err(self.conflict(None).await),
                 Err(e) => return Err(remote(&format!("creating {}", self.origin), &e)),
             },
@@ -219,16 +261,20 @@ impl KubeStore {
                 };
                 match self
                     .api
-                    .replace(&self.name, &pp, &self.object(next, Some(&meta))?)
+                    .replace(
+                        &self.name,
+                        &pp,
+                        &Scrubbed(self.object(next, Some(&meta))?).0,
+                    )
                     .await
                 {
-                    Ok(s) => s,
+                    Ok(s) => Scrubbed(s),
                     Err(e) if is_conflict(&e) => return Err(self.conflict(Some(b)).await),
                     Err(e) => return Err(remote(&format!("writing {}", self.origin), &e)),
                 }
             }
         };
-        self.remember(next.generation, &written.metadata);
+        self.remember(next.generation, &written.0.metadata);
         Ok(())
     }
 }

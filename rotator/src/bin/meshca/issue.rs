@@ -128,7 +128,7 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
     let bundle_path = with_ext(&a.out, "bundle.pem");
     let chain_pem: String = chain.iter().map(|c| pem_cert(c)).collect();
     let bundle_pem: String = new_bundle.iter().map(|c| pem_cert(c)).collect();
-    let key_pem = zeroize::Zeroizing::new(key.to_pem());
+    let key_pem = key.to_pem();
     write_credential(
         &a.out,
         &resp.serial,
