@@ -23,6 +23,7 @@ async fn main() {
         leaf_ttl: Duration::from_secs(20),
         anchor_ttl: Duration::from_secs(240),
         warm_up: Duration::from_secs(60),
+        verify_every: 16,
     };
     println!("policy:\n{}", soak::config(&s));
     let work = tempfile::tempdir().unwrap();
@@ -30,11 +31,12 @@ async fn main() {
     let (rs, rp, re) = r.rss(s.warm_up);
     let (fs, fp, fe) = r.fds(s.warm_up);
     println!(
-        "{:?} at {rate}/s with {} watchers: {} issued and verified, {} errors {:?}; p50/p99/max {:.2}/{:.2}/{:.1} ms; \
+        "{:?} at {rate}/s with {} watchers: {} issued ({} chains verified), {} errors {:?}; p50/p99/max {:.2}/{:.2}/{:.1} ms; \
          {} bundle pushes, {} watch streams lost; bundle version {} ({} anchor rotations), {} issuer rotation steps",
         duration,
         s.watchers,
         r.issued,
+        r.verified,
         r.errors,
         r.error_samples,
         r.latency_ms.0,

@@ -85,6 +85,7 @@ async fn a_minute_of_load_through_rotations_leaks_nothing() {
         leaf_ttl: std::time::Duration::from_secs(4),
         anchor_ttl: std::time::Duration::from_secs(30),
         warm_up: std::time::Duration::from_secs(20),
+        verify_every: 1,
     };
     let work = tempfile::tempdir().unwrap();
     let r = soak::run(&s, work.path()).await;
