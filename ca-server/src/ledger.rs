@@ -198,8 +198,9 @@ impl LedgerHandle {
         f(&mut self.lock().ledger)
     }
 
-    /// The gates' view. It walks every record under the lock the signing path takes: the
-    /// gates ask for it when they decide, and scrapes through [`summary_for_scrape`](Self::summary_for_scrape).
+    /// The gates' view, from the ledger's incremental tally (O(anchors + bundle versions)) under
+    /// the lock the signing path takes: the gates ask for it when they decide, and scrapes through
+    /// [`summary_for_scrape`](Self::summary_for_scrape).
     pub fn summary(
         &self,
         now: OffsetDateTime,
@@ -239,7 +240,7 @@ impl LedgerHandle {
         s
     }
 
-    /// Summaries computed so far (walks of the whole ledger).
+    /// Summaries computed so far (each takes the ledger's lock).
     pub fn summaries_computed(&self) -> u64 {
         self.summaries.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -74,22 +74,18 @@ pub struct TokensError {
 impl StaticTokens {
     /// Reads `<dir>/tokens.json`; a missing file means no tokens.
     pub fn load(dir: &Path) -> Result<Self, TokensError> {
-        let path = dir.join(TOKENS_FILE);
-        let err = |reason: String| TokensError {
-            path: path.clone(),
+        Self::index(read_file(dir)?).map_err(|reason| TokensError {
+            path: dir.join(TOKENS_FILE),
             reason,
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(err(e.to_string())),
-        };
-        Self::parse(&text).map_err(err)
+        })
     }
 
     /// Parses the text of a tokens file.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: TokensFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Self::index(serde_json::from_str(text).map_err(|e| e.to_string())?)
+    }
+
+    fn index(file: TokensFile) -> Result<Self, String> {
         let mut by_hash = HashMap::new();
         for t in file.tokens {
             let mut h = [0u8; 32];
@@ -166,11 +162,7 @@ fn update_tokens<R>(
         .map_err(|e| err(format!("{}: {e}", lock_path.display())))?;
     lock.lock()
         .map_err(|e| err(format!("{}: {e}", lock_path.display())))?;
-    let mut file = match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str::<TokensFile>(&t).map_err(|e| err(e.to_string()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokensFile::default(),
-        Err(e) => return Err(err(e.to_string())),
-    };
+    let mut file = read_file(dir)?;
     let r = f(&mut file.tokens).map_err(err)?;
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| err(e.to_string()))?;
     json.push(b'\n');
@@ -181,20 +173,18 @@ fn update_tokens<R>(
 
 /// The tokens in `<dir>/tokens.json` (hashes, names, patterns, expiry), in file order.
 pub fn list_tokens(dir: &Path) -> Result<Vec<TokenEntry>, TokensError> {
+    read_file(dir).map(|f| f.tokens)
+}
+
+/// `<dir>/tokens.json` as written; a missing file holds no tokens.
+fn read_file(dir: &Path) -> Result<TokensFile, TokensError> {
     let path = dir.join(TOKENS_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str::<TokensFile>(&t)
-            .map(|f| f.tokens)
-            .map_err(|e| TokensError {
-                path,
-                reason: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(TokensError {
-            path,
-            reason: e.to_string(),
-        }),
-    }
+    let parsed = match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokensFile::default()),
+        Err(e) => Err(e.to_string()),
+    };
+    parsed.map_err(|reason| TokensError { path, reason })
 }
 
 /// Removes every token named `name` (a name, or the first 8 or more hex digits of a token's

@@ -521,7 +521,7 @@ async fn one_address_cannot_take_every_connection_slot() {
     assert!(back.is_some());
 }
 
-/// `/metrics` is unauthenticated: a flood of scrapes walks the issuance ledger (under the lock
+/// `/metrics` is unauthenticated: a flood of scrapes computes the ledger summary (under the lock
 /// the signing path takes) at most once per second, not once per request.
 #[tokio::test]
 async fn a_flood_of_scrapes_walks_the_ledger_once_a_second() {
