@@ -308,7 +308,9 @@ mod tests {
         let listed = list_tokens(dir.path()).unwrap();
         assert_eq!(listed.len(), 16, "every concurrent add kept");
         assert_eq!(revoke_token(dir.path(), "t3").unwrap(), 1);
-        let hash = listed[5].sha256[..12].to_owned();
+        // File order follows the threads' race: pick one that is not t3 (already revoked).
+        let other = listed.iter().find(|t| t.name != "t3").unwrap();
+        let hash = other.sha256[..12].to_owned();
         assert_eq!(revoke_token(dir.path(), &hash).unwrap(), 1);
         let err = revoke_token(dir.path(), "nobody").unwrap_err();
         assert!(err.reason.contains("no token named \"nobody\""), "{err}");
