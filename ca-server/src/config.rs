@@ -380,6 +380,9 @@ pub struct LimitsConfig {
     pub ledger_max_instances: usize,
     /// Live instances one SPIFFE ID may hold in the ledger; a new one beyond it is refused.
     pub ledger_instances_per_identity: usize,
+    /// Requests answered `UNAUTHENTICATED` on one connection before it is closed: a flood of
+    /// guessed tokens must pay a new (lower-priority) TLS handshake every few guesses.
+    pub unauthenticated_per_connection: u32,
 }
 
 impl Default for LimitsConfig {
@@ -408,11 +411,69 @@ impl Default for LimitsConfig {
             issue_burst: 200,
             ledger_max_instances: 200_000,
             ledger_instances_per_identity: 1000,
+            unauthenticated_per_connection: 16,
         }
     }
 }
 
+/// Environment variables `MESHCA_LIMITS_<NAME>` set `limits.<name>` (e.g.
+/// `MESHCA_LIMITS_MAX_CONNECTIONS=4096`).
+pub const ENV_LIMITS_PREFIX: &str = "MESHCA_LIMITS_";
+
 impl LimitsConfig {
+    /// These limits with `overrides` applied in order: `(name, value)` as `limits.<name> = value`
+    /// would be in TOML, a value that parses as an integer taken as one, anything else as a
+    /// string (durations: `"30s"`). An unknown name or a bad value is an error naming it.
+    pub fn with_overrides<'a>(
+        &self,
+        overrides: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(self).map_err(|e| ConfigError {
+            name: "limits".into(),
+            value: String::new(),
+            reason: e.to_string(),
+        })?;
+        let mut out = self.clone();
+        for (name, value) in overrides {
+            let err = |reason: String| ConfigError {
+                name: format!("limits.{name}"),
+                value: value.into(),
+                reason,
+            };
+            if !table.contains_key(name) {
+                return Err(err(
+                    "no such limit (see docs/configuration.md, Limits)".into()
+                ));
+            }
+            let v = value.trim().parse::<i64>().map_or_else(
+                |_| toml::Value::String(value.trim().to_owned()),
+                toml::Value::Integer,
+            );
+            table.insert(name.to_owned(), v);
+            // Checked one at a time, so that an error names the value that caused it.
+            out = table
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| err(e.message().to_owned()))?;
+        }
+        Ok(out)
+    }
+
+    /// `(name, value)` of every `MESHCA_LIMITS_<NAME>` in `vars`, the name lowercased.
+    pub fn env_overrides(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = vars
+            .into_iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(ENV_LIMITS_PREFIX)
+                    .map(|n| (n.to_ascii_lowercase(), v))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// No limit at all (`0` everywhere a count is): for negative controls in tests.
     pub fn unlimited() -> Self {
         Self {
@@ -427,6 +488,7 @@ impl LimitsConfig {
             issue_rate: 0,
             ledger_max_instances: 0,
             ledger_instances_per_identity: 0,
+            unauthenticated_per_connection: 0,
             ..Self::default()
         }
     }
@@ -674,6 +736,48 @@ pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limit_is_set_from_the_environment_and_flags_by_its_toml_name() {
+        let base = LimitsConfig::default();
+        let env = LimitsConfig::env_overrides([
+            (
+                "MESHCA_LIMITS_MAX_CONNECTIONS".to_owned(),
+                "4096".to_owned(),
+            ),
+            ("MESHCA_LIMITS_IDLE_TIMEOUT".to_owned(), "90s".to_owned()),
+            ("MESHCA_LISTEN".to_owned(), "0.0.0.0:1".to_owned()),
+        ]);
+        assert_eq!(env.len(), 2, "only MESHCA_LIMITS_*: {env:?}");
+        let l = base
+            .with_overrides(
+                env.iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .chain([("max_connections", "512")]),
+            )
+            .unwrap();
+        assert_eq!(
+            l.max_connections, 512,
+            "the flag comes after the environment"
+        );
+        assert_eq!(l.idle_timeout, Duration::from_secs(90));
+        assert_eq!(l.watch_max, base.watch_max, "the rest unchanged");
+
+        let e = base.with_overrides([("max_conections", "1")]).unwrap_err();
+        assert_eq!(e.name, "limits.max_conections");
+        assert!(e.reason.contains("no such limit"), "{e}");
+        let e = base
+            .with_overrides([("watch_max", "64"), ("idle_timeout", "soon")])
+            .unwrap_err();
+        assert_eq!(
+            (e.name.as_str(), e.value.as_str()),
+            ("limits.idle_timeout", "soon")
+        );
+        let e = base
+            .with_overrides([("max_connections", "-1")])
+            .unwrap_err();
+        assert_eq!(e.name, "limits.max_connections", "{e}");
+    }
 
     #[test]
     fn defaults_round_trip_through_toml() {

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -56,11 +56,13 @@ pub enum Limit {
     LedgerPerIdentity,
     /// `limits.ledger_max_instances` (the leaf is signed but not recorded).
     LedgerFull,
+    /// `limits.unauthenticated_per_connection`: the connection is closed.
+    UnauthenticatedPerConnection,
 }
 
 impl Limit {
     /// Every limit, for counters initialised at 0.
-    pub const ALL: [Limit; 13] = [
+    pub const ALL: [Limit; 14] = [
         Limit::Connections,
         Limit::ConnectionsPerIp,
         Limit::HttpConnections,
@@ -74,6 +76,7 @@ impl Limit {
         Limit::IssueRate,
         Limit::LedgerPerIdentity,
         Limit::LedgerFull,
+        Limit::UnauthenticatedPerConnection,
     ];
 
     /// The `limit` label.
@@ -92,6 +95,7 @@ impl Limit {
             Limit::IssueRate => "issue_rate",
             Limit::LedgerPerIdentity => "ledger_instances_per_identity",
             Limit::LedgerFull => "ledger_max_instances",
+            Limit::UnauthenticatedPerConnection => "unauthenticated_per_connection",
         }
     }
 }
@@ -473,16 +477,35 @@ pub struct ConnActivity {
     /// Milliseconds from `born` to the moment the last stream closed (0: none has yet).
     last_close_ms: AtomicI64,
     born: Instant,
+    /// Requests answered `UNAUTHENTICATED` on this connection.
+    unauthenticated: AtomicU32,
+    /// `limits.unauthenticated_per_connection` (0: unlimited).
+    max_unauthenticated: u32,
 }
 
 impl ConnActivity {
-    /// A connection with no stream yet.
-    pub fn new() -> Arc<Self> {
+    /// A connection with no stream yet, closed after `max_unauthenticated` requests answered
+    /// `UNAUTHENTICATED` (0: never).
+    pub fn new(max_unauthenticated: u32) -> Arc<Self> {
         Arc::new(Self {
             open: AtomicUsize::new(0),
             last_close_ms: AtomicI64::new(0),
             born: Instant::now(),
+            unauthenticated: AtomicU32::new(0),
+            max_unauthenticated,
         })
+    }
+
+    /// A request on it was answered `UNAUTHENTICATED`.
+    pub fn unauthenticated(&self) {
+        self.unauthenticated.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether it has had `limits.unauthenticated_per_connection` refused credentials (it is
+    /// closed at its next read).
+    pub fn too_many_unauthenticated(&self) -> bool {
+        self.max_unauthenticated != 0
+            && self.unauthenticated.load(Ordering::Acquire) >= self.max_unauthenticated
     }
 
     /// Streams open now.
@@ -565,6 +588,15 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
+            // A refused credential (trailers-only answer: the status is in the headers).
+            if let Some(g) = &guard
+                && resp
+                    .headers()
+                    .get("grpc-status")
+                    .is_some_and(|v| v.as_bytes() == b"16")
+            {
+                g.0.unauthenticated();
+            }
             Ok(match guard {
                 Some(g) => resp.map(|b| {
                     tonic::body::Body::new(Guarded {
@@ -678,7 +710,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_idle_only_without_streams() {
-        let a = ConnActivity::new();
+        let a = ConnActivity::new(0);
         let born = a.idle_since().unwrap();
         assert!(!a.served());
         tokio::time::advance(Duration::from_secs(3)).await;

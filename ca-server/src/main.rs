@@ -13,6 +13,13 @@ use clap::Parser;
 use rotator::clock::SystemClock;
 use rotator::spiffe::TrustDomain;
 
+/// jemalloc, with its background thread purging freed pages on a decay timer (10 s by default):
+/// after a burst of connections the server's RSS returns near idle, where glibc's malloc keeps
+/// the peak (measured in docs/benchmarks.md, "Abuse"). `MALLOC_CONF`-style tuning goes through
+/// `_RJEM_MALLOC_CONF` (this build prefixes jemalloc's symbols).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "meshca-server",
@@ -46,6 +53,10 @@ struct Args {
     /// Log format [default: text].
     #[arg(long, env = "MESHCA_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Set one of `[limits]`, e.g. `--limit max_connections=4096` (repeatable; also
+    /// `MESHCA_LIMITS_<NAME>=VALUE`; see docs/configuration.md, Limits).
+    #[arg(long = "limit", value_name = "NAME=VALUE")]
+    limits: Vec<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -78,6 +89,27 @@ impl Args {
         if let Some(v) = self.log_format {
             c.log_format = v;
         }
+        // Environment, then flags, as for every other setting.
+        // Variables that are not UTF-8 cannot be ours: skipped rather than a panic.
+        let env = ca_server::config::LimitsConfig::env_overrides(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        );
+        let mut flags = Vec::new();
+        for l in &self.limits {
+            let Some((name, value)) = l.split_once('=') else {
+                return Err(format!("--limit {l}: expected NAME=VALUE"));
+            };
+            flags.push((name.trim(), value));
+        }
+        c.limits = c
+            .limits
+            .with_overrides(
+                env.iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .chain(flags),
+            )
+            .map_err(|e| e.to_string())?;
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
     }

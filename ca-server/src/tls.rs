@@ -291,6 +291,8 @@ pub struct TlsConn {
     info: PeerInfo,
     idle: Pin<Box<tokio::time::Sleep>>,
     limits: Arc<Limits>,
+    /// Closed for too many unauthenticated requests (the refusal is counted once).
+    closed: bool,
     _slot: ConnSlot,
 }
 
@@ -349,6 +351,24 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.info.activity.too_many_unauthenticated() {
+            // Counted once, however often the closed connection is read again.
+            let first = !std::mem::replace(&mut self.closed, true);
+            if first {
+                let cfg = self.limits.config();
+                self.limits.refused(
+                    Limit::UnauthenticatedPerConnection,
+                    &format_args!(
+                        "connection from {} closed: {} requests refused as unauthenticated",
+                        self.info.addr, cfg.unauthenticated_per_connection
+                    ),
+                );
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "too many unauthenticated requests",
+            )));
+        }
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Pending => self.poll_idle(cx).map(Err),
             ready => ready,
@@ -382,9 +402,55 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// How much nicer than the process the threads that run TLS handshakes are (see [`handshakes`]).
+pub const HANDSHAKE_NICE: i32 = 10;
+
+/// The runtime TLS handshakes run on: one thread per core, [`HANDSHAKE_NICE`] steps nicer than the
+/// process, so that
+/// when the CPU is contended, callers already connected (served on the main runtime at the
+/// process's own priority) come first and a flood of new connections takes what is left. With
+/// the CPU idle a niced thread runs as fast as any other. Built once per process and never
+/// dropped; if it cannot be built, handshakes run on the caller's runtime.
+fn handshakes() -> tokio::runtime::Handle {
+    static POOL: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("meshca-handshake")
+            .on_thread_start(|| {
+                // Relative to the process's own nice value (a process started at nice 15 must
+                // not see its handshakes raised to 10). Lowering one's own priority needs no
+                // privilege; if it fails the pool still works, without the priority.
+                let me = Some(rustix::thread::gettid());
+                let lowered = rustix::process::getpriority_process(me).and_then(|own| {
+                    rustix::process::setpriority_process(me, (own + HANDSHAKE_NICE).min(19))
+                });
+                if let Err(e) = lowered {
+                    tracing::debug!("cannot lower the handshake threads' priority: {e}");
+                }
+            })
+            .enable_all()
+            .build()
+            .inspect_err(|e| tracing::warn!("handshakes share the main runtime: {e}"))
+            .ok()
+    });
+    pool.as_ref()
+        .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone())
+}
+
+/// A connection whose TLS handshake finished on the handshake runtime, on its way back.
+struct Handshaken {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    addr: SocketAddr,
+    slot: ConnSlot,
+}
+
 /// Accepts TCP connections on `listener` and completes TLS handshakes concurrently (a slow
-/// client never holds up another); established connections come out of the returned stream.
-/// Failed handshakes are logged at debug level and dropped.
+/// client never holds up another) on the handshake runtime, at a lower CPU priority than
+/// established connections (see [`handshakes`]); established connections come out of the
+/// returned stream, their timers on the caller's runtime. Failed handshakes are logged at debug
+/// level and dropped.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
@@ -392,7 +458,43 @@ pub fn incoming(
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let (done_tx, mut done_rx) = mpsc::channel::<Handshaken>(128);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let pool = handshakes();
+    // Back on this runtime: wrap each connection (its idle timer belongs here) and hand it on.
+    let forward_limits = limits.clone();
+    tokio::spawn(async move {
+        while let Some(Handshaken { tls, addr, slot }) = done_rx.recv().await {
+            let mut chain = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.clone().into_owned());
+            let client_cert = chain.next();
+            let client_intermediates = chain.collect();
+            let first = tokio::time::Instant::now() + forward_limits.config().preface_timeout;
+            let conn = TlsConn {
+                inner: tls,
+                info: PeerInfo {
+                    addr,
+                    client_cert,
+                    client_intermediates,
+                    activity: ConnActivity::new(
+                        forward_limits.config().unauthenticated_per_connection,
+                    ),
+                },
+                idle: Box::pin(tokio::time::sleep_until(first)),
+                limits: forward_limits.clone(),
+                closed: false,
+                _slot: slot,
+            };
+            if tx.send(Ok(conn)).await.is_err() {
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = tokio::select! {
@@ -414,36 +516,13 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let limits = limits.clone();
-            tokio::spawn(async move {
+            let done = done_tx.clone();
+            // The socket stays registered with this runtime's reactor; only the handshake's CPU
+            // work (and its timeout) runs on the pool.
+            pool.spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let mut chain = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .unwrap_or_default()
-                            .iter()
-                            .map(|c| c.clone().into_owned());
-                        let client_cert = chain.next();
-                        let client_intermediates = chain.collect();
-                        let activity = ConnActivity::new();
-                        let first = tokio::time::Instant::now() + limits.config().preface_timeout;
-                        let _ = tx
-                            .send(Ok(TlsConn {
-                                inner: tls,
-                                info: PeerInfo {
-                                    addr,
-                                    client_cert,
-                                    client_intermediates,
-                                    activity,
-                                },
-                                idle: Box::pin(tokio::time::sleep_until(first)),
-                                limits,
-                                _slot: slot,
-                            }))
-                            .await;
+                        let _ = done.send(Handshaken { tls, addr, slot }).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%addr, "TLS handshake failed: {e}"),
                     Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
@@ -452,4 +531,32 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(thread name, nice)` of the calling thread, from /proc.
+    fn this_thread() -> (Option<String>, i32) {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the command name (which may hold spaces) start at ") "; nice is field 19,
+        // the 17th after it.
+        let rest = stat.rsplit_once(") ").unwrap().1;
+        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        (std::thread::current().name().map(str::to_owned), nice)
+    }
+
+    #[tokio::test]
+    async fn handshakes_run_on_their_own_threads_at_a_lower_priority() {
+        let (_, own) = this_thread();
+        let (name, nice) = handshakes().spawn(async { this_thread() }).await.unwrap();
+        assert_eq!(name.as_deref(), Some("meshca-handshake"));
+        assert_eq!(nice, (own + HANDSHAKE_NICE).min(19), "own nice {own}");
+        assert_ne!(
+            std::thread::current().name(),
+            Some("meshca-handshake"),
+            "the caller's runtime is another one"
+        );
+    }
 }

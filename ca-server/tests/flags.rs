@@ -53,3 +53,50 @@ fn a_bad_config_file_names_the_setting() {
         "{err}"
     );
 }
+
+#[test]
+fn limits_are_set_by_flag_and_environment_and_a_bad_one_is_named() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca-server"));
+        c.arg("--print-config").args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = run(
+        &["--limit", "max_connections=4096"],
+        &[
+            ("MESHCA_LIMITS_MAX_CONNECTIONS", "100"),
+            ("MESHCA_LIMITS_IDLE_TIMEOUT", "90s"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("max_connections = 4096") && text.contains("idle_timeout = \"1m 30s\""),
+        "the flag over the environment, the environment over the default:\n{text}"
+    );
+    for (args, env, want) in [
+        (
+            &["--limit", "max_conections=1"][..],
+            &[][..],
+            "limits.max_conections = 1: no such limit",
+        ),
+        (
+            &["--limit", "max_connections"][..],
+            &[][..],
+            "expected NAME=VALUE",
+        ),
+        (
+            &[][..],
+            &[("MESHCA_LIMITS_IDLE_TIMEOUT", "soon")][..],
+            "limits.idle_timeout = soon",
+        ),
+    ] {
+        let out = run(args, env);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{want} not in: {err}");
+    }
+}

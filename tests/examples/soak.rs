@@ -61,4 +61,14 @@ async fn main() {
             *rss as f64 / 1024.0
         );
     }
+    // Where answers stalled, and what the server logged around it.
+    for st in r.stalls() {
+        println!(
+            "stall: sent t={:.1}..{:.1}s, {} answers >= 250 ms, slowest {:.0} ms",
+            st.sent.0, st.sent.1, st.answers, st.slowest_ms
+        );
+        for (t, l) in st.server_log {
+            println!("    t={t:.1}s {l}");
+        }
+    }
 }

@@ -61,6 +61,56 @@ pub struct Report {
     pub issuer_rotation_steps: u64,
     /// p50 / p99 / max latency, ms.
     pub latency_ms: (f64, f64, f64),
+    /// Answers that took 250 ms or more: (seconds since the start when sent, ms taken).
+    pub slow: Vec<(f64, f64)>,
+    /// The server's log lines at info (audit lines excepted): (seconds since the start, line).
+    pub server_log: Vec<(f64, String)>,
+}
+
+/// Slow answers sent within 2 s of each other.
+#[derive(Debug, Clone)]
+pub struct Stall<'a> {
+    /// When the first and the last were sent (seconds since the start).
+    pub sent: (f64, f64),
+    /// How many.
+    pub answers: usize,
+    /// The slowest, ms.
+    pub slowest_ms: f64,
+    /// The server's log lines from 5 s before to the end of it.
+    pub server_log: Vec<&'a (f64, String)>,
+}
+
+impl Report {
+    /// The slow answers grouped into stalls, with what the server logged around each.
+    pub fn stalls(&self) -> Vec<Stall<'_>> {
+        let mut slow = self.slow.clone();
+        slow.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut stalls: Vec<Stall<'_>> = Vec::new();
+        for (t, ms) in slow {
+            match stalls.last_mut() {
+                Some(s) if t - s.sent.1 < 2.0 => {
+                    s.sent.1 = t;
+                    s.answers += 1;
+                    s.slowest_ms = s.slowest_ms.max(ms);
+                }
+                _ => stalls.push(Stall {
+                    sent: (t, t),
+                    answers: 1,
+                    slowest_ms: ms,
+                    server_log: Vec::new(),
+                }),
+            }
+        }
+        for s in &mut stalls {
+            let (from, to) = (s.sent.0 - 5.0, s.sent.1 + s.slowest_ms / 1000.0);
+            s.server_log = self
+                .server_log
+                .iter()
+                .filter(|(t, _)| (from..=to).contains(t))
+                .collect();
+        }
+        stalls
+    }
 }
 
 impl Report {
@@ -139,10 +189,27 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
         &[s.server_bin.clone().into()],
         &state,
         &["--config", &cfg_s],
-        &[],
+        // Rotation events, not one audit line per certificate.
+        &[("MESHCA_LOG", "info,meshca::audit=warn")],
     )
     .expect("the soak server starts");
     let pid = server.child.id();
+    let started = Instant::now();
+    let server_log = Arc::new(std::sync::Mutex::new(Vec::<(f64, String)>::new()));
+    if let Some(stderr) = server.child.stderr.take() {
+        let log = server_log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                if l.len() < 100_000 {
+                    l.push((started.elapsed().as_secs_f64(), line));
+                }
+            }
+        });
+    }
+    let slow = Arc::new(std::sync::Mutex::new(Vec::<(f64, f64)>::new()));
     let bundle = read_pem_certs(&state.join("bundle.pem").display().to_string()).expect("bundle");
     let token = std::fs::read_to_string(state.join("bootstrap-token")).expect("token");
     let auth: tonic::metadata::MetadataValue<_> =
@@ -210,7 +277,6 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
             .collect(),
     );
     let sampler = {
-        let started = Instant::now();
         tokio::spawn(async move {
             let mut out = Vec::new();
             let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -241,6 +307,7 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
         let verify = n.is_multiple_of(s.verify_every.max(1));
         let mut c = IdentityServiceClient::new(channels[(n % 4) as usize].clone());
         let verified = verified.clone();
+        let slow = slow.clone();
         let (issued, errors, latencies, samples_err, auth, ids) = (
             issued.clone(),
             errors.clone(),
@@ -263,6 +330,15 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
             req.metadata_mut().insert("authorization", auth);
             let r = c.sign_certificate(req).await;
             let took = t0.elapsed();
+            if took >= Duration::from_millis(250) {
+                let mut s = slow.lock().unwrap_or_else(|p| p.into_inner());
+                if s.len() < 100_000 {
+                    s.push((
+                        t0.duration_since(started).as_secs_f64(),
+                        took.as_secs_f64() * 1000.0,
+                    ));
+                }
+            }
             let why = match r {
                 Ok(_) if !verify => None,
                 Ok(resp) => {
@@ -344,5 +420,7 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
             "meshca_issuer_rotations_total{result=\"success\"} ",
         ),
         latency_ms: (pct(0.5), pct(0.99), pct(1.0)),
+        slow: std::mem::take(&mut *slow.lock().unwrap_or_else(|p| p.into_inner())),
+        server_log: std::mem::take(&mut *server_log.lock().unwrap_or_else(|p| p.into_inner())),
     }
 }

@@ -633,3 +633,66 @@ async fn a_resumed_tls_session_is_reverified_too() {
         "the later sessions were resumed"
     );
 }
+
+/// Guessing tokens on one connection (#14): after `unauthenticated_per_connection` refusals the
+/// server closes the connection, so a flood of guesses pays a new TLS handshake (which runs at
+/// the handshake threads' lower priority) every few guesses. The client's channel reconnects by
+/// itself; a recording connector counts the handshakes. Negative control: with the cap off, one
+/// connection carries every guess.
+#[tokio::test]
+async fn a_connection_that_keeps_failing_authentication_is_closed() {
+    async fn guess(limits: LimitsConfig) -> (usize, u64) {
+        let srv = TestServer::start_with(|c| c.limits = limits).await;
+        let connector = Recording {
+            tls: tokio_rustls::TlsConnector::from(client_tls(&srv.bundle(), None).unwrap()),
+            addr: srv.server().grpc_addr,
+            kinds: Arc::default(),
+        };
+        let ch = tonic::transport::Endpoint::from_static("https://127.0.0.1")
+            .connect_with_connector(connector.clone())
+            .await
+            .unwrap();
+        let mut client = meshca_proto::v1::identity_service_client::IdentityServiceClient::new(ch);
+        let csr = make_csr(
+            &"spiffe://cluster.local/ns/default/sa/guesser"
+                .parse()
+                .unwrap(),
+            &SecretKey::generate_p256().unwrap(),
+        )
+        .unwrap();
+        let mut unauthenticated = 0;
+        for i in 0..40 {
+            let req = with_token(sign_request(csr.clone()), &format!("mca_guess{i:040}"));
+            match client.sign_certificate(req).await {
+                Err(e) if e.code() == Code::Unauthenticated => unauthenticated += 1,
+                // A request that met the connection closing: the channel reconnects.
+                Err(e) if matches!(e.code(), Code::Unavailable | Code::Unknown) => {}
+                other => panic!("guess {i}: {other:?}"),
+            }
+        }
+        assert!(unauthenticated >= 30, "{unauthenticated} of 40 refused");
+        // The legitimate caller is unaffected.
+        legit_issue(&srv).await;
+        let handshakes = connector.kinds.lock().unwrap().len();
+        (
+            handshakes,
+            refusals(&srv, "unauthenticated_per_connection").await,
+        )
+    }
+    let (handshakes, refused) = guess(LimitsConfig {
+        unauthenticated_per_connection: 8,
+        ..LimitsConfig::default()
+    })
+    .await;
+    assert!(
+        handshakes >= 4,
+        "40 guesses, 8 per connection: {handshakes} connections"
+    );
+    assert!(refused >= 3, "{refused} connections closed");
+    let (handshakes, refused) = guess(LimitsConfig::unlimited()).await;
+    assert_eq!(
+        (handshakes, refused),
+        (1, 0),
+        "negative control: one connection for all"
+    );
+}
