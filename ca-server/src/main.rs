@@ -17,6 +17,7 @@ use rotator::spiffe::TrustDomain;
 /// after a burst of connections the server's RSS returns near idle, where glibc's malloc keeps
 /// the peak (measured in docs/benchmarks.md, "Abuse"). `MALLOC_CONF`-style tuning goes through
 /// `_RJEM_MALLOC_CONF` (this build prefixes jemalloc's symbols).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
