@@ -20,7 +20,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::server::Connected;
@@ -293,6 +293,9 @@ pub struct TlsConn {
     limits: Arc<Limits>,
     /// Closed for too many unauthenticated requests (the refusal is counted once).
     closed: bool,
+    /// The client's HTTP/2 preface, read and checked on the handshake runtime, handed to HTTP/2
+    /// before anything else: (bytes, how many already handed).
+    head: ([u8; HEAD_LEN], usize),
     _slot: ConnSlot,
 }
 
@@ -369,6 +372,13 @@ impl AsyncRead for TlsConn {
                 "too many unauthenticated requests",
             )));
         }
+        let (head, handed) = self.head;
+        if handed < HEAD_LEN {
+            let n = buf.remaining().min(HEAD_LEN - handed);
+            buf.put_slice(&head[handed..handed + n]);
+            self.head.1 += n;
+            return Poll::Ready(Ok(()));
+        }
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Pending => self.poll_idle(cx).map(Err),
             ready => ready,
@@ -400,6 +410,26 @@ impl AsyncWrite for TlsConn {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The preface and the header of the frame that must follow it.
+const HEAD_LEN: usize = PREFACE.len() + 9;
+
+/// Whether `head` is the HTTP/2 client preface followed by the header of a SETTINGS frame (type
+/// 4, not an ACK, stream 0, a whole number of 6-byte settings within the default 16 KiB frame
+/// size), as every HTTP/2 client sends first without waiting for the server.
+fn is_http2_preface(head: &[u8; HEAD_LEN]) -> bool {
+    let (magic, frame) = head.split_at(PREFACE.len());
+    let len = u32::from_be_bytes([0, frame[0], frame[1], frame[2]]);
+    let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+    magic == PREFACE
+        && frame[3] == 4
+        && frame[4] & 1 == 0
+        && stream == 0
+        && len.is_multiple_of(6)
+        && len <= 16_384
 }
 
 /// How much nicer than the process the threads that run TLS handshakes are (see [`handshakes`]).
@@ -439,11 +469,15 @@ fn handshakes() -> tokio::runtime::Handle {
         .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone())
 }
 
-/// A connection whose TLS handshake finished on the handshake runtime, on its way back.
+/// A connection whose TLS handshake and HTTP/2 preface finished on the handshake runtime, on
+/// its way back.
 struct Handshaken {
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     addr: SocketAddr,
     slot: ConnSlot,
+    head: [u8; HEAD_LEN],
+    /// When the client finished TLS: its first stream is due `preface_timeout` after it.
+    since: tokio::time::Instant,
 }
 
 /// Accepts TCP connections on `listener` and completes TLS handshakes concurrently (a slow
@@ -464,7 +498,14 @@ pub fn incoming(
     // Back on this runtime: wrap each connection (its idle timer belongs here) and hand it on.
     let forward_limits = limits.clone();
     tokio::spawn(async move {
-        while let Some(Handshaken { tls, addr, slot }) = done_rx.recv().await {
+        while let Some(Handshaken {
+            tls,
+            addr,
+            slot,
+            head,
+            since,
+        }) = done_rx.recv().await
+        {
             let mut chain = tls
                 .get_ref()
                 .1
@@ -474,7 +515,7 @@ pub fn incoming(
                 .map(|c| c.clone().into_owned());
             let client_cert = chain.next();
             let client_intermediates = chain.collect();
-            let first = tokio::time::Instant::now() + forward_limits.config().preface_timeout;
+            let first = since + forward_limits.config().preface_timeout;
             let conn = TlsConn {
                 inner: tls,
                 info: PeerInfo {
@@ -488,6 +529,7 @@ pub fn incoming(
                 idle: Box::pin(tokio::time::sleep_until(first)),
                 limits: forward_limits.clone(),
                 closed: false,
+                head: (head, 0),
                 _slot: slot,
             };
             if tx.send(Ok(conn)).await.is_err() {
@@ -517,15 +559,48 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let done = done_tx.clone();
-            // The socket stays registered with this runtime's reactor; only the handshake's CPU
-            // work (and its timeout) runs on the pool.
+            let limits = limits.clone();
+            // The socket stays registered with this runtime's reactor; the handshake's CPU work,
+            // its timeout and the wait for the HTTP/2 preface run on the pool, so a connection
+            // that never speaks HTTP/2 (silent, or garbage after TLS) costs the main runtime
+            // nothing.
             pool.spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = done.send(Handshaken { tls, addr, slot }).await;
+                let mut tls =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let since = tokio::time::Instant::now();
+                let timeout = limits.config().preface_timeout;
+                let mut head = [0u8; HEAD_LEN];
+                match tokio::time::timeout(timeout, tls.read_exact(&mut head)).await {
+                    Ok(Ok(_)) if is_http2_preface(&head) => {
+                        let _ = done
+                            .send(Handshaken {
+                                tls,
+                                addr,
+                                slot,
+                                head,
+                                since,
+                            })
+                            .await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%addr, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                    Ok(Ok(_)) => tracing::debug!(%addr, "not an HTTP/2 client preface: closed"),
+                    Ok(Err(e)) => tracing::debug!(%addr, "closed before its preface: {e}"),
+                    Err(_) => limits.refused(
+                        Limit::Preface,
+                        &format_args!(
+                            "connection from {addr} closed: no request within {}",
+                            humantime::format_duration(timeout)
+                        ),
+                    ),
                 }
             });
         }
@@ -545,6 +620,31 @@ mod tests {
         let rest = stat.rsplit_once(") ").unwrap().1;
         let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
         (std::thread::current().name().map(str::to_owned), nice)
+    }
+
+    #[test]
+    fn only_an_http2_preface_with_settings_first_is_handed_on() {
+        let head = |frame: [u8; 9]| {
+            let mut h = [0u8; HEAD_LEN];
+            h[..24].copy_from_slice(PREFACE);
+            h[24..].copy_from_slice(&frame);
+            h
+        };
+        // An empty SETTINGS, and one with three settings (what h2 and grpc-go send).
+        assert!(is_http2_preface(&head([0, 0, 0, 4, 0, 0, 0, 0, 0])));
+        assert!(is_http2_preface(&head([0, 0, 18, 4, 0, 0, 0, 0, 0])));
+        for (why, frame) in [
+            ("DATA first", [0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]),
+            ("a SETTINGS ACK", [0, 0, 0, 4, 1, 0, 0, 0, 0]),
+            ("SETTINGS on a stream", [0, 0, 6, 4, 0, 0, 0, 0, 1]),
+            ("a partial setting", [0, 0, 5, 4, 0, 0, 0, 0, 0]),
+            ("over 16 KiB", [0, 0x40, 0x02, 4, 0, 0, 0, 0, 0]),
+        ] {
+            assert!(!is_http2_preface(&head(frame)), "{why}");
+        }
+        let mut h1 = head([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        h1[..4].copy_from_slice(b"GET ");
+        assert!(!is_http2_preface(&h1), "HTTP/1.1 is not HTTP/2");
     }
 
     #[tokio::test]
