@@ -459,11 +459,7 @@ fn main() {
         .map_or(10, |v| v.parse().unwrap());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(move || {
-            let me = Some(rustix::thread::gettid());
-            let own = rustix::process::getpriority_process(me).unwrap();
-            rustix::process::setpriority_process(me, (own + nice).min(19)).unwrap();
-        })
+        .on_thread_start(move || ca_server::lower_this_threads_priority(nice).unwrap())
         .build()
         .unwrap();
     println!("attackers at nice +{nice} (ABUSE_ATTACKER_NICE)\n");

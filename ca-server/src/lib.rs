@@ -30,6 +30,8 @@ pub mod metrics;
 pub mod server;
 pub mod signing;
 pub(crate) mod tls;
+/// For programs that run lower-priority work beside a server (the abuse benchmark's attackers).
+pub use tls::lower_this_threads_priority;
 
 /// Entry points for the fuzz targets in `fuzz/` (cargo fuzz), one per parser of outside input,
 /// each fed bytes as the server (or `meshca`) would be. `tests/tests/fuzz_corpus.rs` replays the

@@ -477,22 +477,19 @@ pub struct ConnActivity {
     /// Milliseconds from `born` to the moment the last stream closed (0: none has yet).
     last_close_ms: AtomicI64,
     born: Instant,
-    /// Requests answered `UNAUTHENTICATED` on this connection.
+    /// Requests answered `UNAUTHENTICATED` on this connection (the connection closes itself at
+    /// `limits.unauthenticated_per_connection`).
     unauthenticated: AtomicU32,
-    /// `limits.unauthenticated_per_connection` (0: unlimited).
-    max_unauthenticated: u32,
 }
 
 impl ConnActivity {
-    /// A connection with no stream yet, closed after `max_unauthenticated` requests answered
-    /// `UNAUTHENTICATED` (0: never).
-    pub fn new(max_unauthenticated: u32) -> Arc<Self> {
+    /// A connection with no stream yet.
+    pub fn new() -> Arc<Self> {
         Arc::new(Self {
             open: AtomicUsize::new(0),
             last_close_ms: AtomicI64::new(0),
             born: Instant::now(),
             unauthenticated: AtomicU32::new(0),
-            max_unauthenticated,
         })
     }
 
@@ -501,11 +498,9 @@ impl ConnActivity {
         self.unauthenticated.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Whether it has had `limits.unauthenticated_per_connection` refused credentials (it is
-    /// closed at its next read).
-    pub fn too_many_unauthenticated(&self) -> bool {
-        self.max_unauthenticated != 0
-            && self.unauthenticated.load(Ordering::Acquire) >= self.max_unauthenticated
+    /// Requests answered `UNAUTHENTICATED` on it so far.
+    pub fn unauthenticated_count(&self) -> u32 {
+        self.unauthenticated.load(Ordering::Acquire)
     }
 
     /// Streams open now.
@@ -710,7 +705,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_idle_only_without_streams() {
-        let a = ConnActivity::new(0);
+        let a = ConnActivity::new();
         let born = a.idle_since().unwrap();
         assert!(!a.served());
         tokio::time::advance(Duration::from_secs(3)).await;

@@ -354,16 +354,16 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.info.activity.too_many_unauthenticated() {
+        let max = self.limits.config().unauthenticated_per_connection;
+        if max != 0 && self.info.activity.unauthenticated_count() >= max {
             // Counted once, however often the closed connection is read again.
             let first = !std::mem::replace(&mut self.closed, true);
             if first {
-                let cfg = self.limits.config();
                 self.limits.refused(
                     Limit::UnauthenticatedPerConnection,
                     &format_args!(
-                        "connection from {} closed: {} requests refused as unauthenticated",
-                        self.info.addr, cfg.unauthenticated_per_connection
+                        "connection from {} closed: {max} requests refused as unauthenticated",
+                        self.info.addr
                     ),
                 );
             }
@@ -435,6 +435,16 @@ fn is_http2_preface(head: &[u8; HEAD_LEN]) -> bool {
 /// How much nicer than the process the threads that run TLS handshakes are (see [`handshakes`]).
 pub const HANDSHAKE_NICE: i32 = 10;
 
+/// Makes the calling thread `by` nice steps nicer than it is (at most 19), relative to its own
+/// value: a process started at nice 15 must not see a thread raised to 10. Lowering one's own
+/// priority needs no privilege.
+pub fn lower_this_threads_priority(by: i32) -> io::Result<()> {
+    let me = Some(rustix::thread::gettid());
+    let own = rustix::process::getpriority_process(me)?;
+    rustix::process::setpriority_process(me, (own + by).min(19))?;
+    Ok(())
+}
+
 /// The runtime TLS handshakes run on: one thread per core, [`HANDSHAKE_NICE`] steps nicer than the
 /// process, so that
 /// when the CPU is contended, callers already connected (served on the main runtime at the
@@ -449,14 +459,8 @@ fn handshakes() -> tokio::runtime::Handle {
             .worker_threads(threads)
             .thread_name("meshca-handshake")
             .on_thread_start(|| {
-                // Relative to the process's own nice value (a process started at nice 15 must
-                // not see its handshakes raised to 10). Lowering one's own priority needs no
-                // privilege; if it fails the pool still works, without the priority.
-                let me = Some(rustix::thread::gettid());
-                let lowered = rustix::process::getpriority_process(me).and_then(|own| {
-                    rustix::process::setpriority_process(me, (own + HANDSHAKE_NICE).min(19))
-                });
-                if let Err(e) = lowered {
+                // If it fails the pool still works, without the priority.
+                if let Err(e) = lower_this_threads_priority(HANDSHAKE_NICE) {
                     tracing::debug!("cannot lower the handshake threads' priority: {e}");
                 }
             })
@@ -480,6 +484,90 @@ struct Handshaken {
     since: tokio::time::Instant,
 }
 
+impl Handshaken {
+    /// The connection handed to tonic, on the caller's runtime (its idle timer belongs there).
+    fn into_conn(self, limits: &Arc<Limits>) -> TlsConn {
+        let mut chain = self
+            .tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.clone().into_owned());
+        let client_cert = chain.next();
+        let client_intermediates = chain.collect();
+        let first = self.since + limits.config().preface_timeout;
+        TlsConn {
+            inner: self.tls,
+            info: PeerInfo {
+                addr: self.addr,
+                client_cert,
+                client_intermediates,
+                activity: ConnActivity::new(),
+            },
+            idle: Box::pin(tokio::time::sleep_until(first)),
+            limits: limits.clone(),
+            closed: false,
+            head: (self.head, 0),
+            _slot: self.slot,
+        }
+    }
+}
+
+/// On the handshake runtime: the TLS handshake (within [`HANDSHAKE_TIMEOUT`]), then the HTTP/2
+/// client preface (within `preface_timeout`). `None`: the connection failed either and is closed
+/// (a silent one is counted as [`Limit::Preface`]).
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    slot: ConnSlot,
+    limits: &Limits,
+) -> Option<Handshaken> {
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, "TLS handshake failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let since = tokio::time::Instant::now();
+    let timeout = limits.config().preface_timeout;
+    let mut head = [0u8; HEAD_LEN];
+    match tokio::time::timeout(timeout, tls.read_exact(&mut head)).await {
+        Ok(Ok(_)) if is_http2_preface(&head) => Some(Handshaken {
+            tls,
+            addr,
+            slot,
+            head,
+            since,
+        }),
+        Ok(Ok(_)) => {
+            tracing::debug!(%addr, "not an HTTP/2 client preface: closed");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, "closed before its preface: {e}");
+            None
+        }
+        Err(_) => {
+            limits.refused(
+                Limit::Preface,
+                &format_args!(
+                    "connection from {addr} closed: no request within {}",
+                    humantime::format_duration(timeout)
+                ),
+            );
+            None
+        }
+    }
+}
+
 /// Accepts TCP connections on `listener` and completes TLS handshakes concurrently (a slow
 /// client never holds up another) on the handshake runtime, at a lower CPU priority than
 /// established connections (see [`handshakes`]); established connections come out of the
@@ -498,41 +586,8 @@ pub fn incoming(
     // Back on this runtime: wrap each connection (its idle timer belongs here) and hand it on.
     let forward_limits = limits.clone();
     tokio::spawn(async move {
-        while let Some(Handshaken {
-            tls,
-            addr,
-            slot,
-            head,
-            since,
-        }) = done_rx.recv().await
-        {
-            let mut chain = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .unwrap_or_default()
-                .iter()
-                .map(|c| c.clone().into_owned());
-            let client_cert = chain.next();
-            let client_intermediates = chain.collect();
-            let first = since + forward_limits.config().preface_timeout;
-            let conn = TlsConn {
-                inner: tls,
-                info: PeerInfo {
-                    addr,
-                    client_cert,
-                    client_intermediates,
-                    activity: ConnActivity::new(
-                        forward_limits.config().unauthenticated_per_connection,
-                    ),
-                },
-                idle: Box::pin(tokio::time::sleep_until(first)),
-                limits: forward_limits.clone(),
-                closed: false,
-                head: (head, 0),
-                _slot: slot,
-            };
-            if tx.send(Ok(conn)).await.is_err() {
+        while let Some(h) = done_rx.recv().await {
+            if tx.send(Ok(h.into_conn(&forward_limits))).await.is_err() {
                 return;
             }
         }
@@ -565,42 +620,8 @@ pub fn incoming(
             // that never speaks HTTP/2 (silent, or garbage after TLS) costs the main runtime
             // nothing.
             pool.spawn(async move {
-                let mut tls =
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%addr, "TLS handshake failed: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%addr, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                let since = tokio::time::Instant::now();
-                let timeout = limits.config().preface_timeout;
-                let mut head = [0u8; HEAD_LEN];
-                match tokio::time::timeout(timeout, tls.read_exact(&mut head)).await {
-                    Ok(Ok(_)) if is_http2_preface(&head) => {
-                        let _ = done
-                            .send(Handshaken {
-                                tls,
-                                addr,
-                                slot,
-                                head,
-                                since,
-                            })
-                            .await;
-                    }
-                    Ok(Ok(_)) => tracing::debug!(%addr, "not an HTTP/2 client preface: closed"),
-                    Ok(Err(e)) => tracing::debug!(%addr, "closed before its preface: {e}"),
-                    Err(_) => limits.refused(
-                        Limit::Preface,
-                        &format_args!(
-                            "connection from {addr} closed: no request within {}",
-                            humantime::format_duration(timeout)
-                        ),
-                    ),
+                if let Some(h) = handshake(&acceptor, tcp, addr, slot, &limits).await {
+                    let _ = done.send(h).await;
                 }
             });
         }

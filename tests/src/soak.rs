@@ -111,9 +111,7 @@ impl Report {
         }
         stalls
     }
-}
 
-impl Report {
     /// RSS (KiB) at warm-up, peak, end.
     pub fn rss(&self, warm_up: Duration) -> (u64, u64, u64) {
         self.level(warm_up, |s| s.1)
