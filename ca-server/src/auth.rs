@@ -79,6 +79,40 @@ pub enum AuthError {
     /// The authenticator's backend could not answer (e.g. the Kubernetes API server).
     #[error("authentication unavailable: {0}")]
     Unavailable(String),
+    /// A request for another workload (Istio's `ImpersonatedIdentity`) from a caller that is
+    /// not a node agent.
+    #[error(
+        "{caller} may not request certificates for other workloads (ImpersonatedIdentity {requested}): {rule}"
+    )]
+    NotANodeAgent {
+        /// Who asked.
+        caller: String,
+        /// The identity it asked for.
+        requested: String,
+        /// The rule it does not meet.
+        rule: String,
+    },
+    /// A node agent may not have this workload's certificate.
+    #[error("node agent {agent} may not request {requested}: {why}")]
+    ImpersonationDenied {
+        /// The agent.
+        agent: String,
+        /// The workload identity it asked for.
+        requested: String,
+        /// Why not.
+        why: String,
+    },
+    /// A node agent asked for a workload that is not (yet) known on its node: the pod may have
+    /// been scheduled a moment ago, so the answer is retryable (`UNAVAILABLE`).
+    #[error("node agent {agent} may not request {requested} yet: {why}; retry shortly")]
+    ImpersonationPending {
+        /// The agent.
+        agent: String,
+        /// The workload identity it asked for.
+        requested: String,
+        /// What is missing.
+        why: String,
+    },
 }
 
 impl AuthError {
@@ -93,6 +127,9 @@ impl AuthError {
             Self::BadClientCert(_) => "bad_client_cert",
             Self::Denied { .. } | Self::ForeignTrustDomain { .. } => "denied",
             Self::Unavailable(_) => "unavailable",
+            Self::NotANodeAgent { .. } => "not_node_agent",
+            Self::ImpersonationDenied { .. } => "impersonation_denied",
+            Self::ImpersonationPending { .. } => "impersonation_pending",
         }
     }
 }
@@ -100,10 +137,43 @@ impl AuthError {
 /// An authenticated caller and what it may ask for.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// For audit logs: `token:<name>` or `mtls:<spiffe id>`.
+    /// For audit logs: `token:<name>`, `mtls:<spiffe id>` or `k8s:<namespace>/<name>`.
     pub name: String,
-    /// The SPIFFE IDs it may request.
+    /// The SPIFFE IDs it may request for itself.
     pub allowed: Vec<IdPattern>,
+    /// The credential that proved it, and what that says beyond its own identities.
+    pub kind: CallerKind,
+}
+
+/// What proved a caller. Only this decides whether it may act as a node agent
+/// ([`crate::impersonation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallerKind {
+    /// A client certificate: renewal of its own SPIFFE ID; never a node agent.
+    Certificate,
+    /// A static token; a node agent for the IDs matching `may_request` (empty: not one).
+    Token {
+        /// `meshca token add --node-agent --may-request PATTERN`.
+        may_request: Vec<IdPattern>,
+    },
+    /// A Kubernetes ServiceAccount (TokenReview); a node agent when `[istio]
+    /// trusted_node_agents` lists it.
+    ServiceAccount(ServiceAccount),
+}
+
+/// A ServiceAccount proven by a TokenReview, with the pod its token is bound to (the API
+/// server's `authentication.kubernetes.io/*` extras, present for projected tokens).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccount {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// The node of the pod the token is bound to (`authentication.kubernetes.io/node-name`,
+    /// Kubernetes 1.30+).
+    pub node: Option<String>,
+    /// The pod the token is bound to (`authentication.kubernetes.io/pod-name`), in `namespace`.
+    pub pod: Option<String>,
 }
 
 /// The credentials one request carries.
@@ -213,6 +283,7 @@ impl Authenticator {
             callers.push(Caller {
                 name: format!("mtls:{id}"),
                 allowed: vec![IdPattern::Exact(id)],
+                kind: CallerKind::Certificate,
             });
         }
         if let Some(value) = creds.authorization {
@@ -253,6 +324,9 @@ impl Authenticator {
                         return Ok(Caller {
                             name: format!("token:{}", entry.name),
                             allowed: entry.allow.clone(),
+                            kind: CallerKind::Token {
+                                may_request: entry.may_request.clone(),
+                            },
                         });
                     }
                 }

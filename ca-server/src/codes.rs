@@ -8,7 +8,8 @@
 //! | --- | --- | --- | --- |
 //! | no / malformed / unknown credential | `UNAUTHENTICATED` | `FAILED_PRECONDITION` | — |
 //! | credential not allowed this identity, or another trust domain | `PERMISSION_DENIED` | `FAILED_PRECONDITION` | — |
-//! | token backend down, no valid issuer | `UNAVAILABLE` | `UNAVAILABLE` | — |
+//! | a node agent that is not one, or asks for a workload it may not serve | `PERMISSION_DENIED` | — | — |
+//! | token backend down, no valid issuer; a node agent's workload not (yet) on its node | `UNAVAILABLE` | `UNAVAILABLE` | — |
 //! | CSR names do not match the identity | `INVALID_ARGUMENT` | `FAILED_PRECONDITION` | — |
 //! | any other CSR problem | `INVALID_ARGUMENT` | `INVALID_ARGUMENT` | — |
 //! | wrong phase, gate closed, upstream anchor, unknown id, no pending key, a broken invariant | — | — | `FAILED_PRECONDITION` |
@@ -51,9 +52,11 @@ impl From<Face> for Mapping {
 pub fn issue(e: &IssueError, face: Face) -> Status {
     let msg = e.to_string();
     match (Mapping::from(face), e) {
-        (_, IssueError::Auth(AuthError::Unavailable(_)) | IssueError::Unavailable(_)) => {
-            Status::unavailable(msg)
-        }
+        (
+            _,
+            IssueError::Auth(AuthError::Unavailable(_) | AuthError::ImpersonationPending { .. })
+            | IssueError::Unavailable(_),
+        ) => Status::unavailable(msg),
         (_, IssueError::Internal(_)) => Status::internal(msg),
         (_, IssueError::Limited(r)) => {
             let mut st = Status::resource_exhausted(msg);
@@ -67,7 +70,12 @@ pub fn issue(e: &IssueError, face: Face) -> Status {
         }
         (
             Mapping::Standard,
-            IssueError::Auth(AuthError::Denied { .. } | AuthError::ForeignTrustDomain { .. }),
+            IssueError::Auth(
+                AuthError::Denied { .. }
+                | AuthError::ForeignTrustDomain { .. }
+                | AuthError::NotANodeAgent { .. }
+                | AuthError::ImpersonationDenied { .. },
+            ),
         ) => Status::permission_denied(msg),
         (Mapping::Standard, IssueError::Auth(_)) => Status::unauthenticated(msg),
         (Mapping::Standard, IssueError::Csr(_)) => Status::invalid_argument(msg),

@@ -114,6 +114,19 @@ pub struct IstioConfig {
     pub enabled: bool,
     /// The audience istio-agent's tokens are reviewed for (TokenReview).
     pub token_audience: String,
+    /// ServiceAccounts (`namespace/name`) that may request certificates for the pods on their
+    /// own node (Istio ambient's ztunnel: `istio-system/ztunnel`), Kubernetes mode only. Empty:
+    /// none; any request naming another workload (`ImpersonatedIdentity`) is refused.
+    pub trusted_node_agents: Vec<String>,
+    /// A node agent's request for a workload not (yet) seen on its node waits this long for the
+    /// pod directory (a pod scheduled a moment ago), then fails `UNAVAILABLE` (retryable).
+    #[serde(with = "duration_str")]
+    pub node_authorization_wait: Duration,
+    /// The pod directory answers no question while it has been out of touch with the API
+    /// server for longer than this (requests fail `UNAVAILABLE` instead of trusting an old
+    /// picture of which pod runs where).
+    #[serde(with = "duration_str")]
+    pub pod_directory_max_staleness: Duration,
 }
 
 impl Default for IstioConfig {
@@ -121,7 +134,30 @@ impl Default for IstioConfig {
         Self {
             enabled: true,
             token_audience: "istio-ca".into(),
+            trusted_node_agents: Vec::new(),
+            node_authorization_wait: Duration::from_secs(2),
+            pod_directory_max_staleness: Duration::from_secs(60),
         }
+    }
+}
+
+impl IstioConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for a in &self.trusted_node_agents {
+            let ok = a
+                .split_once('/')
+                .is_some_and(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'));
+            if !ok {
+                return Err(ConfigError {
+                    name: "istio.trusted_node_agents".into(),
+                    value: a.clone(),
+                    reason: "each entry is namespace/serviceaccount, e.g. istio-system/ztunnel"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -295,6 +331,7 @@ impl Config {
                     .into(),
             });
         }
+        self.istio.validate()?;
         self.kubernetes.validate()?;
         self.limits.validate()?;
         for n in &self.tls.dns_names {
@@ -375,6 +412,11 @@ pub struct LimitsConfig {
     pub issue_rate: u32,
     /// See `issue_rate`.
     pub issue_burst: u32,
+    /// Certificates one node agent (per node: every ztunnel shares one ServiceAccount) may
+    /// obtain for the workloads it serves, per second after a burst of `node_agent_issue_burst`.
+    pub node_agent_issue_rate: u32,
+    /// See `node_agent_issue_rate`.
+    pub node_agent_issue_burst: u32,
     /// Instances the issuance ledger holds in all (~450 bytes each with the incremental tally: 200,000 ≈ 90 MiB). Beyond,
     /// leaves are still signed but not recorded, and the measured gates fall back to time.
     pub ledger_max_instances: usize,
@@ -409,6 +451,8 @@ impl Default for LimitsConfig {
             tokenreview_in_flight: 32,
             issue_rate: 20,
             issue_burst: 200,
+            node_agent_issue_rate: 50,
+            node_agent_issue_burst: 500,
             ledger_max_instances: 200_000,
             ledger_instances_per_identity: 1000,
             unauthenticated_per_connection: 16,
@@ -486,6 +530,7 @@ impl LimitsConfig {
             tokenreview_rate: 0,
             tokenreview_in_flight: 0,
             issue_rate: 0,
+            node_agent_issue_rate: 0,
             ledger_max_instances: 0,
             ledger_instances_per_identity: 0,
             unauthenticated_per_connection: 0,

@@ -172,6 +172,7 @@ impl IdentityService for MeshcaV1 {
                 peer: peer.as_ref().map(|p| p.addr),
                 instance_id: Some(req.instance_id.as_str()),
                 dns_identity: None,
+                impersonate: None,
             })
             .await
             .map_err(|e| crate::codes::issue(&e, Face::Meshca))?;

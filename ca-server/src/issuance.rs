@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 
 use crate::auth::{AuthError, Authenticator, Credentials, authorize};
 use crate::authority::{Authority, Bundle};
+use crate::impersonation::{Impersonation, NodeAgents};
 use crate::limits::{Limit, Limits, Refusal};
 use crate::metrics::Metrics;
 use crate::signing::{CsrError, ValidCsr, parse_csr, parse_dns_csr, sign_leaf};
@@ -73,6 +74,9 @@ pub struct IssueRequest<'a> {
     /// A DNS-identity request (Linkerd): the identity the CSR must carry as its one DNS SAN, and
     /// the SPIFFE ID it maps to (what authorization checks). `None`: a SPIFFE URI SAN CSR.
     pub dns_identity: Option<(&'a str, &'a SpiffeId)>,
+    /// A node agent asking on a workload's behalf (Istio's `ImpersonatedIdentity`): the
+    /// workload's SPIFFE ID, which the CSR must carry. `None`: the caller asks for itself.
+    pub impersonate: Option<&'a str>,
 }
 
 /// A signed leaf with everything a response needs.
@@ -119,7 +123,16 @@ impl IssueError {
     fn result_label(&self) -> &'static str {
         match self {
             Self::Limited(_) => "limited",
-            Self::Auth(AuthError::Denied { .. } | AuthError::ForeignTrustDomain { .. }) => "denied",
+            // A node agent's request for a workload not on its node is answered `UNAVAILABLE`
+            // (retryable: the pod may have been scheduled a moment ago), but it is a refusal,
+            // not meshca failing: it counts as denied, outside the issuance-error alert.
+            Self::Auth(
+                AuthError::Denied { .. }
+                | AuthError::ForeignTrustDomain { .. }
+                | AuthError::NotANodeAgent { .. }
+                | AuthError::ImpersonationDenied { .. }
+                | AuthError::ImpersonationPending { .. },
+            ) => "denied",
             Self::Auth(AuthError::Unavailable(_)) | Self::Unavailable(_) => "unavailable",
             Self::Auth(_) => "unauthenticated",
             Self::Csr(_) => "invalid",
@@ -164,6 +177,7 @@ pub struct SigningCore {
     metrics: Arc<Metrics>,
     audiences: Audiences,
     limits: Arc<Limits>,
+    agents: NodeAgents,
 }
 
 impl SigningCore {
@@ -180,7 +194,15 @@ impl SigningCore {
             metrics,
             audiences: Audiences::default(),
             limits,
+            agents: NodeAgents::default(),
         }
+    }
+
+    /// With node agents (who may ask for other workloads' certificates, and for which).
+    #[must_use]
+    pub fn with_node_agents(mut self, agents: NodeAgents) -> Self {
+        self.agents = agents;
+        self
     }
 
     /// With `[limits]`: the issue rate per caller and the ledger's caps.
@@ -201,6 +223,7 @@ impl SigningCore {
     pub async fn issue(&self, req: IssueRequest<'_>) -> Result<Issued, IssueError> {
         let start = Instant::now();
         let mut who = String::from("-");
+        let mut via = None;
         let checked = match self.reverify_client_cert(&req.credentials) {
             Ok(()) => {
                 self.auth
@@ -210,7 +233,7 @@ impl SigningCore {
             Err(e) => Err(e),
         };
         let result = match checked {
-            Ok(callers) => self.issue_inner(&req, &callers, &mut who),
+            Ok(callers) => self.issue_inner(&req, &callers, &mut who, &mut via).await,
             Err(e) => Err(e.into()),
         };
         self.metrics.count(
@@ -218,14 +241,19 @@ impl SigningCore {
             result
                 .as_ref()
                 .map_or_else(IssueError::result_label, |_| "ok"),
+            req.impersonate.is_some(),
             start.elapsed(),
         );
         let peer = req.peer.map(|p| p.to_string()).unwrap_or_default();
+        // A node agent's request: `caller` is the agent, `spiffe_id` the workload, `node` the
+        // agent's node (Kubernetes).
+        let node = via.as_ref().and_then(|v: &Impersonation| v.node.as_deref());
         match &result {
             Ok(i) => tracing::info!(
                 target: "meshca::audit",
                 api = req.api.label(), caller = %who, peer = %peer, spiffe_id = %i.id, serial = %i.serial,
-                not_after = %rotator::clock::rfc3339(i.not_after), "issued"
+                not_after = %rotator::clock::rfc3339(i.not_after), impersonated = req.impersonate.is_some(),
+                node, "issued"
             ),
             Err(e) => {
                 if let IssueError::Auth(a) = e {
@@ -234,7 +262,11 @@ impl SigningCore {
                         .get_or_create(&crate::metrics::ReasonLabels { reason: a.reason() })
                         .inc();
                 }
-                tracing::warn!(target: "meshca::audit", api = req.api.label(), caller = %who, peer = %peer, reason = %e, "refused")
+                tracing::warn!(
+                    target: "meshca::audit",
+                    api = req.api.label(), caller = %who, peer = %peer, reason = %e,
+                    impersonated = req.impersonate, node, "refused"
+                );
             }
         }
         result
@@ -285,11 +317,12 @@ impl SigningCore {
         }
     }
 
-    fn issue_inner(
+    async fn issue_inner(
         &self,
         req: &IssueRequest<'_>,
         callers: &[crate::auth::Caller],
         who: &mut String,
+        via: &mut Option<Impersonation>,
     ) -> Result<Issued, IssueError> {
         *who = callers
             .iter()
@@ -300,16 +333,37 @@ impl SigningCore {
             Some((dns, id)) => parse_dns_csr(req.csr, dns, id.clone())?,
             None => parse_csr(req.csr)?,
         };
-        let ours = &self.authority.snapshot().bundle.trust_domain;
-        if csr.id.trust_domain_str() != ours.as_str() {
+        let ours = self.authority.snapshot().bundle.trust_domain.to_string();
+        if csr.id.trust_domain_str() != ours {
             return Err(IssueError::Auth(AuthError::ForeignTrustDomain {
                 requested: csr.id.to_string(),
-                ours: ours.to_string(),
+                ours,
             }));
         }
-        let caller = authorize(callers, &csr.id)?;
-        *who = caller.name.clone();
-        self.limits.issue(&caller.name)?;
+        match req.impersonate {
+            None => {
+                let caller = authorize(callers, &csr.id)?;
+                *who = caller.name.clone();
+                self.limits.issue(&caller.name)?;
+            }
+            Some(claimed) => {
+                if claimed != csr.id.as_str() {
+                    return Err(IssueError::Auth(AuthError::ImpersonationDenied {
+                        agent: who.clone(),
+                        requested: claimed.to_owned(),
+                        why: format!(
+                            "ImpersonatedIdentity must equal the CSR's URI SAN, which is {}",
+                            csr.id
+                        ),
+                    }));
+                }
+                let granted = self.agents.authorize(callers, &csr.id).await?;
+                who.clone_from(&granted.agent);
+                let key = granted.via();
+                *via = Some(granted);
+                self.limits.node_agent_issue(&key)?;
+            }
+        }
         let instance = match req.instance_id.filter(|i| !i.is_empty()) {
             Some(i) => i.to_owned(),
             None => {
@@ -341,6 +395,7 @@ impl SigningCore {
             } else {
                 0
             },
+            via: via.as_ref().map(Impersonation::via),
         });
         if recorded == Recorded::DroppedFull {
             self.limits.refused(

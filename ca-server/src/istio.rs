@@ -13,6 +13,27 @@ use crate::auth::Credentials;
 use crate::grpc::caller_of;
 use crate::issuance::{Face, IssueRequest, SigningCore};
 
+/// The request metadata key a node agent (ztunnel) names the workload with.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// The workload a node agent asks for: `metadata.ImpersonatedIdentity`, a string field of the
+/// request's `google.protobuf.Struct` (empty or absent: the caller asks for itself). Any other
+/// kind of value is refused, not ignored.
+fn impersonated_identity(metadata: Option<&prost_types::Struct>) -> Result<Option<&str>, Status> {
+    use prost_types::value::Kind;
+    let Some(v) = metadata.and_then(|m| m.fields.get(IMPERSONATED_IDENTITY)) else {
+        return Ok(None);
+    };
+    match &v.kind {
+        Some(Kind::StringValue(s)) if s.is_empty() => Ok(None),
+        Some(Kind::StringValue(s)) => Ok(Some(s)),
+        Some(Kind::NullValue(_)) | None => Ok(None),
+        Some(_) => Err(Status::invalid_argument(format!(
+            "metadata.{IMPERSONATED_IDENTITY} must be a string (a SPIFFE ID)"
+        ))),
+    }
+}
+
 /// The Istio face.
 pub struct Istio {
     issuer: Arc<SigningCore>,
@@ -33,6 +54,7 @@ impl IstioCertificateService for Istio {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let (peer, authorization) = caller_of(&request);
         let req = request.into_inner();
+        let impersonate = impersonated_identity(req.metadata.as_ref())?;
         // Istio: 0 or less means the CA's default.
         let ttl = u64::try_from(req.validity_duration)
             .ok()
@@ -54,6 +76,7 @@ impl IstioCertificateService for Istio {
                 peer: peer.as_ref().map(|p| p.addr),
                 instance_id: None,
                 dns_identity: None,
+                impersonate,
             })
             .await
             .map_err(|e| crate::codes::issue(&e, Face::Istio))?;

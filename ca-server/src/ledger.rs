@@ -351,6 +351,7 @@ mod tests {
             issued: now.unix_timestamp(),
             not_after: (now + Duration::from_secs(86400)).unix_timestamp(),
             bundle_version: 7,
+            via: None,
         }
     }
 

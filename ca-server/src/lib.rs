@@ -20,6 +20,7 @@ pub mod disk;
 pub mod driver;
 pub(crate) mod grpc;
 pub(crate) mod http;
+pub mod impersonation;
 pub mod issuance;
 pub(crate) mod istio;
 pub(crate) mod k8s;

@@ -52,6 +52,8 @@ pub enum Limit {
     TokenReviewInFlight,
     /// `limits.issue_rate`, per caller credential.
     IssueRate,
+    /// `limits.node_agent_issue_rate`, per node agent and node.
+    NodeAgentIssueRate,
     /// `limits.ledger_instances_per_identity`.
     LedgerPerIdentity,
     /// `limits.ledger_max_instances` (the leaf is signed but not recorded).
@@ -62,7 +64,7 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit, for counters initialised at 0.
-    pub const ALL: [Limit; 14] = [
+    pub const ALL: [Limit; 15] = [
         Limit::Connections,
         Limit::ConnectionsPerIp,
         Limit::HttpConnections,
@@ -74,6 +76,7 @@ impl Limit {
         Limit::TokenReviewRate,
         Limit::TokenReviewInFlight,
         Limit::IssueRate,
+        Limit::NodeAgentIssueRate,
         Limit::LedgerPerIdentity,
         Limit::LedgerFull,
         Limit::UnauthenticatedPerConnection,
@@ -93,6 +96,7 @@ impl Limit {
             Limit::TokenReviewRate => "tokenreview_rate",
             Limit::TokenReviewInFlight => "tokenreview_in_flight",
             Limit::IssueRate => "issue_rate",
+            Limit::NodeAgentIssueRate => "node_agent_issue_rate",
             Limit::LedgerPerIdentity => "ledger_instances_per_identity",
             Limit::LedgerFull => "ledger_max_instances",
             Limit::UnauthenticatedPerConnection => "unauthenticated_per_connection",
@@ -120,6 +124,7 @@ pub struct Limits {
     reviews_in_flight: Option<Arc<Semaphore>>,
     review_rate: Option<DirectLimiter>,
     issue_rate: Option<KeyedLimiter>,
+    node_agent_rate: Option<KeyedLimiter>,
     issue_checks: std::sync::atomic::AtomicU64,
     started: Instant,
 }
@@ -147,12 +152,15 @@ impl Limits {
             let burst = std::num::NonZeroU32::new(cfg.tokenreview_burst).unwrap_or(rate);
             governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
         });
-        let issue_rate = std::num::NonZeroU32::new(cfg.issue_rate).map(|rate| {
-            let burst = std::num::NonZeroU32::new(cfg.issue_burst).unwrap_or(rate);
-            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
-        });
+        let keyed = |rate: u32, burst: u32| {
+            std::num::NonZeroU32::new(rate).map(|rate| {
+                let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+                governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
+            })
+        };
         Self {
-            issue_rate,
+            issue_rate: keyed(cfg.issue_rate, cfg.issue_burst),
+            node_agent_rate: keyed(cfg.node_agent_issue_rate, cfg.node_agent_issue_burst),
             issue_checks: Default::default(),
             grpc_connections: cap(cfg.max_connections),
             per_ip: Mutex::default(),
@@ -284,7 +292,25 @@ impl Limits {
     /// One certificate for `caller` (its credential's name), or a refusal with the time until
     /// its bucket has room (counted).
     pub fn issue(&self, caller: &str) -> Result<(), Refusal> {
-        let Some(rate) = &self.issue_rate else {
+        self.take(Limit::IssueRate, caller)
+    }
+
+    /// One certificate a node agent asks for a workload it serves (`via`: agent and node), from
+    /// the node agents' own, larger budget.
+    pub fn node_agent_issue(&self, via: &str) -> Result<(), Refusal> {
+        self.take(Limit::NodeAgentIssueRate, via)
+    }
+
+    fn take(&self, limit: Limit, caller: &str) -> Result<(), Refusal> {
+        let (rate, per_second, burst) = match limit {
+            Limit::NodeAgentIssueRate => (
+                &self.node_agent_rate,
+                self.cfg.node_agent_issue_rate,
+                self.cfg.node_agent_issue_burst,
+            ),
+            _ => (&self.issue_rate, self.cfg.issue_rate, self.cfg.issue_burst),
+        };
+        let Some(rate) = rate else {
             return Ok(());
         };
         // Forget idle callers now and then, so the buckets do not grow without bound.
@@ -299,16 +325,15 @@ impl Limits {
             &governor::clock::DefaultClock::default(),
         ));
         let r = Refusal {
-            limit: Limit::IssueRate,
+            limit,
             message: format!(
-                "{caller} is over limits.issue_rate ({}/s after a burst of {}): retry in {} ms",
-                self.cfg.issue_rate,
-                self.cfg.issue_burst,
+                "{caller} is over limits.{} ({per_second}/s after a burst of {burst}): retry in {} ms",
+                limit.label(),
                 wait.as_millis().max(1)
             ),
             retry_after: Some(wait),
         };
-        self.refused(Limit::IssueRate, &r.message);
+        self.refused(limit, &r.message);
         Err(r)
     }
 

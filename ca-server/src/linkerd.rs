@@ -104,6 +104,7 @@ impl Identity for Linkerd {
                 peer: peer.as_ref().map(|p| p.addr),
                 instance_id: None,
                 dns_identity: Some((&req.identity, &id)),
+                impersonate: None,
             })
             .await
             .map_err(|e| crate::codes::issue(&e, Face::Linkerd))?;

@@ -17,6 +17,8 @@ pub struct IssuedLabels {
     pub api: &'static str,
     /// `ok`, `unauthenticated`, `denied`, `invalid`, `unavailable`, `limited`, `error`.
     pub result: &'static str,
+    /// `true` when a node agent asked on a workload's behalf (Istio's `ImpersonatedIdentity`).
+    pub impersonated: &'static str,
 }
 
 /// A failure reason.
@@ -417,6 +419,7 @@ impl Metrics {
                 .get_or_create(&IssuedLabels {
                     api: "meshca",
                     result,
+                    impersonated: "false",
                 })
                 .inc_by(0);
         }
@@ -440,9 +443,13 @@ impl Metrics {
     }
 
     /// Counts one issuance attempt.
-    pub fn count(&self, api: &'static str, result: &'static str, took: Duration) {
+    pub fn count(&self, api: &'static str, result: &'static str, impersonated: bool, took: Duration) {
         self.issued
-            .get_or_create(&IssuedLabels { api, result })
+            .get_or_create(&IssuedLabels {
+                api,
+                result,
+                impersonated: if impersonated { "true" } else { "false" },
+            })
             .inc();
         self.sign_duration.observe(took.as_secs_f64());
     }

@@ -20,8 +20,10 @@ use crate::config::{AuthMethod, Config, ConfigError, DEFAULT_TRUST_DOMAIN};
 use crate::driver::{self, RotationHealth};
 use crate::grpc::Faces;
 use crate::http::{HttpState, Readiness};
+use crate::impersonation::{NodeAgents, PodDirectory};
 use crate::issuance::{Audiences, SigningCore};
 use crate::k8s::store::KubeStore;
+use crate::k8s::pods::Pods;
 use crate::k8s::tokenreview::TokenReviewer;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -83,6 +85,9 @@ pub struct Server {
     _leader_tx: Option<watch::Sender<bool>>,
     /// The TokenReview authenticator, when configured (tests read its call count).
     pub reviewer: Option<Arc<TokenReviewer>>,
+    /// The pod directory node agents are checked against, when `[istio] trusted_node_agents`
+    /// names any on Kubernetes.
+    pub pods: Option<Arc<Pods>>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     _lock: std::fs::File,
@@ -144,6 +149,9 @@ impl Server {
             k.publish_bundles(&config, &authority, &leader, &mut tasks, &stop);
         }
         path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
+        if let (Some(k), Some(p)) = (&kube, &path.pods) {
+            tasks.spawn(p.clone().run(k.client.clone(), stop.clone()));
+        }
         path.spawn_faces(&config, grpc_listener, http_listener, &mut tasks, &stop);
 
         Ok(Self {
@@ -161,6 +169,7 @@ impl Server {
             leader,
             _leader_tx: leader_tx,
             reviewer: path.reviewer,
+            pods: path.pods,
             shutdown,
             tasks,
             _lock: lock,
@@ -185,6 +194,7 @@ struct RequestPath {
     limits: Arc<Limits>,
     auth: Arc<Authenticator>,
     reviewer: Option<Arc<TokenReviewer>>,
+    pods: Option<Arc<Pods>>,
     metrics: Arc<Metrics>,
     core: Arc<SigningCore>,
     health: Arc<RotationHealth>,
@@ -222,10 +232,21 @@ impl RequestPath {
             )
             .map_err(other)?,
         );
+        // Node agents are checked against the pods on their node: the directory runs only on
+        // Kubernetes, and only when some agent is trusted (it lists every pod in the cluster).
+        let i = &config.istio;
+        let pods = (kube.is_some() && i.enabled && !i.trusted_node_agents.is_empty())
+            .then(|| Pods::new(i.pod_directory_max_staleness));
+        let agents = NodeAgents::new(
+            i.trusted_node_agents.clone(),
+            pods.clone().map(|p| p as Arc<dyn PodDirectory>),
+            i.node_authorization_wait,
+        );
         let core = Arc::new(
             SigningCore::new(authority.clone(), auth.clone(), metrics.clone())
                 .with_audiences(Audiences::of(config))
-                .with_limits(limits.clone()),
+                .with_limits(limits.clone())
+                .with_node_agents(agents),
         );
         let health = Arc::new(RotationHealth::default());
         let readiness = Arc::new(
@@ -238,6 +259,7 @@ impl RequestPath {
             limits,
             auth,
             reviewer,
+            pods,
             metrics,
             core,
             health,

@@ -60,6 +60,10 @@ pub struct LeafRecord {
     /// The bundle version handed out with the leaf.
     #[serde(rename = "v")]
     pub bundle_version: u64,
+    /// Who asked on the workload's behalf: a node agent and its node
+    /// (`k8s:istio-system/ztunnel@node-a`); absent when the workload asked for itself.
+    #[serde(rename = "via", default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// An instance's key: 128 bits of SHA-256 over (SPIFFE ID, instance), so the map holds each
@@ -87,6 +91,7 @@ struct Entry {
     issued: i64,
     not_after: i64,
     bundle_version: u64,
+    via: Option<Box<str>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -352,6 +357,7 @@ impl Ledger {
             issued: e.issued,
             not_after: e.not_after,
             bundle_version: e.bundle_version,
+            via: e.via.as_deref().map(str::to_owned),
         }
     }
 
@@ -393,6 +399,7 @@ impl Ledger {
             issued: r.issued,
             not_after: r.not_after,
             bundle_version: r.bundle_version,
+            via: r.via.map(String::into_boxed_str),
         };
         self.change(k, |s| match s.leaves.get_mut(&k) {
             // Records arrive (and are replayed from the log) in signing order; a record signed
@@ -583,6 +590,7 @@ mod tests {
             issued: v.cast_signed(),
             not_after: na,
             bundle_version: v,
+            via: None,
         }
     }
 

@@ -40,6 +40,22 @@ pub struct TokenEntry {
         with = "time::serde::rfc3339::option"
     )]
     pub expires: Option<OffsetDateTime>,
+    /// A node agent's grant (`meshca token add --node-agent --may-request PATTERN`): the SPIFFE
+    /// IDs it may request *for the workloads it serves* (Istio's `ImpersonatedIdentity`). Empty:
+    /// not a node agent, and any request naming another identity is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub may_request: Vec<IdPattern>,
+}
+
+/// What a new token may do.
+#[derive(Debug, Clone, Default)]
+pub struct TokenGrant {
+    /// SPIFFE IDs or patterns it may request for itself.
+    pub allow: Vec<IdPattern>,
+    /// As a node agent: the SPIFFE IDs it may request for others (empty: not a node agent).
+    pub may_request: Vec<IdPattern>,
+    /// When it stops being accepted (`None`: never).
+    pub expires: Option<OffsetDateTime>,
 }
 
 impl TokenEntry {
@@ -131,11 +147,28 @@ pub fn add_token(
     allow: Vec<IdPattern>,
     expires: Option<OffsetDateTime>,
 ) -> Result<String, TokensError> {
+    add_token_granting(
+        dir,
+        name,
+        TokenGrant {
+            allow,
+            may_request: Vec::new(),
+            expires,
+        },
+    )
+}
+
+/// [`add_token`] with every part of the grant (a node agent's `may_request`).
+pub fn add_token_granting(
+    dir: &Path,
+    name: &str,
+    grant: TokenGrant,
+) -> Result<String, TokensError> {
     let token = new_token().map_err(|_| TokensError {
         path: dir.join(TOKENS_FILE),
         reason: "random number generator failed".into(),
     })?;
-    register_token(dir, name, allow, &token, expires)?;
+    register_token(dir, name, grant, &token)?;
     Ok(token)
 }
 
@@ -214,16 +247,16 @@ pub fn write_token_file(path: &Path, token: &str) -> Result<(), StoreError> {
 pub fn register_token(
     dir: &Path,
     name: &str,
-    allow: Vec<IdPattern>,
+    grant: TokenGrant,
     token: &str,
-    expires: Option<OffsetDateTime>,
 ) -> Result<(), TokensError> {
     update_tokens(dir, |tokens| {
         tokens.push(TokenEntry {
             name: name.into(),
             sha256: hex::encode(digest(&SHA256, token.as_bytes())),
-            allow,
-            expires,
+            allow: grant.allow,
+            expires: grant.expires,
+            may_request: grant.may_request,
         });
         Ok(())
     })

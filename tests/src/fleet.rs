@@ -232,6 +232,7 @@ pub fn simulate(p: &Params) -> Report {
                     issued: now.unix_timestamp(),
                     not_after: window.not_after.unix_timestamp(),
                     bundle_version: s.bundle_version,
+                    via: None,
                 });
                 report.leaves += 1;
             } else if w.watcher && w.bundle != bundle_ids {

@@ -24,6 +24,9 @@ pub struct TokenInfo {
     pub username: String,
     /// Audiences the token was minted for.
     pub audiences: Vec<String>,
+    /// `user.extra` of the answer (a bound token's `authentication.kubernetes.io/pod-name`,
+    /// `node-name`).
+    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -89,6 +92,7 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         "configmaps" => ("v1", "ConfigMap"),
         "namespaces" => ("v1", "Namespace"),
         "leases" => ("coordination.k8s.io/v1", "Lease"),
+        "pods" => ("v1", "Pod"),
         _ => ("v1", "Unknown"),
     }
 }
@@ -150,8 +154,64 @@ impl KubeApi {
             TokenInfo {
                 username: username.to_owned(),
                 audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+                extra: BTreeMap::new(),
             },
         );
+    }
+
+    /// Registers the token [`jwt`]`(name)` as a projected token bound to pod `pod` on `node`
+    /// (what the API server says about such a token since Kubernetes 1.30; `node` `None`: an
+    /// older one, which names the pod only).
+    pub fn add_bound_token(
+        &self,
+        name: &str,
+        username: &str,
+        audiences: &[&str],
+        pod: &str,
+        node: Option<&str>,
+    ) {
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            "authentication.kubernetes.io/pod-name".to_owned(),
+            vec![pod.to_owned()],
+        );
+        if let Some(n) = node {
+            extra.insert(
+                "authentication.kubernetes.io/node-name".to_owned(),
+                vec![n.to_owned()],
+            );
+        }
+        self.lock().tokens.insert(
+            jwt(name),
+            TokenInfo {
+                username: username.to_owned(),
+                audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+                extra,
+            },
+        );
+    }
+
+    /// Creates or replaces pod `namespace/name` of ServiceAccount `sa`, on `node` (`None`: not
+    /// scheduled yet), in `phase` — as the scheduler and kubelet would.
+    pub fn put_pod(&self, namespace: &str, name: &str, node: Option<&str>, sa: &str, phase: &str) {
+        self.put(
+            "pods",
+            namespace,
+            name,
+            json!({"metadata": {}, "spec": {"containers": [{"name": "app", "image": "app"}],
+                "nodeName": node, "serviceAccountName": sa}, "status": {"phase": phase}}),
+        );
+    }
+
+    /// Deletes an object (as another client would); false if there was none.
+    pub fn remove(&self, resource: &str, namespace: &str, name: &str) -> bool {
+        let mut g = self.lock();
+        let key = (resource.to_owned(), namespace.to_owned(), name.to_owned());
+        let Some(cur) = g.objects.get(&key).cloned() else {
+            return false;
+        };
+        self.store(&mut g, key, cur, "DELETED");
+        true
     }
 
     /// While `down`, every request answers 503.
@@ -367,7 +427,7 @@ async fn handle(
     if resource == "tokenreviews" {
         return token_review(&api, &body);
     }
-    if !["secrets", "configmaps", "leases", "namespaces"].contains(&resource) {
+    if !["secrets", "configmaps", "leases", "namespaces", "pods"].contains(&resource) {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -524,7 +584,8 @@ fn token_review(api: &KubeApi, body: &[u8]) -> Response {
                     "error": format!("token audiences {:?} is invalid for the target audiences {:?}", t.audiences, wanted)})
             } else {
                 json!({"authenticated": true, "audiences": both,
-                    "user": {"username": t.username, "uid": "u-1", "groups": ["system:serviceaccounts"]}})
+                    "user": {"username": t.username, "uid": "u-1", "groups": ["system:serviceaccounts"],
+                        "extra": t.extra}})
             }
         }
     };

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use ca_server::config::Config;
 use ca_server::server::Server;
+use meshca_proto::istio::IstioCertificateRequest;
+use meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 use meshca_proto::v1::identity_service_client::IdentityServiceClient;
 use meshca_proto::v1::{SignCertificateRequest, SignCertificateResponse};
 use rotator::client::{
@@ -137,6 +139,47 @@ pub fn sign_request(csr: Vec<u8>) -> SignCertificateRequest {
         ttl: None,
         instance_id: String::new(),
     }
+}
+
+/// An Istio face client (`istio.v1.auth.IstioCertificateService`), with `identity` as its
+/// client certificate if given.
+pub fn istio(
+    srv: &TestServer,
+    identity: Option<&Identity>,
+) -> IstioCertificateServiceClient<Channel> {
+    let tls = client_tls(&srv.bundle(), identity).unwrap();
+    IstioCertificateServiceClient::new(channel(&srv.url, tls).unwrap())
+}
+
+/// An Istio CSR request for `id` with `key`, asking for `ttl` seconds.
+pub fn istio_request(id: &str, key: &SecretKey, ttl: i64) -> IstioCertificateRequest {
+    let csr = make_csr(&id.parse().unwrap(), key).unwrap();
+    IstioCertificateRequest {
+        csr: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
+        validity_duration: ttl,
+        metadata: None,
+    }
+}
+
+/// What ztunnel sends for a pod on its node: a CSR for `workload` and
+/// `metadata.ImpersonatedIdentity` = `impersonated` (usually the same ID).
+pub fn istio_impersonating(
+    workload: &str,
+    impersonated: &str,
+    key: &SecretKey,
+) -> IstioCertificateRequest {
+    use prost_types::value::Kind;
+    let mut r = istio_request(workload, key, 0);
+    r.metadata = Some(prost_types::Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_owned(),
+            prost_types::Value {
+                kind: Some(Kind::StringValue(impersonated.to_owned())),
+            },
+        )]
+        .into(),
+    });
+    r
 }
 
 /// Wraps `msg` with `authorization: Bearer <token>`.

@@ -188,6 +188,7 @@ impl Model {
             issued: self.now.unix_timestamp(),
             not_after: window.not_after.unix_timestamp(),
             bundle_version: self.s.bundle_version,
+            via: None,
         });
         self.held[w] = Some(Held {
             chain: vec![CertificateDer::from(leaf.der), i.cert.der().clone()],

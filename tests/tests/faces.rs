@@ -7,13 +7,12 @@ use std::sync::Arc;
 
 use linkerd2_proxy_api::identity::CertifyRequest;
 use linkerd2_proxy_api::identity::identity_client::IdentityClient as LinkerdClient;
-use meshca_proto::istio::IstioCertificateRequest;
-use meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 use meshca_tests::{
-    TestServer, bin, http_get, linkerd_peer_identity, pem_certs, san_in_order, with_token,
+    TestServer, bin, http_get, istio, istio_request, linkerd_peer_identity, pem_certs,
+    san_in_order, with_token,
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
-use rotator::client::{Identity, channel, client_tls, make_csr, verify_svid};
+use rotator::client::{Identity, channel, client_tls, verify_svid};
 use rotator::pki::{CertInfo, SecretKey};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
@@ -282,23 +281,6 @@ async fn linkerd_refusals_use_linkerds_codes() {
     certify(&srv, WEB, &srv.token, dns_csr(&[dns(WEB)], &k))
         .await
         .unwrap();
-}
-
-fn istio(
-    srv: &TestServer,
-    identity: Option<&Identity>,
-) -> IstioCertificateServiceClient<tonic::transport::Channel> {
-    let tls = client_tls(&srv.bundle(), identity).unwrap();
-    IstioCertificateServiceClient::new(channel(&srv.url, tls).unwrap())
-}
-
-fn istio_request(id: &str, key: &SecretKey, ttl: i64) -> IstioCertificateRequest {
-    let csr = make_csr(&id.parse().unwrap(), key).unwrap();
-    IstioCertificateRequest {
-        csr: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
-        validity_duration: ttl,
-        metadata: None,
-    }
 }
 
 #[tokio::test]

@@ -381,6 +381,7 @@ async fn issue_in_process(
             peer: None,
             instance_id: None,
             dns_identity: None,
+            impersonate: None,
         })
         .await
         .map(|i| i.chain[1].as_ref().len().to_string())

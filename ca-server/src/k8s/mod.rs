@@ -17,6 +17,7 @@
 
 pub mod follow;
 pub mod lease;
+pub mod pods;
 pub mod publish;
 pub mod store;
 pub mod tokenreview;

@@ -25,17 +25,14 @@ use rotator::clock::Clock;
 use rotator::spiffe::{IdPattern, SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
-use crate::auth::{AuthError, Caller, TokenAuthenticator};
+pub use crate::auth::ServiceAccount;
+use crate::auth::{AuthError, Caller, CallerKind, TokenAuthenticator};
 use crate::limits::Limits;
 
-/// A ServiceAccount proven by a TokenReview.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceAccount {
-    /// Its namespace.
-    pub namespace: String,
-    /// Its name.
-    pub name: String,
-}
+/// The TokenReview `user.extra` key naming the node of the pod a token is bound to.
+pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+/// The TokenReview `user.extra` key naming the pod a token is bound to.
+pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 
 type Answer = Result<ServiceAccount, AuthError>;
 
@@ -135,6 +132,7 @@ impl TokenReviewer {
         Ok(Caller {
             name: format!("k8s:{}/{}", sa.namespace, sa.name),
             allowed: vec![IdPattern::Exact(id)],
+            kind: CallerKind::ServiceAccount(sa),
         })
     }
 
@@ -261,12 +259,25 @@ impl TokenReviewer {
                 "the token is not valid for audience {audience:?}"
             )));
         }
-        let user = status.user.and_then(|u| u.username).unwrap_or_default();
-        parse_service_account(&user).ok_or_else(|| {
+        let user = status.user.unwrap_or_default();
+        let name = user.username.unwrap_or_default();
+        let mut sa = parse_service_account(&name).ok_or_else(|| {
             AuthError::TokenRejected(format!(
-                "{user:?} is not a service account (system:serviceaccount:<namespace>:<name>)"
+                "{name:?} is not a service account (system:serviceaccount:<namespace>:<name>)"
             ))
-        })
+        })?;
+        // The bound pod and its node, when the token is a projected one (one value each).
+        let extra = |k: &str| {
+            user.extra
+                .as_ref()
+                .and_then(|e| e.get(k))
+                .and_then(|v| v.first())
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        sa.node = extra(EXTRA_NODE_NAME);
+        sa.pod = extra(EXTRA_POD_NAME);
+        Ok(sa)
     }
 }
 
@@ -359,6 +370,8 @@ pub fn parse_service_account(user: &str) -> Option<ServiceAccount> {
     (!ns.is_empty() && !sa.is_empty() && !sa.contains(':')).then(|| ServiceAccount {
         namespace: ns.to_owned(),
         name: sa.to_owned(),
+        node: None,
+        pod: None,
     })
 }
 
@@ -419,7 +432,9 @@ mod tests {
             parse_service_account("system:serviceaccount:prod:web"),
             Some(ServiceAccount {
                 namespace: "prod".into(),
-                name: "web".into()
+                name: "web".into(),
+                node: None,
+                pod: None,
             })
         );
         for bad in [

@@ -10,7 +10,7 @@ use rotator::spiffe::{IdPattern, TrustDomain};
 use rotator::state::{AuthorityState, human};
 use rotator::store::{FileStore, Store};
 use rotator::tokens::{
-    add_token, list_tokens, new_token, register_token, revoke_token, write_bootstrap_token,
+    TokenGrant, add_token_granting, list_tokens, new_token, register_token, revoke_token, write_bootstrap_token,
     write_token_file,
 };
 use time::OffsetDateTime;
@@ -72,6 +72,14 @@ pub struct TokenAddArgs {
     /// Accept the token for this long only, e.g. 30d [default: until revoked].
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     ttl: Option<std::time::Duration>,
+    /// A node agent (Istio ambient's ztunnel outside Kubernetes): it may request certificates
+    /// for other workloads (`ImpersonatedIdentity`), only those matching `--may-request`.
+    #[arg(long, requires = "may_request")]
+    node_agent: bool,
+    /// A SPIFFE ID or `spiffe://<td>/ns/<ns>/sa/*` a node agent may request for the workloads
+    /// it serves (repeatable; needs `--node-agent`).
+    #[arg(long = "may-request", value_name = "PATTERN", requires = "node_agent")]
+    may_request: Vec<IdPattern>,
 }
 
 pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
@@ -151,18 +159,24 @@ pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
     if !dir.join("state.json").exists() {
         return Err(Failed(format!("{}: no authority here", dir.display())));
     }
-    let mut allowed = a
-        .allow
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let expires = a.ttl.map(|t| OffsetDateTime::now_utc() + t);
-    if let Some(e) = expires {
+    let list = |p: &[IdPattern]| p.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let mut allowed = list(&a.allow);
+    if a.node_agent {
+        allowed.push_str(&format!(
+            " and, as a node agent, for others: {}",
+            list(&a.may_request)
+        ));
+    }
+    let grant = TokenGrant {
+        allow: a.allow.clone(),
+        may_request: a.may_request.clone(),
+        expires: a.ttl.map(|t| OffsetDateTime::now_utc() + t),
+    };
+    if let Some(e) = grant.expires {
         allowed.push_str(&format!(" until {}", rfc3339(e)));
     }
     let Some(out) = &a.out else {
-        let token = zeroize::Zeroizing::new(add_token(&dir, &a.name, a.allow.clone(), expires)?);
+        let token = zeroize::Zeroizing::new(add_token_granting(&dir, &a.name, grant)?);
         match output {
             Output::Json => println!(
                 "{}",
@@ -196,7 +210,7 @@ pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
         new_token().map_err(|_| Failed("random number generator failed".into()))?,
     );
     write_token_file(out, &token).map_err(|e| Failed(format!("{}: {e}", out.display())))?;
-    if let Err(e) = register_token(&dir, &a.name, a.allow.clone(), &token, expires) {
+    if let Err(e) = register_token(&dir, &a.name, grant, &token) {
         let _ = std::fs::remove_file(out);
         return Err(e.into());
     }
@@ -227,6 +241,7 @@ pub fn token_list(a: TokenListArgs, output: Output) -> Result<(), Failed> {
                     serde_json::json!({
                         "name": t.name, "sha256": t.sha256,
                         "allow": t.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "node_agent_may_request": t.may_request.iter().map(ToString::to_string).collect::<Vec<_>>(),
                         "expires": t.expires.map(rfc3339), "expired": t.expired(now),
                     })
                 })
@@ -243,8 +258,20 @@ pub fn token_list(a: TokenListArgs, output: Output) -> Result<(), Failed> {
                     Some(e) if t.expired(now) => format!("EXPIRED {}", rfc3339(e)),
                     Some(e) => format!("expires {}", rfc3339(e)),
                 };
+                let agent = if t.may_request.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "  node agent for: {}",
+                        t.may_request
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
                 println!(
-                    "{:<16} {}  {expiry}  {}",
+                    "{:<16} {}  {expiry}  {}{agent}",
                     t.name,
                     &t.sha256[..t.sha256.len().min(12)],
                     t.allow

@@ -1,0 +1,324 @@
+//! Pods by node, from a list and a watch of every pod in the cluster: the
+//! [`PodDirectory`] node-agent authorization asks (no API call per certificate request).
+//!
+//! Only what authorization needs is kept per pod (namespace, name, node, ServiceAccount, whether
+//! it finished): ~200 bytes, so 10,000 pods are ~2 MiB. The list is read in pages of
+//! [`PAGE`] so that a large cluster never arrives as one response. A watch that ends is resumed
+//! from its last resourceVersion; one that fails (or a 410 Gone) starts over with a list.
+//! While the directory is out of touch with the API server for more than `stale_after`, it
+//! answers "cannot say" (requests fail `UNAVAILABLE`) rather than from an old picture.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+use tokio::sync::watch;
+
+use crate::impersonation::PodDirectory;
+
+/// Pods per list page.
+pub const PAGE: u32 = 500;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Placed {
+    node: Option<Box<str>>,
+    service_account: Box<str>,
+    /// Not Succeeded or Failed.
+    running: bool,
+}
+
+impl Placed {
+    fn of(p: &Pod) -> Option<((Box<str>, Box<str>), Self)> {
+        let ns = p.metadata.namespace.as_deref()?;
+        let name = p.metadata.name.as_deref()?;
+        let spec = p.spec.as_ref()?;
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+        Some((
+            (ns.into(), name.into()),
+            Self {
+                node: spec.node_name.as_deref().filter(|n| !n.is_empty()).map(Into::into),
+                service_account: spec
+                    .service_account_name
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or("default")
+                    .into(),
+                running: !matches!(phase, Some("Succeeded" | "Failed")),
+            },
+        ))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    pods: HashMap<(Box<str>, Box<str>), Placed>,
+    /// (node, namespace, ServiceAccount) → pods there that have not finished.
+    running: HashMap<(Box<str>, Box<str>, Box<str>), u32>,
+    synced: bool,
+    /// When the directory lost touch with the API server (`None`: in touch).
+    lost_at: Option<Instant>,
+}
+
+impl Index {
+    fn count(&mut self, key: &(Box<str>, Box<str>), p: &Placed, delta: i64) {
+        let Some(node) = p.node.clone().filter(|_| p.running) else {
+            return;
+        };
+        let k = (node, key.0.clone(), p.service_account.clone());
+        let n = self.running.entry(k.clone()).or_default();
+        *n = u32::try_from(i64::from(*n) + delta).unwrap_or(0);
+        if *n == 0 {
+            self.running.remove(&k);
+        }
+    }
+
+    fn put(&mut self, key: (Box<str>, Box<str>), p: Option<Placed>) {
+        if let Some(old) = self.pods.remove(&key) {
+            self.count(&key, &old, -1);
+        }
+        if let Some(p) = p {
+            self.count(&key, &p, 1);
+            self.pods.insert(key, p);
+        }
+    }
+}
+
+/// The directory. [`Pods::run`] keeps it current.
+#[derive(Debug)]
+pub struct Pods {
+    index: RwLock<Index>,
+    changes: watch::Sender<u64>,
+    stale_after: Duration,
+}
+
+impl Pods {
+    /// An empty directory that answers "cannot say" until synced, and again when out of touch
+    /// with the API server for longer than `stale_after`.
+    pub fn new(stale_after: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            index: RwLock::new(Index::default()),
+            changes: watch::channel(0).0,
+            stale_after,
+        })
+    }
+
+    /// Pods known.
+    pub fn len(&self) -> usize {
+        self.read().pods.len()
+    }
+
+    /// Whether no pod is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed_now(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn usable(&self, ix: &Index) -> Result<(), String> {
+        if !ix.synced {
+            return Err("the pod directory has not listed the cluster's pods yet".into());
+        }
+        match ix.lost_at {
+            Some(t) if t.elapsed() > self.stale_after => Err(format!(
+                "the pod directory has been out of touch with the API server for {}s (more than {}s)",
+                t.elapsed().as_secs(),
+                self.stale_after.as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Lists every pod (in pages) and replaces the index; the resourceVersion to watch from.
+    async fn relist(&self, api: &Api<Pod>) -> Result<String, kube::Error> {
+        let mut fresh = Index::default();
+        let mut lp = ListParams::default().limit(PAGE);
+        let rv = loop {
+            let page = api.list(&lp).await?;
+            for p in &page.items {
+                if let Some((k, v)) = Placed::of(p) {
+                    fresh.put(k, Some(v));
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => break page.metadata.resource_version.unwrap_or_default(),
+            }
+        };
+        fresh.synced = true;
+        *self.write() = fresh;
+        self.changed_now();
+        Ok(rv)
+    }
+
+    fn apply(&self, ev: &WatchEvent<Pod>) {
+        let (p, gone) = match ev {
+            WatchEvent::Added(p) | WatchEvent::Modified(p) => (p, false),
+            WatchEvent::Deleted(p) => (p, true),
+            _ => return,
+        };
+        let Some((k, v)) = Placed::of(p) else { return };
+        self.write().put(k, (!gone).then_some(v));
+        self.changed_now();
+    }
+
+    fn lost_touch(&self) {
+        let mut ix = self.write();
+        ix.lost_at.get_or_insert_with(Instant::now);
+    }
+
+    /// Keeps the directory current until `shutdown`: list, then watch from there; a watch that
+    /// fails starts over with a list after a pause (1 s, doubling to 30 s while it keeps failing).
+    pub async fn run(self: Arc<Self>, client: kube::Client, mut shutdown: watch::Receiver<bool>) {
+        let api: Api<Pod> = Api::all(client);
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match self.relist(&api).await {
+                Ok(rv) => {
+                    self.write().lost_at = None;
+                    pause = Duration::from_secs(1);
+                    if self.follow(&api, rv, &mut shutdown).await {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!("listing pods for node-agent authorization: {e}"),
+            }
+            self.lost_touch();
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => return,
+            }
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Watches from `rv`, resuming where each watch ended; returns on a failure (`false`: list
+    /// again) or at shutdown (`true`).
+    async fn follow(
+        &self,
+        api: &Api<Pod>,
+        mut rv: String,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        loop {
+            let wp = WatchParams::default().timeout(290);
+            let stream = match api.watch(&wp, &rv).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("watching pods: {e}; listing again");
+                    return false;
+                }
+            };
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let ev = tokio::select! {
+                    ev = stream.next() => ev,
+                    _ = shutdown.changed() => return true,
+                };
+                match ev {
+                    Some(Ok(WatchEvent::Error(e))) => {
+                        tracing::debug!("pod watch ended: {e}; listing again");
+                        return false;
+                    }
+                    Some(Ok(ev)) => {
+                        if let Some(v) = match &ev {
+                            WatchEvent::Added(p)
+                            | WatchEvent::Modified(p)
+                            | WatchEvent::Deleted(p) => p.metadata.resource_version.clone(),
+                            WatchEvent::Bookmark(b) => Some(b.metadata.resource_version.clone()),
+                            WatchEvent::Error(_) => None,
+                        } {
+                            rv = v;
+                        }
+                        self.apply(&ev);
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!("pod watch failed: {e}; listing again");
+                        return false;
+                    }
+                    // Ended (its timeout): resume from the last resourceVersion seen.
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+impl PodDirectory for Pods {
+    fn node_of(&self, namespace: &str, pod: &str) -> Result<Option<String>, String> {
+        let ix = self.read();
+        self.usable(&ix)?;
+        Ok(ix
+            .pods
+            .get(&(namespace.into(), pod.into()))
+            .and_then(|p| p.node.as_deref().map(str::to_owned)))
+    }
+
+    fn on_node(&self, node: &str, namespace: &str, service_account: &str) -> Result<bool, String> {
+        let ix = self.read();
+        self.usable(&ix)?;
+        Ok(ix
+            .running
+            .contains_key(&(node.into(), namespace.into(), service_account.into())))
+    }
+
+    fn changed(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let mut rx = self.changes.subscribe();
+        Box::pin(async move {
+            // The subscription sees only changes after this call.
+            let _ = rx.changed().await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, node: Option<&str>, sa: &str, phase: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"containers": [], "nodeName": node, "serviceAccountName": sa},
+            "status": {"phase": phase},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_index_follows_pods_being_scheduled_moved_finished_and_deleted() {
+        let d = Pods::new(Duration::from_secs(30));
+        assert!(d.on_node("a", "prod", "web").is_err(), "not synced yet");
+        d.write().synced = true;
+        let ev = |e: WatchEvent<Pod>| d.apply(&e);
+        ev(WatchEvent::Added(pod("prod", "web-1", None, "web", "Pending")));
+        assert_eq!(d.on_node("a", "prod", "web"), Ok(false), "not scheduled");
+        ev(WatchEvent::Modified(pod("prod", "web-1", Some("a"), "web", "Pending")));
+        assert_eq!(d.on_node("a", "prod", "web"), Ok(true), "scheduled, starting");
+        ev(WatchEvent::Added(pod("prod", "web-2", Some("a"), "web", "Running")));
+        ev(WatchEvent::Deleted(pod("prod", "web-1", Some("a"), "web", "Running")));
+        assert_eq!(d.on_node("a", "prod", "web"), Ok(true), "web-2 still there");
+        ev(WatchEvent::Modified(pod("prod", "web-2", Some("a"), "web", "Succeeded")));
+        assert_eq!(d.on_node("a", "prod", "web"), Ok(false), "finished");
+        ev(WatchEvent::Added(pod("prod", "api-1", Some("b"), "api", "Running")));
+        assert_eq!(d.on_node("a", "prod", "api"), Ok(false));
+        assert_eq!(d.node_of("prod", "api-1"), Ok(Some("b".into())));
+        assert_eq!(d.read().running.len(), 1, "no empty counts are kept");
+        // Out of touch for longer than the bound: no answer.
+        d.write().lost_at = Some(Instant::now() - Duration::from_secs(31));
+        assert!(d.on_node("b", "prod", "api").unwrap_err().contains("out of touch"));
+    }
+}
