@@ -196,6 +196,15 @@ pub struct Authority {
     state: Mutex<AuthorityState>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     disk: crate::disk::DiskWrites,
+    restart_bound: std::sync::OnceLock<Arc<dyn RestartBoundSource>>,
+}
+
+/// Counts the workloads that read trust anchors only when they start (Linkerd's proxies) against
+/// `anchors`, the bundle's: the seam between the gates and where such workloads are seen
+/// (`k8s::linkerd`).
+pub trait RestartBoundSource: Send + Sync + std::fmt::Debug {
+    /// How many of them hold all of `anchors`, or why that cannot be said.
+    fn count(&self, anchors: &[CertificateDer<'static>]) -> rotator::ledger::RestartBound;
 }
 
 impl std::fmt::Debug for Authority {
@@ -282,6 +291,7 @@ impl Authority {
                 state: Mutex::new(state),
                 snapshot,
                 disk,
+                restart_bound: std::sync::OnceLock::new(),
             },
             origin,
         ))
@@ -463,25 +473,51 @@ impl Authority {
     /// The ledger's view for the gates of the current phase (bundle convergence is counted
     /// against the current bundle version).
     pub async fn ledger_summary(&self) -> rotator::ledger::LedgerSummary {
-        let version = self.state.lock().await.bundle_version;
-        self.ledger.summary(
+        let (version, staged) = self.version_and_staged().await;
+        let mut s = self.ledger.summary(
             self.clock.now(),
             self.policy.leaf_ttl_max,
             self.policy.clock_skew,
             version,
+        );
+        self.count_restart_bound(&mut s, staged);
+        s
+    }
+
+    /// Counts workloads that read anchors only at start with `source` from now on (Kubernetes
+    /// with Linkerd; once: a second call is ignored).
+    pub fn count_restart_bound_with(&self, source: Arc<dyn RestartBoundSource>) {
+        let _ = self.restart_bound.set(source);
+    }
+
+    async fn version_and_staged(&self) -> (u64, bool) {
+        let st = self.state.lock().await;
+        (
+            st.bundle_version,
+            matches!(st.phase, rotator::state::Phase::Staged { .. }),
         )
+    }
+
+    /// While staged (the one phase whose gate reads it), the count of workloads that read
+    /// anchors only at start.
+    fn count_restart_bound(&self, s: &mut rotator::ledger::LedgerSummary, staged: bool) {
+        if let Some(src) = self.restart_bound.get().filter(|_| staged) {
+            s.restart_bound = src.count(&self.snapshot().bundle.anchors);
+        }
     }
 
     /// The same for `/metrics`: reused for up to a second (see
     /// [`LedgerHandle::summary_for_scrape`](crate::ledger::LedgerHandle::summary_for_scrape)).
     pub async fn ledger_summary_for_scrape(&self) -> rotator::ledger::LedgerSummary {
-        let version = self.state.lock().await.bundle_version;
-        self.ledger.summary_for_scrape(
+        let (version, staged) = self.version_and_staged().await;
+        let mut s = self.ledger.summary_for_scrape(
             self.clock.now(),
             self.policy.leaf_ttl_max,
             self.policy.clock_skew,
             version,
-        )
+        );
+        self.count_restart_bound(&mut s, staged);
+        s
     }
 }
 

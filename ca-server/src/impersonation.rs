@@ -110,7 +110,9 @@ impl NodeAgents {
                     });
                 }
                 CallerKind::ServiceAccount(sa)
-                    if self.trusted.contains(&format!("{}/{}", sa.namespace, sa.name)) =>
+                    if self
+                        .trusted
+                        .contains(&format!("{}/{}", sa.namespace, sa.name)) =>
                 {
                     return self.on_agents_node(c, sa, workload).await;
                 }
@@ -187,9 +189,9 @@ impl NodeAgents {
                             node: Some(node),
                         });
                     }
-                    Ok(false) => format!(
-                        "no running pod of ServiceAccount {ns}/{wsa} is on its node {node}"
-                    ),
+                    Ok(false) => {
+                        format!("no running pod of ServiceAccount {ns}/{wsa} is on its node {node}")
+                    }
                     Err(e) => e,
                 },
                 Ok(None) => format!(
@@ -201,8 +203,7 @@ impl NodeAgents {
             };
             // Wait for the directory to change (a pod scheduled a moment ago), up to the
             // deadline; then refuse, retryably.
-            if tokio::time::timeout_at(deadline, next).await.is_err()
-            {
+            if tokio::time::timeout_at(deadline, next).await.is_err() {
                 return Err(pending(format!("{why} (waited {:?})", self.wait)));
             }
         }
@@ -281,7 +282,11 @@ mod tests {
             let e = agents.authorize(&[z], &api).await.unwrap_err();
             assert_eq!(e.reason(), "impersonation_pending", "{e}");
             assert!(e.to_string().contains("node-a"), "{e}");
-            assert_eq!(started.elapsed(), Duration::from_secs(2), "waited, then refused");
+            assert_eq!(
+                started.elapsed(),
+                Duration::from_secs(2),
+                "waited, then refused"
+            );
         }
         // Not trusted; no bound pod; not a Kubernetes identity.
         let e = agents
@@ -333,7 +338,11 @@ mod tests {
             },
         };
         assert_eq!(
-            agents.authorize(&[agent.clone()], &web).await.unwrap().via(),
+            agents
+                .authorize(&[agent.clone()], &web)
+                .await
+                .unwrap()
+                .via(),
             "token:ztunnel"
         );
         let e = agents

@@ -58,6 +58,16 @@ struct Args {
     /// `MESHCA_LIMITS_<NAME>=VALUE`; see docs/configuration.md, Limits).
     #[arg(long = "limit", value_name = "NAME=VALUE")]
     limits: Vec<String>,
+    /// A ServiceAccount (`namespace/name`) trusted as a node agent: Istio ambient's ztunnel,
+    /// `istio-system/ztunnel` (repeatable; comma-separated in the variable). Replaces
+    /// `[istio] trusted_node_agents`.
+    #[arg(
+        long = "istio-trusted-node-agent",
+        env = "MESHCA_ISTIO_TRUSTED_NODE_AGENTS",
+        value_delimiter = ',',
+        value_name = "NS/SA"
+    )]
+    istio_trusted_node_agents: Option<Vec<String>>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -89,6 +99,13 @@ impl Args {
         }
         if let Some(v) = self.log_format {
             c.log_format = v;
+        }
+        if let Some(v) = &self.istio_trusted_node_agents {
+            c.istio.trusted_node_agents = v
+                .iter()
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .collect();
         }
         // Environment, then flags, as for every other setting.
         // Variables that are not UTF-8 cannot be ours: skipped rather than a panic.

@@ -443,7 +443,13 @@ impl Metrics {
     }
 
     /// Counts one issuance attempt.
-    pub fn count(&self, api: &'static str, result: &'static str, impersonated: bool, took: Duration) {
+    pub fn count(
+        &self,
+        api: &'static str,
+        result: &'static str,
+        impersonated: bool,
+        took: Duration,
+    ) {
         self.issued
             .get_or_create(&IssuedLabels {
                 api,

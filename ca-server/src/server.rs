@@ -22,8 +22,9 @@ use crate::grpc::Faces;
 use crate::http::{HttpState, Readiness};
 use crate::impersonation::{NodeAgents, PodDirectory};
 use crate::issuance::{Audiences, SigningCore};
-use crate::k8s::store::KubeStore;
+use crate::k8s::linkerd::LinkerdRoots;
 use crate::k8s::pods::Pods;
+use crate::k8s::store::KubeStore;
 use crate::k8s::tokenreview::TokenReviewer;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -151,6 +152,11 @@ impl Server {
         path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
         if let (Some(k), Some(p)) = (&kube, &path.pods) {
             tasks.spawn(p.clone().run(k.client.clone(), stop.clone()));
+            if linkerd_restarts(&config) {
+                let roots = LinkerdRoots::new(p.clone(), &config.linkerd.control_plane_namespace);
+                authority.count_restart_bound_with(roots.clone());
+                tasks.spawn(roots.run(k.client.clone(), stop.clone()));
+            }
         }
         path.spawn_faces(&config, grpc_listener, http_listener, &mut tasks, &stop);
 
@@ -235,8 +241,9 @@ impl RequestPath {
         // Node agents are checked against the pods on their node: the directory runs only on
         // Kubernetes, and only when some agent is trusted (it lists every pod in the cluster).
         let i = &config.istio;
-        let pods = (kube.is_some() && i.enabled && !i.trusted_node_agents.is_empty())
-            .then(|| Pods::new(i.pod_directory_max_staleness));
+        let pods = (kube.is_some()
+            && ((i.enabled && !i.trusted_node_agents.is_empty()) || linkerd_restarts(config)))
+        .then(|| Pods::new(i.pod_directory_max_staleness));
         let agents = NodeAgents::new(
             i.trusted_node_agents.clone(),
             pods.clone().map(|p| p as Arc<dyn PodDirectory>),
@@ -353,6 +360,13 @@ impl RequestPath {
             stop.clone(),
         ));
     }
+}
+
+/// Whether Linkerd proxies are counted for the activate gate: on Kubernetes, with the Linkerd
+/// face, when meshca publishes Linkerd's trust roots (it then knows when new anchors reached
+/// them).
+fn linkerd_restarts(config: &Config) -> bool {
+    config.kubernetes.enabled && config.linkerd.enabled && config.kubernetes.bundle.linkerd
 }
 
 fn other(e: impl std::fmt::Display) -> StartError {

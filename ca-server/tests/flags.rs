@@ -100,3 +100,47 @@ fn limits_are_set_by_flag_and_environment_and_a_bad_one_is_named() {
         assert!(err.contains(want), "{want} not in: {err}");
     }
 }
+
+#[test]
+fn trusted_node_agents_are_set_by_flag_or_environment_and_checked() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca-server"));
+        c.arg("--print-config").args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = run(
+        &[],
+        &[(
+            "MESHCA_ISTIO_TRUSTED_NODE_AGENTS",
+            "istio-system/ztunnel, edge/agent",
+        )],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let agents = |stdout: Vec<u8>| {
+        let t: toml::Table = toml::from_str(&String::from_utf8(stdout).unwrap()).unwrap();
+        t["istio"]["trusted_node_agents"].clone()
+    };
+    assert_eq!(
+        agents(out.stdout),
+        toml::Value::from(vec!["istio-system/ztunnel", "edge/agent"])
+    );
+    let out = run(
+        &["--istio-trusted-node-agent", "istio-system/ztunnel"],
+        &[("MESHCA_ISTIO_TRUSTED_NODE_AGENTS", "edge/agent")],
+    );
+    assert_eq!(
+        agents(out.stdout),
+        toml::Value::from(vec!["istio-system/ztunnel"]),
+        "the flag over the environment"
+    );
+    let out = run(&["--istio-trusted-node-agent", "ztunnel"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("istio.trusted_node_agents") && err.contains("namespace/serviceaccount"),
+        "{err}"
+    );
+}

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::clock::rfc3339;
-use crate::ledger::LedgerSummary;
+use crate::ledger::{LedgerSummary, RestartBound};
 use crate::pki::{CaCert, CertId, SecretKey};
 use crate::policy::Policy;
 use crate::state::{AnchorStatus, AuthorityState, Issuer, IssuerStatus, Phase, StateError, human};
@@ -204,18 +204,21 @@ pub fn gate(
                          will not verify there until they fetch it"
                     .into(),
             };
-            Ok(gate(
-                ok,
-                Some(opens_at),
-                format!(
-                    "every live workload has a bundle with the new anchor, or max leaf TTL {} + propagation \
-                     allowance {} has passed since staging",
-                    human(policy.leaf_ttl_max),
-                    human(policy.propagation_allowance)
+            Ok(with_restart_bound(
+                gate(
+                    ok,
+                    Some(opens_at),
+                    format!(
+                        "every live workload has a bundle with the new anchor, or max leaf TTL {} + propagation \
+                         allowance {} has passed since staging",
+                        human(policy.leaf_ttl_max),
+                        human(policy.propagation_allowance)
+                    ),
+                    measured,
+                    risk,
+                    behind,
                 ),
-                measured,
-                risk,
-                behind,
+                ledger.map(|l| &l.restart_bound),
             ))
         }
         (Phase::Activated { previous, since }, Step::Finish) => {
@@ -303,6 +306,66 @@ pub fn gate(
             ))
         }
         _ => not_here(),
+    }
+}
+
+/// The activate gate where some workloads read anchors only when they start (Linkerd's
+/// proxies): closed while any of them was started before the new anchors reached it, whatever
+/// the time — the time fallback assumes workloads fetch bundles, and these never do. When they
+/// cannot be counted, the gate is left to time and says so.
+fn with_restart_bound(mut g: Gate, rb: Option<&RestartBound>) -> Gate {
+    let also = |a: &str, b: String| {
+        if a.is_empty() { b } else { format!("{a}; {b}") }
+    };
+    match rb {
+        None | Some(RestartBound::NotTracked | RestartBound::Counted { proxies: 0, .. }) => g,
+        Some(RestartBound::Unknown { reason }) => {
+            g.measured = also(
+                &g.measured,
+                format!(
+                    "Linkerd proxies not counted ({reason}): only the time fallback guards them"
+                ),
+            );
+            g
+        }
+        Some(RestartBound::Counted {
+            proxies,
+            stale,
+            since,
+            not_reached,
+            ..
+        }) => {
+            g.condition.push_str(
+                "; and every Linkerd proxy was started after the new anchors reached its trust roots",
+            );
+            g.measured = also(
+                &g.measured,
+                match since {
+                    Some(t) => format!(
+                        "{} of {proxies} Linkerd proxies were started after the new anchors reached their trust roots ({})",
+                        proxies - stale.min(proxies),
+                        rfc3339(*t)
+                    ),
+                    None => format!(
+                        "the new anchors have not reached Linkerd's trust roots yet{}: none of {proxies} Linkerd proxies holds them",
+                        not_reached
+                            .as_deref()
+                            .map(|w| format!(" ({w})"))
+                            .unwrap_or_default()
+                    ),
+                },
+            );
+            if *stale > 0 {
+                g.open = false;
+                g.opened_by = None;
+                g.risk = format!(
+                    "{stale} Linkerd proxies read trust anchors only at start and hold only the old anchor: leaves the \
+                     new anchor signs will not verify there until their pods are replaced (`meshca anchors restarts`)"
+                );
+                g.at_risk = Some(*stale);
+            }
+            g
+        }
     }
 }
 

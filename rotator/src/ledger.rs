@@ -207,6 +207,57 @@ pub struct LedgerSummary {
     pub min_version: u64,
     /// Other replicas sign too: this ledger never sees every leaf, so it is never trustworthy.
     pub partial: bool,
+    /// Workloads that read trust anchors only when they start (Linkerd's proxies), counted from
+    /// the cluster's pods, not from the ledger.
+    pub restart_bound: RestartBound,
+}
+
+/// Workloads that read the trust anchors once, at start (linkerd2-proxy reads
+/// `LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS` from its pod spec: linkerd2#9313): a bundle reaches
+/// them only through a new pod. Counted against the moment the current bundle's anchors reached
+/// the ConfigMap their pods are made from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RestartBound {
+    /// Not counted: no such workloads are served (not Kubernetes, or that face is off).
+    #[default]
+    NotTracked,
+    /// They may exist but cannot be counted now (pods cannot be listed, the ConfigMap cannot
+    /// be read): the gates fall back to time and say so.
+    Unknown {
+        /// Why.
+        reason: String,
+    },
+    /// Counted.
+    Counted {
+        /// Proxies running (pods not finished).
+        proxies: u64,
+        /// Of which were made before the current anchors reached their ConfigMap: they hold
+        /// only older anchors until they are replaced.
+        stale: u64,
+        /// When the current anchors reached the ConfigMap (`None`: not yet; every proxy is
+        /// stale).
+        #[serde(default, with = "crate::clock::rfc3339_utc::option")]
+        since: Option<OffsetDateTime>,
+        /// Why the anchors are not known to have reached the ConfigMap, when `since` is `None`
+        /// (it is missing, unreadable, or lacks meshca's annotation: counted as not reached).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_reached: Option<String>,
+        /// The workloads owning stale pods, for `meshca anchors restarts`.
+        workloads: Vec<StaleWorkload>,
+    },
+}
+
+/// A workload whose pods hold only older anchors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleWorkload {
+    /// Its namespace.
+    pub namespace: String,
+    /// `Deployment/<name>`, `StatefulSet/<name>`, `DaemonSet/<name>`, or `Pod/<name>` for a
+    /// pod no controller owns.
+    pub owner: String,
+    /// Its stale pods.
+    pub stale_pods: u64,
 }
 
 impl LedgerSummary {
@@ -526,6 +577,7 @@ impl Ledger {
                 .sum(),
             min_version,
             partial: self.partial,
+            restart_bound: RestartBound::NotTracked,
         }
     }
 
@@ -573,6 +625,7 @@ impl Ledger {
             workloads_current: current,
             min_version,
             partial: self.partial,
+            restart_bound: RestartBound::NotTracked,
         }
     }
 }

@@ -197,6 +197,9 @@ pub struct LedgerEntry {
     pub current_bundle_version: u64,
     /// `workloads_with_current_bundle` in percent of `live_workloads` (100 when none).
     pub convergence_percent: f64,
+    /// Workloads that read trust anchors only at start (Linkerd's proxies), counted from pods.
+    #[serde(default)]
+    pub restart_bound: crate::ledger::RestartBound,
 }
 
 /// The latest moment each rotation must happen.
@@ -297,6 +300,7 @@ pub fn document(
             let p = l.workloads_current as f64 * 100.0 / l.live_workloads as f64;
             p
         },
+        restart_bound: l.restart_bound.clone(),
     });
     let plan = plan_issuer(s, policy, now);
     let step = |step: &str, issuer: Option<CertId>, at| {
@@ -508,6 +512,19 @@ pub fn render(v: &Status) -> String {
                 l.convergence_percent,
                 l.current_bundle_version,
             );
+            match &l.restart_bound {
+                crate::ledger::RestartBound::NotTracked => {}
+                crate::ledger::RestartBound::Unknown { reason } => {
+                    let _ = writeln!(o, "  Linkerd proxies: not counted ({reason})");
+                }
+                crate::ledger::RestartBound::Counted { proxies, stale, .. } => {
+                    let _ = writeln!(
+                        o,
+                        "  Linkerd proxies started with the current anchors: {} of {proxies} ({stale} to restart: meshca anchors restarts)",
+                        proxies - (*stale).min(*proxies)
+                    );
+                }
+            }
             let by: Vec<String> = l
                 .live_leaves_by_anchor
                 .iter()
@@ -606,6 +623,7 @@ mod tests {
             workloads_current: 0,
             min_version: 1,
             partial: false,
+            restart_bound: crate::ledger::RestartBound::NotTracked,
         };
         let mut doc = document(&s, &p, Some(&ledger), now);
         doc.server = Some(ServerEntry {

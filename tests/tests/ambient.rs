@@ -108,8 +108,20 @@ async fn ztunnel_gets_certificates_for_pods_on_its_own_node_only() {
         Some("node-a"),
     );
     fake.add_token("web", &sa("prod", "web"), &["istio-ca"]);
-    fake.put_pod("istio-system", "ztunnel-a", Some("node-a"), "ztunnel", "Running");
-    fake.put_pod("istio-system", "ztunnel-b", Some("node-b"), "ztunnel", "Running");
+    fake.put_pod(
+        "istio-system",
+        "ztunnel-a",
+        Some("node-a"),
+        "ztunnel",
+        "Running",
+    );
+    fake.put_pod(
+        "istio-system",
+        "ztunnel-b",
+        Some("node-b"),
+        "ztunnel",
+        "Running",
+    );
     fake.put_pod("prod", "web-1", Some("node-a"), "web", "Running");
     fake.put_pod("prod", "api-1", Some("node-b"), "api", "Running");
     fake.put_pod("prod", "rogue-1", Some("node-a"), "rogue", "Running");
@@ -138,25 +150,71 @@ async fn ztunnel_gets_certificates_for_pods_on_its_own_node_only() {
     );
 
     // Pods on its own node: granted, whichever way its node is known.
-    let r = ask(&srv, &za, &web, Some(&web)).await.expect("web is on node-a");
+    let r = ask(&srv, &za, &web, Some(&web))
+        .await
+        .expect("web is on node-a");
     assert_leaf_for(&srv, &r, &web);
-    let r = ask(&srv, &zb, &api, Some(&api)).await.expect("api is on node-b");
+    let r = ask(&srv, &zb, &api, Some(&api))
+        .await
+        .expect("api is on node-b");
     assert_leaf_for(&srv, &r, &api);
 
     // Refusals, each with its code and the rule.
     let nopod = id("/ns/prod/sa/batch");
     let cases: [(&str, &str, &str, Option<&str>, Code, &str); 7] = [
         // A pod on another node; a ServiceAccount with no pod: retryable, naming the node.
-        (&za, "api on node-b", &api, Some(&api), Code::Unavailable, "on its node node-a"),
-        (&za, "no pod", &nopod, Some(&nopod), Code::Unavailable, "prod/batch"),
+        (
+            &za,
+            "api on node-b",
+            &api,
+            Some(&api),
+            Code::Unavailable,
+            "on its node node-a",
+        ),
+        (
+            &za,
+            "no pod",
+            &nopod,
+            Some(&nopod),
+            Code::Unavailable,
+            "prod/batch",
+        ),
         // Not a trusted agent, though its token is bound to a pod on node-a.
-        (&jwt("rogue"), "rogue", &web, Some(&web), Code::PermissionDenied, "trusted_node_agents"),
+        (
+            &jwt("rogue"),
+            "rogue",
+            &web,
+            Some(&web),
+            Code::PermissionDenied,
+            "trusted_node_agents",
+        ),
         // A workload naming itself is still not an agent.
-        (&jwt("web"), "self", &web, Some(&web), Code::PermissionDenied, "trusted_node_agents"),
+        (
+            &jwt("web"),
+            "self",
+            &web,
+            Some(&web),
+            Code::PermissionDenied,
+            "trusted_node_agents",
+        ),
         // The metadata must name the CSR's identity.
-        (&za, "mismatch", &api, Some(&web), Code::PermissionDenied, "must equal the CSR's URI SAN"),
+        (
+            &za,
+            "mismatch",
+            &api,
+            Some(&web),
+            Code::PermissionDenied,
+            "must equal the CSR's URI SAN",
+        ),
         // Without the metadata an agent is an ordinary caller: its own identity only.
-        (&za, "no metadata", &web, None, Code::PermissionDenied, "may not request"),
+        (
+            &za,
+            "no metadata",
+            &web,
+            None,
+            Code::PermissionDenied,
+            "may not request",
+        ),
         // Another trust domain, never.
         (
             &za,
@@ -168,12 +226,17 @@ async fn ztunnel_gets_certificates_for_pods_on_its_own_node_only() {
         ),
     ];
     for (token, what, workload, imp, code, says) in cases {
-        let (c, m) = ask(&srv, token, workload, imp).await.map(|_| ()).unwrap_err();
+        let (c, m) = ask(&srv, token, workload, imp)
+            .await
+            .map(|_| ())
+            .unwrap_err();
         assert_eq!(c, code, "{what}: {m}");
         assert!(m.contains(says), "{what}: {m:?} does not say {says:?}");
     }
     // A workload's own token works as before.
-    let r = ask(&srv, &jwt("web"), &web, None).await.expect("web for itself");
+    let r = ask(&srv, &jwt("web"), &web, None)
+        .await
+        .expect("web for itself");
     assert_leaf_for(&srv, &r, &web);
 
     // The directory follows pods created, moved and deleted; each delay measured.
@@ -182,24 +245,36 @@ async fn ztunnel_gets_certificates_for_pods_on_its_own_node_only() {
         fake.put_pod("prod", "late-1", Some("node-a"), "late", "Pending");
     })
     .await;
-    ask(&srv, &za, &late, Some(&late)).await.expect("a pod starting on node-a");
+    ask(&srv, &za, &late, Some(&late))
+        .await
+        .expect("a pod starting on node-a");
     let moved = directory_delay(&srv, ("node-a", "prod", "late"), false, || {
         fake.remove("pods", "prod", "late-1");
         fake.put_pod("prod", "late-2", Some("node-b"), "late", "Running");
     })
     .await;
     assert_eq!(
-        ask(&srv, &za, &late, Some(&late)).await.map(|_| ()).unwrap_err().0,
+        ask(&srv, &za, &late, Some(&late))
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .0,
         Code::Unavailable,
         "moved away from node-a"
     );
-    ask(&srv, &zb, &late, Some(&late)).await.expect("now on node-b");
+    ask(&srv, &zb, &late, Some(&late))
+        .await
+        .expect("now on node-b");
     let deleted = directory_delay(&srv, ("node-b", "prod", "api"), false, || {
         fake.remove("pods", "prod", "api-1");
     })
     .await;
     assert_eq!(
-        ask(&srv, &zb, &api, Some(&api)).await.map(|_| ()).unwrap_err().0,
+        ask(&srv, &zb, &api, Some(&api))
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .0,
         Code::Unavailable,
         "api-1 deleted"
     );
@@ -208,7 +283,9 @@ async fn ztunnel_gets_certificates_for_pods_on_its_own_node_only() {
     let t = Instant::now();
     let asked = ask(&srv, &za, &fresh, Some(&fresh));
     fake.put_pod("prod", "fresh-1", Some("node-a"), "fresh", "Pending");
-    asked.await.expect("a pod scheduled a moment ago is not refused");
+    asked
+        .await
+        .expect("a pod scheduled a moment ago is not refused");
     println!(
         "pod directory delay: created {created:?}, moved {moved:?}, deleted {deleted:?}; a request racing a new pod answered in {:?}",
         t.elapsed()
@@ -289,7 +366,10 @@ async fn outside_kubernetes_a_static_token_is_a_node_agent_only_when_declared() 
     ] {
         let (ok, _, err) = add(&bad).await;
         assert!(!ok, "{bad:?} was accepted");
-        assert!(err.contains("--node-agent") || err.contains("--may-request"), "{err}");
+        assert!(
+            err.contains("--node-agent") || err.contains("--may-request"),
+            "{err}"
+        );
     }
     let (ok, out, err) = add(&[
         "--name",
@@ -303,7 +383,11 @@ async fn outside_kubernetes_a_static_token_is_a_node_agent_only_when_declared() 
     .await;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v.as_object().unwrap().len(), 2, "{out}: name and token only");
+    assert_eq!(
+        v.as_object().unwrap().len(),
+        2,
+        "{out}: name and token only"
+    );
     let agent = v["token"].as_str().unwrap().to_owned();
     let (ok, out, _) = meshca(vec![
         "token".into(),
@@ -325,18 +409,30 @@ async fn outside_kubernetes_a_static_token_is_a_node_agent_only_when_declared() 
     assert_leaf_for(&srv, &r, &web);
     // Outside its patterns; without the metadata; its own identity as ever.
     let admin = id("/ns/kube-system/sa/admin");
-    let (c, m) = ask(&srv, &agent, &admin, Some(&admin)).await.map(|_| ()).unwrap_err();
+    let (c, m) = ask(&srv, &agent, &admin, Some(&admin))
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(c, Code::PermissionDenied, "{m}");
     assert!(m.contains("--may-request patterns are"), "{m}");
     assert_eq!(
-        ask(&srv, &agent, &web, None).await.map(|_| ()).unwrap_err().0,
+        ask(&srv, &agent, &web, None)
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .0,
         Code::PermissionDenied,
         "without ImpersonatedIdentity it asks for itself"
     );
-    ask(&srv, &agent, &ztunnel, None).await.expect("its own identity");
+    ask(&srv, &agent, &ztunnel, None)
+        .await
+        .expect("its own identity");
     // The bootstrap token may request all of default/*, but is no node agent.
     let d = id("/ns/default/sa/web");
-    let (c, m) = ask(&srv, &srv.token, &d, Some(&d)).await.map(|_| ()).unwrap_err();
+    let (c, m) = ask(&srv, &srv.token, &d, Some(&d))
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(c, Code::PermissionDenied, "{m}");
     assert!(m.contains("--node-agent"), "{m}");
     // Neither is a client certificate.
@@ -347,7 +443,12 @@ async fn outside_kubernetes_a_static_token_is_a_node_agent_only_when_declared() 
         .unwrap()
         .into_inner();
     let me = Identity {
-        chain: own.cert_chain.iter().flat_map(|p| pem_certs(p)).take(2).collect(),
+        chain: own
+            .cert_chain
+            .iter()
+            .flat_map(|p| pem_certs(p))
+            .take(2)
+            .collect(),
         key: leaf_key,
     };
     let k2 = SecretKey::generate_p256().unwrap();
@@ -375,7 +476,9 @@ async fn outside_kubernetes_a_static_token_is_a_node_agent_only_when_declared() 
     assert!(limited >= 1, "the ordinary caller's burst is smaller");
     let metrics = http_get(srv.server().http_addr, "/metrics").await.1;
     assert!(
-        metrics.contains(r#"meshca_certificates_issued_total{api="istio",result="ok",impersonated="true"} 9"#),
+        metrics.contains(
+            r#"meshca_certificates_issued_total{api="istio",result="ok",impersonated="true"} 9"#
+        ),
         "{}",
         metrics
             .lines()

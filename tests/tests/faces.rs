@@ -188,7 +188,9 @@ async fn linkerd_certify_with_the_real_client() {
     // Counted under its own API label.
     let (_, metrics) = http_get(srv.http, "/metrics").await;
     assert!(
-        metrics.contains(r#"meshca_certificates_issued_total{api="linkerd",result="ok"} 2"#),
+        metrics.contains(
+            r#"meshca_certificates_issued_total{api="linkerd",result="ok",impersonated="false"} 2"#
+        ),
         "{metrics}"
     );
 }
@@ -358,8 +360,12 @@ async fn istio_create_certificate_with_a_generated_client() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     let (_, metrics) = http_get(srv.http, "/metrics").await;
-    assert!(metrics.contains(r#"meshca_certificates_issued_total{api="istio",result="ok"} 2"#));
-    assert!(metrics.contains(r#"meshca_certificates_issued_total{api="istio",result="denied"} 2"#));
+    assert!(metrics.contains(
+        r#"meshca_certificates_issued_total{api="istio",result="ok",impersonated="false"} 2"#
+    ));
+    assert!(metrics.contains(
+        r#"meshca_certificates_issued_total{api="istio",result="denied",impersonated="false"} 2"#
+    ));
 }
 
 #[tokio::test]

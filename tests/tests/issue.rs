@@ -279,11 +279,11 @@ async fn bundle_apis_and_http_face_agree() {
         .unwrap_err();
     let (_, metrics) = http_get(ts.http, "/metrics").await;
     assert!(
-        metrics.contains("meshca_certificates_issued_total{api=\"meshca\",result=\"ok\"} 1"),
+        metrics.contains("meshca_certificates_issued_total{api=\"meshca\",result=\"ok\",impersonated=\"false\"} 1"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("meshca_certificates_issued_total{api=\"meshca\",result=\"denied\"} 1"),
+        metrics.contains("meshca_certificates_issued_total{api=\"meshca\",result=\"denied\",impersonated=\"false\"} 1"),
         "{metrics}"
     );
     assert!(metrics.contains("meshca_build_info{version="), "{metrics}");

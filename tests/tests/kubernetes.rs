@@ -349,6 +349,8 @@ fn replica(dir: &std::path::Path, fake: &KubeApi, name: &str) -> Config {
     c.kubernetes.bundle.resync = Duration::from_millis(200);
     c.kubernetes.bundle.istio = true;
     c.kubernetes.bundle.linkerd = true;
+    // As deploy/kubernetes configures it: the pod directory lists and watches pods.
+    c.istio.trusted_node_agents = vec!["istio-system/ztunnel".into()];
     // Issuers rotate in seconds: prepared 18 s after notBefore, active at 24 s.
     let p = &mut c.policy;
     p.leaf_ttl_default = Duration::from_secs(5);

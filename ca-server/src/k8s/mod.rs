@@ -17,6 +17,7 @@
 
 pub mod follow;
 pub mod lease;
+pub mod linkerd;
 pub mod pods;
 pub mod publish;
 pub mod store;

@@ -30,6 +30,42 @@ struct Placed {
     service_account: Box<str>,
     /// Not Succeeded or Failed.
     running: bool,
+    /// creationTimestamp, Unix seconds.
+    created: i64,
+    /// It runs a Linkerd proxy (injected: the `linkerd.io/proxy-version` annotation, or a
+    /// container named `linkerd-proxy`).
+    linkerd: bool,
+    /// `Deployment/<name>`, `StatefulSet/<name>`, `DaemonSet/<name>`, `<Kind>/<name>` of its
+    /// controller, or `Pod/<name>`.
+    owner: Box<str>,
+}
+
+/// The workload that owns a pod: its controller, a ReplicaSet read as its Deployment (the
+/// ReplicaSet's name is the Deployment's plus `-<pod-template-hash>`).
+fn owner_of(p: &Pod) -> String {
+    let name = p.metadata.name.as_deref().unwrap_or_default();
+    let Some(c) = p
+        .metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|o| o.controller == Some(true))
+    else {
+        return format!("Pod/{name}");
+    };
+    let hash = p
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"));
+    match (c.kind.as_str(), hash) {
+        ("ReplicaSet", Some(h)) => match c.name.strip_suffix(&format!("-{h}")) {
+            Some(d) => format!("Deployment/{d}"),
+            None => format!("ReplicaSet/{}", c.name),
+        },
+        (kind, _) => format!("{kind}/{}", c.name),
+    }
 }
 
 impl Placed {
@@ -41,7 +77,11 @@ impl Placed {
         Some((
             (ns.into(), name.into()),
             Self {
-                node: spec.node_name.as_deref().filter(|n| !n.is_empty()).map(Into::into),
+                node: spec
+                    .node_name
+                    .as_deref()
+                    .filter(|n| !n.is_empty())
+                    .map(Into::into),
                 service_account: spec
                     .service_account_name
                     .as_deref()
@@ -49,6 +89,22 @@ impl Placed {
                     .unwrap_or("default")
                     .into(),
                 running: !matches!(phase, Some("Succeeded" | "Failed")),
+                created: p
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(0, |t| t.0.as_second()),
+                linkerd: p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key("linkerd.io/proxy-version"))
+                    || spec
+                        .containers
+                        .iter()
+                        .chain(spec.init_containers.iter().flatten())
+                        .any(|c| c.name == "linkerd-proxy"),
+                owner: owner_of(p).into(),
             },
         ))
     }
@@ -258,6 +314,41 @@ impl Pods {
     }
 }
 
+/// Linkerd proxies counted against the moment the current anchors reached their ConfigMap.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProxyCount {
+    /// Proxies running.
+    pub proxies: u64,
+    /// Of which made before the moment.
+    pub stale: u64,
+    /// Stale pods by (namespace, owner).
+    pub stale_by_owner: std::collections::BTreeMap<(String, String), u64>,
+}
+
+impl Pods {
+    /// The running Linkerd proxies, and those among them made before `since` (Unix seconds;
+    /// `None`: all of them). A pod made in the same second as `since` counts as stale (the API
+    /// server's timestamps have one-second resolution).
+    pub fn linkerd_proxies(&self, since: Option<i64>) -> Result<ProxyCount, String> {
+        let ix = self.read();
+        self.usable(&ix)?;
+        let mut c = ProxyCount::default();
+        for ((ns, _), p) in &ix.pods {
+            if !(p.linkerd && p.running) {
+                continue;
+            }
+            c.proxies += 1;
+            if since.is_none_or(|t| p.created <= t) {
+                c.stale += 1;
+                *c.stale_by_owner
+                    .entry((ns.to_string(), p.owner.to_string()))
+                    .or_default() += 1;
+            }
+        }
+        Ok(c)
+    }
+}
+
 impl PodDirectory for Pods {
     fn node_of(&self, namespace: &str, pod: &str) -> Result<Option<String>, String> {
         let ix = self.read();
@@ -304,21 +395,61 @@ mod tests {
         assert!(d.on_node("a", "prod", "web").is_err(), "not synced yet");
         d.write().synced = true;
         let ev = |e: WatchEvent<Pod>| d.apply(&e);
-        ev(WatchEvent::Added(pod("prod", "web-1", None, "web", "Pending")));
+        ev(WatchEvent::Added(pod(
+            "prod", "web-1", None, "web", "Pending",
+        )));
         assert_eq!(d.on_node("a", "prod", "web"), Ok(false), "not scheduled");
-        ev(WatchEvent::Modified(pod("prod", "web-1", Some("a"), "web", "Pending")));
-        assert_eq!(d.on_node("a", "prod", "web"), Ok(true), "scheduled, starting");
-        ev(WatchEvent::Added(pod("prod", "web-2", Some("a"), "web", "Running")));
-        ev(WatchEvent::Deleted(pod("prod", "web-1", Some("a"), "web", "Running")));
+        ev(WatchEvent::Modified(pod(
+            "prod",
+            "web-1",
+            Some("a"),
+            "web",
+            "Pending",
+        )));
+        assert_eq!(
+            d.on_node("a", "prod", "web"),
+            Ok(true),
+            "scheduled, starting"
+        );
+        ev(WatchEvent::Added(pod(
+            "prod",
+            "web-2",
+            Some("a"),
+            "web",
+            "Running",
+        )));
+        ev(WatchEvent::Deleted(pod(
+            "prod",
+            "web-1",
+            Some("a"),
+            "web",
+            "Running",
+        )));
         assert_eq!(d.on_node("a", "prod", "web"), Ok(true), "web-2 still there");
-        ev(WatchEvent::Modified(pod("prod", "web-2", Some("a"), "web", "Succeeded")));
+        ev(WatchEvent::Modified(pod(
+            "prod",
+            "web-2",
+            Some("a"),
+            "web",
+            "Succeeded",
+        )));
         assert_eq!(d.on_node("a", "prod", "web"), Ok(false), "finished");
-        ev(WatchEvent::Added(pod("prod", "api-1", Some("b"), "api", "Running")));
+        ev(WatchEvent::Added(pod(
+            "prod",
+            "api-1",
+            Some("b"),
+            "api",
+            "Running",
+        )));
         assert_eq!(d.on_node("a", "prod", "api"), Ok(false));
         assert_eq!(d.node_of("prod", "api-1"), Ok(Some("b".into())));
         assert_eq!(d.read().running.len(), 1, "no empty counts are kept");
         // Out of touch for longer than the bound: no answer.
         d.write().lost_at = Some(Instant::now() - Duration::from_secs(31));
-        assert!(d.on_node("b", "prod", "api").unwrap_err().contains("out of touch"));
+        assert!(
+            d.on_node("b", "prod", "api")
+                .unwrap_err()
+                .contains("out of touch")
+        );
     }
 }

@@ -19,6 +19,9 @@ use crate::authority::{Authority, Bundle};
 
 /// The annotation holding the bundle version a ConfigMap was written from.
 pub const VERSION_ANNOTATION: &str = "meshca.io/bundle-version";
+/// The annotation holding when a ConfigMap's content (the anchors) last changed, RFC 3339: a
+/// pod made from it after that moment holds these anchors (Linkerd's proxies read them once).
+pub const CONTENT_SINCE_ANNOTATION: &str = "meshca.io/content-since";
 
 /// The (name, key) pairs published in each matching namespace.
 pub fn shapes(cfg: &BundlePublication) -> Vec<(String, &'static str)> {
@@ -108,6 +111,7 @@ async fn write_one(
                 ..Default::default()
             };
             super::stamp(&mut cm.metadata, version);
+            super::stamp(&mut cm.metadata, (CONTENT_SINCE_ANNOTATION, now()));
             api.create(&pp, &cm).await
         }
         Some(cm) => {
@@ -124,6 +128,17 @@ async fn write_one(
             // annotations (e.g. a mesh's own).
             let mut next = cm;
             super::stamp(&mut next.metadata, version);
+            let kept = next
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(CONTENT_SINCE_ANNOTATION))
+                .filter(|_| next.data.as_ref() == Some(&data))
+                .cloned();
+            super::stamp(
+                &mut next.metadata,
+                (CONTENT_SINCE_ANNOTATION, kept.unwrap_or_else(now)),
+            );
             next.data = Some(data);
             api.replace(name, &pp, &next).await
         }
@@ -135,6 +150,12 @@ async fn write_one(
         Err(e) => return Err(e),
     }
     Ok(())
+}
+
+/// The wall-clock time, RFC 3339: what the annotation is compared with is the API server's
+/// creationTimestamp of pods, wall-clock too.
+fn now() -> String {
+    rotator::clock::rfc3339(time::OffsetDateTime::now_utc())
 }
 
 /// Deletes ours in namespaces that stopped matching.

@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use meshca_proto::v1::admin_service_client::AdminServiceClient;
 use meshca_proto::v1::{AnchorResponse, AnchorStepRequest, GetStatusRequest, StageAnchorRequest};
 use rotator::anchors::Step;
+use rotator::clock::rfc3339;
 use rotator::state::Phase;
 use rotator::status::{GateEntry, Status};
 use tonic::transport::Channel;
@@ -39,6 +40,13 @@ pub enum AnchorsCommand {
     Finish(StepArgs),
     /// One phase back: activated → staged, or staged → steady.
     Rollback(StepArgs),
+    /// While staged on Kubernetes with Linkerd: the workloads whose pods started before the new
+    /// anchors reached Linkerd's trust roots (their proxies hold only the old anchor until
+    /// replaced), with the `kubectl rollout restart` commands. Exit 0 when none is left.
+    Restarts {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Block until a gate opens (exit 0), with a progress bar; exit 1 on timeout.
     Wait {
         #[command(flatten)]
@@ -188,6 +196,103 @@ pub fn anchors(cmd: AnchorsCommand, output: Output) -> Result<(), Failed> {
             timeout,
             interval,
         } => rt.block_on(wait(&admin, until, timeout, interval, output))?,
+        AnchorsCommand::Restarts { admin } => {
+            let doc = rt.block_on(async { status(&mut client(&admin).await?).await })?;
+            restarts(&doc, output)?;
+        }
+    }
+    Ok(())
+}
+
+/// The restart command for a workload (`Kind/name`), or `None` for a bare pod (delete it).
+fn rollout(namespace: &str, owner: &str) -> String {
+    match owner.split_once('/') {
+        Some((kind @ ("Deployment" | "StatefulSet" | "DaemonSet"), name)) => format!(
+            "kubectl -n {namespace} rollout restart {}/{name}",
+            kind.to_ascii_lowercase()
+        ),
+        Some(("Pod", name)) => format!("kubectl -n {namespace} delete pod {name}"),
+        _ => format!("# {owner} in {namespace}: replace its pods with its own controller"),
+    }
+}
+
+fn restarts(doc: &Status, output: Output) -> Result<(), Failed> {
+    use rotator::ledger::RestartBound;
+    let rb = doc
+        .anchor_rotation
+        .ledger
+        .as_ref()
+        .map(|l| l.restart_bound.clone())
+        .unwrap_or_default();
+    let RestartBound::Counted {
+        proxies,
+        stale,
+        since,
+        mut workloads,
+        ..
+    } = rb
+    else {
+        let why = match rb {
+            RestartBound::Unknown { reason } => reason,
+            _ => format!(
+                "nothing to count in phase {}: Linkerd proxies are counted while an anchor is staged, on Kubernetes with \
+                 [kubernetes.bundle] linkerd = true",
+                doc.anchor_rotation.phase
+            ),
+        };
+        return Err(Failed(format!("no restart list: {why}")));
+    };
+    // Linkerd's control plane first (its default namespace; its proxies verify everyone), then
+    // by namespace and name. Each command is a rolling restart: the workload's own strategy
+    // (maxUnavailable) paces it; PodDisruptionBudgets are not consulted (see docs/linkerd.md).
+    workloads.sort_by_key(|w| {
+        (
+            w.namespace != "linkerd",
+            w.namespace.clone(),
+            w.owner.clone(),
+        )
+    });
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "proxies": proxies, "stale": stale,
+                "since": since.map(rfc3339),
+                "workloads": workloads.iter().map(|w| serde_json::json!({
+                    "namespace": w.namespace, "owner": w.owner, "stale_pods": w.stale_pods,
+                    "command": rollout(&w.namespace, &w.owner),
+                })).collect::<Vec<_>>(),
+            })
+        ),
+        Output::Text => {
+            match since {
+                Some(t) => println!(
+                    "{} of {proxies} Linkerd proxies started after the new anchors reached their trust roots ({}).",
+                    proxies - stale.min(proxies),
+                    rfc3339(t)
+                ),
+                None => println!(
+                    "the new anchors have not reached Linkerd's trust roots yet: all {proxies} proxies hold only the old anchor"
+                ),
+            }
+            for w in &workloads {
+                println!(
+                    "{:<12} {:<40} {:>4} stale pods   {}",
+                    w.namespace,
+                    w.owner,
+                    w.stale_pods,
+                    rollout(&w.namespace, &w.owner)
+                );
+            }
+            if workloads.is_empty() {
+                println!("nothing to restart: the activate gate does not wait for Linkerd");
+            }
+        }
+    }
+    if stale > 0 {
+        return Err(Failed(format!(
+            "{stale} Linkerd proxies still hold only the old anchor"
+        )));
     }
     Ok(())
 }

@@ -10,8 +10,8 @@ use rotator::spiffe::{IdPattern, TrustDomain};
 use rotator::state::{AuthorityState, human};
 use rotator::store::{FileStore, Store};
 use rotator::tokens::{
-    TokenGrant, add_token_granting, list_tokens, new_token, register_token, revoke_token, write_bootstrap_token,
-    write_token_file,
+    TokenGrant, add_token_granting, list_tokens, new_token, register_token, revoke_token,
+    write_bootstrap_token, write_token_file,
 };
 use time::OffsetDateTime;
 
@@ -159,7 +159,12 @@ pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
     if !dir.join("state.json").exists() {
         return Err(Failed(format!("{}: no authority here", dir.display())));
     }
-    let list = |p: &[IdPattern]| p.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let list = |p: &[IdPattern]| {
+        p.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut allowed = list(&a.allow);
     if a.node_agent {
         allowed.push_str(&format!(

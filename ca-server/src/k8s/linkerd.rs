@@ -1,0 +1,159 @@
+//! Linkerd's proxies read their trust anchors once, when they start
+//! (`LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS`, put in the pod spec by Linkerd's proxy injector from
+//! the `linkerd-identity-trust-roots` ConfigMap of its control-plane namespace; linkerd2#9313):
+//! a proxy started before `meshca anchors stage` holds only the old anchor until its pod is
+//! replaced, however long one waits. This counts them for the activate gate.
+//!
+//! The moment the staged anchors reached that ConfigMap is its `meshca.io/content-since`
+//! annotation, written by meshca's bundle publisher when the content changes
+//! (`[kubernetes.bundle] linkerd = true`, the control-plane namespace matching its selector).
+//! The ConfigMap is read every [`REFRESH`]; pods come from the pod directory. A proxy counts as
+//! holding the new anchors only if its pod was *created* after that moment: the injector reads
+//! the ConfigMap when the pod is created, and a container restarted in an old pod keeps the old
+//! value.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use rotator::ledger::{RestartBound, StaleWorkload};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use super::pods::Pods;
+use super::publish::CONTENT_SINCE_ANNOTATION;
+use crate::authority::RestartBoundSource;
+
+/// Linkerd's trust-roots ConfigMap and its key.
+pub const TRUST_ROOTS: (&str, &str) = ("linkerd-identity-trust-roots", "ca-bundle.crt");
+
+/// How often the ConfigMap is read.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// What the ConfigMap held when last read.
+#[derive(Debug, Clone)]
+struct Roots {
+    anchors: Vec<CertificateDer<'static>>,
+    since: OffsetDateTime,
+}
+
+/// Counts Linkerd proxies against the anchors in Linkerd's trust roots.
+#[derive(Debug)]
+pub struct LinkerdRoots {
+    pods: Arc<Pods>,
+    namespace: String,
+    roots: RwLock<Result<Roots, String>>,
+}
+
+impl LinkerdRoots {
+    /// Counts the proxies in `pods` against `namespace`'s trust-roots ConfigMap.
+    pub fn new(pods: Arc<Pods>, namespace: &str) -> Arc<Self> {
+        Arc::new(Self {
+            pods,
+            namespace: namespace.to_owned(),
+            roots: RwLock::new(Err(format!("{namespace}/{} not read yet", TRUST_ROOTS.0))),
+        })
+    }
+
+    /// Reads the ConfigMap every [`REFRESH`] until `stop`.
+    pub async fn run(self: Arc<Self>, client: kube::Client, mut stop: watch::Receiver<bool>) {
+        let api: Api<ConfigMap> = Api::namespaced(client, &self.namespace);
+        loop {
+            let read = self.read(&api).await;
+            *self.roots.write().unwrap_or_else(|p| p.into_inner()) = read;
+            tokio::select! {
+                () = tokio::time::sleep(REFRESH) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn read(&self, api: &Api<ConfigMap>) -> Result<Roots, String> {
+        let what = format!("{}/{}", self.namespace, TRUST_ROOTS.0);
+        let cm = api
+            .get_opt(TRUST_ROOTS.0)
+            .await
+            .map_err(|e| format!("reading {what}: {e}"))?
+            .ok_or_else(|| format!("no ConfigMap {what}"))?;
+        let pem = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(TRUST_ROOTS.1))
+            .ok_or_else(|| format!("{what} has no {}", TRUST_ROOTS.1))?;
+        let anchors = rotator::client::parse_pem_certs(pem);
+        if anchors.is_empty() {
+            return Err(format!("{what}/{} holds no certificate", TRUST_ROOTS.1));
+        }
+        let since = cm
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CONTENT_SINCE_ANNOTATION))
+            .ok_or_else(|| {
+                format!(
+                    "{what} has no {CONTENT_SINCE_ANNOTATION} annotation (meshca did not write it), so when its anchors arrived is unknown"
+                )
+            })?;
+        let since = OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
+            .map_err(|e| format!("{what}: {CONTENT_SINCE_ANNOTATION} {since:?}: {e}"))?;
+        Ok(Roots { anchors, since })
+    }
+}
+
+impl RestartBoundSource for LinkerdRoots {
+    fn count(&self, anchors: &[CertificateDer<'static>]) -> RestartBound {
+        let unknown = |reason: String| RestartBound::Unknown { reason };
+        // No proxy at all: nothing to wait for, whatever the ConfigMap says.
+        let all = match self.pods.linkerd_proxies(None) {
+            Ok(c) => c,
+            Err(e) => return unknown(e),
+        };
+        if all.proxies == 0 {
+            return RestartBound::Counted {
+                proxies: 0,
+                stale: 0,
+                since: None,
+                not_reached: None,
+                workloads: Vec::new(),
+            };
+        }
+        // A ConfigMap that cannot be read (or lacks meshca's annotation) is counted as not
+        // reached: meshca publishes it, so until it is seen holding the anchors, no proxy can
+        // have them. Only pods that cannot be listed leave the gate to time.
+        let (since, not_reached) = match &*self.roots.read().unwrap_or_else(|p| p.into_inner()) {
+            Ok(r) if anchors.iter().all(|a| r.anchors.contains(a)) => (Some(r.since), None),
+            Ok(_) => (
+                None,
+                Some(format!(
+                    "{}/{} does not hold every anchor of the bundle yet",
+                    self.namespace, TRUST_ROOTS.0
+                )),
+            ),
+            Err(e) => (None, Some(e.clone())),
+        };
+        let count = match since {
+            Some(t) => match self.pods.linkerd_proxies(Some(t.unix_timestamp())) {
+                Ok(c) => c,
+                Err(e) => return unknown(e),
+            },
+            None => all,
+        };
+        RestartBound::Counted {
+            proxies: count.proxies,
+            stale: count.stale,
+            since,
+            not_reached,
+            workloads: count
+                .stale_by_owner
+                .into_iter()
+                .map(|((namespace, owner), n)| StaleWorkload {
+                    namespace,
+                    owner,
+                    stale_pods: n,
+                })
+                .collect(),
+        }
+    }
+}
