@@ -848,7 +848,108 @@ mod tests {
             workloads_current: current,
             min_version: version,
             partial: false,
+            restart_bound: RestartBound::NotTracked,
         }
+    }
+
+    #[test]
+    fn linkerd_proxies_started_before_the_new_anchors_hold_the_activate_gate_past_its_time() {
+        let p = Policy::default();
+        let now = t0();
+        let s1 = genesis(&p, now)
+            .stage_anchor(&p, now, NewAnchor::Generate)
+            .unwrap();
+        let late = now + p.leaf_ttl_max + p.propagation_allowance;
+        let with = |rb: RestartBound| LedgerSummary {
+            partial: true,
+            restart_bound: rb,
+            ..ledger(late, &[], 0, 0, 2)
+        };
+        let counted = |proxies, stale, since: Option<OffsetDateTime>| RestartBound::Counted {
+            proxies,
+            stale,
+            since,
+            not_reached: since.is_none().then(|| "no ConfigMap linkerd/x".to_owned()),
+            workloads: vec![],
+        };
+        // Time has passed; 3 of 5 proxies predate the anchors in their trust roots: closed.
+        let g = gate(
+            &s1,
+            &p,
+            Some(&with(counted(5, 3, Some(now)))),
+            late,
+            Step::Activate,
+        )
+        .unwrap();
+        assert!(!g.open, "{}", g.explain());
+        assert_eq!(g.at_risk, Some(3));
+        assert!(
+            g.measured.contains("2 of 5 Linkerd proxies"),
+            "{}",
+            g.measured
+        );
+        assert!(g.risk.contains("meshca anchors restarts"), "{}", g.risk);
+        assert!(
+            s1.activate_anchor(&p, Some(&with(counted(5, 3, Some(now)))), late, false)
+                .is_err()
+        );
+        // The anchors never reached the ConfigMap: closed, saying why.
+        let g = gate(
+            &s1,
+            &p,
+            Some(&with(counted(5, 5, None))),
+            late,
+            Step::Activate,
+        )
+        .unwrap();
+        assert!(
+            !g.open && g.measured.contains("no ConfigMap linkerd/x"),
+            "{}",
+            g.measured
+        );
+        // None stale: the time fallback decides again; no proxies: as if untracked.
+        for rb in [
+            counted(5, 0, Some(now)),
+            counted(0, 0, None),
+            RestartBound::NotTracked,
+        ] {
+            assert!(
+                gate(&s1, &p, Some(&with(rb.clone())), late, Step::Activate)
+                    .unwrap()
+                    .open,
+                "{rb:?}"
+            );
+            assert!(
+                !gate(&s1, &p, Some(&with(rb.clone())), late - SEC, Step::Activate)
+                    .unwrap()
+                    .open,
+                "{rb:?}"
+            );
+        }
+        // Pods that cannot be listed: time, and it says so.
+        let g = gate(
+            &s1,
+            &p,
+            Some(&with(RestartBound::Unknown {
+                reason: "pods not listed".into(),
+            })),
+            late,
+            Step::Activate,
+        )
+        .unwrap();
+        assert!(
+            g.open && g.measured.contains("only the time fallback guards them"),
+            "{}",
+            g.measured
+        );
+        // Other gates are untouched.
+        let s2 = s1.activate_anchor(&p, None, late, false).unwrap();
+        let fin = late + p.leaf_ttl_max + p.clock_skew;
+        assert!(
+            gate(&s2, &p, Some(&with(counted(5, 5, None))), fin, Step::Finish)
+                .unwrap()
+                .open
+        );
     }
 
     #[test]

@@ -258,6 +258,12 @@ pub struct StaleWorkload {
     pub owner: String,
     /// Its stale pods.
     pub stale_pods: u64,
+    /// The PodDisruptionBudget covering its pods, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pdb: Option<String>,
+    /// How many of its pods that budget lets go now (`status.disruptionsAllowed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruptions_allowed: Option<i32>,
 }
 
 impl LedgerSummary {

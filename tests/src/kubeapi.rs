@@ -93,6 +93,7 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         "namespaces" => ("v1", "Namespace"),
         "leases" => ("coordination.k8s.io/v1", "Lease"),
         "pods" => ("v1", "Pod"),
+        "poddisruptionbudgets" => ("policy/v1", "PodDisruptionBudget"),
         _ => ("v1", "Unknown"),
     }
 }
@@ -427,7 +428,16 @@ async fn handle(
     if resource == "tokenreviews" {
         return token_review(&api, &body);
     }
-    if !["secrets", "configmaps", "leases", "namespaces", "pods"].contains(&resource) {
+    if ![
+        "secrets",
+        "configmaps",
+        "leases",
+        "namespaces",
+        "pods",
+        "poddisruptionbudgets",
+    ]
+    .contains(&resource)
+    {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",

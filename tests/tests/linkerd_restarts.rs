@@ -37,9 +37,9 @@ fn pod(
         "Deployment" => (
             "ReplicaSet",
             format!("{oname}-7d9f"),
-            json!({"pod-template-hash": "7d9f"}),
+            json!({"pod-template-hash": "7d9f", "app": oname}),
         ),
-        k => (k, oname.to_owned(), json!({})),
+        k => (k, oname.to_owned(), json!({"app": oname})),
     };
     let annotations = if proxy {
         json!({"linkerd.io/proxy-version": "edge-25.1.1"})
@@ -120,6 +120,17 @@ async fn mesh() -> (KubeApi, TestServer, Arc<ManualClock>) {
     }
     pod(&fake, "prod", "db-0", ("StatefulSet", "db"), true, hour_ago);
     pod(&fake, "prod", "batch-1", ("Job", "batch"), false, hour_ago);
+    // web's budget lets no pod go now; db's lets one.
+    for (name, app, allowed) in [("web", "web", 0), ("db", "db", 1)] {
+        fake.put(
+            "poddisruptionbudgets",
+            "prod",
+            name,
+            json!({"metadata": {}, "spec": {"selector": {"matchLabels": {"app": app}}},
+                "status": {"disruptionsAllowed": allowed, "currentHealthy": 2, "desiredHealthy": 2,
+                    "expectedPods": 2, "observedGeneration": 1}}),
+        );
+    }
     let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
     let srv = TestServer::start_clocked(
         |c| {

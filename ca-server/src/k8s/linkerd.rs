@@ -16,7 +16,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::Api;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ListParams};
 use rotator::ledger::{RestartBound, StaleWorkload};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -39,12 +41,44 @@ struct Roots {
     since: OffsetDateTime,
 }
 
+/// A PodDisruptionBudget, as far as ordering restarts needs it.
+#[derive(Debug, Clone)]
+struct Budget {
+    namespace: String,
+    name: String,
+    selector: LabelSelector,
+    disruptions_allowed: i32,
+}
+
+/// Whether `sel` selects a pod labelled `labels` (an empty selector selects every pod, as a
+/// policy/v1 PodDisruptionBudget's does).
+fn selects(sel: &LabelSelector, labels: &[(String, String)]) -> bool {
+    let get = |k: &str| labels.iter().find(|(l, _)| l == k).map(|(_, v)| v.as_str());
+    let by_label = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| get(k) == Some(v.as_str()));
+    let by_expr = sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        match (e.operator.as_str(), get(&e.key)) {
+            ("In", Some(v)) => values.iter().any(|x| x == v),
+            ("NotIn", v) => v.is_none_or(|v| !values.iter().any(|x| x == v)),
+            ("Exists", v) => v.is_some(),
+            ("DoesNotExist", v) => v.is_none(),
+            _ => false,
+        }
+    });
+    by_label && by_expr
+}
+
 /// Counts Linkerd proxies against the anchors in Linkerd's trust roots.
 #[derive(Debug)]
 pub struct LinkerdRoots {
     pods: Arc<Pods>,
     namespace: String,
     roots: RwLock<Result<Roots, String>>,
+    budgets: RwLock<Vec<Budget>>,
 }
 
 impl LinkerdRoots {
@@ -54,15 +88,38 @@ impl LinkerdRoots {
             pods,
             namespace: namespace.to_owned(),
             roots: RwLock::new(Err(format!("{namespace}/{} not read yet", TRUST_ROOTS.0))),
+            budgets: RwLock::default(),
         })
     }
 
-    /// Reads the ConfigMap every [`REFRESH`] until `stop`.
+    /// Reads the ConfigMap and the PodDisruptionBudgets every [`REFRESH`] until `stop`.
     pub async fn run(self: Arc<Self>, client: kube::Client, mut stop: watch::Receiver<bool>) {
-        let api: Api<ConfigMap> = Api::namespaced(client, &self.namespace);
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &self.namespace);
+        let pdbs: Api<PodDisruptionBudget> = Api::all(client);
         loop {
             let read = self.read(&api).await;
             *self.roots.write().unwrap_or_else(|p| p.into_inner()) = read;
+            match pdbs.list(&ListParams::default()).await {
+                Ok(l) => {
+                    let b = l.items.iter().filter_map(|p| {
+                        Some(Budget {
+                            namespace: p.metadata.namespace.clone()?,
+                            name: p.metadata.name.clone()?,
+                            selector: p.spec.as_ref()?.selector.clone().unwrap_or_default(),
+                            // No status yet: counted as allowing none.
+                            disruptions_allowed: p
+                                .status
+                                .as_ref()
+                                .and_then(|s| s.disruptions_allowed)
+                                .unwrap_or(0),
+                        })
+                    });
+                    *self.budgets.write().unwrap_or_else(|p| p.into_inner()) = b.collect();
+                }
+                Err(e) => {
+                    tracing::warn!("listing PodDisruptionBudgets to order Linkerd restarts: {e}")
+                }
+            }
             tokio::select! {
                 () = tokio::time::sleep(REFRESH) => {}
                 _ = stop.changed() => return,
@@ -145,15 +202,68 @@ impl RestartBoundSource for LinkerdRoots {
             stale: count.stale,
             since,
             not_reached,
-            workloads: count
-                .stale_by_owner
-                .into_iter()
-                .map(|((namespace, owner), n)| StaleWorkload {
-                    namespace,
-                    owner,
-                    stale_pods: n,
-                })
-                .collect(),
+            workloads: {
+                let budgets = self.budgets.read().unwrap_or_else(|p| p.into_inner());
+                count
+                    .stale_by_owner
+                    .into_iter()
+                    .map(|((namespace, owner), (n, labels))| {
+                        let b = budgets
+                            .iter()
+                            .find(|b| b.namespace == namespace && selects(&b.selector, &labels));
+                        StaleWorkload {
+                            namespace,
+                            owner,
+                            stale_pods: n,
+                            pdb: b.map(|b| b.name.clone()),
+                            disruptions_allowed: b.map(|b| b.disruptions_allowed),
+                        }
+                    })
+                    .collect()
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    #[test]
+    fn budgets_select_pods_by_labels_and_expressions() {
+        let labels = vec![
+            ("app".to_owned(), "web".to_owned()),
+            ("tier".to_owned(), "a".to_owned()),
+        ];
+        let sel = |l: &[(&str, &str)], e: &[(&str, &str, &[&str])]| LabelSelector {
+            match_labels: Some(l.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()),
+            match_expressions: Some(
+                e.iter()
+                    .map(|(k, op, v)| LabelSelectorRequirement {
+                        key: (*k).into(),
+                        operator: (*op).into(),
+                        values: Some(v.iter().map(|x| (*x).into()).collect()),
+                    })
+                    .collect(),
+            ),
+        };
+        assert!(
+            selects(&LabelSelector::default(), &labels),
+            "empty selects all"
+        );
+        assert!(selects(&sel(&[("app", "web")], &[]), &labels));
+        assert!(!selects(&sel(&[("app", "db")], &[]), &labels));
+        assert!(selects(&sel(&[], &[("tier", "In", &["a", "b"])]), &labels));
+        assert!(!selects(&sel(&[], &[("tier", "NotIn", &["a"])]), &labels));
+        assert!(selects(
+            &sel(&[], &[("zone", "DoesNotExist", &[])]),
+            &labels
+        ));
+        assert!(!selects(&sel(&[], &[("zone", "Exists", &[])]), &labels));
+        assert!(
+            !selects(&sel(&[], &[("tier", "Gt", &["1"])]), &labels),
+            "unknown operator"
+        );
     }
 }

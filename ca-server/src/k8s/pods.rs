@@ -38,6 +38,8 @@ struct Placed {
     /// `Deployment/<name>`, `StatefulSet/<name>`, `DaemonSet/<name>`, `<Kind>/<name>` of its
     /// controller, or `Pod/<name>`.
     owner: Box<str>,
+    /// Its labels, kept for Linkerd pods only (matched against PodDisruptionBudgets).
+    labels: Box<[(Box<str>, Box<str>)]>,
 }
 
 /// The workload that owns a pod: its controller, a ReplicaSet read as its Deployment (the
@@ -70,6 +72,20 @@ fn owner_of(p: &Pod) -> String {
 
 impl Placed {
     fn of(p: &Pod) -> Option<((Box<str>, Box<str>), Self)> {
+        let (key, mut placed) = Self::placed(p)?;
+        if placed.linkerd {
+            placed.labels = p
+                .metadata
+                .labels
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                .collect();
+        }
+        Some((key, placed))
+    }
+
+    fn placed(p: &Pod) -> Option<((Box<str>, Box<str>), Self)> {
         let ns = p.metadata.namespace.as_deref()?;
         let name = p.metadata.name.as_deref()?;
         let spec = p.spec.as_ref()?;
@@ -105,6 +121,7 @@ impl Placed {
                         .chain(spec.init_containers.iter().flatten())
                         .any(|c| c.name == "linkerd-proxy"),
                 owner: owner_of(p).into(),
+                labels: Box::default(),
             },
         ))
     }
@@ -321,8 +338,8 @@ pub struct ProxyCount {
     pub proxies: u64,
     /// Of which made before the moment.
     pub stale: u64,
-    /// Stale pods by (namespace, owner).
-    pub stale_by_owner: std::collections::BTreeMap<(String, String), u64>,
+    /// Stale pods by (namespace, owner): how many, and the labels of one of them.
+    pub stale_by_owner: std::collections::BTreeMap<(String, String), (u64, Vec<(String, String)>)>,
 }
 
 impl Pods {
@@ -340,9 +357,14 @@ impl Pods {
             c.proxies += 1;
             if since.is_none_or(|t| p.created <= t) {
                 c.stale += 1;
-                *c.stale_by_owner
+                let e = c
+                    .stale_by_owner
                     .entry((ns.to_string(), p.owner.to_string()))
-                    .or_default() += 1;
+                    .or_insert_with(|| {
+                        let labels = p.labels.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+                        (0, labels.collect())
+                    });
+                e.0 += 1;
             }
         }
         Ok(c)

@@ -243,11 +243,14 @@ fn restarts(doc: &Status, output: Output) -> Result<(), Failed> {
         return Err(Failed(format!("no restart list: {why}")));
     };
     // Linkerd's control plane first (its default namespace; its proxies verify everyone), then
-    // by namespace and name. Each command is a rolling restart: the workload's own strategy
-    // (maxUnavailable) paces it; PodDisruptionBudgets are not consulted (see docs/linkerd.md).
+    // workloads whose PodDisruptionBudget lets a pod go now (or that have none), then those
+    // whose budget allows no disruption at the moment; by namespace and name within each.
+    // Each command is a rolling restart paced by the workload's own strategy: run them one at
+    // a time, `kubectl rollout status` between.
     workloads.sort_by_key(|w| {
         (
             w.namespace != "linkerd",
+            w.disruptions_allowed == Some(0),
             w.namespace.clone(),
             w.owner.clone(),
         )
@@ -260,6 +263,7 @@ fn restarts(doc: &Status, output: Output) -> Result<(), Failed> {
                 "since": since.map(rfc3339),
                 "workloads": workloads.iter().map(|w| serde_json::json!({
                     "namespace": w.namespace, "owner": w.owner, "stale_pods": w.stale_pods,
+                    "pdb": w.pdb, "disruptions_allowed": w.disruptions_allowed,
                     "command": rollout(&w.namespace, &w.owner),
                 })).collect::<Vec<_>>(),
             })
@@ -276,13 +280,21 @@ fn restarts(doc: &Status, output: Output) -> Result<(), Failed> {
                 ),
             }
             for w in &workloads {
+                let budget = match (&w.pdb, w.disruptions_allowed) {
+                    (Some(p), Some(0)) => format!("  (PDB {p} allows no disruption now: last)"),
+                    (Some(p), Some(n)) => format!("  (PDB {p}: {n} may go now)"),
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<12} {:<40} {:>4} stale pods   {}",
+                    "{:<12} {:<40} {:>4} stale pods   {}{budget}",
                     w.namespace,
                     w.owner,
                     w.stale_pods,
                     rollout(&w.namespace, &w.owner)
                 );
+            }
+            if !workloads.is_empty() {
+                println!("one at a time, in this order; `kubectl rollout status` between");
             }
             if workloads.is_empty() {
                 println!("nothing to restart: the activate gate does not wait for Linkerd");
