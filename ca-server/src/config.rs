@@ -333,6 +333,13 @@ impl Config {
         }
         self.istio.validate()?;
         self.kubernetes.validate()?;
+        if !self.kubernetes.issuer_secret.is_empty() && self.anchor_cert.is_none() {
+            return Err(ConfigError {
+                name: "kubernetes.issuer_secret".into(),
+                value: self.kubernetes.issuer_secret.clone(),
+                reason: "needs upstream mode (anchor_cert): with the anchor key here, meshca makes its own issuers".into(),
+            });
+        }
         self.limits.validate()?;
         for n in &self.tls.dns_names {
             if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
@@ -617,6 +624,11 @@ pub struct KubernetesConfig {
     pub token_cache_ttl: Duration,
     /// At most this many cached answers.
     pub token_cache_size: usize,
+    /// Upstream mode with cert-manager: the `kubernetes.io/tls` Secret (`namespace/name`;
+    /// `tls.crt`, `tls.key`) holding the issuer it renews. meshca adopts every renewal that
+    /// chains to an anchor in the bundle and fits the leaf policy, and keeps the last good issuer
+    /// otherwise. Empty: off.
+    pub issuer_secret: String,
     /// Bundle publication.
     pub bundle: BundlePublication,
 }
@@ -652,6 +664,7 @@ impl Default for KubernetesConfig {
             token_audience: "meshca".into(),
             token_cache_ttl: Duration::from_secs(60),
             token_cache_size: 10_000,
+            issuer_secret: String::new(),
             bundle: BundlePublication::default(),
         }
     }
@@ -672,6 +685,13 @@ impl Default for BundlePublication {
 const SA_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 impl KubernetesConfig {
+    /// `issuer_secret` as (namespace, name), when set.
+    pub fn issuer_secret(&self) -> Option<(&str, &str)> {
+        self.issuer_secret
+            .split_once('/')
+            .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |name: &str, value: String, reason: &str| ConfigError {
@@ -691,6 +711,17 @@ impl KubernetesConfig {
         }
         if self.token_cache_size == 0 {
             return Err(bad("token_cache_size", "0".into(), "must be at least 1"));
+        }
+        if !self.issuer_secret.is_empty()
+            && self
+                .issuer_secret()
+                .is_none_or(|(ns, n)| !is_dns_subdomain(ns) || !is_dns_subdomain(n))
+        {
+            return Err(bad(
+                "issuer_secret",
+                self.issuer_secret.clone(),
+                "expected namespace/name of a kubernetes.io/tls Secret",
+            ));
         }
         for (name, v) in [
             ("state_secret", &self.state_secret),

@@ -316,6 +316,9 @@ pub struct Metrics {
     pub authority: AuthorityMetrics,
     /// `meshca_limit_refusals_total{limit}`: requests and connections refused by `[limits]`.
     pub limit_refusals: Family<crate::limits::LimitLabels, Counter>,
+    /// `meshca_issuer_source_refusals_total`: issuers from `kubernetes.issuer_secret`
+    /// (cert-manager) that were not adopted (the last good issuer keeps signing).
+    pub issuer_source_refusals: Counter,
 }
 
 /// `success` or `failure`.
@@ -381,6 +384,12 @@ impl Metrics {
             "Connections and requests refused by a [limits] cap, by limit",
             limit_refusals.clone(),
         );
+        let issuer_source_refusals = Counter::default();
+        registry.register(
+            "issuer_source_refusals",
+            "Issuers read from kubernetes.issuer_secret and refused (the last good one keeps signing)",
+            issuer_source_refusals.clone(),
+        );
         let authority = AuthorityMetrics::default();
         authority.register(&mut registry);
         let m = Self {
@@ -393,6 +402,7 @@ impl Metrics {
             rotations,
             rotation_failures,
             limit_refusals,
+            issuer_source_refusals,
         };
         m.start_at_zero();
         m

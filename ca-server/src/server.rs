@@ -148,6 +148,16 @@ impl Server {
         );
         if let Some(k) = &kube {
             k.publish_bundles(&config, &authority, &leader, &mut tasks, &stop);
+            if let Some((ns, name)) = config.kubernetes.issuer_secret() {
+                tasks.spawn(crate::k8s::issuer_secret::follow(
+                    k.client.clone(),
+                    (ns.to_owned(), name.to_owned()),
+                    authority.clone(),
+                    leader.clone(),
+                    path.metrics.issuer_source_refusals.clone(),
+                    stop.clone(),
+                ));
+            }
         }
         path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
         if let (Some(k), Some(p)) = (&kube, &path.pods) {

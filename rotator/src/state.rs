@@ -394,6 +394,41 @@ impl AuthorityState {
                 key_id(&pending.key)
             )));
         }
+        let mut s =
+            self.install_issuer(policy, now, cert, pending.key.clone(), "issuer_imported")?;
+        s.pending_issuer_key = None;
+        Ok(s)
+    }
+
+    /// An issuer whose certificate *and* key come from outside (cert-manager renewing a
+    /// `kubernetes.io/tls` Secret), checked as [`import_issuer`](Self::import_issuer) checks
+    /// one: the key must be the certificate's, it must chain to an anchor in the bundle, be
+    /// valid now, outlive `leaf_ttl_max` and not its anchor. Active at once under the active
+    /// anchor, as an import is.
+    pub fn adopt_issuer(
+        &self,
+        policy: &Policy,
+        now: OffsetDateTime,
+        cert: CaCert,
+        key: SecretKey,
+    ) -> Result<Self, StateError> {
+        if !cert.matches_key(&key) {
+            return Err(StateError::Unusable(
+                "the private key is not the certificate's".into(),
+            ));
+        }
+        self.install_issuer(policy, now, cert, key, "issuer_adopted")
+    }
+
+    /// The checks and the install shared by an import and an adoption.
+    fn install_issuer(
+        &self,
+        policy: &Policy,
+        now: OffsetDateTime,
+        cert: CaCert,
+        key: SecretKey,
+        what: &str,
+    ) -> Result<Self, StateError> {
         if self.issuer(cert.id()).is_some() {
             return Err(StateError::Unusable(format!(
                 "issuer {} is already installed",
@@ -435,17 +470,13 @@ impl AuthorityState {
         let anchor_id = anchor.cert.id().clone();
         let activate = anchor.status == AnchorStatus::Active;
         let mut s = self.clone();
-        s.pending_issuer_key = None;
         s.issuers.push(Issuer {
             cert,
-            key: pending.key.clone(),
+            key,
             anchor: anchor_id.clone(),
             status: IssuerStatus::Prepared,
         });
-        s.record(
-            now,
-            format!("issuer_imported {id} under anchor {anchor_id}"),
-        );
+        s.record(now, format!("{what} {id} under anchor {anchor_id}"));
         if activate {
             s.activate_issuer(now, &id)
         } else {

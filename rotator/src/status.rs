@@ -658,7 +658,7 @@ mod tests {
         assert_eq!(
             keys(&v["anchor_rotation"]["ledger"]),
             "complete_since,convergence_percent,current_bundle_version,live_leaves_by_anchor,\
-             live_workloads,partial,trustworthy,trustworthy_at,workloads_with_current_bundle"
+             live_workloads,partial,restart_bound,trustworthy,trustworthy_at,workloads_with_current_bundle"
         );
         assert_eq!(v["phase"]["name"], "steady");
         assert_eq!(v["mode"], "local");

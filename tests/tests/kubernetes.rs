@@ -12,7 +12,8 @@ use ca_server::issuance::{Face, IssueError, IssueRequest, SigningCore};
 use ca_server::server::Server;
 use meshca_tests::kubeapi::{KubeApi, jwt};
 use meshca_tests::{
-    TestServer, Workload, eventually, mtls_handshake, sign_request, test_config, with_token,
+    TestServer, Workload, eventually, http_get, mtls_handshake, sign_request, test_config,
+    with_token,
 };
 use rotator::client::make_csr;
 use rotator::clock::{Clock, ManualClock, SystemClock};
@@ -796,7 +797,11 @@ fn deploy_renders_and_every_object_is_its_kubernetes_type() {
     use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
     use k8s_openapi::api::policy::v1::PodDisruptionBudget;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-    for dir in ["deploy/kubernetes", "deploy/kubernetes/overlays/monitoring"] {
+    for dir in [
+        "deploy/kubernetes",
+        "deploy/kubernetes/overlays/monitoring",
+        "deploy/kubernetes/overlays/cert-manager",
+    ] {
         let Some(docs) = render(dir) else { return };
         let mut kinds = Vec::new();
         for d in &docs {
@@ -868,14 +873,15 @@ fn deploy_renders_and_every_object_is_its_kubernetes_type() {
     }
 }
 
-/// RBAC rules of the base as (verb, group, resource, namespaced-only).
-fn rbac_grants() -> Option<std::collections::BTreeSet<(String, String, String, bool)>> {
-    let docs = render("deploy/kubernetes")?;
+/// RBAC rules rendered from `dir` as (verb, group, resource, namespace): the namespace of a
+/// Role, "" for a ClusterRole.
+fn rbac_grants(dir: &str) -> Option<std::collections::BTreeSet<(String, String, String, String)>> {
+    let docs = render(dir)?;
     let mut out = std::collections::BTreeSet::new();
     for d in docs {
-        let namespaced = match d["kind"].as_str() {
-            Some("Role") => true,
-            Some("ClusterRole") => false,
+        let namespace = match d["kind"].as_str() {
+            Some("Role") => d["metadata"]["namespace"].as_str().unwrap().to_owned(),
+            Some("ClusterRole") => String::new(),
             _ => continue,
         };
         for r in d["rules"].as_array().unwrap() {
@@ -886,7 +892,7 @@ fn rbac_grants() -> Option<std::collections::BTreeSet<(String, String, String, b
                             v.as_str().unwrap().to_owned(),
                             g.as_str().unwrap().to_owned(),
                             res.as_str().unwrap().to_owned(),
-                            namespaced,
+                            namespace.clone(),
                         ));
                     }
                 }
@@ -896,21 +902,35 @@ fn rbac_grants() -> Option<std::collections::BTreeSet<(String, String, String, b
     Some(out)
 }
 
-/// Every call meshca made is granted, and every grant was used.
-fn assert_rbac_matches(fake: &KubeApi) {
-    let Some(grants) = rbac_grants() else { return };
+/// Every call meshca made is granted by `dir`'s RBAC; the grants used, or None without kubectl.
+fn rbac_used(
+    dir: &str,
+    fake: &KubeApi,
+) -> Option<(
+    std::collections::BTreeSet<(String, String, String, String)>,
+    std::collections::BTreeSet<(String, String, String, String)>,
+)> {
+    let grants = rbac_grants(dir)?;
     let mut used = std::collections::BTreeSet::new();
     for c in fake.distinct_calls() {
-        let grant = grants.iter().find(|(v, g, r, ns_only)| {
+        let grant = grants.iter().find(|(v, g, r, ns)| {
             *v == c.verb
                 && *g == c.group
                 && *r == c.resource
-                && (!ns_only || c.namespace == "meshca")
+                && (ns.is_empty() || *ns == c.namespace)
         });
         let grant =
-            grant.unwrap_or_else(|| panic!("meshca called {c:?}, which rbac.yaml does not grant"));
+            grant.unwrap_or_else(|| panic!("meshca called {c:?}, which {dir} does not grant"));
         used.insert(grant.clone());
     }
+    Some((grants, used))
+}
+
+/// Every call meshca made is granted by the base, and every grant was used.
+fn assert_rbac_matches(fake: &KubeApi) {
+    let Some((grants, used)) = rbac_used("deploy/kubernetes", fake) else {
+        return;
+    };
     let unused: Vec<_> = grants.difference(&used).collect();
     assert!(
         unused.is_empty(),
@@ -1092,4 +1112,200 @@ async fn two_server_processes_fail_over_on_sigkill() {
         "resumed, not prepared again: {:#?}",
         st.history
     );
+}
+
+/// A CA certificate for tests: `cn`, valid from `from` to `until` (relative to now), signed by
+/// `parent` (self-signed when `None`). Returns its PEM and key.
+fn ca(
+    cn: &str,
+    parent: Option<(&rotator::pki::CaCert, &SecretKey)>,
+    from: Duration,
+    until: Duration,
+) -> (String, SecretKey) {
+    let key = SecretKey::generate_p256().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - from;
+    p.not_after = now + until;
+    let pem = match parent {
+        None => p.self_signed(key.key_pair()).unwrap().pem(),
+        Some((c, k)) => p
+            .signed_by(key.key_pair(), &c.rcgen_issuer(k.clone()).unwrap())
+            .unwrap()
+            .pem(),
+    };
+    (pem, key)
+}
+
+/// cert-manager's Secret: `tls.crt`, `tls.key` (each optional here), `ca.crt`.
+fn tls_secret(fake: &KubeApi, crt: Option<&str>, key: Option<&SecretKey>, ca: &str) {
+    use base64::Engine as _;
+    let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut data = serde_json::Map::new();
+    data.insert("ca.crt".into(), b(ca).into());
+    if let Some(c) = crt {
+        data.insert("tls.crt".into(), b(c).into());
+    }
+    if let Some(k) = key {
+        data.insert("tls.key".into(), b(&k.to_pem()).into());
+    }
+    fake.put(
+        "secrets",
+        "linkerd",
+        "linkerd-identity-issuer",
+        json!({"metadata": {}, "type": "kubernetes.io/tls", "data": data}),
+    );
+}
+
+#[tokio::test]
+async fn a_cert_manager_issuer_secret_is_followed_and_a_bad_renewal_is_refused() {
+    const DAY: Duration = Duration::from_secs(86400);
+    let fake = KubeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (root_pem, root_key) = ca("root", None, DAY, DAY * 3650);
+    let root = rotator::pki::CaCert::from_pem(&root_pem).unwrap();
+    std::fs::write(dir.path().join("root.pem"), &root_pem).unwrap();
+    let issuer = |days: u32| {
+        let (pem, key) = ca(
+            "identity.linkerd.cluster.local",
+            Some((&root, &root_key)),
+            DAY,
+            DAY * days,
+        );
+        let id = rotator::pki::CaCert::from_pem(&pem)
+            .unwrap()
+            .id()
+            .to_string();
+        (pem, key, id)
+    };
+    let (crt1, key1, id1) = issuer(365);
+    tls_secret(&fake, Some(&crt1), Some(&key1), &root_pem);
+    let anchor = dir.path().join("root.pem");
+    let srv = TestServer::start_with(|c| {
+        c.anchor_cert = Some(anchor.clone());
+        c.kubernetes.enabled = true;
+        c.kubernetes.api_url = fake.url.clone();
+        c.kubernetes.namespace = "meshca".into();
+        c.kubernetes.state_secret.clear();
+        c.kubernetes.issuer_secret = "linkerd/linkerd-identity-issuer".into();
+        c.auth.authenticators = vec![AuthMethod::Mtls, AuthMethod::Static];
+    })
+    .await;
+    let active = || async {
+        srv.server()
+            .authority
+            .read(|s| s.active_issuer().map(|i| i.cert.id().to_string()))
+            .await
+    };
+    let became = |want: String| {
+        let active = &active;
+        async move {
+            eventually(Duration::from_secs(5), || {
+                let want = want.clone();
+                async move { (active().await.as_deref() == Some(want.as_str())).then_some(()) }
+            })
+            .await
+            .is_some()
+        }
+    };
+    // The Secret's issuer signs; a leaf chains through it to the anchor.
+    assert!(
+        became(id1.clone()).await,
+        "the issuer in the Secret is adopted at start"
+    );
+    let leaf = |srv: &TestServer| {
+        let token = srv.token.clone();
+        let client = srv.client(None);
+        async move {
+            let key = SecretKey::generate_p256().unwrap();
+            let csr = make_csr(
+                &"spiffe://cluster.local/ns/default/sa/web".parse().unwrap(),
+                &key,
+            )
+            .unwrap();
+            let r = {
+                let mut c = client;
+                c.sign_certificate(with_token(sign_request(csr), &token))
+                    .await
+                    .unwrap()
+                    .into_inner()
+            };
+            Workload::from_response(&r, key)
+        }
+    };
+    let w = leaf(&srv).await;
+    assert_eq!(rotator::pki::CertId::of(&w.chain[1]).to_string(), id1);
+    rotator::client::verify_svid(
+        &w.chain,
+        &[root.der().clone()],
+        rustls::pki_types::UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .expect("chains to the anchor");
+
+    // A renewal with a new key: adopted.
+    let (crt2, key2, id2) = issuer(365);
+    tls_secret(&fake, Some(&crt2), Some(&key2), &root_pem);
+    assert!(became(id2.clone()).await, "the renewal is adopted");
+    assert_eq!(
+        rotator::pki::CertId::of(&leaf(&srv).await.chain[1]).to_string(),
+        id2
+    );
+
+    // Bad renewals: each refused and counted; the last good issuer keeps signing.
+    let (other_pem, other_key) = ca("someone else", None, DAY, DAY * 3650);
+    let other = rotator::pki::CaCert::from_pem(&other_pem).unwrap();
+    let (foreign, foreign_key) = ca("foreign", Some((&other, &other_key)), DAY, DAY * 365);
+    let (short, short_key, _) = issuer(1);
+    let (crt3, _, _) = issuer(365);
+    let cases: [(&str, Option<&str>, Option<&SecretKey>); 4] = [
+        (
+            "does not chain to an anchor",
+            Some(&foreign),
+            Some(&foreign_key),
+        ),
+        ("no key", Some(&crt3), None),
+        ("the key is not the certificate's", Some(&crt3), Some(&key2)),
+        ("less than leaf_ttl_max", Some(&short), Some(&short_key)),
+    ];
+    for (n, (what, crt, key)) in cases.into_iter().enumerate() {
+        tls_secret(&fake, crt, key, &root_pem);
+        let want = format!("meshca_issuer_source_refusals_total {}", n + 1);
+        let counted = eventually(Duration::from_secs(5), || async {
+            http_get(srv.server().http_addr, "/metrics")
+                .await
+                .1
+                .contains(&want)
+                .then_some(())
+        })
+        .await;
+        assert!(counted.is_some(), "{what}: not refused");
+        assert_eq!(
+            active().await,
+            Some(id2.clone()),
+            "{what}: the old issuer keeps signing"
+        );
+    }
+    assert_eq!(
+        rotator::pki::CertId::of(&leaf(&srv).await.chain[1]).to_string(),
+        id2
+    );
+    // A good renewal after them is adopted.
+    let (crt4, key4, id4) = issuer(365);
+    tls_secret(&fake, Some(&crt4), Some(&key4), &root_pem);
+    assert!(became(id4).await, "a good renewal after bad ones");
+    // Exactly the RBAC of the cert-manager overlay: the issuer Secret's get and watch.
+    if let Some((grants, used)) = rbac_used("deploy/kubernetes/overlays/cert-manager", &fake) {
+        let theirs: Vec<_> = grants.iter().filter(|g| g.3 == "linkerd").collect();
+        assert!(!theirs.is_empty());
+        for g in theirs {
+            assert!(used.contains(g), "the overlay grants {g:?}, never used");
+        }
+    }
 }

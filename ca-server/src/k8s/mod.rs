@@ -16,6 +16,7 @@
 //! `deploy/kubernetes/base/rbac.yaml`.
 
 pub mod follow;
+pub mod issuer_secret;
 pub mod lease;
 pub mod linkerd;
 pub mod pods;
