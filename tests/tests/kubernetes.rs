@@ -860,9 +860,13 @@ fn deploy_renders_and_every_object_is_its_kubernetes_type() {
                 }
                 other => panic!("{dir}: unexpected kind {other}"),
             }
+            // Everything in meshca's namespace, but for the one Role (and its binding) that
+            // reads cert-manager's issuer Secret where it lives.
+            let issuer_secret = d["metadata"]["name"] == "meshca-issuer-secret";
             if kind != "Namespace" && !kind.starts_with("Cluster") {
                 assert_eq!(
-                    d["metadata"]["namespace"], "meshca",
+                    d["metadata"]["namespace"],
+                    if issuer_secret { "linkerd" } else { "meshca" },
                     "{kind} {}",
                     d["metadata"]["name"]
                 );
