@@ -200,45 +200,62 @@ async fn activation_waits_for_every_linkerd_proxy_started_before_the_new_anchors
         out.contains("Linkerd proxies started with the current anchors: 0 of 4"),
         "{out}"
     );
-    // The restart list: the control plane first, each workload once, with its command.
-    let (code, out, err) = meshca(&dir, &["--output", "json", "anchors", "restarts"]).await;
-    assert_eq!(code, 1, "stale proxies left: {err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let rows: Vec<(String, u64, String)> = v["workloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| {
-            (
-                format!(
-                    "{}/{}",
-                    w["namespace"].as_str().unwrap(),
-                    w["owner"].as_str().unwrap()
-                ),
-                w["stale_pods"].as_u64().unwrap(),
-                w["command"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    // The restart list: the control plane first, each workload once, with its command; web,
+    // whose budget lets no pod go now, last. (The budgets are read every 2 s: wait for them.)
+    let rows = eventually(Duration::from_secs(10), || async {
+        let (code, out, err) = meshca(&dir, &["--output", "json", "anchors", "restarts"]).await;
+        assert_eq!(code, 1, "stale proxies left: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let rows: Vec<(String, u64, Value, String)> = v["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    format!(
+                        "{}/{}",
+                        w["namespace"].as_str().unwrap(),
+                        w["owner"].as_str().unwrap()
+                    ),
+                    w["stale_pods"].as_u64().unwrap(),
+                    w["disruptions_allowed"].clone(),
+                    w["command"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        rows.iter()
+            .all(|r| r.0.starts_with("linkerd/") || !r.2.is_null())
+            .then_some(rows)
+    })
+    .await
+    .expect("the budgets are read");
     assert_eq!(
         rows,
         vec![
             (
                 "linkerd/Deployment/linkerd-destination".into(),
                 1,
+                Value::Null,
                 "kubectl -n linkerd rollout restart deployment/linkerd-destination".into()
-            ),
-            (
-                "prod/Deployment/web".into(),
-                2,
-                "kubectl -n prod rollout restart deployment/web".into()
             ),
             (
                 "prod/StatefulSet/db".into(),
                 1,
+                json!(1),
                 "kubectl -n prod rollout restart statefulset/db".into()
             ),
+            (
+                "prod/Deployment/web".into(),
+                2,
+                json!(0),
+                "kubectl -n prod rollout restart deployment/web".into()
+            ),
         ]
+    );
+    let (_, text, _) = meshca(&dir, &["anchors", "restarts"]).await;
+    assert!(
+        text.contains("(PDB web allows no disruption now: last)"),
+        "{text}"
     );
 
     // The rollouts: new pods (made after the roots changed) replace the old, one workload at a
