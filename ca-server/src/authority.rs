@@ -364,6 +364,7 @@ impl Authority {
             self.write_bundle(&next);
             rotator::store::fault_point("transition:after-commit");
             log_journal(state.generation, &next, "");
+            destroy_released_keys(&state, &next);
             *state = next;
             self.snapshot.send_replace(Arc::new(snapshot));
             return Ok(true);
@@ -518,6 +519,27 @@ impl Authority {
         );
         self.count_restart_bound(&mut s, staged);
         s
+    }
+}
+
+/// Keys in a key store that `before` held and `after` (committed) no longer does — a pruned
+/// issuer's, an archived anchor's after `key_retention` — are destroyed in the store, on the
+/// schedule the file backend deletes key files. A failure is logged; the key is then orphaned
+/// in the token, never lost from a state that still needs it.
+fn destroy_released_keys(before: &AuthorityState, after: &AuthorityState) {
+    let kept = after.stored_keys();
+    for (reference, key) in before.stored_keys() {
+        if kept.contains_key(&reference) {
+            continue;
+        }
+        match key.destroy() {
+            Ok(()) => {
+                tracing::info!(target: "meshca::journal", key = %reference, "retired key destroyed in its key store")
+            }
+            Err(e) => {
+                tracing::error!(target: "meshca::journal", key = %reference, "retired key not destroyed: {e}")
+            }
+        }
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     /// Bounds on what any caller can hold: connections, streams, watchers (`[limits]`).
     pub limits: LimitsConfig,
+    /// Where anchor and issuer keys live (`[keys]`): the state (default) or a PKCS#11 token.
+    pub keys: rotator::keys::KeysConfig,
 }
 
 /// One authenticator of the chain.
@@ -230,6 +232,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             kubernetes: KubernetesConfig::default(),
             limits: LimitsConfig::default(),
+            keys: rotator::keys::KeysConfig::default(),
             log_format: LogFormat::Text,
         }
     }

@@ -68,9 +68,28 @@ struct Args {
         value_name = "NS/SA"
     )]
     istio_trusted_node_agents: Option<Vec<String>>,
+    /// Where anchor and issuer keys live: `file` (the state) or `pkcs11` (a token) [default: file].
+    #[arg(long, env = "MESHCA_KEYS_BACKEND", value_enum)]
+    key_backend: Option<KeyBackendArg>,
+    /// The PKCS#11 module (shared library), e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, env = "MESHCA_KEYS_PKCS11_MODULE", value_name = "FILE")]
+    pkcs11_module: Option<PathBuf>,
+    /// The label of the PKCS#11 token.
+    #[arg(long, env = "MESHCA_KEYS_PKCS11_TOKEN_LABEL", value_name = "LABEL")]
+    pkcs11_token_label: Option<String>,
+    /// A file holding the token's user PIN.
+    #[arg(long, env = "MESHCA_KEYS_PKCS11_PIN_FILE", value_name = "FILE")]
+    pkcs11_pin_file: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+/// `--key-backend`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KeyBackendArg {
+    File,
+    Pkcs11,
 }
 
 impl Args {
@@ -99,6 +118,21 @@ impl Args {
         }
         if let Some(v) = self.log_format {
             c.log_format = v;
+        }
+        if let Some(v) = self.key_backend {
+            c.keys.backend = match v {
+                KeyBackendArg::File => rotator::keys::Backend::File,
+                KeyBackendArg::Pkcs11 => rotator::keys::Backend::Pkcs11,
+            };
+        }
+        if let Some(v) = &self.pkcs11_module {
+            c.keys.pkcs11_module.clone_from(v);
+        }
+        if let Some(v) = &self.pkcs11_token_label {
+            c.keys.pkcs11_token_label.clone_from(v);
+        }
+        if let Some(v) = &self.pkcs11_pin_file {
+            c.keys.pkcs11_pin_file.clone_from(v);
         }
         if let Some(v) = &self.istio_trusted_node_agents {
             c.istio.trusted_node_agents = v

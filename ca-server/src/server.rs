@@ -110,6 +110,9 @@ impl Server {
         // Everything local (ledger, tokens, admin socket, bootstrap token) lives where the store
         // does: `<state dir>/meshca` when the configured dir belongs to another user.
         config.state_dir = files.dir().to_owned();
+        // Before the state is read: the keys it names must be found in the configured store, and
+        // new ones made there. One key backend per process.
+        rotator::keys::set_ca_key_store(config.keys.open().map_err(StartError::Other)?);
         let kube = Kube::connect(&config).await?;
         let secret = kube.as_ref().and_then(|k| k.state_secret(&config));
         let storage = storage(files, secret.clone());

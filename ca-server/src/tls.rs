@@ -126,8 +126,9 @@ impl LiveTls {
             .signed_by(&key, &issuer.signer)
             .map_err(|e| e.to_string())?;
         let der = cert.der().clone();
-        let key_der =
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_pair().serialize_der()));
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.pkcs8_der().map_err(|e| e.to_string())?.to_vec(),
+        ));
         let signing_key = provider()
             .key_provider
             .load_private_key(key_der)

@@ -414,7 +414,7 @@ impl AuthorityState {
         let current = self.active_anchor().ok_or_else(no_active_anchor)?;
         let (cert, key) = match new {
             NewAnchor::Generate => {
-                let key = SecretKey::generate_p256()?;
+                let key = SecretKey::generate_ca()?;
                 let cert = crate::profile::new_anchor(
                     &self.trust_domain,
                     &key,

@@ -98,10 +98,12 @@ pub struct Identity {
 }
 
 impl Identity {
-    fn key_der(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            self.key.key_pair().serialize_der(),
-        ))
+    fn key_der(&self) -> Result<PrivateKeyDer<'static>, ClientError> {
+        let der = self
+            .key
+            .pkcs8_der()
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der.to_vec())))
     }
 }
 
@@ -124,7 +126,7 @@ pub fn client_tls(
         .with_root_certificates(roots);
     let mut cfg = match identity {
         Some(id) => builder
-            .with_client_auth_cert(id.chain.clone(), id.key_der())
+            .with_client_auth_cert(id.chain.clone(), id.key_der()?)
             .map_err(|e| ClientError::Tls(e.to_string()))?,
         None => builder.with_no_client_auth(),
     };

@@ -10,7 +10,9 @@
 pub mod anchors;
 pub mod client;
 pub mod clock;
+pub mod keys;
 pub mod ledger;
+pub mod pkcs11;
 pub mod pki;
 pub mod policy;
 pub mod profile;

@@ -41,27 +41,83 @@ pub enum PkiError {
 #[derive(Clone)]
 pub struct SecretKey(Arc<KeyInner>);
 
-struct KeyInner {
-    pair: KeyPair,
+enum KeyInner {
+    /// In memory (and in the state as PKCS#8 PEM).
+    Memory(KeyPair),
+    /// In a key store (a PKCS#11 token): the state holds its reference only.
+    Stored(Arc<dyn crate::keys::StoredKey>),
 }
 
 impl Drop for KeyInner {
     fn drop(&mut self) {
-        self.pair.zeroize();
+        if let Self::Memory(pair) = self {
+            pair.zeroize();
+        }
     }
 }
 
+/// Where a key lives, for status lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLocation {
+    /// In the state (the state dir or the Secret).
+    State,
+    /// In a key store, by this reference.
+    Stored(String),
+}
+
 impl SecretKey {
-    /// A new ECDSA P-256 key, the only type meshca generates.
+    /// A new ECDSA P-256 key in memory, the only type meshca generates: for leaves and the
+    /// server's own TLS key. CA keys come from [`generate_ca`](Self::generate_ca).
     pub fn generate_p256() -> Result<Self, PkiError> {
         let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        Ok(Self(Arc::new(KeyInner { pair })))
+        Ok(Self(Arc::new(KeyInner::Memory(pair))))
+    }
+
+    /// A new anchor or issuer key: in the CA key store when one is set
+    /// ([`crate::keys::set_ca_key_store`]), else in memory.
+    pub fn generate_ca() -> Result<Self, PkiError> {
+        match crate::keys::ca_key_store() {
+            Some(store) => Ok(Self(Arc::new(KeyInner::Stored(
+                store.generate().map_err(PkiError::Key)?,
+            )))),
+            None => Self::generate_p256(),
+        }
+    }
+
+    /// Where it lives.
+    pub fn location(&self) -> KeyLocation {
+        match &*self.0 {
+            KeyInner::Memory(_) => KeyLocation::State,
+            KeyInner::Stored(k) => KeyLocation::Stored(k.reference()),
+        }
+    }
+
+    /// Destroys a stored key in its store (a retired key); a key in memory goes with the state.
+    pub fn destroy(&self) -> Result<(), PkiError> {
+        match &*self.0 {
+            KeyInner::Memory(_) => Ok(()),
+            KeyInner::Stored(k) => k.destroy().map_err(PkiError::Key),
+        }
     }
 
     /// Reads a PEM private key: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`, as `openssl` and
     /// `step` write them) or PKCS#1 (`RSA PRIVATE KEY`). Encrypted keys are refused with the
     /// command that decrypts them.
+    /// A key store's reference (`pkcs11:…`, as [`to_pem`](Self::to_pem) writes it for a stored
+    /// key) is looked up in the CA key store; none set, or the key missing there, is an error
+    /// naming it.
     pub fn from_pem(pem_text: &str) -> Result<Self, PkiError> {
+        let text = pem_text.trim();
+        if text.starts_with(crate::keys::REFERENCE_PREFIX) {
+            let store = crate::keys::ca_key_store().ok_or_else(|| {
+                PkiError::Key(format!(
+                    "the state names a key in a PKCS#11 token ({text}), but no token is configured \
+                     ([keys] backend = \"pkcs11\")"
+                ))
+            })?;
+            let key = store.find(text).map_err(PkiError::Key)?;
+            return Ok(Self(Arc::new(KeyInner::Stored(key))));
+        }
         let block = pem::parse(pem_text).map_err(|e| PkiError::Pem(e.to_string()))?;
         let contents = Zeroizing::new(block.contents().to_vec());
         let pkcs8 = match block.tag() {
@@ -82,22 +138,37 @@ impl SecretKey {
             }
         };
         let pair = KeyPair::try_from(pkcs8.as_slice()).map_err(|e| PkiError::Key(e.to_string()))?;
-        Ok(Self(Arc::new(KeyInner { pair })))
+        Ok(Self(Arc::new(KeyInner::Memory(pair))))
     }
 
-    /// The key as PKCS#8 PEM, in memory that is zeroized when dropped.
+    /// What the state holds for it: the key as PKCS#8 PEM (in memory that is zeroized when
+    /// dropped), or a stored key's reference (no key material).
     pub fn to_pem(&self) -> Zeroizing<String> {
-        Zeroizing::new(self.0.pair.serialize_pem())
+        match &*self.0 {
+            KeyInner::Memory(pair) => Zeroizing::new(pair.serialize_pem()),
+            KeyInner::Stored(k) => Zeroizing::new(format!("{}\n", k.reference())),
+        }
     }
 
     /// The public key as a DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> Vec<u8> {
-        rcgen::PublicKeyData::subject_public_key_info(&self.0.pair)
+        rcgen::PublicKeyData::subject_public_key_info(self)
     }
 
-    /// The underlying rcgen key pair.
-    pub fn key_pair(&self) -> &KeyPair {
-        &self.0.pair
+    /// The key as PKCS#8 DER, for a key in memory (what rustls takes); a stored key has none to
+    /// give.
+    pub fn pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, PkiError> {
+        self.key_pair()
+            .map(|p| Zeroizing::new(p.serialize_der()))
+            .ok_or_else(|| PkiError::Key("a key in a key store cannot be exported".into()))
+    }
+
+    /// The underlying rcgen key pair, for a key in memory (a stored key has none to give).
+    pub fn key_pair(&self) -> Option<&KeyPair> {
+        match &*self.0 {
+            KeyInner::Memory(pair) => Some(pair),
+            KeyInner::Stored(_) => None,
+        }
     }
 }
 
@@ -109,17 +180,35 @@ impl fmt::Debug for SecretKey {
 
 impl rcgen::PublicKeyData for SecretKey {
     fn der_bytes(&self) -> &[u8] {
-        self.0.pair.der_bytes()
+        match &*self.0 {
+            KeyInner::Memory(pair) => pair.der_bytes(),
+            KeyInner::Stored(k) => k.public_point(),
+        }
     }
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        self.0.pair.algorithm()
+        match &*self.0 {
+            KeyInner::Memory(pair) => pair.algorithm(),
+            KeyInner::Stored(_) => &PKCS_ECDSA_P256_SHA256,
+        }
     }
 }
 
 impl rcgen::SigningKey for SecretKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        self.0.pair.sign(msg)
+        match &*self.0 {
+            KeyInner::Memory(pair) => pair.sign(msg),
+            KeyInner::Stored(k) => k.sign(msg).map_err(|e| {
+                tracing_free_log(&e);
+                rcgen::Error::RemoteKeyError
+            }),
+        }
     }
+}
+
+/// rcgen's error for a remote key carries no text: the reason goes to stderr once per failure
+/// (it names the token and the PKCS#11 return value, never key material).
+fn tracing_free_log(e: &str) {
+    eprintln!("meshca: signing with a stored key failed: {e}");
 }
 
 /// Just enough DER to re-wrap SEC1 and PKCS#1 keys as PKCS#8 (RFC 5208), which is what ring reads.

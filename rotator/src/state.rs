@@ -153,6 +153,24 @@ pub struct AuthorityState {
     pub pending_issuer_key: Option<PendingKey>,
 }
 
+impl AuthorityState {
+    /// Every key the state holds that lives in a key store, by reference: anchors' (while kept),
+    /// issuers' and the pending issuer key.
+    pub fn stored_keys(&self) -> std::collections::BTreeMap<String, SecretKey> {
+        let keys = self
+            .anchors
+            .iter()
+            .filter_map(|a| a.key.as_ref())
+            .chain(self.issuers.iter().map(|i| &i.key))
+            .chain(self.pending_issuer_key.iter().map(|p| &p.key));
+        keys.filter_map(|k| match k.location() {
+            crate::pki::KeyLocation::Stored(r) => Some((r, k.clone())),
+            crate::pki::KeyLocation::State => None,
+        })
+        .collect()
+    }
+}
+
 /// A key made for an issuer whose certificate an upstream CA signs.
 #[derive(Debug, Clone)]
 pub struct PendingKey {
@@ -225,7 +243,7 @@ impl AuthorityState {
         policy: &Policy,
         now: OffsetDateTime,
     ) -> Result<Self, StateError> {
-        let anchor_key = SecretKey::generate_p256()?;
+        let anchor_key = SecretKey::generate_ca()?;
         let anchor = crate::profile::new_anchor(
             &td,
             &anchor_key,
@@ -334,7 +352,7 @@ impl AuthorityState {
                 "anchor {anchor} is held upstream (no key here): an issuer must be imported"
             )));
         };
-        let key = SecretKey::generate_p256()?;
+        let key = SecretKey::generate_ca()?;
         let cert = crate::profile::new_issuer(
             &self.trust_domain,
             &key,
@@ -363,7 +381,7 @@ impl AuthorityState {
             return Ok(None);
         }
         let mut s = self.clone();
-        let key = SecretKey::generate_p256()?;
+        let key = SecretKey::generate_ca()?;
         let id = key_id(&key);
         s.pending_issuer_key = Some(PendingKey {
             key,

@@ -238,7 +238,7 @@ impl Workload {
 
     fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            self.key.key_pair().serialize_der(),
+            self.key.key_pair().unwrap().serialize_der(),
         ))
     }
 

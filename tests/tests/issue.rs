@@ -51,7 +51,7 @@ async fn issued_leaf_verifies_with_independent_validators() {
 
     // The spiffe crate's X.509-SVID parser (it checks the SVID profile rules).
     let concat: Vec<u8> = chain.iter().flat_map(|c| c.to_vec()).collect();
-    let svid = spiffe::X509Svid::parse_from_der(&concat, &key.key_pair().serialize_der())
+    let svid = spiffe::X509Svid::parse_from_der(&concat, &key.key_pair().unwrap().serialize_der())
         .expect("valid X509-SVID");
     assert_eq!(svid.spiffe_id().to_string(), WEB);
 

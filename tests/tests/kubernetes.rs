@@ -1138,9 +1138,9 @@ fn ca(
     p.not_before = now - from;
     p.not_after = now + until;
     let pem = match parent {
-        None => p.self_signed(key.key_pair()).unwrap().pem(),
+        None => p.self_signed(&key).unwrap().pem(),
         Some((c, k)) => p
-            .signed_by(key.key_pair(), &c.rcgen_issuer(k.clone()).unwrap())
+            .signed_by(&key, &c.rcgen_issuer(k.clone()).unwrap())
             .unwrap()
             .pem(),
     };

@@ -1,0 +1,399 @@
+//! Anchor and issuer keys in a PKCS#11 token (SoftHSM2, each test its own token directory via
+//! `SOFTHSM2_CONF`), with real `meshca-server` processes: the token is process-wide state, so
+//! every server here is its own process.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use meshca_proto::v1::identity_service_client::IdentityServiceClient;
+use meshca_tests::{ServerProcess, bin, require_tool, sign_request, snapshot_dir, with_token};
+use rotator::client::{channel, client_tls, make_csr, parse_pem_certs, verify_svid};
+use rotator::pki::SecretKey;
+
+const PIN: &str = "1234";
+
+/// A SoftHSM2 token of its own: a config file pointing at a fresh token directory, a token
+/// labelled `meshca`, its PIN in a 0600 file.
+struct Hsm {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+    module: PathBuf,
+    pin_file: PathBuf,
+}
+
+fn softhsm() -> Option<Hsm> {
+    let util = require_tool("softhsm2-util")?;
+    let module = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("softhsm2-util is installed but libsofthsm2.so is not where Debian puts it");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tokens")).unwrap();
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.path().join("tokens").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(util)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "meshca",
+            "--pin",
+            PIN,
+            "--so-pin",
+            "5678",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    Some(Hsm {
+        dir,
+        conf,
+        module,
+        pin_file,
+    })
+}
+
+impl Hsm {
+    fn args(&self, label: &str, pin_file: &Path) -> Vec<String> {
+        vec![
+            "--key-backend".into(),
+            "pkcs11".into(),
+            "--pkcs11-module".into(),
+            self.module.display().to_string(),
+            "--pkcs11-token-label".into(),
+            label.into(),
+            "--pkcs11-pin-file".into(),
+            pin_file.display().to_string(),
+        ]
+    }
+
+    fn spawn(&self, state: &Path) -> Result<ServerProcess, meshca_tests::Refused> {
+        self.spawn_with(state, "meshca", &self.pin_file, &self.module)
+    }
+
+    fn spawn_with(
+        &self,
+        state: &Path,
+        label: &str,
+        pin_file: &Path,
+        module: &Path,
+    ) -> Result<ServerProcess, meshca_tests::Refused> {
+        let mut a = self.args(label, pin_file);
+        a[3] = module.display().to_string();
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let conf = self.conf.display().to_string();
+        ServerProcess::spawn(state, &a, &[("SOFTHSM2_CONF", conf.as_str())])
+    }
+
+    /// The token's private keys as (id hex, sensitive, extractable), read by a child process
+    /// (this test binary, running [`token_probe`] with `SOFTHSM2_CONF` set: the module reads
+    /// the variable once, at C_Initialize, so each token needs its own process).
+    fn private_keys(&self) -> Vec<(String, bool, bool)> {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "token_probe",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SOFTHSM2_CONF", &self.conf)
+            .env("MESHCA_TOKEN_PROBE_MODULE", &self.module)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "probe: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines()
+            // libtest prints "test token_probe ... " before the first line of output.
+            .filter_map(|l| l.find("KEY ").map(|i| &l[i + 4..]))
+            .map(|l| {
+                let v: Vec<&str> = l.split(' ').collect();
+                (v[0].to_owned(), v[1] == "true", v[2] == "true")
+            })
+            .collect()
+    }
+}
+
+/// Not a test of its own: [`Hsm::private_keys`] runs it in a child process.
+#[test]
+#[ignore = "run by Hsm::private_keys with SOFTHSM2_CONF set"]
+fn token_probe() {
+    let Some(module) = std::env::var_os("MESHCA_TOKEN_PROBE_MODULE") else {
+        return;
+    };
+    let ctx = Pkcs11::new(PathBuf::from(module)).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx.get_slots_with_token().unwrap()[0];
+    let s = ctx.open_ro_session(slot).unwrap();
+    s.login(UserType::User, Some(&AuthPin::from(PIN.to_owned())))
+        .unwrap();
+    for h in s
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .unwrap()
+    {
+        let (mut id, mut sens, mut ext) = (String::new(), false, true);
+        for x in s
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Id,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                ],
+            )
+            .unwrap()
+        {
+            match x {
+                Attribute::Id(v) => id = hex_of(&v),
+                Attribute::Sensitive(v) => sens = v,
+                Attribute::Extractable(v) => ext = v,
+                _ => {}
+            }
+        }
+        println!("KEY {id} {sens} {ext}");
+    }
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `meshca <args> --state-dir <state>`: (success, stdout + stderr).
+fn meshca(state: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(bin("meshca"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Signs a leaf for default/web with the bootstrap token and checks its chain against the bundle
+/// (rustls-webpki); the issuer's certificate, DER.
+async fn issue_and_verify(srv: &ServerProcess, state: &Path) -> Vec<u8> {
+    let bundle = parse_pem_certs(&std::fs::read_to_string(state.join("bundle.pem")).unwrap());
+    let token = std::fs::read_to_string(state.join("bootstrap-token")).unwrap();
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(
+        &"spiffe://cluster.local/ns/default/sa/web".parse().unwrap(),
+        &key,
+    )
+    .unwrap();
+    let mut c =
+        IdentityServiceClient::new(channel(&srv.url, client_tls(&bundle, None).unwrap()).unwrap());
+    let r = c
+        .sign_certificate(with_token(sign_request(csr), token.trim()))
+        .await
+        .unwrap()
+        .into_inner();
+    let chain: Vec<_> = r
+        .certificate_chain
+        .iter()
+        .map(|d| rustls_pki_types::CertificateDer::from(d.clone()))
+        .collect();
+    verify_svid(
+        &chain,
+        &bundle,
+        rustls_pki_types::UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .expect("the token-signed chain verifies");
+    chain[1].to_vec()
+}
+
+/// Every file in the state dir: no PEM private key, and each key file only a token reference.
+fn assert_no_key_material(state: &Path) -> usize {
+    let mut refs = 0;
+    for (path, (bytes, _)) in snapshot_dir(state) {
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{} holds a private key",
+            path.display()
+        );
+        if path.extension().is_some_and(|e| e == "key") {
+            assert!(
+                text.trim().starts_with("pkcs11:token=meshca;id="),
+                "{}: {text}",
+                path.display()
+            );
+            refs += 1;
+        }
+    }
+    refs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_made_in_the_token_and_every_flow_signs_there() {
+    let Some(hsm) = softhsm() else { return };
+    let state = hsm.dir.path().join("state");
+    let srv = hsm.spawn(&state).unwrap();
+    let issuer1 = issue_and_verify(&srv, &state).await;
+    // Anchor and issuer: two keys in the token, sensitive and not extractable; the state holds
+    // references only.
+    let keys = hsm.private_keys();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.iter().all(|(_, sens, ext)| *sens && !*ext), "{keys:?}");
+    assert_eq!(assert_no_key_material(&state), 2);
+    let (ok, status) = meshca(&state, &["status"]);
+    assert!(ok, "{status}");
+
+    // Issuer rotation: a new key in the token signs.
+    let (ok, out) = meshca(&state, &["issuer", "rotate"]);
+    assert!(ok, "{out}");
+    let (ok, out) = meshca(&state, &["issuer", "rotate"]);
+    assert!(ok, "{out}");
+    let issuer2 = issue_and_verify(&srv, &state).await;
+    assert_ne!(issuer1, issuer2, "the rotated issuer signs");
+
+    // A full anchor rotation (forced through its gates: this test is about keys).
+    for step in [
+        &["anchors", "stage"][..],
+        &["anchors", "activate", "--force"],
+        &["anchors", "finish", "--force"],
+    ] {
+        let (ok, out) = meshca(&state, step);
+        assert!(ok, "{step:?}: {out}");
+        issue_and_verify(&srv, &state).await;
+    }
+    // The token holds exactly the keys the state names: the old anchor's key, released at
+    // `finish` (key_retention 0), was destroyed with it.
+    let named = assert_no_key_material(&state);
+    let held = hsm.private_keys();
+    assert_eq!(held.len(), named, "{held:?}");
+    let refs: std::collections::BTreeSet<String> = meshca_tests::snapshot_dir(&state)
+        .into_iter()
+        .filter(|(p, _)| p.extension().is_some_and(|e| e == "key"))
+        .map(|(_, (b, _))| {
+            String::from_utf8_lossy(&b)
+                .trim()
+                .rsplit("id=")
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let ids: std::collections::BTreeSet<String> = held.into_iter().map(|k| k.0).collect();
+    assert_eq!(refs, ids);
+
+    // Restart: the keys the state names are found again in the token.
+    srv.kill();
+    let srv = hsm.spawn(&state).expect("restarts on the same token");
+    issue_and_verify(&srv, &state).await;
+    println!(
+        "token keys after the rotations: {}",
+        hsm.private_keys().len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_setting_is_refused_and_changes_nothing() {
+    let Some(hsm) = softhsm() else { return };
+    let state = hsm.dir.path().join("state");
+    let refused = |r: Result<ServerProcess, meshca_tests::Refused>| match r {
+        Ok(_) => panic!("started"),
+        Err(e) => e.stderr,
+    };
+    let bad_pin = hsm.dir.path().join("bad-pin");
+    std::fs::write(&bad_pin, "0000").unwrap();
+    for (what, err, says) in [
+        (
+            "wrong PIN",
+            refused(hsm.spawn_with(&state, "meshca", &bad_pin, &hsm.module)),
+            "wrong PIN",
+        ),
+        (
+            "unknown token",
+            refused(hsm.spawn_with(&state, "nope", &hsm.pin_file, &hsm.module)),
+            "no PKCS#11 token labelled \"nope\"",
+        ),
+        (
+            "no module",
+            refused(hsm.spawn_with(
+                &state,
+                "meshca",
+                &hsm.pin_file,
+                Path::new("/nonexistent/libpkcs11.so"),
+            )),
+            "no such file",
+        ),
+    ] {
+        assert!(err.contains(says), "{what}: {err}");
+        assert!(
+            !state.join("state.json").exists(),
+            "{what}: nothing created"
+        );
+    }
+    assert!(hsm.private_keys().is_empty(), "no key made in the token");
+
+    // The state names keys the token no longer has: refused, naming one, nothing overwritten.
+    let srv = hsm.spawn(&state).unwrap();
+    srv.kill();
+    let before = snapshot_dir(&state);
+    let util = require_tool("softhsm2-util").unwrap();
+    for args in [
+        &["--delete-token", "--token", "meshca"][..],
+        &[
+            "--init-token",
+            "--free",
+            "--label",
+            "meshca",
+            "--pin",
+            PIN,
+            "--so-pin",
+            "5678",
+        ],
+    ] {
+        let out = std::process::Command::new(&util)
+            .args(args)
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let err = refused(hsm.spawn(&state));
+    assert!(err.contains("has no key with id"), "{err}");
+    assert_eq!(snapshot_dir(&state), before, "the state is untouched");
+    assert!(
+        hsm.private_keys().is_empty(),
+        "no new anchor over the missing one"
+    );
+}
