@@ -276,7 +276,10 @@ mod tests {
             sa_caller("istio-system", "ztunnel", Some("node-a"), None),
             sa_caller("istio-system", "ztunnel", None, Some("ztunnel-a")),
         ] {
-            let ok = agents.authorize(&[z.clone()], &web).await.unwrap();
+            let ok = agents
+                .authorize(std::slice::from_ref(&z), &web)
+                .await
+                .unwrap();
             assert_eq!(ok.via(), "k8s:istio-system/ztunnel@node-a");
             let started = tokio::time::Instant::now();
             let e = agents.authorize(&[z], &api).await.unwrap_err();
@@ -339,7 +342,7 @@ mod tests {
         };
         assert_eq!(
             agents
-                .authorize(&[agent.clone()], &web)
+                .authorize(std::slice::from_ref(&agent), &web)
                 .await
                 .unwrap()
                 .via(),

@@ -41,6 +41,10 @@ pub enum PkiError {
 #[derive(Clone)]
 pub struct SecretKey(Arc<KeyInner>);
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "always behind the SecretKey's Arc: one allocation per key, never moved"
+)]
 enum KeyInner {
     /// In memory (and in the state as PKCS#8 PEM).
     Memory(KeyPair),

@@ -75,6 +75,9 @@ pub struct AnchorEntry {
     pub status: AnchorStatus,
     /// Whether its key is here.
     pub key_held: bool,
+    /// Where the key lives when it is in a key store: its reference (`pkcs11:token=…;id=…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_store: Option<String>,
     /// Serial, hex.
     pub serial: String,
     /// Subject.
@@ -98,6 +101,9 @@ pub struct IssuerEntry {
     pub status: IssuerStatus,
     /// The anchor it chains to.
     pub anchor: CertId,
+    /// Where its key lives when it is in a key store: its reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_store: Option<String>,
     /// Serial, hex.
     pub serial: String,
     /// notBefore.
@@ -267,6 +273,14 @@ impl Status {
     }
 }
 
+/// A key store's reference for `k`, if it lives in one.
+fn stored_at(k: &crate::pki::SecretKey) -> Option<String> {
+    match k.location() {
+        crate::pki::KeyLocation::Stored(r) => Some(r),
+        crate::pki::KeyLocation::State => None,
+    }
+}
+
 /// The status of `s` at `now` under `policy`; `ledger` is the running server's issuance ledger
 /// (`None` when read from a state dir: gates are then time-based only).
 pub fn document(
@@ -343,6 +357,7 @@ pub fn document(
                 id: a.cert.id().clone(),
                 status: a.status,
                 key_held: a.key.is_some(),
+                key_store: a.key.as_ref().and_then(stored_at),
                 serial: a.cert.info.serial.clone(),
                 subject: a.cert.info.subject.clone(),
                 not_before: a.cert.info.not_before,
@@ -359,6 +374,7 @@ pub fn document(
                     id: i.cert.id().clone(),
                     status: i.status,
                     anchor: i.anchor.clone(),
+                    key_store: stored_at(&i.key),
                     serial: i.cert.info.serial.clone(),
                     not_before: i.cert.info.not_before,
                     not_after: i.cert.info.not_after,
@@ -449,7 +465,11 @@ pub fn render(v: &Status) -> String {
             "  {:<16}  {:<9}  {:<8}  {:<20}  {}",
             a.id.as_str(),
             a.status,
-            if a.key_held { "here" } else { "upstream" },
+            match (a.key_held, &a.key_store) {
+                (true, Some(_)) => "token",
+                (true, None) => "here",
+                (false, _) => "upstream",
+            },
             at(a.not_after),
             countdown(a.expires_in_seconds)
         );

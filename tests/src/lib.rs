@@ -147,13 +147,13 @@ pub fn istio(
     srv: &TestServer,
     identity: Option<&Identity>,
 ) -> IstioCertificateServiceClient<Channel> {
-    let tls = client_tls(&srv.bundle(), identity).unwrap();
-    IstioCertificateServiceClient::new(channel(&srv.url, tls).unwrap())
+    let tls = client_tls(&srv.bundle(), identity).expect("client TLS from the bundle");
+    IstioCertificateServiceClient::new(channel(&srv.url, tls).expect("a channel to the server"))
 }
 
 /// An Istio CSR request for `id` with `key`, asking for `ttl` seconds.
 pub fn istio_request(id: &str, key: &SecretKey, ttl: i64) -> IstioCertificateRequest {
-    let csr = make_csr(&id.parse().unwrap(), key).unwrap();
+    let csr = make_csr(&id.parse().expect("a SPIFFE ID"), key).expect("a CSR");
     IstioCertificateRequest {
         csr: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
         validity_duration: ttl,
@@ -238,7 +238,10 @@ impl Workload {
 
     fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            self.key.key_pair().unwrap().serialize_der(),
+            self.key
+                .key_pair()
+                .expect("a workload's key is in memory")
+                .serialize_der(),
         ))
     }
 

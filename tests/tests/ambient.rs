@@ -161,7 +161,9 @@ async fn ztunnel_gets_certificates_for_pods_on_its_own_node_only() {
 
     // Refusals, each with its code and the rule.
     let nopod = id("/ns/prod/sa/batch");
-    let cases: [(&str, &str, &str, Option<&str>, Code, &str); 7] = [
+    // (token, what, CSR identity, ImpersonatedIdentity, code, what the message says)
+    type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Code, &'a str);
+    let cases: [Case; 7] = [
         // A pod on another node; a ServiceAccount with no pod: retryable, naming the node.
         (
             &za,

@@ -363,6 +363,43 @@ async fn a_bad_token_setting_is_refused_and_changes_nothing() {
     // The state names keys the token no longer has: refused, naming one, nothing overwritten.
     let srv = hsm.spawn(&state).unwrap();
     srv.kill();
+    // Offline, with the token: status says where each key lives, check passes; a wrong PIN is
+    // critical.
+    let offline = |args: &[&str], pin: &Path| {
+        let out = std::process::Command::new(bin("meshca"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .env("MESHCA_KEYS_BACKEND", "pkcs11")
+            .env("MESHCA_KEYS_PKCS11_MODULE", &hsm.module)
+            .env("MESHCA_KEYS_PKCS11_TOKEN_LABEL", "meshca")
+            .env("MESHCA_KEYS_PKCS11_PIN_FILE", pin)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, out) = offline(&["status"], &hsm.pin_file);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("token"), "{out}");
+    let (code, out) = offline(&["--output", "json", "status"], &hsm.pin_file);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("\"key_store\": \"pkcs11:token=meshca;id="),
+        "{out}"
+    );
+    let (code, out) = offline(&["check"], &hsm.pin_file);
+    assert!(matches!(code, Some(0 | 1)), "{out}");
+    let (code, out) = offline(&["check"], &bad_pin);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("wrong PIN"), "{out}");
     let before = snapshot_dir(&state);
     let util = require_tool("softhsm2-util").unwrap();
     for args in [
@@ -391,6 +428,9 @@ async fn a_bad_token_setting_is_refused_and_changes_nothing() {
     }
     let err = refused(hsm.spawn(&state));
     assert!(err.contains("has no key with id"), "{err}");
+    let (code, out) = offline(&["check"], &hsm.pin_file);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("has no key with id"), "{out}");
     assert_eq!(snapshot_dir(&state), before, "the state is untouched");
     assert!(
         hsm.private_keys().is_empty(),

@@ -877,9 +877,12 @@ fn deploy_renders_and_every_object_is_its_kubernetes_type() {
     }
 }
 
+/// RBAC grants: (verb, group, resource, namespace).
+type Grants = std::collections::BTreeSet<(String, String, String, String)>;
+
 /// RBAC rules rendered from `dir` as (verb, group, resource, namespace): the namespace of a
 /// Role, "" for a ClusterRole.
-fn rbac_grants(dir: &str) -> Option<std::collections::BTreeSet<(String, String, String, String)>> {
+fn rbac_grants(dir: &str) -> Option<Grants> {
     let docs = render(dir)?;
     let mut out = std::collections::BTreeSet::new();
     for d in docs {
@@ -907,13 +910,7 @@ fn rbac_grants(dir: &str) -> Option<std::collections::BTreeSet<(String, String, 
 }
 
 /// Every call meshca made is granted by `dir`'s RBAC; the grants used, or None without kubectl.
-fn rbac_used(
-    dir: &str,
-    fake: &KubeApi,
-) -> Option<(
-    std::collections::BTreeSet<(String, String, String, String)>,
-    std::collections::BTreeSet<(String, String, String, String)>,
-)> {
+fn rbac_used(dir: &str, fake: &KubeApi) -> Option<(Grants, Grants)> {
     let grants = rbac_grants(dir)?;
     let mut used = std::collections::BTreeSet::new();
     for c in fake.distinct_calls() {

@@ -24,6 +24,15 @@ use crate::impersonation::PodDirectory;
 /// Pods per list page.
 pub const PAGE: u32 = 500;
 
+/// A pod: (namespace, name).
+type PodKey = (Box<str>, Box<str>);
+/// Where pods of one ServiceAccount run: (node, namespace, ServiceAccount).
+type NodeAccount = (Box<str>, Box<str>, Box<str>);
+/// A pod's labels.
+pub type Labels = Vec<(String, String)>;
+/// A workload: (namespace, owner).
+pub type Workload = (String, String);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Placed {
     node: Option<Box<str>>,
@@ -71,8 +80,8 @@ fn owner_of(p: &Pod) -> String {
 }
 
 impl Placed {
-    fn of(p: &Pod) -> Option<((Box<str>, Box<str>), Self)> {
-        let (key, mut placed) = Self::placed(p)?;
+    fn of(p: &Pod) -> Option<(PodKey, Self)> {
+        let (key, mut placed) = Self::without_labels(p)?;
         if placed.linkerd {
             placed.labels = p
                 .metadata
@@ -85,7 +94,7 @@ impl Placed {
         Some((key, placed))
     }
 
-    fn placed(p: &Pod) -> Option<((Box<str>, Box<str>), Self)> {
+    fn without_labels(p: &Pod) -> Option<(PodKey, Self)> {
         let ns = p.metadata.namespace.as_deref()?;
         let name = p.metadata.name.as_deref()?;
         let spec = p.spec.as_ref()?;
@@ -129,16 +138,16 @@ impl Placed {
 
 #[derive(Debug, Default)]
 struct Index {
-    pods: HashMap<(Box<str>, Box<str>), Placed>,
+    pods: HashMap<PodKey, Placed>,
     /// (node, namespace, ServiceAccount) → pods there that have not finished.
-    running: HashMap<(Box<str>, Box<str>, Box<str>), u32>,
+    running: HashMap<NodeAccount, u32>,
     synced: bool,
     /// When the directory lost touch with the API server (`None`: in touch).
     lost_at: Option<Instant>,
 }
 
 impl Index {
-    fn count(&mut self, key: &(Box<str>, Box<str>), p: &Placed, delta: i64) {
+    fn count(&mut self, key: &PodKey, p: &Placed, delta: i64) {
         let Some(node) = p.node.clone().filter(|_| p.running) else {
             return;
         };
@@ -150,7 +159,7 @@ impl Index {
         }
     }
 
-    fn put(&mut self, key: (Box<str>, Box<str>), p: Option<Placed>) {
+    fn put(&mut self, key: PodKey, p: Option<Placed>) {
         if let Some(old) = self.pods.remove(&key) {
             self.count(&key, &old, -1);
         }
@@ -339,7 +348,7 @@ pub struct ProxyCount {
     /// Of which made before the moment.
     pub stale: u64,
     /// Stale pods by (namespace, owner): how many, and the labels of one of them.
-    pub stale_by_owner: std::collections::BTreeMap<(String, String), (u64, Vec<(String, String)>)>,
+    pub stale_by_owner: std::collections::BTreeMap<Workload, (u64, Labels)>,
 }
 
 impl Pods {

@@ -95,9 +95,44 @@ pub fn state_dir(given: Option<PathBuf>) -> PathBuf {
     rotator::store::locate_state_dir(&given.unwrap_or_else(default_state_dir))
 }
 
+/// With a state whose keys live in a PKCS#11 token, commands that read the state dir offline
+/// need the token too: the same `MESHCA_KEYS_*` variables as the server
+/// (`MESHCA_KEYS_BACKEND=pkcs11`, `_PKCS11_MODULE`, `_PKCS11_TOKEN_LABEL`, `_PKCS11_PIN_FILE`).
+fn keys_from_env() -> Result<(), String> {
+    let var = |n: &str| std::env::var_os(format!("MESHCA_KEYS_{n}"));
+    let backend = match var("BACKEND").as_deref().and_then(|v| v.to_str()) {
+        None | Some("" | "file") => return Ok(()),
+        Some("pkcs11") => rotator::keys::Backend::Pkcs11,
+        Some(other) => {
+            return Err(format!(
+                "MESHCA_KEYS_BACKEND={other}: expected file or pkcs11"
+            ));
+        }
+    };
+    let cfg = rotator::keys::KeysConfig {
+        backend,
+        pkcs11_module: var("PKCS11_MODULE").map(Into::into).unwrap_or_default(),
+        pkcs11_token_label: var("PKCS11_TOKEN_LABEL")
+            .and_then(|v| v.into_string().ok())
+            .unwrap_or_default(),
+        pkcs11_pin_file: var("PKCS11_PIN_FILE").map(Into::into).unwrap_or_default(),
+    };
+    rotator::keys::set_ca_key_store(cfg.open()?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rotator::client::install_crypto_provider();
+    if let Err(e) = keys_from_env() {
+        eprintln!("meshca: {e}");
+        // For `check`, keys that cannot be used are critical.
+        return ExitCode::from(if matches!(cli.command, Command::Check(_)) {
+            2
+        } else {
+            1
+        });
+    }
     if let Command::Check(a) = &cli.command {
         return ExitCode::from(check::check(a, cli.output));
     }
