@@ -235,25 +235,31 @@ async fn issue_and_verify(srv: &ServerProcess, state: &Path) -> Vec<u8> {
     chain[1].to_vec()
 }
 
-/// Every file in the state dir: no PEM private key, and each key file only a token reference.
-fn assert_no_key_material(state: &Path) -> usize {
+/// The files under `state` that hold a private key (PEM, or a DER PKCS#8/SEC1 EC key's header),
+/// and how many key files hold only a token reference.
+fn key_material(state: &Path) -> (Vec<PathBuf>, usize) {
+    let mut found = Vec::new();
     let mut refs = 0;
     for (path, (bytes, _)) in snapshot_dir(state) {
         let text = String::from_utf8_lossy(&bytes);
-        assert!(
-            !text.contains("PRIVATE KEY"),
-            "{} holds a private key",
-            path.display()
-        );
-        if path.extension().is_some_and(|e| e == "key") {
-            assert!(
-                text.trim().starts_with("pkcs11:token=meshca;id="),
-                "{}: {text}",
-                path.display()
-            );
+        // PEM, or the start of a DER EC private key (SEC1: version 1 then a 32-byte scalar).
+        let der_ec = bytes
+            .windows(5)
+            .any(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20]);
+        if text.contains("PRIVATE KEY") || der_ec {
+            found.push(path.clone());
+        }
+        if text.trim().starts_with("pkcs11:token=meshca;id=") {
             refs += 1;
         }
     }
+    (found, refs)
+}
+
+/// No private key anywhere in the state dir; the number of token references.
+fn assert_no_key_material(state: &Path) -> usize {
+    let (found, refs) = key_material(state);
+    assert!(found.is_empty(), "private keys in the state dir: {found:?}");
     refs
 }
 
@@ -271,6 +277,12 @@ async fn keys_are_made_in_the_token_and_every_flow_signs_there() {
     assert_eq!(assert_no_key_material(&state), 2);
     let (ok, status) = meshca(&state, &["status"]);
     assert!(ok, "{status}");
+    // Negative control: the same scan finds the keys of a file-backend authority.
+    let files = hsm.dir.path().join("file-backend");
+    let plain = ServerProcess::spawn(&files, &[], &[]).unwrap();
+    drop(plain);
+    let (found, refs) = key_material(&files);
+    assert!(found.len() >= 2 && refs == 0, "{found:?}");
 
     // Issuer rotation: a new key in the token signs.
     let (ok, out) = meshca(&state, &["issuer", "rotate"]);
@@ -436,4 +448,136 @@ async fn a_bad_token_setting_is_refused_and_changes_nothing() {
         hsm.private_keys().is_empty(),
         "no new anchor over the missing one"
     );
+}
+
+/// Upstream mode on the token: the pending issuer key is made in the token, `meshca issuer csr`
+/// signs the CSR there, and the imported certificate is bound to that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_mode_csr_is_signed_in_the_token_and_the_import_bound_to_it() {
+    let Some(hsm) = softhsm() else { return };
+    let w = hsm.dir.path();
+    // The root lives elsewhere (here: a key in this test, never given to meshca).
+    let root_key = SecretKey::generate_p256().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "upstream root");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(365);
+    let root_pem = p.self_signed(&root_key).unwrap().pem();
+    std::fs::write(w.join("root.pem"), &root_pem).unwrap();
+    let root = rotator::pki::CaCert::from_pem(&root_pem).unwrap();
+
+    let state = w.join("state");
+    let mut args = hsm.args("meshca", &hsm.pin_file);
+    args.extend([
+        "--anchor-cert".into(),
+        w.join("root.pem").display().to_string(),
+    ]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let conf = hsm.conf.display().to_string();
+    let srv = ServerProcess::spawn(&state, &a, &[("SOFTHSM2_CONF", conf.as_str())])
+        .unwrap_or_else(|r| panic!("{}", r.stderr));
+    assert!(
+        hsm.private_keys().is_empty(),
+        "no anchor key: it is upstream"
+    );
+
+    let csr_path = w.join("next.csr");
+    let (ok, out) = meshca(
+        &state,
+        &["issuer", "csr", "--out", &csr_path.display().to_string()],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(
+        hsm.private_keys().len(),
+        1,
+        "the pending key is in the token"
+    );
+    assert_no_key_material(&state);
+    // The upstream CA signs the CSR (its signature was made by the token: rcgen checks it).
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(
+        &std::fs::read_to_string(&csr_path).unwrap(),
+    )
+    .expect("a CSR whose self-signature verifies");
+    let mut ip = rcgen::CertificateParams::default();
+    ip.distinguished_name
+        .push(rcgen::DnType::CommonName, "issuer");
+    ip.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ip.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    ip.not_before = now - time::Duration::hours(1);
+    ip.not_after = now + time::Duration::days(30);
+    let issuer = ip
+        .signed_by(&csr.public_key, &root.rcgen_issuer(root_key).unwrap())
+        .unwrap()
+        .pem();
+    std::fs::write(w.join("next.crt"), issuer).unwrap();
+    let (ok, out) = meshca(
+        &state,
+        &[
+            "issuer",
+            "import",
+            "--cert",
+            &w.join("next.crt").display().to_string(),
+        ],
+    );
+    assert!(ok, "{out}");
+    issue_and_verify(&srv, &state).await;
+    assert_eq!(
+        assert_no_key_material(&state),
+        1,
+        "the issuer's reference only"
+    );
+}
+
+/// Kubernetes mode on the token (the in-test API server): the state Secret holds certificates
+/// and key references, never a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kubernetes_the_secret_holds_references_only() {
+    let Some(hsm) = softhsm() else { return };
+    let fake = meshca_tests::kubeapi::KubeApi::start().await;
+    let config = hsm.dir.path().join("meshca.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nauthenticators = [\"mtls\", \"static\"]\n[kubernetes]\nenabled = true\n\
+             api_url = \"{}\"\nnamespace = \"meshca\"\nidentity = \"meshca-a\"\nlease_duration = \"2s\"\n",
+            fake.url
+        ),
+    )
+    .unwrap();
+    let state = hsm.dir.path().join("state");
+    let mut args = hsm.args("meshca", &hsm.pin_file);
+    args.extend(["--config".into(), config.display().to_string()]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let conf = hsm.conf.display().to_string();
+    let srv = tokio::task::block_in_place(|| {
+        ServerProcess::spawn(&state, &a, &[("SOFTHSM2_CONF", conf.as_str())])
+    })
+    .unwrap_or_else(|r| panic!("{}", r.stderr));
+    issue_and_verify(&srv, &state).await;
+    let data = fake
+        .secret_data("meshca", "meshca-authority")
+        .expect("the state Secret");
+    let keys: Vec<_> = data.iter().filter(|(k, _)| k.ends_with(".key")).collect();
+    assert_eq!(keys.len(), 2, "{:?}", data.keys().collect::<Vec<_>>());
+    for (k, v) in &keys {
+        let v = String::from_utf8_lossy(v);
+        assert!(v.trim().starts_with("pkcs11:token=meshca;id="), "{k}: {v}");
+    }
+    for (k, v) in &data {
+        assert!(
+            !String::from_utf8_lossy(v).contains("PRIVATE KEY"),
+            "{k} holds a private key"
+        );
+    }
+    assert_eq!(hsm.private_keys().len(), 2);
 }
