@@ -10,7 +10,10 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use meshca_proto::v1::identity_service_client::IdentityServiceClient;
-use meshca_tests::{ServerProcess, bin, require_tool, sign_request, snapshot_dir, with_token};
+use meshca_tests::{
+    ServerProcess, Workload, bin, mtls_handshake, require_tool, sign_request, snapshot_dir,
+    with_token,
+};
 use rotator::client::{channel, client_tls, make_csr, parse_pem_certs, verify_svid};
 use rotator::pki::SecretKey;
 
@@ -205,11 +208,19 @@ fn meshca(state: &Path, args: &[&str]) -> (bool, String) {
 /// Signs a leaf for default/web with the bootstrap token and checks its chain against the bundle
 /// (rustls-webpki); the issuer's certificate, DER.
 async fn issue_and_verify(srv: &ServerProcess, state: &Path) -> Vec<u8> {
+    issue(srv, state, "web").await.chain[1].to_vec()
+}
+
+/// Signs a leaf for default/`sa` and checks its chain against the bundle (rustls-webpki): the
+/// workload, with the bundle the response handed it.
+async fn issue(srv: &ServerProcess, state: &Path, sa: &str) -> Workload {
     let bundle = parse_pem_certs(&std::fs::read_to_string(state.join("bundle.pem")).unwrap());
     let token = std::fs::read_to_string(state.join("bootstrap-token")).unwrap();
     let key = SecretKey::generate_p256().unwrap();
     let csr = make_csr(
-        &"spiffe://cluster.local/ns/default/sa/web".parse().unwrap(),
+        &format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .unwrap(),
         &key,
     )
     .unwrap();
@@ -232,7 +243,7 @@ async fn issue_and_verify(srv: &ServerProcess, state: &Path) -> Vec<u8> {
         webpki::KeyUsage::client_auth(),
     )
     .expect("the token-signed chain verifies");
-    chain[1].to_vec()
+    Workload::from_response(&r, key)
 }
 
 /// The files under `state` that hold a private key (PEM, or a DER PKCS#8/SEC1 EC key's header),
@@ -292,16 +303,53 @@ async fn keys_are_made_in_the_token_and_every_flow_signs_there() {
     let issuer2 = issue_and_verify(&srv, &state).await;
     assert_ne!(issuer1, issuer2, "the rotated issuer signs");
 
-    // A full anchor rotation (forced through its gates: this test is about keys).
-    for step in [
+    // A full anchor rotation (forced through its gates: this test is about keys). Workloads
+    // issued in each phase, holding the bundle they were handed, complete real mTLS handshakes
+    // with every workload still live: 0 failures.
+    let mut live = vec![issue(&srv, &state, "w0").await];
+    let mut handshakes = 0;
+    for (n, step) in [
         &["anchors", "stage"][..],
         &["anchors", "activate", "--force"],
         &["anchors", "finish", "--force"],
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let (ok, out) = meshca(&state, step);
         assert!(ok, "{step:?}: {out}");
-        issue_and_verify(&srv, &state).await;
+        let fresh = issue(&srv, &state, &format!("w{}", n + 1)).await;
+        // Every earlier workload holds the current bundle (it watches it, as the gates this
+        // test forces would have waited for); after `finish`, those whose leaf chains to the
+        // removed anchor have renewed (the finish gate's condition).
+        live = live
+            .into_iter()
+            .map(|w| Workload {
+                bundle: fresh.bundle.clone(),
+                ..w
+            })
+            .filter(|w| {
+                verify_svid(
+                    &w.chain,
+                    &fresh.bundle,
+                    rustls_pki_types::UnixTime::now(),
+                    webpki::KeyUsage::client_auth(),
+                )
+                .is_ok()
+            })
+            .collect();
+        for w in &live {
+            mtls_handshake(w, &fresh)
+                .await
+                .unwrap_or_else(|e| panic!("{step:?}: {e}"));
+            mtls_handshake(&fresh, w)
+                .await
+                .unwrap_or_else(|e| panic!("{step:?}: {e}"));
+            handshakes += 2;
+        }
+        live.push(fresh);
     }
+    assert!(handshakes >= 6, "{handshakes}");
     // The token holds exactly the keys the state names: the old anchor's key, released at
     // `finish` (key_retention 0), was destroyed with it.
     let named = assert_no_key_material(&state);
