@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use meshca_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use meshca_proto::v1::{
-    AnchorResponse, AnchorStepRequest, CreateIssuerCsrRequest, CreateIssuerCsrResponse,
-    GetStatusRequest, GetStatusResponse, ImportIssuerRequest, IssuerResponse, RotateIssuerRequest,
+    AllowIdentityRequest, AnchorResponse, AnchorStepRequest, CreateIssuerCsrRequest,
+    CreateIssuerCsrResponse, DenyIdentityRequest, DenyListResponse, GetStatusRequest,
+    GetStatusResponse, ImportIssuerRequest, IssuerResponse, ListDeniedRequest, RotateIssuerRequest,
     StageAnchorRequest,
 };
 use rotator::anchors::{NewAnchor, Step, gate};
@@ -259,6 +260,122 @@ impl AdminService for Admin {
         self.anchor_step(Step::Rollback, step_force(request), None)
             .await
             .map(Response::new)
+    }
+
+    async fn deny_identity(
+        &self,
+        request: Request<DenyIdentityRequest>,
+    ) -> Result<Response<DenyListResponse>, Status> {
+        let r = request.into_inner();
+        let pattern = self.pattern(&r.pattern).await?;
+        let until = match r.until_unix {
+            0 => None,
+            t => Some(
+                time::OffsetDateTime::from_unix_timestamp(t)
+                    .map_err(|e| Status::invalid_argument(format!("until {t}: {e}")))?,
+            ),
+        };
+        let by = operator();
+        let reason = r.reason.trim().to_owned();
+        self.authority
+            .transition(|s, now| {
+                s.deny(now, pattern.clone(), reason.clone(), until, by.clone())
+                    .map(Some)
+            })
+            .await
+            .map_err(|e| codes::transition(&e))?;
+        tracing::warn!(target: "meshca::audit", operator = %by, pattern = %pattern, reason = %reason,
+            until = %until.map(rfc3339).unwrap_or_default(), "identity denied by an operator");
+        Ok(Response::new(self.denied_document().await))
+    }
+
+    async fn allow_identity(
+        &self,
+        request: Request<AllowIdentityRequest>,
+    ) -> Result<Response<DenyListResponse>, Status> {
+        let pattern = self.pattern(&request.into_inner().pattern).await?;
+        self.authority
+            .transition(|s, now| s.undeny(now, &pattern).map(Some))
+            .await
+            .map_err(|e| codes::transition(&e))?;
+        tracing::warn!(target: "meshca::audit", operator = %operator(), pattern = %pattern,
+            "identity denial lifted by an operator");
+        Ok(Response::new(self.denied_document().await))
+    }
+
+    async fn list_denied(
+        &self,
+        _: Request<ListDeniedRequest>,
+    ) -> Result<Response<DenyListResponse>, Status> {
+        Ok(Response::new(self.denied_document().await))
+    }
+}
+
+/// Who is asking on the admin socket: it admits only the server's own user, so that uid.
+fn operator() -> String {
+    format!("uid {}", rustix::process::getuid().as_raw())
+}
+
+impl Admin {
+    /// A deny pattern in this authority's trust domain, or INVALID_ARGUMENT saying why.
+    async fn pattern(&self, text: &str) -> Result<rotator::spiffe::IdPattern, Status> {
+        let p: rotator::spiffe::IdPattern = text.trim().parse().map_err(|e| {
+            Status::invalid_argument(format!(
+                "{text:?}: {e} (a SPIFFE ID, or spiffe://<td>/ns/<ns>/sa/*)"
+            ))
+        })?;
+        let td = self.authority.snapshot().bundle.trust_domain.to_string();
+        let in_td = match &p {
+            rotator::spiffe::IdPattern::Exact(id) => id.trust_domain_str() == td,
+            rotator::spiffe::IdPattern::Namespace { trust_domain, .. } => {
+                trust_domain.as_str() == td
+            }
+        };
+        if !in_td {
+            return Err(Status::invalid_argument(format!(
+                "{p} is not in this authority's trust domain {td}: meshca issues nothing there to deny"
+            )));
+        }
+        Ok(p)
+    }
+
+    /// The denials with the live leaves each matches (the issuance ledger: this replica's).
+    async fn denied_document(&self) -> DenyListResponse {
+        let now = self.authority.clock().now();
+        let denied = self.authority.read(|s| s.denied.clone()).await;
+        let records = self.authority.ledger().with(|l| {
+            l.records()
+                .filter(|r| r.not_after > now.unix_timestamp())
+                .collect::<Vec<_>>()
+        });
+        let rows: Vec<serde_json::Value> = denied
+            .iter()
+            .map(|d| {
+                let live: Vec<serde_json::Value> = records
+                    .iter()
+                    .filter(|r| {
+                        r.spiffe_id
+                            .parse::<rotator::spiffe::SpiffeId>()
+                            .is_ok_and(|id| d.pattern.matches(&id))
+                    })
+                    .map(|r| {
+                        serde_json::json!({
+                            "spiffe_id": r.spiffe_id, "serial": r.serial,
+                            "not_after": time::OffsetDateTime::from_unix_timestamp(r.not_after)
+                                .map(rfc3339).unwrap_or_default(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "pattern": d.pattern.to_string(), "reason": d.reason,
+                    "added": rfc3339(d.added), "until": d.until.map(rfc3339), "by": d.by,
+                    "active": d.active(now), "live_leaves": live,
+                })
+            })
+            .collect();
+        DenyListResponse {
+            json: serde_json::json!({ "denied": rows }).to_string(),
+        }
     }
 }
 

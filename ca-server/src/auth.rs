@@ -102,6 +102,16 @@ pub enum AuthError {
         /// Why not.
         why: String,
     },
+    /// The identity is denied (`meshca deny add`): refused whatever the credential.
+    #[error("{id} is denied by an operator since {since}: {reason}")]
+    IdentityDenied {
+        /// The identity asked for.
+        id: String,
+        /// The operator's reason.
+        reason: String,
+        /// When the denial was added (RFC 3339).
+        since: String,
+    },
     /// A node agent asked for a workload that is not (yet) known on its node: the pod may have
     /// been scheduled a moment ago, so the answer is retryable (`UNAVAILABLE`).
     #[error("node agent {agent} may not request {requested} yet: {why}; retry shortly")]
@@ -128,6 +138,7 @@ impl AuthError {
             Self::Denied { .. } | Self::ForeignTrustDomain { .. } => "denied",
             Self::Unavailable(_) => "unavailable",
             Self::NotANodeAgent { .. } => "not_node_agent",
+            Self::IdentityDenied { .. } => "identity_denied",
             Self::ImpersonationDenied { .. } => "impersonation_denied",
             Self::ImpersonationPending { .. } => "impersonation_pending",
         }

@@ -69,6 +69,8 @@ pub struct Snapshot {
     /// Every issuer the authority holds (prepared, active, retired), DER: a client
     /// certificate's chain must pass through one of them.
     pub issuers: Arc<Vec<CertificateDer<'static>>>,
+    /// Identities refused whatever the credential (`meshca deny`).
+    pub denied: Arc<Vec<rotator::state::Denial>>,
 }
 
 impl Snapshot {
@@ -97,6 +99,7 @@ impl Snapshot {
             issuer,
             bundle,
             issuers: Arc::new(state.issuers.iter().map(|i| i.cert.der().clone()).collect()),
+            denied: Arc::new(state.denied.clone()),
         })
     }
 }

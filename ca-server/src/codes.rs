@@ -7,7 +7,7 @@
 //! | error | meshca.v1 / Istio | Linkerd | admin |
 //! | --- | --- | --- | --- |
 //! | no / malformed / unknown credential | `UNAUTHENTICATED` | `FAILED_PRECONDITION` | — |
-//! | credential not allowed this identity, or another trust domain | `PERMISSION_DENIED` | `FAILED_PRECONDITION` | — |
+//! | credential not allowed this identity, or another trust domain; an identity an operator denied | `PERMISSION_DENIED` | `FAILED_PRECONDITION` | — |
 //! | a node agent that is not one, or asks for a workload it may not serve | `PERMISSION_DENIED` | — | — |
 //! | token backend down, no valid issuer; a node agent's workload not (yet) on its node | `UNAVAILABLE` | `UNAVAILABLE` | — |
 //! | CSR names do not match the identity | `INVALID_ARGUMENT` | `FAILED_PRECONDITION` | — |
@@ -74,7 +74,8 @@ pub fn issue(e: &IssueError, face: Face) -> Status {
                 AuthError::Denied { .. }
                 | AuthError::ForeignTrustDomain { .. }
                 | AuthError::NotANodeAgent { .. }
-                | AuthError::ImpersonationDenied { .. },
+                | AuthError::ImpersonationDenied { .. }
+                | AuthError::IdentityDenied { .. },
             ),
         ) => Status::permission_denied(msg),
         (Mapping::Standard, IssueError::Auth(_)) => Status::unauthenticated(msg),
@@ -136,8 +137,18 @@ mod tests {
         });
         let mismatch = IssueError::Csr(CsrError::UriSanInDnsCsr);
         let bad_key = IssueError::Csr(CsrError::NotEcdsa("RSA".into()));
+        let compromised = IssueError::Auth(AuthError::IdentityDenied {
+            id: "spiffe://td/ns/a/sa/b".into(),
+            reason: "compromised".into(),
+            since: "2026-11-26T00:00:00Z".into(),
+        });
         let cases = [
             (&denied, Code::PermissionDenied, Code::FailedPrecondition),
+            (
+                &compromised,
+                Code::PermissionDenied,
+                Code::FailedPrecondition,
+            ),
             (
                 &IssueError::Auth(AuthError::Missing),
                 Code::Unauthenticated,

@@ -131,7 +131,8 @@ impl IssueError {
                 | AuthError::ForeignTrustDomain { .. }
                 | AuthError::NotANodeAgent { .. }
                 | AuthError::ImpersonationDenied { .. }
-                | AuthError::ImpersonationPending { .. },
+                | AuthError::ImpersonationPending { .. }
+                | AuthError::IdentityDenied { .. },
             ) => "denied",
             Self::Auth(AuthError::Unavailable(_)) | Self::Unavailable(_) => "unavailable",
             Self::Auth(_) => "unauthenticated",
@@ -333,6 +334,22 @@ impl SigningCore {
             Some((dns, id)) => parse_dns_csr(req.csr, dns, id.clone())?,
             None => parse_csr(req.csr)?,
         };
+        // A denied identity is refused before anything else looks at the credential: its own
+        // certificate, a token or a ServiceAccount are all the same to a compromised workload.
+        let now = self.authority.clock().now();
+        if let Some(d) = self
+            .authority
+            .snapshot()
+            .denied
+            .iter()
+            .find(|d| d.active(now) && d.pattern.matches(&csr.id))
+        {
+            return Err(IssueError::Auth(AuthError::IdentityDenied {
+                id: csr.id.to_string(),
+                reason: d.reason.clone(),
+                since: rotator::clock::rfc3339(d.added),
+            }));
+        }
         let ours = self.authority.snapshot().bundle.trust_domain.to_string();
         if csr.id.trust_domain_str() != ours {
             return Err(IssueError::Auth(AuthError::ForeignTrustDomain {

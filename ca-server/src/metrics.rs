@@ -440,6 +440,7 @@ impl Metrics {
             "bad_client_cert",
             "denied",
             "unavailable",
+            "identity_denied",
         ] {
             self.auth_failures
                 .get_or_create(&ReasonLabels { reason })

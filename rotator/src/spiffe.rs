@@ -341,3 +341,19 @@ mod tests {
         }
     }
 }
+
+/// Serde as a string (`spiffe://td/ns/x/sa/y` or `spiffe://td/ns/x/sa/*`), for `#[serde(with)]`.
+pub mod pattern_str {
+    use super::IdPattern;
+
+    /// Serializes as its text.
+    pub fn serialize<S: serde::Serializer>(p: &IdPattern, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(p)
+    }
+
+    /// Parses its text.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IdPattern, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}

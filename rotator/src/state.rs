@@ -151,9 +151,97 @@ pub struct AuthorityState {
     pub history: Vec<Event>,
     /// Upstream mode: the key of the next issuer, waiting for its certificate.
     pub pending_issuer_key: Option<PendingKey>,
+    /// Identities refused on every face, whatever the credential (`meshca deny add`).
+    pub denied: Vec<Denial>,
+}
+
+/// An identity (or a namespace's, `spiffe://<td>/ns/<ns>/sa/*`) that meshca refuses to issue
+/// for: a compromised workload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Denial {
+    /// The SPIFFE ID or pattern.
+    #[serde(with = "crate::spiffe::pattern_str")]
+    pub pattern: crate::spiffe::IdPattern,
+    /// Why, as the operator gave it (said in every refusal).
+    pub reason: String,
+    /// When it was added.
+    #[serde(with = "time::serde::rfc3339")]
+    pub added: OffsetDateTime,
+    /// Until when it applies (`None`: until removed).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub until: Option<OffsetDateTime>,
+    /// Who added it (the operator's uid, as the admin socket saw it).
+    pub by: String,
+}
+
+impl Denial {
+    /// Whether it applies at `now`.
+    pub fn active(&self, now: OffsetDateTime) -> bool {
+        self.until.is_none_or(|u| now < u)
+    }
 }
 
 impl AuthorityState {
+    /// The denial in force for `id` at `now`, if any.
+    pub fn denial_for(&self, id: &crate::spiffe::SpiffeId, now: OffsetDateTime) -> Option<&Denial> {
+        self.denied
+            .iter()
+            .find(|d| d.active(now) && d.pattern.matches(id))
+    }
+
+    /// Denies `pattern` from now on (replacing an earlier denial of the same pattern).
+    pub fn deny(
+        &self,
+        now: OffsetDateTime,
+        pattern: crate::spiffe::IdPattern,
+        reason: String,
+        until: Option<OffsetDateTime>,
+        by: String,
+    ) -> Result<Self, StateError> {
+        if reason.trim().is_empty() {
+            return Err(StateError::Unusable(
+                "a denial needs a reason (--reason)".into(),
+            ));
+        }
+        if until.is_some_and(|u| u <= now) {
+            return Err(StateError::Unusable(format!(
+                "--until {} is not in the future",
+                rfc3339(until.unwrap_or(now))
+            )));
+        }
+        let mut s = self.clone();
+        s.denied.retain(|d| d.pattern != pattern);
+        s.record(now, format!("identity_denied {pattern}: {reason}"));
+        s.denied.push(Denial {
+            pattern,
+            reason,
+            added: crate::clock::whole_seconds(now),
+            until,
+            by,
+        });
+        Ok(s)
+    }
+
+    /// Lifts the denial of exactly `pattern`; none is an error.
+    pub fn undeny(
+        &self,
+        now: OffsetDateTime,
+        pattern: &crate::spiffe::IdPattern,
+    ) -> Result<Self, StateError> {
+        let mut s = self.clone();
+        let before = s.denied.len();
+        s.denied.retain(|d| &d.pattern != pattern);
+        if s.denied.len() == before {
+            return Err(StateError::NotFound(format!("{pattern} is not denied")));
+        }
+        s.record(now, format!("identity_allowed {pattern}"));
+        Ok(s)
+    }
+
     /// Every key the state holds that lives in a key store, by reference: anchors' (while kept),
     /// issuers' and the pending issuer key.
     pub fn stored_keys(&self) -> std::collections::BTreeMap<String, SecretKey> {
@@ -298,6 +386,7 @@ impl AuthorityState {
             phase: Phase::Steady,
             history: Vec::new(),
             pending_issuer_key: None,
+            denied: Vec::new(),
         };
         s.record(now, format!("anchor_created {id}"));
         if s.anchors[0].key.is_some() {

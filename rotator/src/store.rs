@@ -170,6 +170,8 @@ struct StateFile {
     history: Vec<Event>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pending_issuer_key: Option<PendingMeta>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    denied: Vec<crate::state::Denial>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -475,6 +477,7 @@ impl StateFile {
                 })
                 .collect(),
             history: next.history.clone(),
+            denied: next.denied.clone(),
             pending_issuer_key: next.pending_issuer_key.as_ref().map(|p| PendingMeta {
                 id: key_id(&p.key),
                 created: p.created,
@@ -683,6 +686,7 @@ fn decode(
         phase: file.phase,
         history: file.history,
         pending_issuer_key,
+        denied: file.denied,
     };
     state
         .check()

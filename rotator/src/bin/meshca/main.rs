@@ -5,6 +5,7 @@
 mod admin;
 mod anchors;
 mod check;
+mod deny;
 mod init;
 mod issue;
 mod plan;
@@ -61,6 +62,9 @@ enum Command {
     /// Static bearer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// A compromised workload: refuse its identity on every face (add, remove, list).
+    #[command(subcommand)]
+    Deny(deny::DenyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
         Command::Anchors(c) => anchors::anchors(c, cli.output),
         Command::Plan(a) => plan::plan(a, cli.output),
         Command::Init(a) => init::init(a, cli.output),
+        Command::Deny(c) => deny::deny(c, cli.output),
         Command::Token(TokenCommand::Add(a)) => init::token_add(a, cli.output),
         Command::Token(TokenCommand::List(a)) => init::token_list(a, cli.output),
         Command::Token(TokenCommand::Revoke(a)) => init::token_revoke(a, cli.output),

@@ -1,0 +1,138 @@
+//! `meshca deny add|remove|list`: refuse a compromised workload's identity on every face, through
+//! the running server's admin socket (the denial lives in the authority state: it survives
+//! restarts and, on Kubernetes, reaches every replica through the Secret).
+
+use meshca_proto::v1::admin_service_client::AdminServiceClient;
+use meshca_proto::v1::{AllowIdentityRequest, DenyIdentityRequest, ListDeniedRequest};
+use rotator::client::admin_channel;
+use serde_json::Value;
+
+use crate::admin::AdminArgs;
+use crate::{Failed, Output, runtime};
+
+/// `meshca deny …`
+#[derive(Debug, clap::Subcommand)]
+pub enum DenyCommand {
+    /// Refuse SPIFFE_ID (or `spiffe://<td>/ns/<ns>/sa/*`) on every face, whatever credential it
+    /// presents — token, ServiceAccount or its own still-valid certificate.
+    Add {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The identity or pattern.
+        #[arg(value_name = "SPIFFE_ID")]
+        pattern: String,
+        /// Why: said in every refusal and the audit log.
+        #[arg(long)]
+        reason: String,
+        /// Lift it by itself at this time (RFC 3339), or after this long (e.g. `7d`).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+    },
+    /// Lift the denial of exactly this identity or pattern.
+    Remove {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The identity or pattern, as it was added.
+        #[arg(value_name = "SPIFFE_ID")]
+        pattern: String,
+    },
+    /// The denials, each with the live leaves it matches and when they expire.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `--until`: RFC 3339, or a duration from now.
+fn until_unix(text: &str) -> Result<i64, Failed> {
+    if let Ok(t) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
+        return Ok(t.unix_timestamp());
+    }
+    let d = humantime::parse_duration(text).map_err(|e| {
+        Failed(format!(
+            "--until {text}: neither an RFC 3339 time nor a duration ({e})"
+        ))
+    })?;
+    Ok((time::OffsetDateTime::now_utc() + d).unix_timestamp())
+}
+
+/// Runs a deny command.
+pub fn deny(cmd: DenyCommand, output: Output) -> Result<(), Failed> {
+    let admin = match &cmd {
+        DenyCommand::Add { admin, .. }
+        | DenyCommand::Remove { admin, .. }
+        | DenyCommand::List { admin } => admin.clone(),
+    };
+    let doc = runtime()?.block_on(async {
+        let mut c = AdminServiceClient::new(admin_channel(&admin.socket()).await.map_err(Failed)?);
+        let refused = |s: tonic::Status| Failed(format!("the server refused: {}", s.message()));
+        let r = match &cmd {
+            DenyCommand::Add {
+                pattern,
+                reason,
+                until,
+                ..
+            } => {
+                let until_unix = until.as_deref().map(until_unix).transpose()?.unwrap_or(0);
+                c.deny_identity(DenyIdentityRequest {
+                    pattern: pattern.clone(),
+                    reason: reason.clone(),
+                    until_unix,
+                })
+                .await
+            }
+            DenyCommand::Remove { pattern, .. } => {
+                c.allow_identity(AllowIdentityRequest {
+                    pattern: pattern.clone(),
+                })
+                .await
+            }
+            DenyCommand::List { .. } => c.list_denied(ListDeniedRequest {}).await,
+        }
+        .map_err(refused)?;
+        serde_json::from_str::<Value>(&r.into_inner().json)
+            .map_err(|e| Failed(format!("the server's answer does not parse: {e}")))
+    })?;
+    match output {
+        Output::Json => println!("{doc}"),
+        Output::Text => print_text(&doc),
+    }
+    Ok(())
+}
+
+fn print_text(doc: &Value) {
+    let rows = doc["denied"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no identity is denied");
+    }
+    for d in rows {
+        let s = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
+        println!(
+            "{}  {}since {} by {}{}: {}",
+            s("pattern"),
+            if d["active"].as_bool() == Some(true) {
+                ""
+            } else {
+                "(expired) "
+            },
+            s("added"),
+            s("by"),
+            d["until"]
+                .as_str()
+                .map(|u| format!(", until {u}"))
+                .unwrap_or_default(),
+            s("reason"),
+        );
+        let live = d["live_leaves"].as_array().cloned().unwrap_or_default();
+        println!("  live leaves: {}", live.len());
+        for l in live {
+            println!(
+                "    {}  serial {}  expires {}",
+                l["spiffe_id"].as_str().unwrap_or("-"),
+                l["serial"].as_str().unwrap_or("-"),
+                l["not_after"].as_str().unwrap_or("-")
+            );
+        }
+    }
+}
