@@ -145,6 +145,21 @@ async fn a_denied_identity_is_refused_whatever_its_credential_while_others_renew
     let (code, out, _) = meshca(dir.clone(), &["deny", "list"]).await;
     assert_eq!(code, 0);
     assert!(out.contains(WEB) && out.contains("live leaves: 1"), "{out}");
+    // For data planes: the live serial of the denied identity, in both formats.
+    let serial = live[0]["serial"].as_str().unwrap().to_owned();
+    let (code, out, _) = meshca(dir.clone(), &["deny", "export", "--format", "pem-serials"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>(),
+        [serial.as_str()],
+        "{out}"
+    );
+    let (_, out, _) = meshca(dir.clone(), &["deny", "export", "--format", "json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["serials"][0]["serial"], serial.as_str());
+    assert_eq!(v["serials"][0]["spiffe_id"], WEB);
 
     // A namespace pattern, and a denial that lifts itself (asked for with a token that may
     // request prod/*).

@@ -41,6 +41,26 @@ pub enum DenyCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// The serials of denied identities' leaves that have not expired, for data planes that can
+    /// refuse peers by serial. With leaves of hours, refusing renewal is the remedy; this only
+    /// closes the window until the last one expires.
+    Export {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// `pem-serials`: one lowercase hex serial per line, each after a `#` comment naming its
+        /// identity and expiry; `json`: `{"serials": [{serial, spiffe_id, not_after, reason}]}`.
+        #[arg(long, value_enum, default_value = "json")]
+        format: ExportFormat,
+    },
+}
+
+/// `meshca deny export --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One serial per line, with `#` comments.
+    PemSerials,
+    /// A JSON document.
+    Json,
 }
 
 /// `--until`: RFC 3339, or a duration from now.
@@ -62,7 +82,8 @@ pub fn deny(cmd: DenyCommand, output: Output) -> Result<(), Failed> {
     let admin = match &cmd {
         DenyCommand::Add { admin, .. }
         | DenyCommand::Remove { admin, .. }
-        | DenyCommand::List { admin } => admin.clone(),
+        | DenyCommand::List { admin }
+        | DenyCommand::Export { admin, .. } => admin.clone(),
     };
     let doc = runtime()?.block_on(async {
         let mut c = AdminServiceClient::new(admin_channel(&admin.socket()).await.map_err(Failed)?);
@@ -88,17 +109,56 @@ pub fn deny(cmd: DenyCommand, output: Output) -> Result<(), Failed> {
                 })
                 .await
             }
-            DenyCommand::List { .. } => c.list_denied(ListDeniedRequest {}).await,
+            DenyCommand::List { .. } | DenyCommand::Export { .. } => {
+                c.list_denied(ListDeniedRequest {}).await
+            }
         }
         .map_err(refused)?;
         serde_json::from_str::<Value>(&r.into_inner().json)
             .map_err(|e| Failed(format!("the server's answer does not parse: {e}")))
     })?;
+    if let DenyCommand::Export { format, .. } = cmd {
+        export(&doc, format);
+        return Ok(());
+    }
     match output {
         Output::Json => println!("{doc}"),
         Output::Text => print_text(&doc),
     }
     Ok(())
+}
+
+/// Every live leaf of every denial in force, once each.
+fn export(doc: &Value, format: ExportFormat) {
+    let mut rows = std::collections::BTreeMap::new();
+    for d in doc["denied"].as_array().into_iter().flatten() {
+        if d["active"].as_bool() != Some(true) {
+            continue;
+        }
+        for l in d["live_leaves"].as_array().into_iter().flatten() {
+            let serial = l["serial"].as_str().unwrap_or_default().to_owned();
+            rows.entry(serial).or_insert_with(|| {
+                (
+                    l["spiffe_id"].as_str().unwrap_or_default().to_owned(),
+                    l["not_after"].as_str().unwrap_or_default().to_owned(),
+                    d["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            });
+        }
+    }
+    match format {
+        ExportFormat::Json => println!(
+            "{}",
+            serde_json::json!({ "serials": rows.iter().map(|(s, (id, na, why))| serde_json::json!({
+                "serial": s, "spiffe_id": id, "not_after": na, "reason": why,
+            })).collect::<Vec<_>>() })
+        ),
+        ExportFormat::PemSerials => {
+            for (s, (id, na, _)) in &rows {
+                println!("# {id} until {na}\n{s}");
+            }
+        }
+    }
 }
 
 fn print_text(doc: &Value) {
