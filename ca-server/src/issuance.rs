@@ -334,53 +334,7 @@ impl SigningCore {
             Some((dns, id)) => parse_dns_csr(req.csr, dns, id.clone())?,
             None => parse_csr(req.csr)?,
         };
-        // A denied identity is refused before anything else looks at the credential: its own
-        // certificate, a token or a ServiceAccount are all the same to a compromised workload.
-        let now = self.authority.clock().now();
-        if let Some(d) = self
-            .authority
-            .snapshot()
-            .denied
-            .iter()
-            .find(|d| d.active(now) && d.pattern.matches(&csr.id))
-        {
-            return Err(IssueError::Auth(AuthError::IdentityDenied {
-                id: csr.id.to_string(),
-                reason: d.reason.clone(),
-                since: rotator::clock::rfc3339(d.added),
-            }));
-        }
-        let ours = self.authority.snapshot().bundle.trust_domain.to_string();
-        if csr.id.trust_domain_str() != ours {
-            return Err(IssueError::Auth(AuthError::ForeignTrustDomain {
-                requested: csr.id.to_string(),
-                ours,
-            }));
-        }
-        match req.impersonate {
-            None => {
-                let caller = authorize(callers, &csr.id)?;
-                *who = caller.name.clone();
-                self.limits.issue(&caller.name)?;
-            }
-            Some(claimed) => {
-                if claimed != csr.id.as_str() {
-                    return Err(IssueError::Auth(AuthError::ImpersonationDenied {
-                        agent: who.clone(),
-                        requested: claimed.to_owned(),
-                        why: format!(
-                            "ImpersonatedIdentity must equal the CSR's URI SAN, which is {}",
-                            csr.id
-                        ),
-                    }));
-                }
-                let granted = self.agents.authorize(callers, &csr.id).await?;
-                who.clone_from(&granted.agent);
-                let key = granted.via();
-                *via = Some(granted);
-                self.limits.node_agent_issue(&key)?;
-            }
-        }
+        self.check_caller(req, &csr.id, callers, who, via).await?;
         let instance = match req.instance_id.filter(|i| !i.is_empty()) {
             Some(i) => i.to_owned(),
             None => {
@@ -425,6 +379,68 @@ impl SigningCore {
             );
         }
         Ok(issued)
+    }
+
+    /// Who may have `id`: refuses a denied identity (whatever the credential), another trust
+    /// domain, and a caller the credentials do not allow — for itself, or as a node agent for
+    /// the workload named in `ImpersonatedIdentity` — then takes one from the caller's issue
+    /// budget (a node agent's own, per node). `who` becomes the deciding caller's name.
+    async fn check_caller(
+        &self,
+        req: &IssueRequest<'_>,
+        id: &SpiffeId,
+        callers: &[crate::auth::Caller],
+        who: &mut String,
+        via: &mut Option<Impersonation>,
+    ) -> Result<(), IssueError> {
+        // A denied identity is refused before anything else looks at the credential: its own
+        // certificate, a token or a ServiceAccount are all the same to a compromised workload.
+        let now = self.authority.clock().now();
+        if let Some(d) = self
+            .authority
+            .snapshot()
+            .denied
+            .iter()
+            .find(|d| d.active(now) && d.pattern.matches(id))
+        {
+            return Err(IssueError::Auth(AuthError::IdentityDenied {
+                id: id.to_string(),
+                reason: d.reason.clone(),
+                since: rotator::clock::rfc3339(d.added),
+            }));
+        }
+        let ours = self.authority.snapshot().bundle.trust_domain.to_string();
+        if id.trust_domain_str() != ours {
+            return Err(IssueError::Auth(AuthError::ForeignTrustDomain {
+                requested: id.to_string(),
+                ours,
+            }));
+        }
+        match req.impersonate {
+            None => {
+                let caller = authorize(callers, id)?;
+                *who = caller.name.clone();
+                self.limits.issue(&caller.name)?;
+            }
+            Some(claimed) => {
+                if claimed != id.as_str() {
+                    return Err(IssueError::Auth(AuthError::ImpersonationDenied {
+                        agent: who.clone(),
+                        requested: claimed.to_owned(),
+                        why: format!(
+                            "ImpersonatedIdentity must equal the CSR's URI SAN, which is {}",
+                            id
+                        ),
+                    }));
+                }
+                let granted = self.agents.authorize(callers, id).await?;
+                who.clone_from(&granted.agent);
+                let key = granted.via();
+                *via = Some(granted);
+                self.limits.node_agent_issue(&key)?;
+            }
+        }
+        Ok(())
     }
 
     /// Signs `csr` (already authorized) with the current issuer.

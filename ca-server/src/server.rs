@@ -150,27 +150,9 @@ impl Server {
             &stop,
         );
         if let Some(k) = &kube {
-            k.publish_bundles(&config, &authority, &leader, &mut tasks, &stop);
-            if let Some((ns, name)) = config.kubernetes.issuer_secret() {
-                tasks.spawn(crate::k8s::issuer_secret::follow(
-                    k.client.clone(),
-                    (ns.to_owned(), name.to_owned()),
-                    authority.clone(),
-                    leader.clone(),
-                    path.metrics.issuer_source_refusals.clone(),
-                    stop.clone(),
-                ));
-            }
+            k.spawn_tasks(&config, &authority, &path, &leader, &mut tasks, &stop);
         }
         path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
-        if let (Some(k), Some(p)) = (&kube, &path.pods) {
-            tasks.spawn(p.clone().run(k.client.clone(), stop.clone()));
-            if linkerd_restarts(&config) {
-                let roots = LinkerdRoots::new(p.clone(), &config.linkerd.control_plane_namespace);
-                authority.count_restart_bound_with(roots.clone());
-                tasks.spawn(roots.run(k.client.clone(), stop.clone()));
-            }
-        }
         path.spawn_faces(&config, grpc_listener, http_listener, &mut tasks, &stop);
 
         Ok(Self {
@@ -443,6 +425,38 @@ impl Kube {
         let name = &config.kubernetes.state_secret;
         (!name.is_empty())
             .then(|| Arc::new(KubeStore::new(self.client.clone(), &self.namespace, name)))
+    }
+
+    /// The Kubernetes tasks beside the request path: bundle publication, the cert-manager issuer
+    /// Secret, the pod directory and the Linkerd trust-roots reader (each when configured).
+    fn spawn_tasks(
+        &self,
+        config: &Config,
+        authority: &Arc<Authority>,
+        path: &RequestPath,
+        leader: &watch::Receiver<bool>,
+        tasks: &mut JoinSet<()>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        self.publish_bundles(config, authority, leader, tasks, stop);
+        if let Some((ns, name)) = config.kubernetes.issuer_secret() {
+            tasks.spawn(crate::k8s::issuer_secret::follow(
+                self.client.clone(),
+                (ns.to_owned(), name.to_owned()),
+                authority.clone(),
+                leader.clone(),
+                path.metrics.issuer_source_refusals.clone(),
+                stop.clone(),
+            ));
+        }
+        if let Some(p) = &path.pods {
+            tasks.spawn(p.clone().run(self.client.clone(), stop.clone()));
+            if linkerd_restarts(config) {
+                let roots = LinkerdRoots::new(p.clone(), &config.linkerd.control_plane_namespace);
+                authority.count_restart_bound_with(roots.clone());
+                tasks.spawn(roots.run(self.client.clone(), stop.clone()));
+            }
+        }
     }
 
     /// The bundle ConfigMaps, when a namespace selector is configured (the leader writes).

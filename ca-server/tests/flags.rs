@@ -56,14 +56,7 @@ fn a_bad_config_file_names_the_setting() {
 
 #[test]
 fn limits_are_set_by_flag_and_environment_and_a_bad_one_is_named() {
-    let run = |args: &[&str], env: &[(&str, &str)]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca-server"));
-        c.arg("--print-config").args(args);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    };
+    let run = print_config;
     let out = run(
         &["--limit", "max_connections=4096"],
         &[
@@ -103,14 +96,7 @@ fn limits_are_set_by_flag_and_environment_and_a_bad_one_is_named() {
 
 #[test]
 fn trusted_node_agents_are_set_by_flag_or_environment_and_checked() {
-    let run = |args: &[&str], env: &[(&str, &str)]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca-server"));
-        c.arg("--print-config").args(args);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    };
+    let run = print_config;
     let out = run(
         &[],
         &[(
@@ -143,4 +129,14 @@ fn trusted_node_agents_are_set_by_flag_or_environment_and_checked() {
         err.contains("istio.trusted_node_agents") && err.contains("namespace/serviceaccount"),
         "{err}"
     );
+}
+
+/// `meshca-server --print-config <args>` with `env` set.
+fn print_config(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_meshca-server"));
+    c.arg("--print-config").args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
 }

@@ -351,6 +351,27 @@ pub async fn mtls_handshake(server: &Workload, client: &Workload) -> Result<(), 
     }
 }
 
+/// Runs the `meshca` CLI with `args`, then `--state-dir dir`, off the async runtime:
+/// (exit code, stdout, stderr).
+pub async fn meshca_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut a: Vec<String> = args.iter().map(ToString::to_string).collect();
+    a.push("--state-dir".into());
+    a.push(dir.display().to_string());
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(bin("meshca"))
+            .args(&a)
+            .output()
+            .expect("run meshca");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("the meshca thread")
+}
+
 /// A built binary of this workspace (`meshca-server`, `meshca`), next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

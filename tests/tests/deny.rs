@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use ca_server::server::Server;
 use meshca_tests::{
-    TestServer, Workload, bin, http_get, istio, istio_request, sign_request, test_config,
-    with_token,
+    TestServer, Workload, http_get, istio, istio_request, sign_request, test_config, with_token,
 };
 use rotator::client::{Identity, make_csr};
 use rotator::clock::ManualClock;
@@ -19,24 +18,9 @@ use tonic::Code;
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const API: &str = "spiffe://cluster.local/ns/default/sa/api";
 
-/// `meshca <args> --state-dir <dir>` (off the runtime): (exit code, stdout, stderr).
+/// `meshca <args> --state-dir <dir>`: (exit code, stdout, stderr).
 async fn meshca(dir: std::path::PathBuf, args: &[&str]) -> (i32, String, String) {
-    let args: Vec<String> = args.iter().map(ToString::to_string).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(bin("meshca"))
-            .args(&args)
-            .arg("--state-dir")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
+    meshca_tests::meshca_in(&dir, args).await
 }
 
 /// Renews `w` with its own certificate (mTLS, no token).

@@ -18,6 +18,30 @@ use rotator::client::{channel, client_tls, make_csr, parse_pem_certs, verify_svi
 use rotator::pki::SecretKey;
 
 const PIN: &str = "1234";
+const INIT_TOKEN: &[&str] = &[
+    "--init-token",
+    "--free",
+    "--label",
+    "meshca",
+    "--pin",
+    PIN,
+    "--so-pin",
+    "5678",
+];
+
+/// `softhsm2-util <args>` on the token directory `conf` names; it must succeed.
+fn softhsm_util(util: &Path, conf: &Path, args: &[&str]) {
+    let out = std::process::Command::new(util)
+        .args(args)
+        .env("SOFTHSM2_CONF", conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 /// A SoftHSM2 token of its own: a config file pointing at a fresh token directory, a token
 /// labelled `meshca`, its PIN in a 0600 file.
@@ -50,25 +74,7 @@ fn softhsm() -> Option<Hsm> {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(util)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "meshca",
-            "--pin",
-            PIN,
-            "--so-pin",
-            "5678",
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    softhsm_util(&util, &conf, INIT_TOKEN);
     let pin_file = dir.path().join("pin");
     std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
     Some(Hsm {
@@ -462,30 +468,8 @@ async fn a_bad_token_setting_is_refused_and_changes_nothing() {
     assert!(out.contains("wrong PIN"), "{out}");
     let before = snapshot_dir(&state);
     let util = require_tool("softhsm2-util").unwrap();
-    for args in [
-        &["--delete-token", "--token", "meshca"][..],
-        &[
-            "--init-token",
-            "--free",
-            "--label",
-            "meshca",
-            "--pin",
-            PIN,
-            "--so-pin",
-            "5678",
-        ],
-    ] {
-        let out = std::process::Command::new(&util)
-            .args(args)
-            .env("SOFTHSM2_CONF", &hsm.conf)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    softhsm_util(&util, &hsm.conf, &["--delete-token", "--token", "meshca"]);
+    softhsm_util(&util, &hsm.conf, INIT_TOKEN);
     let err = refused(hsm.spawn(&state));
     assert!(err.contains("has no key with id"), "{err}");
     let (code, out) = offline(&["check"], &hsm.pin_file);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use ca_server::config::AuthMethod;
 use meshca_tests::kubeapi::KubeApi;
 use meshca_tests::{
-    TestServer, Workload, bin, eventually, mtls_handshake, pem_certs, sign_request, with_token,
+    TestServer, Workload, eventually, mtls_handshake, pem_certs, sign_request, with_token,
 };
 use rotator::client::make_csr;
 use rotator::clock::ManualClock;
@@ -64,24 +64,9 @@ fn pod(
     );
 }
 
-/// `meshca <args> --state-dir <dir>` (off the runtime): (exit code, stdout, stderr).
+/// `meshca <args> --state-dir <dir>`: (exit code, stdout, stderr).
 async fn meshca(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut a: Vec<String> = args.iter().map(ToString::to_string).collect();
-    a.push("--state-dir".into());
-    a.push(dir.display().to_string());
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(bin("meshca"))
-            .args(&a)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
+    meshca_tests::meshca_in(dir, args).await
 }
 
 /// The trust-roots ConfigMap once it holds `n` anchors: (its PEM, its content-since).

@@ -204,7 +204,45 @@ pub fn anchors(cmd: AnchorsCommand, output: Output) -> Result<(), Failed> {
     Ok(())
 }
 
-/// The restart command for a workload (`Kind/name`), or `None` for a bare pod (delete it).
+/// `meshca anchors restarts` as text: the count, then one line per workload with its command.
+fn print_restarts(
+    proxies: u64,
+    stale: u64,
+    since: Option<time::OffsetDateTime>,
+    workloads: &[rotator::ledger::StaleWorkload],
+) {
+    match since {
+        Some(t) => println!(
+            "{} of {proxies} Linkerd proxies started after the new anchors reached their trust roots ({}).",
+            proxies - stale.min(proxies),
+            rfc3339(t)
+        ),
+        None => println!(
+            "the new anchors have not reached Linkerd's trust roots yet: all {proxies} proxies hold only the old anchor"
+        ),
+    }
+    for w in workloads {
+        let budget = match (&w.pdb, w.disruptions_allowed) {
+            (Some(p), Some(0)) => format!("  (PDB {p} allows no disruption now: last)"),
+            (Some(p), Some(n)) => format!("  (PDB {p}: {n} may go now)"),
+            _ => String::new(),
+        };
+        println!(
+            "{:<12} {:<40} {:>4} stale pods   {}{budget}",
+            w.namespace,
+            w.owner,
+            w.stale_pods,
+            rollout(&w.namespace, &w.owner)
+        );
+    }
+    if workloads.is_empty() {
+        println!("nothing to restart: the activate gate does not wait for Linkerd");
+    } else {
+        println!("one at a time, in this order; `kubectl rollout status` between");
+    }
+}
+
+/// The restart command for a workload (`Kind/name`); for a bare pod, deleting it.
 fn rollout(namespace: &str, owner: &str) -> String {
     match owner.split_once('/') {
         Some((kind @ ("Deployment" | "StatefulSet" | "DaemonSet"), name)) => format!(
@@ -268,38 +306,7 @@ fn restarts(doc: &Status, output: Output) -> Result<(), Failed> {
                 })).collect::<Vec<_>>(),
             })
         ),
-        Output::Text => {
-            match since {
-                Some(t) => println!(
-                    "{} of {proxies} Linkerd proxies started after the new anchors reached their trust roots ({}).",
-                    proxies - stale.min(proxies),
-                    rfc3339(t)
-                ),
-                None => println!(
-                    "the new anchors have not reached Linkerd's trust roots yet: all {proxies} proxies hold only the old anchor"
-                ),
-            }
-            for w in &workloads {
-                let budget = match (&w.pdb, w.disruptions_allowed) {
-                    (Some(p), Some(0)) => format!("  (PDB {p} allows no disruption now: last)"),
-                    (Some(p), Some(n)) => format!("  (PDB {p}: {n} may go now)"),
-                    _ => String::new(),
-                };
-                println!(
-                    "{:<12} {:<40} {:>4} stale pods   {}{budget}",
-                    w.namespace,
-                    w.owner,
-                    w.stale_pods,
-                    rollout(&w.namespace, &w.owner)
-                );
-            }
-            if !workloads.is_empty() {
-                println!("one at a time, in this order; `kubectl rollout status` between");
-            }
-            if workloads.is_empty() {
-                println!("nothing to restart: the activate gate does not wait for Linkerd");
-            }
-        }
+        Output::Text => print_restarts(proxies, stale, since, &workloads),
     }
     if stale > 0 {
         return Err(Failed(format!(
