@@ -1310,3 +1310,63 @@ async fn a_cert_manager_issuer_secret_is_followed_and_a_bad_renewal_is_refused()
         }
     }
 }
+
+/// `meshca deny` on one replica: the other refuses the identity as soon as it follows the
+/// Secret (the deny list is part of the authority state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_reaches_every_replica_through_the_secret() {
+    let fake = KubeApi::start().await;
+    tokens(&fake);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(replica(da.path(), &fake, "meshca-a"), clock.clone())
+        .await
+        .unwrap();
+    let b = Server::start(replica(db.path(), &fake, "meshca-b"), clock.clone())
+        .await
+        .unwrap();
+    let sign_on = |s: &Server| {
+        let url = format!("https://{}", s.grpc_addr);
+        let bundle = s.authority.snapshot().bundle.anchors.clone();
+        async move {
+            let key = SecretKey::generate_p256().unwrap();
+            let csr = make_csr(&WEB.parse().unwrap(), &key).unwrap();
+            let tls = rotator::client::client_tls(&bundle, None).unwrap();
+            meshca_proto::v1::identity_service_client::IdentityServiceClient::new(
+                rotator::client::channel(&url, tls).unwrap(),
+            )
+            .sign_certificate(with_token(sign_request(csr), &jwt("tok-web")))
+            .await
+            .map(drop)
+        }
+    };
+    sign_on(&b).await.expect("prod/web signs on b");
+    let (code, _, err) = meshca_tests::meshca_in(
+        &a.state_dir,
+        &["deny", "add", WEB, "--reason", "token leaked"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        sign_on(&a).await.unwrap_err().code(),
+        Code::PermissionDenied,
+        "on the replica that took it"
+    );
+    let followed = eventually(Duration::from_secs(10), || async {
+        sign_on(&b)
+            .await
+            .err()
+            .filter(|e| e.code() == Code::PermissionDenied && e.message().contains("token leaked"))
+    })
+    .await;
+    assert!(followed.is_some(), "replica b never refused prod/web");
+    assert!(
+        stored_state(&fake)
+            .unwrap()
+            .denial_for(&WEB.parse().unwrap(), time::OffsetDateTime::now_utc())
+            .is_some(),
+        "the Secret holds the denial"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
