@@ -39,6 +39,7 @@ fn main() {
             not_after: (now + Duration::from_secs(86400)).unix_timestamp(),
             bundle_version: 7,
             via: None,
+            issuer: None,
         });
         // The server flushes every 500 ms; at 10,000 leaves/s that is batches of 5,000.
         if i % 5_000 == 4_999 {

@@ -12,8 +12,8 @@ use meshca_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use meshca_proto::v1::{
     AllowIdentityRequest, AnchorResponse, AnchorStepRequest, CreateIssuerCsrRequest,
     CreateIssuerCsrResponse, DenyIdentityRequest, DenyListResponse, GetStatusRequest,
-    GetStatusResponse, ImportIssuerRequest, IssuerResponse, ListDeniedRequest, RotateIssuerRequest,
-    StageAnchorRequest,
+    GetStatusResponse, ImportIssuerRequest, IssuerResponse, ListDeniedRequest, RevokeIssuerRequest,
+    RevokeIssuerResponse, RotateIssuerRequest, StageAnchorRequest,
 };
 use rotator::anchors::{NewAnchor, Step, gate};
 use rotator::clock::rfc3339;
@@ -308,6 +308,53 @@ impl AdminService for Admin {
         _: Request<ListDeniedRequest>,
     ) -> Result<Response<DenyListResponse>, Status> {
         Ok(Response::new(self.denied_document().await))
+    }
+
+    async fn revoke_issuer(
+        &self,
+        request: Request<RevokeIssuerRequest>,
+    ) -> Result<Response<RevokeIssuerResponse>, Status> {
+        let r = request.into_inner();
+        let id = rotator::pki::CertId::parse(r.id.trim()).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "issuer id {:?}: 16 lowercase hex digits, as `meshca status` shows it",
+                r.id
+            ))
+        })?;
+        let policy = self.authority.policy().clone();
+        let (by, reason) = (operator(), r.reason.trim().to_owned());
+        self.authority
+            .transition(|s, now| {
+                s.revoke_issuer(&policy, now, &id, reason.clone(), by.clone())
+                    .map(Some)
+            })
+            .await
+            .map_err(|e| codes::transition(&e))?;
+        let active = self
+            .authority
+            .read(|s| s.active_issuer().map(|i| i.cert.id().to_string()))
+            .await;
+        let left = self
+            .authority
+            .ledger_summary()
+            .await
+            .revoked_issuers
+            .into_iter()
+            .find(|l| l.issuer == id);
+        tracing::warn!(target: "meshca::audit", operator = %by, issuer = %id, reason = %reason,
+            active = %active.clone().unwrap_or_default(), "issuer revoked by an operator");
+        Ok(Response::new(RevokeIssuerResponse {
+            json: serde_json::json!({
+                "revoked": id.to_string(),
+                "active": active,
+                "live_leaves": left.as_ref().map_or(0, |l| l.live_leaves),
+                "last_expires": left
+                    .and_then(|l| l.last_expires)
+                    .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                    .map(rfc3339),
+            })
+            .to_string(),
+        }))
     }
 }
 

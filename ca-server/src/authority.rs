@@ -71,6 +71,8 @@ pub struct Snapshot {
     pub issuers: Arc<Vec<CertificateDer<'static>>>,
     /// Identities refused whatever the credential (`meshca deny`).
     pub denied: Arc<Vec<rotator::state::Denial>>,
+    /// Revoked issuers: their leaves no longer authenticate.
+    pub revoked: Arc<Vec<rotator::state::Revocation>>,
 }
 
 impl Snapshot {
@@ -100,6 +102,7 @@ impl Snapshot {
             bundle,
             issuers: Arc::new(state.issuers.iter().map(|i| i.cert.der().clone()).collect()),
             denied: Arc::new(state.denied.clone()),
+            revoked: Arc::new(state.revoked.clone()),
         })
     }
 }
@@ -485,6 +488,7 @@ impl Authority {
             version,
         );
         self.count_restart_bound(&mut s, staged);
+        self.count_revoked(&mut s).await;
         s
     }
 
@@ -500,6 +504,36 @@ impl Authority {
             st.bundle_version,
             matches!(st.phase, rotator::state::Phase::Staged { .. }),
         )
+    }
+
+    /// What is left under each revoked issuer (a scan of the ledger per revoked issuer: only
+    /// while a revocation is in force).
+    async fn count_revoked(&self, s: &mut rotator::ledger::LedgerSummary) {
+        let revoked: Vec<CertId> = self
+            .state
+            .lock()
+            .await
+            .revoked
+            .iter()
+            .map(|r| r.issuer.clone())
+            .collect();
+        if revoked.is_empty() {
+            return;
+        }
+        let now = self.clock.now().unix_timestamp();
+        s.revoked_issuers = self.ledger.with(|l| {
+            revoked
+                .into_iter()
+                .map(|issuer| {
+                    let (live_leaves, last_expires) = l.live_under_issuer(&issuer, now);
+                    rotator::ledger::RevokedLive {
+                        issuer,
+                        live_leaves,
+                        last_expires,
+                    }
+                })
+                .collect()
+        });
     }
 
     /// While staged (the one phase whose gate reads it), the count of workloads that read
@@ -521,6 +555,7 @@ impl Authority {
             version,
         );
         self.count_restart_bound(&mut s, staged);
+        self.count_revoked(&mut s).await;
         s
     }
 }

@@ -113,6 +113,7 @@ fn trust_bundle(b: &Bundle) -> TrustBundle {
         trust_domain: b.trust_domain.to_string(),
         anchors: b.anchors.iter().map(|a| a.to_vec()).collect(),
         version: b.version,
+        renew_now: false,
     }
 }
 
@@ -227,23 +228,43 @@ impl IdentityService for MeshcaV1 {
                     request.get_ref().instance_id.clone(),
                 )
             });
+        // Whether the watcher's own certificate was signed by a revoked issuer (it must renew
+        // now, with another credential).
+        let own_issuer = peer
+            .and_then(|p| p.client_intermediates.first())
+            .map(|i| rotator::pki::CertId::of(i.as_ref()));
         let rx = self.authority.subscribe();
-        // The current bundle first, then one message per new bundle version. The stream holds
-        // its watch slot (`permit`) until it is dropped.
-        let state = (rx, 0u64, who, permit);
-        let stream = futures::stream::unfold(state, |(mut rx, last, who, permit)| async move {
-            loop {
-                let bundle = rx.borrow_and_update().bundle.clone();
-                if bundle.version != last {
-                    if let Some(w) = &who {
-                        w.sent(bundle.version);
+        // The current bundle first, then one message per new bundle version, and one telling
+        // the watcher to renew now whenever an issuer is revoked. The stream holds its watch slot
+        // (`permit`) until it is dropped.
+        type Seen = Option<(u64, Vec<rotator::pki::CertId>)>;
+        let state = (rx, Seen::None, who, permit, own_issuer);
+        let stream = futures::stream::unfold(
+            state,
+            |(mut rx, last, who, permit, own_issuer)| async move {
+                loop {
+                    let snap = rx.borrow_and_update().clone();
+                    let bundle = snap.bundle.clone();
+                    let revoked: Vec<_> = snap.revoked.iter().map(|r| r.issuer.clone()).collect();
+                    let renew_now = match &last {
+                        None => own_issuer.as_ref().is_some_and(|i| revoked.contains(i)),
+                        Some((_, seen)) => revoked.iter().any(|r| !seen.contains(r)),
+                    };
+                    if last.as_ref().is_none_or(|(v, _)| *v != bundle.version) || renew_now {
+                        if let Some(w) = &who {
+                            w.sent(bundle.version);
+                        }
+                        let msg = TrustBundle {
+                            renew_now,
+                            ..trust_bundle(&bundle)
+                        };
+                        let next = (rx, Some((bundle.version, revoked)), who, permit, own_issuer);
+                        return Some((Ok(msg), next));
                     }
-                    let next = (rx, bundle.version, who, permit);
-                    return Some((Ok(trust_bundle(&bundle)), next));
+                    rx.changed().await.ok()?;
                 }
-                rx.changed().await.ok()?;
-            }
-        });
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 }

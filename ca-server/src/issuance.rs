@@ -96,6 +96,8 @@ pub struct Issued {
     pub refresh_at: OffsetDateTime,
     /// The anchor the leaf chains to.
     pub anchor: rotator::pki::CertId,
+    /// The issuer that signed it.
+    pub issuer: rotator::pki::CertId,
 }
 
 /// Why a request got no certificate. The faces map each variant to their status code.
@@ -295,6 +297,14 @@ impl SigningCore {
                 "its issuer is not one of this authority's issuers".into()
             ));
         }
+        let issuer_id = rotator::pki::CertId::of(issuer.as_ref());
+        if let Some(r) = snap.revoked.iter().find(|r| r.issuer == issuer_id) {
+            return Err(AuthError::BadClientCert(format!(
+                "its issuer {issuer_id} was revoked ({}): renew with a token or ServiceAccount credential, \
+                 on a connection without this certificate",
+                r.reason
+            )));
+        }
         let now = self.authority.clock().now();
         let at = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
             u64::try_from(now.unix_timestamp()).unwrap_or(0),
@@ -367,6 +377,7 @@ impl SigningCore {
                 0
             },
             via: via.as_ref().map(Impersonation::via),
+            issuer: Some(issued.issuer.clone()),
         });
         if recorded == Recorded::DroppedFull {
             self.limits.refused(
@@ -468,6 +479,7 @@ impl SigningCore {
             not_after: window.not_after,
             refresh_at,
             anchor: issuer.anchor.clone(),
+            issuer: issuer.id.clone(),
         })
     }
 

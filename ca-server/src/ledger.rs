@@ -352,6 +352,7 @@ mod tests {
             not_after: (now + Duration::from_secs(86400)).unix_timestamp(),
             bundle_version: 7,
             via: None,
+            issuer: None,
         }
     }
 

@@ -102,6 +102,17 @@ pub struct AuthorityMetrics {
     pub ledger_trustworthy: Gauge,
     /// `meshca_policy_leaf_ttl_max_seconds`.
     pub leaf_ttl_max: Gauge,
+    /// `meshca_revoked_issuer_live_leaves{issuer}`: leaves of a revoked issuer not yet expired.
+    pub revoked_live: Family<IssuerLabels, Gauge>,
+    /// `meshca_revoked_issuer_last_expiry_timestamp_seconds{issuer}`.
+    pub revoked_last_expiry: Family<IssuerLabels, Gauge>,
+}
+
+/// An issuer.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    /// Its id.
+    pub issuer: String,
 }
 
 fn ts(t: time::OffsetDateTime) -> i64 {
@@ -140,6 +151,19 @@ impl AuthorityMetrics {
         self.ledger_trustworthy.set(i64::from(l.trustworthy(now)));
         self.leaf_ttl_max
             .set(i64::try_from(policy.leaf_ttl_max.as_secs()).unwrap_or(i64::MAX));
+        self.revoked_live.clear();
+        self.revoked_last_expiry.clear();
+        for r in &l.revoked_issuers {
+            let labels = IssuerLabels {
+                issuer: r.issuer.to_string(),
+            };
+            self.revoked_live
+                .get_or_create(&labels)
+                .set(i64::try_from(r.live_leaves).unwrap_or(i64::MAX));
+            if let Some(t) = r.last_expires {
+                self.revoked_last_expiry.get_or_create(&labels).set(t);
+            }
+        }
     }
 
     /// Expiry and not-before of every anchor (archived ones excepted) and issuer held, and the
@@ -277,6 +301,16 @@ impl AuthorityMetrics {
             "live_leaves",
             "Live leaves (newest per workload instance) by the anchor they chain to",
             self.live_leaves.clone(),
+        );
+        r.register(
+            "revoked_issuer_live_leaves",
+            "Leaves of a revoked issuer that have not expired (they cannot renew with their certificate)",
+            self.revoked_live.clone(),
+        );
+        r.register(
+            "revoked_issuer_last_expiry_timestamp_seconds",
+            "When the last leaf of a revoked issuer expires, Unix seconds",
+            self.revoked_last_expiry.clone(),
         );
         r.register(
             "live_workloads",

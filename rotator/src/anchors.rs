@@ -679,7 +679,7 @@ fn wrong_phase(s: &AuthorityState, step: Step) -> StateError {
 
 /// A state with no active anchor breaks an invariant (`check` refuses it); a step that finds
 /// one says so rather than panic.
-fn no_active_anchor() -> StateError {
+pub(crate) fn no_active_anchor() -> StateError {
     StateError::Invariant("no active anchor".into())
 }
 
@@ -849,6 +849,7 @@ mod tests {
             min_version: version,
             partial: false,
             restart_bound: RestartBound::NotTracked,
+            revoked_issuers: Vec::new(),
         }
     }
 

@@ -64,6 +64,9 @@ pub struct LeafRecord {
     /// (`k8s:istio-system/ztunnel@node-a`); absent when the workload asked for itself.
     #[serde(rename = "via", default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// The issuer that signed it (absent in records written before meshca recorded it).
+    #[serde(rename = "is", default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<CertId>,
 }
 
 /// An instance's key: 128 bits of SHA-256 over (SPIFFE ID, instance), so the map holds each
@@ -92,6 +95,8 @@ struct Entry {
     not_after: i64,
     bundle_version: u64,
     via: Option<Box<str>>,
+    /// Index into the ledger's issuers; `u16::MAX`: unknown.
+    issuer: u16,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -112,6 +117,8 @@ pub struct Ledger {
     watches: HashMap<Key, Watch>,
     /// The anchors leaves chain to (entries hold an index).
     anchors: Vec<CertId>,
+    /// The issuers that signed them (entries hold an index).
+    issuers: Vec<CertId>,
     /// Other processes sign too (replicas): this ledger never sees every leaf.
     partial: bool,
     /// Bounds on what it holds.
@@ -210,6 +217,20 @@ pub struct LedgerSummary {
     /// Workloads that read trust anchors only when they start (Linkerd's proxies), counted from
     /// the cluster's pods, not from the ledger.
     pub restart_bound: RestartBound,
+    /// Live leaves under each revoked issuer (`meshca issuer revoke`).
+    pub revoked_issuers: Vec<RevokedLive>,
+}
+
+/// What is left under a revoked issuer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedLive {
+    /// The issuer.
+    pub issuer: CertId,
+    /// Its leaves not yet expired.
+    pub live_leaves: u64,
+    /// When the last of them expires (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_expires: Option<i64>,
 }
 
 /// Workloads that read the trust anchors once, at start (linkerd2-proxy reads
@@ -286,6 +307,7 @@ impl Ledger {
             leaves: HashMap::new(),
             watches: HashMap::new(),
             anchors: Vec::new(),
+            issuers: Vec::new(),
             partial: false,
             limits: LedgerLimits::default(),
             per_identity: HashMap::new(),
@@ -405,6 +427,33 @@ impl Ledger {
         u16::try_from(self.anchors.len() - 1).unwrap_or(u16::MAX)
     }
 
+    fn issuer_index(&mut self, i: &CertId) -> u16 {
+        if let Some(n) = self.issuers.iter().position(|x| x == i) {
+            return u16::try_from(n).unwrap_or(u16::MAX);
+        }
+        self.issuers.push(i.clone());
+        u16::try_from(self.issuers.len() - 1).unwrap_or(u16::MAX)
+    }
+
+    /// Leaves signed by `issuer` that have not expired at `now` (Unix seconds), and the last
+    /// notAfter among them. A scan: for status and a revoked issuer's gauge, not for every
+    /// request.
+    pub fn live_under_issuer(&self, issuer: &CertId, now: i64) -> (u64, Option<i64>) {
+        let Some(idx) = self.issuers.iter().position(|x| x == issuer) else {
+            return (0, None);
+        };
+        let idx = u16::try_from(idx).unwrap_or(u16::MAX);
+        self.leaves
+            .values()
+            .filter(|e| e.issuer == idx && e.not_after > now)
+            .fold((0, None), |(n, last), e| {
+                (
+                    n + 1,
+                    Some(last.map_or(e.not_after, |l: i64| l.max(e.not_after))),
+                )
+            })
+    }
+
     fn to_record(&self, e: &Entry) -> LeafRecord {
         LeafRecord {
             serial: e.serial.to_string(),
@@ -415,6 +464,7 @@ impl Ledger {
             not_after: e.not_after,
             bundle_version: e.bundle_version,
             via: e.via.as_deref().map(str::to_owned),
+            issuer: self.issuers.get(usize::from(e.issuer)).cloned(),
         }
     }
 
@@ -448,6 +498,7 @@ impl Ledger {
             return Recorded::DroppedFull;
         }
         let anchor = self.anchor_index(&r.anchor);
+        let issuer = r.issuer.as_ref().map_or(u16::MAX, |i| self.issuer_index(i));
         let e = Entry {
             serial: r.serial.into_boxed_str(),
             spiffe_id: r.spiffe_id.into_boxed_str(),
@@ -457,6 +508,7 @@ impl Ledger {
             not_after: r.not_after,
             bundle_version: r.bundle_version,
             via: r.via.map(String::into_boxed_str),
+            issuer,
         };
         self.change(k, |s| match s.leaves.get_mut(&k) {
             // Records arrive (and are replayed from the log) in signing order; a record signed
@@ -584,6 +636,7 @@ impl Ledger {
             min_version,
             partial: self.partial,
             restart_bound: RestartBound::NotTracked,
+            revoked_issuers: Vec::new(),
         }
     }
 
@@ -632,6 +685,7 @@ impl Ledger {
             min_version,
             partial: self.partial,
             restart_bound: RestartBound::NotTracked,
+            revoked_issuers: Vec::new(),
         }
     }
 }
@@ -650,6 +704,7 @@ mod tests {
             not_after: na,
             bundle_version: v,
             via: None,
+            issuer: None,
         }
     }
 

@@ -331,6 +331,11 @@ impl CertId {
         &self.0
     }
 
+    /// The id `s` names, if it has an id's shape (16 lowercase hex digits).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::is_well_formed(s).then(|| Self(s.to_owned()))
+    }
+
     /// Whether `s` has the shape of an id (so it is safe as a file name).
     pub fn is_well_formed(s: &str) -> bool {
         s.len() == 16

@@ -153,6 +153,23 @@ pub struct AuthorityState {
     pub pending_issuer_key: Option<PendingKey>,
     /// Identities refused on every face, whatever the credential (`meshca deny add`).
     pub denied: Vec<Denial>,
+    /// Issuers an operator revoked (`meshca issuer revoke`): their leaves no longer renew with
+    /// their own certificate. Kept until the issuer is pruned.
+    pub revoked: Vec<Revocation>,
+}
+
+/// A revoked issuer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revocation {
+    /// The issuer.
+    pub issuer: CertId,
+    /// Why, as the operator gave it.
+    pub reason: String,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Who (the operator's uid).
+    pub by: String,
 }
 
 /// An identity (or a namespace's, `spiffe://<td>/ns/<ns>/sa/*`) that meshca refuses to issue
@@ -224,6 +241,88 @@ impl AuthorityState {
             by,
         });
         Ok(s)
+    }
+
+    /// Revokes issuer `id`: it signs nothing more, and leaves it signed can no longer renew with
+    /// their own certificate. If it was the active issuer, a fresh one takes over at once — made
+    /// under the active anchor in local mode; in upstream mode a prepared (imported) one, and
+    /// without one the revocation is refused with what the operator must do first (meshca will
+    /// not leave itself nothing to sign with).
+    pub fn revoke_issuer(
+        &self,
+        policy: &Policy,
+        now: OffsetDateTime,
+        id: &CertId,
+        reason: String,
+        by: String,
+    ) -> Result<Self, StateError> {
+        if reason.trim().is_empty() {
+            return Err(StateError::Unusable(
+                "a revocation needs a reason (--reason)".into(),
+            ));
+        }
+        let issuer = self
+            .issuer(id)
+            .ok_or_else(|| StateError::NotFound(format!("no issuer {id}")))?;
+        if self.revoked.iter().any(|r| &r.issuer == id) {
+            return Err(StateError::Unusable(format!(
+                "issuer {id} is already revoked"
+            )));
+        }
+        let mut s = match issuer.status {
+            IssuerStatus::Active => self.replace_active_issuer(policy, now, id)?,
+            IssuerStatus::Prepared | IssuerStatus::Retired => self.clone(),
+        };
+        for i in &mut s.issuers {
+            if i.cert.id() == id && i.status == IssuerStatus::Prepared {
+                i.status = IssuerStatus::Retired;
+            }
+        }
+        s.revoked.push(Revocation {
+            issuer: id.clone(),
+            reason: reason.clone(),
+            at: crate::clock::whole_seconds(now),
+            by,
+        });
+        s.record(now, format!("issuer_revoked {id}: {reason}"));
+        Ok(s)
+    }
+
+    /// A successor for the active issuer `id`, active now.
+    fn replace_active_issuer(
+        &self,
+        policy: &Policy,
+        now: OffsetDateTime,
+        id: &CertId,
+    ) -> Result<Self, StateError> {
+        let anchor = self
+            .active_anchor()
+            .ok_or_else(crate::anchors::no_active_anchor)?;
+        let anchor_id = anchor.cert.id().clone();
+        if anchor.key.is_some() {
+            let s = self.prepare_issuer(policy, now, &anchor_id)?;
+            let fresh = s
+                .issuers
+                .last()
+                .map(|i| i.cert.id().clone())
+                .ok_or_else(|| StateError::Invariant("no issuer after preparing one".into()))?;
+            return s.activate_issuer(now, &fresh);
+        }
+        let prepared = self
+            .issuers
+            .iter()
+            .find(|i| {
+                i.status == IssuerStatus::Prepared && i.anchor == anchor_id && i.cert.id() != id
+            })
+            .map(|i| i.cert.id().clone());
+        match prepared {
+            Some(p) => self.activate_issuer(now, &p),
+            None => Err(StateError::Upstream(format!(
+                "upstream mode: meshca cannot make the replacement for issuer {id} (the anchor key is not here). \
+                 Run `meshca issuer csr`, have the CSR signed by your upstream CA, `meshca issuer import` it, then \
+                 revoke {id}: revoking it now would leave nothing to sign with"
+            ))),
+        }
     }
 
     /// Lifts the denial of exactly `pattern`; none is an error.
@@ -387,6 +486,7 @@ impl AuthorityState {
             history: Vec::new(),
             pending_issuer_key: None,
             denied: Vec::new(),
+            revoked: Vec::new(),
         };
         s.record(now, format!("anchor_created {id}"));
         if s.anchors[0].key.is_some() {
@@ -675,6 +775,8 @@ impl AuthorityState {
             .map(|i| i.cert.id().to_string())
             .collect();
         s.issuers.retain(|i| !expired(i));
+        let kept: Vec<CertId> = s.issuers.iter().map(|i| i.cert.id().clone()).collect();
+        s.revoked.retain(|r| kept.contains(&r.issuer));
         let mut destroyed = Vec::new();
         for a in &mut s.anchors {
             if a.status == AnchorStatus::Archived
@@ -898,6 +1000,44 @@ mod tests {
         assert_eq!(&i.anchor, s.active_anchor().unwrap().cert.id());
         assert_eq!(s.generation, 3, "{:?}", s.history);
         assert_eq!(s.history.len(), 3);
+    }
+
+    #[test]
+    fn revoking_the_active_issuer_replaces_it_and_upstream_mode_refuses_without_a_successor() {
+        let p = Policy::default();
+        let now = OffsetDateTime::now_utc();
+        let s = AuthorityState::genesis(td(), &p, now).unwrap();
+        let old = s.active_issuer().unwrap().cert.id().clone();
+        let r = s
+            .revoke_issuer(&p, now, &old, "leaked".into(), "uid 0".into())
+            .unwrap();
+        r.check().unwrap();
+        let new = r.active_issuer().unwrap().cert.id().clone();
+        assert_ne!(new, old);
+        assert_eq!(r.issuer(&old).unwrap().status, IssuerStatus::Retired);
+        assert_eq!(r.revoked.len(), 1);
+        assert_eq!(
+            r.bundle_version, s.bundle_version,
+            "the bundle does not change"
+        );
+        for (id, reason, says) in [
+            (&old, "again", "already revoked"),
+            (&new, " ", "needs a reason"),
+        ] {
+            let e = r
+                .revoke_issuer(&p, now, id, reason.into(), "uid 0".into())
+                .unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        // Upstream mode: the anchor key is elsewhere and nothing is prepared: refused, saying
+        // what to import first.
+        let mut up = s.clone();
+        up.anchors[0].key = None;
+        let e = up
+            .revoke_issuer(&p, now, &old, "leaked".into(), "uid 0".into())
+            .unwrap_err();
+        assert!(matches!(e, StateError::Upstream(_)), "{e}");
+        assert!(e.to_string().contains("meshca issuer import"), "{e}");
     }
 
     #[test]

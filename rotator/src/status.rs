@@ -206,6 +206,9 @@ pub struct LedgerEntry {
     /// Workloads that read trust anchors only at start (Linkerd's proxies), counted from pods.
     #[serde(default)]
     pub restart_bound: crate::ledger::RestartBound,
+    /// Live leaves under each revoked issuer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_issuers: Vec<crate::ledger::RevokedLive>,
 }
 
 /// The latest moment each rotation must happen.
@@ -315,6 +318,7 @@ pub fn document(
             p
         },
         restart_bound: l.restart_bound.clone(),
+        revoked_issuers: l.revoked_issuers.clone(),
     });
     let plan = plan_issuer(s, policy, now);
     let step = |step: &str, issuer: Option<CertId>, at| {
@@ -532,6 +536,18 @@ pub fn render(v: &Status) -> String {
                 l.convergence_percent,
                 l.current_bundle_version,
             );
+            for r in &l.revoked_issuers {
+                let _ = writeln!(
+                    o,
+                    "  revoked issuer {}: {} live leaves{}",
+                    r.issuer,
+                    r.live_leaves,
+                    r.last_expires
+                        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+                        .map(|t| format!(", the last expires {}", at(t)))
+                        .unwrap_or_default()
+                );
+            }
             match &l.restart_bound {
                 crate::ledger::RestartBound::NotTracked => {}
                 crate::ledger::RestartBound::Unknown { reason } => {
@@ -644,6 +660,7 @@ mod tests {
             min_version: 1,
             partial: false,
             restart_bound: crate::ledger::RestartBound::NotTracked,
+            revoked_issuers: Vec::new(),
         };
         let mut doc = document(&s, &p, Some(&ledger), now);
         doc.server = Some(ServerEntry {

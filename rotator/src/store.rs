@@ -172,6 +172,8 @@ struct StateFile {
     pending_issuer_key: Option<PendingMeta>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     denied: Vec<crate::state::Denial>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revoked: Vec<crate::state::Revocation>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -478,6 +480,7 @@ impl StateFile {
                 .collect(),
             history: next.history.clone(),
             denied: next.denied.clone(),
+            revoked: next.revoked.clone(),
             pending_issuer_key: next.pending_issuer_key.as_ref().map(|p| PendingMeta {
                 id: key_id(&p.key),
                 created: p.created,
@@ -687,6 +690,7 @@ fn decode(
         history: file.history,
         pending_issuer_key,
         denied: file.denied,
+        revoked: file.revoked,
     };
     state
         .check()

@@ -233,6 +233,7 @@ pub fn simulate(p: &Params) -> Report {
                     not_after: window.not_after.unix_timestamp(),
                     bundle_version: s.bundle_version,
                     via: None,
+                    issuer: None,
                 });
                 report.leaves += 1;
             } else if w.watcher && w.bundle != bundle_ids {

@@ -189,6 +189,7 @@ impl Model {
             not_after: window.not_after.unix_timestamp(),
             bundle_version: self.s.bundle_version,
             via: None,
+            issuer: None,
         });
         self.held[w] = Some(Held {
             chain: vec![CertificateDer::from(leaf.der), i.cert.der().clone()],

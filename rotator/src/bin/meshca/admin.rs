@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use meshca_proto::v1::admin_service_client::AdminServiceClient;
 use meshca_proto::v1::{
     CreateIssuerCsrRequest, GetStatusRequest, ImportIssuerRequest, IssuerResponse,
-    RotateIssuerRequest,
+    RevokeIssuerRequest, RotateIssuerRequest,
 };
 use rotator::client::admin_channel;
 use rotator::store::write_atomic;
@@ -64,6 +64,19 @@ pub enum IssuerCommand {
         #[arg(long, value_name = "FILE")]
         cert: PathBuf,
     },
+    /// A compromised issuer: it signs nothing more (an active one is replaced at once), its
+    /// leaves can no longer renew with their own certificate, and every bundle watcher is told
+    /// to renew now.
+    Revoke {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The issuer's id, as `meshca status` shows it.
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Why (audit log, history, status).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 async fn client(a: &AdminArgs) -> Result<AdminServiceClient<Channel>, Failed> {
@@ -105,6 +118,33 @@ fn print_issuer(r: &IssuerResponse, what: &str, output: Output) {
 pub fn issuer(cmd: IssuerCommand, output: Output) -> Result<(), Failed> {
     let rt = runtime()?;
     match cmd {
+        IssuerCommand::Revoke { admin, id, reason } => {
+            let r = rt
+                .block_on(async {
+                    client(&admin)
+                        .await?
+                        .revoke_issuer(RevokeIssuerRequest { id, reason })
+                        .await
+                        .map_err(refused)
+                })?
+                .into_inner();
+            let v: serde_json::Value = serde_json::from_str(&r.json)
+                .map_err(|e| Failed(format!("the server's answer does not parse: {e}")))?;
+            match output {
+                Output::Json => println!("{v}"),
+                Output::Text => println!(
+                    "revoked issuer {}; {} signs now. {} live leaves remain under it{} and cannot renew with \
+                     their certificate: every bundle watcher was told to renew now (with a token or ServiceAccount)",
+                    v["revoked"].as_str().unwrap_or("-"),
+                    v["active"].as_str().unwrap_or("no issuer"),
+                    v["live_leaves"],
+                    v["last_expires"]
+                        .as_str()
+                        .map(|t| format!(" (the last expires {t})"))
+                        .unwrap_or_default()
+                ),
+            }
+        }
         IssuerCommand::Rotate { admin } => {
             let r = rt.block_on(async {
                 client(&admin)
