@@ -11,9 +11,9 @@ use std::sync::Arc;
 use meshca_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use meshca_proto::v1::{
     AllowIdentityRequest, AnchorResponse, AnchorStepRequest, CreateIssuerCsrRequest,
-    CreateIssuerCsrResponse, DenyIdentityRequest, DenyListResponse, GetStatusRequest,
-    GetStatusResponse, ImportIssuerRequest, IssuerResponse, ListDeniedRequest, RevokeIssuerRequest,
-    RevokeIssuerResponse, RotateIssuerRequest, StageAnchorRequest,
+    CreateIssuerCsrResponse, DenyIdentityRequest, DenyListResponse, EmergencyAnchorRequest,
+    GetStatusRequest, GetStatusResponse, ImportIssuerRequest, IssuerResponse, ListDeniedRequest,
+    RevokeIssuerRequest, RevokeIssuerResponse, RotateIssuerRequest, StageAnchorRequest,
 };
 use rotator::anchors::{NewAnchor, Step, gate};
 use rotator::clock::rfc3339;
@@ -308,6 +308,51 @@ impl AdminService for Admin {
         _: Request<ListDeniedRequest>,
     ) -> Result<Response<DenyListResponse>, Status> {
         Ok(Response::new(self.denied_document().await))
+    }
+
+    async fn emergency_anchor(
+        &self,
+        request: Request<EmergencyAnchorRequest>,
+    ) -> Result<Response<AnchorResponse>, Status> {
+        let reason = request.into_inner().reason.trim().to_owned();
+        let policy = self.authority.policy().clone();
+        let summary = self.authority.ledger_summary().await;
+        let by = operator();
+        self.authority
+            .transition(|s, now| {
+                s.emergency_anchor_rotation(&policy, Some(&summary), now, &reason, &by)
+                    .map(Some)
+            })
+            .await
+            .map_err(|e| codes::transition(&e))?;
+        // The risk, from the ledger as it stood: every live workload holds a bundle without the
+        // new anchor until it fetches one.
+        let watching = summary.live_workloads;
+        let risk = format!(
+            "{watching} live workloads hold a bundle without the new anchor: leaves the new issuer signs will not \
+             verify there until they fetch the new bundle (bundle watchers get it at once, with renew_now; the \
+             others at their next renewal). Leaves of the old anchor keep verifying until `meshca anchors finish`."
+        );
+        let resp = self
+            .authority
+            .read(|s| AnchorResponse {
+                phase: s.phase.name().into(),
+                bundle_version: s.bundle_version,
+                anchor: s
+                    .active_anchor()
+                    .map(|a| a.cert.id().to_string())
+                    .unwrap_or_default(),
+                gate: "skipped: emergency".into(),
+                risk: risk.clone(),
+                issuer: s
+                    .active_issuer()
+                    .map(|i| i.cert.id().to_string())
+                    .unwrap_or_default(),
+            })
+            .await;
+        tracing::warn!(target: "meshca::audit", operator = %by, reason = %reason, anchor = %resp.anchor,
+            bundle_version = resp.bundle_version, risk = %risk, "EMERGENCY anchor rotation");
+        Ok(Response::new(resp))
     }
 
     async fn revoke_issuer(

@@ -402,6 +402,55 @@ pub enum NewAnchor {
 }
 
 impl AuthorityState {
+    /// The anchor key is compromised: steady → activated in one step. A new anchor is generated
+    /// and staged, its issuer activated at once (the convergence gate is skipped: `force`), and
+    /// every issuer of the old anchor is revoked (`reason`), so their leaves cannot renew with
+    /// their certificates and watchers are told to renew now. The old anchor stays in the bundle
+    /// until the operator runs `finish` (forced, if leaves under it still live). Refused outside
+    /// steady, and in upstream mode (meshca cannot make an anchor whose key it does not hold).
+    pub fn emergency_anchor_rotation(
+        &self,
+        policy: &Policy,
+        ledger: Option<&LedgerSummary>,
+        now: OffsetDateTime,
+        reason: &str,
+        by: &str,
+    ) -> Result<Self, StateError> {
+        if reason.trim().is_empty() {
+            return Err(StateError::Unusable(
+                "an emergency rotation needs a reason (--reason)".into(),
+            ));
+        }
+        let old = self.active_anchor().ok_or_else(no_active_anchor)?;
+        if old.key.is_none() {
+            return Err(StateError::Upstream(
+                "upstream mode: the anchor is held upstream; have your upstream CA make a new anchor, then \
+                 `meshca anchors stage --cert NEW.pem`, import its issuer, and `activate --force`"
+                    .into(),
+            ));
+        }
+        let old_id = old.cert.id().clone();
+        let staged = self.stage_anchor(policy, now, NewAnchor::Generate)?;
+        let mut s = staged.activate_anchor(policy, ledger, now, true)?;
+        let under_old: Vec<CertId> = s
+            .issuers
+            .iter()
+            .filter(|i| i.anchor == old_id && !s.revoked.iter().any(|r| r.issuer == *i.cert.id()))
+            .map(|i| i.cert.id().clone())
+            .collect();
+        for id in under_old {
+            s = s.revoke_issuer(
+                policy,
+                now,
+                &id,
+                format!("anchor {old_id} compromised: {reason}"),
+                by.to_owned(),
+            )?;
+        }
+        s.record(now, format!("anchor_emergency {old_id}: {reason}"));
+        Ok(s)
+    }
+
     /// steady → staged: the new anchor joins the bundle (new bundle version); an issuer under it
     /// is prepared at once when its key is held, so activation is instant.
     pub fn stage_anchor(
@@ -625,8 +674,10 @@ impl AuthorityState {
         now: OffsetDateTime,
         anchor: &CertId,
     ) -> Result<CertId, StateError> {
+        let revoked: Vec<CertId> = self.revoked.iter().map(|r| r.issuer.clone()).collect();
         let usable = |i: &&Issuer| {
             i.anchor == *anchor
+                && !revoked.contains(i.cert.id())
                 && i.status != IssuerStatus::Active
                 && i.cert.info.valid_at(now)
                 && i.cert.info.remaining(now) >= policy.leaf_ttl_max

@@ -700,6 +700,12 @@ impl AuthorityState {
         if s.issuers[next].status != IssuerStatus::Prepared {
             return Err(StateError::NotFound(format!("issuer {id} is not prepared")));
         }
+        if let Some(r) = s.revoked.iter().find(|r| &r.issuer == id) {
+            return Err(StateError::Unusable(format!(
+                "issuer {id} was revoked ({}): it never signs again",
+                r.reason
+            )));
+        }
         if !s.issuers[next].cert.info.valid_at(now) {
             return Err(StateError::NotFound(format!(
                 "issuer {id} is not valid now"

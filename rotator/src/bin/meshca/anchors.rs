@@ -40,6 +40,16 @@ pub enum AnchorsCommand {
     Finish(StepArgs),
     /// One phase back: activated → staged, or staged → steady.
     Rollback(StepArgs),
+    /// The anchor key is compromised: stage a new anchor and activate it at once, skipping the
+    /// convergence gate (the risk is printed), and revoke the old anchor's issuers. The old
+    /// anchor stays trusted until you run `finish` (with --force while its leaves live).
+    Emergency {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Why (audit log, history, the revoked issuers' reason).
+        #[arg(long)]
+        reason: String,
+    },
     /// While staged on Kubernetes with Linkerd: the workloads whose pods started before the new
     /// anchors reached Linkerd's trust roots (their proxies hold only the old anchor until
     /// replaced), with the `kubectl rollout restart` commands. Exit 0 when none is left.
@@ -151,6 +161,11 @@ fn print_step(what: &str, r: &AnchorResponse, output: Output) {
                     "activated: anchor {} signs from now on (issuer {}); the old anchor stays in the bundle (v{})",
                     r.anchor, r.issuer, r.bundle_version
                 ),
+                "emergency" => format!(
+                    "EMERGENCY: anchor {} signs from now on (issuer {}); the old anchor's issuers are revoked and every \
+                     bundle watcher was told to renew; the old anchor stays in the bundle (v{}) until `meshca anchors finish`",
+                    r.anchor, r.issuer, r.bundle_version
+                ),
                 "finish" => format!(
                     "finished: anchor {} left the bundle and is archived (its key is destroyed after policy.key_retention); bundle v{} holds only the new anchor",
                     r.anchor, r.bundle_version
@@ -196,6 +211,16 @@ pub fn anchors(cmd: AnchorsCommand, output: Output) -> Result<(), Failed> {
             timeout,
             interval,
         } => rt.block_on(wait(&admin, until, timeout, interval, output))?,
+        AnchorsCommand::Emergency { admin, reason } => {
+            let r = rt.block_on(async {
+                client(&admin)
+                    .await?
+                    .emergency_anchor(meshca_proto::v1::EmergencyAnchorRequest { reason })
+                    .await
+                    .map_err(refused)
+            })?;
+            print_step("emergency", r.get_ref(), output);
+        }
         AnchorsCommand::Restarts { admin } => {
             let doc = rt.block_on(async { status(&mut client(&admin).await?).await })?;
             restarts(&doc, output)?;
