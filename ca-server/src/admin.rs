@@ -403,6 +403,15 @@ impl AdminService for Admin {
     }
 }
 
+/// A live leaf in the deny and revocation lists.
+fn leaf_json(r: &rotator::ledger::LeafRecord) -> serde_json::Value {
+    serde_json::json!({
+        "spiffe_id": r.spiffe_id, "serial": r.serial,
+        "not_after": time::OffsetDateTime::from_unix_timestamp(r.not_after)
+            .map(rfc3339).unwrap_or_default(),
+    })
+}
+
 /// Who is asking on the admin socket: it admits only the server's own user, so that uid.
 fn operator() -> String {
     format!("uid {}", rustix::process::getuid().as_raw())
@@ -434,7 +443,10 @@ impl Admin {
     /// The denials with the live leaves each matches (the issuance ledger: this replica's).
     async fn denied_document(&self) -> DenyListResponse {
         let now = self.authority.clock().now();
-        let denied = self.authority.read(|s| s.denied.clone()).await;
+        let (denied, revoked) = self
+            .authority
+            .read(|s| (s.denied.clone(), s.revoked.clone()))
+            .await;
         let records = self.authority.ledger().with(|l| {
             l.records()
                 .filter(|r| r.not_after > now.unix_timestamp())
@@ -450,13 +462,7 @@ impl Admin {
                             .parse::<rotator::spiffe::SpiffeId>()
                             .is_ok_and(|id| d.pattern.matches(&id))
                     })
-                    .map(|r| {
-                        serde_json::json!({
-                            "spiffe_id": r.spiffe_id, "serial": r.serial,
-                            "not_after": time::OffsetDateTime::from_unix_timestamp(r.not_after)
-                                .map(rfc3339).unwrap_or_default(),
-                        })
-                    })
+                    .map(leaf_json)
                     .collect();
                 serde_json::json!({
                     "pattern": d.pattern.to_string(), "reason": d.reason,
@@ -465,8 +471,25 @@ impl Admin {
                 })
             })
             .collect();
+        // Revoked issuers, with their leaves not yet expired (the ledger records each leaf's
+        // issuer).
+        let revoked_rows: Vec<serde_json::Value> = revoked
+            .iter()
+            .map(|r| {
+                let live: Vec<serde_json::Value> = records
+                    .iter()
+                    .filter(|l| l.issuer.as_ref() == Some(&r.issuer))
+                    .map(leaf_json)
+                    .collect();
+                serde_json::json!({
+                    "issuer": r.issuer.to_string(), "reason": r.reason, "at": rfc3339(r.at),
+                    "by": r.by, "live_leaves": live,
+                })
+            })
+            .collect();
         DenyListResponse {
-            json: serde_json::json!({ "denied": rows }).to_string(),
+            json: serde_json::json!({ "denied": rows, "revoked_issuers": revoked_rows })
+                .to_string(),
         }
     }
 }

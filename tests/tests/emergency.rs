@@ -158,6 +158,22 @@ async fn an_emergency_rotation_pushes_the_new_anchor_to_every_watcher() {
     };
     mtls_handshake(&told, &renewed[0]).await.unwrap();
 
+    // For data planes: the leaf of the revoked issuer that has not renewed (silent's) is in the
+    // export, the renewed ones are not.
+    let (code, out, err) = meshca_in(&dir, &["deny", "export", "--format", "json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let exported: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = exported["serials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["spiffe_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["spiffe://cluster.local/ns/default/sa/silent"],
+        "{out}"
+    );
     // A rollback would go back to the compromised anchor: it never reuses a revoked issuer.
     let st = srv.server().authority.read(|s| s.clone()).await;
     let revoked: Vec<_> = st.revoked.iter().map(|r| r.issuer.clone()).collect();

@@ -41,9 +41,9 @@ pub enum DenyCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// The serials of denied identities' leaves that have not expired, for data planes that can
-    /// refuse peers by serial. With leaves of hours, refusing renewal is the remedy; this only
-    /// closes the window until the last one expires.
+    /// The serials of denied identities' and revoked issuers' leaves that have not expired, for
+    /// data planes that can refuse peers by serial. With leaves of hours, refusing renewal is the
+    /// remedy; this only closes the window until the last one expires.
     Export {
         #[command(flatten)]
         admin: AdminArgs,
@@ -128,20 +128,42 @@ pub fn deny(cmd: DenyCommand, output: Output) -> Result<(), Failed> {
     Ok(())
 }
 
-/// Every live leaf of every denial in force, once each.
+/// Every live leaf of every denial in force and of every revoked issuer, once each.
 fn export(doc: &Value, format: ExportFormat) {
     let mut rows = std::collections::BTreeMap::new();
-    for d in doc["denied"].as_array().into_iter().flatten() {
-        if d["active"].as_bool() != Some(true) {
-            continue;
-        }
-        for l in d["live_leaves"].as_array().into_iter().flatten() {
+    let denied = doc["denied"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["active"].as_bool() == Some(true))
+        .map(|d| {
+            (
+                d,
+                format!("denied: {}", d["reason"].as_str().unwrap_or_default()),
+            )
+        });
+    let revoked = doc["revoked_issuers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r,
+                format!(
+                    "issuer {} revoked: {}",
+                    r["issuer"].as_str().unwrap_or_default(),
+                    r["reason"].as_str().unwrap_or_default()
+                ),
+            )
+        });
+    for (entry, why) in denied.chain(revoked) {
+        for l in entry["live_leaves"].as_array().into_iter().flatten() {
             let serial = l["serial"].as_str().unwrap_or_default().to_owned();
             rows.entry(serial).or_insert_with(|| {
                 (
                     l["spiffe_id"].as_str().unwrap_or_default().to_owned(),
                     l["not_after"].as_str().unwrap_or_default().to_owned(),
-                    d["reason"].as_str().unwrap_or_default().to_owned(),
+                    why.clone(),
                 )
             });
         }
