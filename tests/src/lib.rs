@@ -124,6 +124,21 @@ impl TestServer {
         Ok((r.into_inner(), key))
     }
 
+    /// A workload for `id` as instance `instance` (the bootstrap token asks for it).
+    pub async fn workload_instance(&self, id: &str, instance: &str) -> Workload {
+        let key = SecretKey::generate_p256().expect("key");
+        let r = self
+            .client(None)
+            .sign_certificate(with_token(
+                instance_request(id, &key, instance),
+                &self.token,
+            ))
+            .await
+            .expect("the bootstrap token may ask for it")
+            .into_inner();
+        Workload::from_response(&r, key)
+    }
+
     /// Stops the server, keeping the state dir.
     pub async fn stop(&mut self) {
         if let Some(s) = self.server.take() {
@@ -138,6 +153,15 @@ pub fn sign_request(csr: Vec<u8>) -> SignCertificateRequest {
         csr,
         ttl: None,
         instance_id: String::new(),
+    }
+}
+
+/// A request for `id` with `key`'s CSR as instance `instance`, default TTL.
+pub fn instance_request(id: &str, key: &SecretKey, instance: &str) -> SignCertificateRequest {
+    SignCertificateRequest {
+        csr: make_csr(&id.parse().expect("a SPIFFE ID"), key).expect("a CSR"),
+        ttl: None,
+        instance_id: instance.to_owned(),
     }
 }
 

@@ -7,31 +7,12 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use meshca_proto::v1::{SignCertificateRequest, WatchTrustBundleRequest};
-use meshca_tests::{TestServer, Workload, meshca_in, mtls_handshake, with_token};
-use rotator::client::{Identity, make_csr};
+use meshca_proto::v1::WatchTrustBundleRequest;
+use meshca_tests::{TestServer, Workload, instance_request, meshca_in, mtls_handshake, with_token};
+use rotator::client::Identity;
 use rotator::pki::SecretKey;
 
 const WATCHERS: usize = 10;
-
-fn request(id: &str, key: &SecretKey, instance: &str) -> SignCertificateRequest {
-    SignCertificateRequest {
-        csr: make_csr(&id.parse().unwrap(), key).unwrap(),
-        ttl: None,
-        instance_id: instance.to_owned(),
-    }
-}
-
-async fn with_token_leaf(srv: &TestServer, id: &str, instance: &str) -> Workload {
-    let key = SecretKey::generate_p256().unwrap();
-    let r = srv
-        .client(None)
-        .sign_certificate(with_token(request(id, &key, instance), &srv.token))
-        .await
-        .unwrap()
-        .into_inner();
-    Workload::from_response(&r, key)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emergency_rotation_pushes_the_new_anchor_to_every_watcher() {
@@ -39,12 +20,9 @@ async fn an_emergency_rotation_pushes_the_new_anchor_to_every_watcher() {
     let dir = srv.server().state_dir.clone();
     let old_bundle = srv.bundle();
     // A workload that never watches: it holds the old bundle only.
-    let silent = with_token_leaf(
-        &srv,
-        "spiffe://cluster.local/ns/default/sa/silent",
-        "silent",
-    )
-    .await;
+    let silent = srv
+        .workload_instance("spiffe://cluster.local/ns/default/sa/silent", "silent")
+        .await;
 
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(WATCHERS);
     for n in 0..WATCHERS {
@@ -52,7 +30,7 @@ async fn an_emergency_rotation_pushes_the_new_anchor_to_every_watcher() {
             format!("spiffe://cluster.local/ns/default/sa/w{n}"),
             format!("pod-{n}"),
         );
-        let w = with_token_leaf(&srv, &id, &instance).await;
+        let w = srv.workload_instance(&id, &instance).await;
         let me = Identity {
             chain: w.chain.clone(),
             key: w.key.clone(),
@@ -85,7 +63,10 @@ async fn an_emergency_rotation_pushes_the_new_anchor_to_every_watcher() {
                         );
                     let key = SecretKey::generate_p256().unwrap();
                     let r = client
-                        .sign_certificate(with_token(request(&id, &key, &instance), &token))
+                        .sign_certificate(with_token(
+                            instance_request(&id, &key, &instance),
+                            &token,
+                        ))
                         .await
                         .unwrap()
                         .into_inner();

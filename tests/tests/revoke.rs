@@ -7,34 +7,14 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use meshca_proto::v1::{SignCertificateRequest, WatchTrustBundleRequest};
-use meshca_tests::{TestServer, Workload, http_get, meshca_in, with_token};
-use rotator::client::{Identity, make_csr};
+use meshca_proto::v1::WatchTrustBundleRequest;
+use meshca_tests::{TestServer, Workload, http_get, instance_request, meshca_in, with_token};
+use rotator::client::Identity;
 use rotator::pki::{CertId, SecretKey};
 use tonic::Code;
 
 /// Workloads watching the bundle with their own certificate.
 const WATCHERS: usize = 20;
-
-fn request(id: &str, key: &SecretKey, instance: &str) -> SignCertificateRequest {
-    SignCertificateRequest {
-        csr: make_csr(&id.parse().unwrap(), key).unwrap(),
-        ttl: None,
-        instance_id: instance.to_owned(),
-    }
-}
-
-/// A leaf for `id` as instance `instance`, asked for with the bootstrap token.
-async fn with_bootstrap(srv: &TestServer, id: &str, instance: &str) -> Workload {
-    let key = SecretKey::generate_p256().unwrap();
-    let r = srv
-        .client(None)
-        .sign_certificate(with_token(request(id, &key, instance), &srv.token))
-        .await
-        .unwrap()
-        .into_inner();
-    Workload::from_response(&r, key)
-}
 
 fn issuer_of(w: &Workload) -> CertId {
     CertId::of(w.chain[1].as_ref())
@@ -47,7 +27,7 @@ async fn a_revoked_issuers_workloads_are_told_to_renew_and_do() {
     let mut watchers = Vec::new();
     for n in 0..WATCHERS {
         let id = format!("spiffe://cluster.local/ns/default/sa/w{n}");
-        let w = with_bootstrap(&srv, &id, &format!("pod-{n}")).await;
+        let w = srv.workload_instance(&id, &format!("pod-{n}")).await;
         watchers.push((id, format!("pod-{n}"), w));
     }
     let revoked = issuer_of(&watchers[0].2);
@@ -79,7 +59,10 @@ async fn a_revoked_issuers_workloads_are_told_to_renew_and_do() {
                     let key = SecretKey::generate_p256().unwrap();
                     let r = client
                         .clone()
-                        .sign_certificate(with_token(request(&id, &key, &instance), &token))
+                        .sign_certificate(with_token(
+                            instance_request(&id, &key, &instance),
+                            &token,
+                        ))
                         .await;
                     let _ = done.send((Instant::now(), r.map(|r| r.into_inner()))).await;
                     return;
@@ -147,7 +130,7 @@ async fn a_revoked_issuers_workloads_are_told_to_renew_and_do() {
     let key = SecretKey::generate_p256().unwrap();
     let e = srv
         .client(Some(&me))
-        .sign_certificate(request(id, &key, instance))
+        .sign_certificate(instance_request(id, &key, instance))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
