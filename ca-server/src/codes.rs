@@ -117,6 +117,8 @@ pub fn state(e: &StateError) -> Status {
     match e {
         StateError::Unusable(_) => Status::invalid_argument(format!("refused: {e}")),
         StateError::Pki(_) => Status::internal(e.to_string()),
+        // A full or lost token: nothing changed, and the step can be retried once it can.
+        StateError::KeyStore(_) => Status::unavailable(format!("nothing changed: {e}")),
         // A refusal of what the state allows now; `StateError` is non-exhaustive, and a new
         // kind of refusal is a precondition until it is given its own code here.
         _ => Status::failed_precondition(e.to_string()),
@@ -206,5 +208,9 @@ mod tests {
             assert_eq!(state(&e).code(), Code::FailedPrecondition, "{e}");
         }
         assert_eq!(state(&StateError::Pki("rng".into())).code(), Code::Internal);
+        assert_eq!(
+            state(&StateError::KeyStore("key store: the token is full".into())).code(),
+            Code::Unavailable
+        );
     }
 }

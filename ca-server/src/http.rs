@@ -92,6 +92,10 @@ impl Readiness {
 
     /// `Ok(detail)` when ready (detail: what an operator should know, if anything), `Err(why)`.
     pub fn check(&self) -> Result<Option<String>, String> {
+        // A lost token first: the cached probe may predate it.
+        if let Some(keys) = rotator::keys::ca_key_store() {
+            keys.health().map_err(|why| format!("key store: {why}"))?;
+        }
         self.probe()?;
         if !self.health.healthy() {
             return Err(format!(

@@ -468,8 +468,13 @@ impl SigningCore {
             .policy()
             .leaf_window(now, ttl, issuer.not_before, issuer.not_after)
             .map_err(|e| IssueError::Unavailable(format!("issuer {}: {e}", issuer.id)))?;
-        let leaf = sign_leaf(csr, &window, &issuer.signer)
-            .map_err(|e| IssueError::Internal(e.to_string()))?;
+        let leaf = sign_leaf(csr, &window, &issuer.signer).map_err(|e| {
+            // A key store that lost its token says so (and is reconnecting): retryable.
+            match rotator::keys::ca_key_store().map(|k| k.health()) {
+                Some(Err(why)) => IssueError::Unavailable(format!("key store: {why}")),
+                _ => IssueError::Internal(e.to_string()),
+            }
+        })?;
         let refresh_at = self.refresh_at(now, window.not_after)?;
         Ok(Issued {
             chain: vec![CertificateDer::from(leaf.der), issuer.der.clone()],

@@ -36,6 +36,11 @@ pub trait KeyStore: Send + Sync {
     fn owns(&self, reference: &str) -> bool;
     /// For status lines: `pkcs11 token "meshca" (/usr/lib/softhsm/libsofthsm2.so)`.
     fn describe(&self) -> String;
+    /// `Ok` while the store can sign, else since when and why not (a lost token while it
+    /// reconnects): `/readyz` says it, issuance answers `UNAVAILABLE` with it.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The prefix of every reference a key store writes where a PEM key would be.

@@ -34,6 +34,10 @@ pub enum PkiError {
     /// The system random number generator failed.
     #[error("random number generator failed")]
     Random,
+    /// The key store (a PKCS#11 token) could not make, find or destroy a key: full, lost,
+    /// or the key is not there; the message says which.
+    #[error("key store: {0}")]
+    KeyStore(String),
 }
 
 /// A private key. The serialized form is zeroized when the last reference is dropped; it never
@@ -82,7 +86,7 @@ impl SecretKey {
     pub fn generate_ca() -> Result<Self, PkiError> {
         match crate::keys::ca_key_store() {
             Some(store) => Ok(Self(Arc::new(KeyInner::Stored(
-                store.generate().map_err(PkiError::Key)?,
+                store.generate().map_err(PkiError::KeyStore)?,
             )))),
             None => Self::generate_p256(),
         }
@@ -100,7 +104,7 @@ impl SecretKey {
     pub fn destroy(&self) -> Result<(), PkiError> {
         match &*self.0 {
             KeyInner::Memory(_) => Ok(()),
-            KeyInner::Stored(k) => k.destroy().map_err(PkiError::Key),
+            KeyInner::Stored(k) => k.destroy().map_err(PkiError::KeyStore),
         }
     }
 
@@ -119,7 +123,7 @@ impl SecretKey {
                      ([keys] backend = \"pkcs11\")"
                 ))
             })?;
-            let key = store.find(text).map_err(PkiError::Key)?;
+            let key = store.find(text).map_err(PkiError::KeyStore)?;
             return Ok(Self(Arc::new(KeyInner::Stored(key))));
         }
         let block = pem::parse(pem_text).map_err(|e| PkiError::Pem(e.to_string()))?;

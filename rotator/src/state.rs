@@ -415,11 +415,18 @@ pub enum StateError {
     /// Making a key or certificate failed (the RNG, or a bug): not the request's fault.
     #[error("{0}")]
     Pki(String),
+    /// The key store cannot make or find a key now (a full or lost token): nothing changed;
+    /// the same step can succeed once it can.
+    #[error("{0}")]
+    KeyStore(String),
 }
 
 impl From<PkiError> for StateError {
     fn from(e: PkiError) -> Self {
-        Self::Pki(e.to_string())
+        match e {
+            PkiError::KeyStore(_) => Self::KeyStore(e.to_string()),
+            e => Self::Pki(e.to_string()),
+        }
     }
 }
 

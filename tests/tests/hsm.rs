@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
@@ -11,8 +12,8 @@ use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use meshca_proto::v1::identity_service_client::IdentityServiceClient;
 use meshca_tests::{
-    ServerProcess, Workload, bin, mtls_handshake, require_tool, sign_request, snapshot_dir,
-    with_token,
+    ServerProcess, Workload, bin, eventually, http_get, mtls_handshake, require_tool, sign_request,
+    snapshot_dir, with_token,
 };
 use rotator::client::{channel, client_tls, make_csr, parse_pem_certs, verify_svid};
 use rotator::pki::SecretKey;
@@ -121,6 +122,11 @@ impl Hsm {
     /// (this test binary, running [`token_probe`] with `SOFTHSM2_CONF` set: the module reads
     /// the variable once, at C_Initialize, so each token needs its own process).
     fn private_keys(&self) -> Vec<(String, bool, bool)> {
+        self.private_keys_with(&self.conf)
+    }
+
+    /// As [`Hsm::private_keys`], for the token directory another config file names.
+    fn private_keys_with(&self, conf: &Path) -> Vec<(String, bool, bool)> {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--ignored",
@@ -129,7 +135,7 @@ impl Hsm {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("SOFTHSM2_CONF", &self.conf)
+            .env("SOFTHSM2_CONF", conf)
             .env("MESHCA_TOKEN_PROBE_MODULE", &self.module)
             .output()
             .unwrap();
@@ -187,8 +193,44 @@ fn token_probe() {
                 _ => {}
             }
         }
+        // The scalar itself: the token does not give it, to anyone (so no process, meshca
+        // included, can have written it anywhere).
+        assert!(
+            !has_value(&s, h),
+            "the token revealed the value of private key {id}"
+        );
         println!("KEY {id} {sens} {ext}");
     }
+    // Control: the same read does return the value of a key that is not sensitive (a session
+    // object, gone with the session).
+    let (_, control) = s
+        .generate_key_pair(
+            &cryptoki::mechanism::Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(false),
+                Attribute::EcParams(vec![
+                    0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+                ]),
+            ],
+            &[
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+            ],
+        )
+        .unwrap();
+    assert!(
+        has_value(&s, control),
+        "the control key's value is readable"
+    );
+}
+
+/// Whether the token returns CKA_VALUE (the private scalar) of `h`.
+fn has_value(s: &cryptoki::session::Session, h: cryptoki::object::ObjectHandle) -> bool {
+    s.get_attributes(h, &[AttributeType::Value]).is_ok_and(|a| {
+        a.iter()
+            .any(|x| matches!(x, Attribute::Value(v) if !v.is_empty()))
+    })
 }
 
 fn hex_of(b: &[u8]) -> String {
@@ -220,6 +262,11 @@ async fn issue_and_verify(srv: &ServerProcess, state: &Path) -> Vec<u8> {
 /// Signs a leaf for default/`sa` and checks its chain against the bundle (rustls-webpki): the
 /// workload, with the bundle the response handed it.
 async fn issue(srv: &ServerProcess, state: &Path, sa: &str) -> Workload {
+    try_issue(srv, state, sa).await.unwrap()
+}
+
+/// As [`issue`], the server's refusal as it came.
+async fn try_issue(srv: &ServerProcess, state: &Path, sa: &str) -> Result<Workload, tonic::Status> {
     let bundle = parse_pem_certs(&std::fs::read_to_string(state.join("bundle.pem")).unwrap());
     let token = std::fs::read_to_string(state.join("bootstrap-token")).unwrap();
     let key = SecretKey::generate_p256().unwrap();
@@ -234,8 +281,7 @@ async fn issue(srv: &ServerProcess, state: &Path, sa: &str) -> Workload {
         IdentityServiceClient::new(channel(&srv.url, client_tls(&bundle, None).unwrap()).unwrap());
     let r = c
         .sign_certificate(with_token(sign_request(csr), token.trim()))
-        .await
-        .unwrap()
+        .await?
         .into_inner();
     let chain: Vec<_> = r
         .certificate_chain
@@ -249,7 +295,7 @@ async fn issue(srv: &ServerProcess, state: &Path, sa: &str) -> Workload {
         webpki::KeyUsage::client_auth(),
     )
     .expect("the token-signed chain verifies");
-    Workload::from_response(&r, key)
+    Ok(Workload::from_response(&r, key))
 }
 
 /// The files under `state` that hold a private key (PEM, or a DER PKCS#8/SEC1 EC key's header),
@@ -612,4 +658,198 @@ async fn on_kubernetes_the_secret_holds_references_only() {
         );
     }
     assert_eq!(hsm.private_keys().len(), 2);
+}
+
+/// A token lost mid-run (the server logged out behind its back, as a restarted HSM forgets its
+/// login: the compiled-in `MESHCA_FAULT_PKCS11_LOGOUT` hook, then the module's own answers):
+/// issuance answers UNAVAILABLE and `/readyz` says why while the store reconnects with backoff;
+/// once the token is back, the same keys sign again — no new anchor, no new key in the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_token_is_reconnected_and_readyz_says_why_meanwhile() {
+    let Some(hsm) = softhsm() else { return };
+    let state = hsm.dir.path().join("state");
+    let lost = hsm.dir.path().join("logout");
+    let (label, pin, module) = ("meshca", hsm.pin_file.clone(), hsm.module.clone());
+    let mut a = hsm.args(label, &pin);
+    a[3] = module.display().to_string();
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let conf = hsm.conf.display().to_string();
+    let lost_env = lost.display().to_string();
+    let srv = ServerProcess::spawn(
+        &state,
+        &a,
+        &[
+            ("SOFTHSM2_CONF", conf.as_str()),
+            ("MESHCA_FAULT_PKCS11_LOGOUT", lost_env.as_str()),
+        ],
+    )
+    .unwrap();
+    let issuer = issue_and_verify(&srv, &state).await;
+    let bundle = std::fs::read(state.join("bundle.pem")).unwrap();
+    let keys = hsm.private_keys();
+    let (code, body) = http_get(srv.http, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+
+    std::fs::write(&lost, "").unwrap();
+    let refused = try_issue(&srv, &state, "web")
+        .await
+        .err()
+        .expect("no signature while the token is lost");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("key store") && refused.message().contains("token \"meshca\""),
+        "{refused:?}"
+    );
+    let (code, body) = http_get(srv.http, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("key store: token \"meshca\" unreachable since"),
+        "{body}"
+    );
+    // Reconnect attempts fail while the token stays lost, and say so.
+    let failing = eventually(Duration::from_secs(10), || async {
+        let (code, body) = http_get(srv.http, "/readyz").await;
+        (code == 503 && body.contains("reconnect attempt")).then_some(body)
+    })
+    .await
+    .expect("readyz reports the failed reconnect attempts");
+    assert!(failing.contains("next attempt in"), "{failing}");
+    println!("while lost: {}", failing.trim());
+
+    std::fs::remove_file(&lost).unwrap();
+    let back = std::time::Instant::now();
+    eventually(Duration::from_secs(20), || async {
+        (http_get(srv.http, "/readyz").await.0 == 200).then_some(())
+    })
+    .await
+    .expect("ready again once the token is back");
+    println!("ready {:?} after the token came back", back.elapsed());
+    assert_eq!(
+        issue_and_verify(&srv, &state).await,
+        issuer,
+        "the same issuer signs"
+    );
+    assert_eq!(
+        std::fs::read(state.join("bundle.pem")).unwrap(),
+        bundle,
+        "no new anchor"
+    );
+    assert_eq!(hsm.private_keys(), keys, "no key made or lost in the token");
+}
+
+/// A full token: the server's token directory is a small tmpfs in its own mount namespace
+/// (`unshare`, as root), filled up while it runs. A new issuer's key cannot be made: `meshca
+/// issuer rotate` fails saying so, the state, the bundle and the token's keys are unchanged, and
+/// the current issuer keeps signing; once there is room again, the same command succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_token_refuses_a_new_key_and_changes_nothing() {
+    let Some(hsm) = softhsm() else { return };
+    let (Some(_), Some(_)) = (require_tool("unshare"), require_tool("mount")) else {
+        return;
+    };
+    let me = std::process::Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&me.stdout).trim() != "0" {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must run this test (it mounts a small tmpfs for the token)"
+        );
+        eprintln!("SKIPPED: needs root to mount a small tmpfs for the token in a mount namespace");
+        return;
+    }
+    let tokens = hsm.dir.path().join("tokens");
+    // The token as softhsm2-util made it, copied onto a 256 KiB tmpfs over the token directory,
+    // seen only by the server's mount namespace.
+    let launch = r#"set -e
+dir="$1"; shift
+cp -a "$dir" "$dir.seed"
+mount -t tmpfs -o size=256k,mode=0700 meshca-token "$dir"
+cp -a "$dir.seed/." "$dir/"
+exec "$@""#;
+    let argv: Vec<std::ffi::OsString> = vec![
+        "unshare".into(),
+        "--mount".into(),
+        "--propagation".into(),
+        "private".into(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        launch.into(),
+        "sh".into(),
+        tokens.clone().into(),
+        bin("meshca-server").into(),
+    ];
+    let state = hsm.dir.path().join("state");
+    let a = hsm.args("meshca", &hsm.pin_file);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let conf = hsm.conf.display().to_string();
+    let srv =
+        ServerProcess::spawn_as(&argv, &state, &a, &[("SOFTHSM2_CONF", conf.as_str())]).unwrap();
+    // The server's view of its token directory, and a config for the probe to read it there.
+    let seen = PathBuf::from(format!("/proc/{}/root", srv.child.id()))
+        .join(tokens.strip_prefix("/").unwrap());
+    let probe_conf = hsm.dir.path().join("probe.conf");
+    std::fs::write(
+        &probe_conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    let issuer = issue_and_verify(&srv, &state).await;
+    let keys = hsm.private_keys_with(&probe_conf);
+    assert_eq!(
+        keys.len(),
+        2,
+        "anchor and issuer keys, in the tmpfs: {keys:?}"
+    );
+    assert!(
+        hsm.private_keys().is_empty(),
+        "the token outside the namespace is untouched"
+    );
+
+    // Fill the token's file system.
+    let fill = seen.join("fill");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&fill).unwrap();
+        let block = vec![0u8; 4096];
+        let err = loop {
+            if let Err(e) = f.write_all(&block) {
+                break e;
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(28), "{err}");
+    }
+    let before = snapshot_dir(&state);
+    let (ok, out) = meshca(&state, &["issuer", "rotate"]);
+    assert!(
+        !ok,
+        "a rotation needing a new key succeeded on a full token: {out}"
+    );
+    println!("refused: {}", out.trim());
+    assert!(out.contains("token \"meshca\""), "{out}");
+    assert!(out.contains("full"), "{out}");
+    assert!(out.contains("Unavailable: nothing changed"), "{out}");
+    assert_eq!(snapshot_dir(&state), before, "the state is unchanged");
+    assert_eq!(
+        hsm.private_keys_with(&probe_conf),
+        keys,
+        "no key added in the token"
+    );
+    assert_eq!(
+        issue_and_verify(&srv, &state).await,
+        issuer,
+        "the current issuer still signs"
+    );
+
+    // Room again: the same step succeeds.
+    std::fs::remove_file(&fill).unwrap();
+    let (ok, out) = meshca(&state, &["issuer", "rotate"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        hsm.private_keys_with(&probe_conf).len(),
+        3,
+        "the new issuer's key"
+    );
 }
