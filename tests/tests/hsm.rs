@@ -422,6 +422,31 @@ async fn keys_are_made_in_the_token_and_every_flow_signs_there() {
     let ids: std::collections::BTreeSet<String> = held.into_iter().map(|k| k.0).collect();
     assert_eq!(refs, ids);
 
+    // Rollback: a staged anchor (a new key in the token) rolled back is archived, and its key
+    // destroyed (key_retention 0); the bundle and the issuer are as before.
+    let bundle = std::fs::read(state.join("bundle.pem")).unwrap();
+    let issuer = issue_and_verify(&srv, &state).await;
+    let (ok, out) = meshca(&state, &["anchors", "stage"]);
+    assert!(ok, "{out}");
+    let staged = hsm.private_keys().len();
+    assert!(staged > ids.len(), "the staged anchor's key: {staged}");
+    println!("staged: {} new keys in the token", staged - ids.len());
+    let (ok, out) = meshca(&state, &["anchors", "rollback"]);
+    assert!(ok, "{out}");
+    let after: std::collections::BTreeSet<String> =
+        hsm.private_keys().into_iter().map(|k| k.0).collect();
+    assert_eq!(
+        after, ids,
+        "the keys made for the rolled-back anchor are destroyed"
+    );
+    assert_eq!(issue_and_verify(&srv, &state).await, issuer);
+    let now = std::fs::read(state.join("bundle.pem")).unwrap();
+    assert_eq!(
+        parse_pem_certs(&String::from_utf8_lossy(&now)),
+        parse_pem_certs(&String::from_utf8_lossy(&bundle)),
+        "the bundle holds the same anchors again"
+    );
+
     // Restart: the keys the state names are found again in the token.
     srv.kill();
     let srv = hsm.spawn(&state).expect("restarts on the same token");
