@@ -60,6 +60,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Where anchor and issuer keys live (`[keys]`): the state (default) or a PKCS#11 token.
     pub keys: rotator::keys::KeysConfig,
+    /// SPIFFE federation (`[federation]`): the bundle endpoint served over HTTPS.
+    pub federation: crate::federation::FederationConfig,
 }
 
 /// One authenticator of the chain.
@@ -233,6 +235,7 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             limits: LimitsConfig::default(),
             keys: rotator::keys::KeysConfig::default(),
+            federation: crate::federation::FederationConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -344,6 +347,11 @@ impl Config {
             });
         }
         self.limits.validate()?;
+        self.federation.validate().map_err(|reason| ConfigError {
+            name: "federation.bundle_endpoint_profile".into(),
+            value: format!("{:?}", self.federation.bundle_endpoint_profile),
+            reason,
+        })?;
         for n in &self.tls.dns_names {
             if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
                 return Err(ConfigError {

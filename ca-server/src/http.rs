@@ -135,9 +135,22 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     limits: Arc<Limits>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    serve_app(listener, router(Arc::new(state)), None, limits, stop).await;
+}
+
+/// Serves `app` over HTTP/1.1 on `listener` until `stop` — in TLS when `tls` is given (the
+/// handshake within [`crate::tls::HANDSHAKE_TIMEOUT`]) — under the HTTP port's limits: at most
+/// `limits.http_max_connections` open connections (shared by every port served so), request
+/// headers within `limits.http_header_timeout`.
+pub async fn serve_app(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Arc<Limits>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let app = router(Arc::new(state));
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let (tcp, addr) = tokio::select! {
@@ -157,12 +170,31 @@ pub async fn serve(
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let header_timeout = limits.config().http_header_timeout;
         let mut stop = stop.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
             let _slot = slot;
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(tcp),
+                Some(acceptor) => {
+                    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, "TLS handshake: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%addr, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {
@@ -236,14 +268,25 @@ async fn bundle(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     )
 }
 
+/// A byte stream a connection is served over: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
 /// `spiffe_refresh_hint` in `/spiffe-bundle.json`: how often federated peers should fetch it.
 /// Five minutes, as SPIRE's default, so a staged anchor reaches federated peers well within the
 /// propagation allowance.
 pub const SPIFFE_REFRESH_HINT_SECONDS: u64 = 300;
 
-async fn spiffe_bundle(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    let snap = s.issuer.authority().snapshot();
-    match spiffe_bundle_json(&snap.bundle, SPIFFE_REFRESH_HINT_SECONDS) {
+async fn spiffe_bundle(State(s): State<Arc<HttpState>>) -> axum::response::Response {
+    spiffe_bundle_response(&s.issuer.authority().snapshot().bundle)
+}
+
+/// The SPIFFE bundle document of `bundle`, as an HTTP answer (the HTTP port and the bundle
+/// endpoint serve the same).
+pub(crate) fn spiffe_bundle_response(
+    bundle: &crate::authority::Bundle,
+) -> axum::response::Response {
+    match spiffe_bundle_json(bundle, SPIFFE_REFRESH_HINT_SECONDS) {
         Ok(v) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],
@@ -255,6 +298,7 @@ async fn spiffe_bundle(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
             format!("{e}\n"),
         ),
     }
+    .into_response()
 }
 
 /// The bundle as a SPIFFE trust bundle (a JWK Set): one `x509-svid` key per anchor with its

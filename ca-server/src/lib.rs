@@ -18,6 +18,7 @@ pub(crate) mod codes;
 pub mod config;
 pub mod disk;
 pub mod driver;
+pub mod federation;
 pub(crate) mod grpc;
 pub(crate) mod http;
 pub mod impersonation;

@@ -80,6 +80,36 @@ struct Args {
     /// A file holding the token's user PIN.
     #[arg(long, env = "MESHCA_KEYS_PKCS11_PIN_FILE", value_name = "FILE")]
     pkcs11_pin_file: Option<PathBuf>,
+    /// Serve the SPIFFE bundle endpoint (HTTPS) on this address, for federated trust domains
+    /// (`[federation] bundle_endpoint_listen`; docs/federation.md).
+    #[arg(
+        long = "bundle-listen",
+        env = "MESHCA_FEDERATION_BUNDLE_ENDPOINT_LISTEN",
+        value_name = "ADDR"
+    )]
+    bundle_listen: Option<SocketAddr>,
+    /// The bundle endpoint's profile: `https_spiffe` (an SVID meshca issues itself) or
+    /// `https_web` (with --bundle-endpoint-cert/--bundle-endpoint-key) [default: https_spiffe].
+    #[arg(
+        long,
+        env = "MESHCA_FEDERATION_BUNDLE_ENDPOINT_PROFILE",
+        value_name = "PROFILE"
+    )]
+    bundle_endpoint_profile: Option<ca_server::federation::EndpointProfile>,
+    /// `https_web`: the bundle endpoint's certificate chain (PEM).
+    #[arg(
+        long,
+        env = "MESHCA_FEDERATION_BUNDLE_ENDPOINT_CERT",
+        value_name = "FILE"
+    )]
+    bundle_endpoint_cert: Option<PathBuf>,
+    /// `https_web`: the bundle endpoint's private key (PEM).
+    #[arg(
+        long,
+        env = "MESHCA_FEDERATION_BUNDLE_ENDPOINT_KEY",
+        value_name = "FILE"
+    )]
+    bundle_endpoint_key: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -133,6 +163,18 @@ impl Args {
         }
         if let Some(v) = &self.pkcs11_pin_file {
             c.keys.pkcs11_pin_file.clone_from(v);
+        }
+        if let Some(v) = self.bundle_listen {
+            c.federation.bundle_endpoint_listen = Some(v);
+        }
+        if let Some(v) = self.bundle_endpoint_profile {
+            c.federation.bundle_endpoint_profile = v;
+        }
+        if let Some(v) = &self.bundle_endpoint_cert {
+            c.federation.bundle_endpoint_cert = Some(v.clone());
+        }
+        if let Some(v) = &self.bundle_endpoint_key {
+            c.federation.bundle_endpoint_key = Some(v.clone());
         }
         if let Some(v) = &self.istio_trusted_node_agents {
             c.istio.trusted_node_agents = v
@@ -282,12 +324,16 @@ fn print_banner(server: &Server) {
         },
         |i| format!("{} (until {})", i.id, rotator::clock::rfc3339(i.not_after)),
     );
+    let endpoint = server.bundle_endpoint_addr.map_or_else(String::new, |a| {
+        format!("  bundle endpoint  https://{a}/  (SPIFFE bundle for federated trust domains)\n")
+    });
     println!(
         "meshca-server {ver}: {what} for trust domain {td}\n\
          {shared}\
          \x20 state dir        {dir}\n\
          \x20 gRPC (TLS)       https://{grpc}\n\
          \x20 HTTP             http://{http}  (/healthz /readyz /metrics /bundle.pem)\n\
+         {endpoint}\
          \x20 trust bundle     {dir}/bundle.pem  (version {bv}, {n} anchor(s))\n\
          \x20 active issuer    {issuer}\n\
          \x20 bootstrap token  {token}  (may request spiffe://{td}/ns/default/sa/*, {bootstrap})\n\

@@ -62,6 +62,8 @@ pub struct Server {
     pub grpc_addr: SocketAddr,
     /// The HTTP address actually bound.
     pub http_addr: SocketAddr,
+    /// The SPIFFE bundle endpoint's address, when `[federation] bundle_endpoint_listen` is set.
+    pub bundle_endpoint_addr: Option<SocketAddr>,
     /// The admin socket.
     pub admin_socket: PathBuf,
     /// The authority served.
@@ -136,6 +138,8 @@ impl Server {
         let http_listener = bind(config.http_listen).await?;
         let grpc_addr = grpc_listener.local_addr().map_err(other)?;
         let http_addr = http_listener.local_addr().map_err(other)?;
+        let endpoint = BundleEndpoint::bind(&config, &authority).await?;
+        let bundle_endpoint_addr = endpoint.as_ref().map(|e| e.addr);
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let admin_socket = path
@@ -154,10 +158,14 @@ impl Server {
         }
         path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
         path.spawn_faces(&config, grpc_listener, http_listener, &mut tasks, &stop);
+        if let Some(e) = endpoint {
+            e.spawn(&path, &authority, &mut tasks, &stop);
+        }
 
         Ok(Self {
             grpc_addr,
             http_addr,
+            bundle_endpoint_addr,
             admin_socket,
             authority,
             tls: path.tls,
@@ -352,6 +360,51 @@ impl RequestPath {
             http,
             state,
             self.limits.clone(),
+            stop.clone(),
+        ));
+    }
+}
+
+/// The SPIFFE bundle endpoint (`[federation]`), bound: its listener and TLS.
+struct BundleEndpoint {
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: crate::federation::EndpointTls,
+}
+
+impl BundleEndpoint {
+    /// Its TLS (the profile's certificate) and its port, when configured.
+    async fn bind(config: &Config, authority: &Authority) -> Result<Option<Self>, StartError> {
+        let Some(listen) = config.federation.bundle_endpoint_listen else {
+            return Ok(None);
+        };
+        let tls = crate::federation::endpoint_tls(&config.federation, authority)
+            .map_err(StartError::Other)?;
+        let listener = bind(listen).await?;
+        let addr = listener.local_addr().map_err(other)?;
+        Ok(Some(Self {
+            listener,
+            addr,
+            tls,
+        }))
+    }
+
+    /// Serves it, and keeps its SVID renewed (`https_spiffe`).
+    fn spawn(
+        self,
+        path: &RequestPath,
+        authority: &Arc<Authority>,
+        tasks: &mut JoinSet<()>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        if let Some(live) = self.tls.live {
+            tasks.spawn(live.maintain(authority.clone(), stop.clone()));
+        }
+        tasks.spawn(crate::http::serve_app(
+            self.listener,
+            crate::federation::router(path.core.clone()),
+            Some(tokio_rustls::TlsAcceptor::from(self.tls.config)),
+            path.limits.clone(),
             stop.clone(),
         ));
     }

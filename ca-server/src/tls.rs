@@ -36,12 +36,21 @@ const RETRY: Duration = Duration::from_secs(5);
 
 struct Verifier(Arc<dyn ClientCertVerifier>);
 
-/// The TLS material of the gRPC port, swapped atomically as the authority changes.
+/// The TLS material of the gRPC port (or of the SPIFFE bundle endpoint), swapped atomically as
+/// the authority changes.
 pub struct LiveTls {
     cert: ArcSwapOption<CertifiedKey>,
     verifier: ArcSwap<Verifier>,
     server_cert: ArcSwapOption<ServerCert>,
-    names: TlsConfig,
+    names: Names,
+}
+
+/// What the certificate names.
+enum Names {
+    /// The gRPC port: `[tls]` DNS names and IPs (`profile::server`).
+    Server(TlsConfig),
+    /// The bundle endpoint: one SPIFFE ID (`profile::bundle_endpoint`).
+    Svid(rotator::spiffe::SpiffeId),
 }
 
 /// The server certificate currently in use.
@@ -73,6 +82,16 @@ impl LiveTls {
     /// TLS material for `authority`'s current snapshot (a server certificate is issued now, if
     /// there is an issuer).
     pub fn new(authority: &Authority, names: TlsConfig) -> Result<Arc<Self>, String> {
+        Self::naming(authority, Names::Server(names))
+    }
+
+    /// TLS material for the SPIFFE bundle endpoint (`https_spiffe`): an SVID for `id`, issued by
+    /// the current issuer and renewed as the gRPC port's certificate is.
+    pub fn svid(authority: &Authority, id: rotator::spiffe::SpiffeId) -> Result<Arc<Self>, String> {
+        Self::naming(authority, Names::Svid(id))
+    }
+
+    fn naming(authority: &Authority, names: Names) -> Result<Arc<Self>, String> {
         let snap = authority.snapshot();
         let live = Arc::new(Self {
             cert: ArcSwapOption::empty(),
@@ -97,6 +116,18 @@ impl LiveTls {
         Ok(Arc::new(cfg))
     }
 
+    /// A rustls server config for the bundle endpoint: this live certificate, no client
+    /// certificates, HTTP/1.1.
+    pub fn endpoint_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, String> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(LiveResolver(self.clone())));
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     /// The server certificate in use, if any.
     pub fn current(&self) -> Option<Arc<ServerCert>> {
         self.server_cert.load_full()
@@ -115,12 +146,17 @@ impl LiveTls {
             )
             .map_err(|e| e.to_string())?;
         let key = SecretKey::generate_p256().map_err(|e| e.to_string())?;
-        let params = rotator::profile::server(
-            &self.names.dns_names,
-            &self.names.ip_addresses,
-            window.not_before,
-            window.not_after,
-        )
+        let params = match &self.names {
+            Names::Server(names) => rotator::profile::server(
+                &names.dns_names,
+                &names.ip_addresses,
+                window.not_before,
+                window.not_after,
+            ),
+            Names::Svid(id) => {
+                rotator::profile::bundle_endpoint(id, window.not_before, window.not_after)
+            }
+        }
         .map_err(|e| e.to_string())?;
         let cert = params
             .signed_by(&key, &issuer.signer)
@@ -142,7 +178,11 @@ impl LiveTls {
             renew_at,
             der,
         })));
-        tracing::info!(issuer = %issuer.id, not_after = %rotator::clock::rfc3339(window.not_after), "server certificate issued");
+        let what = match &self.names {
+            Names::Server(_) => "server certificate",
+            Names::Svid(_) => "bundle endpoint SVID",
+        };
+        tracing::info!(issuer = %issuer.id, not_after = %rotator::clock::rfc3339(window.not_after), "{what} issued");
         Ok(())
     }
 

@@ -140,3 +140,47 @@ fn print_config(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     }
     c.output().unwrap()
 }
+
+#[test]
+fn the_bundle_endpoint_is_set_by_flag_or_environment_and_checked() {
+    let federation = |stdout: Vec<u8>| {
+        let t: toml::Table = toml::from_str(&String::from_utf8(stdout).unwrap()).unwrap();
+        t["federation"].clone()
+    };
+    let out = print_config(
+        &[],
+        &[
+            ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_LISTEN", "0.0.0.0:8444"),
+            ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_PROFILE", "https_web"),
+            ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_CERT", "web.crt"),
+            ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_KEY", "web.key"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let f = federation(out.stdout);
+    assert_eq!(f["bundle_endpoint_listen"].as_str(), Some("0.0.0.0:8444"));
+    assert_eq!(f["bundle_endpoint_profile"].as_str(), Some("https_web"));
+    let out = print_config(
+        &["--bundle-listen", "127.0.0.1:9444"],
+        &[("MESHCA_FEDERATION_BUNDLE_ENDPOINT_LISTEN", "0.0.0.0:8444")],
+    );
+    assert_eq!(
+        federation(out.stdout)["bundle_endpoint_listen"].as_str(),
+        Some("127.0.0.1:9444"),
+        "the flag over the environment"
+    );
+    let out = print_config(
+        &[
+            "--bundle-listen",
+            "127.0.0.1:9444",
+            "--bundle-endpoint-profile",
+            "https_web",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("federation.bundle_endpoint_cert"), "{err}");
+    let out = print_config(&["--bundle-endpoint-profile", "http"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}

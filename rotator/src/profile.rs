@@ -9,6 +9,7 @@
 //! | issuer | yes, pathLen 0 | keyCertSign, cRLSign | — | O=td, CN=meshca issuer … | — |
 //! | leaf | no | digitalSignature (+ keyEncipherment for RSA) | serverAuth, clientAuth | empty | [DNS identity,] one SPIFFE URI |
 //! | server | no | digitalSignature | serverAuth only | CN=meshca-server | `[tls]` DNS names and IPs |
+//! | bundle endpoint | no | digitalSignature | serverAuth only | empty | one SPIFFE URI (`…/meshca/server`) |
 
 use std::time::Duration;
 
@@ -155,6 +156,23 @@ pub fn server(
     for ip in ip_addresses {
         params.subject_alt_names.push(SanType::IpAddress(*ip));
     }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    end_entity(params, not_before, not_after)
+}
+
+/// The SVID of meshca's SPIFFE bundle endpoint (`https_spiffe` profile): no CA,
+/// digitalSignature, serverAuth only, exactly one URI SAN — `id`
+/// (`spiffe://<trust-domain>/meshca/server`), which federated peers check instead of a host name.
+pub fn bundle_endpoint(
+    id: &crate::spiffe::SpiffeId,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params
+        .subject_alt_names
+        .push(SanType::URI(id.to_string().try_into()?));
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     end_entity(params, not_before, not_after)

@@ -1,0 +1,196 @@
+//! SPIFFE federation, the serving half: meshca's trust bundle at a SPIFFE bundle endpoint over
+//! HTTPS (`[federation]`, `--bundle-listen`), for another trust domain's SPIRE or meshca to fetch.
+//! The document is the one `/spiffe-bundle.json` serves on the HTTP port (a JWK Set: one
+//! `x509-svid` key per anchor, `spiffe_sequence` = the bundle version, `spiffe_refresh_hint`),
+//! served at `/` and `/spiffe-bundle.json`, in one of the two profiles of the SPIFFE Trust Domain
+//! and Bundle specification:
+//!
+//! - `https_spiffe` (the default): the endpoint presents an X.509-SVID for
+//!   `spiffe://<trust-domain>/meshca/server`, issued by meshca's own issuer and renewed as the
+//!   gRPC port's certificate is (at 2/3 of its life, and at once when the issuer changes). A peer
+//!   authenticates it with the bundle it already trusts and checks that SPIFFE ID.
+//! - `https_web`: the operator's certificate and key (a public web PKI name), read at start-up.
+//!
+//! Consuming other trust domains' bundles is not built yet (issue #19's next part).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use rotator::spiffe::{SpiffeId, TrustDomain};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+
+use crate::authority::Authority;
+use crate::issuance::SigningCore;
+use crate::tls::LiveTls;
+
+/// How the bundle endpoint authenticates itself to the peers that fetch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointProfile {
+    /// An SVID for `spiffe://<td>/meshca/server` from meshca's own issuer.
+    #[default]
+    HttpsSpiffe,
+    /// An operator-provided web PKI certificate and key.
+    HttpsWeb,
+}
+
+impl std::str::FromStr for EndpointProfile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "https_spiffe" => Ok(Self::HttpsSpiffe),
+            "https_web" => Ok(Self::HttpsWeb),
+            other => Err(format!(
+                "{other:?}: expected \"https_spiffe\" or \"https_web\""
+            )),
+        }
+    }
+}
+
+/// `[federation]`: the SPIFFE bundle endpoint meshca serves.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Where the bundle endpoint listens (HTTPS); unset: not served.
+    pub bundle_endpoint_listen: Option<SocketAddr>,
+    /// `https_spiffe` (default) or `https_web`.
+    pub bundle_endpoint_profile: EndpointProfile,
+    /// `https_web`: the certificate chain (PEM, leaf first).
+    pub bundle_endpoint_cert: Option<PathBuf>,
+    /// `https_web`: its private key (PEM).
+    pub bundle_endpoint_key: Option<PathBuf>,
+}
+
+impl FederationConfig {
+    /// The profile and its files agree.
+    pub fn validate(&self) -> Result<(), String> {
+        let files = (
+            self.bundle_endpoint_cert.is_some(),
+            self.bundle_endpoint_key.is_some(),
+        );
+        match (self.bundle_endpoint_profile, files) {
+            (EndpointProfile::HttpsWeb, (true, true))
+            | (EndpointProfile::HttpsSpiffe, (false, false)) => Ok(()),
+            (EndpointProfile::HttpsWeb, _) => Err(
+                "federation.bundle_endpoint_profile = \"https_web\" needs both \
+                 federation.bundle_endpoint_cert and federation.bundle_endpoint_key (PEM)"
+                    .into(),
+            ),
+            (EndpointProfile::HttpsSpiffe, _) => Err(
+                "federation.bundle_endpoint_cert and _key are for the \"https_web\" profile; \
+                 \"https_spiffe\" serves an SVID that meshca issues itself"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// The bundle endpoint's SPIFFE ID in the `https_spiffe` profile.
+pub fn endpoint_id(td: &TrustDomain) -> Result<SpiffeId, String> {
+    format!("spiffe://{td}/meshca/server")
+        .parse()
+        .map_err(|e: rotator::spiffe::IdError| e.to_string())
+}
+
+/// The bundle endpoint's TLS: its rustls config, and the live SVID to keep renewed
+/// (`https_spiffe`).
+pub struct EndpointTls {
+    /// What the listener serves with.
+    pub config: Arc<ServerConfig>,
+    /// `https_spiffe`: the SVID, for [`LiveTls::maintain`].
+    pub live: Option<Arc<LiveTls>>,
+}
+
+/// The TLS the configured profile calls for, or why it cannot be had (a file unreadable, not
+/// PEM, a key that does not match the certificate).
+pub fn endpoint_tls(cfg: &FederationConfig, authority: &Authority) -> Result<EndpointTls, String> {
+    match (
+        cfg.bundle_endpoint_profile,
+        &cfg.bundle_endpoint_cert,
+        &cfg.bundle_endpoint_key,
+    ) {
+        (EndpointProfile::HttpsWeb, Some(cert), Some(key)) => Ok(EndpointTls {
+            config: web_config(cert, key)?,
+            live: None,
+        }),
+        (EndpointProfile::HttpsWeb, _, _) => Err("https_web needs a certificate and a key".into()),
+        (EndpointProfile::HttpsSpiffe, _, _) => {
+            let td = &authority.snapshot().bundle.trust_domain;
+            let live = LiveTls::svid(authority, endpoint_id(td)?)?;
+            Ok(EndpointTls {
+                config: live.endpoint_config()?,
+                live: Some(live),
+            })
+        }
+    }
+}
+
+fn web_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("federation.bundle_endpoint_cert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "federation.bundle_endpoint_cert {}: no CERTIFICATE in it",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("federation.bundle_endpoint_key {}: {e}", key.display()))?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| {
+                format!(
+                    "federation.bundle_endpoint_cert/_key {}: {e}",
+                    cert.display()
+                )
+            })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `GET /` and `GET /spiffe-bundle.json`: the SPIFFE bundle.
+pub fn router(core: Arc<SigningCore>) -> Router {
+    Router::new()
+        .route("/", get(bundle))
+        .route("/spiffe-bundle.json", get(bundle))
+        .with_state(core)
+}
+
+async fn bundle(State(core): State<Arc<SigningCore>>) -> impl IntoResponse {
+    crate::http::spiffe_bundle_response(&core.authority().snapshot().bundle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_and_its_files_must_agree() {
+        let mut c = FederationConfig::default();
+        assert!(c.validate().is_ok());
+        c.bundle_endpoint_cert = Some("web.crt".into());
+        assert!(c.validate().unwrap_err().contains("https_web"));
+        c.bundle_endpoint_profile = EndpointProfile::HttpsWeb;
+        assert!(c.validate().unwrap_err().contains("bundle_endpoint_key"));
+        c.bundle_endpoint_key = Some("web.key".into());
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            "https_web".parse::<EndpointProfile>(),
+            Ok(EndpointProfile::HttpsWeb)
+        );
+        assert!("http".parse::<EndpointProfile>().is_err());
+    }
+}
