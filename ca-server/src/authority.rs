@@ -55,6 +55,19 @@ pub struct Bundle {
     pub ids: Vec<CertId>,
     /// The anchors as PEM.
     pub pem: String,
+    /// Federated trust domains' bundles.
+    pub federated: Vec<Federated>,
+}
+
+/// A federated trust domain's anchors, as the request path hands them out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Federated {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its anchors, DER.
+    pub anchors: Vec<CertificateDer<'static>>,
+    /// Its endpoint's `spiffe_sequence`.
+    pub sequence: u64,
 }
 
 /// What the request path reads: one immutable view of the committed state.
@@ -95,6 +108,15 @@ impl Snapshot {
             anchors: anchors.iter().map(|a| a.cert.der().clone()).collect(),
             ids: anchors.iter().map(|a| a.cert.id().clone()).collect(),
             pem: anchors.iter().map(|a| a.cert.pem()).collect(),
+            federated: state
+                .federated
+                .iter()
+                .map(|f| Federated {
+                    trust_domain: f.trust_domain.clone(),
+                    anchors: rotator::client::parse_pem_certs(&f.anchors_pem),
+                    sequence: f.sequence,
+                })
+                .collect(),
         });
         Ok(Self {
             generation: state.generation,

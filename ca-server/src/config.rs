@@ -352,6 +352,26 @@ impl Config {
             value: format!("{:?}", self.federation.bundle_endpoint_profile),
             reason,
         })?;
+        self.federation
+            .validate_peers()
+            .map_err(|reason| ConfigError {
+                name: "federation".into(),
+                value: String::new(),
+                reason,
+            })?;
+        if let Some(td) = &self.trust_domain
+            && self
+                .federation
+                .trust_domains
+                .iter()
+                .any(|p| &p.trust_domain == td)
+        {
+            return Err(ConfigError {
+                name: "federation.trust_domains".into(),
+                value: td.to_string(),
+                reason: "this authority's own trust domain cannot be federated with".into(),
+            });
+        }
         for n in &self.tls.dns_names {
             if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
                 return Err(ConfigError {

@@ -114,6 +114,15 @@ fn trust_bundle(b: &Bundle) -> TrustBundle {
         anchors: b.anchors.iter().map(|a| a.to_vec()).collect(),
         version: b.version,
         renew_now: false,
+        federated: b
+            .federated
+            .iter()
+            .map(|f| meshca_proto::v1::FederatedBundle {
+                trust_domain: f.trust_domain.to_string(),
+                anchors: f.anchors.iter().map(|a| a.to_vec()).collect(),
+                sequence: f.sequence,
+            })
+            .collect(),
     }
 }
 
@@ -237,7 +246,7 @@ impl IdentityService for MeshcaV1 {
         // The current bundle first, then one message per new bundle version, and one telling
         // the watcher to renew now whenever an issuer is revoked. The stream holds its watch slot
         // (`permit`) until it is dropped.
-        type Seen = Option<(u64, Vec<rotator::pki::CertId>)>;
+        type Seen = Option<(u64, Vec<rotator::pki::CertId>, Vec<u64>)>;
         let state = (rx, Seen::None, who, permit, own_issuer);
         let stream = futures::stream::unfold(
             state,
@@ -248,9 +257,14 @@ impl IdentityService for MeshcaV1 {
                     let revoked: Vec<_> = snap.revoked.iter().map(|r| r.issuer.clone()).collect();
                     let renew_now = match &last {
                         None => own_issuer.as_ref().is_some_and(|i| revoked.contains(i)),
-                        Some((_, seen)) => revoked.iter().any(|r| !seen.contains(r)),
+                        Some((_, seen, _)) => revoked.iter().any(|r| !seen.contains(r)),
                     };
-                    if last.as_ref().is_none_or(|(v, _)| *v != bundle.version) || renew_now {
+                    // Federated bundles change on their own schedule: a new sequence is news.
+                    let federated: Vec<u64> = bundle.federated.iter().map(|f| f.sequence).collect();
+                    let changed = last
+                        .as_ref()
+                        .is_none_or(|(v, _, f)| *v != bundle.version || *f != federated);
+                    if changed || renew_now {
                         if let Some(w) = &who {
                             w.sent(bundle.version);
                         }
@@ -258,7 +272,13 @@ impl IdentityService for MeshcaV1 {
                             renew_now,
                             ..trust_bundle(&bundle)
                         };
-                        let next = (rx, Some((bundle.version, revoked)), who, permit, own_issuer);
+                        let next = (
+                            rx,
+                            Some((bundle.version, revoked, federated)),
+                            who,
+                            permit,
+                            own_issuer,
+                        );
                         return Some((Ok(msg), next));
                     }
                     rx.changed().await.ok()?;

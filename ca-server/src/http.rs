@@ -278,15 +278,19 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 pub const SPIFFE_REFRESH_HINT_SECONDS: u64 = 300;
 
 async fn spiffe_bundle(State(s): State<Arc<HttpState>>) -> axum::response::Response {
-    spiffe_bundle_response(&s.issuer.authority().snapshot().bundle)
+    spiffe_bundle_response(
+        &s.issuer.authority().snapshot().bundle,
+        SPIFFE_REFRESH_HINT_SECONDS,
+    )
 }
 
 /// The SPIFFE bundle document of `bundle`, as an HTTP answer (the HTTP port and the bundle
 /// endpoint serve the same).
 pub(crate) fn spiffe_bundle_response(
     bundle: &crate::authority::Bundle,
+    refresh_hint: u64,
 ) -> axum::response::Response {
-    match spiffe_bundle_json(bundle, SPIFFE_REFRESH_HINT_SECONDS) {
+    match spiffe_bundle_json(bundle, refresh_hint) {
         Ok(v) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],

@@ -64,6 +64,8 @@ pub struct Server {
     pub http_addr: SocketAddr,
     /// The SPIFFE bundle endpoint's address, when `[federation] bundle_endpoint_listen` is set.
     pub bundle_endpoint_addr: Option<SocketAddr>,
+    /// The federated trust domains' refresh status.
+    pub federation: Arc<crate::federation::fetch::Federation>,
     /// The admin socket.
     pub admin_socket: PathBuf,
     /// The authority served.
@@ -157,6 +159,13 @@ impl Server {
             k.spawn_tasks(&config, &authority, &path, &leader, &mut tasks, &stop);
         }
         path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
+        let federation = crate::federation::fetch::spawn(
+            &config.federation,
+            &authority,
+            &leader,
+            &mut tasks,
+            &stop,
+        );
         path.spawn_faces(&config, grpc_listener, http_listener, &mut tasks, &stop);
         if let Some(e) = endpoint {
             e.spawn(&path, &authority, &mut tasks, &stop);
@@ -166,6 +175,7 @@ impl Server {
             grpc_addr,
             http_addr,
             bundle_endpoint_addr,
+            federation,
             admin_socket,
             authority,
             tls: path.tls,
@@ -370,6 +380,7 @@ struct BundleEndpoint {
     listener: TcpListener,
     addr: SocketAddr,
     tls: crate::federation::EndpointTls,
+    refresh_hint: std::time::Duration,
 }
 
 impl BundleEndpoint {
@@ -386,6 +397,7 @@ impl BundleEndpoint {
             listener,
             addr,
             tls,
+            refresh_hint: config.federation.bundle_endpoint_refresh_hint,
         }))
     }
 
@@ -402,7 +414,7 @@ impl BundleEndpoint {
         }
         tasks.spawn(crate::http::serve_app(
             self.listener,
-            crate::federation::router(path.core.clone()),
+            crate::federation::router(path.core.clone(), self.refresh_hint),
             Some(tokio_rustls::TlsAcceptor::from(self.tls.config)),
             path.limits.clone(),
             stop.clone(),

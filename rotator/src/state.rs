@@ -156,6 +156,23 @@ pub struct AuthorityState {
     /// Issuers an operator revoked (`meshca issuer revoke`): their leaves no longer renew with
     /// their own certificate. Kept until the issuer is pruned.
     pub revoked: Vec<Revocation>,
+    /// Federated trust domains' bundles, as last accepted from their bundle endpoints (or their
+    /// bootstrap bundles): what this authority's workloads trust peers of those domains with.
+    pub federated: Vec<FederatedBundle>,
+}
+
+/// A federated trust domain's bundle (SPIFFE federation, `[[federation.trust_domains]]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FederatedBundle {
+    /// Its trust domain (never this authority's own).
+    pub trust_domain: TrustDomain,
+    /// Its anchors, PEM (public certificates).
+    pub anchors_pem: String,
+    /// Its endpoint's `spiffe_sequence` (0: the bootstrap bundle from the configuration).
+    pub sequence: u64,
+    /// When it was fetched (or bootstrapped).
+    #[serde(with = "time::serde::rfc3339")]
+    pub fetched: OffsetDateTime,
 }
 
 /// A revoked issuer.
@@ -203,6 +220,72 @@ impl Denial {
 }
 
 impl AuthorityState {
+    /// The bundle held for federated trust domain `td`, if any.
+    pub fn federated_bundle(&self, td: &TrustDomain) -> Option<&FederatedBundle> {
+        self.federated.iter().find(|b| &b.trust_domain == td)
+    }
+
+    /// Holds `bundle` for its trust domain from now on (replacing the one held). Refused for this
+    /// authority's own trust domain, without anchors, or with a sequence lower than the held one.
+    pub fn set_federated(
+        &self,
+        now: OffsetDateTime,
+        bundle: FederatedBundle,
+    ) -> Result<Self, StateError> {
+        if bundle.trust_domain == self.trust_domain {
+            return Err(StateError::Unusable(format!(
+                "{} is this authority's own trust domain, not a federated one",
+                bundle.trust_domain
+            )));
+        }
+        if !bundle.anchors_pem.contains("BEGIN CERTIFICATE") {
+            return Err(StateError::Unusable(format!(
+                "the bundle of {} has no anchor",
+                bundle.trust_domain
+            )));
+        }
+        if let Some(held) = self.federated_bundle(&bundle.trust_domain)
+            && bundle.sequence < held.sequence
+        {
+            return Err(StateError::Unusable(format!(
+                "the bundle of {} goes back from sequence {} to {}",
+                bundle.trust_domain, held.sequence, bundle.sequence
+            )));
+        }
+        let mut s = self.clone();
+        s.record(
+            now,
+            format!(
+                "federated_bundle {} sequence {}",
+                bundle.trust_domain, bundle.sequence
+            ),
+        );
+        s.federated
+            .retain(|b| b.trust_domain != bundle.trust_domain);
+        s.federated.push(bundle);
+        s.federated
+            .sort_by(|a, b| a.trust_domain.cmp(&b.trust_domain));
+        Ok(s)
+    }
+
+    /// Drops the bundles of trust domains not in `keep` (no longer federated); `None` when there
+    /// are none.
+    pub fn retain_federated(&self, now: OffsetDateTime, keep: &[TrustDomain]) -> Option<Self> {
+        let gone: Vec<_> = self
+            .federated
+            .iter()
+            .filter(|b| !keep.contains(&b.trust_domain))
+            .map(|b| b.trust_domain.to_string())
+            .collect();
+        if gone.is_empty() {
+            return None;
+        }
+        let mut s = self.clone();
+        s.federated.retain(|b| keep.contains(&b.trust_domain));
+        s.record(now, format!("federation_ended {}", gone.join(", ")));
+        Some(s)
+    }
+
     /// The denial in force for `id` at `now`, if any.
     pub fn denial_for(&self, id: &crate::spiffe::SpiffeId, now: OffsetDateTime) -> Option<&Denial> {
         self.denied
@@ -493,6 +576,7 @@ impl AuthorityState {
             history: Vec::new(),
             pending_issuer_key: None,
             denied: Vec::new(),
+            federated: Vec::new(),
             revoked: Vec::new(),
         };
         s.record(now, format!("anchor_created {id}"));
@@ -819,6 +903,20 @@ impl AuthorityState {
         let fail = |m: String| Err(StateError::Invariant(m));
         if self.bundle().next().is_none() {
             return fail("the bundle is empty".into());
+        }
+        for (i, b) in self.federated.iter().enumerate() {
+            if b.trust_domain == self.trust_domain {
+                return fail(format!(
+                    "a federated bundle for the authority's own trust domain {}",
+                    b.trust_domain
+                ));
+            }
+            if self.federated[..i]
+                .iter()
+                .any(|o| o.trust_domain == b.trust_domain)
+            {
+                return fail(format!("two federated bundles for {}", b.trust_domain));
+            }
         }
         let actives = self
             .anchors

@@ -43,6 +43,7 @@ pub const AUTHORITY_ENTRIES: &[&str] = &[
     BUNDLE_FILE,
     "tokens.json",
     "bootstrap-token",
+    FEDERATED_DIR,
 ];
 const FORMAT: u32 = 1;
 
@@ -140,12 +141,48 @@ impl StateDir {
     pub fn write_bundle(&self, state: &AuthorityState) -> Result<(), StoreError> {
         let pem: String = state.bundle().map(|a| a.cert.pem()).collect();
         let path = self.dir.join(BUNDLE_FILE);
-        if fs::read_to_string(&path).ok().as_deref() == Some(pem.as_str()) {
+        if fs::read_to_string(&path).ok().as_deref() != Some(pem.as_str()) {
+            write_atomic(&path, pem.as_bytes(), 0o644)?;
+        }
+        self.write_federated(state)
+    }
+
+    /// `federated/<trust-domain>.pem`: each federated trust domain's anchors, for workloads
+    /// that read files; a file whose trust domain is no longer federated is removed.
+    fn write_federated(&self, state: &AuthorityState) -> Result<(), StoreError> {
+        let dir = self.dir.join(FEDERATED_DIR);
+        if state.federated.is_empty() && !dir.exists() {
             return Ok(());
         }
-        write_atomic(&path, pem.as_bytes(), 0o644)
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+        for b in &state.federated {
+            let path = dir.join(format!("{}.pem", b.trust_domain));
+            if fs::read_to_string(&path).ok().as_deref() != Some(b.anchors_pem.as_str()) {
+                write_atomic(&path, b.anchors_pem.as_bytes(), 0o644)?;
+            }
+        }
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let held = name.strip_suffix(".pem").is_some_and(|td| {
+                state
+                    .federated
+                    .iter()
+                    .any(|b| b.trust_domain.as_str() == td)
+            });
+            if !held {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 }
+
+/// The directory under the state dir that holds federated trust domains' bundles.
+pub const FEDERATED_DIR: &str = "federated";
 
 /// Authority state in a local directory.
 #[derive(Debug, Clone)]
@@ -174,6 +211,8 @@ struct StateFile {
     denied: Vec<crate::state::Denial>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     revoked: Vec<crate::state::Revocation>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    federated: Vec<crate::state::FederatedBundle>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -481,6 +520,7 @@ impl StateFile {
             history: next.history.clone(),
             denied: next.denied.clone(),
             revoked: next.revoked.clone(),
+            federated: next.federated.clone(),
             pending_issuer_key: next.pending_issuer_key.as_ref().map(|p| PendingMeta {
                 id: key_id(&p.key),
                 created: p.created,
@@ -691,6 +731,7 @@ fn decode(
         pending_issuer_key,
         denied: file.denied,
         revoked: file.revoked,
+        federated: file.federated,
     };
     state
         .check()

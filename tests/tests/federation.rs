@@ -337,3 +337,352 @@ fn rand_suffix() -> String {
     rotator::pki::random_bytes(&mut b).unwrap();
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Consuming: two trust domains federated both ways.
+
+/// A free port on 127.0.0.1 (bound and released: the servers are given fixed bundle endpoint
+/// ports so that each can name the other's before either starts).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn peer(td: &str, url: String) -> ca_server::federation::Peer {
+    ca_server::federation::Peer {
+        trust_domain: td.parse().unwrap(),
+        bundle_endpoint_url: url,
+        profile: EndpointProfile::HttpsWeb,
+        endpoint_spiffe_id: None,
+        bootstrap_bundle: None,
+        web_ca_file: None,
+    }
+}
+
+/// A (`a.example`) serves `https_spiffe`; B (`b.example`) serves `https_web` with a certificate
+/// for `localhost`. A fetches B's bundle (https_web, the test web CA); B fetches A's (https_spiffe,
+/// bootstrapped with A's bundle file). Both serve a refresh hint of 1 s.
+struct Pair {
+    a: TestServer,
+    b: TestServer,
+    _files: tempfile::TempDir,
+}
+
+/// B's `[federation]`: its https_web endpoint on `port`.
+fn b_endpoint(c: &mut ca_server::config::Config, port: u16, cert: &Path, key: &Path) {
+    c.trust_domain = Some("b.example".parse().unwrap());
+    let f = &mut c.federation;
+    f.bundle_endpoint_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    f.bundle_endpoint_profile = EndpointProfile::HttpsWeb;
+    f.bundle_endpoint_cert = Some(cert.to_owned());
+    f.bundle_endpoint_key = Some(key.to_owned());
+    f.bundle_endpoint_refresh_hint = Duration::from_secs(1);
+    f.refresh_min = Duration::from_millis(200);
+}
+
+/// A's `[federation]`: its https_spiffe endpoint on `port`, B's at `b_port` (https_web).
+fn a_endpoint(c: &mut ca_server::config::Config, port: u16, b_port: u16, web_ca_file: &Path) {
+    c.trust_domain = Some("a.example".parse().unwrap());
+    let f = &mut c.federation;
+    f.bundle_endpoint_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    f.bundle_endpoint_refresh_hint = Duration::from_secs(1);
+    f.refresh_min = Duration::from_millis(200);
+    let mut b = peer("b.example", format!("https://localhost:{b_port}/"));
+    b.web_ca_file = Some(web_ca_file.to_owned());
+    f.trust_domains = vec![b];
+}
+
+/// The web PKI files B's endpoint serves with, and the CA file A trusts it by.
+fn b_web_files(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let (web_ca, cert, key) = web_pki(dir);
+    let web_ca_file = dir.join("web-ca.pem");
+    std::fs::write(
+        &web_ca_file,
+        pem::encode(&pem::Pem::new("CERTIFICATE", web_ca.to_vec())),
+    )
+    .unwrap();
+    (web_ca_file, cert, key)
+}
+
+async fn federated_pair() -> Pair {
+    let files = tempfile::tempdir().unwrap();
+    let (web_ca_file, cert, key) = b_web_files(files.path());
+    let (a_port, b_port) = (free_port(), free_port());
+    // A first, so that its bundle file can bootstrap B.
+    let a = TestServer::start_with(|c| a_endpoint(c, a_port, b_port, &web_ca_file)).await;
+    let a_bundle = a.state_dir().join("bundle.pem");
+    let b = TestServer::start_with(|c| {
+        b_endpoint(c, b_port, &cert, &key);
+        let mut a = peer("a.example", format!("https://127.0.0.1:{a_port}/"));
+        a.profile = EndpointProfile::HttpsSpiffe;
+        a.endpoint_spiffe_id = Some("spiffe://a.example/meshca/server".parse().unwrap());
+        a.bootstrap_bundle = Some(a_bundle.clone());
+        c.federation.trust_domains = vec![a];
+    })
+    .await;
+    let pair = Pair {
+        a,
+        b,
+        _files: files,
+    };
+    // Each holds the other's current bundle.
+    for (holder, of, td) in [
+        (&pair.a, &pair.b, "b.example"),
+        (&pair.b, &pair.a, "a.example"),
+    ] {
+        let want = of.bundle();
+        eventually(Duration::from_secs(20), || {
+            let want = want.clone();
+            async move { (foreign(holder, td) == Some(want)).then_some(()) }
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "{td}'s bundle never reached its peer: {:?}",
+                holder.server().federation.statuses()
+            )
+        });
+    }
+    pair
+}
+
+/// The anchors `ts` holds for federated trust domain `td`.
+fn foreign(ts: &TestServer, td: &str) -> Option<Vec<CertificateDer<'static>>> {
+    ts.server()
+        .authority
+        .snapshot()
+        .bundle
+        .federated
+        .iter()
+        .find(|f| f.trust_domain.as_str() == td)
+        .map(|f| f.anchors.clone())
+}
+
+/// A workload of `ts` for `sa`, trusting (for its peer of `peer_td`) the bundle its own server
+/// handed it for that trust domain — the `federated` field of `GetTrustBundle`.
+async fn workload(ts: &TestServer, td: &str, sa: &str, peer_td: &str) -> meshca_tests::Workload {
+    let key = rotator::pki::SecretKey::generate_p256().unwrap();
+    let id = format!("spiffe://{td}/ns/default/sa/{sa}");
+    let r = ts
+        .client(None)
+        .sign_certificate(meshca_tests::with_token(
+            meshca_tests::instance_request(&id, &key, sa),
+            &ts.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let bundle = ts
+        .client(None)
+        .get_trust_bundle(meshca_proto::v1::GetTrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let fed = bundle
+        .federated
+        .iter()
+        .find(|f| f.trust_domain == peer_td)
+        .unwrap_or_else(|| panic!("no {peer_td} bundle in {td}'s answer"));
+    let mut w = meshca_tests::Workload::from_response(&r, key);
+    w.bundle = fed
+        .anchors
+        .iter()
+        .map(|a| CertificateDer::from(a.clone()))
+        .collect();
+    w
+}
+
+/// B's trust-anchor rotation, stage → activate → finish (gates forced: this is about federation;
+/// before `activate` the test waits, as an operator would, until A holds the staged anchor),
+/// while A–B handshakes run every 20 ms with the bundles each side's server holds at that moment
+/// and B's newest workload. Returns (handshakes, failures, the staged anchor's propagation time).
+async fn rotate_b_under_handshakes(pair: &Pair) -> (u64, Vec<String>, Duration) {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let a_w = Arc::new(workload(&pair.a, "a.example", "web", "b.example").await);
+    let b_w = Arc::new(Mutex::new(Arc::new(
+        workload(&pair.b, "b.example", "api", "a.example").await,
+    )));
+    let (done, count) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let a_srv = pair.a.server().authority.clone();
+    let b_srv = pair.b.server().authority.clone();
+    let held = |auth: &ca_server::authority::Authority, td: &str| {
+        auth.snapshot()
+            .bundle
+            .federated
+            .iter()
+            .find(|f| f.trust_domain.as_str() == td)
+            .map(|f| f.anchors.clone())
+            .unwrap_or_default()
+    };
+    let runner = {
+        let (done, count, failures, b_w, a_w) = (
+            done.clone(),
+            count.clone(),
+            failures.clone(),
+            b_w.clone(),
+            a_w.clone(),
+        );
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                // Each side trusts what its server holds for the other right now.
+                let mut a = (*a_w).clone();
+                a.bundle = held(&a_srv, "b.example");
+                let mut b = (*b_w.lock().unwrap().clone()).clone();
+                b.bundle = held(&b_srv, "a.example");
+                for (srv, cli) in [(&a, &b), (&b, &a)] {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = meshca_tests::mtls_handshake(srv, cli).await {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{} ← {}: {e}", srv.id, cli.id));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut admin_b = admin(&pair.b).await;
+    let staged_at = std::time::Instant::now();
+    admin_b
+        .stage_anchor(StageAnchorRequest::default())
+        .await
+        .unwrap();
+    let staged = pair.b.bundle();
+    eventually(Duration::from_secs(30), || {
+        let staged = staged.clone();
+        async move { (foreign(&pair.a, "b.example") == Some(staged)).then_some(()) }
+    })
+    .await
+    .expect("A picks up B's staged anchor");
+    let propagation = staged_at.elapsed();
+    let step = meshca_proto::v1::AnchorStepRequest { force: true };
+    admin_b.activate_anchor(step).await.unwrap();
+    // B's workloads renew under the new anchor.
+    *b_w.lock().unwrap() = Arc::new(workload(&pair.b, "b.example", "api", "a.example").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    admin_b.finish_anchor(step).await.unwrap();
+    let finished = pair.b.bundle();
+    eventually(Duration::from_secs(30), || {
+        let finished = finished.clone();
+        async move { (foreign(&pair.a, "b.example") == Some(finished)).then_some(()) }
+    })
+    .await
+    .expect("A follows B's finish");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    done.store(true, Ordering::Relaxed);
+    runner.await.unwrap();
+    let n = count.load(Ordering::Relaxed);
+    let f = failures.lock().unwrap().clone();
+    (n, f, propagation)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_trust_domains_federated_both_ways_keep_handshaking_through_a_rotation() {
+    let pair = federated_pair().await;
+    // Bundles reach workloads: files beside the local bundle, and in every answer.
+    let file = pair.a.state_dir().join("federated").join("b.example.pem");
+    assert_eq!(
+        rotator::client::parse_pem_certs(&std::fs::read_to_string(&file).unwrap()),
+        pair.b.bundle()
+    );
+    let a_w = workload(&pair.a, "a.example", "web", "b.example").await;
+    let b_w = workload(&pair.b, "b.example", "api", "a.example").await;
+    meshca_tests::mtls_handshake(&a_w, &b_w).await.unwrap();
+    meshca_tests::mtls_handshake(&b_w, &a_w).await.unwrap();
+    // Without the foreign bundle, a workload cannot verify the other trust domain (control).
+    let mut alone = a_w.clone();
+    alone.bundle = pair.a.bundle();
+    meshca_tests::mtls_handshake(&alone, &b_w)
+        .await
+        .expect_err("A's own anchors do not vouch for B");
+
+    let (n, failures, propagation) = rotate_b_under_handshakes(&pair).await;
+    println!(
+        "{n} handshakes through B's rotation, {} failed; B's staged anchor reached A in {propagation:?}",
+        failures.len()
+    );
+    assert!(n >= 40, "{n}");
+    assert!(failures.is_empty(), "{failures:#?}");
+    // A restart of A without B reachable keeps the last good bundle (it is in A's state).
+    let held = foreign(&pair.a, "b.example").unwrap();
+    let state = pair.a.server().authority.state().await;
+    assert_eq!(
+        rotator::client::parse_pem_certs(
+            &state
+                .federated_bundle(&"b.example".parse().unwrap())
+                .unwrap()
+                .anchors_pem
+        ),
+        held
+    );
+}
+
+/// Negative control: A fetches B's bundle once (`refresh_min` = `refresh_max` = 1 h: its refresh
+/// switched off). Through the same rotation of B, A's workloads cannot verify B's renewed
+/// workload: the handshake fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_refresh_a_rotation_in_the_other_trust_domain_breaks_handshakes() {
+    let files = tempfile::tempdir().unwrap();
+    let (web_ca_file, cert, key) = b_web_files(files.path());
+    let (a_port, b_port) = (free_port(), free_port());
+    let b = TestServer::start_with(|c| b_endpoint(c, b_port, &cert, &key)).await;
+    let a = TestServer::start_with(|c| {
+        a_endpoint(c, a_port, b_port, &web_ca_file);
+        c.federation.refresh_min = Duration::from_secs(3600);
+        c.federation.refresh_max = Duration::from_secs(3600);
+    })
+    .await;
+    let first = b.bundle();
+    eventually(Duration::from_secs(20), || {
+        let first = first.clone();
+        let a = &a;
+        async move { (foreign(a, "b.example") == Some(first)).then_some(()) }
+    })
+    .await
+    .expect("A fetched B's bundle once, at start");
+    let mut admin_b = admin(&b).await;
+    admin_b
+        .stage_anchor(StageAnchorRequest::default())
+        .await
+        .unwrap();
+    // Ten of B's refresh hints later, A still holds the old bundle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        foreign(&a, "b.example"),
+        Some(first),
+        "A must not have refreshed"
+    );
+    let step = meshca_proto::v1::AnchorStepRequest { force: true };
+    admin_b.activate_anchor(step).await.unwrap();
+    let a_w = workload(&a, "a.example", "web", "b.example").await;
+    // B does not federate back in this test: its workload trusts A's bundle as given.
+    let key = rotator::pki::SecretKey::generate_p256().unwrap();
+    let r = b
+        .client(None)
+        .sign_certificate(meshca_tests::with_token(
+            meshca_tests::instance_request("spiffe://b.example/ns/default/sa/api", &key, "api"),
+            &b.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut b_w = meshca_tests::Workload::from_response(&r, key);
+    b_w.bundle = a.bundle();
+    let err = meshca_tests::mtls_handshake(&a_w, &b_w)
+        .await
+        .expect_err("A does not know B's new anchor");
+    assert!(
+        err.contains("server side"),
+        "A's side refuses B's certificate: {err}"
+    );
+    println!("as expected: {err}");
+}

@@ -11,11 +11,14 @@
 //!   authenticates it with the bundle it already trusts and checks that SPIFFE ID.
 //! - `https_web`: the operator's certificate and key (a public web PKI name), read at start-up.
 //!
-//! Consuming other trust domains' bundles is not built yet (issue #19's next part).
+//! Consuming other trust domains' bundles is [`fetch`]'s.
+
+pub mod fetch;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -55,8 +58,13 @@ impl std::str::FromStr for EndpointProfile {
     }
 }
 
-/// `[federation]`: the SPIFFE bundle endpoint meshca serves.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Where the system's web PKI roots are read from when a `https_web` peer names no
+/// `web_ca_file` (Debian's and Ubuntu's `ca-certificates` bundle).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// `[federation]`: the SPIFFE bundle endpoint meshca serves, and the trust domains it federates
+/// with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FederationConfig {
     /// Where the bundle endpoint listens (HTTPS); unset: not served.
@@ -67,9 +75,124 @@ pub struct FederationConfig {
     pub bundle_endpoint_cert: Option<PathBuf>,
     /// `https_web`: its private key (PEM).
     pub bundle_endpoint_key: Option<PathBuf>,
+    /// The `spiffe_refresh_hint` the bundle endpoint serves: how often peers should fetch.
+    #[serde(with = "rotator::policy::duration_str")]
+    pub bundle_endpoint_refresh_hint: Duration,
+    /// A peer's refresh hint is obeyed within these bounds.
+    #[serde(with = "rotator::policy::duration_str")]
+    pub refresh_min: Duration,
+    /// See `refresh_min`.
+    #[serde(with = "rotator::policy::duration_str")]
+    pub refresh_max: Duration,
+    /// A peer's bundle document larger than this is refused.
+    pub max_bundle_bytes: usize,
+    /// The trust domains whose bundles are fetched and handed to workloads.
+    pub trust_domains: Vec<Peer>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            bundle_endpoint_listen: None,
+            bundle_endpoint_profile: EndpointProfile::default(),
+            bundle_endpoint_cert: None,
+            bundle_endpoint_key: None,
+            bundle_endpoint_refresh_hint: Duration::from_secs(300),
+            refresh_min: Duration::from_secs(10),
+            refresh_max: Duration::from_secs(3600),
+            max_bundle_bytes: 1 << 20,
+            trust_domains: Vec::new(),
+        }
+    }
+}
+
+/// One `[[federation.trust_domains]]` entry: a trust domain to federate with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its bundle endpoint, `https://…`.
+    pub bundle_endpoint_url: String,
+    /// How its endpoint authenticates (`https_spiffe` or `https_web`).
+    #[serde(default)]
+    pub profile: EndpointProfile,
+    /// `https_spiffe`: the endpoint's SPIFFE ID, in its trust domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_spiffe_id: Option<SpiffeId>,
+    /// `https_spiffe`: the first bundle of that trust domain to trust (PEM), until a fetched one
+    /// replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_bundle: Option<PathBuf>,
+    /// `https_web`: the roots its endpoint's certificate must chain to (PEM); default: the
+    /// system's ([`SYSTEM_ROOTS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_ca_file: Option<PathBuf>,
+}
+
+impl Peer {
+    fn validate(&self) -> Result<(), String> {
+        let td = &self.trust_domain;
+        if !self.bundle_endpoint_url.starts_with("https://") {
+            return Err(format!(
+                "{td}: bundle_endpoint_url {:?} must be https://",
+                self.bundle_endpoint_url
+            ));
+        }
+        self.bundle_endpoint_url
+            .parse::<hyper::Uri>()
+            .map_err(|e| format!("{td}: bundle_endpoint_url: {e}"))?;
+        match self.profile {
+            EndpointProfile::HttpsSpiffe => {
+                let id = self.endpoint_spiffe_id.as_ref().ok_or_else(|| {
+                    format!("{td}: https_spiffe needs endpoint_spiffe_id (e.g. spiffe://{td}/meshca/server)")
+                })?;
+                if &id.trust_domain() != td {
+                    return Err(format!("{td}: endpoint_spiffe_id {id} is not in {td}"));
+                }
+                if self.bootstrap_bundle.is_none() {
+                    return Err(format!(
+                        "{td}: https_spiffe needs bootstrap_bundle (the first bundle of {td} to trust its endpoint with)"
+                    ));
+                }
+                if self.web_ca_file.is_some() {
+                    return Err(format!("{td}: web_ca_file is for https_web"));
+                }
+            }
+            EndpointProfile::HttpsWeb => {
+                if self.endpoint_spiffe_id.is_some() {
+                    return Err(format!("{td}: endpoint_spiffe_id is for https_spiffe"));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl FederationConfig {
+    /// The profile and its files agree; every peer is complete, once, and bounds are sane.
+    pub fn validate_peers(&self) -> Result<(), String> {
+        for (i, p) in self.trust_domains.iter().enumerate() {
+            p.validate()?;
+            if self.trust_domains[..i]
+                .iter()
+                .any(|o| o.trust_domain == p.trust_domain)
+            {
+                return Err(format!("{} is listed twice", p.trust_domain));
+            }
+        }
+        if self.refresh_min.is_zero() || self.refresh_min > self.refresh_max {
+            return Err(format!(
+                "refresh_min ({:?}) must be above zero and at most refresh_max ({:?})",
+                self.refresh_min, self.refresh_max
+            ));
+        }
+        if self.max_bundle_bytes < 1024 {
+            return Err("max_bundle_bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+
     /// The profile and its files agree.
     pub fn validate(&self) -> Result<(), String> {
         let files = (
@@ -161,16 +284,16 @@ fn web_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// `GET /` and `GET /spiffe-bundle.json`: the SPIFFE bundle.
-pub fn router(core: Arc<SigningCore>) -> Router {
+/// `GET /` and `GET /spiffe-bundle.json`: the SPIFFE bundle, with `refresh_hint`.
+pub fn router(core: Arc<SigningCore>, refresh_hint: Duration) -> Router {
     Router::new()
         .route("/", get(bundle))
         .route("/spiffe-bundle.json", get(bundle))
-        .with_state(core)
+        .with_state((core, refresh_hint.as_secs().max(1)))
 }
 
-async fn bundle(State(core): State<Arc<SigningCore>>) -> impl IntoResponse {
-    crate::http::spiffe_bundle_response(&core.authority().snapshot().bundle)
+async fn bundle(State((core, hint)): State<(Arc<SigningCore>, u64)>) -> impl IntoResponse {
+    crate::http::spiffe_bundle_response(&core.authority().snapshot().bundle, hint)
 }
 
 #[cfg(test)]
