@@ -126,6 +126,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// `/readyz`.
     pub readiness: Arc<Readiness>,
+    /// Federated trust domains' refreshes, for `/metrics`.
+    pub federation: Arc<crate::federation::fetch::Federation>,
 }
 
 /// Serves the HTTP port until `stop`: HTTP/1.1, at most `limits.http_max_connections` open
@@ -242,8 +244,12 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     // From the committed state at scrape time: never stale after a rotation.
     let summary = authority.ledger_summary_for_scrape().await;
     let (policy, now) = (authority.policy().clone(), authority.clock().now());
+    let federation = s.federation.statuses();
     authority
-        .read(|st| s.metrics.authority.observe(st, &summary, &policy, now))
+        .read(|st| {
+            s.metrics.authority.observe(st, &summary, &policy, now);
+            s.metrics.authority.observe_federation(st, &federation, now);
+        })
         .await;
     (
         [(

@@ -106,6 +106,22 @@ pub struct AuthorityMetrics {
     pub revoked_live: Family<IssuerLabels, Gauge>,
     /// `meshca_revoked_issuer_last_expiry_timestamp_seconds{issuer}`.
     pub revoked_last_expiry: Family<IssuerLabels, Gauge>,
+    /// `meshca_federation_bundle_sequence{trust_domain}`: the held bundle's `spiffe_sequence`.
+    pub federation_sequence: Family<TrustDomainLabels, Gauge>,
+    /// `meshca_federation_bundle_age_seconds{trust_domain}`: since the last successful refresh
+    /// (on a replica that has not refreshed: since the held bundle was fetched).
+    pub federation_age: Family<TrustDomainLabels, Gauge>,
+    /// `meshca_federation_last_refresh_timestamp_seconds{trust_domain}` (after a first success).
+    pub federation_last_refresh: Family<TrustDomainLabels, Gauge>,
+    /// `meshca_federation_refresh_failures{trust_domain}`: failed or refused fetches in a row.
+    pub federation_failures: Family<TrustDomainLabels, Gauge>,
+}
+
+/// A federated trust domain.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrustDomainLabels {
+    /// Its name.
+    pub trust_domain: String,
 }
 
 /// An issuer.
@@ -163,6 +179,55 @@ impl AuthorityMetrics {
             if let Some(t) = r.last_expires {
                 self.revoked_last_expiry.get_or_create(&labels).set(t);
             }
+        }
+    }
+
+    /// The federated trust domains: what the state holds for each, and how this replica's
+    /// refreshes went (`statuses`: empty on a replica that does not refresh).
+    pub fn observe_federation(
+        &self,
+        s: &rotator::state::AuthorityState,
+        statuses: &std::collections::BTreeMap<
+            rotator::spiffe::TrustDomain,
+            crate::federation::fetch::PeerStatus,
+        >,
+        now: time::OffsetDateTime,
+    ) {
+        for f in [
+            &self.federation_sequence,
+            &self.federation_age,
+            &self.federation_last_refresh,
+            &self.federation_failures,
+        ] {
+            f.clear();
+        }
+        for b in &s.federated {
+            let labels = TrustDomainLabels {
+                trust_domain: b.trust_domain.to_string(),
+            };
+            let status = statuses.get(&b.trust_domain);
+            let last = status
+                .and_then(|st| st.last_success)
+                .map_or(b.fetched, |t| t.max(b.fetched));
+            self.federation_sequence
+                .get_or_create(&labels)
+                .set(i64::try_from(b.sequence).unwrap_or(i64::MAX));
+            self.federation_age
+                .get_or_create(&labels)
+                .set((now - last).whole_seconds().max(0));
+        }
+        for (td, st) in statuses {
+            let labels = TrustDomainLabels {
+                trust_domain: td.to_string(),
+            };
+            if let Some(t) = st.last_success {
+                self.federation_last_refresh
+                    .get_or_create(&labels)
+                    .set(ts(t));
+            }
+            self.federation_failures
+                .get_or_create(&labels)
+                .set(i64::from(st.consecutive_failures));
         }
     }
 
@@ -311,6 +376,26 @@ impl AuthorityMetrics {
             "revoked_issuer_last_expiry_timestamp_seconds",
             "When the last leaf of a revoked issuer expires, Unix seconds",
             self.revoked_last_expiry.clone(),
+        );
+        r.register(
+            "federation_bundle_sequence",
+            "The spiffe_sequence of the bundle held for a federated trust domain",
+            self.federation_sequence.clone(),
+        );
+        r.register(
+            "federation_bundle_age_seconds",
+            "Seconds since a federated trust domain's bundle was last refreshed successfully",
+            self.federation_age.clone(),
+        );
+        r.register(
+            "federation_last_refresh_timestamp_seconds",
+            "When a federated trust domain's bundle was last refreshed successfully, Unix seconds",
+            self.federation_last_refresh.clone(),
+        );
+        r.register(
+            "federation_refresh_failures",
+            "Failed or refused fetches of a federated trust domain's bundle in a row",
+            self.federation_failures.clone(),
         );
         r.register(
             "live_workloads",

@@ -166,7 +166,14 @@ impl Server {
             &mut tasks,
             &stop,
         );
-        path.spawn_faces(&config, grpc_listener, http_listener, &mut tasks, &stop);
+        path.spawn_faces(
+            &config,
+            grpc_listener,
+            http_listener,
+            &federation,
+            &mut tasks,
+            &stop,
+        );
         if let Some(e) = endpoint {
             e.spawn(&path, &authority, &mut tasks, &stop);
         }
@@ -348,6 +355,7 @@ impl RequestPath {
         config: &Config,
         grpc: TcpListener,
         http: TcpListener,
+        federation: &Arc<crate::federation::fetch::Federation>,
         tasks: &mut JoinSet<()>,
         stop: &watch::Receiver<bool>,
     ) {
@@ -365,6 +373,7 @@ impl RequestPath {
             issuer: self.core.clone(),
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
+            federation: federation.clone(),
         };
         tasks.spawn(crate::http::serve(
             http,

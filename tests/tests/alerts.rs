@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use meshca_tests::{ServerProcess, TestServer, bin, http_get, http_get_blocking, require_tool};
+use meshca_tests::{
+    ServerProcess, TestServer, bin, eventually, http_get, http_get_blocking, require_tool,
+};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -123,7 +125,38 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn every_metric_in_the_rules_and_the_dashboard_is_exported() {
-    let srv = TestServer::start().await;
+    // Federated with a trust domain whose endpoint is down: its bootstrap bundle is held, its
+    // fetches fail (the federation metrics exist only for a configured trust domain).
+    let files = tempfile::tempdir().unwrap();
+    let bootstrap = files.path().join("b-bundle.pem");
+    let key = rotator::pki::SecretKey::generate_p256().unwrap();
+    let anchor = rotator::profile::new_anchor(
+        &"b.example".parse().unwrap(),
+        &key,
+        time::OffsetDateTime::now_utc(),
+        std::time::Duration::from_secs(3600),
+        std::time::Duration::ZERO,
+    )
+    .unwrap();
+    std::fs::write(&bootstrap, anchor.pem()).unwrap();
+    let srv = TestServer::start_with(|c| {
+        c.federation.trust_domains = vec![ca_server::federation::Peer {
+            trust_domain: "b.example".parse().unwrap(),
+            bundle_endpoint_url: "https://127.0.0.1:1/".into(),
+            profile: ca_server::federation::EndpointProfile::HttpsSpiffe,
+            endpoint_spiffe_id: Some("spiffe://b.example/meshca/server".parse().unwrap()),
+            bootstrap_bundle: Some(bootstrap.clone()),
+            web_ca_file: None,
+        }];
+    })
+    .await;
+    eventually(std::time::Duration::from_secs(10), || async {
+        let (_, m) = http_get(srv.http, "/metrics").await;
+        m.contains("meshca_federation_refresh_failures{trust_domain=\"b.example\"} 1")
+            .then_some(())
+    })
+    .await
+    .expect("the first fetch fails");
     srv.issue("spiffe://cluster.local/ns/default/sa/one")
         .await
         .unwrap();

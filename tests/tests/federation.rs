@@ -686,3 +686,274 @@ async fn without_refresh_a_rotation_in_the_other_trust_domain_breaks_handshakes(
     );
     println!("as expected: {err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Refusals: a peer endpoint the test controls.
+
+/// An HTTPS endpoint serving whatever document is set (TLS with the given config), until dropped.
+struct FakeEndpoint {
+    addr: SocketAddr,
+    body: Arc<std::sync::Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeEndpoint {
+    async fn start(tls: Arc<rustls::ServerConfig>, port: u16) -> Self {
+        // The port of an endpoint just dropped is free once its task has been cancelled.
+        let listener = eventually(Duration::from_secs(5), || async {
+            tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .ok()
+        })
+        .await
+        .expect("the port is free again");
+        let addr = listener.local_addr().unwrap();
+        let body = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b = body.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, b) = (acceptor.clone(), b.clone());
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let body = b.lock().unwrap().clone();
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(&body).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Self { addr, body, task }
+    }
+
+    fn serve(&self, body: impl Into<Vec<u8>>) {
+        *self.body.lock().unwrap() = body.into();
+    }
+}
+
+impl Drop for FakeEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A rustls server config presenting `cert`/`key` (PEM files).
+fn web_tls(cert: &Path, key: &Path) -> Arc<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+/// A SPIFFE bundle document with `anchors`, `sequence` and a 1 s refresh hint.
+fn document(anchors: &[CertificateDer<'static>], sequence: u64) -> String {
+    let keys: Vec<_> = anchors
+        .iter()
+        .map(|a| {
+            serde_json::json!({"use": "x509-svid", "kty": "EC",
+                "x5c": [base64::engine::general_purpose::STANDARD.encode(a.as_ref())]})
+        })
+        .collect();
+    serde_json::json!({"keys": keys, "spiffe_sequence": sequence, "spiffe_refresh_hint": 1})
+        .to_string()
+}
+
+/// A fresh anchor of `td`, as meshca makes them.
+fn anchor_of(td: &str) -> CertificateDer<'static> {
+    let key = rotator::pki::SecretKey::generate_p256().unwrap();
+    rotator::profile::new_anchor(
+        &td.parse().unwrap(),
+        &key,
+        time::OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    )
+    .unwrap()
+    .der()
+    .clone()
+}
+
+/// The status of `td` once its last error contains `says` (and the failures counted).
+async fn refused(
+    ts: &TestServer,
+    td: &str,
+    says: &str,
+) -> ca_server::federation::fetch::PeerStatus {
+    eventually(Duration::from_secs(15), || async {
+        let s = ts.server().federation.statuses();
+        let st = s.iter().find(|(t, _)| t.as_str() == td)?.1.clone();
+        (st.consecutive_failures > 0 && st.last_error.as_deref().is_some_and(|e| e.contains(says)))
+            .then_some(st)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "never refused with {says:?}: {:?}",
+            ts.server().federation.statuses()
+        )
+    })
+}
+
+/// Every refusal keeps the last good bundle and says why: a sequence going back, the anchors
+/// changed without a new sequence, not JSON, too large, another trust domain's anchors, no anchor,
+/// the endpoint down, and a TLS failure (another web CA). Then a good document is accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_peer_bundle_is_refused_and_the_last_good_one_kept() {
+    let files = tempfile::tempdir().unwrap();
+    let (web_ca_file, cert, key) = b_web_files(files.path());
+    let fake = FakeEndpoint::start(web_tls(&cert, &key), 0).await;
+    let port = fake.addr.port();
+    let ts = TestServer::start_with(|c| {
+        c.trust_domain = Some("a.example".parse().unwrap());
+        let f = &mut c.federation;
+        f.refresh_min = Duration::from_millis(100);
+        f.refresh_max = Duration::from_millis(300);
+        f.max_bundle_bytes = 8192;
+        let mut b = peer("b.example", format!("https://localhost:{port}/"));
+        b.web_ca_file = Some(web_ca_file.clone());
+        f.trust_domains = vec![b];
+    })
+    .await;
+    let (b1, b2) = (anchor_of("b.example"), anchor_of("b.example"));
+    fake.serve(document(std::slice::from_ref(&b1), 5));
+    let good = vec![b1.clone()];
+    eventually(Duration::from_secs(15), || {
+        let good = good.clone();
+        let ts = &ts;
+        async move { (foreign(ts, "b.example") == Some(good)).then_some(()) }
+    })
+    .await
+    .expect("the first document is accepted");
+    let scrape = http_get(ts.http, "/metrics").await.1;
+    assert!(
+        scrape.contains("meshca_federation_bundle_sequence{trust_domain=\"b.example\"} 5"),
+        "{scrape}"
+    );
+    let huge = format!("{{\"keys\": [], \"padding\": \"{}\"}}", "x".repeat(10_000));
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "sequence back",
+            document(std::slice::from_ref(&b2), 3),
+            "went back from 5 to 3",
+        ),
+        (
+            "same sequence, other anchors",
+            document(std::slice::from_ref(&b2), 5),
+            "sequence stayed at 5",
+        ),
+        ("not JSON", "{\"keys\": [".into(), "not a SPIFFE bundle"),
+        (
+            "too large",
+            huge,
+            "larger than federation.max_bundle_bytes (8192)",
+        ),
+        (
+            "another trust domain",
+            document(&[anchor_of("c.example")], 6),
+            "trust domain c.example, not b.example",
+        ),
+        ("no anchor", document(&[], 6), "no x509-svid anchor"),
+    ];
+    for (what, body, says) in cases {
+        fake.serve(body);
+        let st = refused(&ts, "b.example", says).await;
+        println!("{what}: {}", st.last_error.unwrap());
+        assert_eq!(
+            foreign(&ts, "b.example"),
+            Some(good.clone()),
+            "{what}: kept"
+        );
+        let scrape = http_get(ts.http, "/metrics").await.1;
+        assert!(
+            !scrape.contains("meshca_federation_refresh_failures{trust_domain=\"b.example\"} 0"),
+            "{what}: counted"
+        );
+    }
+    // The endpoint down, then up with a certificate from another web CA.
+    drop(fake);
+    let st = refused(&ts, "b.example", "connecting to localhost").await;
+    println!("down: {}", st.last_error.unwrap());
+    let other = tempfile::tempdir().unwrap();
+    let (_, cert2, key2) = b_web_files(other.path());
+    let fake = FakeEndpoint::start(web_tls(&cert2, &key2), port).await;
+    fake.serve(document(std::slice::from_ref(&b2), 6));
+    let st = refused(&ts, "b.example", "TLS with localhost").await;
+    println!("TLS: {}", st.last_error.unwrap());
+    assert_eq!(foreign(&ts, "b.example"), Some(good.clone()), "kept");
+    // Back to the right certificate: the new document is accepted, the failures reset.
+    drop(fake);
+    let fake = FakeEndpoint::start(web_tls(&cert, &key), port).await;
+    fake.serve(document(std::slice::from_ref(&b2), 6));
+    eventually(Duration::from_secs(15), || {
+        let ts = &ts;
+        let b2 = b2.clone();
+        async move { (foreign(ts, "b.example") == Some(vec![b2])).then_some(()) }
+    })
+    .await
+    .expect("a good document is accepted again");
+    let st = ts.server().federation.statuses();
+    let st = st.values().next().unwrap();
+    assert_eq!(st.consecutive_failures, 0);
+    assert!(st.last_error.is_none());
+}
+
+/// `https_spiffe` with the wrong `endpoint_spiffe_id`: the endpoint is refused, and only the
+/// bootstrap bundle is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrong_endpoint_spiffe_id_is_refused() {
+    let a_port = free_port();
+    let a = TestServer::start_with(|c| {
+        c.trust_domain = Some("a.example".parse().unwrap());
+        c.federation.bundle_endpoint_listen = Some(format!("127.0.0.1:{a_port}").parse().unwrap());
+    })
+    .await;
+    let bootstrap = a.state_dir().join("bundle.pem");
+    let c = TestServer::start_with(|c| {
+        c.trust_domain = Some("c.example".parse().unwrap());
+        c.federation.refresh_min = Duration::from_millis(100);
+        let mut p = peer("a.example", format!("https://127.0.0.1:{a_port}/"));
+        p.profile = EndpointProfile::HttpsSpiffe;
+        p.endpoint_spiffe_id = Some("spiffe://a.example/not-meshca".parse().unwrap());
+        p.bootstrap_bundle = Some(bootstrap.clone());
+        c.federation.trust_domains = vec![p];
+    })
+    .await;
+    let st = refused(&c, "a.example", "expected spiffe://a.example/not-meshca").await;
+    println!("{}", st.last_error.unwrap());
+    let held = c.server().authority.state().await;
+    let held = held
+        .federated_bundle(&"a.example".parse().unwrap())
+        .unwrap();
+    assert_eq!(held.sequence, 0, "the bootstrap bundle only");
+    assert_eq!(
+        rotator::client::parse_pem_certs(&held.anchors_pem),
+        a.bundle()
+    );
+}

@@ -448,8 +448,8 @@ async fn fetch(
         })?
 }
 
-/// The TLS a peer's profile calls for: `https_spiffe` — its chain to the bundle held for it (the
-/// bootstrap bundle at first) and the declared SPIFFE ID; `https_web` — its host name under
+/// The TLS a peer's profile calls for: `https_spiffe` — its chain to the bundle held for it or to
+/// the bootstrap bundle file, and the declared SPIFFE ID; `https_web` — its host name under
 /// `web_ca_file`'s roots (default: the system's).
 fn client_tls(peer: &Peer, held: Option<&FederatedBundle>) -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -468,11 +468,18 @@ fn client_tls(peer: &Peer, held: Option<&FederatedBundle>) -> Result<Arc<ClientC
                 .endpoint_spiffe_id
                 .clone()
                 .ok_or("https_spiffe needs endpoint_spiffe_id")?;
+            // The held bundle, and the bootstrap file as it is now: an operator recovers from a
+            // peer that rotated past the held bundle by putting its current bundle there.
+            let mut roots = rotator::client::parse_pem_certs(&held.anchors_pem);
+            if let Some(path) = &peer.bootstrap_bundle
+                && let Ok(text) = std::fs::read_to_string(path)
+            {
+                roots.extend(rotator::client::parse_pem_certs(&text));
+            }
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(rotator::client::SpiffeServerVerifier::new(
-                    rotator::client::parse_pem_certs(&held.anchors_pem),
-                    id,
+                    roots, id,
                 ))
                 .with_no_client_auth()
         }
