@@ -35,6 +35,7 @@ pub struct Admin {
     authority: Arc<Authority>,
     health: Arc<RotationHealth>,
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    federation: Option<Arc<crate::federation::fetch::Federation>>,
 }
 
 impl Admin {
@@ -48,7 +49,14 @@ impl Admin {
             authority,
             health,
             ready,
+            federation: None,
         }
+    }
+
+    /// Reports these federated trust domains' refreshes in the status document.
+    pub fn with_federation(mut self, f: Arc<crate::federation::fetch::Federation>) -> Self {
+        self.federation = Some(f);
+        self
     }
 }
 
@@ -87,6 +95,22 @@ impl AdminService for Admin {
             rotation_failures_consecutive: self.health.consecutive_failures(),
             last_rotation_error: self.health.last_error(),
         });
+        if let Some(f) = &self.federation {
+            let statuses = f.statuses();
+            for e in &mut doc.federation {
+                let Some(st) = statuses
+                    .iter()
+                    .find(|(td, _)| td.as_str() == e.trust_domain)
+                else {
+                    continue;
+                };
+                if let Some(t) = st.1.last_success {
+                    e.age_seconds = (now - t.max(e.fetched)).whole_seconds().max(0);
+                }
+                e.consecutive_failures = Some(st.1.consecutive_failures);
+                e.last_error.clone_from(&st.1.last_error);
+            }
+        }
         let json = serde_json::to_string(&doc)
             .map_err(|e| Status::internal(format!("status document: {e}")))?;
         Ok(Response::new(GetStatusResponse { json }))

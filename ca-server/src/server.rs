@@ -159,13 +159,15 @@ impl Server {
             k.spawn_tasks(&config, &authority, &path, &leader, &mut tasks, &stop);
         }
         path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
-        let federation = crate::federation::fetch::spawn(
+        crate::federation::fetch::spawn(
+            &path.federation,
             &config.federation,
             &authority,
             &leader,
             &mut tasks,
             &stop,
         );
+        let federation = path.federation.clone();
         path.spawn_faces(
             &config,
             grpc_listener,
@@ -227,6 +229,7 @@ struct RequestPath {
     readiness: Arc<Readiness>,
     tls: Arc<LiveTls>,
     tls_config: Arc<rustls::ServerConfig>,
+    federation: Arc<crate::federation::fetch::Federation>,
 }
 
 impl RequestPath {
@@ -293,6 +296,7 @@ impl RequestPath {
             readiness,
             tls,
             tls_config,
+            federation: Arc::default(),
         })
     }
 
@@ -309,7 +313,8 @@ impl RequestPath {
             authority.clone(),
             self.health.clone(),
             Arc::new(move || ready.check().is_ok()),
-        );
+        )
+        .with_federation(self.federation.clone());
         let (socket, task) = admin::serve(&config.state_dir, admin, stop.clone())
             .await
             .map_err(|e| StartError::Other(format!("admin socket: {e}")))?;

@@ -54,7 +54,37 @@ pub struct Status {
     /// The running server's health (absent when read from a state dir).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerEntry>,
+    /// Federated trust domains: the bundle held for each, and (from a running server) how its
+    /// refreshes go.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub federation: Vec<FederationEntry>,
 }
+
+/// A federated trust domain's bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FederationEntry {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// Its endpoint's `spiffe_sequence` (0: the bootstrap bundle).
+    pub sequence: u64,
+    /// How many anchors are held for it.
+    pub anchors: usize,
+    /// When the held bundle was fetched (or bootstrapped).
+    #[serde(with = "rfc3339_utc")]
+    pub fetched: OffsetDateTime,
+    /// Seconds since the last successful refresh (offline, or before one: since `fetched`).
+    pub age_seconds: i64,
+    /// From a running server that refreshes it: failed or refused fetches in a row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// The last failure's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A federated bundle older than this (no successful refresh) is stale for `meshca check` and the
+/// `MeshcaFederatedBundleStale` alert: six refreshes at the default 5-minute hint.
+pub const FEDERATION_STALE_SECONDS: i64 = 1800;
 
 /// Whether meshca holds the active anchor's key (`local`) or issuers come from upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -430,6 +460,52 @@ pub fn document(
             issuer_ttl_seconds: policy.issuer_ttl.as_secs(),
         },
         server: None,
+        federation: s
+            .federated
+            .iter()
+            .map(|f| FederationEntry {
+                trust_domain: f.trust_domain.to_string(),
+                sequence: f.sequence,
+                anchors: crate::client::parse_pem_certs(&f.anchors_pem).len(),
+                fetched: f.fetched,
+                age_seconds: (now - f.fetched).whole_seconds().max(0),
+                consecutive_failures: None,
+                last_error: None,
+            })
+            .collect(),
+    }
+}
+
+/// The FEDERATION section of [`render`]: one line per federated trust domain.
+fn render_federation(v: &Status, o: &mut String) {
+    use std::fmt::Write;
+    if v.federation.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nFEDERATION\n  {:<24}  {:>8}  {:>7}  {:<18}  REFRESH",
+        "TRUST DOMAIN", "SEQUENCE", "ANCHORS", "LAST REFRESH"
+    );
+    for f in &v.federation {
+        let age = human(std::time::Duration::from_secs(f.age_seconds.unsigned_abs()));
+        let stale = if f.age_seconds > FEDERATION_STALE_SECONDS {
+            " STALE"
+        } else {
+            ""
+        };
+        let refresh = match (f.consecutive_failures, &f.last_error) {
+            (Some(0) | None, _) => "ok".to_owned(),
+            (Some(n), e) => format!("FAILING ({n} in a row): {}", e.clone().unwrap_or_default()),
+        };
+        let _ = writeln!(
+            o,
+            "  {:<24}  {:>8}  {:>7}  {:<18}  {refresh}",
+            f.trust_domain,
+            f.sequence,
+            f.anchors,
+            format!("{age} ago{stale}")
+        );
     }
 }
 
@@ -613,6 +689,7 @@ pub fn render(v: &Status) -> String {
     for p in &v.problems {
         let _ = writeln!(o, "\nPROBLEM: {p}");
     }
+    render_federation(v, &mut o);
     o
 }
 

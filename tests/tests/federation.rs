@@ -612,6 +612,26 @@ async fn two_trust_domains_federated_both_ways_keep_handshaking_through_a_rotati
     );
     assert!(n >= 40, "{n}");
     assert!(failures.is_empty(), "{failures:#?}");
+    // The operator's view: `meshca bundle --trust-domain`, `meshca status`.
+    let (code, out) = meshca(&pair.a, &["bundle", "--trust-domain", "b.example"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(rotator::client::parse_pem_certs(&out), pair.b.bundle());
+    let (code, out) = meshca(&pair.a, &["bundle", "--trust-domain", "c.example"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("no bundle of trust domain c.example is held (federated: b.example)"),
+        "{out}"
+    );
+    let (code, out) = meshca(&pair.a, &["status"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("FEDERATION") && out.contains("b.example"),
+        "{out}"
+    );
+    let (_, out) = meshca(&pair.a, &["--output", "json", "status"]).await;
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["federation"][0]["trust_domain"], "b.example");
+    assert_eq!(doc["federation"][0]["consecutive_failures"], 0);
     // A restart of A without B reachable keeps the last good bundle (it is in A's state).
     let held = foreign(&pair.a, "b.example").unwrap();
     let state = pair.a.server().authority.state().await;
@@ -907,6 +927,19 @@ async fn a_bad_peer_bundle_is_refused_and_the_last_good_one_kept() {
     let st = refused(&ts, "b.example", "TLS with localhost").await;
     println!("TLS: {}", st.last_error.unwrap());
     assert_eq!(foreign(&ts, "b.example"), Some(good.clone()), "kept");
+    // Three failures in a row: `meshca check` warns (exit 1) with the reason.
+    eventually(Duration::from_secs(15), || async {
+        let s = ts.server().federation.statuses();
+        (s.values().next()?.consecutive_failures >= 3).then_some(())
+    })
+    .await
+    .unwrap();
+    let (code, out) = meshca(&ts, &["check"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("fetches of b.example's bundle in a row failed: TLS with localhost"),
+        "{out}"
+    );
     // Back to the right certificate: the new document is accepted, the failures reset.
     drop(fake);
     let fake = FakeEndpoint::start(web_tls(&cert, &key), port).await;
@@ -956,4 +989,100 @@ async fn the_wrong_endpoint_spiffe_id_is_refused() {
         rotator::client::parse_pem_certs(&held.anchors_pem),
         a.bundle()
     );
+}
+
+/// The real `meshca` CLI on `ts`'s state dir (its admin socket when the server runs): (exit
+/// code, stdout + stderr).
+async fn meshca(ts: &TestServer, args: &[&str]) -> (Option<i32>, String) {
+    let dir = ts.state_dir();
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(meshca_tests::bin("meshca"))
+            .args(&args)
+            .arg("--state-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// The last good foreign bundle is in the state: a restart with the peer unreachable still hands
+/// it to workloads (GetTrustBundle, the file) from the first moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_without_the_peer_keeps_the_federated_bundle() {
+    let files = tempfile::tempdir().unwrap();
+    let (web_ca_file, cert, key) = b_web_files(files.path());
+    let fake = FakeEndpoint::start(web_tls(&cert, &key), 0).await;
+    let b1 = anchor_of("b.example");
+    fake.serve(document(std::slice::from_ref(&b1), 4));
+    let port = fake.addr.port();
+    let configure = move |c: &mut ca_server::config::Config| {
+        c.trust_domain = Some("a.example".parse().unwrap());
+        c.federation.refresh_min = Duration::from_millis(100);
+        let mut b = peer("b.example", format!("https://localhost:{port}/"));
+        b.web_ca_file = Some(web_ca_file.clone());
+        c.federation.trust_domains = vec![b];
+    };
+    let mut ts = TestServer::start_with(configure.clone()).await;
+    eventually(Duration::from_secs(15), || {
+        let (ts, b1) = (&ts, b1.clone());
+        async move { (foreign(ts, "b.example") == Some(vec![b1])).then_some(()) }
+    })
+    .await
+    .expect("fetched");
+    drop(fake);
+    ts.server.take().unwrap().shutdown().await;
+    let mut config = meshca_tests::test_config(&ts.state_dir());
+    configure(&mut config);
+    let srv = ca_server::server::Server::start(config, Arc::new(rotator::clock::SystemClock))
+        .await
+        .unwrap();
+    let url = format!("https://{}", srv.grpc_addr);
+    let roots = srv.authority.snapshot().bundle.anchors.clone();
+    let mut client = meshca_proto::v1::identity_service_client::IdentityServiceClient::new(
+        rotator::client::channel(&url, rotator::client::client_tls(&roots, None).unwrap()).unwrap(),
+    );
+    let tb = client
+        .get_trust_bundle(meshca_proto::v1::GetTrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tb.federated.len(), 1);
+    assert_eq!(tb.federated[0].trust_domain, "b.example");
+    assert_eq!(tb.federated[0].sequence, 4);
+    assert_eq!(tb.federated[0].anchors, vec![b1.to_vec()]);
+    let file = ts.state_dir().join("federated").join("b.example.pem");
+    assert_eq!(
+        rotator::client::parse_pem_certs(&std::fs::read_to_string(&file).unwrap()),
+        vec![b1]
+    );
+    srv.shutdown().await;
+    // No longer federated: the bundle and its file go.
+    let mut config = meshca_tests::test_config(&ts.state_dir());
+    config.trust_domain = Some("a.example".parse().unwrap());
+    let srv = ca_server::server::Server::start(config, Arc::new(rotator::clock::SystemClock))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), || async {
+        srv.authority
+            .snapshot()
+            .bundle
+            .federated
+            .is_empty()
+            .then_some(())
+    })
+    .await
+    .expect("dropped");
+    assert!(!file.exists(), "its file is removed");
+    srv.shutdown().await;
 }

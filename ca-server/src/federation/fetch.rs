@@ -64,13 +64,13 @@ impl Federation {
 /// Starts one refresher per configured trust domain (they act only while `leader`); drops the
 /// held bundles of trust domains no longer configured first.
 pub fn spawn(
+    federation: &Arc<Federation>,
     cfg: &FederationConfig,
     authority: &Arc<Authority>,
     leader: &watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
     stop: &watch::Receiver<bool>,
-) -> Arc<Federation> {
-    let federation = Arc::new(Federation::default());
+) {
     for peer in &cfg.trust_domains {
         federation.update(&peer.trust_domain, |_| {});
     }
@@ -105,7 +105,6 @@ pub fn spawn(
             stop.clone(),
         ));
     }
-    federation
 }
 
 /// Refreshes one trust domain's bundle until `stop`.

@@ -189,6 +189,35 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
+    for f in &doc.federation {
+        let td = &f.trust_domain;
+        if f.age_seconds > rotator::status::FEDERATION_STALE_SECONDS {
+            push(
+                Severity::Warning,
+                format!(
+                    "the bundle of federated trust domain {td} was last refreshed {:.1} hours ago{}",
+                    f.age_seconds as f64 / 3600.0,
+                    f.last_error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+                None,
+                "docs/runbooks/alerts.md#meshcafederatedbundlestale",
+            );
+        } else if f.consecutive_failures.is_some_and(|n| n >= 3) {
+            push(
+                Severity::Warning,
+                format!(
+                    "{} fetches of {td}'s bundle in a row failed: {}",
+                    f.consecutive_failures.unwrap_or_default(),
+                    f.last_error.clone().unwrap_or_default()
+                ),
+                None,
+                "docs/runbooks/alerts.md#meshcafederationrefreshfailing",
+            );
+        }
+    }
     for att in &doc.attention {
         push(
             Severity::Warning,

@@ -35,6 +35,32 @@ pub struct BundleArgs {
     /// ... verifying it with this PEM bundle.
     #[arg(long, value_name = "FILE")]
     ca_bundle: Option<PathBuf>,
+    /// A federated trust domain's bundle instead of this one's (as last fetched from its bundle
+    /// endpoint; `version` is then its `spiffe_sequence`).
+    #[arg(long, value_name = "TD")]
+    trust_domain: Option<String>,
+}
+
+/// (version, trust domain, anchors PEM) of `want` among the federated bundles `held` (trust
+/// domain, sequence, PEMs), or which ones there are.
+fn federated(
+    want: &str,
+    held: Vec<(String, u64, Vec<String>)>,
+) -> Result<(u64, String, Vec<String>), Failed> {
+    let names: Vec<String> = held.iter().map(|h| h.0.clone()).collect();
+    held.into_iter()
+        .find(|h| h.0 == want)
+        .map(|(td, seq, pems)| (seq, td, pems))
+        .ok_or_else(|| {
+            Failed(format!(
+                "no bundle of trust domain {want} is held (federated: {})",
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            ))
+        })
 }
 
 fn load(dir: Option<PathBuf>) -> Result<AuthorityState, Failed> {
@@ -99,19 +125,52 @@ pub fn bundle(a: BundleArgs, output: Output) -> Result<(), Failed> {
                         .map_err(|s| grpc_failure(server, &s))
                 })?
                 .into_inner();
-            (
-                b.version,
-                b.trust_domain,
-                b.anchors.iter().map(|d| pem_cert(d)).collect(),
-            )
+            match &a.trust_domain {
+                Some(td) if *td != b.trust_domain => federated(
+                    td,
+                    b.federated
+                        .iter()
+                        .map(|f| {
+                            (
+                                f.trust_domain.clone(),
+                                f.sequence,
+                                f.anchors.iter().map(|d| pem_cert(d)).collect(),
+                            )
+                        })
+                        .collect(),
+                )?,
+                _ => (
+                    b.version,
+                    b.trust_domain,
+                    b.anchors.iter().map(|d| pem_cert(d)).collect(),
+                ),
+            }
         }
         _ => {
             let s = load(a.state_dir)?;
-            (
-                s.bundle_version,
-                s.trust_domain.to_string(),
-                s.bundle().map(|a| a.cert.pem()).collect(),
-            )
+            match &a.trust_domain {
+                Some(td) if td != s.trust_domain.as_str() => federated(
+                    td,
+                    s.federated
+                        .iter()
+                        .map(|f| {
+                            (
+                                f.trust_domain.to_string(),
+                                f.sequence,
+                                rotator::client::parse_pem_certs(&f.anchors_pem)
+                                    .iter()
+                                    .map(|d| pem_cert(d))
+                                    .collect(),
+                            )
+                        })
+                        .collect(),
+                )?,
+                _ => (
+                    s.bundle_version,
+                    s.trust_domain.to_string(),
+                    s.bundle().map(|a| a.cert.pem()).collect(),
+                ),
+            }
         }
     };
     match output {
