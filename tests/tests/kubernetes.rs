@@ -1370,3 +1370,81 @@ async fn a_denial_reaches_every_replica_through_the_secret() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Federation on Kubernetes (#19): the leader holds a federated trust domain's bundle (here its
+/// bootstrap bundle; the endpoint is down) in the state Secret, the other replica follows it, and
+/// it is published as `<configmap>-federated-<td>` beside the local bundle ConfigMap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_bundle_reaches_the_secret_every_replica_and_a_configmap() {
+    let fake = KubeApi::start().await;
+    tokens(&fake);
+    fake.set_namespace("prod", &[("meshca.io/trust-bundle", "enabled")]);
+    let files = tempfile::tempdir().unwrap();
+    let bootstrap = files.path().join("b-bundle.pem");
+    let key = SecretKey::generate_p256().unwrap();
+    let anchor = rotator::profile::new_anchor(
+        &"b.example".parse().unwrap(),
+        &key,
+        time::OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    )
+    .unwrap();
+    std::fs::write(&bootstrap, anchor.pem()).unwrap();
+    let federate = |c: &mut Config| {
+        c.federation.refresh_min = Duration::from_millis(200);
+        c.federation.trust_domains = vec![ca_server::federation::Peer {
+            trust_domain: "b.example".parse().unwrap(),
+            bundle_endpoint_url: "https://127.0.0.1:1/".into(),
+            profile: ca_server::federation::EndpointProfile::HttpsSpiffe,
+            endpoint_spiffe_id: Some("spiffe://b.example/meshca/server".parse().unwrap()),
+            bootstrap_bundle: Some(bootstrap.clone()),
+            web_ca_file: None,
+        }];
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut ca = replica(da.path(), &fake, "meshca-a");
+    federate(&mut ca);
+    let mut cb = replica(db.path(), &fake, "meshca-b");
+    federate(&mut cb);
+    let a = Server::start(ca, clock.clone()).await.unwrap();
+    let b = Server::start(cb, clock.clone()).await.unwrap();
+    let want = vec![anchor.der().clone()];
+    for s in [&a, &b] {
+        eventually(Duration::from_secs(15), || async {
+            s.authority
+                .snapshot()
+                .bundle
+                .federated
+                .iter()
+                .any(|f| f.trust_domain.as_str() == "b.example" && f.anchors == want)
+                .then_some(())
+        })
+        .await
+        .expect("every replica holds b.example's bundle");
+    }
+    let stored = stored_state(&fake).unwrap();
+    assert!(
+        stored
+            .federated_bundle(&"b.example".parse().unwrap())
+            .is_some(),
+        "the Secret holds it"
+    );
+    let cm = eventually(Duration::from_secs(15), || async {
+        fake.get(
+            "configmaps",
+            "prod",
+            "meshca-trust-bundle-federated-b.example",
+        )
+    })
+    .await
+    .expect("published beside the bundle");
+    assert_eq!(cm["data"]["ca-bundle.crt"], anchor.pem().as_str());
+    assert_eq!(
+        cm["metadata"]["annotations"]["meshca.io/bundle-version"],
+        "0"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -5,6 +5,8 @@
 //! `resync`; removed (only ours: label `app.kubernetes.io/managed-by=meshca`) from namespaces
 //! that stop matching. Each ConfigMap carries `meshca.io/bundle-version`; one already at a newer
 //! version is never overwritten with an older bundle (a deposed leader cannot roll it back).
+//! Each federated trust domain's bundle goes beside it as `<configmap>-federated-<td>` (key
+//! `ca-bundle.crt`, versioned by the peer's `spiffe_sequence`), removed once no longer federated.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -74,15 +76,53 @@ pub async fn reconcile(
         .filter(|n| n.metadata.deletion_timestamp.is_none())
         .filter_map(|n| n.metadata.name)
         .collect();
-    let shapes = shapes(cfg);
+    let mut shapes = shapes(cfg);
+    // Federated trust domains' bundles beside the local one, versioned by their sequence.
+    let federated: Vec<(String, Bundle)> = bundle
+        .federated
+        .iter()
+        .map(|f| {
+            (
+                federated_name(cfg, f.trust_domain.as_str()),
+                Bundle {
+                    trust_domain: f.trust_domain.clone(),
+                    version: f.sequence,
+                    anchors: f.anchors.clone(),
+                    ids: Vec::new(),
+                    pem: f
+                        .anchors
+                        .iter()
+                        .map(|a| pem::encode(&pem::Pem::new("CERTIFICATE", a.to_vec())))
+                        .collect(),
+                    federated: Vec::new(),
+                },
+            )
+        })
+        .collect();
     for ns in &matching {
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
         for (name, key) in &shapes {
             write_one(&api, name, key, bundle, &mut done).await?;
         }
+        for (name, b) in &federated {
+            write_one(&api, name, "ca-bundle.crt", b, &mut done).await?;
+        }
     }
-    remove_unmatched(client, &matching, &shapes, &mut done).await?;
+    shapes.extend(federated.iter().map(|(n, _)| (n.clone(), "ca-bundle.crt")));
+    remove_unmatched(
+        client,
+        &matching,
+        &shapes,
+        &federated_name(cfg, ""),
+        &mut done,
+    )
+    .await?;
     Ok(done)
+}
+
+/// The ConfigMap holding federated trust domain `td`'s bundle: `<configmap>-federated-<td>`.
+pub fn federated_name(cfg: &BundlePublication, td: &str) -> String {
+    format!("{}-federated-{td}", cfg.configmap)
 }
 
 /// Writes one bundle ConfigMap (`name`, the bundle under `key`) unless it already holds this
@@ -158,11 +198,13 @@ fn now() -> String {
     rotator::clock::rfc3339(time::OffsetDateTime::now_utc())
 }
 
-/// Deletes ours in namespaces that stopped matching.
+/// Deletes ours in namespaces that stopped matching, and everywhere the ConfigMaps of trust
+/// domains no longer federated (named `federated_prefix…` but not among `shapes`).
 async fn remove_unmatched(
     client: &kube::Client,
     matching: &BTreeSet<String>,
     shapes: &[(String, &'static str)],
+    federated_prefix: &str,
     done: &mut Published,
 ) -> Result<(), kube::Error> {
     let all: Api<ConfigMap> = Api::all(client.clone());
@@ -174,7 +216,9 @@ async fn remove_unmatched(
         else {
             continue;
         };
-        if matching.contains(&ns) || !shapes.iter().any(|(n, _)| *n == name) {
+        let shaped = shapes.iter().any(|(n, _)| *n == name);
+        let stale_federated = name.starts_with(federated_prefix) && !shaped;
+        if !stale_federated && (matching.contains(&ns) || !shaped) {
             continue;
         }
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
