@@ -605,7 +605,39 @@ async fn two_trust_domains_federated_both_ways_keep_handshaking_through_a_rotati
         .await
         .expect_err("A's own anchors do not vouch for B");
 
+    // A workload of A watching its bundle is told of each change of B's.
+    let mut watch = pair
+        .a
+        .client(None)
+        .watch_trust_bundle(meshca_proto::v1::WatchTrustBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    let seq_of = |m: &meshca_proto::v1::TrustBundle| {
+        m.federated
+            .iter()
+            .find(|f| f.trust_domain == "b.example")
+            .map(|f| (f.sequence, f.anchors.len()))
+    };
+    let before = seq_of(&first).unwrap();
+
     let (n, failures, propagation) = rotate_b_under_handshakes(&pair).await;
+    let mut seen = vec![before];
+    let final_version = pair.b.server().authority.snapshot().bundle.version;
+    while seen.last().unwrap().0 < final_version {
+        let m = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("a push for each of B's changes")
+            .unwrap()
+            .unwrap();
+        seen.push(seq_of(&m).unwrap());
+    }
+    println!("A's watcher saw b.example's (sequence, anchors): {seen:?}");
+    assert!(
+        seen.iter().any(|(_, n)| *n == 2),
+        "the staged bundle (two anchors) was pushed: {seen:?}"
+    );
     println!(
         "{n} handshakes through B's rotation, {} failed; B's staged anchor reached A in {propagation:?}",
         failures.len()
