@@ -51,7 +51,7 @@ pub mod fuzzing {
     pub type Target = (&'static str, fn(&[u8]));
 
     /// The targets.
-    pub const TARGETS: [Target; 8] = [
+    pub const TARGETS: [Target; 9] = [
         ("csr", csr),
         ("spiffe", spiffe),
         ("linkerd_identity", linkerd_identity),
@@ -60,6 +60,7 @@ pub mod fuzzing {
         ("ledger_log", ledger_log),
         ("tokens_json", tokens_json),
         ("config_toml", config_toml),
+        ("federated_bundle", federated_bundle),
     ];
 
     /// A CSR as the native and Istio faces take it (DER or PEM), and as the Linkerd face does.
@@ -173,6 +174,16 @@ pub mod fuzzing {
     pub fn tokens_json(data: &[u8]) {
         if let Ok(text) = std::str::from_utf8(data) {
             let _ = rotator::tokens::StaticTokens::parse(text);
+        }
+    }
+
+    /// A federated peer's bundle document, as fetched from its endpoint (for `b.example`): an
+    /// accepted one's anchors parse again and are all CA certificates.
+    pub fn federated_bundle(data: &[u8]) {
+        let td: TrustDomain = "b.example".parse().expect("literal trust domain");
+        if let Ok(pem) = crate::federation::fetch::parse_anchors(data, &td) {
+            let again = rotator::client::parse_pem_certs(&pem);
+            assert!(!again.is_empty(), "an accepted bundle has anchors");
         }
     }
 

@@ -274,6 +274,9 @@ fn the_fuzz_corpus_replays_without_a_panic() {
         rotator::tokens::StaticTokens::parse(&tokens).unwrap().len(),
         2
     );
+    let b: rotator::spiffe::TrustDomain = "b.example".parse().unwrap();
+    ca_server::federation::fetch::parse_anchors(&seed("federated_bundle", "bundle.json"), &b)
+        .unwrap();
     for f in ["defaults.toml", "kubernetes.toml"] {
         let text = String::from_utf8(seed("config_toml", f)).unwrap();
         ca_server::config::Config::from_toml(&text)

@@ -335,6 +335,12 @@ fn parse(body: &[u8], td: &TrustDomain) -> Result<Doc, String> {
     })
 }
 
+/// [`parse`]'s anchors (PEM), for the fuzz target.
+#[doc(hidden)]
+pub fn parse_anchors(body: &[u8], td: &TrustDomain) -> Result<String, String> {
+    parse(body, td).map(|d| d.anchors_pem)
+}
+
 /// An anchor must be a CA certificate; one that names a trust domain — a SPIFFE URI SAN, as
 /// SPIRE's do, or the organisation of a meshca anchor — must name `td`.
 fn check_anchor(cert: &CertificateDer<'_>, td: &TrustDomain) -> Result<(), String> {
