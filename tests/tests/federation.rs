@@ -1118,3 +1118,59 @@ async fn a_restart_without_the_peer_keeps_the_federated_bundle() {
     assert!(!file.exists(), "its file is removed");
     srv.shutdown().await;
 }
+
+/// A foreign bundle not refreshed for over 30 minutes (its endpoint down) is stale: `meshca check`
+/// warns (exit 1), `meshca status` marks it, and the age metric passes the alert's threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_foreign_bundle_is_reported() {
+    let files = tempfile::tempdir().unwrap();
+    let bootstrap = files.path().join("b-bundle.pem");
+    std::fs::write(
+        &bootstrap,
+        pem::encode(&pem::Pem::new(
+            "CERTIFICATE",
+            anchor_of("b.example").to_vec(),
+        )),
+    )
+    .unwrap();
+    let clock = Arc::new(rotator::clock::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let ts = TestServer::start_clocked(
+        |c| {
+            c.trust_domain = Some("a.example".parse().unwrap());
+            let mut p = peer("b.example", "https://127.0.0.1:1/".into());
+            p.profile = EndpointProfile::HttpsSpiffe;
+            p.endpoint_spiffe_id = Some("spiffe://b.example/meshca/server".parse().unwrap());
+            p.bootstrap_bundle = Some(bootstrap.clone());
+            c.federation.trust_domains = vec![p];
+        },
+        clock.clone(),
+    )
+    .await;
+    refused(&ts, "b.example", "connecting to 127.0.0.1:1").await;
+    let (code, out) = meshca(&ts, &["check"]).await;
+    assert_eq!(code, Some(0), "fresh: {out}");
+    clock.advance(Duration::from_secs(31 * 60));
+    let (code, out) = meshca(&ts, &["check"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "the bundle of federated trust domain b.example was last refreshed 0.5 hours ago"
+        ),
+        "{out}"
+    );
+    let (_, out) = meshca(&ts, &["status"]).await;
+    assert!(out.contains("STALE"), "{out}");
+    let scrape = http_get(ts.http, "/metrics").await.1;
+    let age: i64 = scrape
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("meshca_federation_bundle_age_seconds{trust_domain=\"b.example\"} ")
+        })
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(age > 1800, "{age}");
+}
