@@ -437,7 +437,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     s.write_all(req.as_bytes()).await.expect("write HTTP");
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.expect("read HTTP");
-    let text = String::from_utf8_lossy(&buf).into_owned();
+    http_response(&buf)
+}
+
+/// An HTTP/1.1 response's status and body (0 and empty when there is none).
+pub fn http_response(buf: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(buf).into_owned();
     let status = text
         .split(' ')
         .nth(1)
@@ -448,6 +453,39 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A federated trust domain `td` whose bundle endpoint is down (`https://127.0.0.1:1/`), held
+/// from a bootstrap bundle: a fresh anchor of `td`, written as PEM under `dir`. Returns the peer
+/// and the anchor.
+pub fn unreachable_peer(
+    dir: &Path,
+    td: &str,
+) -> (ca_server::federation::Peer, CertificateDer<'static>) {
+    let key = SecretKey::generate_p256().expect("key");
+    let anchor = rotator::profile::new_anchor(
+        &td.parse().expect("trust domain"),
+        &key,
+        time::OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    )
+    .expect("anchor");
+    let bootstrap = dir.join(format!("{td}-bundle.pem"));
+    std::fs::write(&bootstrap, anchor.pem()).expect("write the bootstrap bundle");
+    let peer = ca_server::federation::Peer {
+        trust_domain: td.parse().expect("trust domain"),
+        bundle_endpoint_url: "https://127.0.0.1:1/".into(),
+        profile: ca_server::federation::EndpointProfile::HttpsSpiffe,
+        endpoint_spiffe_id: Some(
+            format!("spiffe://{td}/meshca/server")
+                .parse()
+                .expect("SPIFFE ID"),
+        ),
+        bootstrap_bundle: Some(bootstrap),
+        web_ca_file: None,
+    };
+    (peer, anchor.der().clone())
 }
 
 /// PEM certificates in `text` (re-exported for tests).

@@ -128,28 +128,8 @@ async fn every_metric_in_the_rules_and_the_dashboard_is_exported() {
     // Federated with a trust domain whose endpoint is down: its bootstrap bundle is held, its
     // fetches fail (the federation metrics exist only for a configured trust domain).
     let files = tempfile::tempdir().unwrap();
-    let bootstrap = files.path().join("b-bundle.pem");
-    let key = rotator::pki::SecretKey::generate_p256().unwrap();
-    let anchor = rotator::profile::new_anchor(
-        &"b.example".parse().unwrap(),
-        &key,
-        time::OffsetDateTime::now_utc(),
-        std::time::Duration::from_secs(3600),
-        std::time::Duration::ZERO,
-    )
-    .unwrap();
-    std::fs::write(&bootstrap, anchor.pem()).unwrap();
-    let srv = TestServer::start_with(|c| {
-        c.federation.trust_domains = vec![ca_server::federation::Peer {
-            trust_domain: "b.example".parse().unwrap(),
-            bundle_endpoint_url: "https://127.0.0.1:1/".into(),
-            profile: ca_server::federation::EndpointProfile::HttpsSpiffe,
-            endpoint_spiffe_id: Some("spiffe://b.example/meshca/server".parse().unwrap()),
-            bootstrap_bundle: Some(bootstrap.clone()),
-            web_ca_file: None,
-        }];
-    })
-    .await;
+    let (down, _) = meshca_tests::unreachable_peer(files.path(), "b.example");
+    let srv = TestServer::start_with(|c| c.federation.trust_domains = vec![down]).await;
     eventually(std::time::Duration::from_secs(10), || async {
         let (_, m) = http_get(srv.http, "/metrics").await;
         m.contains("meshca_federation_refresh_failures{trust_domain=\"b.example\"} 1")

@@ -78,16 +78,7 @@ async fn fetch(
     .unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (status, body) = meshca_tests::http_response(&buf);
     Ok((status, body, chain))
 }
 
@@ -1124,26 +1115,14 @@ async fn a_restart_without_the_peer_keeps_the_federated_bundle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_foreign_bundle_is_reported() {
     let files = tempfile::tempdir().unwrap();
-    let bootstrap = files.path().join("b-bundle.pem");
-    std::fs::write(
-        &bootstrap,
-        pem::encode(&pem::Pem::new(
-            "CERTIFICATE",
-            anchor_of("b.example").to_vec(),
-        )),
-    )
-    .unwrap();
+    let (down, _) = meshca_tests::unreachable_peer(files.path(), "b.example");
     let clock = Arc::new(rotator::clock::ManualClock::new(
         time::OffsetDateTime::now_utc(),
     ));
     let ts = TestServer::start_clocked(
         |c| {
             c.trust_domain = Some("a.example".parse().unwrap());
-            let mut p = peer("b.example", "https://127.0.0.1:1/".into());
-            p.profile = EndpointProfile::HttpsSpiffe;
-            p.endpoint_spiffe_id = Some("spiffe://b.example/meshca/server".parse().unwrap());
-            p.bootstrap_bundle = Some(bootstrap.clone());
-            c.federation.trust_domains = vec![p];
+            c.federation.trust_domains = vec![down.clone()];
         },
         clock.clone(),
     )

@@ -1380,27 +1380,10 @@ async fn a_federated_bundle_reaches_the_secret_every_replica_and_a_configmap() {
     tokens(&fake);
     fake.set_namespace("prod", &[("meshca.io/trust-bundle", "enabled")]);
     let files = tempfile::tempdir().unwrap();
-    let bootstrap = files.path().join("b-bundle.pem");
-    let key = SecretKey::generate_p256().unwrap();
-    let anchor = rotator::profile::new_anchor(
-        &"b.example".parse().unwrap(),
-        &key,
-        time::OffsetDateTime::now_utc(),
-        Duration::from_secs(3600),
-        Duration::ZERO,
-    )
-    .unwrap();
-    std::fs::write(&bootstrap, anchor.pem()).unwrap();
+    let (down, anchor) = meshca_tests::unreachable_peer(files.path(), "b.example");
     let federate = |c: &mut Config| {
         c.federation.refresh_min = Duration::from_millis(200);
-        c.federation.trust_domains = vec![ca_server::federation::Peer {
-            trust_domain: "b.example".parse().unwrap(),
-            bundle_endpoint_url: "https://127.0.0.1:1/".into(),
-            profile: ca_server::federation::EndpointProfile::HttpsSpiffe,
-            endpoint_spiffe_id: Some("spiffe://b.example/meshca/server".parse().unwrap()),
-            bootstrap_bundle: Some(bootstrap.clone()),
-            web_ca_file: None,
-        }];
+        c.federation.trust_domains = vec![down.clone()];
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -1410,7 +1393,7 @@ async fn a_federated_bundle_reaches_the_secret_every_replica_and_a_configmap() {
     federate(&mut cb);
     let a = Server::start(ca, clock.clone()).await.unwrap();
     let b = Server::start(cb, clock.clone()).await.unwrap();
-    let want = vec![anchor.der().clone()];
+    let want = vec![anchor.clone()];
     for s in [&a, &b] {
         eventually(Duration::from_secs(15), || async {
             s.authority
@@ -1440,7 +1423,10 @@ async fn a_federated_bundle_reaches_the_secret_every_replica_and_a_configmap() {
     })
     .await
     .expect("published beside the bundle");
-    assert_eq!(cm["data"]["ca-bundle.crt"], anchor.pem().as_str());
+    assert_eq!(
+        cm["data"]["ca-bundle.crt"],
+        pem::encode(&pem::Pem::new("CERTIFICATE", anchor.to_vec())).as_str()
+    );
     assert_eq!(
         cm["metadata"]["annotations"]["meshca.io/bundle-version"],
         "0"

@@ -179,27 +179,7 @@ async fn refresh_once(
     if held.is_none()
         && let Some(path) = &peer.bootstrap_bundle
     {
-        let pem = bootstrap(path, td)?;
-        let b = FederatedBundle {
-            trust_domain: td.clone(),
-            anchors_pem: pem,
-            sequence: 0,
-            fetched: authority.clock().now(),
-        };
-        authority
-            .transition(|s, now| {
-                if s.federated_bundle(td).is_some() {
-                    return Ok(None);
-                }
-                s.set_federated(
-                    now,
-                    FederatedBundle {
-                        fetched: now,
-                        ..b.clone()
-                    },
-                )
-                .map(Some)
-            })
+        hold(authority, td, bootstrap(path, td)?, 0, true)
             .await
             .map_err(|e| format!("holding the bootstrap bundle: {e}"))?;
         held = authority.read(|s| s.federated_bundle(td).cloned()).await;
@@ -230,26 +210,35 @@ async fn refresh_once(
         (Some(h), None) => h.sequence,
         (None, None) => 0,
     };
-    let next = FederatedBundle {
-        trust_domain: td.clone(),
-        anchors_pem: doc.anchors_pem,
-        sequence,
-        fetched: authority.clock().now(),
-    };
-    authority
-        .transition(|s, now| {
-            s.set_federated(
-                now,
-                FederatedBundle {
-                    fetched: now,
-                    ..next.clone()
-                },
-            )
-            .map(Some)
-        })
+    hold(authority, td, doc.anchors_pem, sequence, false)
         .await
         .map_err(|e| format!("committing the bundle: {e}"))?;
     Ok((hint, Some(sequence)))
+}
+
+/// Commits `anchors_pem` at `sequence` as the bundle held for `td`, fetched now (`if_none`: only
+/// when none is held — a bootstrap bundle never replaces a fetched one).
+async fn hold(
+    authority: &Authority,
+    td: &TrustDomain,
+    anchors_pem: String,
+    sequence: u64,
+    if_none: bool,
+) -> Result<bool, crate::authority::TransitionError> {
+    authority
+        .transition(|s, now| {
+            if if_none && s.federated_bundle(td).is_some() {
+                return Ok(None);
+            }
+            let b = FederatedBundle {
+                trust_domain: td.clone(),
+                anchors_pem: anchors_pem.clone(),
+                sequence,
+                fetched: now,
+            };
+            s.set_federated(now, b).map(Some)
+        })
+        .await
 }
 
 fn same_anchors(a: &str, b: &str) -> bool {
