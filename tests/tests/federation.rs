@@ -879,6 +879,7 @@ async fn a_bad_peer_bundle_is_refused_and_the_last_good_one_kept() {
         f.refresh_min = Duration::from_millis(100);
         f.refresh_max = Duration::from_millis(300);
         f.max_bundle_bytes = 8192;
+        f.max_anchors = 4;
         let mut b = peer("b.example", format!("https://localhost:{port}/"));
         b.web_ca_file = Some(web_ca_file.clone());
         f.trust_domains = vec![b];
@@ -916,6 +917,11 @@ async fn a_bad_peer_bundle_is_refused_and_the_last_good_one_kept() {
             "too large",
             huge,
             "larger than federation.max_bundle_bytes (8192)",
+        ),
+        (
+            "too many anchors",
+            document(&vec![b2.clone(); 5], 6),
+            "5 anchors, more than federation.max_anchors (4)",
         ),
         (
             "another trust domain",

@@ -185,7 +185,7 @@ async fn refresh_once(
         held = authority.read(|s| s.federated_bundle(td).cloned()).await;
     }
     let body = fetch(peer, cfg, held.as_ref()).await?;
-    let doc = parse(&body, td)?;
+    let doc = parse(&body, td, cfg.max_anchors)?;
     let hint = doc.refresh_hint;
     let sequence = match (&held, doc.sequence) {
         (Some(h), Some(seq)) if seq < h.sequence => {
@@ -292,15 +292,22 @@ struct Jwk {
 
 /// Parses a SPIFFE bundle (a JWK Set): its `x509-svid` keys, each one CA certificate of `td` (or
 /// naming no trust domain); at least one.
-fn parse(body: &[u8], td: &TrustDomain) -> Result<Doc, String> {
+fn parse(body: &[u8], td: &TrustDomain, max_anchors: usize) -> Result<Doc, String> {
     let jwks: Jwks =
         serde_json::from_slice(body).map_err(|e| format!("refused: not a SPIFFE bundle: {e}"))?;
-    let mut pem = String::new();
-    for k in jwks
+    let keys: Vec<&Jwk> = jwks
         .keys
         .iter()
         .filter(|k| k.usage.as_deref() == Some("x509-svid"))
-    {
+        .collect();
+    if keys.len() > max_anchors {
+        return Err(format!(
+            "refused: {} anchors, more than federation.max_anchors ({max_anchors})",
+            keys.len()
+        ));
+    }
+    let mut pem = String::new();
+    for k in keys {
         let [one] = k.x5c.as_slice() else {
             return Err(format!(
                 "refused: an x509-svid key has {} certificates in x5c, not one",
@@ -327,7 +334,7 @@ fn parse(body: &[u8], td: &TrustDomain) -> Result<Doc, String> {
 /// [`parse`]'s anchors (PEM), for the fuzz target.
 #[doc(hidden)]
 pub fn parse_anchors(body: &[u8], td: &TrustDomain) -> Result<String, String> {
-    parse(body, td).map(|d| d.anchors_pem)
+    parse(body, td, 32).map(|d| d.anchors_pem)
 }
 
 /// An anchor must be a CA certificate; one that names a trust domain — a SPIFFE URI SAN, as
@@ -531,7 +538,7 @@ mod tests {
     fn a_bundle_is_parsed_and_checked() {
         let td: TrustDomain = "b.example".parse().unwrap();
         let b = anchor("b.example");
-        let d = parse(&doc(&[&b], 7), &td).unwrap();
+        let d = parse(&doc(&[&b], 7), &td, 32).unwrap();
         assert_eq!(d.sequence, Some(7));
         assert_eq!(d.refresh_hint, Some(Duration::from_secs(60)));
         assert_eq!(
@@ -540,13 +547,18 @@ mod tests {
         );
         // Another trust domain's anchor, nothing, not JSON, not a CA.
         let a = anchor("a.example");
-        let e = parse(&doc(&[&b, &a], 8), &td).err().unwrap();
+        let e = parse(&doc(&[&b, &a], 8), &td, 32).err().unwrap();
         assert!(e.contains("trust domain a.example, not b.example"), "{e}");
-        let e = parse(&doc(&[], 8), &td).err().unwrap();
+        let e = parse(&doc(&[], 8), &td, 32).err().unwrap();
         assert!(e.contains("no x509-svid anchor"), "{e}");
-        let e = parse(b"{\"keys\": [", &td).err().unwrap();
+        let e = parse(&doc(&[&b, &b], 8), &td, 1).err().unwrap();
+        assert!(
+            e.contains("2 anchors, more than federation.max_anchors (1)"),
+            "{e}"
+        );
+        let e = parse(b"{\"keys\": [", &td, 32).err().unwrap();
         assert!(e.contains("not a SPIFFE bundle"), "{e}");
-        let e = parse(br#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#, &td)
+        let e = parse(br#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#, &td, 32)
             .err()
             .unwrap();
         assert!(e.contains("not an X.509 certificate"), "{e}");

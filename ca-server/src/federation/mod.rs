@@ -86,6 +86,8 @@ pub struct FederationConfig {
     pub refresh_max: Duration,
     /// A peer's bundle document larger than this is refused.
     pub max_bundle_bytes: usize,
+    /// A peer's bundle with more anchors than this is refused.
+    pub max_anchors: usize,
     /// The trust domains whose bundles are fetched and handed to workloads.
     pub trust_domains: Vec<Peer>,
 }
@@ -100,7 +102,8 @@ impl Default for FederationConfig {
             bundle_endpoint_refresh_hint: Duration::from_secs(300),
             refresh_min: Duration::from_secs(10),
             refresh_max: Duration::from_secs(3600),
-            max_bundle_bytes: 1 << 20,
+            max_bundle_bytes: 256 << 10,
+            max_anchors: 32,
             trust_domains: Vec::new(),
         }
     }
@@ -189,6 +192,9 @@ impl FederationConfig {
         }
         if self.max_bundle_bytes < 1024 {
             return Err("max_bundle_bytes must be at least 1024".into());
+        }
+        if self.max_anchors == 0 {
+            return Err("max_anchors must be at least 1".into());
         }
         Ok(())
     }
