@@ -104,9 +104,11 @@ impl AdminService for Admin {
                 else {
                     continue;
                 };
-                if let Some(t) = st.1.last_success {
-                    e.age_seconds = (now - t.max(e.fetched)).whole_seconds().max(0);
+                if !st.1.refreshing {
+                    continue;
                 }
+                let last = st.1.last_success.map_or(e.fetched, |t| t.max(e.fetched));
+                e.age_seconds = Some((now - last).whole_seconds().max(0));
                 e.consecutive_failures = Some(st.1.consecutive_failures);
                 e.last_error.clone_from(&st.1.last_error);
             }

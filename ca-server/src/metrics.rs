@@ -108,8 +108,8 @@ pub struct AuthorityMetrics {
     pub revoked_last_expiry: Family<IssuerLabels, Gauge>,
     /// `meshca_federation_bundle_sequence{trust_domain}`: the held bundle's `spiffe_sequence`.
     pub federation_sequence: Family<TrustDomainLabels, Gauge>,
-    /// `meshca_federation_bundle_age_seconds{trust_domain}`: since the last successful refresh
-    /// (on a replica that has not refreshed: since the held bundle was fetched).
+    /// `meshca_federation_bundle_age_seconds{trust_domain}`, on the replica that refreshes it:
+    /// since its last successful refresh (none yet: since the held bundle was fetched).
     pub federation_age: Family<TrustDomainLabels, Gauge>,
     /// `meshca_federation_last_refresh_timestamp_seconds{trust_domain}` (after a first success).
     pub federation_last_refresh: Family<TrustDomainLabels, Gauge>,
@@ -205,16 +205,17 @@ impl AuthorityMetrics {
             let labels = TrustDomainLabels {
                 trust_domain: b.trust_domain.to_string(),
             };
-            let status = statuses.get(&b.trust_domain);
-            let last = status
-                .and_then(|st| st.last_success)
-                .map_or(b.fetched, |t| t.max(b.fetched));
             self.federation_sequence
                 .get_or_create(&labels)
                 .set(i64::try_from(b.sequence).unwrap_or(i64::MAX));
-            self.federation_age
-                .get_or_create(&labels)
-                .set((now - last).whole_seconds().max(0));
+            // The age only where it is known: on the replica that refreshes it (since its last
+            // success, or since the held bundle was fetched if none yet).
+            if let Some(st) = statuses.get(&b.trust_domain).filter(|st| st.refreshing) {
+                let last = st.last_success.map_or(b.fetched, |t| t.max(b.fetched));
+                self.federation_age
+                    .get_or_create(&labels)
+                    .set((now - last).whole_seconds().max(0));
+            }
         }
         for (td, st) in statuses {
             let labels = TrustDomainLabels {

@@ -72,8 +72,11 @@ pub struct FederationEntry {
     /// When the held bundle was fetched (or bootstrapped).
     #[serde(with = "rfc3339_utc")]
     pub fetched: OffsetDateTime,
-    /// Seconds since the last successful refresh (offline, or before one: since `fetched`).
-    pub age_seconds: i64,
+    /// From the running server that refreshes it: seconds since its last successful refresh
+    /// (none yet: since `fetched`). Absent offline and on a replica that does not refresh it
+    /// (when the held bundle was last confirmed is not known there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_seconds: Option<i64>,
     /// From a running server that refreshes it: failed or refused fetches in a row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_failures: Option<u32>,
@@ -468,7 +471,7 @@ pub fn document(
                 sequence: f.sequence,
                 anchors: crate::client::parse_pem_certs(&f.anchors_pem).len(),
                 fetched: f.fetched,
-                age_seconds: (now - f.fetched).whole_seconds().max(0),
+                age_seconds: None,
                 consecutive_failures: None,
                 last_error: None,
             })
@@ -488,12 +491,20 @@ fn render_federation(v: &Status, o: &mut String) {
         "TRUST DOMAIN", "SEQUENCE", "ANCHORS", "LAST REFRESH"
     );
     for f in &v.federation {
-        let age = human(std::time::Duration::from_secs(f.age_seconds.unsigned_abs()));
-        let stale = if f.age_seconds > FEDERATION_STALE_SECONDS {
-            " STALE"
-        } else {
-            ""
-        };
+        let age = f.age_seconds.map_or_else(
+            || "-".to_owned(),
+            |a| {
+                let stale = if a > FEDERATION_STALE_SECONDS {
+                    " STALE"
+                } else {
+                    ""
+                };
+                format!(
+                    "{} ago{stale}",
+                    human(std::time::Duration::from_secs(a.unsigned_abs()))
+                )
+            },
+        );
         let refresh = match (f.consecutive_failures, &f.last_error) {
             (Some(0) | None, _) => "ok".to_owned(),
             (Some(n), e) => format!("FAILING ({n} in a row): {}", e.clone().unwrap_or_default()),
@@ -501,10 +512,7 @@ fn render_federation(v: &Status, o: &mut String) {
         let _ = writeln!(
             o,
             "  {:<24}  {:>8}  {:>7}  {:<18}  {refresh}",
-            f.trust_domain,
-            f.sequence,
-            f.anchors,
-            format!("{age} ago{stale}")
+            f.trust_domain, f.sequence, f.anchors, age
         );
     }
 }

@@ -37,6 +37,8 @@ pub struct PeerStatus {
     pub consecutive_failures: u32,
     /// Why the last fetch failed, if it did.
     pub last_error: Option<String>,
+    /// Whether this replica refreshes it (the rotation leader; every process with a state dir).
+    pub refreshing: bool,
 }
 
 /// The refreshers' shared view, read by `/metrics` and the admin status.
@@ -122,6 +124,7 @@ async fn refresh(
             r = leader.wait_for(|l| *l) => if r.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
+        federation.update(&td, |s| s.refreshing = true);
         let wait = match refresh_once(&peer, &cfg, &authority).await {
             Ok((hint, accepted)) => {
                 if let Some(seq) = accepted {
@@ -147,7 +150,7 @@ async fn refresh(
                 if failures == 1 || failures % 10 == 0 {
                     tracing::warn!(trust_domain = %td, failures, "federated bundle not refreshed, the last good one is kept: {why}");
                 }
-                let backoff = cfg.refresh_min.saturating_mul(1 << failures.min(10));
+                let backoff = cfg.refresh_min.saturating_mul(1 << (failures - 1).min(10));
                 backoff.min(cfg.refresh_max)
             }
         };

@@ -191,12 +191,15 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
     }
     for f in &doc.federation {
         let td = &f.trust_domain;
-        if f.age_seconds > rotator::status::FEDERATION_STALE_SECONDS {
+        if let Some(age) = f
+            .age_seconds
+            .filter(|a| *a > rotator::status::FEDERATION_STALE_SECONDS)
+        {
             push(
                 Severity::Warning,
                 format!(
                     "the bundle of federated trust domain {td} was last refreshed {:.1} hours ago{}",
-                    f.age_seconds as f64 / 3600.0,
+                    age as f64 / 3600.0,
                     f.last_error
                         .as_ref()
                         .map(|e| format!(": {e}"))
