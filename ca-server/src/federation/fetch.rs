@@ -334,7 +334,7 @@ fn parse(body: &[u8], td: &TrustDomain, max_anchors: usize) -> Result<Doc, Strin
     })
 }
 
-/// [`parse`]'s anchors (PEM), for the fuzz target.
+/// The anchors (PEM) of an accepted document, for the fuzz target.
 #[doc(hidden)]
 pub fn parse_anchors(body: &[u8], td: &TrustDomain) -> Result<String, String> {
     parse(body, td, 32).map(|d| d.anchors_pem)

@@ -234,7 +234,7 @@ pub fn endpoint_id(td: &TrustDomain) -> Result<SpiffeId, String> {
 pub struct EndpointTls {
     /// What the listener serves with.
     pub config: Arc<ServerConfig>,
-    /// `https_spiffe`: the SVID, for [`LiveTls::maintain`].
+    /// `https_spiffe`: the SVID, to be kept renewed (`LiveTls::maintain`).
     pub live: Option<Arc<LiveTls>>,
 }
 
