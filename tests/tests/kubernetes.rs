@@ -1414,6 +1414,19 @@ async fn a_federated_bundle_reaches_the_secret_every_replica_and_a_configmap() {
             .is_some(),
         "the Secret holds it"
     );
+    // Exactly one replica refreshes it (and knows its age): the Lease holder.
+    let refreshing = |s: &Server| {
+        s.federation
+            .statuses()
+            .values()
+            .next()
+            .is_some_and(|st| st.refreshing)
+    };
+    eventually(Duration::from_secs(15), || async {
+        (refreshing(&a) != refreshing(&b) && refreshing(&a) == leader(&a)).then_some(())
+    })
+    .await
+    .expect("the leader refreshes, the other does not");
     let cm = eventually(Duration::from_secs(15), || async {
         fake.get(
             "configmaps",

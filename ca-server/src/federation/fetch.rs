@@ -120,6 +120,10 @@ async fn refresh(
 ) {
     let td = peer.trust_domain.clone();
     loop {
+        if !*leader.borrow_and_update() {
+            // Another replica refreshes now: what this one last saw is no longer current.
+            federation.update(&td, |s| s.refreshing = false);
+        }
         tokio::select! {
             r = leader.wait_for(|l| *l) => if r.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
@@ -156,6 +160,9 @@ async fn refresh(
         };
         tokio::select! {
             () = tokio::time::sleep(jitter(wait)) => {}
+            // Leadership lost: back to the top, which says so at once (the campaigner gone:
+            // shutting down).
+            r = leader.wait_for(|l| !*l) => if r.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
     }
