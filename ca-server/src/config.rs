@@ -347,6 +347,24 @@ impl Config {
             });
         }
         self.limits.validate()?;
+        self.validate_federation()?;
+        for n in &self.tls.dns_names {
+            if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
+                return Err(ConfigError {
+                    name: "tls.dns_names".into(),
+                    value: n.clone(),
+                    reason: "not a DNS name".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// `[federation]`: the endpoint's profile and files agree, every peer is complete and listed
+    /// once, and this authority's own trust domain is not among them.
+    fn validate_federation(&self) -> Result<(), ConfigError> {
         self.federation.validate().map_err(|reason| ConfigError {
             name: "federation.bundle_endpoint_profile".into(),
             value: format!("{:?}", self.federation.bundle_endpoint_profile),
@@ -359,29 +377,22 @@ impl Config {
                 value: String::new(),
                 reason,
             })?;
-        if let Some(td) = &self.trust_domain
-            && self
-                .federation
-                .trust_domains
-                .iter()
-                .any(|p| &p.trust_domain == td)
-        {
-            return Err(ConfigError {
-                name: "federation.trust_domains".into(),
-                value: td.to_string(),
-                reason: "this authority's own trust domain cannot be federated with".into(),
-            });
-        }
-        for n in &self.tls.dns_names {
-            if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
-                return Err(ConfigError {
-                    name: "tls.dns_names".into(),
-                    value: n.clone(),
-                    reason: "not a DNS name".into(),
-                });
+        match &self.trust_domain {
+            Some(td)
+                if self
+                    .federation
+                    .trust_domains
+                    .iter()
+                    .any(|p| &p.trust_domain == td) =>
+            {
+                Err(ConfigError {
+                    name: "federation.trust_domains".into(),
+                    value: td.to_string(),
+                    reason: "this authority's own trust domain cannot be federated with".into(),
+                })
             }
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -123,32 +123,8 @@ enum KeyBackendArg {
 }
 
 impl Args {
-    fn config(&self) -> Result<Config, String> {
-        let mut c = match &self.config {
-            Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
-            None => Config::default(),
-        };
-        if let Some(v) = &self.state_dir {
-            c.state_dir = v.clone();
-        }
-        if let Some(v) = &self.trust_domain {
-            c.trust_domain = Some(v.clone());
-        }
-        if let Some(v) = &self.anchor_cert {
-            c.anchor_cert = Some(v.clone());
-        }
-        if let Some(v) = self.listen {
-            c.listen = v;
-        }
-        if let Some(v) = self.http_listen {
-            c.http_listen = v;
-        }
-        if let Some(v) = self.bootstrap_token_ttl {
-            c.auth.bootstrap_token_ttl = v;
-        }
-        if let Some(v) = self.log_format {
-            c.log_format = v;
-        }
+    /// `[keys]` and `[federation]` from their flags (and variables).
+    fn apply_keys_and_federation(&self, c: &mut Config) {
         if let Some(v) = self.key_backend {
             c.keys.backend = match v {
                 KeyBackendArg::File => rotator::keys::Backend::File,
@@ -176,6 +152,35 @@ impl Args {
         if let Some(v) = &self.bundle_endpoint_key {
             c.federation.bundle_endpoint_key = Some(v.clone());
         }
+    }
+
+    fn config(&self) -> Result<Config, String> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.state_dir {
+            c.state_dir = v.clone();
+        }
+        if let Some(v) = &self.trust_domain {
+            c.trust_domain = Some(v.clone());
+        }
+        if let Some(v) = &self.anchor_cert {
+            c.anchor_cert = Some(v.clone());
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.http_listen {
+            c.http_listen = v;
+        }
+        if let Some(v) = self.bootstrap_token_ttl {
+            c.auth.bootstrap_token_ttl = v;
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        self.apply_keys_and_federation(&mut c);
         if let Some(v) = &self.istio_trusted_node_agents {
             c.istio.trusted_node_agents = v
                 .iter()

@@ -159,32 +159,14 @@ impl Server {
             k.spawn_tasks(&config, &authority, &path, &leader, &mut tasks, &stop);
         }
         path.spawn_background(&config, &authority, &leader, &mut tasks, &stop);
-        crate::federation::fetch::spawn(
-            &path.federation,
-            &config.federation,
-            &authority,
-            &leader,
-            &mut tasks,
-            &stop,
-        );
-        let federation = path.federation.clone();
-        path.spawn_faces(
-            &config,
-            grpc_listener,
-            http_listener,
-            &federation,
-            &mut tasks,
-            &stop,
-        );
-        if let Some(e) = endpoint {
-            e.spawn(&path, &authority, &mut tasks, &stop);
-        }
+        let listeners = (grpc_listener, http_listener, endpoint);
+        path.spawn_faces(&config, &authority, listeners, &mut tasks, &stop);
 
         Ok(Self {
             grpc_addr,
             http_addr,
             bundle_endpoint_addr,
-            federation,
+            federation: path.federation,
             admin_socket,
             authority,
             tls: path.tls,
@@ -324,8 +306,8 @@ impl RequestPath {
         Ok(socket)
     }
 
-    /// The rotation driver (acting while leader), the ledger writer, the TLS certificate's
-    /// renewal, and the tokens-file reloader.
+    /// The rotation driver and the federated trust domains' refreshers (both acting while
+    /// leader), the ledger writer, the TLS certificate's renewal, and the tokens-file reloader.
     fn spawn_background(
         &self,
         config: &Config,
@@ -352,15 +334,22 @@ impl RequestPath {
             TOKENS_RELOAD,
             stop.clone(),
         ));
+        crate::federation::fetch::spawn(
+            &self.federation,
+            &config.federation,
+            authority,
+            leader,
+            tasks,
+            stop,
+        );
     }
 
-    /// The gRPC faces on the TLS port and the HTTP port.
+    /// The gRPC faces on the TLS port, the HTTP port, and the SPIFFE bundle endpoint if bound.
     fn spawn_faces(
         &self,
         config: &Config,
-        grpc: TcpListener,
-        http: TcpListener,
-        federation: &Arc<crate::federation::fetch::Federation>,
+        authority: &Arc<Authority>,
+        (grpc, http, endpoint): (TcpListener, TcpListener, Option<BundleEndpoint>),
         tasks: &mut JoinSet<()>,
         stop: &watch::Receiver<bool>,
     ) {
@@ -378,7 +367,7 @@ impl RequestPath {
             issuer: self.core.clone(),
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
-            federation: federation.clone(),
+            federation: self.federation.clone(),
         };
         tasks.spawn(crate::http::serve(
             http,
@@ -386,6 +375,9 @@ impl RequestPath {
             self.limits.clone(),
             stop.clone(),
         ));
+        if let Some(e) = endpoint {
+            e.spawn(self, authority, tasks, stop);
+        }
     }
 }
 

@@ -895,29 +895,38 @@ impl AuthorityState {
         Some(s)
     }
 
-    /// Checks the structural invariants that hold at every instant, whatever the time:
-    /// keys match certificates, every issuer chains to its anchor and does not outlive it, at most
-    /// one issuer is active and it chains to the active anchor, the bundle is not empty, the
-    /// phase names anchors in the right status.
-    pub fn check(&self) -> Result<(), StateError> {
-        let fail = |m: String| Err(StateError::Invariant(m));
-        if self.bundle().next().is_none() {
-            return fail("the bundle is empty".into());
-        }
+    /// Federated bundles: none for this trust domain, at most one per trust domain.
+    fn check_federated(&self) -> Result<(), StateError> {
         for (i, b) in self.federated.iter().enumerate() {
             if b.trust_domain == self.trust_domain {
-                return fail(format!(
+                return Err(StateError::Invariant(format!(
                     "a federated bundle for the authority's own trust domain {}",
                     b.trust_domain
-                ));
+                )));
             }
             if self.federated[..i]
                 .iter()
                 .any(|o| o.trust_domain == b.trust_domain)
             {
-                return fail(format!("two federated bundles for {}", b.trust_domain));
+                return Err(StateError::Invariant(format!(
+                    "two federated bundles for {}",
+                    b.trust_domain
+                )));
             }
         }
+        Ok(())
+    }
+
+    /// Checks the structural invariants that hold at every instant, whatever the time:
+    /// keys match certificates, every issuer chains to its anchor and does not outlive it, at most
+    /// one issuer is active and it chains to the active anchor, the bundle is not empty, the
+    /// phase names anchors in the right status, federated bundles are of other trust domains.
+    pub fn check(&self) -> Result<(), StateError> {
+        let fail = |m: String| Err(StateError::Invariant(m));
+        if self.bundle().next().is_none() {
+            return fail("the bundle is empty".into());
+        }
+        self.check_federated()?;
         let actives = self
             .anchors
             .iter()

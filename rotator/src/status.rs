@@ -463,20 +463,24 @@ pub fn document(
             issuer_ttl_seconds: policy.issuer_ttl.as_secs(),
         },
         server: None,
-        federation: s
-            .federated
-            .iter()
-            .map(|f| FederationEntry {
-                trust_domain: f.trust_domain.to_string(),
-                sequence: f.sequence,
-                anchors: crate::client::parse_pem_certs(&f.anchors_pem).len(),
-                fetched: f.fetched,
-                age_seconds: None,
-                consecutive_failures: None,
-                last_error: None,
-            })
-            .collect(),
+        federation: federation_entries(s),
     }
+}
+
+/// The federated bundles the state holds (how their refreshes go is the running server's to add).
+fn federation_entries(s: &AuthorityState) -> Vec<FederationEntry> {
+    s.federated
+        .iter()
+        .map(|f| FederationEntry {
+            trust_domain: f.trust_domain.to_string(),
+            sequence: f.sequence,
+            anchors: crate::client::parse_pem_certs(&f.anchors_pem).len(),
+            fetched: f.fetched,
+            age_seconds: None,
+            consecutive_failures: None,
+            last_error: None,
+        })
+        .collect()
 }
 
 /// The FEDERATION section of [`render`]: one line per federated trust domain.

@@ -124,6 +124,26 @@ impl TestServer {
         Ok((r.into_inner(), key))
     }
 
+    /// A `WatchTrustBundle` stream opened by workload `w` with its own certificate, as
+    /// `instance`.
+    pub async fn watch_as(
+        &self,
+        w: &Workload,
+        instance: &str,
+    ) -> tonic::Streaming<meshca_proto::v1::TrustBundle> {
+        let me = Identity {
+            chain: w.chain.clone(),
+            key: w.key.clone(),
+        };
+        self.client(Some(&me))
+            .watch_trust_bundle(meshca_proto::v1::WatchTrustBundleRequest {
+                instance_id: instance.to_owned(),
+            })
+            .await
+            .expect("the workload may watch")
+            .into_inner()
+    }
+
     /// A workload for `id` as instance `instance` (the bootstrap token asks for it).
     pub async fn workload_instance(&self, id: &str, instance: &str) -> Workload {
         let key = SecretKey::generate_p256().expect("key");

@@ -7,9 +7,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use meshca_proto::v1::WatchTrustBundleRequest;
 use meshca_tests::{TestServer, Workload, instance_request, meshca_in, mtls_handshake, with_token};
-use rotator::client::Identity;
 use rotator::pki::SecretKey;
 
 const WATCHERS: usize = 10;
@@ -31,18 +29,7 @@ async fn an_emergency_rotation_pushes_the_new_anchor_to_every_watcher() {
             format!("pod-{n}"),
         );
         let w = srv.workload_instance(&id, &instance).await;
-        let me = Identity {
-            chain: w.chain.clone(),
-            key: w.key.clone(),
-        };
-        let mut stream = srv
-            .client(Some(&me))
-            .watch_trust_bundle(WatchTrustBundleRequest {
-                instance_id: instance.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = srv.watch_as(&w, &instance).await;
         let first = stream.next().await.unwrap().unwrap();
         let (url, token, done) = (srv.url.clone(), srv.token.clone(), done_tx.clone());
         tokio::spawn(async move {

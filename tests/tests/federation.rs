@@ -1023,26 +1023,8 @@ async fn the_wrong_endpoint_spiffe_id_is_refused() {
 /// The real `meshca` CLI on `ts`'s state dir (its admin socket when the server runs): (exit
 /// code, stdout + stderr).
 async fn meshca(ts: &TestServer, args: &[&str]) -> (Option<i32>, String) {
-    let dir = ts.state_dir();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(meshca_tests::bin("meshca"))
-            .args(&args)
-            .arg("--state-dir")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    })
-    .await
-    .unwrap()
+    let (code, out, err) = meshca_tests::meshca_in(&ts.state_dir(), args).await;
+    (Some(code), out + &err)
 }
 
 /// The last good foreign bundle is in the state: a restart with the peer unreachable still hands

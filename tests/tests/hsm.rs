@@ -238,19 +238,9 @@ fn hex_of(b: &[u8]) -> String {
 }
 
 /// `meshca <args> --state-dir <state>`: (success, stdout + stderr).
-fn meshca(state: &Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(bin("meshca"))
-        .args(args)
-        .arg("--state-dir")
-        .arg(state)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+async fn meshca(state: &Path, args: &[&str]) -> (bool, String) {
+    let (code, out, err) = meshca_tests::meshca_in(state, args).await;
+    (code == 0, out + &err)
 }
 
 /// Signs a leaf for default/web with the bootstrap token and checks its chain against the bundle
@@ -338,7 +328,7 @@ async fn keys_are_made_in_the_token_and_every_flow_signs_there() {
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys.iter().all(|(_, sens, ext)| *sens && !*ext), "{keys:?}");
     assert_eq!(assert_no_key_material(&state), 2);
-    let (ok, status) = meshca(&state, &["status"]);
+    let (ok, status) = meshca(&state, &["status"]).await;
     assert!(ok, "{status}");
     // Negative control: the same scan finds the keys of a file-backend authority.
     let files = hsm.dir.path().join("file-backend");
@@ -348,9 +338,9 @@ async fn keys_are_made_in_the_token_and_every_flow_signs_there() {
     assert!(found.len() >= 2 && refs == 0, "{found:?}");
 
     // Issuer rotation: a new key in the token signs.
-    let (ok, out) = meshca(&state, &["issuer", "rotate"]);
+    let (ok, out) = meshca(&state, &["issuer", "rotate"]).await;
     assert!(ok, "{out}");
-    let (ok, out) = meshca(&state, &["issuer", "rotate"]);
+    let (ok, out) = meshca(&state, &["issuer", "rotate"]).await;
     assert!(ok, "{out}");
     let issuer2 = issue_and_verify(&srv, &state).await;
     assert_ne!(issuer1, issuer2, "the rotated issuer signs");
@@ -368,7 +358,7 @@ async fn keys_are_made_in_the_token_and_every_flow_signs_there() {
     .into_iter()
     .enumerate()
     {
-        let (ok, out) = meshca(&state, step);
+        let (ok, out) = meshca(&state, step).await;
         assert!(ok, "{step:?}: {out}");
         let fresh = issue(&srv, &state, &format!("w{}", n + 1)).await;
         // Every earlier workload holds the current bundle (it watches it, as the gates this
@@ -426,12 +416,12 @@ async fn keys_are_made_in_the_token_and_every_flow_signs_there() {
     // destroyed (key_retention 0); the bundle and the issuer are as before.
     let bundle = std::fs::read(state.join("bundle.pem")).unwrap();
     let issuer = issue_and_verify(&srv, &state).await;
-    let (ok, out) = meshca(&state, &["anchors", "stage"]);
+    let (ok, out) = meshca(&state, &["anchors", "stage"]).await;
     assert!(ok, "{out}");
     let staged = hsm.private_keys().len();
     assert!(staged > ids.len(), "the staged anchor's key: {staged}");
     println!("staged: {} new keys in the token", staged - ids.len());
-    let (ok, out) = meshca(&state, &["anchors", "rollback"]);
+    let (ok, out) = meshca(&state, &["anchors", "rollback"]).await;
     assert!(ok, "{out}");
     let after: std::collections::BTreeSet<String> =
         hsm.private_keys().into_iter().map(|k| k.0).collect();
@@ -595,7 +585,8 @@ async fn upstream_mode_csr_is_signed_in_the_token_and_the_import_bound_to_it() {
     let (ok, out) = meshca(
         &state,
         &["issuer", "csr", "--out", &csr_path.display().to_string()],
-    );
+    )
+    .await;
     assert!(ok, "{out}");
     assert_eq!(
         hsm.private_keys().len(),
@@ -631,7 +622,8 @@ async fn upstream_mode_csr_is_signed_in_the_token_and_the_import_bound_to_it() {
             "--cert",
             &w.join("next.crt").display().to_string(),
         ],
-    );
+    )
+    .await;
     assert!(ok, "{out}");
     issue_and_verify(&srv, &state).await;
     assert_eq!(
@@ -847,7 +839,7 @@ exec "$@""#;
         assert_eq!(err.raw_os_error(), Some(28), "{err}");
     }
     let before = snapshot_dir(&state);
-    let (ok, out) = meshca(&state, &["issuer", "rotate"]);
+    let (ok, out) = meshca(&state, &["issuer", "rotate"]).await;
     assert!(
         !ok,
         "a rotation needing a new key succeeded on a full token: {out}"
@@ -870,7 +862,7 @@ exec "$@""#;
 
     // Room again: the same step succeeds.
     std::fs::remove_file(&fill).unwrap();
-    let (ok, out) = meshca(&state, &["issuer", "rotate"]);
+    let (ok, out) = meshca(&state, &["issuer", "rotate"]).await;
     assert!(ok, "{out}");
     assert_eq!(
         hsm.private_keys_with(&probe_conf).len(),

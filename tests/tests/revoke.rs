@@ -37,18 +37,7 @@ async fn a_revoked_issuers_workloads_are_told_to_renew_and_do() {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(WATCHERS);
     let mut ready = Vec::new();
     for (id, instance, w) in watchers.clone() {
-        let me = Identity {
-            chain: w.chain.clone(),
-            key: w.key.clone(),
-        };
-        let mut stream = srv
-            .client(Some(&me))
-            .watch_trust_bundle(WatchTrustBundleRequest {
-                instance_id: instance.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = srv.watch_as(&w, &instance).await;
         let first = stream.next().await.unwrap().unwrap();
         assert!(!first.renew_now, "nothing revoked yet");
         ready.push(());

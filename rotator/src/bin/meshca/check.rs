@@ -189,6 +189,20 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
+    federation(doc, &mut push);
+    for att in &doc.attention {
+        push(
+            Severity::Warning,
+            att.message.clone(),
+            att.deadline_in_seconds,
+            "see the message",
+        );
+    }
+    out
+}
+
+/// Federated trust domains whose bundle is stale or whose refreshes keep failing.
+fn federation(doc: &Status, push: &mut impl FnMut(Severity, String, Option<i64>, &str)) {
     for f in &doc.federation {
         let td = &f.trust_domain;
         if let Some(age) = f
@@ -221,15 +235,6 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
-    for att in &doc.attention {
-        push(
-            Severity::Warning,
-            att.message.clone(),
-            att.deadline_in_seconds,
-            "see the message",
-        );
-    }
-    out
 }
 
 /// Runs `meshca check`; returns the exit code.
