@@ -40,6 +40,7 @@ fn main() {
             bundle_version: 7,
             via: None,
             issuer: None,
+            api: rotator::ledger::Api::Meshca,
         });
         // The server flushes every 500 ms; at 10,000 leaves/s that is batches of 5,000.
         if i % 5_000 == 4_999 {

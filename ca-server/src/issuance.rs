@@ -42,11 +42,21 @@ impl Face {
         }
     }
 
-    /// Whether its responses hand the workload the whole bundle. Only meshca.v1's do: Istio's
-    /// carries the signing root alone and Linkerd's none (its proxies read trust anchors from
-    /// their own config), so those workloads never count as having received a new anchor.
+    /// Whether its responses hand the workload the whole bundle: meshca.v1's carry it beside
+    /// the chain, Istio's as the chain's last element (every anchor, which istio-agent and
+    /// ztunnel take as their roots). Linkerd's carry none (its proxies read trust anchors from
+    /// their pod spec), so those workloads never count as having received a new anchor.
     pub fn delivers_bundle(self) -> bool {
-        self == Face::Meshca
+        matches!(self, Face::Meshca | Face::Istio)
+    }
+
+    /// The ledger's name for it.
+    pub fn api(self) -> rotator::ledger::Api {
+        match self {
+            Face::Meshca => rotator::ledger::Api::Meshca,
+            Face::Istio => rotator::ledger::Api::Istio,
+            Face::Linkerd => rotator::ledger::Api::Linkerd,
+        }
     }
 }
 
@@ -141,6 +151,27 @@ impl IssueError {
             Self::Csr(_) => "invalid",
             Self::Internal(_) => "error",
         }
+    }
+}
+
+/// The workload instance a request's credential implies when the client names none (Istio's
+/// and Linkerd's clients cannot): a node agent keeps one certificate per identity on its node
+/// (ztunnel), so `node:<node>`; a ServiceAccount token bound to a pod (istio-agent's) names its
+/// pod, `pod:<name>` (the SPIFFE ID carries the namespace). `None`: nothing stable is known,
+/// and the leaf's public key names the instance, so a client that makes a new key for every
+/// renewal counts as a new instance each time (the gates then open later, never earlier).
+pub fn implied_instance(
+    via: Option<&Impersonation>,
+    caller: Option<&crate::auth::Caller>,
+) -> Option<String> {
+    if let Some(v) = via {
+        return v.node.as_ref().map(|n| format!("node:{n}"));
+    }
+    match caller.map(|c| &c.kind) {
+        Some(crate::auth::CallerKind::ServiceAccount(sa)) => {
+            sa.pod.as_ref().map(|p| format!("pod:{p}"))
+        }
+        _ => None,
     }
 }
 
@@ -344,14 +375,14 @@ impl SigningCore {
             Some((dns, id)) => parse_dns_csr(req.csr, dns, id.clone())?,
             None => parse_csr(req.csr)?,
         };
-        self.check_caller(req, &csr.id, callers, who, via).await?;
+        let implied = self.check_caller(req, &csr.id, callers, who, via).await?;
         let instance = match req.instance_id.filter(|i| !i.is_empty()) {
             Some(i) => i.to_owned(),
-            None => {
+            None => implied.unwrap_or_else(|| {
                 use rcgen::PublicKeyData;
                 let h = ring::digest::digest(&ring::digest::SHA256, csr.key.der_bytes());
                 format!("key:{}", hex::encode(&h.as_ref()[..12]))
-            }
+            }),
         };
         let spiffe_id = csr.id.to_string();
         if let Err(e) = self.authority.ledger().admit(&spiffe_id, &instance) {
@@ -378,6 +409,7 @@ impl SigningCore {
             },
             via: via.as_ref().map(Impersonation::via),
             issuer: Some(issued.issuer.clone()),
+            api: req.api.api(),
         });
         if recorded == Recorded::DroppedFull {
             self.limits.refused(
@@ -395,7 +427,8 @@ impl SigningCore {
     /// Who may have `id`: refuses a denied identity (whatever the credential), another trust
     /// domain, and a caller the credentials do not allow — for itself, or as a node agent for
     /// the workload named in `ImpersonatedIdentity` — then takes one from the caller's issue
-    /// budget (a node agent's own, per node). `who` becomes the deciding caller's name.
+    /// budget (a node agent's own, per node). `who` becomes the deciding caller's name. Returns
+    /// the workload instance the credential implies ([`implied_instance`]), if any.
     async fn check_caller(
         &self,
         req: &IssueRequest<'_>,
@@ -403,7 +436,7 @@ impl SigningCore {
         callers: &[crate::auth::Caller],
         who: &mut String,
         via: &mut Option<Impersonation>,
-    ) -> Result<(), IssueError> {
+    ) -> Result<Option<String>, IssueError> {
         // A denied identity is refused before anything else looks at the credential: its own
         // certificate, a token or a ServiceAccount are all the same to a compromised workload.
         let now = self.authority.clock().now();
@@ -432,6 +465,7 @@ impl SigningCore {
                 let caller = authorize(callers, id)?;
                 *who = caller.name.clone();
                 self.limits.issue(&caller.name)?;
+                return Ok(implied_instance(None, Some(caller)));
             }
             Some(claimed) => {
                 if claimed != id.as_str() {
@@ -447,11 +481,12 @@ impl SigningCore {
                 let granted = self.agents.authorize(callers, id).await?;
                 who.clone_from(&granted.agent);
                 let key = granted.via();
+                let implied = implied_instance(Some(&granted), None);
                 *via = Some(granted);
                 self.limits.node_agent_issue(&key)?;
+                return Ok(implied);
             }
         }
-        Ok(())
     }
 
     /// Signs `csr` (already authorized) with the current issuer.
@@ -512,5 +547,57 @@ impl SigningCore {
     /// The authority served.
     pub fn authority(&self) -> &Arc<Authority> {
         &self.authority
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Caller, CallerKind, ServiceAccount};
+
+    fn sa(pod: Option<&str>) -> Caller {
+        Caller {
+            name: "k8s:default/web".into(),
+            allowed: Vec::new(),
+            kind: CallerKind::ServiceAccount(ServiceAccount {
+                namespace: "default".into(),
+                name: "web".into(),
+                node: Some("node-a".into()),
+                pod: pod.map(str::to_owned),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_credential_names_the_instance_where_it_can() {
+        let ztunnel = Impersonation {
+            agent: "k8s:istio-system/ztunnel".into(),
+            node: Some("node-a".into()),
+        };
+        assert_eq!(
+            implied_instance(Some(&ztunnel), Some(&sa(Some("web-1")))).as_deref(),
+            Some("node:node-a"),
+            "a node agent holds one certificate per identity on its node"
+        );
+        let unplaced = Impersonation {
+            node: None,
+            ..ztunnel
+        };
+        assert_eq!(implied_instance(Some(&unplaced), None), None);
+        assert_eq!(
+            implied_instance(None, Some(&sa(Some("web-1")))).as_deref(),
+            Some("pod:web-1")
+        );
+        assert_eq!(implied_instance(None, Some(&sa(None))), None);
+        let token = Caller {
+            name: "token:ci".into(),
+            allowed: Vec::new(),
+            kind: CallerKind::Token {
+                may_request: Vec::new(),
+            },
+        };
+        assert_eq!(implied_instance(None, Some(&token)), None);
+        assert!(Face::Istio.delivers_bundle() && Face::Meshca.delivers_bundle());
+        assert!(!Face::Linkerd.delivers_bundle());
     }
 }

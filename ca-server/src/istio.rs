@@ -80,20 +80,31 @@ impl IstioCertificateService for Istio {
             })
             .await
             .map_err(|e| crate::codes::issue(&e, Face::Istio))?;
-        // Leaf, issuer, then the root the chain ends at.
-        let root = issued
-            .bundle
-            .ids
-            .iter()
-            .position(|id| *id == issued.anchor)
-            .and_then(|i| issued.bundle.anchors.get(i))
-            .ok_or_else(|| Status::internal("the issuing anchor is not in the bundle"))?;
-        let cert_chain = issued
-            .chain
-            .iter()
-            .chain(std::iter::once(root))
-            .map(|c| rotator::pki::pem_cert(c))
-            .collect();
-        Ok(Response::new(IstioCertificateResponse { cert_chain }))
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: cert_chain(&issued)?,
+        }))
     }
+}
+
+/// Leaf, issuer, then every anchor of the bundle at signing time in one element, in bundle
+/// order. istio-agent and ztunnel take the last element as the workload's trust roots (istiod
+/// puts its whole root bundle there), so a staged anchor must be in it: with only the issuing
+/// anchor, workloads renewed under the new anchor and those still on the old one would refuse
+/// each other after `activate`.
+pub fn cert_chain(issued: &crate::issuance::Issued) -> Result<Vec<String>, Status> {
+    if !issued.bundle.ids.contains(&issued.anchor) {
+        return Err(Status::internal("the issuing anchor is not in the bundle"));
+    }
+    let roots: String = issued
+        .bundle
+        .anchors
+        .iter()
+        .map(|a| rotator::pki::pem_cert(a))
+        .collect();
+    Ok(issued
+        .chain
+        .iter()
+        .map(|c| rotator::pki::pem_cert(c))
+        .chain(std::iter::once(roots))
+        .collect())
 }

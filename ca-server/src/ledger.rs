@@ -353,6 +353,7 @@ mod tests {
             bundle_version: 7,
             via: None,
             issuer: None,
+            api: rotator::ledger::Api::Meshca,
         }
     }
 

@@ -184,11 +184,12 @@ pub fn gate(
                     (
                         Some(behind == 0),
                         format!(
-                            "{} of {} live workloads ({}) hold bundle v{} or newer",
+                            "{} of {} live workloads ({}) hold bundle v{} or newer{}",
                             l.workloads_current,
                             l.live_workloads,
                             percent(l.workloads_current, l.live_workloads),
-                            l.min_version
+                            l.min_version,
+                            by_face(l)
                         ),
                         Some(behind),
                     )
@@ -380,6 +381,20 @@ pub fn gates(
         .into_iter()
         .filter_map(|st| gate(s, policy, ledger, now, st).ok())
         .collect()
+}
+
+/// ` (meshca 18 of 18, istio 4 of 6)`: the count per face when more than one face (or another
+/// face than meshca.v1) has live workloads; empty otherwise.
+pub fn by_face(l: &LedgerSummary) -> String {
+    if l.by_api.keys().all(|a| *a == crate::ledger::Api::Meshca) {
+        return String::new();
+    }
+    let parts: Vec<String> = l
+        .by_api
+        .iter()
+        .map(|(a, c)| format!("{a} {} of {}", c.workloads_current, c.live_workloads))
+        .collect();
+    format!(" ({})", parts.join(", "))
 }
 
 fn percent(n: u64, of: u64) -> String {
@@ -898,6 +913,7 @@ mod tests {
             live_workloads: workloads,
             workloads_current: current,
             min_version: version,
+            by_api: BTreeMap::new(),
             partial: false,
             restart_bound: RestartBound::NotTracked,
             revoked_issuers: Vec::new(),

@@ -67,6 +67,51 @@ pub struct LeafRecord {
     /// The issuer that signed it (absent in records written before meshca recorded it).
     #[serde(rename = "is", default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<CertId>,
+    /// The face it was asked for on (absent: `meshca`, as in records written before meshca
+    /// recorded it).
+    #[serde(rename = "f", default, skip_serializing_if = "Api::is_meshca")]
+    pub api: Api,
+}
+
+/// The wire API a leaf was asked for on, as the ledger counts it: each face hands a bundle (or
+/// none) in its own way, and `meshca status` shows how far each has converged.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Api {
+    /// `meshca.v1`: the bundle in every answer and on `WatchTrustBundle`.
+    #[default]
+    Meshca,
+    /// Istio's `CreateCertificate`: every anchor in the answer's last element.
+    Istio,
+    /// Linkerd's `Certify`: no bundle (its proxies read anchors at start).
+    Linkerd,
+}
+
+impl Api {
+    /// Every face, in the order they are shown.
+    pub const ALL: [Api; 3] = [Api::Meshca, Api::Istio, Api::Linkerd];
+
+    /// Its name in status, metrics and the ledger file.
+    pub fn label(self) -> &'static str {
+        match self {
+            Api::Meshca => "meshca",
+            Api::Istio => "istio",
+            Api::Linkerd => "linkerd",
+        }
+    }
+
+    fn is_meshca(&self) -> bool {
+        *self == Api::Meshca
+    }
+}
+
+impl std::fmt::Display for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 /// An instance's key: 128 bits of SHA-256 over (SPIFFE ID, instance), so the map holds each
@@ -97,6 +142,8 @@ struct Entry {
     via: Option<Box<str>>,
     /// Index into the ledger's issuers; `u16::MAX`: unknown.
     issuer: u16,
+    /// The face it came in on.
+    api: Api,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -141,8 +188,9 @@ struct Tally {
     cut: i64,
     /// Live leaves by anchor index.
     by_anchor: HashMap<u16, u64>,
-    /// Live instances by the newest bundle version they have been handed.
-    by_version: BTreeMap<u64, u64>,
+    /// Live instances by the face of their newest leaf (`meshca` for a stream without a leaf)
+    /// and the newest bundle version they have been handed.
+    by_version: BTreeMap<(Api, u64), u64>,
     /// Leaves still live at `cut`, by notAfter: the next to expire first.
     expiry: std::collections::BTreeSet<(i64, Key)>,
 }
@@ -158,9 +206,9 @@ impl Default for Tally {
     }
 }
 
-/// One instance's share of the tally: the anchor of its live leaf, and its bundle version if it
-/// is live at all.
-type Contribution = (Option<u16>, Option<u64>);
+/// One instance's share of the tally: the anchor of its live leaf, and its face and bundle
+/// version if it is live at all.
+type Contribution = (Option<u16>, Option<(Api, u64)>);
 
 /// Bounds on the ledger (`0`: unlimited). Memory is the reason: ~450 bytes per instance
 /// with its incremental tally (docs/benchmarks.md), so 200,000 instances are ~90 MiB.
@@ -212,6 +260,9 @@ pub struct LedgerSummary {
     pub workloads_current: u64,
     /// The version `workloads_current` counts against.
     pub min_version: u64,
+    /// `live_workloads` and `workloads_current` by the face each workload's newest leaf came
+    /// in on (faces with no live workload left out).
+    pub by_api: BTreeMap<Api, ApiConvergence>,
     /// Other replicas sign too: this ledger never sees every leaf, so it is never trustworthy.
     pub partial: bool,
     /// Workloads that read trust anchors only when they start (Linkerd's proxies), counted from
@@ -219,6 +270,17 @@ pub struct LedgerSummary {
     pub restart_bound: RestartBound,
     /// Live leaves under each revoked issuer (`meshca issuer revoke`).
     pub revoked_issuers: Vec<RevokedLive>,
+}
+
+/// One face's share of the convergence count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ApiConvergence {
+    /// Live workloads whose newest leaf came in on this face.
+    pub live_workloads: u64,
+    /// Of which have been handed the counted bundle version or newer (named as in the status
+    /// document's totals).
+    #[serde(rename = "workloads_with_current_bundle")]
+    pub workloads_current: u64,
 }
 
 /// What is left under a revoked issuer.
@@ -321,8 +383,11 @@ impl Ledger {
         let watch = self.watches.get(k);
         let leaf_live = leaf.is_some_and(|r| r.not_after > cut);
         let version = (leaf_live || watch.is_some()).then(|| {
-            leaf.map_or(0, |r| r.bundle_version)
-                .max(watch.map_or(0, |w| w.version))
+            (
+                leaf.map_or(Api::Meshca, |r| r.api),
+                leaf.map_or(0, |r| r.bundle_version)
+                    .max(watch.map_or(0, |w| w.version)),
+            )
         });
         (leaf.filter(|_| leaf_live).map(|r| r.anchor), version)
     }
@@ -465,6 +530,7 @@ impl Ledger {
             bundle_version: e.bundle_version,
             via: e.via.as_deref().map(str::to_owned),
             issuer: self.issuers.get(usize::from(e.issuer)).cloned(),
+            api: e.api,
         }
     }
 
@@ -509,6 +575,7 @@ impl Ledger {
             bundle_version: r.bundle_version,
             via: r.via.map(String::into_boxed_str),
             issuer,
+            api: r.api,
         };
         self.change(k, |s| match s.leaves.get_mut(&k) {
             // Records arrive (and are replayed from the log) in signing order; a record signed
@@ -622,18 +689,18 @@ impl Ledger {
             .iter()
             .map(|(a, n)| (self.anchors[usize::from(*a)].clone(), *n))
             .collect();
+        let by_api = convergence(
+            self.tally.by_version.iter().map(|(&(a, v), &n)| (a, v, n)),
+            min_version,
+        );
         LedgerSummary {
             complete_since: self.complete_since,
             trustworthy_at: self.trustworthy_at(leaf_ttl_max, clock_skew),
             live_leaves,
-            live_workloads: self.tally.by_version.values().sum(),
-            workloads_current: self
-                .tally
-                .by_version
-                .range(min_version..)
-                .map(|(_, n)| n)
-                .sum(),
+            live_workloads: by_api.values().map(|c| c.live_workloads).sum(),
+            workloads_current: by_api.values().map(|c| c.workloads_current).sum(),
             min_version,
+            by_api,
             partial: self.partial,
             restart_bound: RestartBound::NotTracked,
             revoked_issuers: Vec::new(),
@@ -651,7 +718,7 @@ impl Ledger {
     ) -> LedgerSummary {
         let cut = (now - clock_skew).unix_timestamp();
         let mut live_leaves = BTreeMap::new();
-        let (mut live, mut current) = (0u64, 0u64);
+        let mut workloads = Vec::new();
         for (k, r) in &self.leaves {
             let leaf_live = r.not_after > cut;
             if leaf_live {
@@ -661,33 +728,45 @@ impl Ledger {
             }
             let watch = self.watches.get(k);
             if leaf_live || watch.is_some() {
-                live += 1;
                 let v = r.bundle_version.max(watch.map_or(0, |w| w.version));
-                if v >= min_version {
-                    current += 1;
-                }
+                workloads.push((r.api, v, 1));
             }
         }
         for (k, w) in &self.watches {
             if !self.leaves.contains_key(k) {
-                live += 1;
-                if w.version >= min_version {
-                    current += 1;
-                }
+                workloads.push((Api::Meshca, w.version, 1));
             }
         }
+        let by_api = convergence(workloads, min_version);
         LedgerSummary {
             complete_since: self.complete_since,
             trustworthy_at: self.trustworthy_at(leaf_ttl_max, clock_skew),
             live_leaves,
-            live_workloads: live,
-            workloads_current: current,
+            live_workloads: by_api.values().map(|c| c.live_workloads).sum(),
+            workloads_current: by_api.values().map(|c| c.workloads_current).sum(),
             min_version,
+            by_api,
             partial: self.partial,
             restart_bound: RestartBound::NotTracked,
             revoked_issuers: Vec::new(),
         }
     }
+}
+
+/// Live and current workloads per face, from `(face, bundle version, instances)` counts.
+fn convergence(
+    counts: impl IntoIterator<Item = (Api, u64, u64)>,
+    min_version: u64,
+) -> BTreeMap<Api, ApiConvergence> {
+    let mut by_api = BTreeMap::<Api, ApiConvergence>::new();
+    for (api, version, n) in counts {
+        let c = by_api.entry(api).or_default();
+        c.live_workloads += n;
+        if version >= min_version {
+            c.workloads_current += n;
+        }
+    }
+    by_api
 }
 
 #[cfg(test)]
@@ -705,6 +784,7 @@ mod tests {
             bundle_version: v,
             via: None,
             issuer: None,
+            api: Api::Meshca,
         }
     }
 
@@ -770,6 +850,39 @@ mod tests {
         assert_eq!(s.live_under(&CertId::of(b"A")), 2);
         assert_eq!(s.live_under(&CertId::of(b"B")), 1);
         assert_eq!((s.live_workloads, s.workloads_current), (3, 1));
+    }
+
+    #[test]
+    fn convergence_is_counted_per_face() {
+        let mut l = Ledger::new(at(0));
+        let on = |api, inst: &str, v| LeafRecord {
+            api,
+            ..rec("w", inst, "A", 1000, v)
+        };
+        l.record(on(Api::Istio, "p1", 2));
+        l.record(on(Api::Istio, "p2", 1));
+        l.record(on(Api::Linkerd, "p3", 0));
+        l.record(on(Api::Meshca, "p4", 2));
+        // A renewal on another face moves the instance there.
+        l.record(LeafRecord {
+            issued: 5,
+            ..on(Api::Istio, "p4", 2)
+        });
+        l.watch_opened("v", "only-watches");
+        let s = l.summary(at(100), MAX, SKEW, 2);
+        let c = |api| s.by_api.get(&api).copied().unwrap_or_default();
+        assert_eq!(
+            c(Api::Istio),
+            ApiConvergence {
+                live_workloads: 3,
+                workloads_current: 2
+            }
+        );
+        assert_eq!(c(Api::Linkerd).live_workloads, 1);
+        assert_eq!(c(Api::Linkerd).workloads_current, 0);
+        assert_eq!(c(Api::Meshca).live_workloads, 1, "the stream without a leaf");
+        assert_eq!((s.live_workloads, s.workloads_current), (5, 2));
+        assert_eq!(s, l.summary_by_scan(at(100), MAX, SKEW, 2));
     }
 
     #[test]
@@ -839,6 +952,7 @@ mod tests {
                 issued: i64,
                 na: i64,
                 v: u64,
+                api: usize,
             },
             Open {
                 id: u8,
@@ -864,8 +978,8 @@ mod tests {
 
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
-                4 => (0u8..4, 0u8..4, 0u8..3, 0i64..400, 0i64..600, 0u64..5).prop_map(
-                    |(id, inst, anchor, issued, na, v)| Op::Record { id, inst, anchor, issued, na, v }
+                4 => (0u8..4, 0u8..4, 0u8..3, 0i64..400, 0i64..600, 0u64..5, 0usize..3).prop_map(
+                    |(id, inst, anchor, issued, na, v, api)| Op::Record { id, inst, anchor, issued, na, v, api }
                 ),
                 1 => (0u8..4, 0u8..4).prop_map(|(id, inst)| Op::Open { id, inst }),
                 1 => (0u8..4, 0u8..4, 0u64..6).prop_map(|(id, inst, v)| Op::Sent { id, inst, v }),
@@ -883,9 +997,10 @@ mod tests {
                 let mut now = 0i64;
                 for o in ops {
                     match o {
-                        Op::Record { id, inst, anchor, issued, na, v } => {
+                        Op::Record { id, inst, anchor, issued, na, v, api } => {
                             let mut r = rec(&format!("spiffe://td/ns/a/sa/{id}"), &inst.to_string(), &anchor.to_string(), na, v);
                             r.issued = issued;
+                            r.api = Api::ALL[api];
                             l.record(r);
                         }
                         Op::Open { id, inst } => l.watch_opened(&format!("spiffe://td/ns/a/sa/{id}"), &inst.to_string()),

@@ -236,6 +236,10 @@ pub struct LedgerEntry {
     pub current_bundle_version: u64,
     /// `workloads_with_current_bundle` in percent of `live_workloads` (100 when none).
     pub convergence_percent: f64,
+    /// The same counts by the face each workload's newest leaf came in on (`meshca`, `istio`,
+    /// `linkerd`); faces without live workloads are left out.
+    #[serde(default)]
+    pub by_api: BTreeMap<crate::ledger::Api, crate::ledger::ApiConvergence>,
     /// Workloads that read trust anchors only at start (Linkerd's proxies), counted from pods.
     #[serde(default)]
     pub restart_bound: crate::ledger::RestartBound,
@@ -350,6 +354,7 @@ pub fn document(
             let p = l.workloads_current as f64 * 100.0 / l.live_workloads as f64;
             p
         },
+        by_api: l.by_api.clone(),
         restart_bound: l.restart_bound.clone(),
         revoked_issuers: l.revoked_issuers.clone(),
     });
@@ -624,6 +629,23 @@ pub fn render(v: &Status) -> String {
                 l.convergence_percent,
                 l.current_bundle_version,
             );
+            if l.by_api.keys().any(|a| *a != crate::ledger::Api::Meshca) {
+                for (api, c) in &l.by_api {
+                    let _ = writeln!(
+                        o,
+                        "    {:<8} {} of {} live workloads{}",
+                        api.label(),
+                        c.workloads_current,
+                        c.live_workloads,
+                        match api {
+                            crate::ledger::Api::Linkerd => {
+                                " (proxies take anchors from their pod spec, not from meshca)"
+                            }
+                            _ => "",
+                        }
+                    );
+                }
+            }
             for r in &l.revoked_issuers {
                 let _ = writeln!(
                     o,
@@ -747,6 +769,7 @@ mod tests {
             live_workloads: 0,
             workloads_current: 0,
             min_version: 1,
+            by_api: BTreeMap::new(),
             partial: false,
             restart_bound: crate::ledger::RestartBound::NotTracked,
             revoked_issuers: Vec::new(),
@@ -783,7 +806,7 @@ mod tests {
         );
         assert_eq!(
             keys(&v["anchor_rotation"]["ledger"]),
-            "complete_since,convergence_percent,current_bundle_version,live_leaves_by_anchor,\
+            "by_api,complete_since,convergence_percent,current_bundle_version,live_leaves_by_anchor,\
              live_workloads,partial,restart_bound,trustworthy,trustworthy_at,workloads_with_current_bundle"
         );
         assert_eq!(v["phase"]["name"], "steady");

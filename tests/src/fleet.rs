@@ -234,6 +234,7 @@ pub fn simulate(p: &Params) -> Report {
                     bundle_version: s.bundle_version,
                     via: None,
                     issuer: None,
+                    api: rotator::ledger::Api::Meshca,
                 });
                 report.leaves += 1;
             } else if w.watcher && w.bundle != bundle_ids {

@@ -190,6 +190,7 @@ impl Model {
             bundle_version: self.s.bundle_version,
             via: None,
             issuer: None,
+            api: rotator::ledger::Api::Meshca,
         });
         self.held[w] = Some(Held {
             chain: vec![CertificateDer::from(leaf.der), i.cert.der().clone()],
