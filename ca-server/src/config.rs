@@ -647,6 +647,10 @@ pub struct KubernetesConfig {
     pub enabled: bool,
     /// The API server's URL. Empty: in-cluster configuration (or `KUBECONFIG` outside a pod).
     pub api_url: String,
+    /// A kubeconfig file to use instead (its current context: server, CA, and a client
+    /// certificate, a token or a `tokenFile` re-read as it rotates). Empty: `api_url`, else
+    /// in-cluster configuration. For running meshca outside the cluster as its ServiceAccount.
+    pub kubeconfig: String,
     /// meshca's own namespace (Secrets, Lease). Empty: the pod's (from the service account
     /// mount), else `meshca`.
     pub namespace: String,
@@ -698,6 +702,7 @@ impl Default for KubernetesConfig {
         Self {
             enabled: false,
             api_url: String::new(),
+            kubeconfig: String::new(),
             namespace: String::new(),
             state_secret: "meshca-authority".into(),
             lease: "meshca-rotation".into(),

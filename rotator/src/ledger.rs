@@ -880,7 +880,11 @@ mod tests {
         );
         assert_eq!(c(Api::Linkerd).live_workloads, 1);
         assert_eq!(c(Api::Linkerd).workloads_current, 0);
-        assert_eq!(c(Api::Meshca).live_workloads, 1, "the stream without a leaf");
+        assert_eq!(
+            c(Api::Meshca).live_workloads,
+            1,
+            "the stream without a leaf"
+        );
         assert_eq!((s.live_workloads, s.workloads_current), (5, 2));
         assert_eq!(s, l.summary_by_scan(at(100), MAX, SKEW, 2));
     }

@@ -4,6 +4,7 @@
 //!
 //! See `tests/README.md` for the tiers.
 
+pub mod cluster;
 pub mod fleet;
 pub mod kubeapi;
 pub mod soak;
@@ -829,4 +830,30 @@ pub fn key_matches_certificate(dir: &Path, name: &str) -> bool {
     let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("a certificate");
     let key = SecretKey::from_pem(&read("key")).expect("a key");
     leaf.public_key().raw == key.spki_der().as_slice()
+}
+
+/// The repository root.
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `kubectl kustomize <dir>` as JSON values (None: kubectl missing on a laptop).
+pub fn render(dir: &str) -> Option<Vec<serde_json::Value>> {
+    let kubectl = require_tool("kubectl")?;
+    let out = std::process::Command::new(kubectl)
+        .arg("kustomize")
+        .arg(repo().join(dir))
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8 YAML");
+    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML"))
+        .collect();
+    assert!(!docs.is_empty(), "{dir} rendered nothing");
+    Some(docs)
 }

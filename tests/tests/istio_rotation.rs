@@ -279,7 +279,9 @@ async fn istio_workloads_trusting_the_last_element_pass_a_rotation_and_a_rollbac
     step(&srv, &["anchors", "stage"]).await;
     // Staged: an answer's last element holds both anchors, in bundle order.
     let key = SecretKey::generate_p256().unwrap();
-    let probe_id: SpiffeId = "spiffe://cluster.local/ns/default/sa/probe".parse().unwrap();
+    let probe_id: SpiffeId = "spiffe://cluster.local/ns/default/sa/probe"
+        .parse()
+        .unwrap();
     let mut c = IstioCertificateServiceClient::new(
         channel(&srv.url, client_tls(&srv.bundle(), None).unwrap()).unwrap(),
     );
@@ -330,7 +332,10 @@ async fn istio_workloads_trusting_the_last_element_pass_a_rotation_and_a_rollbac
     tokio::time::sleep(Duration::from_secs(10)).await;
 
     let (attempted, failed) = fleet.stop("istio rotation").await;
-    assert!(attempted > 100, "too few handshakes to mean anything: {attempted}");
+    assert!(
+        attempted > 100,
+        "too few handshakes to mean anything: {attempted}"
+    );
     assert_eq!(
         failed, 0,
         "Istio-face workloads refused each other during a gated rotation"

@@ -12,7 +12,7 @@ use ca_server::issuance::{Face, IssueError, IssueRequest, SigningCore};
 use ca_server::server::Server;
 use meshca_tests::kubeapi::{KubeApi, jwt};
 use meshca_tests::{
-    TestServer, Workload, eventually, http_get, mtls_handshake, sign_request, test_config,
+    TestServer, Workload, eventually, http_get, mtls_handshake, render, sign_request, test_config,
     with_token,
 };
 use rotator::client::make_csr;
@@ -736,31 +736,6 @@ async fn race_to_stage(blind: bool) {
     assert_eq!(stages, 1, "one stage in the journal: {:#?}", st.history);
     a.shutdown().await;
     b.shutdown().await;
-}
-
-fn repo() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `kubectl kustomize <dir>` as JSON values (None: kubectl missing on a laptop).
-fn render(dir: &str) -> Option<Vec<serde_json::Value>> {
-    let kubectl = meshca_tests::require_tool("kubectl")?;
-    let out = std::process::Command::new(kubectl)
-        .arg("kustomize")
-        .arg(repo().join(dir))
-        .output()
-        .expect("run kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {dir}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML"))
-        .collect();
-    assert!(!docs.is_empty(), "{dir} rendered nothing");
-    Some(docs)
 }
 
 /// Deserializes `v` into `T`, rejecting fields `T` does not have (a typo in the manifests).

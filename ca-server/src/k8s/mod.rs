@@ -29,7 +29,16 @@ pub use crate::config::{BundlePublication, KubernetesConfig};
 /// A client for the API server `cfg` names (in-cluster configuration, or `KUBECONFIG`, when it
 /// names none).
 pub async fn client(cfg: &KubernetesConfig) -> Result<kube::Client, String> {
-    let mut config = if cfg.api_url.is_empty() {
+    let mut config = if !cfg.kubeconfig.is_empty() {
+        let file = kube::config::Kubeconfig::read_from(&cfg.kubeconfig)
+            .map_err(|e| format!("kubernetes.kubeconfig {:?}: {e}", cfg.kubeconfig))?;
+        let mut c =
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubernetes.kubeconfig {:?}: {e}", cfg.kubeconfig))?;
+        c.default_namespace = cfg.own_namespace();
+        c
+    } else if cfg.api_url.is_empty() {
         kube::Config::infer()
             .await
             .map_err(|e| format!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?

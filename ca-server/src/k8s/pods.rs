@@ -36,7 +36,9 @@ pub type Workload = (String, String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Placed {
     node: Option<Box<str>>,
-    service_account: Box<str>,
+    /// The ServiceAccount it runs as, when one was set explicitly and it is not a mirror pod
+    /// ([`identity_account`]); `None` grants nothing.
+    service_account: Option<Box<str>>,
     /// Not Succeeded or Failed.
     running: bool,
     /// creationTimestamp, Unix seconds.
@@ -79,6 +81,31 @@ fn owner_of(p: &Pod) -> String {
     }
 }
 
+/// The annotation a kubelet puts on the mirror pod of a static pod.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// The ServiceAccount whose identity a pod's presence on a node lets a node agent request: the
+/// one its spec names, never a default. A mirror pod (a static pod's API copy) has none and is
+/// made by the node itself, in any namespace it likes: were it counted as `default`, whoever
+/// holds a node's credentials could obtain `spiffe://<td>/ns/<any>/sa/default` through that
+/// node's ztunnel. ServiceAccount admission fills `serviceAccountName` for every other pod, so an
+/// empty one means a pod meshca cannot vouch for.
+pub fn identity_account(p: &Pod) -> Option<&str> {
+    let mirror = p
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION));
+    if mirror {
+        return None;
+    }
+    p.spec
+        .as_ref()?
+        .service_account_name
+        .as_deref()
+        .filter(|s| !s.is_empty())
+}
+
 impl Placed {
     fn of(p: &Pod) -> Option<(PodKey, Self)> {
         let (key, mut placed) = Self::without_labels(p)?;
@@ -107,12 +134,7 @@ impl Placed {
                     .as_deref()
                     .filter(|n| !n.is_empty())
                     .map(Into::into),
-                service_account: spec
-                    .service_account_name
-                    .as_deref()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or("default")
-                    .into(),
+                service_account: identity_account(p).map(Into::into),
                 running: !matches!(phase, Some("Succeeded" | "Failed")),
                 created: p
                     .metadata
@@ -148,10 +170,11 @@ struct Index {
 
 impl Index {
     fn count(&mut self, key: &PodKey, p: &Placed, delta: i64) {
-        let Some(node) = p.node.clone().filter(|_| p.running) else {
+        let (Some(node), Some(sa)) = (p.node.clone().filter(|_| p.running), &p.service_account)
+        else {
             return;
         };
-        let k = (node, key.0.clone(), p.service_account.clone());
+        let k = (node, key.0.clone(), sa.clone());
         let n = self.running.entry(k.clone()).or_default();
         *n = u32::try_from(i64::from(*n) + delta).unwrap_or(0);
         if *n == 0 {
@@ -475,6 +498,16 @@ mod tests {
         assert_eq!(d.on_node("a", "prod", "api"), Ok(false));
         assert_eq!(d.node_of("prod", "api-1"), Ok(Some("b".into())));
         assert_eq!(d.read().running.len(), 1, "no empty counts are kept");
+        // A pod with no ServiceAccount, and a mirror pod naming one, grant nothing.
+        let mut bare = pod("other", "static-1", Some("a"), "", "Running");
+        bare.spec.as_mut().unwrap().service_account_name = None;
+        ev(WatchEvent::Added(bare));
+        assert_eq!(d.on_node("a", "other", "default"), Ok(false));
+        assert_eq!(d.on_node("a", "other", ""), Ok(false));
+        let mut mirror = pod("other", "static-2", Some("a"), "web", "Running");
+        mirror.metadata.annotations = Some([(MIRROR_ANNOTATION.to_owned(), "h".to_owned())].into());
+        ev(WatchEvent::Added(mirror));
+        assert_eq!(d.on_node("a", "other", "web"), Ok(false));
         // Out of touch for longer than the bound: no answer.
         d.write().lost_at = Some(Instant::now() - Duration::from_secs(31));
         assert!(

@@ -1,0 +1,669 @@
+//! A real Kubernetes API server for the tests (issue #24): `etcd` and `kube-apiserver` built
+//! from their Go modules by `tests/kube/build.sh` (cached under `target/kube/<version>/`) and
+//! started on loopback, configured as a cluster is: ServiceAccount token signing (the
+//! TokenRequest API mints real bound tokens), `Node,RBAC` authorization, NodeRestriction and the
+//! default admission plugins, the PodCertificateRequest and ClusterTrustBundle APIs, and a
+//! certificate authority for clients (an admin in `system:masters`, nodes as
+//! `system:node:<name>`).
+//!
+//! One API server per test binary and version ([`Cluster::shared`]), a namespace per test. The
+//! processes run under a `sh` that kills them when the test binary's end of a pipe closes, so
+//! they stop with the binary however it ends (a panic, a failed assertion, a kill).
+//!
+//! There is no kubelet: pods are bound to a node by `spec.nodeName` and their phase set through
+//! the status subresource; mirror pods are created with a node's own credential.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use kube::Api;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// The newest pinned release.
+pub const NEWEST: &str = "v1.37.2";
+/// The oldest pinned release (PodCertificateRequest in beta).
+pub const OLDEST: &str = "v1.35.4";
+
+/// The ServiceAccount token issuer the API server signs with.
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A running etcd and kube-apiserver.
+pub struct Cluster {
+    /// The release.
+    pub version: &'static str,
+    /// `https://127.0.0.1:<port>`.
+    pub url: String,
+    /// Where its files are (certificates, kubeconfigs, etcd's data).
+    pub dir: PathBuf,
+    ca_pem: String,
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+    /// Keeps the processes' watch pipes open (closing them stops the servers).
+    procs: Mutex<Vec<Child>>,
+    /// How long start-up took.
+    pub started_in: Duration,
+    counter: std::sync::atomic::AtomicU32,
+}
+
+static CLUSTERS: OnceLock<Mutex<BTreeMap<&'static str, &'static Cluster>>> = OnceLock::new();
+
+impl Cluster {
+    /// The API server of `version` this test binary shares, started (and built, on first use)
+    /// now if needed. `None` on a laptop without Go, after printing why; in CI (`CI` set) a
+    /// missing toolchain or a failed build fails the test.
+    pub fn shared(version: &'static str) -> Option<&'static Cluster> {
+        let all = CLUSTERS.get_or_init(|| Mutex::new(BTreeMap::new()));
+        let mut all = all
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = all.get(version) {
+            return Some(c);
+        }
+        let bin = binaries(version)?;
+        let c: &'static Cluster = Box::leak(Box::new(Cluster::start(version, &bin)));
+        all.insert(version, c);
+        Some(c)
+    }
+
+    fn start(version: &'static str, bin: &Path) -> Self {
+        let begin = Instant::now();
+        let dir = std::env::temp_dir().join(format!(
+            "meshca-kube-{version}-{}-{}",
+            std::process::id(),
+            begin.elapsed().as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let (ca, ca_pem) = new_ca();
+        let serving = leaf(&ca, "kube-apiserver", &[], true);
+        write(&dir.join("ca.pem"), &ca_pem);
+        write(&dir.join("serving.pem"), &serving.0);
+        write(&dir.join("serving.key"), &serving.1);
+        let sa_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        write(&dir.join("sa.key"), &sa_key.serialize_pem());
+        write(&dir.join("sa.pub"), &sa_key.public_key_pem());
+
+        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd = supervised(
+            &bin.join("etcd"),
+            &[
+                "--data-dir".into(),
+                dir.join("etcd").display().to_string(),
+                "--listen-client-urls".into(),
+                etcd_url.clone(),
+                "--advertise-client-urls".into(),
+                etcd_url.clone(),
+                "--listen-peer-urls".into(),
+                peer_url.clone(),
+                "--initial-advertise-peer-urls".into(),
+                peer_url.clone(),
+                "--initial-cluster".into(),
+                format!("default={peer_url}"),
+                "--unsafe-no-fsync".into(),
+                "--log-level".into(),
+                "error".into(),
+            ],
+            &dir.join("etcd.log"),
+            None,
+        );
+        let mut args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", dir.join("certs").display()),
+            format!("--tls-cert-file={}", dir.join("serving.pem").display()),
+            format!(
+                "--tls-private-key-file={}",
+                dir.join("serving.key").display()
+            ),
+            format!("--client-ca-file={}", dir.join("ca.pem").display()),
+            format!("--service-account-issuer={ISSUER}"),
+            format!(
+                "--service-account-key-file={}",
+                dir.join("sa.pub").display()
+            ),
+            format!(
+                "--service-account-signing-key-file={}",
+                dir.join("sa.key").display()
+            ),
+            format!("--api-audiences={ISSUER}"),
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            "--service-cluster-ip-range=10.96.0.0/24".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--profiling=false".into(),
+            "--v=0".into(),
+        ];
+        // PodCertificateRequest (KEP-4317) and ClusterTrustBundle (KEP-3257): beta behind their
+        // gates on 1.35; v1 on 1.37.
+        match version {
+            OLDEST => {
+                args.push("--feature-gates=PodCertificateRequest=true,ClusterTrustBundle=true,ClusterTrustBundleProjection=true".into());
+                args.push("--runtime-config=certificates.k8s.io/v1beta1/podcertificaterequests=true,certificates.k8s.io/v1beta1/clustertrustbundles=true".into());
+            }
+            _ => {
+                args.push("--runtime-config=certificates.k8s.io/v1beta1=true".into());
+            }
+        }
+        let apiserver = supervised(
+            &bin.join("kube-apiserver"),
+            &args,
+            &dir.join("kube-apiserver.log"),
+            Some(&dir),
+        );
+        let admin = leaf(&ca, "meshca-test-admin", &["system:masters"], false);
+        let c = Self {
+            version,
+            url: format!("https://127.0.0.1:{api_port}"),
+            dir,
+            ca_pem,
+            ca,
+            procs: Mutex::new(vec![etcd, apiserver]),
+            started_in: Duration::ZERO,
+            counter: std::sync::atomic::AtomicU32::new(0),
+        };
+        c.write_kubeconfig("admin", &KubeUser::Cert(admin.0, admin.1));
+        let started_in = c.wait_ready(begin);
+        eprintln!(
+            "cluster: kube-apiserver {version} ready at {} in {:.1} s",
+            c.url,
+            started_in.as_secs_f64()
+        );
+        Self { started_in, ..c }
+    }
+
+    /// Polls `/readyz` as the admin until it answers `ok` (at most 120 s), on a thread of its
+    /// own (the caller may be inside a test's runtime).
+    fn wait_ready(&self, begin: Instant) -> Duration {
+        std::thread::scope(|s| {
+            s.spawn(|| self.poll_ready(begin))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    fn poll_ready(&self, begin: Instant) -> Duration {
+        let kubeconfig = self.dir.join("admin.kubeconfig");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            loop {
+                if let Ok(c) = client_from(&kubeconfig).await {
+                    let req = http::Request::get("/readyz")
+                        .body(Vec::new())
+                        .expect("request");
+                    if let Ok(t) = c.request_text(req).await
+                        && t.trim() == "ok"
+                    {
+                        return begin.elapsed();
+                    }
+                }
+                assert!(
+                    begin.elapsed() < Duration::from_secs(120),
+                    "kube-apiserver {} not ready after 120 s; see {}",
+                    self.version,
+                    self.dir.join("kube-apiserver.log").display()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
+
+    /// A client acting as the cluster admin (`system:masters`).
+    pub async fn admin(&self) -> kube::Client {
+        client_from(&self.dir.join("admin.kubeconfig"))
+            .await
+            .expect("admin client")
+    }
+
+    /// A client acting as node `name` (`system:node:<name>` in `system:nodes`), as a kubelet.
+    pub async fn node_client(&self, name: &str) -> kube::Client {
+        let (crt, key) = leaf(
+            &self.ca,
+            &format!("system:node:{name}"),
+            &["system:nodes"],
+            false,
+        );
+        let path = self.write_kubeconfig(&format!("node-{name}"), &KubeUser::Cert(crt, key));
+        client_from(&path).await.expect("node client")
+    }
+
+    /// A kubeconfig that authenticates with the token in `token_file` (re-read as it changes):
+    /// what meshca is given to run as its ServiceAccount.
+    pub fn token_kubeconfig(&self, name: &str, token_file: &Path) -> PathBuf {
+        self.write_kubeconfig(name, &KubeUser::TokenFile(token_file.to_owned()))
+    }
+
+    fn write_kubeconfig(&self, name: &str, user: &KubeUser) -> PathBuf {
+        let b64 = |s: &str| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(s)
+        };
+        let user = match user {
+            KubeUser::Cert(crt, key) => json!({
+                "client-certificate-data": b64(crt),
+                "client-key-data": b64(key),
+            }),
+            KubeUser::TokenFile(p) => json!({ "tokenFile": p.display().to_string() }),
+        };
+        let doc = json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {
+                "server": self.url,
+                "certificate-authority-data": b64(&self.ca_pem),
+            }}],
+            "users": [{"name": name, "user": user}],
+            "contexts": [{"name": name, "context": {"cluster": "test", "user": name}}],
+            "current-context": name,
+        });
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        write(&path, &doc.to_string());
+        path
+    }
+
+    /// A new namespace for one test (`<prefix>-<n>`), with its `default` ServiceAccount (no
+    /// controller-manager runs to create it, and ServiceAccount admission needs it).
+    pub async fn namespace(&self, client: &kube::Client, prefix: &str) -> String {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}-{n}");
+        self.namespace_named(client, &name, BTreeMap::new()).await;
+        name
+    }
+
+    /// Namespace `name` with `labels` (and its `default` ServiceAccount).
+    pub async fn namespace_named(
+        &self,
+        client: &kube::Client,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(labels),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        self.service_account(client, name, "default").await;
+    }
+
+    /// ServiceAccount `ns/name`.
+    pub async fn service_account(&self, client: &kube::Client, ns: &str, name: &str) {
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            ..ServiceAccount::default()
+        };
+        match Api::<ServiceAccount>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &sa)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("create ServiceAccount {ns}/{name}: {e}"),
+        }
+    }
+
+    /// Node `name` (created by the admin; it is never Ready: there is no kubelet).
+    pub async fn node(&self, client: &kube::Client, name: &str) {
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        };
+        match Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("create Node {name}: {e}"),
+        }
+    }
+
+    /// Pod `ns/name` bound to `node`, running as ServiceAccount `sa` (`None`: what admission
+    /// fills in), its phase set to Running through the status subresource.
+    pub async fn pod(
+        &self,
+        client: &kube::Client,
+        ns: &str,
+        name: &str,
+        sa: Option<&str>,
+        node: &str,
+    ) -> Pod {
+        let mut spec = json!({
+            "nodeName": node,
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+        });
+        if let Some(sa) = sa {
+            spec["serviceAccountName"] = json!(sa);
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": spec,
+        }))
+        .expect("a pod");
+        let api = Api::<Pod>::namespaced(client.clone(), ns);
+        api.create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("create Pod {ns}/{name}: {e}"));
+        set_running(&api, name).await
+    }
+
+    /// A mirror pod `ns/name` on `node`, created with the node's own credential (as a kubelet
+    /// does for a static pod): annotated `kubernetes.io/config.mirror`, owned by the Node, and
+    /// with no ServiceAccount (NodeRestriction refuses one).
+    pub async fn mirror_pod(&self, ns: &str, name: &str, node: &str) -> Result<Pod, kube::Error> {
+        let admin = self.admin().await;
+        let node_obj = Api::<Node>::all(admin).get(node).await?;
+        let client = self.node_client(node).await;
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": name, "namespace": ns,
+                "annotations": {
+                    "kubernetes.io/config.mirror": "mirror-hash",
+                    "kubernetes.io/config.source": "file",
+                },
+                "ownerReferences": [{
+                    "apiVersion": "v1", "kind": "Node", "name": node,
+                    "uid": node_obj.metadata.uid, "controller": true,
+                }],
+            },
+            "spec": {
+                "nodeName": node,
+                "containers": [{"name": "app", "image": "registry.invalid/static:1"}],
+            },
+        }))
+        .expect("a pod");
+        let api = Api::<Pod>::namespaced(client, ns);
+        api.create(&PostParams::default(), &pod).await?;
+        Ok(set_running(&api, name).await)
+    }
+
+    /// A token for ServiceAccount `ns/sa` from the TokenRequest API: `audiences`, `seconds` of
+    /// life (the API server's minimum is 600), bound to `pod` if given.
+    pub async fn token(
+        &self,
+        client: &kube::Client,
+        ns: &str,
+        sa: &str,
+        audiences: &[&str],
+        seconds: i64,
+        pod: Option<&Pod>,
+    ) -> String {
+        let mut spec = json!({"audiences": audiences, "expirationSeconds": seconds});
+        if let Some(p) = pod {
+            spec["boundObjectRef"] = json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "name": p.metadata.name, "uid": p.metadata.uid,
+            });
+        }
+        let req: TokenRequest =
+            serde_json::from_value(json!({"spec": spec})).expect("a TokenRequest");
+        Api::<ServiceAccount>::namespaced(client.clone(), ns)
+            .create_token_request(sa, &PostParams::default(), &req)
+            .await
+            .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{sa}: {e}"))
+            .status
+            .and_then(|s| s.token)
+            .expect("a token in the TokenRequest status")
+    }
+
+    /// Applies the RBAC objects `kubectl kustomize <dir>` renders (a `deploy/kubernetes`
+    /// directory) for a meshca whose namespace is `ns` instead of `meshca`: Roles and
+    /// RoleBindings move to `ns`, cluster-scoped names get `ns` as a prefix (tests share one
+    /// API server), subjects name `ns`. `skip` leaves out the rules of one object (`Kind/name`,
+    /// as rendered) to show a grant is needed. Returns the objects applied.
+    pub async fn apply_rbac(
+        &self,
+        client: &kube::Client,
+        dir: &str,
+        ns: &str,
+        skip: Option<&str>,
+    ) -> Vec<String> {
+        let docs = crate::render(dir).expect("kubectl renders deploy/kubernetes");
+        let mut applied = Vec::new();
+        for mut d in docs {
+            let kind = d["kind"].as_str().unwrap_or_default().to_owned();
+            if !matches!(
+                kind.as_str(),
+                "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+            ) {
+                continue;
+            }
+            let name = d["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if skip == Some(format!("{kind}/{name}").as_str()) {
+                d["rules"] = json!([]);
+            }
+            rebase(&mut d, ns);
+            let ar = kube::discovery::ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", &kind),
+                &format!("{}s", kind.to_lowercase()),
+            );
+            let obj: kube::api::DynamicObject = serde_json::from_value(d).expect("RBAC object");
+            let api: Api<kube::api::DynamicObject> = if kind.starts_with("Cluster") {
+                Api::all_with(client.clone(), &ar)
+            } else {
+                Api::namespaced_with(client.clone(), ns, &ar)
+            };
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            api.patch(
+                &name,
+                &PatchParams::apply("meshca-tests").force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("apply {kind}/{name}: {e}"));
+            applied.push(format!("{kind}/{name}"));
+        }
+        applied
+    }
+
+    /// etcd's and kube-apiserver's logs, for a failing test's message.
+    pub fn logs_at(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// Stops the API server and etcd (a test that needs an unreachable API server uses its own
+    /// cluster).
+    pub fn stop(&self) {
+        for c in self
+            .procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter_mut()
+        {
+            let _ = c.kill();
+        }
+    }
+}
+
+enum KubeUser {
+    Cert(String, String),
+    TokenFile(PathBuf),
+}
+
+/// Moves a rendered RBAC object from namespace `meshca` to `ns`.
+fn rebase(d: &mut serde_json::Value, ns: &str) {
+    let kind = d["kind"].as_str().unwrap_or_default().to_owned();
+    let meta = &mut d["metadata"];
+    if kind.starts_with("Cluster") {
+        let name = meta["name"].as_str().unwrap_or_default().to_owned();
+        meta["name"] = json!(format!("{ns}-{name}"));
+    } else {
+        meta["namespace"] = json!(ns);
+    }
+    if kind.ends_with("Binding") {
+        if d["roleRef"]["kind"] == "ClusterRole" {
+            let r = d["roleRef"]["name"].as_str().unwrap_or_default().to_owned();
+            d["roleRef"]["name"] = json!(format!("{ns}-{r}"));
+        }
+        if let Some(subjects) = d["subjects"].as_array_mut() {
+            for s in subjects {
+                if s["namespace"] == "meshca" {
+                    s["namespace"] = json!(ns);
+                }
+            }
+        }
+    }
+}
+
+async fn set_running(api: &Api<Pod>, name: &str) -> Pod {
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running"}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("set Pod {name} Running: {e}"))
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> Result<kube::Client, String> {
+    let file = kube::config::Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
+    let c = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    kube::Client::try_from(c).map_err(|e| e.to_string())
+}
+
+/// The directory holding `etcd` and `kube-apiserver` of `version`, built by
+/// `tests/kube/build.sh` if not yet cached.
+fn binaries(version: &str) -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::var_os("MESHCA_KUBE_CACHE")
+        .map_or_else(|| root.join("target/kube"), PathBuf::from)
+        .join(version);
+    if dir.join("kube-apiserver").exists() && dir.join("etcd").exists() {
+        return Some(dir);
+    }
+    let ci = std::env::var_os("CI").is_some();
+    if crate::require_tool("go").is_none() {
+        assert!(
+            !ci,
+            "CI: Go is needed to build kube-apiserver {version} (tests/kube/build.sh)"
+        );
+        eprintln!(
+            "skipped: no Go toolchain to build kube-apiserver {version} (tests/kube/build.sh)"
+        );
+        return None;
+    }
+    eprintln!("building kube-apiserver and etcd {version} (tests/kube/build.sh; cached after)");
+    let status = Command::new("bash")
+        .arg(root.join("tests/kube/build.sh"))
+        .arg(version)
+        .status()
+        .expect("run tests/kube/build.sh");
+    assert!(status.success(), "tests/kube/build.sh {version} failed");
+    Some(dir)
+}
+
+/// Starts `bin args` under a `sh` that kills it once its stdin (a pipe this process holds for
+/// as long as it lives) reaches end of file, then removes `cleanup` (the cluster's files; the
+/// API server is started last and so stopped last).
+fn supervised(bin: &Path, args: &[String], log: &Path, cleanup: Option<&Path>) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    Command::new("sh")
+        .arg("-c")
+        .arg(
+            r#""$@" </dev/null & p=$!; cat >/dev/null; kill -9 $p 2>/dev/null; wait $p
+               sleep 1; [ -n "$MESHCA_CLUSTER_DIR" ] && rm -rf "$MESHCA_CLUSTER_DIR""#,
+        )
+        .env(
+            "MESHCA_CLUSTER_DIR",
+            cleanup.map(|d| d.display().to_string()).unwrap_or_default(),
+        )
+        .arg("sh")
+        .arg(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+fn new_ca() -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "meshca test cluster CA");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = p.self_signed(&key).expect("CA");
+    (rcgen::Issuer::new(p, key), cert.pem())
+}
+
+/// A certificate from the cluster CA: a serving one for 127.0.0.1 and localhost, or a client
+/// one for user `cn` in `groups` (organizations). Returns (certificate PEM, key PEM).
+fn leaf(
+    ca: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    cn: &str,
+    groups: &[&str],
+    serving: bool,
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    for g in groups {
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, *g);
+    }
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    if serving {
+        p.subject_alt_names = vec![
+            rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+            rcgen::SanType::DnsName("localhost".try_into().expect("a DNS name")),
+        ];
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    } else {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    }
+    let cert = p.signed_by(&key, ca).expect("a certificate");
+    (cert.pem(), key.serialize_pem())
+}

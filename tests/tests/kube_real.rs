@@ -1,0 +1,259 @@
+//! meshca against a real kube-apiserver and etcd (issue #24; `meshca_tests::cluster`), running as
+//! its own ServiceAccount with exactly the RBAC `deploy/kubernetes` renders: real bound tokens
+//! from the TokenRequest API, real admission (ServiceAccount, NodeRestriction), the RBAC
+//! authorizer, real mirror pods created with a node's credential.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ca_server::config::{AuthMethod, Config};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::DeleteParams;
+use meshca_tests::cluster::{Cluster, ISSUER, NEWEST, OLDEST};
+use meshca_tests::{TestServer, istio, istio_impersonating, pem_certs, sign_request, with_token};
+use rotator::client::make_csr;
+use rotator::pki::SecretKey;
+use tonic::Code;
+
+/// What one test gets: the shared cluster, an admin client, meshca's namespace (with its
+/// ServiceAccount and the deploy RBAC moved there) and the kubeconfig meshca runs with.
+struct Env {
+    cluster: &'static Cluster,
+    admin: kube::Client,
+    ns: String,
+    kubeconfig: PathBuf,
+    _token_dir: tempfile::TempDir,
+}
+
+async fn env(version: &'static str, skip_rule: Option<&str>) -> Option<Env> {
+    let cluster = Cluster::shared(version)?;
+    let admin = cluster.admin().await;
+    let ns = cluster.namespace(&admin, "meshca").await;
+    cluster.service_account(&admin, &ns, "meshca").await;
+    let applied = cluster
+        .apply_rbac(&admin, "deploy/kubernetes", &ns, skip_rule)
+        .await;
+    assert!(applied.len() >= 6, "the deploy RBAC: {applied:?}");
+    // meshca's own token, as a projected ServiceAccount token volume gives it (audience: the
+    // API server).
+    let token = cluster
+        .token(&admin, &ns, "meshca", &[ISSUER], 3600, None)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, token).unwrap();
+    let kubeconfig = cluster.token_kubeconfig(&format!("{ns}-meshca"), &file);
+    Some(Env {
+        cluster,
+        admin,
+        ns,
+        kubeconfig,
+        _token_dir: dir,
+    })
+}
+
+/// A meshca in Kubernetes mode as `e`'s ServiceAccount: TokenReview, state in the state dir.
+fn kube_mode(e: &Env, c: &mut Config) {
+    c.kubernetes.enabled = true;
+    c.kubernetes.kubeconfig = e.kubeconfig.display().to_string();
+    c.kubernetes.namespace.clone_from(&e.ns);
+    c.kubernetes.state_secret.clear();
+    c.auth.authenticators = vec![
+        AuthMethod::Mtls,
+        AuthMethod::Tokenreview,
+        AuthMethod::Static,
+    ];
+}
+
+async fn sign(srv: &TestServer, id: &str, token: &str) -> Result<String, (Code, String)> {
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+    srv.client(None)
+        .sign_certificate(with_token(sign_request(csr), token))
+        .await
+        .map(|r| {
+            rotator::client::spiffe_id_of(&r.into_inner().certificate_chain[0])
+                .unwrap()
+                .to_string()
+        })
+        .map_err(|s| (s.code(), s.message().to_owned()))
+}
+
+async fn tokenreview_with_real_tokens(version: &'static str) {
+    let Some(e) = env(version, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    c.node(&e.admin, "node-a").await;
+    let web = c.pod(&e.admin, &prod, "web-1", Some("web"), "node-a").await;
+    let srv = TestServer::start_with(|cfg| kube_mode(&e, cfg)).await;
+    let want = format!("spiffe://cluster.local/ns/{prod}/sa/web");
+
+    // A bound token with meshca's audience: accepted, for its own identity only.
+    let token = c
+        .token(&e.admin, &prod, "web", &["meshca"], 600, Some(&web))
+        .await;
+    assert_eq!(sign(&srv, &want, &token).await.unwrap(), want);
+    let other = format!("spiffe://cluster.local/ns/{prod}/sa/api");
+    let (code, msg) = sign(&srv, &other, &token).await.unwrap_err();
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+
+    // Another audience: refused.
+    let istio_token = c
+        .token(&e.admin, &prod, "web", &["istio-ca"], 600, Some(&web))
+        .await;
+    let (code, msg) = sign(&srv, &want, &istio_token).await.unwrap_err();
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+
+    // A token bound to a pod that is gone: the API server no longer vouches for it.
+    let doomed = c.pod(&e.admin, &prod, "web-2", Some("web"), "node-a").await;
+    let orphan = c
+        .token(&e.admin, &prod, "web", &["meshca"], 600, Some(&doomed))
+        .await;
+    Api::<Pod>::namespaced(e.admin.clone(), &prod)
+        .delete("web-2", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let gone = meshca_tests::eventually(Duration::from_secs(10), || async {
+        Api::<Pod>::namespaced(e.admin.clone(), &prod)
+            .get_opt("web-2")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "web-2 deleted");
+    let (code, msg) = sign(&srv, &want, &orphan).await.unwrap_err();
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+    eprintln!("{version}: a token bound to a deleted pod: {msg}");
+
+    // Garbage that looks like a token: refused.
+    let (code, _) = sign(&srv, &want, "not.a.token").await.unwrap_err();
+    assert_eq!(code, Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn tokenreview_with_real_tokens_v1_37() {
+    tokenreview_with_real_tokens(NEWEST).await;
+}
+
+#[tokio::test]
+async fn tokenreview_with_real_tokens_v1_35() {
+    tokenreview_with_real_tokens(OLDEST).await;
+}
+
+/// The deploy RBAC is needed, not just sufficient: without `tokenreviews create` meshca cannot
+/// authenticate a ServiceAccount (and says so as `UNAVAILABLE`, not as a bad token).
+#[tokio::test]
+async fn without_its_tokenreview_grant_meshca_cannot_authenticate() {
+    let Some(e) = env(NEWEST, Some("ClusterRole/meshca-tokenreview")).await else {
+        return;
+    };
+    let c = e.cluster;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    c.node(&e.admin, "node-a").await;
+    let web = c.pod(&e.admin, &prod, "web-1", Some("web"), "node-a").await;
+    let srv = TestServer::start_with(|cfg| kube_mode(&e, cfg)).await;
+    let token = c
+        .token(&e.admin, &prod, "web", &["meshca"], 600, Some(&web))
+        .await;
+    let want = format!("spiffe://cluster.local/ns/{prod}/sa/web");
+    let (code, msg) = sign(&srv, &want, &token).await.unwrap_err();
+    assert_eq!(code, Code::Unavailable, "{msg}");
+    assert!(msg.contains("403") || msg.contains("forbidden"), "{msg}");
+}
+
+/// Istio ambient's ztunnel as a node agent with real pods: a workload on its node is granted, one
+/// on another node is not, and a mirror pod — created by the node itself, in a namespace of its
+/// choosing, with no ServiceAccount — grants nothing (issue #25, item 1: it used to count as
+/// `default`).
+#[tokio::test]
+async fn a_node_agent_gets_pods_on_its_node_and_nothing_from_mirror_pods() {
+    let Some(e) = env(NEWEST, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let istio_ns = c.namespace(&e.admin, "istio-system").await;
+    c.service_account(&e.admin, &istio_ns, "ztunnel").await;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    let other = c.namespace(&e.admin, "victim").await;
+    for n in ["node-a", "node-b"] {
+        c.node(&e.admin, n).await;
+    }
+    let zt = c
+        .pod(&e.admin, &istio_ns, "ztunnel-a", Some("ztunnel"), "node-a")
+        .await;
+    c.pod(&e.admin, &prod, "web-1", Some("web"), "node-a").await;
+    c.pod(&e.admin, &prod, "api-1", None, "node-b").await;
+    // A node may create a mirror pod in any namespace; admission leaves it without an account.
+    let mirror = c.mirror_pod(&other, "static-web-node-a", "node-a").await;
+    let mirror = mirror.expect("a node creates a mirror pod of itself");
+    assert_eq!(
+        mirror
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref()),
+        None,
+        "the real API server leaves a mirror pod without a ServiceAccount"
+    );
+
+    let trusted = format!("{istio_ns}/ztunnel");
+    let srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        cfg.istio.trusted_node_agents = vec![trusted.clone()];
+    })
+    .await;
+    let token = c
+        .token(
+            &e.admin,
+            &istio_ns,
+            "ztunnel",
+            &["istio-ca"],
+            600,
+            Some(&zt),
+        )
+        .await;
+    let ask = |id: String| {
+        let (srv, token) = (&srv, token.clone());
+        async move {
+            let key = SecretKey::generate_p256().unwrap();
+            istio(srv, None)
+                .create_certificate(with_token(istio_impersonating(&id, &id, &key), &token))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| (s.code(), s.message().to_owned()))
+        }
+    };
+    let web = format!("spiffe://cluster.local/ns/{prod}/sa/web");
+    let r = ask(web.clone()).await.unwrap();
+    let leaf = &pem_certs(&r.cert_chain[0])[0];
+    assert_eq!(
+        rotator::client::spiffe_id_of(leaf).unwrap().to_string(),
+        web
+    );
+    // api-1 runs on node-b (and as `default`: admission filled it in, so it is a real grant,
+    // but not to node-a's agent).
+    let (code, msg) = ask(format!("spiffe://cluster.local/ns/{prod}/sa/default"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(code, Code::PermissionDenied | Code::Unavailable),
+        "{code:?} {msg}"
+    );
+    // The mirror pod in `victim` on node-a: nothing.
+    let (code, msg) = ask(format!("spiffe://cluster.local/ns/{other}/sa/default"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(code, Code::PermissionDenied | Code::Unavailable),
+        "a mirror pod must not make its namespace's default identity available: {code:?} {msg}"
+    );
+    eprintln!("mirror pod refused: {msg}");
+}
