@@ -465,7 +465,7 @@ impl SigningCore {
                 let caller = authorize(callers, id)?;
                 *who = caller.name.clone();
                 self.limits.issue(&caller.name)?;
-                return Ok(implied_instance(None, Some(caller)));
+                Ok(implied_instance(None, Some(caller)))
             }
             Some(claimed) => {
                 if claimed != id.as_str() {
@@ -484,7 +484,7 @@ impl SigningCore {
                 let implied = implied_instance(Some(&granted), None);
                 *via = Some(granted);
                 self.limits.node_agent_issue(&key)?;
-                return Ok(implied);
+                Ok(implied)
             }
         }
     }

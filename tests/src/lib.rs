@@ -54,7 +54,7 @@ pub struct TestServer {
     pub url: String,
     /// The HTTP address.
     pub http: SocketAddr,
-    /// The bootstrap token.
+    /// The bootstrap token (empty for a replica that adopted an existing authority).
     pub token: String,
 }
 
@@ -75,11 +75,17 @@ impl TestServer {
         let mut config = test_config(&dir.path().join("state"));
         f(&mut config);
         let server = Server::start(config, clock).await.expect("server starts");
-        let token =
-            std::fs::read_to_string(server.bootstrap_token.as_ref().expect("new authority"))
-                .expect("bootstrap token")
-                .trim()
-                .to_owned();
+        // A replica that adopts an authority another created has no bootstrap token of its own.
+        let token = server
+            .bootstrap_token
+            .as_ref()
+            .map(|t| {
+                std::fs::read_to_string(t)
+                    .expect("bootstrap token")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default();
         Self {
             url: format!("https://{}", server.grpc_addr),
             http: server.http_addr,

@@ -257,3 +257,111 @@ async fn a_node_agent_gets_pods_on_its_node_and_nothing_from_mirror_pods() {
     );
     eprintln!("mirror pod refused: {msg}");
 }
+
+/// Two replicas as their own ServiceAccount with the deploy RBAC: one Lease holder, one state
+/// Secret both follow (real resourceVersions), the bundle ConfigMaps in every labelled namespace
+/// (meshca's, Istio's and Linkerd's shapes) and in no other; a staged anchor reaches the other
+/// replica and every ConfigMap; the Lease moves when the holder stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_secret_and_publish_bundles() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let Some(e) = env(NEWEST, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let selector = format!("meshca.io/bundle-for={}", e.ns);
+    let labelled = format!("{}-apps", e.ns);
+    c.namespace_named(
+        &e.admin,
+        &labelled,
+        [("meshca.io/bundle-for".to_owned(), e.ns.clone())].into(),
+    )
+    .await;
+    let plain = c.namespace(&e.admin, "plain").await;
+    let replica = |name: &'static str| {
+        let (e, selector) = (&e, selector.clone());
+        move |cfg: &mut Config| {
+            kube_mode(e, cfg);
+            cfg.kubernetes.state_secret = "meshca-authority".into();
+            cfg.kubernetes.identity = name.into();
+            cfg.kubernetes.lease_duration = Duration::from_secs(2);
+            cfg.kubernetes.bundle.namespace_selector = selector;
+            cfg.kubernetes.bundle.resync = Duration::from_millis(300);
+            cfg.kubernetes.bundle.istio = true;
+            cfg.kubernetes.bundle.linkerd = true;
+        }
+    };
+    let mut a = TestServer::start_with(replica("replica-a")).await;
+    let mut b = TestServer::start_with(replica("replica-b")).await;
+    let leader = |s: &TestServer| *s.server().leader.borrow();
+    let one = meshca_tests::eventually(Duration::from_secs(20), || async {
+        (leader(&a) ^ leader(&b)).then_some(())
+    })
+    .await;
+    assert!(one.is_some(), "exactly one replica holds the Lease");
+    assert_eq!(a.bundle(), b.bundle(), "one authority in the Secret");
+
+    let cms = Api::<ConfigMap>::namespaced(e.admin.clone(), &labelled);
+    let certs_in = |name: &'static str, key: &'static str| {
+        let cms = cms.clone();
+        async move {
+            cms.get_opt(name)
+                .await
+                .unwrap()
+                .and_then(|cm| cm.data)
+                .and_then(|d| d.get(key).cloned())
+                .map(|pem| pem_certs(&pem).len())
+                .unwrap_or(0)
+        }
+    };
+    for (name, key) in [
+        ("meshca-trust-bundle", "ca-bundle.crt"),
+        ("istio-ca-root-cert", "root-cert.pem"),
+        ("linkerd-identity-trust-roots", "ca-bundle.crt"),
+    ] {
+        let n = meshca_tests::eventually(Duration::from_secs(20), || async {
+            let n = certs_in(name, key).await;
+            (n == 1).then_some(n)
+        })
+        .await;
+        assert_eq!(n, Some(1), "{labelled}/{name} holds the one anchor");
+    }
+    assert!(
+        Api::<ConfigMap>::namespaced(e.admin.clone(), &plain)
+            .get_opt("meshca-trust-bundle")
+            .await
+            .unwrap()
+            .is_none(),
+        "a namespace without the label gets nothing"
+    );
+
+    // Stage on the leader: the other replica follows the Secret, the ConfigMaps get both anchors.
+    let (lead, other) = if leader(&a) { (&a, &b) } else { (&b, &a) };
+    let (code, out, err) = meshca_tests::meshca_in(&lead.state_dir(), &["anchors", "stage"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let followed = meshca_tests::eventually(Duration::from_secs(20), || async {
+        (other.bundle().len() == 2).then_some(())
+    })
+    .await;
+    assert!(followed.is_some(), "the other replica follows the Secret");
+    let n = meshca_tests::eventually(Duration::from_secs(20), || async {
+        let n = certs_in("istio-ca-root-cert", "root-cert.pem").await;
+        (n == 2).then_some(n)
+    })
+    .await;
+    assert_eq!(n, Some(2), "the staged anchor reaches Istio's ConfigMap");
+
+    // The holder stops: the other takes the Lease.
+    let survivor = if leader(&a) {
+        a.stop().await;
+        &b
+    } else {
+        b.stop().await;
+        &a
+    };
+    let took = meshca_tests::eventually(Duration::from_secs(20), || async {
+        leader(survivor).then_some(())
+    })
+    .await;
+    assert!(took.is_some(), "the surviving replica takes the Lease");
+}
