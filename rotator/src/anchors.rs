@@ -939,6 +939,7 @@ mod tests {
             since,
             not_reached: since.is_none().then(|| "no ConfigMap linkerd/x".to_owned()),
             workloads: vec![],
+            by_creation_time: 0,
         };
         // Time has passed; 3 of 5 proxies predate the anchors in their trust roots: closed.
         let g = gate(

@@ -315,8 +315,10 @@ pub enum RestartBound {
     Counted {
         /// Proxies running (pods not finished).
         proxies: u64,
-        /// Of which were made before the current anchors reached their ConfigMap: they hold
-        /// only older anchors until they are replaced.
+        /// Of which hold only older anchors until they are replaced: their
+        /// `linkerd.io/trust-root-sha256` annotation is not the SHA-256 of the ConfigMap's
+        /// current `ca-bundle.crt` (or, without the annotation, they were made before the
+        /// current anchors reached it).
         stale: u64,
         /// When the current anchors reached the ConfigMap (`None`: not yet; every proxy is
         /// stale).
@@ -328,6 +330,11 @@ pub enum RestartBound {
         not_reached: Option<String>,
         /// The workloads owning stale pods, for `meshca anchors restarts`.
         workloads: Vec<StaleWorkload>,
+        /// Of `proxies`, those judged by when their pod was made because it lacks the
+        /// injector's `linkerd.io/trust-root-sha256` annotation (the others are judged by
+        /// comparing it with the SHA-256 of the trust-roots ConfigMap).
+        #[serde(default)]
+        by_creation_time: u64,
     },
 }
 

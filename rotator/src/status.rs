@@ -663,11 +663,23 @@ pub fn render(v: &Status) -> String {
                 crate::ledger::RestartBound::Unknown { reason } => {
                     let _ = writeln!(o, "  Linkerd proxies: not counted ({reason})");
                 }
-                crate::ledger::RestartBound::Counted { proxies, stale, .. } => {
+                crate::ledger::RestartBound::Counted {
+                    proxies,
+                    stale,
+                    by_creation_time,
+                    ..
+                } => {
                     let _ = writeln!(
                         o,
-                        "  Linkerd proxies started with the current anchors: {} of {proxies} ({stale} to restart: meshca anchors restarts)",
-                        proxies - (*stale).min(*proxies)
+                        "  Linkerd proxies started with the current anchors: {} of {proxies} ({stale} to restart: meshca anchors restarts){}",
+                        proxies - (*stale).min(*proxies),
+                        if *by_creation_time > 0 {
+                            format!(
+                                "; {by_creation_time} without the linkerd.io/trust-root-sha256 annotation, judged by creation time"
+                            )
+                        } else {
+                            String::new()
+                        }
                     );
                 }
             }

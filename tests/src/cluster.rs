@@ -361,17 +361,27 @@ impl Cluster {
         if let Some(sa) = sa {
             spec["serviceAccountName"] = json!(sa);
         }
-        let pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": spec,
-        }))
-        .expect("a pod");
-        let api = Api::<Pod>::namespaced(client.clone(), ns);
+        self.create_pod(
+            client,
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": spec,
+            }),
+        )
+        .await
+    }
+
+    /// Creates the pod `doc` describes (a JSON Pod with its namespace) and sets it Running.
+    pub async fn create_pod(&self, client: &kube::Client, doc: serde_json::Value) -> Pod {
+        let pod: Pod = serde_json::from_value(doc).expect("a pod");
+        let ns = pod.metadata.namespace.clone().expect("a namespace");
+        let name = pod.metadata.name.clone().expect("a name");
+        let api = Api::<Pod>::namespaced(client.clone(), &ns);
         api.create(&PostParams::default(), &pod)
             .await
             .unwrap_or_else(|e| panic!("create Pod {ns}/{name}: {e}"));
-        set_running(&api, name).await
+        set_running(&api, &name).await
     }
 
     /// A mirror pod `ns/name` on `node`, created with the node's own credential (as a kubelet

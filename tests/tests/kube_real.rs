@@ -365,3 +365,106 @@ async fn two_replicas_share_the_secret_and_publish_bundles() {
     .await;
     assert!(took.is_some(), "the surviving replica takes the Lease");
 }
+
+/// The Linkerd restart gate (issue #31, item 4) reads what each pod holds: its injector's
+/// `linkerd.io/trust-root-sha256` annotation against the SHA-256 of the staged trust-roots
+/// ConfigMap. A pod made *after* the ConfigMap changed but injected from the kubelet's
+/// minute-late copy of it (the old digest) is stale; by creation time it would have counted as
+/// restarted. Only a pod without the annotation is judged by time, and the count says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_linkerd_gate_reads_each_pods_trust_root_annotation() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use serde_json::json;
+    let Some(e) = env(NEWEST, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let l5d = format!("{}-linkerd", e.ns);
+    let label = ("meshca.io/bundle-for".to_owned(), e.ns.clone());
+    c.namespace_named(&e.admin, &l5d, [label.clone()].into())
+        .await;
+    let apps = c.namespace(&e.admin, "apps").await;
+    c.node(&e.admin, "node-a").await;
+    let selector = format!("meshca.io/bundle-for={}", e.ns);
+    let srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        cfg.linkerd.control_plane_namespace.clone_from(&l5d);
+        cfg.kubernetes.bundle.namespace_selector = selector;
+        cfg.kubernetes.bundle.resync = Duration::from_millis(300);
+        cfg.kubernetes.bundle.linkerd = true;
+    })
+    .await;
+    let roots = Api::<ConfigMap>::namespaced(e.admin.clone(), &l5d);
+    let content = |want: usize| {
+        let roots = roots.clone();
+        async move {
+            meshca_tests::eventually(Duration::from_secs(20), || async {
+                let pem = roots
+                    .get_opt("linkerd-identity-trust-roots")
+                    .await
+                    .unwrap()
+                    .and_then(|cm| cm.data)
+                    .and_then(|d| d.get("ca-bundle.crt").cloned())?;
+                (pem_certs(&pem).len() == want).then_some(pem)
+            })
+            .await
+            .expect("the trust-roots ConfigMap is published")
+        }
+    };
+    let sha = |pem: &str| hex::encode(ring::digest::digest(&ring::digest::SHA256, pem.as_bytes()));
+    let proxy = |name: &str, digest: Option<&str>| {
+        let mut annotations = json!({"linkerd.io/proxy-version": "edge-25.1.1"});
+        if let Some(d) = digest {
+            annotations["linkerd.io/trust-root-sha256"] = json!(d);
+        }
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": apps, "annotations": annotations},
+            "spec": {"nodeName": "node-a", "containers": [
+                {"name": "app", "image": "registry.invalid/app:1"},
+                {"name": "linkerd-proxy", "image": "registry.invalid/proxy:1"},
+            ]},
+        })
+    };
+    let old = content(1).await;
+    c.create_pod(&e.admin, proxy("before-annotated", Some(&sha(&old))))
+        .await;
+    c.create_pod(&e.admin, proxy("before-bare", None)).await;
+
+    let (code, out, err) = meshca_tests::meshca_in(&srv.state_dir(), &["anchors", "stage"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let new = content(2).await;
+    // Wait a second past the change so that creation time alone would call these restarted.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.create_pod(&e.admin, proxy("after-stale-volume", Some(&sha(&old))))
+        .await;
+    c.create_pod(&e.admin, proxy("after-new-roots", Some(&sha(&new))))
+        .await;
+
+    let bound = meshca_tests::eventually(Duration::from_secs(20), || async {
+        let (_, out, _) =
+            meshca_tests::meshca_in(&srv.state_dir(), &["status", "--output", "json"]).await;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let b = v["anchor_rotation"]["ledger"]["restart_bound"].clone();
+        (b["state"] == "counted" && b["proxies"] == 4 && b["since"].is_string()).then_some(b)
+    })
+    .await
+    .expect("the restart bound counts four proxies against the staged ConfigMap");
+    eprintln!("restart bound: {bound}");
+    assert_eq!(
+        bound["stale"], 3,
+        "stale: made before (2) and made after but injected with the old roots (1)"
+    );
+    assert_eq!(
+        bound["by_creation_time"], 1,
+        "only the bare pod is judged by time"
+    );
+    let owners: Vec<&str> = bound["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["owner"].as_str())
+        .collect();
+    assert!(owners.contains(&"Pod/after-stale-volume"), "{owners:?}");
+    assert!(!owners.contains(&"Pod/after-new-roots"), "{owners:?}");
+}

@@ -8,9 +8,12 @@
 //! annotation, written by meshca's bundle publisher when the content changes
 //! (`[kubernetes.bundle] linkerd = true`, the control-plane namespace matching its selector).
 //! The ConfigMap is read every [`REFRESH`]; pods come from the pod directory. A proxy counts as
-//! holding the new anchors only if its pod was *created* after that moment: the injector reads
-//! the ConfigMap when the pod is created, and a container restarted in an old pod keeps the old
-//! value.
+//! holding the new anchors when its pod's `linkerd.io/trust-root-sha256` annotation (the SHA-256
+//! of the anchors the injector gave it) is the SHA-256 of the ConfigMap's content: the injector
+//! reads the ConfigMap through a volume the kubelet refreshes about a minute late, so a pod made
+//! just after the change can still carry the old anchors. Only a pod without the annotation is
+//! judged by time: made after that moment (a container restarted in an old pod keeps the old
+//! value), and the count says how many were judged so.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -39,6 +42,13 @@ pub const REFRESH: Duration = Duration::from_secs(2);
 struct Roots {
     anchors: Vec<CertificateDer<'static>>,
     since: OffsetDateTime,
+    /// SHA-256 (hex) of `ca-bundle.crt` as stored, and of it without surrounding whitespace:
+    /// what the injector's `linkerd.io/trust-root-sha256` annotation carries.
+    digests: Vec<String>,
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
 }
 
 /// A PodDisruptionBudget, as far as ordering restarts needs it.
@@ -155,7 +165,13 @@ impl LinkerdRoots {
             })?;
         let since = OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
             .map_err(|e| format!("{what}: {CONTENT_SINCE_ANNOTATION} {since:?}: {e}"))?;
-        Ok(Roots { anchors, since })
+        let mut digests = vec![sha256_hex(pem), sha256_hex(pem.trim())];
+        digests.dedup();
+        Ok(Roots {
+            anchors,
+            since,
+            digests,
+        })
     }
 }
 
@@ -174,13 +190,16 @@ impl RestartBoundSource for LinkerdRoots {
                 since: None,
                 not_reached: None,
                 workloads: Vec::new(),
+                by_creation_time: 0,
             };
         }
         // A ConfigMap that cannot be read (or lacks meshca's annotation) is counted as not
         // reached: meshca publishes it, so until it is seen holding the anchors, no proxy can
         // have them. Only pods that cannot be listed leave the gate to time.
-        let (since, not_reached) = match &*self.roots.read().unwrap_or_else(|p| p.into_inner()) {
-            Ok(r) if anchors.iter().all(|a| r.anchors.contains(a)) => (Some(r.since), None),
+        let (current, not_reached) = match &*self.roots.read().unwrap_or_else(|p| p.into_inner()) {
+            Ok(r) if anchors.iter().all(|a| r.anchors.contains(a)) => {
+                (Some((r.since, r.digests.clone())), None)
+            }
             Ok(_) => (
                 None,
                 Some(format!(
@@ -190,8 +209,12 @@ impl RestartBoundSource for LinkerdRoots {
             ),
             Err(e) => (None, Some(e.clone())),
         };
-        let count = match since {
-            Some(t) => match self.pods.linkerd_proxies(Some(t.unix_timestamp())) {
+        let since = current.as_ref().map(|(t, _)| *t);
+        let count = match &current {
+            Some((t, digests)) => match self
+                .pods
+                .linkerd_proxies(Some((t.unix_timestamp(), digests.as_slice())))
+            {
                 Ok(c) => c,
                 Err(e) => return unknown(e),
             },
@@ -200,6 +223,7 @@ impl RestartBoundSource for LinkerdRoots {
         RestartBound::Counted {
             proxies: count.proxies,
             stale: count.stale,
+            by_creation_time: count.by_creation_time,
             since,
             not_reached,
             workloads: {

@@ -51,7 +51,15 @@ struct Placed {
     owner: Box<str>,
     /// Its labels, kept for Linkerd pods only (matched against PodDisruptionBudgets).
     labels: Box<[(Box<str>, Box<str>)]>,
+    /// Linkerd pods: the injector's `linkerd.io/trust-root-sha256` annotation, the SHA-256 (hex)
+    /// of the trust roots it put in the proxy's environment.
+    trust_root: Option<Box<str>>,
 }
+
+/// The annotation Linkerd's proxy injector puts on every injected pod: the SHA-256 (lowercase
+/// hex) of the trust anchors PEM it gave the proxy (`charts/partials/templates/_metadata.tpl`:
+/// `identityTrustAnchorsPEM | sha256sum`).
+pub const TRUST_ROOT_ANNOTATION: &str = "linkerd.io/trust-root-sha256";
 
 /// The workload that owns a pod: its controller, a ReplicaSet read as its Deployment (the
 /// ReplicaSet's name is the Deployment's plus `-<pod-template-hash>`).
@@ -110,6 +118,12 @@ impl Placed {
     fn of(p: &Pod) -> Option<(PodKey, Self)> {
         let (key, mut placed) = Self::without_labels(p)?;
         if placed.linkerd {
+            placed.trust_root = p
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRUST_ROOT_ANNOTATION))
+                .map(|v| v.trim().to_ascii_lowercase().into());
             placed.labels = p
                 .metadata
                 .labels
@@ -153,6 +167,7 @@ impl Placed {
                         .any(|c| c.name == "linkerd-proxy"),
                 owner: owner_of(p).into(),
                 labels: Box::default(),
+                trust_root: None,
             },
         ))
     }
@@ -368,17 +383,26 @@ impl Pods {
 pub struct ProxyCount {
     /// Proxies running.
     pub proxies: u64,
-    /// Of which made before the moment.
+    /// Of which hold only older anchors.
     pub stale: u64,
+    /// Of `proxies`, those judged by creation time (no trust-root annotation).
+    pub by_creation_time: u64,
     /// Stale pods by (namespace, owner): how many, and the labels of one of them.
     pub stale_by_owner: std::collections::BTreeMap<Workload, (u64, Labels)>,
 }
 
 impl Pods {
-    /// The running Linkerd proxies, and those among them made before `since` (Unix seconds;
-    /// `None`: all of them). A pod made in the same second as `since` counts as stale (the API
-    /// server's timestamps have one-second resolution).
-    pub fn linkerd_proxies(&self, since: Option<i64>) -> Result<ProxyCount, String> {
+    /// The running Linkerd proxies, and those among them that hold only older anchors. With
+    /// `current` — the moment the current anchors reached the trust-roots ConfigMap (Unix
+    /// seconds) and the SHA-256s (hex) its content is known by — a pod is current when its
+    /// `linkerd.io/trust-root-sha256` annotation is one of them, or, without the annotation, when
+    /// it was made after that moment (a pod made in the same second counts as stale: the API
+    /// server's timestamps have one-second resolution). `None`: all of them are stale.
+    ///
+    /// The annotation decides because the injector reads the ConfigMap through a volume the
+    /// kubelet refreshes about a minute late: a pod made just after the ConfigMap changed can
+    /// still carry the old anchors.
+    pub fn linkerd_proxies(&self, current: Option<(i64, &[String])>) -> Result<ProxyCount, String> {
         let ix = self.read();
         self.usable(&ix)?;
         let mut c = ProxyCount::default();
@@ -387,7 +411,15 @@ impl Pods {
                 continue;
             }
             c.proxies += 1;
-            if since.is_none_or(|t| p.created <= t) {
+            let stale = match (current, p.trust_root.as_deref()) {
+                (None, _) => true,
+                (Some((_, digests)), Some(d)) => !digests.iter().any(|x| x == d),
+                (Some((since, _)), None) => {
+                    c.by_creation_time += 1;
+                    p.created <= since
+                }
+            };
+            if stale {
                 c.stale += 1;
                 let e = c
                     .stale_by_owner
