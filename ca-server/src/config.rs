@@ -131,6 +131,93 @@ pub struct IstioConfig {
     /// picture of which pod runs where).
     #[serde(with = "duration_str")]
     pub pod_directory_max_staleness: Duration,
+    /// istiod's own serving certificate, kept by meshca in a Secret (Kubernetes mode).
+    pub istiod_certificate: IstiodCertificate,
+}
+
+/// `[istio.istiod_certificate]`: with istiod's CA off (`ENABLE_CA_SERVER=false`), istiod serves
+/// secure XDS (15012) and its webhooks only with a certificate it is given, the `istiod-tls`
+/// Secret mounted at `/var/run/secrets/istiod/tls` (`tls.crt`, `tls.key`, `ca.crt`), and proxies
+/// verify it against the mesh's roots: meshca's anchors. meshca writes that Secret (the leader,
+/// in Kubernetes mode) and keeps it: renewed two thirds into its life, re-issued when the active
+/// issuer changes, `ca.crt` the whole bundle through every rotation phase. Off unless
+/// `dns_names` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IstiodCertificate {
+    /// The Secret's namespace (istiod's).
+    pub namespace: String,
+    /// The Secret's name.
+    pub secret: String,
+    /// The certificate's DNS names (`istiod.istio-system.svc`, and for revisions
+    /// `istiod-<rev>.istio-system.svc`). Empty: off. DNS names only: the certificate can never
+    /// carry a SPIFFE ID.
+    pub dns_names: Vec<String>,
+    /// Its lifetime (clamped to the active issuer's notAfter, like every leaf).
+    #[serde(with = "duration_str")]
+    pub ttl: Duration,
+}
+
+impl Default for IstiodCertificate {
+    fn default() -> Self {
+        Self {
+            namespace: "istio-system".into(),
+            secret: "istiod-tls".into(),
+            dns_names: Vec::new(),
+            ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl IstiodCertificate {
+    /// Whether meshca keeps the Secret.
+    pub fn enabled(&self) -> bool {
+        !self.dns_names.is_empty()
+    }
+
+    fn validate(&self, kubernetes: bool) -> Result<(), ConfigError> {
+        let bad = |name: &str, value: String, reason: &str| ConfigError {
+            name: format!("istio.istiod_certificate.{name}"),
+            value,
+            reason: reason.into(),
+        };
+        if !self.enabled() {
+            return Ok(());
+        }
+        if !kubernetes {
+            return Err(bad(
+                "dns_names",
+                self.dns_names.join(","),
+                "istiod's certificate is kept in a Kubernetes Secret: set [kubernetes] enabled = true",
+            ));
+        }
+        for (name, v) in [("namespace", &self.namespace), ("secret", &self.secret)] {
+            if !is_dns_subdomain(v) {
+                return Err(bad(
+                    name,
+                    v.clone(),
+                    "not a Kubernetes object name (lowercase DNS subdomain)",
+                ));
+            }
+        }
+        for n in &self.dns_names {
+            if !is_dns_subdomain(n) {
+                return Err(bad(
+                    "dns_names",
+                    n.clone(),
+                    "not a DNS name (lowercase letters, digits, '-' and '.'; never a URI)",
+                ));
+            }
+        }
+        if self.ttl < Duration::from_secs(3600) {
+            return Err(bad(
+                "ttl",
+                humantime::format_duration(self.ttl).to_string(),
+                "shorter than 1h: istiod reloads it, but a renewal every few minutes is churn",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for IstioConfig {
@@ -141,6 +228,7 @@ impl Default for IstioConfig {
             trusted_node_agents: Vec::new(),
             node_authorization_wait: Duration::from_secs(2),
             pod_directory_max_staleness: Duration::from_secs(60),
+            istiod_certificate: IstiodCertificate::default(),
         }
     }
 }
@@ -338,6 +426,9 @@ impl Config {
             });
         }
         self.istio.validate()?;
+        self.istio
+            .istiod_certificate
+            .validate(self.kubernetes.enabled)?;
         self.kubernetes.validate()?;
         if !self.kubernetes.issuer_secret.is_empty() && self.anchor_cert.is_none() {
             return Err(ConfigError {

@@ -510,6 +510,15 @@ impl Kube {
         stop: &watch::Receiver<bool>,
     ) {
         self.publish_bundles(config, authority, leader, tasks, stop);
+        if config.istio.istiod_certificate.enabled() {
+            tasks.spawn(crate::k8s::istiod::run(
+                self.client.clone(),
+                config.istio.istiod_certificate.clone(),
+                authority.clone(),
+                leader.clone(),
+                stop.clone(),
+            ));
+        }
         if let Some((ns, name)) = config.kubernetes.issuer_secret() {
             tasks.spawn(crate::k8s::issuer_secret::follow(
                 self.client.clone(),

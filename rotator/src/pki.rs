@@ -38,6 +38,9 @@ pub enum PkiError {
     /// or the key is not there; the message says which.
     #[error("key store: {0}")]
     KeyStore(String),
+    /// Names a certificate profile cannot carry.
+    #[error("names: {0}")]
+    Names(String),
 }
 
 /// A private key. The serialized form is zeroized when the last reference is dropped; it never

@@ -10,6 +10,7 @@
 //! | leaf | no | digitalSignature (+ keyEncipherment for RSA) | serverAuth, clientAuth | empty | [DNS identity,] one SPIFFE URI |
 //! | server | no | digitalSignature | serverAuth only | CN=meshca-server | `[tls]` DNS names and IPs |
 //! | bundle endpoint | no | digitalSignature | serverAuth only | empty | one SPIFFE URI (`…/meshca/server`) |
+//! | DNS server (istiod) | no | digitalSignature | serverAuth only | CN = first name | DNS names only, never a URI |
 
 use std::time::Duration;
 
@@ -155,6 +156,41 @@ pub fn server(
     }
     for ip in ip_addresses {
         params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    end_entity(params, not_before, not_after)
+}
+
+/// A serving certificate for a control-plane server meshca keeps one for (istiod's
+/// `istiod-tls`): no CA, digitalSignature, serverAuth only, CN the first name, **DNS names only**.
+/// A name that is not a DNS name (a `spiffe://` URI, an IP) is refused, so such a certificate
+/// can never pass as a workload's SVID.
+pub fn dns_server(
+    dns_names: &[String],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    let is_dns = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 253
+            && n.split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    let first = dns_names
+        .first()
+        .ok_or_else(|| PkiError::Names("a DNS server certificate needs a name".into()))?;
+    if let Some(n) = dns_names.iter().find(|n| !is_dns(n)) {
+        return Err(PkiError::Names(format!("{n:?} is not a DNS name")));
+    }
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, first.as_str());
+    params.distinguished_name = dn;
+    for n in dns_names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(n.as_str().try_into()?));
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

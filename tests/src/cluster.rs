@@ -446,14 +446,16 @@ impl Cluster {
 
     /// Applies the RBAC objects `kubectl kustomize <dir>` renders (a `deploy/kubernetes`
     /// directory) for a meshca whose namespace is `ns` instead of `meshca`: Roles and
-    /// RoleBindings move to `ns`, cluster-scoped names get `ns` as a prefix (tests share one
-    /// API server), subjects name `ns`. `skip` leaves out the rules of one object (`Kind/name`,
-    /// as rendered) to show a grant is needed. Returns the objects applied.
+    /// RoleBindings in `meshca` move to `ns` (those in another namespace to what `elsewhere`
+    /// maps it to), cluster-scoped names get `ns` as a prefix (tests share one API server),
+    /// subjects name `ns`. `skip` leaves out the rules of one object (`Kind/name`, as rendered)
+    /// to show a grant is needed. Returns the objects applied.
     pub async fn apply_rbac(
         &self,
         client: &kube::Client,
         dir: &str,
         ns: &str,
+        elsewhere: &[(&str, &str)],
         skip: Option<&str>,
     ) -> Vec<String> {
         let docs = crate::render(dir).expect("kubectl renders deploy/kubernetes");
@@ -473,7 +475,15 @@ impl Cluster {
             if skip == Some(format!("{kind}/{name}").as_str()) {
                 d["rules"] = json!([]);
             }
-            rebase(&mut d, ns);
+            let target = match d["metadata"]["namespace"].as_str() {
+                Some(n) if n != "meshca" => elsewhere
+                    .iter()
+                    .find(|(from, _)| *from == n)
+                    .map_or(n, |(_, to)| *to)
+                    .to_owned(),
+                _ => ns.to_owned(),
+            };
+            rebase(&mut d, ns, &target);
             let ar = kube::discovery::ApiResource::from_gvk_with_plural(
                 &kube::api::GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", &kind),
                 &format!("{}s", kind.to_lowercase()),
@@ -482,7 +492,7 @@ impl Cluster {
             let api: Api<kube::api::DynamicObject> = if kind.starts_with("Cluster") {
                 Api::all_with(client.clone(), &ar)
             } else {
-                Api::namespaced_with(client.clone(), ns, &ar)
+                Api::namespaced_with(client.clone(), &target, &ar)
             };
             let name = obj.metadata.name.clone().unwrap_or_default();
             api.patch(
@@ -521,15 +531,15 @@ enum KubeUser {
     TokenFile(PathBuf),
 }
 
-/// Moves a rendered RBAC object from namespace `meshca` to `ns`.
-fn rebase(d: &mut serde_json::Value, ns: &str) {
+/// Moves a rendered RBAC object for a meshca in `ns`: a namespaced one to `target`.
+fn rebase(d: &mut serde_json::Value, ns: &str, target: &str) {
     let kind = d["kind"].as_str().unwrap_or_default().to_owned();
     let meta = &mut d["metadata"];
     if kind.starts_with("Cluster") {
         let name = meta["name"].as_str().unwrap_or_default().to_owned();
         meta["name"] = json!(format!("{ns}-{name}"));
     } else {
-        meta["namespace"] = json!(ns);
+        meta["namespace"] = json!(target);
     }
     if kind.ends_with("Binding") {
         if d["roleRef"]["kind"] == "ClusterRole" {

@@ -33,7 +33,7 @@ async fn env(version: &'static str, skip_rule: Option<&str>) -> Option<Env> {
     let ns = cluster.namespace(&admin, "meshca").await;
     cluster.service_account(&admin, &ns, "meshca").await;
     let applied = cluster
-        .apply_rbac(&admin, "deploy/kubernetes", &ns, skip_rule)
+        .apply_rbac(&admin, "deploy/kubernetes", &ns, &[], skip_rule)
         .await;
     assert!(applied.len() >= 6, "the deploy RBAC: {applied:?}");
     // meshca's own token, as a projected ServiceAccount token volume gives it (audience: the
@@ -467,4 +467,207 @@ async fn the_linkerd_gate_reads_each_pods_trust_root_annotation() {
         .collect();
     assert!(owners.contains(&"Pod/after-stale-volume"), "{owners:?}");
     assert!(!owners.contains(&"Pod/after-new-roots"), "{owners:?}");
+}
+
+/// A rustls server with `crt`/`key` (PEM) and a client trusting exactly `roots` (PEM) that
+/// connects to `name`, as a proxy connects to istiod: the handshake's outcome.
+async fn serves_as(name: &str, crt: &str, key: &str, roots: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(pem_certs(crt), key)
+        .map_err(|e| e.to_string())?;
+    let mut store = rustls::RootCertStore::empty();
+    for r in pem_certs(roots) {
+        store.add(r).map_err(|e| e.to_string())?;
+    }
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    });
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("client: {e}"))?;
+    tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+    srv.await.map_err(|e| e.to_string())??;
+    Ok(())
+}
+
+/// istiod's serving certificate (issue #31, item 2): meshca writes the `istiod-tls` Secret with
+/// the RBAC of `deploy/kubernetes/overlays/istiod-certificate` (that one Secret), a DNS-only
+/// certificate that a client trusting `ca.crt` accepts for istiod's name, and keeps it through a
+/// rotation: `ca.crt` is the whole bundle in each phase, the certificate is re-issued by the new
+/// issuer on `activate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiods_certificate_is_kept_through_a_rotation_with_rbac_for_that_secret_alone() {
+    use k8s_openapi::api::core::v1::Secret;
+    let Some(e) = env(NEWEST, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let istio_ns = c.namespace(&e.admin, "istio-system").await;
+    c.apply_rbac(
+        &e.admin,
+        "deploy/kubernetes/overlays/istiod-certificate",
+        &e.ns,
+        &[("istio-system", istio_ns.as_str())],
+        None,
+    )
+    .await;
+    // Another Secret in istio-system that meshca must not be able to read.
+    let other: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "cacerts", "namespace": istio_ns},
+        "stringData": {"ca-key.pem": "secret"},
+    }))
+    .unwrap();
+    let secrets_admin = Api::<Secret>::namespaced(e.admin.clone(), &istio_ns);
+    secrets_admin
+        .create(&kube::api::PostParams::default(), &other)
+        .await
+        .unwrap();
+    let dns = format!("istiod.{istio_ns}.svc");
+    let srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        let ic = &mut cfg.istio.istiod_certificate;
+        ic.namespace.clone_from(&istio_ns);
+        ic.dns_names = vec![dns.clone()];
+    })
+    .await;
+    let read = |want_anchors: usize, want_issuer: String| {
+        let api = secrets_admin.clone();
+        async move {
+            meshca_tests::eventually(Duration::from_secs(30), || async {
+                let s = api.get_opt("istiod-tls").await.unwrap()?;
+                let d = s.data.clone()?;
+                let text = |k: &str| String::from_utf8(d.get(k)?.0.clone()).ok();
+                let (crt, key, ca) = (text("tls.crt")?, text("tls.key")?, text("ca.crt")?);
+                let issuer = s
+                    .metadata
+                    .annotations
+                    .as_ref()?
+                    .get("meshca.io/issuer")?
+                    .clone();
+                (pem_certs(&ca).len() == want_anchors && issuer == want_issuer).then_some((
+                    s.type_.clone(),
+                    crt,
+                    key,
+                    ca,
+                ))
+            })
+            .await
+        }
+    };
+    let active = |srv: &TestServer| {
+        srv.server()
+            .authority
+            .snapshot()
+            .issuer
+            .clone()
+            .unwrap()
+            .id
+            .to_string()
+    };
+    let (ty, crt, key, ca) = read(1, active(&srv)).await.expect("the Secret is written");
+    assert_eq!(ty.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(pem_certs(&ca), srv.bundle(), "ca.crt is the bundle");
+    let chain = pem_certs(&crt);
+    assert_eq!(chain.len(), 2, "leaf and issuer");
+    assert_eq!(
+        meshca_tests::san_in_order(&chain[0]),
+        vec![format!("DNS:{dns}")],
+        "DNS names only: no SPIFFE ID"
+    );
+    serves_as(&dns, &crt, &key, &ca)
+        .await
+        .expect("a proxy trusting ca.crt accepts istiod");
+    assert!(
+        serves_as("istiod.other.svc", &crt, &key, &ca)
+            .await
+            .is_err(),
+        "not for another name"
+    );
+
+    // RBAC: meshca's credential reads that Secret and nothing else there.
+    let as_meshca = meshca_tests::cluster::client_from(&e.kubeconfig)
+        .await
+        .unwrap();
+    let mine = Api::<Secret>::namespaced(as_meshca, &istio_ns);
+    assert!(mine.get("istiod-tls").await.is_ok());
+    let denied = mine.get("cacerts").await.unwrap_err();
+    assert!(
+        matches!(&denied, kube::Error::Api(s) if s.code == 403),
+        "{denied}"
+    );
+    let denied = mine
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&denied, kube::Error::Api(s) if s.code == 403),
+        "{denied}"
+    );
+
+    // Through a rotation: staged (both anchors), activated (new issuer), finished (new anchor).
+    let step = |args: &'static [&'static str]| {
+        let dir = srv.state_dir();
+        async move {
+            let (code, out, err) = meshca_tests::meshca_in(&dir, args).await;
+            assert_eq!(code, 0, "meshca {args:?}: {out}{err}");
+        }
+    };
+    let before = active(&srv);
+    step(&["anchors", "stage"]).await;
+    let (_, crt, key, ca) = read(2, before.clone())
+        .await
+        .expect("ca.crt holds both anchors");
+    assert_eq!(pem_certs(&ca), srv.bundle());
+    serves_as(&dns, &crt, &key, &ca).await.unwrap();
+    step(&["anchors", "activate", "--force"]).await;
+    let after = active(&srv);
+    assert_ne!(before, after);
+    let (_, crt, key, ca) = read(2, after.clone())
+        .await
+        .expect("re-issued by the new issuer on activate");
+    assert_eq!(
+        pem_certs(&crt)[1],
+        srv.server()
+            .authority
+            .snapshot()
+            .issuer
+            .clone()
+            .unwrap()
+            .der
+    );
+    serves_as(&dns, &crt, &key, &ca).await.unwrap();
+    step(&["anchors", "finish", "--force"]).await;
+    let (_, crt, key, ca) = read(1, after)
+        .await
+        .expect("ca.crt holds the new anchor alone");
+    assert_eq!(pem_certs(&ca), srv.bundle());
+    serves_as(&dns, &crt, &key, &ca).await.unwrap();
 }

@@ -776,6 +776,7 @@ fn deploy_renders_and_every_object_is_its_kubernetes_type() {
         "deploy/kubernetes",
         "deploy/kubernetes/overlays/monitoring",
         "deploy/kubernetes/overlays/cert-manager",
+        "deploy/kubernetes/overlays/istiod-certificate",
     ] {
         let Some(docs) = render(dir) else { return };
         let mut kinds = Vec::new();
@@ -835,13 +836,17 @@ fn deploy_renders_and_every_object_is_its_kubernetes_type() {
                 }
                 other => panic!("{dir}: unexpected kind {other}"),
             }
-            // Everything in meshca's namespace, but for the one Role (and its binding) that
-            // reads cert-manager's issuer Secret where it lives.
-            let issuer_secret = d["metadata"]["name"] == "meshca-issuer-secret";
+            // Everything in meshca's namespace, but for the Roles (and their bindings) for one
+            // Secret where it lives: cert-manager's issuer, istiod's certificate.
+            let home = match d["metadata"]["name"].as_str() {
+                Some("meshca-issuer-secret") => "linkerd",
+                Some("meshca-istiod-tls") => "istio-system",
+                _ => "meshca",
+            };
             if kind != "Namespace" && !kind.starts_with("Cluster") {
                 assert_eq!(
                     d["metadata"]["namespace"],
-                    if issuer_secret { "linkerd" } else { "meshca" },
+                    home,
                     "{kind} {}",
                     d["metadata"]["name"]
                 );

@@ -7,7 +7,8 @@
 //! - [`lease`]: a coordination.k8s.io Lease elects the one replica that rotates; every replica
 //!   signs and follows the Secret;
 //! - [`follow`]: a replica adopts every newer state another replica commits to the Secret;
-//! - [`publish`]: the trust bundle as a ConfigMap in every namespace matching a label selector.
+//! - [`publish`]: the trust bundle as a ConfigMap in every namespace matching a label selector;
+//! - [`istiod`]: istiod's serving certificate in its `istiod-tls` Secret, when configured.
 //!
 //! The settings (`[kubernetes]`) are `crate::config::KubernetesConfig`: configuration depends on
 //! nothing here, and this module depends on it.
@@ -17,6 +18,7 @@
 
 pub mod follow;
 pub mod issuer_secret;
+pub mod istiod;
 pub mod lease;
 pub mod linkerd;
 pub mod pods;
