@@ -542,8 +542,9 @@ fn rebase(d: &mut serde_json::Value, ns: &str, target: &str) {
         meta["namespace"] = json!(target);
     }
     if kind.ends_with("Binding") {
-        if d["roleRef"]["kind"] == "ClusterRole" {
-            let r = d["roleRef"]["name"].as_str().unwrap_or_default().to_owned();
+        let r = d["roleRef"]["name"].as_str().unwrap_or_default().to_owned();
+        // Built-in roles (`system:…`) keep their names; the rendered ones get the prefix.
+        if d["roleRef"]["kind"] == "ClusterRole" && !r.starts_with("system:") {
             d["roleRef"]["name"] = json!(format!("{ns}-{r}"));
         }
         if let Some(subjects) = d["subjects"].as_array_mut() {

@@ -54,14 +54,14 @@ struct Counters {
 }
 
 /// One answer read as istio-agent reads it: the leaf and its intermediates (every element but the
-/// last), the roots (the last element), and when to renew (half the lifetime).
+/// last), the roots (the last element), and when to renew (`ratio` of the lifetime).
 struct Answer {
     chain: Vec<CertificateDer<'static>>,
     roots: Vec<CertificateDer<'static>>,
     renew_at: std::time::SystemTime,
 }
 
-fn read_answer(cert_chain: &[String], which: Roots) -> Result<Answer, String> {
+fn read_answer(cert_chain: &[String], which: Roots, ratio: f64) -> Result<Answer, String> {
     let (last, rest) = cert_chain.split_last().ok_or("an empty answer")?;
     let chain: Vec<_> = rest.iter().flat_map(|p| pem_certs(p)).collect();
     let mut roots = pem_certs(last);
@@ -86,10 +86,10 @@ fn read_answer(cert_chain: &[String], which: Roots) -> Result<Answer, String> {
         leaf.validity().not_before.timestamp(),
         leaf.validity().not_after.timestamp(),
     );
-    // notBefore is back-dated by the clock skew; istio-agent renews at half of the lifetime.
+    // notBefore is back-dated by the clock skew (1 s here).
     let issued = nb + 1;
     let renew_at = std::time::UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(issued + (na - issued) / 2).unwrap_or(0));
+        + Duration::from_secs_f64(issued as f64 + (na - issued) as f64 * ratio);
     Ok(Answer {
         chain,
         roots,
@@ -97,12 +97,16 @@ fn read_answer(cert_chain: &[String], which: Roots) -> Result<Answer, String> {
     })
 }
 
+/// Asks for `id`; the workload renews at `ratio` of its leaf's lifetime (istio-agent's grace
+/// ratio is 0.5 with jitter: the fleet spreads its workloads over 0.5–0.9, as pods started at
+/// different times would be, so that renewals do not all fall in the same second).
 async fn create(
     url: &str,
     ca_roots: &[CertificateDer<'static>],
     token: &str,
     id: &SpiffeId,
     which: Roots,
+    ratio: f64,
 ) -> Result<(Workload, std::time::SystemTime), String> {
     // A new key for every request, as istio-agent makes.
     let key = SecretKey::generate_p256().map_err(|e| e.to_string())?;
@@ -119,7 +123,7 @@ async fn create(
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
-    let a = read_answer(&r.cert_chain, which)?;
+    let a = read_answer(&r.cert_chain, which, ratio)?;
     Ok((
         Workload {
             id: id.clone(),
@@ -147,7 +151,9 @@ impl Fleet {
             let id: SpiffeId = format!("spiffe://cluster.local/ns/default/sa/istio-w{i}")
                 .parse()
                 .unwrap();
-            let (w, mut renew_at) = create(&srv.url, &srv.bundle(), &srv.token, &id, which)
+            #[allow(clippy::cast_precision_loss, reason = "a small count")]
+            let ratio = 0.5 + 0.4 * i as f64 / WORKLOADS as f64;
+            let (w, mut renew_at) = create(&srv.url, &srv.bundle(), &srv.token, &id, which, ratio)
                 .await
                 .unwrap();
             let w = Arc::new(RwLock::new(w));
@@ -169,7 +175,7 @@ impl Fleet {
                         continue;
                     }
                     let ca_roots = authority.snapshot().bundle.anchors.clone();
-                    match create(&url, &ca_roots, &token, &id, which).await {
+                    match create(&url, &ca_roots, &token, &id, which, ratio).await {
                         Ok((next, at)) => {
                             *w.write().await = next;
                             renew_at = at;

@@ -671,3 +671,72 @@ async fn istiods_certificate_is_kept_through_a_rotation_with_rbac_for_that_secre
     assert_eq!(pem_certs(&ca), srv.bundle());
     serves_as(&dns, &crt, &key, &ca).await.unwrap();
 }
+
+/// A token whose signature the API server's published keys do not verify — a forged payload,
+/// an invented key id — is refused before any TokenReview (issue #25, item 2): a caller with no
+/// credential cannot spend the shared TokenReview budget. A real token still costs one review.
+#[tokio::test]
+async fn forged_tokens_never_reach_the_api_server() {
+    use base64::Engine as _;
+    let Some(e) = env(NEWEST, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    c.node(&e.admin, "node-a").await;
+    let web = c.pod(&e.admin, &prod, "web-1", Some("web"), "node-a").await;
+    let srv = TestServer::start_with(|cfg| kube_mode(&e, cfg)).await;
+    let reviewer = srv.server().reviewer.clone().expect("TokenReview is on");
+    let want = format!("spiffe://cluster.local/ns/{prod}/sa/web");
+    let token = c
+        .token(&e.admin, &prod, "web", &["meshca"], 600, Some(&web))
+        .await;
+    assert_eq!(sign(&srv, &want, &token).await.unwrap(), want);
+    assert_eq!(reviewer.api_calls(), 1, "a real token: one review");
+    assert_eq!(reviewer.key_fetches().await, 1, "the keys read once");
+
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let parts: Vec<&str> = token.split('.').collect();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .unwrap(),
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let n = 200;
+    for i in 0..n {
+        // The real header and signature over a payload of the attacker's choosing.
+        let mut forged = claims.clone();
+        forged["jti"] = serde_json::json!(format!("forged-{i}"));
+        let token = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(forged.to_string().as_bytes()),
+            parts[2]
+        );
+        let (code, msg) = sign(&srv, &want, &token).await.unwrap_err();
+        assert_eq!(code, Code::Unauthenticated, "{msg}");
+    }
+    let per = t0.elapsed() / n;
+    // A key id the API server does not publish.
+    let header = b64(br#"{"alg":"RS256","kid":"invented"}"#);
+    let invented = format!("{header}.{}.{}", parts[1], parts[2]);
+    let (code, msg) = sign(&srv, &want, &invented).await.unwrap_err();
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+    assert!(msg.contains("does not publish"), "{msg}");
+    assert_eq!(
+        reviewer.api_calls(),
+        1,
+        "no forged token reached the API server"
+    );
+    assert_eq!(reviewer.forged(), n as u64 + 1);
+    assert!(
+        reviewer.key_fetches().await <= 2,
+        "an unknown key id fetches the keys at most once per interval"
+    );
+    eprintln!(
+        "{n} forged tokens refused locally, {per:?} per request over gRPC (debug build), 0 TokenReviews"
+    );
+}

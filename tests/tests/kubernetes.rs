@@ -845,8 +845,7 @@ fn deploy_renders_and_every_object_is_its_kubernetes_type() {
             };
             if kind != "Namespace" && !kind.starts_with("Cluster") {
                 assert_eq!(
-                    d["metadata"]["namespace"],
-                    home,
+                    d["metadata"]["namespace"], home,
                     "{kind} {}",
                     d["metadata"]["name"]
                 );

@@ -1,7 +1,8 @@
 //! Running on Kubernetes. The API server (and etcd behind it) is the distributed engine; meshca
 //! adds no consensus of its own:
 //!
-//! - [`tokenreview`]: ServiceAccount tokens authenticated with a TokenReview, cached briefly;
+//! - [`tokenreview`]: ServiceAccount tokens authenticated with a TokenReview, cached briefly,
+//!   after their signature verified against the API server's published keys ([`jwks`]);
 //! - [`store`]: the authority state in one Secret, written with optimistic concurrency
 //!   (`resourceVersion`); a 409 is re-read and re-decided, never overwritten;
 //! - [`lease`]: a coordination.k8s.io Lease elects the one replica that rotates; every replica
@@ -19,6 +20,7 @@
 pub mod follow;
 pub mod issuer_secret;
 pub mod istiod;
+pub mod jwks;
 pub mod lease;
 pub mod linkerd;
 pub mod pods;

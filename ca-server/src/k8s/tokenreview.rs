@@ -52,9 +52,34 @@ pub struct TokenReviewer {
     ttl: Duration,
     capacity: usize,
     cache: std::sync::Mutex<HashMap<[u8; 32], Entry>>,
-    in_flight: std::sync::Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Answer>>>>,
+    in_flight: Flights,
     limits: Arc<Limits>,
     calls: AtomicU64,
+    keys: super::jwks::SigningKeys,
+    forged: AtomicU64,
+}
+
+type Flights = std::sync::Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Answer>>>>;
+
+/// A caller's share of a review in flight: when it ends — answered, or dropped because its
+/// caller went away — the flight's entry goes (if it is still this flight's), so an abandoned
+/// review leaves nothing behind.
+struct Flight<'a> {
+    flights: &'a Flights,
+    key: [u8; 32],
+    cell: Arc<tokio::sync::OnceCell<Answer>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if flights
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+        {
+            flights.remove(&self.key);
+        }
+    }
 }
 
 /// The largest token reviewed. Projected ServiceAccount tokens are about 1 KiB; anything over
@@ -88,7 +113,6 @@ impl TokenReviewer {
         limits: Arc<Limits>,
     ) -> Self {
         Self {
-            client,
             trust_domain,
             clock,
             ttl,
@@ -97,7 +121,29 @@ impl TokenReviewer {
             in_flight: Default::default(),
             limits,
             calls: AtomicU64::new(0),
+            keys: super::jwks::SigningKeys::new(client.clone()),
+            forged: AtomicU64::new(0),
+            client,
         }
+    }
+
+    /// Tokens refused because their signature did not verify with the API server's keys (they
+    /// never reached a TokenReview).
+    pub fn forged(&self) -> u64 {
+        self.forged.load(Ordering::Relaxed)
+    }
+
+    /// Fetches of the API server's signing keys so far.
+    pub async fn key_fetches(&self) -> u64 {
+        self.keys.fetches().await
+    }
+
+    /// Reviews in flight (each shared by every caller with the same token).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// TokenReviews sent to the API server so far.
@@ -146,6 +192,17 @@ impl TokenReviewer {
             return e.answer.clone();
         }
         precheck(token, audience, now)?;
+        // A signature the API server's keys do not verify is no ServiceAccount token: refused
+        // here, it costs no TokenReview (unknown keys were fetched again first).
+        match self.keys.check(token).await {
+            Some(super::jwks::Verdict::Invalid(why) | super::jwks::Verdict::UnknownKey(why)) => {
+                self.forged.fetch_add(1, Ordering::Relaxed);
+                return Err(AuthError::TokenRejected(format!(
+                    "not a token of this cluster: {why}"
+                )));
+            }
+            Some(super::jwks::Verdict::Valid) | None => {}
+        }
         // One review per token at a time: later callers wait for the first one's answer.
         let cell = self
             .in_flight
@@ -154,22 +211,21 @@ impl TokenReviewer {
             .entry(key)
             .or_default()
             .clone();
+        let _flight = Flight {
+            flights: &self.in_flight,
+            key,
+            cell: cell.clone(),
+        };
         // The flight that asks also caches the answer, before the flight ends: a caller that
         // comes after it finds the cache, and the waiters only read.
-        let answer = cell
-            .get_or_init(|| async {
-                let answer = self.ask_within_limits(token, audience).await;
-                self.remember(key, token, &answer, now);
-                answer
-            })
-            .await
-            .clone();
-        // End this flight only: a newer one for the same token has its own cell.
-        let mut flights = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        if flights.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            flights.remove(&key);
-        }
-        answer
+        // `_flight` ends (and the entry goes) after this, or when the caller goes away.
+        cell.get_or_init(|| async {
+            let answer = self.ask_within_limits(token, audience).await;
+            self.remember(key, token, &answer, now);
+            answer
+        })
+        .await
+        .clone()
     }
 
     /// Caches `answer` for `token` (never the API server's absence, or a limit): accepted ones
@@ -389,6 +445,53 @@ pub fn jwt_expiry(token: &str) -> Option<OffsetDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A review whose caller goes away leaves no in-flight entry (issue #25, item 2): the API
+    /// server here answers 404 to the key set and never answers the TokenReview.
+    #[tokio::test]
+    async fn an_abandoned_review_leaves_nothing_in_flight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if buf[..n].starts_with(b"GET /openid") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                    }
+                    // Anything else: hold the connection, never answer.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        let client =
+            kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
+                .unwrap();
+        let r = TokenReviewer::new(
+            client,
+            "cluster.local".parse().unwrap(),
+            Arc::new(rotator::clock::SystemClock),
+            Duration::from_secs(60),
+            10,
+            Arc::new(Limits::new(
+                crate::config::LimitsConfig::unlimited(),
+                prometheus_client::metrics::family::Family::default(),
+            )),
+        );
+        let token = jwt(r#"{"alg":"RS256","kid":"k"}"#, r#"{"aud":["meshca"]}"#);
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), r.review(&token, "meshca"))
+            .await
+            .is_err();
+        assert!(gave_up, "the review was still waiting");
+        assert_eq!(r.in_flight(), 0, "the abandoned flight's entry is gone");
+    }
 
     fn jwt(header: &str, claims: &str) -> String {
         let b = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
