@@ -112,6 +112,15 @@ pub enum AuthError {
         /// When the denial was added (RFC 3339).
         since: String,
     },
+    /// A path meshca keeps for itself (`spiffe://<td>/meshca/…`): never issued to a token, a
+    /// ServiceAccount or a node agent.
+    #[error(
+        "{id} is reserved for meshca itself (its bundle endpoint's SVID): no credential may request it"
+    )]
+    Reserved {
+        /// The identity asked for.
+        id: String,
+    },
     /// A node agent asked for a workload that is not (yet) known on its node: the pod may have
     /// been scheduled a moment ago, so the answer is retryable (`UNAVAILABLE`).
     #[error("node agent {agent} may not request {requested} yet: {why}; retry shortly")]
@@ -139,6 +148,7 @@ impl AuthError {
             Self::Unavailable(_) => "unavailable",
             Self::NotANodeAgent { .. } => "not_node_agent",
             Self::IdentityDenied { .. } => "identity_denied",
+            Self::Reserved { .. } => "reserved",
             Self::ImpersonationDenied { .. } => "impersonation_denied",
             Self::ImpersonationPending { .. } => "impersonation_pending",
         }

@@ -75,7 +75,8 @@ pub fn issue(e: &IssueError, face: Face) -> Status {
                 | AuthError::ForeignTrustDomain { .. }
                 | AuthError::NotANodeAgent { .. }
                 | AuthError::ImpersonationDenied { .. }
-                | AuthError::IdentityDenied { .. },
+                | AuthError::IdentityDenied { .. }
+                | AuthError::Reserved { .. },
             ),
         ) => Status::permission_denied(msg),
         (Mapping::Standard, IssueError::Auth(_)) => Status::unauthenticated(msg),

@@ -144,7 +144,8 @@ impl IssueError {
                 | AuthError::NotANodeAgent { .. }
                 | AuthError::ImpersonationDenied { .. }
                 | AuthError::ImpersonationPending { .. }
-                | AuthError::IdentityDenied { .. },
+                | AuthError::IdentityDenied { .. }
+                | AuthError::Reserved { .. },
             ) => "denied",
             Self::Auth(AuthError::Unavailable(_)) | Self::Unavailable(_) => "unavailable",
             Self::Auth(_) => "unauthenticated",
@@ -173,6 +174,20 @@ pub fn implied_instance(
         }
         _ => None,
     }
+}
+
+/// The SPIFFE IDs a node agent is known by: a ServiceAccount's own ID, and the exact IDs a
+/// token is allowed for itself (its patterns name more than one workload and are not checked).
+fn agent_identities(callers: &[crate::auth::Caller], agent: &str) -> Vec<SpiffeId> {
+    callers
+        .iter()
+        .filter(|c| c.name == agent)
+        .flat_map(|c| c.allowed.iter())
+        .filter_map(|p| match p {
+            rotator::spiffe::IdPattern::Exact(id) => Some(id.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The TokenReview audience each face's tokens must carry.
@@ -346,8 +361,22 @@ impl SigningCore {
             at,
             webpki::KeyUsage::client_auth(),
         )
+        .map_err(|e| bad(format!("{e} (expired, or its anchor left the bundle)")))?;
+        // The path must be exactly leaf → that issuer → an anchor: a leaf an anchor signed
+        // directly (an upstream CA that also signs end entities) verifies above without the
+        // issuer it came with, so the leaf must also verify with that issuer as its only root.
+        rotator::client::verify_svid(
+            std::slice::from_ref(leaf),
+            std::slice::from_ref(issuer),
+            at,
+            webpki::KeyUsage::client_auth(),
+        )
         .map(|_| ())
-        .map_err(|e| bad(format!("{e} (expired, or its anchor left the bundle)")))
+        .map_err(|e| {
+            bad(format!(
+                "it was not signed by the issuer it came with, {issuer_id} ({e}): meshca's leaves chain leaf → issuer → anchor"
+            ))
+        })
     }
 
     /// The TokenReview audience of a face.
@@ -437,22 +466,13 @@ impl SigningCore {
         who: &mut String,
         via: &mut Option<Impersonation>,
     ) -> Result<Option<String>, IssueError> {
+        // meshca's own paths are never a workload's, however broad a token's patterns.
+        if id.is_reserved() {
+            return Err(IssueError::Auth(AuthError::Reserved { id: id.to_string() }));
+        }
         // A denied identity is refused before anything else looks at the credential: its own
         // certificate, a token or a ServiceAccount are all the same to a compromised workload.
-        let now = self.authority.clock().now();
-        if let Some(d) = self
-            .authority
-            .snapshot()
-            .denied
-            .iter()
-            .find(|d| d.active(now) && d.pattern.matches(id))
-        {
-            return Err(IssueError::Auth(AuthError::IdentityDenied {
-                id: id.to_string(),
-                reason: d.reason.clone(),
-                since: rotator::clock::rfc3339(d.added),
-            }));
-        }
+        self.refuse_denied(id)?;
         let ours = self.authority.snapshot().bundle.trust_domain.to_string();
         if id.trust_domain_str() != ours {
             return Err(IssueError::Auth(AuthError::ForeignTrustDomain {
@@ -479,6 +499,11 @@ impl SigningCore {
                     }));
                 }
                 let granted = self.agents.authorize(callers, id).await?;
+                // A denied node agent acts for nobody: denying ztunnel's own identity must stop
+                // it impersonating every workload on its node, not only renewing itself.
+                for agent_id in agent_identities(callers, &granted.agent) {
+                    self.refuse_denied(&agent_id)?;
+                }
                 who.clone_from(&granted.agent);
                 let key = granted.via();
                 let implied = implied_instance(Some(&granted), None);
@@ -486,6 +511,25 @@ impl SigningCore {
                 self.limits.node_agent_issue(&key)?;
                 Ok(implied)
             }
+        }
+    }
+
+    /// `IdentityDenied` when an active denial matches `id`.
+    fn refuse_denied(&self, id: &SpiffeId) -> Result<(), IssueError> {
+        let now = self.authority.clock().now();
+        match self
+            .authority
+            .snapshot()
+            .denied
+            .iter()
+            .find(|d| d.active(now) && d.pattern.matches(id))
+        {
+            Some(d) => Err(IssueError::Auth(AuthError::IdentityDenied {
+                id: id.to_string(),
+                reason: d.reason.clone(),
+                since: rotator::clock::rfc3339(d.added),
+            })),
+            None => Ok(()),
         }
     }
 

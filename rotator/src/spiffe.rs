@@ -107,6 +107,13 @@ impl SpiffeId {
         &self.uri
     }
 
+    /// Whether the path is meshca's own (`/meshca` and below: the bundle endpoint's SVID,
+    /// `spiffe://<td>/meshca/server`): never issued to a workload, whatever its credential.
+    pub fn is_reserved(&self) -> bool {
+        let p = self.path();
+        p == "/meshca" || p.starts_with("/meshca/")
+    }
+
     /// `(namespace, service account)` when the path is exactly `/ns/<ns>/sa/<sa>`.
     pub fn service_account(&self) -> Option<(&str, &str)> {
         let mut it = self.path()[1..].split('/');

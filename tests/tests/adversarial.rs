@@ -1,0 +1,157 @@
+//! What the adversarial review found (issue #25), each with the attack that worked before its fix:
+//! a token for meshca's own reserved path, a denied node agent still acting for its node's
+//! workloads, a leaf an anchor signed directly passing the per-request mTLS check.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::time::Duration;
+
+use meshca_tests::{
+    TestServer, eventually, istio, istio_impersonating, meshca_in, sign_request, with_token,
+};
+use rotator::client::{Identity, make_csr};
+use rotator::pki::SecretKey;
+use tonic::Code;
+
+const TD: &str = "spiffe://cluster.local";
+
+/// `meshca token add …` against `srv`'s state dir: the token.
+async fn token(srv: &TestServer, args: &[&str]) -> String {
+    let mut a = vec!["token", "add", "--output", "json"];
+    a.extend_from_slice(args);
+    let (code, out, err) = meshca_in(&srv.state_dir(), &a).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["token"].as_str().unwrap().to_owned()
+}
+
+async fn sign(srv: &TestServer, id: &str, token: &str) -> Result<(), (Code, String)> {
+    let key = SecretKey::generate_p256().unwrap();
+    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+    srv.client(None)
+        .sign_certificate(with_token(sign_request(csr), token))
+        .await
+        .map(|_| ())
+        .map_err(|s| (s.code(), s.message().to_owned()))
+}
+
+/// Item 9: `spiffe://<td>/meshca/…` (the bundle endpoint's SVID) is never issued, even to a
+/// token made for exactly that ID.
+#[tokio::test]
+async fn meshcas_own_paths_are_never_issued() {
+    let srv = TestServer::start().await;
+    let reserved = format!("{TD}/meshca/server");
+    let t = token(&srv, &["--name", "sneaky", "--allow", &reserved]).await;
+    let (code, msg) = eventually(Duration::from_secs(5), || async {
+        match sign(&srv, &reserved, &t).await {
+            Err((Code::Unauthenticated, _)) => None, // the tokens file not read yet
+            r => Some(r),
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("reserved for meshca"), "{msg}");
+    let (code, _) = sign(&srv, &format!("{TD}/meshca"), &t).await.unwrap_err();
+    assert_eq!(code, Code::PermissionDenied);
+}
+
+/// Item 3: denying a node agent's own identity stops it acting for every workload on its node,
+/// not only its own renewal.
+#[tokio::test]
+async fn a_denied_node_agent_acts_for_nobody() {
+    let srv = TestServer::start().await;
+    let ztunnel = format!("{TD}/ns/istio-system/sa/ztunnel");
+    let prod = format!("{TD}/ns/prod/sa/*");
+    let agent = token(
+        &srv,
+        &[
+            "--name",
+            "ztunnel",
+            "--allow",
+            &ztunnel,
+            "--node-agent",
+            "--may-request",
+            &prod,
+        ],
+    )
+    .await;
+    let web = format!("{TD}/ns/prod/sa/web");
+    let ask = || async {
+        let key = SecretKey::generate_p256().unwrap();
+        istio(&srv, None)
+            .create_certificate(with_token(istio_impersonating(&web, &web, &key), &agent))
+            .await
+            .map(|_| ())
+            .map_err(|s| (s.code(), s.message().to_owned()))
+    };
+    eventually(Duration::from_secs(5), || async { ask().await.ok() })
+        .await
+        .expect("the node agent gets prod/web");
+    let (code, out, err) = meshca_in(
+        &srv.state_dir(),
+        &["deny", "add", &ztunnel, "--reason", "node-a compromised"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, msg) = ask().await.unwrap_err();
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(
+        msg.contains(&ztunnel) && msg.contains("node-a compromised"),
+        "{msg}"
+    );
+    // prod/web itself is not denied: with its own credential it still renews.
+    let own = token(&srv, &["--name", "web", "--allow", &web]).await;
+    eventually(Duration::from_secs(5), || async {
+        sign(&srv, &web, &own).await.ok()
+    })
+    .await
+    .expect("the workload itself is not denied");
+}
+
+/// Item 4: the per-request check pins the path leaf → the issuer it came with → an anchor. A leaf
+/// the anchor signed directly, sent with one of meshca's issuers, passes the handshake (a path
+/// to the anchor exists) but must not renew.
+#[tokio::test]
+async fn a_leaf_signed_by_the_anchor_directly_does_not_authenticate() {
+    let srv = TestServer::start().await;
+    let id = format!("{TD}/ns/default/sa/web");
+    let state = srv.server().authority.state().await;
+    let anchor = state.active_anchor().unwrap();
+    let issuer = state.active_issuer().unwrap();
+    let signer = anchor
+        .cert
+        .rcgen_issuer(anchor.key.clone().unwrap())
+        .unwrap();
+    let key = SecretKey::generate_p256().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into().unwrap())];
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = now - Duration::from_secs(60);
+    p.not_after = now + Duration::from_secs(3600);
+    p.use_authority_key_identifier_extension = true;
+    let leaf = p.signed_by(&key, &signer).unwrap();
+    let me = Identity {
+        chain: vec![leaf.der().clone(), issuer.cert.der().clone()],
+        key: key.clone(),
+    };
+    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
+    let e = srv
+        .client(Some(&me))
+        .sign_certificate(sign_request(csr))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    assert!(
+        e.message()
+            .contains("not signed by the issuer it came with"),
+        "{}",
+        e.message()
+    );
+}
