@@ -226,10 +226,23 @@ impl IdentityService for MeshcaV1 {
             })
             .map_err(|e| crate::codes::limit(&e))?;
         // A stream counts toward bundle convergence only when the watcher is known: it sent an
-        // instance id and authenticated with a client certificate from this CA (the TLS layer
-        // verified it), so nobody can mark another SPIFFE ID's instances as up to date.
+        // instance id and authenticated with a client certificate from this CA that passes the
+        // checks a renewal with it would (not expired, its issuer not revoked, the path pinned,
+        // not denied), so nobody can mark another SPIFFE ID's instances as up to date. The
+        // checks run again before each message counted: a stream outlives its certificate.
+        let creds = peer.and_then(|p| {
+            p.client_cert
+                .clone()
+                .map(|c| (c, p.client_intermediates.clone()))
+        });
+        let core = self.issuer.clone();
+        let may_count = move || {
+            creds
+                .as_ref()
+                .is_some_and(|(c, i)| core.watcher_may_count(c, i).is_ok())
+        };
         let who = spiffe_id
-            .filter(|_| !request.get_ref().instance_id.is_empty())
+            .filter(|_| !request.get_ref().instance_id.is_empty() && may_count())
             .map(|id| {
                 WatchGuard::new(
                     self.authority.clone(),
@@ -248,43 +261,51 @@ impl IdentityService for MeshcaV1 {
         // (`permit`) until it is dropped.
         type Seen = Option<(u64, Vec<rotator::pki::CertId>, Vec<u64>)>;
         let state = (rx, Seen::None, who, permit, own_issuer);
-        let stream = futures::stream::unfold(
-            state,
-            |(mut rx, last, who, permit, own_issuer)| async move {
-                loop {
-                    let snap = rx.borrow_and_update().clone();
-                    let bundle = snap.bundle.clone();
-                    let revoked: Vec<_> = snap.revoked.iter().map(|r| r.issuer.clone()).collect();
-                    let renew_now = match &last {
-                        None => own_issuer.as_ref().is_some_and(|i| revoked.contains(i)),
-                        Some((_, seen, _)) => revoked.iter().any(|r| !seen.contains(r)),
-                    };
-                    // Federated bundles change on their own schedule: a new sequence is news.
-                    let federated: Vec<u64> = bundle.federated.iter().map(|f| f.sequence).collect();
-                    let changed = last
-                        .as_ref()
-                        .is_none_or(|(v, _, f)| *v != bundle.version || *f != federated);
-                    if changed || renew_now {
-                        if let Some(w) = &who {
-                            w.sent(bundle.version);
-                        }
-                        let msg = TrustBundle {
-                            renew_now,
-                            ..trust_bundle(&bundle)
+        let stream =
+            futures::stream::unfold(state, move |(mut rx, last, mut who, permit, own_issuer)| {
+                let may_count = may_count.clone();
+                async move {
+                    loop {
+                        let snap = rx.borrow_and_update().clone();
+                        let bundle = snap.bundle.clone();
+                        let revoked: Vec<_> =
+                            snap.revoked.iter().map(|r| r.issuer.clone()).collect();
+                        let renew_now = match &last {
+                            None => own_issuer.as_ref().is_some_and(|i| revoked.contains(i)),
+                            Some((_, seen, _)) => revoked.iter().any(|r| !seen.contains(r)),
                         };
-                        let next = (
-                            rx,
-                            Some((bundle.version, revoked, federated)),
-                            who,
-                            permit,
-                            own_issuer,
-                        );
-                        return Some((Ok(msg), next));
+                        // Federated bundles change on their own schedule: a new sequence is news.
+                        let federated: Vec<u64> =
+                            bundle.federated.iter().map(|f| f.sequence).collect();
+                        let changed = last
+                            .as_ref()
+                            .is_none_or(|(v, _, f)| *v != bundle.version || *f != federated);
+                        if changed || renew_now {
+                            // A certificate that no longer passes stops counting (its stream is
+                            // no longer a live workload in the ledger).
+                            if who.is_some() && !may_count() {
+                                who = None;
+                            }
+                            if let Some(w) = &who {
+                                w.sent(bundle.version);
+                            }
+                            let msg = TrustBundle {
+                                renew_now,
+                                ..trust_bundle(&bundle)
+                            };
+                            let next = (
+                                rx,
+                                Some((bundle.version, revoked, federated)),
+                                who,
+                                permit,
+                                own_issuer,
+                            );
+                            return Some((Ok(msg), next));
+                        }
+                        rx.changed().await.ok()?;
                     }
-                    rx.changed().await.ok()?;
                 }
-            },
-        );
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

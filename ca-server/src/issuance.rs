@@ -321,6 +321,28 @@ impl SigningCore {
         result
     }
 
+    /// Whether a bundle stream's client certificate may count toward bundle convergence now:
+    /// the same checks as a renewal with it (still valid through one of this authority's
+    /// issuers, that issuer not revoked, the path pinned) and its identity not denied. Checked
+    /// when the stream opens and again before every message counted.
+    pub fn watcher_may_count(
+        &self,
+        leaf: &CertificateDer<'static>,
+        intermediates: &[CertificateDer<'static>],
+    ) -> Result<(), AuthError> {
+        self.reverify_client_cert(&Credentials {
+            authorization: None,
+            client_cert: Some(leaf),
+            client_intermediates: intermediates,
+        })?;
+        let id = rotator::client::spiffe_id_of(leaf)
+            .map_err(|e| AuthError::BadClientCert(e.to_string()))?;
+        match self.refuse_denied(&id) {
+            Err(IssueError::Auth(a)) => Err(a),
+            _ => Ok(()),
+        }
+    }
+
     /// A client certificate is checked at the handshake, but a connection (or a resumed TLS
     /// session) may outlive that moment: on every request it must still verify against the
     /// bundle and the time of *now*, through one of this authority's issuers.

@@ -155,3 +155,50 @@ async fn a_leaf_signed_by_the_anchor_directly_does_not_authenticate() {
         e.message()
     );
 }
+
+/// The ledger's `live_workloads` and `workloads_with_current_bundle`, from `meshca status`.
+async fn convergence(srv: &TestServer) -> (u64, u64) {
+    let (code, out, err) = meshca_in(&srv.state_dir(), &["status", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let l = &v["anchor_rotation"]["ledger"];
+    (
+        l["live_workloads"].as_u64().unwrap(),
+        l["workloads_with_current_bundle"].as_u64().unwrap(),
+    )
+}
+
+/// Item 5: a bundle stream counts toward convergence only while its certificate passes the checks
+/// a renewal with it would: a denied workload's stream is served the bundle but does not mark its
+/// instance as holding it. A workload that is not denied is counted (the control).
+#[tokio::test]
+async fn a_watch_counts_only_with_a_certificate_that_still_passes() {
+    let srv = TestServer::start().await;
+    let web = format!("{TD}/ns/default/sa/web");
+    let api = format!("{TD}/ns/default/sa/api");
+    let w = srv.workload_instance(&web, "web-1").await;
+    let a = srv.workload_instance(&api, "api-1").await;
+    let (code, out, err) = meshca_in(&srv.state_dir(), &["anchors", "stage"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = meshca_in(
+        &srv.state_dir(),
+        &["deny", "add", &web, "--reason", "compromised"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let mut denied = srv.watch_as(&w, "web-1").await;
+    let mut fine = srv.watch_as(&a, "api-1").await;
+    let v = |b: Option<meshca_proto::v1::TrustBundle>| b.unwrap().version;
+    assert_eq!(
+        v(denied.message().await.unwrap()),
+        2,
+        "it is served the bundle"
+    );
+    assert_eq!(v(fine.message().await.unwrap()), 2);
+    let (live, current) = convergence(&srv).await;
+    assert_eq!(live, 2);
+    assert_eq!(
+        current, 1,
+        "only api-1 holds v2: the denied workload's stream does not count"
+    );
+}
