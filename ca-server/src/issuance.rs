@@ -176,6 +176,26 @@ pub fn implied_instance(
     }
 }
 
+/// `s` fit for one log line: control characters (a newline that would start a forged line, a
+/// terminal escape) written as escapes. Every caller-supplied text in a log field goes through
+/// it; the JSON log format escapes them anyway.
+pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 /// The SPIFFE IDs a node agent is known by: a ServiceAccount's own ID, and the exact IDs a
 /// token is allowed for itself (its patterns name more than one workload and are not checked).
 fn agent_identities(callers: &[crate::auth::Caller], agent: &str) -> Vec<SpiffeId> {
@@ -313,7 +333,7 @@ impl SigningCore {
                 }
                 tracing::warn!(
                     target: "meshca::audit",
-                    api = req.api.label(), caller = %who, peer = %peer, reason = %e,
+                    api = req.api.label(), caller = %log_safe(&who), peer = %peer, reason = %log_safe(&e.to_string()),
                     impersonated = req.impersonate, node, "refused"
                 );
             }
@@ -632,6 +652,15 @@ mod tests {
                 pod: pod.map(str::to_owned),
             }),
         }
+    }
+
+    #[test]
+    fn log_fields_cannot_start_a_line() {
+        assert_eq!(log_safe("plain text"), "plain text");
+        let forged = "x\n2026-12-06T00:00:00Z  INFO meshca::audit: issued\r\u{1b}[2J";
+        let safe = log_safe(forged);
+        assert!(!safe.chars().any(char::is_control), "{safe}");
+        assert!(safe.contains("\\n2026"), "{safe}");
     }
 
     #[test]

@@ -202,3 +202,70 @@ async fn a_watch_counts_only_with_a_certificate_that_still_passes() {
         "only api-1 holds v2: the denied workload's stream does not count"
     );
 }
+
+/// Item 7: a caller-supplied value cannot forge an audit line. An Istio request whose
+/// `ImpersonatedIdentity` carries a newline and a fake `issued` line is refused, and the real
+/// server's text log holds it escaped on the refusal's own line.
+#[tokio::test]
+async fn a_newline_in_a_request_cannot_forge_an_audit_line() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut p = meshca_tests::ServerProcess::spawn(&state, &[], &[("MESHCA_LOG", "info")]).unwrap();
+    let token = std::fs::read_to_string(state.join("bootstrap-token")).unwrap();
+    let bundle =
+        meshca_tests::pem_certs(&std::fs::read_to_string(state.join("bundle.pem")).unwrap());
+    let tls = rotator::client::client_tls(&bundle, None).unwrap();
+    let mut c =
+        meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient::new(
+            rotator::client::channel(&p.url, tls).unwrap(),
+        );
+    let forged = "spiffe://cluster.local/ns/x/sa/y\n2026-12-06T00:00:00.000000Z  INFO meshca::audit: api=\"istio\" caller=token:admin spiffe_id=spiffe://cluster.local/ns/kube-system/sa/admin issued";
+    let key = SecretKey::generate_p256().unwrap();
+    let web = format!("{TD}/ns/default/sa/web");
+    let e = c
+        .create_certificate(with_token(
+            istio_impersonating(&web, forged, &key),
+            token.trim(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    // The log writer is a thread of its own: read until the refusal is there, then stop.
+    let mut stderr = p.child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut bytes = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&bytes).contains("refused")
+        && std::time::Instant::now() < deadline
+    {
+        if let Ok(b) = rx.recv_timeout(Duration::from_millis(100)) {
+            bytes.extend(b);
+        }
+    }
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    while let Ok(b) = rx.recv_timeout(Duration::from_millis(200)) {
+        bytes.extend(b);
+    }
+    let log = String::from_utf8_lossy(&bytes).into_owned();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("refused")).collect();
+    assert!(!refused.is_empty(), "the refusal is logged:\n{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("2026-12-06T00:00:00.000000Z")),
+        "a forged line reached the log:\n{log}"
+    );
+    assert!(
+        refused.iter().any(|l| l.contains("\\n2026-12-06")),
+        "the newline is escaped on the refusal's line:\n{log}"
+    );
+}
