@@ -293,7 +293,6 @@ impl AdminService for Admin {
         request: Request<DenyIdentityRequest>,
     ) -> Result<Response<DenyListResponse>, Status> {
         let r = request.into_inner();
-        let pattern = self.pattern(&r.pattern).await?;
         let until = match r.until_unix {
             0 => None,
             t => Some(
@@ -303,6 +302,25 @@ impl AdminService for Admin {
         };
         let by = operator();
         let reason = r.reason.trim().to_owned();
+        if !r.node.is_empty() {
+            if !r.pattern.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a denial names a node or an identity, not both",
+                ));
+            }
+            self.authority
+                .transition(|s, now| {
+                    s.deny_node(now, &r.node, reason.clone(), until, by.clone())
+                        .map(Some)
+                })
+                .await
+                .map_err(|e| codes::transition(&e))?;
+            tracing::warn!(target: "meshca::audit", operator = %by, node = %crate::issuance::log_safe(&r.node),
+                reason = %crate::issuance::log_safe(&reason), until = %until.map(rfc3339).unwrap_or_default(),
+                "node denied by an operator: its node agents act for nobody");
+            return Ok(Response::new(self.denied_document().await));
+        }
+        let pattern = self.pattern(&r.pattern).await?;
         self.authority
             .transition(|s, now| {
                 s.deny(now, pattern.clone(), reason.clone(), until, by.clone())
@@ -319,7 +337,17 @@ impl AdminService for Admin {
         &self,
         request: Request<AllowIdentityRequest>,
     ) -> Result<Response<DenyListResponse>, Status> {
-        let pattern = self.pattern(&request.into_inner().pattern).await?;
+        let r = request.into_inner();
+        if !r.node.is_empty() {
+            self.authority
+                .transition(|s, now| s.undeny_node(now, &r.node).map(Some))
+                .await
+                .map_err(|e| codes::transition(&e))?;
+            tracing::warn!(target: "meshca::audit", operator = %operator(), node = %crate::issuance::log_safe(&r.node),
+                "node denial lifted by an operator");
+            return Ok(Response::new(self.denied_document().await));
+        }
+        let pattern = self.pattern(&r.pattern).await?;
         self.authority
             .transition(|s, now| s.undeny(now, &pattern).map(Some))
             .await
@@ -469,9 +497,9 @@ impl Admin {
     /// The denials with the live leaves each matches (the issuance ledger: this replica's).
     async fn denied_document(&self) -> DenyListResponse {
         let now = self.authority.clock().now();
-        let (denied, revoked) = self
+        let (denied, revoked, nodes) = self
             .authority
-            .read(|s| (s.denied.clone(), s.revoked.clone()))
+            .read(|s| (s.denied.clone(), s.revoked.clone(), s.denied_nodes.clone()))
             .await;
         let records = self.authority.ledger().with(|l| {
             l.records()
@@ -513,9 +541,20 @@ impl Admin {
                 })
             })
             .collect();
+        let node_rows: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "node": d.node, "reason": d.reason, "added": rfc3339(d.added),
+                    "until": d.until.map(rfc3339), "by": d.by, "active": d.active(now),
+                })
+            })
+            .collect();
         DenyListResponse {
-            json: serde_json::json!({ "denied": rows, "revoked_issuers": revoked_rows })
-                .to_string(),
+            json: serde_json::json!({
+                "denied": rows, "revoked_issuers": revoked_rows, "denied_nodes": node_rows,
+            })
+            .to_string(),
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct Snapshot {
     pub issuers: Arc<Vec<CertificateDer<'static>>>,
     /// Identities refused whatever the credential (`meshca deny`).
     pub denied: Arc<Vec<rotator::state::Denial>>,
+    /// Nodes whose agents act for nobody (`meshca deny add --node`).
+    pub denied_nodes: Arc<Vec<rotator::state::NodeDenial>>,
     /// Revoked issuers: their leaves no longer authenticate.
     pub revoked: Arc<Vec<rotator::state::Revocation>>,
 }
@@ -124,6 +126,7 @@ impl Snapshot {
             bundle,
             issuers: Arc::new(state.issuers.iter().map(|i| i.cert.der().clone()).collect()),
             denied: Arc::new(state.denied.clone()),
+            denied_nodes: Arc::new(state.denied_nodes.clone()),
             revoked: Arc::new(state.revoked.clone()),
         })
     }

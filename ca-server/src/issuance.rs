@@ -541,6 +541,27 @@ impl SigningCore {
                     }));
                 }
                 let granted = self.agents.authorize(callers, id).await?;
+                // A denied node (`meshca deny add --node`): its agents act for nobody.
+                if let Some(node) = &granted.node {
+                    let now = self.authority.clock().now();
+                    if let Some(d) = self
+                        .authority
+                        .snapshot()
+                        .denied_nodes
+                        .iter()
+                        .find(|d| d.active(now) && d.node == *node)
+                    {
+                        return Err(IssueError::Auth(AuthError::ImpersonationDenied {
+                            agent: granted.agent.clone(),
+                            requested: id.to_string(),
+                            why: format!(
+                                "node {node} is denied by an operator since {}: {}",
+                                rotator::clock::rfc3339(d.added),
+                                d.reason
+                            ),
+                        }));
+                    }
+                }
                 // A denied node agent acts for nobody: denying ztunnel's own identity must stop
                 // it impersonating every workload on its node, not only renewing itself.
                 for agent_id in agent_identities(callers, &granted.agent) {

@@ -153,6 +153,8 @@ pub struct AuthorityState {
     pub pending_issuer_key: Option<PendingKey>,
     /// Identities refused on every face, whatever the credential (`meshca deny add`).
     pub denied: Vec<Denial>,
+    /// Nodes whose agents may act for nobody (`meshca deny add --node`): compromised nodes.
+    pub denied_nodes: Vec<NodeDenial>,
     /// Issuers an operator revoked (`meshca issuer revoke`): their leaves no longer renew with
     /// their own certificate. Kept until the issuer is pruned.
     pub revoked: Vec<Revocation>,
@@ -210,6 +212,35 @@ pub struct Denial {
     pub until: Option<OffsetDateTime>,
     /// Who added it (the operator's uid, as the admin socket saw it).
     pub by: String,
+}
+
+/// A node whose node agents (ztunnel) may no longer request certificates for anyone: a
+/// compromised node. Its own workloads' certificates are not affected (deny those by identity).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeDenial {
+    /// The Kubernetes node name.
+    pub node: String,
+    /// Why, as the operator gave it (said in every refusal).
+    pub reason: String,
+    /// When it was added.
+    #[serde(with = "time::serde::rfc3339")]
+    pub added: OffsetDateTime,
+    /// Until when it applies (`None`: until removed).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub until: Option<OffsetDateTime>,
+    /// Who added it.
+    pub by: String,
+}
+
+impl NodeDenial {
+    /// Whether it applies at `now`.
+    pub fn active(&self, now: OffsetDateTime) -> bool {
+        self.until.is_none_or(|u| now < u)
+    }
 }
 
 impl Denial {
@@ -408,6 +439,62 @@ impl AuthorityState {
         }
     }
 
+    /// Denies node `node` from now on (replacing an earlier denial of it): its node agents act
+    /// for nobody.
+    pub fn deny_node(
+        &self,
+        now: OffsetDateTime,
+        node: &str,
+        reason: String,
+        until: Option<OffsetDateTime>,
+        by: String,
+    ) -> Result<Self, StateError> {
+        let valid = !node.is_empty()
+            && node.len() <= 253
+            && node
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid {
+            return Err(StateError::Unusable(format!(
+                "{node:?} is not a Kubernetes node name (lowercase letters, digits, '-' and '.')"
+            )));
+        }
+        if reason.trim().is_empty() {
+            return Err(StateError::Unusable(
+                "a denial needs a reason (--reason)".into(),
+            ));
+        }
+        if until.is_some_and(|u| u <= now) {
+            return Err(StateError::Unusable(format!(
+                "--until {} is not in the future",
+                rfc3339(until.unwrap_or(now))
+            )));
+        }
+        let mut s = self.clone();
+        s.denied_nodes.retain(|d| d.node != node);
+        s.record(now, format!("node_denied {node}: {reason}"));
+        s.denied_nodes.push(NodeDenial {
+            node: node.to_owned(),
+            reason,
+            added: crate::clock::whole_seconds(now),
+            until,
+            by,
+        });
+        Ok(s)
+    }
+
+    /// Lifts the denial of node `node`; none is an error.
+    pub fn undeny_node(&self, now: OffsetDateTime, node: &str) -> Result<Self, StateError> {
+        let mut s = self.clone();
+        let before = s.denied_nodes.len();
+        s.denied_nodes.retain(|d| d.node != node);
+        if s.denied_nodes.len() == before {
+            return Err(StateError::NotFound(format!("node {node} is not denied")));
+        }
+        s.record(now, format!("node_allowed {node}"));
+        Ok(s)
+    }
+
     /// Lifts the denial of exactly `pattern`; none is an error.
     pub fn undeny(
         &self,
@@ -576,6 +663,7 @@ impl AuthorityState {
             history: Vec::new(),
             pending_issuer_key: None,
             denied: Vec::new(),
+            denied_nodes: Vec::new(),
             federated: Vec::new(),
             revoked: Vec::new(),
         };

@@ -210,6 +210,8 @@ struct StateFile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     denied: Vec<crate::state::Denial>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    denied_nodes: Vec<crate::state::NodeDenial>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     revoked: Vec<crate::state::Revocation>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     federated: Vec<crate::state::FederatedBundle>,
@@ -519,6 +521,7 @@ impl StateFile {
                 .collect(),
             history: next.history.clone(),
             denied: next.denied.clone(),
+            denied_nodes: next.denied_nodes.clone(),
             revoked: next.revoked.clone(),
             federated: next.federated.clone(),
             pending_issuer_key: next.pending_issuer_key.as_ref().map(|p| PendingMeta {
@@ -730,6 +733,7 @@ fn decode(
         history: file.history,
         pending_issuer_key,
         denied: file.denied,
+        denied_nodes: file.denied_nodes,
         revoked: file.revoked,
         federated: file.federated,
     };

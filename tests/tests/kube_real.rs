@@ -740,3 +740,100 @@ async fn forged_tokens_never_reach_the_api_server() {
         "{n} forged tokens refused locally, {per:?} per request over gRPC (debug build), 0 TokenReviews"
     );
 }
+
+/// A compromised node (issue #25, item 3): `meshca deny add --node NAME` refuses every
+/// certificate its node agents ask for on anyone's behalf, while another node's agent keeps
+/// working; `deny list` shows it; `deny remove --node` lifts it.
+#[tokio::test]
+async fn a_denied_node_gets_nothing_through_its_agent() {
+    let Some(e) = env(NEWEST, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let istio_ns = c.namespace(&e.admin, "istio-system").await;
+    c.service_account(&e.admin, &istio_ns, "ztunnel").await;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    c.service_account(&e.admin, &prod, "api").await;
+    for n in ["node-a", "node-b"] {
+        c.node(&e.admin, n).await;
+    }
+    let zt_a = c
+        .pod(&e.admin, &istio_ns, "ztunnel-a", Some("ztunnel"), "node-a")
+        .await;
+    let zt_b = c
+        .pod(&e.admin, &istio_ns, "ztunnel-b", Some("ztunnel"), "node-b")
+        .await;
+    c.pod(&e.admin, &prod, "web-1", Some("web"), "node-a").await;
+    c.pod(&e.admin, &prod, "api-1", Some("api"), "node-b").await;
+    let trusted = format!("{istio_ns}/ztunnel");
+    let srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        cfg.istio.trusted_node_agents = vec![trusted.clone()];
+    })
+    .await;
+    let token_a = c
+        .token(
+            &e.admin,
+            &istio_ns,
+            "ztunnel",
+            &["istio-ca"],
+            600,
+            Some(&zt_a),
+        )
+        .await;
+    let token_b = c
+        .token(
+            &e.admin,
+            &istio_ns,
+            "ztunnel",
+            &["istio-ca"],
+            600,
+            Some(&zt_b),
+        )
+        .await;
+    let ask = |token: String, id: String| {
+        let srv = &srv;
+        async move {
+            let key = SecretKey::generate_p256().unwrap();
+            istio(srv, None)
+                .create_certificate(with_token(istio_impersonating(&id, &id, &key), &token))
+                .await
+                .map(|_| ())
+                .map_err(|s| (s.code(), s.message().to_owned()))
+        }
+    };
+    let web = format!("spiffe://cluster.local/ns/{prod}/sa/web");
+    let api = format!("spiffe://cluster.local/ns/{prod}/sa/api");
+    ask(token_a.clone(), web.clone()).await.unwrap();
+    let dir = srv.state_dir();
+    let (code, out, err) = meshca_tests::meshca_in(
+        &dir,
+        &[
+            "deny",
+            "add",
+            "--node",
+            "node-a",
+            "--reason",
+            "kubelet credential leaked",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, msg) = ask(token_a.clone(), web.clone()).await.unwrap_err();
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(
+        msg.contains("node node-a is denied") && msg.contains("kubelet credential leaked"),
+        "{msg}"
+    );
+    ask(token_b.clone(), api.clone())
+        .await
+        .expect("another node's agent is not affected");
+    let (_, out, _) = meshca_tests::meshca_in(&dir, &["deny", "list", "--output", "json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["denied_nodes"][0]["node"], "node-a", "{out}");
+    let (code, out, err) =
+        meshca_tests::meshca_in(&dir, &["deny", "remove", "--node", "node-a"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    ask(token_a, web).await.expect("lifted");
+}

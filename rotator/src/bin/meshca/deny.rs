@@ -14,13 +14,21 @@ use crate::{Failed, Output, runtime};
 #[derive(Debug, clap::Subcommand)]
 pub enum DenyCommand {
     /// Refuse SPIFFE_ID (or `spiffe://<td>/ns/<ns>/sa/*`) on every face, whatever credential it
-    /// presents — token, ServiceAccount or its own still-valid certificate.
+    /// presents — token, ServiceAccount or its own still-valid certificate. With `--node NAME`
+    /// instead: a compromised node, whose node agents (ztunnel) may act for nobody.
     Add {
         #[command(flatten)]
         admin: AdminArgs,
         /// The identity or pattern.
-        #[arg(value_name = "SPIFFE_ID")]
-        pattern: String,
+        #[arg(
+            value_name = "SPIFFE_ID",
+            required_unless_present = "node",
+            conflicts_with = "node"
+        )]
+        pattern: Option<String>,
+        /// A node to deny instead of an identity.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
         /// Why: said in every refusal and the audit log.
         #[arg(long)]
         reason: String,
@@ -28,13 +36,20 @@ pub enum DenyCommand {
         #[arg(long, value_name = "TIME")]
         until: Option<String>,
     },
-    /// Lift the denial of exactly this identity or pattern.
+    /// Lift the denial of exactly this identity or pattern (or of `--node NAME`).
     Remove {
         #[command(flatten)]
         admin: AdminArgs,
         /// The identity or pattern, as it was added.
-        #[arg(value_name = "SPIFFE_ID")]
-        pattern: String,
+        #[arg(
+            value_name = "SPIFFE_ID",
+            required_unless_present = "node",
+            conflicts_with = "node"
+        )]
+        pattern: Option<String>,
+        /// A node denial to lift instead.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
     },
     /// The denials, each with the live leaves it matches and when they expire.
     List {
@@ -91,21 +106,24 @@ pub fn deny(cmd: DenyCommand, output: Output) -> Result<(), Failed> {
         let r = match &cmd {
             DenyCommand::Add {
                 pattern,
+                node,
                 reason,
                 until,
                 ..
             } => {
                 let until_unix = until.as_deref().map(until_unix).transpose()?.unwrap_or(0);
                 c.deny_identity(DenyIdentityRequest {
-                    pattern: pattern.clone(),
+                    pattern: pattern.clone().unwrap_or_default(),
                     reason: reason.clone(),
                     until_unix,
+                    node: node.clone().unwrap_or_default(),
                 })
                 .await
             }
-            DenyCommand::Remove { pattern, .. } => {
+            DenyCommand::Remove { pattern, node, .. } => {
                 c.allow_identity(AllowIdentityRequest {
-                    pattern: pattern.clone(),
+                    pattern: pattern.clone().unwrap_or_default(),
+                    node: node.clone().unwrap_or_default(),
                 })
                 .await
             }
@@ -187,6 +205,25 @@ fn print_text(doc: &Value) {
     let rows = doc["denied"].as_array().cloned().unwrap_or_default();
     if rows.is_empty() {
         println!("no identity is denied");
+    }
+    for d in doc["denied_nodes"].as_array().into_iter().flatten() {
+        let s = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
+        println!(
+            "node {}  {}since {} by {}{}: {} (its node agents act for nobody)",
+            s("node"),
+            if d["active"].as_bool() == Some(true) {
+                ""
+            } else {
+                "(expired) "
+            },
+            s("added"),
+            s("by"),
+            d["until"]
+                .as_str()
+                .map(|u| format!(", until {u}"))
+                .unwrap_or_default(),
+            s("reason"),
+        );
     }
     for d in rows {
         let s = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
