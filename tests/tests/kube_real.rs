@@ -837,3 +837,106 @@ async fn a_denied_node_gets_nothing_through_its_agent() {
     assert_eq!(code, 0, "{out}{err}");
     ask(token_a, web).await.expect("lifted");
 }
+
+/// `deploy/kubernetes` and every overlay, applied with server-side dry-run as the admin: the real
+/// API server admits every object (schema, defaults, admission). The monitoring overlay's
+/// PrometheusRule and ServiceMonitor need prometheus-operator's CRDs, which this cluster does
+/// not have: their kinds are checked by the manifests test instead.
+#[tokio::test]
+async fn every_manifest_is_admitted_by_a_real_api_server() {
+    use kube::api::{DynamicObject, GroupVersionKind, Patch, PatchParams};
+    let Some(cluster) = Cluster::shared(NEWEST) else {
+        return;
+    };
+    let admin = cluster.admin().await;
+    // The namespaces the manifests live in (created for real: a dry-run object needs its
+    // namespace to exist).
+    for ns in ["meshca", "istio-system", "linkerd"] {
+        let api = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+        if api.get_opt(ns).await.unwrap().is_none() {
+            cluster
+                .namespace_named(&admin, ns, std::collections::BTreeMap::new())
+                .await;
+        }
+    }
+    let discovery = kube::Discovery::new(admin.clone()).run().await.unwrap();
+    for dir in [
+        "deploy/kubernetes",
+        "deploy/kubernetes/overlays/cert-manager",
+        "deploy/kubernetes/overlays/istiod-certificate",
+        "deploy/kubernetes/overlays/monitoring",
+    ] {
+        let Some(docs) = meshca_tests::render(dir) else {
+            return;
+        };
+        let mut admitted = Vec::new();
+        for d in docs {
+            let kind = d["kind"].as_str().unwrap().to_owned();
+            let (group, version) = match d["apiVersion"].as_str().unwrap().split_once('/') {
+                Some((g, v)) => (g.to_owned(), v.to_owned()),
+                None => (String::new(), d["apiVersion"].as_str().unwrap().to_owned()),
+            };
+            let gvk = GroupVersionKind::gvk(&group, &version, &kind);
+            let Some((ar, caps)) = discovery.resolve_gvk(&gvk) else {
+                assert!(
+                    matches!(kind.as_str(), "PrometheusRule" | "ServiceMonitor"),
+                    "{dir}: the API server does not serve {gvk:?}"
+                );
+                continue;
+            };
+            let obj: DynamicObject = serde_json::from_value(d.clone()).unwrap();
+            let name = obj.metadata.name.clone().unwrap();
+            let api: Api<DynamicObject> = match caps.scope {
+                kube::discovery::Scope::Cluster => Api::all_with(admin.clone(), &ar),
+                kube::discovery::Scope::Namespaced => Api::namespaced_with(
+                    admin.clone(),
+                    obj.metadata.namespace.as_deref().unwrap_or("meshca"),
+                    &ar,
+                ),
+            };
+            let pp = PatchParams::apply("meshca-tests").force().dry_run();
+            api.patch(&name, &pp, &Patch::Apply(&obj))
+                .await
+                .unwrap_or_else(|e| panic!("{dir}: {kind}/{name} refused by the API server: {e}"));
+            admitted.push(format!("{kind}/{name}"));
+        }
+        eprintln!(
+            "{dir}: {} objects admitted (dry run): {}",
+            admitted.len(),
+            admitted.join(", ")
+        );
+        assert!(admitted.len() >= 10, "{dir}: {admitted:?}");
+    }
+    // Pod Security admission: the Deployment's pod, as a pod, in a namespace that enforces the
+    // `restricted` profile (PodSecurity enforces on pods, not on Deployments).
+    let docs = meshca_tests::render("deploy/kubernetes").unwrap();
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let psa = "meshca-psa-restricted";
+    cluster
+        .namespace_named(
+            &admin,
+            psa,
+            [(
+                "pod-security.kubernetes.io/enforce".to_owned(),
+                "restricted".to_owned(),
+            )]
+            .into(),
+        )
+        .await;
+    let mut spec = deployment["spec"]["template"]["spec"].clone();
+    spec["serviceAccountName"] = serde_json::json!("default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "meshca-psa", "namespace": psa},
+        "spec": spec,
+    }))
+    .unwrap();
+    let pp = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    Api::<Pod>::namespaced(admin.clone(), psa)
+        .create(&pp, &pod)
+        .await
+        .unwrap_or_else(|e| panic!("the Deployment's pod violates Pod Security `restricted`: {e}"));
+}
