@@ -71,6 +71,13 @@ impl Cluster {
         Some(c)
     }
 
+    /// A cluster of `version` for one test alone (one that stops it), started now; `None` as
+    /// for [`Cluster::shared`]. It stops when dropped, or when the test binary ends.
+    pub fn private(version: &'static str) -> Option<Cluster> {
+        let bin = binaries(version)?;
+        Some(Cluster::start(version, &bin))
+    }
+
     fn start(version: &'static str, bin: &Path) -> Self {
         let begin = Instant::now();
         let dir = std::env::temp_dir().join(format!(
@@ -161,7 +168,7 @@ impl Cluster {
             Some(&dir),
         );
         let admin = leaf(&ca, "meshca-test-admin", &["system:masters"], false);
-        let c = Self {
+        let mut c = Self {
             version,
             url: format!("https://127.0.0.1:{api_port}"),
             dir,
@@ -172,13 +179,13 @@ impl Cluster {
             counter: std::sync::atomic::AtomicU32::new(0),
         };
         c.write_kubeconfig("admin", &KubeUser::Cert(admin.0, admin.1));
-        let started_in = c.wait_ready(begin);
+        c.started_in = c.wait_ready(begin);
         eprintln!(
             "cluster: kube-apiserver {version} ready at {} in {:.1} s",
             c.url,
-            started_in.as_secs_f64()
+            c.started_in.as_secs_f64()
         );
-        Self { started_in, ..c }
+        c
     }
 
     /// Polls `/readyz` as the admin until it answers `ok` (at most 120 s), on a thread of its
@@ -513,16 +520,23 @@ impl Cluster {
     }
 
     /// Stops the API server and etcd (a test that needs an unreachable API server uses its own
-    /// cluster).
+    /// cluster, [`Cluster::private`]): closes each supervisor's pipe, so that it kills its server
+    /// (a killed supervisor would leave its server running), API server first, and waits.
     pub fn stop(&self) {
-        for c in self
+        let mut procs = self
             .procs
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter_mut()
-        {
-            let _ = c.kill();
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for c in procs.iter_mut().rev() {
+            drop(c.stdin.take());
+            let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

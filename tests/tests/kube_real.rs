@@ -56,9 +56,14 @@ async fn env(version: &'static str, skip_rule: Option<&str>) -> Option<Env> {
 
 /// A meshca in Kubernetes mode as `e`'s ServiceAccount: TokenReview, state in the state dir.
 fn kube_mode(e: &Env, c: &mut Config) {
+    kube_mode_as(&e.kubeconfig, &e.ns, c);
+}
+
+/// As [`kube_mode`], with this kubeconfig and namespace.
+fn kube_mode_as(kubeconfig: &std::path::Path, ns: &str, c: &mut Config) {
     c.kubernetes.enabled = true;
-    c.kubernetes.kubeconfig = e.kubeconfig.display().to_string();
-    c.kubernetes.namespace.clone_from(&e.ns);
+    c.kubernetes.kubeconfig = kubeconfig.display().to_string();
+    c.kubernetes.namespace = ns.to_owned();
     c.kubernetes.state_secret.clear();
     c.auth.authenticators = vec![
         AuthMethod::Mtls,
@@ -939,4 +944,104 @@ async fn every_manifest_is_admitted_by_a_real_api_server() {
         .create(&pp, &pod)
         .await
         .unwrap_or_else(|e| panic!("the Deployment's pod violates Pod Security `restricted`: {e}"));
+}
+
+/// The pod directory with real pods on a cluster of its own: a workload deleted from the node
+/// is no longer granted to its agent, one moved to another node is granted to that node's agent
+/// only, and with the API server stopped the directory fails closed (`UNAVAILABLE`) once it has
+/// been out of touch for `pod_directory_max_staleness`.
+#[tokio::test]
+async fn the_pod_directory_follows_real_pods_and_fails_closed_without_the_api_server() {
+    let Some(cluster) = Cluster::private(NEWEST) else {
+        return;
+    };
+    let c = &cluster;
+    let admin = c.admin().await;
+    let ns = c.namespace(&admin, "meshca").await;
+    c.service_account(&admin, &ns, "meshca").await;
+    c.apply_rbac(&admin, "deploy/kubernetes", &ns, &[], None)
+        .await;
+    let mtoken = c.token(&admin, &ns, "meshca", &[ISSUER], 3600, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, mtoken).unwrap();
+    let kubeconfig = c.token_kubeconfig("meshca-private", &file);
+    let istio_ns = c.namespace(&admin, "istio-system").await;
+    c.service_account(&admin, &istio_ns, "ztunnel").await;
+    let prod = c.namespace(&admin, "prod").await;
+    c.service_account(&admin, &prod, "web").await;
+    for n in ["node-a", "node-b"] {
+        c.node(&admin, n).await;
+    }
+    let zt_a = c
+        .pod(&admin, &istio_ns, "ztunnel-a", Some("ztunnel"), "node-a")
+        .await;
+    let zt_b = c
+        .pod(&admin, &istio_ns, "ztunnel-b", Some("ztunnel"), "node-b")
+        .await;
+    c.pod(&admin, &prod, "web-1", Some("web"), "node-a").await;
+    let trusted = format!("{istio_ns}/ztunnel");
+    let srv = TestServer::start_with(|cfg| {
+        kube_mode_as(&kubeconfig, &ns, cfg);
+        cfg.istio.trusted_node_agents = vec![trusted.clone()];
+        cfg.istio.node_authorization_wait = Duration::from_millis(500);
+        cfg.istio.pod_directory_max_staleness = Duration::from_secs(2);
+    })
+    .await;
+    let token = |pod| c.token(&admin, &istio_ns, "ztunnel", &["istio-ca"], 600, Some(pod));
+    let (token_a, token_b) = (token(&zt_a).await, token(&zt_b).await);
+    let web = format!("spiffe://cluster.local/ns/{prod}/sa/web");
+    let ask = |token: String| {
+        let (srv, web) = (&srv, web.clone());
+        async move {
+            let key = SecretKey::generate_p256().unwrap();
+            istio(srv, None)
+                .create_certificate(with_token(istio_impersonating(&web, &web, &key), &token))
+                .await
+                .map(|_| ())
+                .map_err(|s| (s.code(), s.message().to_owned()))
+        }
+    };
+    ask(token_a.clone()).await.expect("web-1 runs on node-a");
+    assert!(ask(token_b.clone()).await.is_err(), "not on node-b");
+    // Deleted: node-a's agent may no longer have it.
+    Api::<Pod>::namespaced(admin.clone(), &prod)
+        .delete("web-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let refused = meshca_tests::eventually(Duration::from_secs(30), || async {
+        ask(token_a.clone()).await.err()
+    })
+    .await
+    .expect("a deleted pod grants nothing");
+    assert!(
+        matches!(refused.0, Code::PermissionDenied | Code::Unavailable),
+        "{refused:?}"
+    );
+    // Moved: a new pod of web on node-b.
+    c.pod(&admin, &prod, "web-2", Some("web"), "node-b").await;
+    meshca_tests::eventually(Duration::from_secs(30), || async {
+        ask(token_b.clone()).await.ok()
+    })
+    .await
+    .expect("node-b's agent gets web once its pod runs there");
+    assert!(ask(token_a.clone()).await.is_err(), "node-a has no web pod");
+    // The API server goes away: cached tokens still authenticate, but the directory's picture
+    // is not trusted past its staleness bound.
+    c.stop();
+    let (code, msg) = meshca_tests::eventually(Duration::from_secs(30), || async {
+        match ask(token_b.clone()).await {
+            Err((Code::Unavailable, m)) if m.contains("out of touch") => {
+                Some((Code::Unavailable, m))
+            }
+            other => {
+                eprintln!("after stop: {other:?}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        }
+    })
+    .await
+    .expect("the directory fails closed once out of touch");
+    eprintln!("API server stopped: {code:?} {msg}");
 }
