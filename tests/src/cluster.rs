@@ -78,12 +78,32 @@ impl Cluster {
         Some(Cluster::start(version, &bin))
     }
 
+    /// Starts a cluster, trying again (new ports, new files) when one does not become ready: a
+    /// free port picked here may be taken by another process before the server binds it.
     fn start(version: &'static str, bin: &Path) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(version, bin) {
+                Ok(c) => return c,
+                Err(e) => {
+                    eprintln!("cluster: {e}; starting again");
+                    failures.push(e);
+                }
+            }
+        }
+        panic!(
+            "kube-apiserver {version} did not start in 3 attempts:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    fn try_start(version: &'static str, bin: &Path) -> Result<Self, String> {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let begin = Instant::now();
         let dir = std::env::temp_dir().join(format!(
             "meshca-kube-{version}-{}-{}",
             std::process::id(),
-            begin.elapsed().as_nanos()
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("cluster dir");
         let (ca, ca_pem) = new_ca();
@@ -179,18 +199,18 @@ impl Cluster {
             counter: std::sync::atomic::AtomicU32::new(0),
         };
         c.write_kubeconfig("admin", &KubeUser::Cert(admin.0, admin.1));
-        c.started_in = c.wait_ready(begin);
+        c.started_in = c.wait_ready(begin)?;
         eprintln!(
             "cluster: kube-apiserver {version} ready at {} in {:.1} s",
             c.url,
             c.started_in.as_secs_f64()
         );
-        c
+        Ok(c)
     }
 
-    /// Polls `/readyz` as the admin until it answers `ok` (at most 120 s), on a thread of its
-    /// own (the caller may be inside a test's runtime).
-    fn wait_ready(&self, begin: Instant) -> Duration {
+    /// Polls `/readyz` as the admin until it answers `ok` (at most 60 s), on a thread of its
+    /// own (the caller may be inside a test's runtime); on failure, why, with the logs' tails.
+    fn wait_ready(&self, begin: Instant) -> Result<Duration, String> {
         std::thread::scope(|s| {
             s.spawn(|| self.poll_ready(begin))
                 .join()
@@ -198,7 +218,7 @@ impl Cluster {
         })
     }
 
-    fn poll_ready(&self, begin: Instant) -> Duration {
+    fn poll_ready(&self, begin: Instant) -> Result<Duration, String> {
         let kubeconfig = self.dir.join("admin.kubeconfig");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -213,15 +233,22 @@ impl Cluster {
                     if let Ok(t) = c.request_text(req).await
                         && t.trim() == "ok"
                     {
-                        return begin.elapsed();
+                        return Ok(begin.elapsed());
                     }
                 }
-                assert!(
-                    begin.elapsed() < Duration::from_secs(120),
-                    "kube-apiserver {} not ready after 120 s; see {}",
-                    self.version,
-                    self.dir.join("kube-apiserver.log").display()
-                );
+                if begin.elapsed() > Duration::from_secs(60) {
+                    let tail = |f: &str| {
+                        let t = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+                        let lines: Vec<&str> = t.lines().collect();
+                        lines[lines.len().saturating_sub(8)..].join("\n")
+                    };
+                    return Err(format!(
+                        "kube-apiserver {} not ready after 60 s\n--- kube-apiserver.log\n{}\n--- etcd.log\n{}",
+                        self.version,
+                        tail("kube-apiserver.log"),
+                        tail("etcd.log")
+                    ));
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
