@@ -1045,3 +1045,64 @@ async fn the_pod_directory_follows_real_pods_and_fails_closed_without_the_api_se
     .expect("the directory fails closed once out of touch");
     eprintln!("API server stopped: {code:?} {msg}");
 }
+
+/// A bundle ConfigMap whose `meshca.io/bundle-version` someone set to the maximum (and whose
+/// content they changed) is put right: no legitimate writer can be ahead of the committed state
+/// (issue #25, item 6). Before, it was never rewritten again.
+#[tokio::test]
+async fn a_configmap_claiming_a_newer_bundle_is_put_right() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams};
+    let Some(e) = env(NEWEST, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let apps = format!("{}-apps", e.ns);
+    c.namespace_named(
+        &e.admin,
+        &apps,
+        [("meshca.io/bundle-for".to_owned(), e.ns.clone())].into(),
+    )
+    .await;
+    let selector = format!("meshca.io/bundle-for={}", e.ns);
+    let srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        cfg.kubernetes.bundle.namespace_selector = selector;
+        cfg.kubernetes.bundle.resync = Duration::from_millis(300);
+    })
+    .await;
+    let cms = Api::<ConfigMap>::namespaced(e.admin.clone(), &apps);
+    let content = || {
+        let cms = cms.clone();
+        async move {
+            cms.get_opt("meshca-trust-bundle")
+                .await
+                .unwrap()
+                .and_then(|cm| cm.data)
+                .and_then(|d| d.get("ca-bundle.crt").cloned())
+        }
+    };
+    meshca_tests::eventually(Duration::from_secs(20), || async {
+        content().await.filter(|p| pem_certs(p) == srv.bundle())
+    })
+    .await
+    .expect("published");
+    cms.patch(
+        "meshca-trust-bundle",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({
+            "metadata": {"annotations": {"meshca.io/bundle-version": u64::MAX.to_string()}},
+            "data": {"ca-bundle.crt": "not the bundle"},
+        })),
+    )
+    .await
+    .unwrap();
+    let restored = meshca_tests::eventually(Duration::from_secs(20), || async {
+        content().await.filter(|p| pem_certs(p) == srv.bundle())
+    })
+    .await;
+    assert!(
+        restored.is_some(),
+        "a forged newer version must not pin the ConfigMap's content"
+    );
+}

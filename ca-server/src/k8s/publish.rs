@@ -59,11 +59,16 @@ fn version_of(cm: &ConfigMap) -> u64 {
         .unwrap_or(0)
 }
 
-/// One reconcile: publish `bundle` to every matching namespace, remove from the others.
+/// One reconcile: publish `bundle` to every matching namespace, remove from the others. A
+/// ConfigMap annotated with a newer version than `bundle`'s is left alone (a deposed leader must
+/// not roll it back) unless `distrust_newer`: the caller re-read the committed state and found
+/// nothing newer, so that annotation was written by someone else and its content is rewritten.
+/// One object's failure does not stop the others: the first error is returned at the end.
 pub async fn reconcile(
     client: &kube::Client,
     cfg: &BundlePublication,
     bundle: &Bundle,
+    distrust_newer: bool,
 ) -> Result<Published, kube::Error> {
     let mut done = Published::default();
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -99,30 +104,52 @@ pub async fn reconcile(
             )
         })
         .collect();
+    let mut first_error = None;
     for ns in &matching {
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-        for (name, key) in &shapes {
-            write_one(&api, name, key, bundle, &mut done).await?;
-        }
-        for (name, b) in &federated {
-            write_one(&api, name, "ca-bundle.crt", b, &mut done).await?;
+        let all = shapes
+            .iter()
+            .map(|(name, key)| (name, *key, bundle))
+            .chain(federated.iter().map(|(name, b)| (name, "ca-bundle.crt", b)));
+        for (name, key, b) in all {
+            if let Err(e) = write_one(&api, name, key, b, distrust_newer, &mut done).await {
+                tracing::warn!(target: "meshca::publish", "ConfigMap {ns}/{name}: {e}");
+                first_error.get_or_insert(e);
+            }
         }
     }
     shapes.extend(federated.iter().map(|(n, _)| (n.clone(), "ca-bundle.crt")));
-    remove_unmatched(
+    if let Err(e) = remove_unmatched(
         client,
         &matching,
         &shapes,
         &federated_name(cfg, ""),
         &mut done,
     )
-    .await?;
-    Ok(done)
+    .await
+    {
+        first_error.get_or_insert(e);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
 }
 
-/// The ConfigMap holding federated trust domain `td`'s bundle: `<configmap>-federated-<td>`.
+/// The ConfigMap holding federated trust domain `td`'s bundle: `<configmap>-federated-<td>`, a
+/// valid object name whatever the trust domain (SPIFFE allows `_`, object names do not: it
+/// becomes `-`, and a short hash of the trust domain keeps two such names apart).
 pub fn federated_name(cfg: &BundlePublication, td: &str) -> String {
-    format!("{}-federated-{td}", cfg.configmap)
+    let clean: String = td.chars().map(|c| if c == '_' { '-' } else { c }).collect();
+    if clean == td {
+        return format!("{}-federated-{td}", cfg.configmap);
+    }
+    let h = ring::digest::digest(&ring::digest::SHA256, td.as_bytes());
+    format!(
+        "{}-federated-{clean}-{}",
+        cfg.configmap,
+        hex::encode(&h.as_ref()[..4])
+    )
 }
 
 /// Writes one bundle ConfigMap (`name`, the bundle under `key`) unless it already holds this
@@ -132,6 +159,7 @@ async fn write_one(
     name: &str,
     key: &str,
     bundle: &Bundle,
+    distrust_newer: bool,
     done: &mut Published,
 ) -> Result<(), kube::Error> {
     let pp = PostParams {
@@ -156,7 +184,7 @@ async fn write_one(
         }
         Some(cm) => {
             let v = version_of(&cm);
-            if v > bundle.version {
+            if v > bundle.version && !(distrust_newer && cm.data.as_ref() != Some(&data)) {
                 done.newer += 1;
                 return Ok(());
             }
@@ -244,8 +272,21 @@ pub async fn run(
     let mut last_version = None;
     loop {
         if *leader.borrow_and_update() {
-            let bundle = authority.snapshot().bundle.clone();
-            match reconcile(&client, &cfg, &bundle).await {
+            let snap = authority.snapshot();
+            let bundle = snap.bundle.clone();
+            let mut round = reconcile(&client, &cfg, &bundle, false).await;
+            // A ConfigMap claims a newer bundle: adopt the committed state if it is newer;
+            // if it is not, nobody legitimately wrote that version (the leader commits before it
+            // publishes), so the claim is someone's edit and the content is put right.
+            if round.as_ref().is_ok_and(|p| p.newer > 0)
+                && let Ok(false) = authority.resync().await
+                && authority.snapshot().generation == snap.generation
+            {
+                tracing::warn!(target: "meshca::publish", version = bundle.version,
+                    "a bundle ConfigMap claims a newer version than the committed state: rewriting its content");
+                round = reconcile(&client, &cfg, &bundle, true).await;
+            }
+            match round {
                 Ok(p) => {
                     if p.written + p.removed > 0 || last_version != Some(bundle.version) {
                         tracing::info!(target: "meshca::publish", version = bundle.version, written = p.written,
@@ -273,5 +314,27 @@ pub async fn run(
             () = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn federated_configmap_names_are_object_names_for_any_trust_domain() {
+        let cfg = BundlePublication::default();
+        assert_eq!(
+            federated_name(&cfg, "b.example"),
+            "meshca-trust-bundle-federated-b.example"
+        );
+        let a = federated_name(&cfg, "team_a.example");
+        let b = federated_name(&cfg, "team-a.example");
+        assert_ne!(a, b, "`_` and `-` do not collide");
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.'),
+            "{a}"
+        );
     }
 }
