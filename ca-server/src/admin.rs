@@ -364,6 +364,36 @@ impl AdminService for Admin {
         Ok(Response::new(self.denied_document().await))
     }
 
+    async fn reset_federation(
+        &self,
+        request: Request<meshca_proto::v1::ResetFederationRequest>,
+    ) -> Result<Response<meshca_proto::v1::ResetFederationResponse>, Status> {
+        let raw = request.into_inner().trust_domain;
+        let td: rotator::spiffe::TrustDomain = raw.parse().map_err(|e| {
+            Status::invalid_argument(format!(
+                "{}: not a trust domain ({e})",
+                crate::issuance::log_safe(&raw)
+            ))
+        })?;
+        let mut previous = 0;
+        self.authority
+            .transition(|s, now| {
+                let (next, p) = s.reset_federated_sequence(now, &td)?;
+                previous = p;
+                Ok(Some(next))
+            })
+            .await
+            .map_err(|e| codes::transition(&e))?;
+        tracing::warn!(target: "meshca::audit", operator = %operator(), trust_domain = %td,
+            previous_sequence = previous, "federated bundle sequence reset by an operator");
+        Ok(Response::new(meshca_proto::v1::ResetFederationResponse {
+            json: serde_json::json!({
+                "trust_domain": td.to_string(), "previous_sequence": previous,
+            })
+            .to_string(),
+        }))
+    }
+
     async fn emergency_anchor(
         &self,
         request: Request<EmergencyAnchorRequest>,

@@ -256,6 +256,31 @@ impl AuthorityState {
         self.federated.iter().find(|b| &b.trust_domain == td)
     }
 
+    /// Forgets the sequence held for federated trust domain `td` (`meshca federation reset`),
+    /// keeping its anchors, so that the next bundle its endpoint publishes is accepted whatever
+    /// its sequence: the way out when a peer reset its sequence, or once published a huge one.
+    pub fn reset_federated_sequence(
+        &self,
+        now: OffsetDateTime,
+        td: &TrustDomain,
+    ) -> Result<(Self, u64), StateError> {
+        let Some(held) = self.federated_bundle(td) else {
+            return Err(StateError::NotFound(format!(
+                "no bundle is held for federated trust domain {td}"
+            )));
+        };
+        let previous = held.sequence;
+        let mut s = self.clone();
+        for b in s.federated.iter_mut().filter(|b| &b.trust_domain == td) {
+            b.sequence = 0;
+        }
+        s.record(
+            now,
+            format!("federation_reset {td}: sequence {previous} forgotten"),
+        );
+        Ok((s, previous))
+    }
+
     /// Holds `bundle` for its trust domain from now on (replacing the one held). Refused for this
     /// authority's own trust domain, without anchors, or with a sequence lower than the held one.
     pub fn set_federated(

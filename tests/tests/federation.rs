@@ -1141,3 +1141,47 @@ async fn a_stale_foreign_bundle_is_reported() {
         .unwrap();
     assert!(age > 1800, "{age}");
 }
+
+/// A peer that reset its `spiffe_sequence` is refused until the operator runs `meshca federation
+/// reset` (issue #25, item 6): then its next bundle is accepted, and the anchors held meanwhile
+/// stayed. Resetting a trust domain no bundle is held for is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reset_its_sequence_is_accepted_after_federation_reset() {
+    let files = tempfile::tempdir().unwrap();
+    let (web_ca_file, cert, key) = b_web_files(files.path());
+    let fake = FakeEndpoint::start(web_tls(&cert, &key), 0).await;
+    let port = fake.addr.port();
+    let ts = TestServer::start_with(|c| {
+        c.trust_domain = Some("a.example".parse().unwrap());
+        let f = &mut c.federation;
+        f.refresh_min = Duration::from_millis(100);
+        f.refresh_max = Duration::from_millis(300);
+        let mut b = peer("b.example", format!("https://localhost:{port}/"));
+        b.web_ca_file = Some(web_ca_file.clone());
+        f.trust_domains = vec![b];
+    })
+    .await;
+    let (b1, b2) = (anchor_of("b.example"), anchor_of("b.example"));
+    fake.serve(document(std::slice::from_ref(&b1), 1_000_000));
+    eventually(Duration::from_secs(15), || async {
+        (foreign(&ts, "b.example") == Some(vec![b1.clone()])).then_some(())
+    })
+    .await
+    .expect("accepted at a huge sequence");
+    fake.serve(document(std::slice::from_ref(&b2), 1));
+    refused(&ts, "b.example", "went back from 1000000 to 1").await;
+    let (code, out) = meshca(&ts, &["federation", "reset", "c.example"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("no bundle is held for federated trust domain c.example"),
+        "{out}"
+    );
+    let (code, out) = meshca(&ts, &["federation", "reset", "b.example"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("sequence 1000000 forgotten"), "{out}");
+    eventually(Duration::from_secs(15), || async {
+        (foreign(&ts, "b.example") == Some(vec![b2.clone()])).then_some(())
+    })
+    .await
+    .expect("the peer's bundle at sequence 1 is accepted after the reset");
+}

@@ -6,6 +6,7 @@ mod admin;
 mod anchors;
 mod check;
 mod deny;
+mod federation;
 mod init;
 mod issue;
 mod plan;
@@ -65,6 +66,9 @@ enum Command {
     /// A compromised workload: refuse its identity on every face (add, remove, list).
     #[command(subcommand)]
     Deny(deny::DenyCommand),
+    /// Federated trust domains: reset a peer's sequence.
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +154,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan::plan(a, cli.output),
         Command::Init(a) => init::init(a, cli.output),
         Command::Deny(c) => deny::deny(c, cli.output),
+        Command::Federation(c) => federation::federation(c, cli.output),
         Command::Token(TokenCommand::Add(a)) => init::token_add(a, cli.output),
         Command::Token(TokenCommand::List(a)) => init::token_list(a, cli.output),
         Command::Token(TokenCommand::Revoke(a)) => init::token_revoke(a, cli.output),
