@@ -195,6 +195,9 @@ pub struct ServiceAccount {
     pub node: Option<String>,
     /// The pod the token is bound to (`authentication.kubernetes.io/pod-name`), in `namespace`.
     pub pod: Option<String>,
+    /// That pod's UID (`authentication.kubernetes.io/pod-uid`): names one pod for good, where a
+    /// name may be reused (a StatefulSet's pods).
+    pub pod_uid: Option<String>,
 }
 
 /// The credentials one request carries.

@@ -28,8 +28,14 @@ use crate::auth::{AuthError, Caller, CallerKind, ServiceAccount};
 /// Where pods run, as far as the directory knows. `Err` is a directory that cannot answer now
 /// (not synced, or out of touch with the API server for too long), saying why.
 pub trait PodDirectory: Send + Sync + std::fmt::Debug {
-    /// The node pod `namespace/name` is on, if the directory knows the pod and it is scheduled.
-    fn node_of(&self, namespace: &str, pod: &str) -> Result<Option<String>, String>;
+    /// The node pod `namespace/name` is on, if the directory knows the pod and it is scheduled —
+    /// and, when `uid` is given, it is that pod (not another one given the same name since).
+    fn node_of(
+        &self,
+        namespace: &str,
+        pod: &str,
+        uid: Option<&str>,
+    ) -> Result<Option<String>, String>;
     /// Whether a pod of ServiceAccount `namespace/service_account` that has not finished
     /// (phase neither Succeeded nor Failed) is on `node`.
     fn on_node(&self, node: &str, namespace: &str, service_account: &str) -> Result<bool, String>;
@@ -172,7 +178,7 @@ impl NodeAgents {
             // The node: from the token, else from the bound pod in the directory.
             let node = match (&sa.node, &sa.pod) {
                 (Some(n), _) => Ok(Some(n.clone())),
-                (None, Some(pod)) => pods.node_of(&sa.namespace, pod),
+                (None, Some(pod)) => pods.node_of(&sa.namespace, pod, sa.pod_uid.as_deref()),
                 (None, None) => {
                     return Err(denied(
                         "its token is bound to no pod (no node-name or pod-name in the TokenReview answer): \
@@ -224,7 +230,12 @@ mod tests {
     struct Fixed(Vec<(&'static str, &'static str, &'static str, &'static str)>);
 
     impl PodDirectory for Fixed {
-        fn node_of(&self, namespace: &str, pod: &str) -> Result<Option<String>, String> {
+        fn node_of(
+            &self,
+            namespace: &str,
+            pod: &str,
+            _uid: Option<&str>,
+        ) -> Result<Option<String>, String> {
             Ok(self
                 .0
                 .iter()
@@ -253,6 +264,7 @@ mod tests {
                 name: name.into(),
                 node: node.map(Into::into),
                 pod: pod.map(Into::into),
+                pod_uid: None,
             }),
         }
     }

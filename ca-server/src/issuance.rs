@@ -671,6 +671,7 @@ mod tests {
                 name: "web".into(),
                 node: Some("node-a".into()),
                 pod: pod.map(str::to_owned),
+                pod_uid: None,
             }),
         }
     }

@@ -249,6 +249,15 @@ impl RequestPath {
         let pods = (kube.is_some()
             && ((i.enabled && !i.trusted_node_agents.is_empty()) || linkerd_restarts(config)))
         .then(|| Pods::new(i.pod_directory_max_staleness));
+        // A pod that goes takes the cached reviews of tokens bound to it along.
+        if let (Some(p), Some(r)) = (&pods, &reviewer) {
+            let r = Arc::downgrade(r);
+            p.on_gone(Box::new(move |ns, name, uid| {
+                if let Some(r) = r.upgrade() {
+                    r.forget_pod(ns, name, uid);
+                }
+            }));
+        }
         let agents = NodeAgents::new(
             i.trusted_node_agents.clone(),
             pods.clone().map(|p| p as Arc<dyn PodDirectory>),

@@ -1106,3 +1106,47 @@ async fn a_configmap_claiming_a_newer_bundle_is_put_right() {
         "a forged newer version must not pin the ConfigMap's content"
     );
 }
+
+/// A cached TokenReview answer goes with its bound pod (issue #25, item 8): once the pod
+/// directory sees the pod deleted, its token is reviewed again and refused, instead of being
+/// accepted for the rest of the cache's minute.
+#[tokio::test]
+async fn a_deleted_pods_token_stops_working_before_its_cache_entry_expires() {
+    let Some(e) = env(NEWEST, None).await else {
+        return;
+    };
+    let c = e.cluster;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    c.node(&e.admin, "node-a").await;
+    let web = c.pod(&e.admin, &prod, "web-1", Some("web"), "node-a").await;
+    let srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        // The pod directory runs when a node agent is trusted.
+        cfg.istio.trusted_node_agents = vec!["istio-system/ztunnel".into()];
+        cfg.kubernetes.token_cache_ttl = Duration::from_secs(300);
+    })
+    .await;
+    let want = format!("spiffe://cluster.local/ns/{prod}/sa/web");
+    let token = c
+        .token(&e.admin, &prod, "web", &["meshca"], 600, Some(&web))
+        .await;
+    sign(&srv, &want, &token).await.unwrap();
+    sign(&srv, &want, &token).await.unwrap();
+    let reviewer = srv.server().reviewer.clone().unwrap();
+    assert_eq!(reviewer.api_calls(), 1, "the second request used the cache");
+    Api::<Pod>::namespaced(e.admin.clone(), &prod)
+        .delete("web-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let refused = meshca_tests::eventually(Duration::from_secs(15), || async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match sign(&srv, &want, &token).await {
+            Err((Code::Unauthenticated, m)) => Some(m),
+            _ => None,
+        }
+    })
+    .await
+    .expect("the cached answer went with the pod (the cache alone would keep it 5 minutes)");
+    eprintln!("after the pod's deletion: {refused}");
+}

@@ -54,6 +54,8 @@ struct Placed {
     /// Linkerd pods: the injector's `linkerd.io/trust-root-sha256` annotation, the SHA-256 (hex)
     /// of the trust roots it put in the proxy's environment.
     trust_root: Option<Box<str>>,
+    /// Its UID.
+    uid: Option<Box<str>>,
 }
 
 /// The annotation Linkerd's proxy injector puts on every injected pod: the SHA-256 (lowercase
@@ -168,6 +170,7 @@ impl Placed {
                 owner: owner_of(p).into(),
                 labels: Box::default(),
                 trust_root: None,
+                uid: p.metadata.uid.as_deref().map(Into::into),
             },
         ))
     }
@@ -181,6 +184,8 @@ struct Index {
     synced: bool,
     /// When the directory lost touch with the API server (`None`: in touch).
     lost_at: Option<Instant>,
+    /// When the API server last said anything on the watch (an event or a bookmark).
+    heard_at: Option<Instant>,
 }
 
 impl Index {
@@ -208,12 +213,32 @@ impl Index {
     }
 }
 
+/// A watch that hears nothing — no event, no bookmark — for this long is taken as hung: the API
+/// server sends a bookmark about every minute to a watch that asks for them, so a silent minute
+/// and a half means the connection is gone without a word (a partition, a dead load balancer).
+/// The directory is then out of touch since the last time it heard anything (so it stops
+/// answering at once when `pod_directory_max_staleness` is shorter), and lists again.
+pub const WATCH_IDLE: Duration = Duration::from_secs(90);
+
+/// Someone to tell when a pod is gone (deleted, or missing from a relist): its namespace, name
+/// and UID (when known).
+pub type GoneHook = Box<dyn Fn(&str, &str, Option<&str>) + Send + Sync>;
+
 /// The directory. [`Pods::run`] keeps it current.
-#[derive(Debug)]
 pub struct Pods {
     index: RwLock<Index>,
     changes: watch::Sender<u64>,
     stale_after: Duration,
+    gone: RwLock<Vec<GoneHook>>,
+    stalls: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Pods {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pods")
+            .field("stale_after", &self.stale_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pods {
@@ -224,7 +249,29 @@ impl Pods {
             index: RwLock::new(Index::default()),
             changes: watch::channel(0).0,
             stale_after,
+            gone: RwLock::default(),
+            stalls: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Calls `f(namespace, name)` for every pod that goes (a TokenReview cache drops answers for
+    /// tokens bound to it).
+    pub fn on_gone(&self, f: GoneHook) {
+        self.gone.write().unwrap_or_else(|p| p.into_inner()).push(f);
+    }
+
+    /// Watches given up because they had been silent for [`WATCH_IDLE`].
+    pub fn watch_stalls(&self) -> u64 {
+        self.stalls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn tell_gone(&self, pods: &[(PodKey, Option<Box<str>>)]) {
+        let hooks = self.gone.read().unwrap_or_else(|p| p.into_inner());
+        for ((ns, name), uid) in pods {
+            for h in hooks.iter() {
+                h(ns, name, uid.as_deref());
+            }
+        }
     }
 
     /// Pods known.
@@ -253,7 +300,13 @@ impl Pods {
         if !ix.synced {
             return Err("the pod directory has not listed the cluster's pods yet".into());
         }
-        match ix.lost_at {
+        // Out of touch since it lost the watch, or since it last heard anything on a watch that
+        // has been silent for longer than the API server's bookmarks allow.
+        let silent = ix
+            .heard_at
+            .filter(|h| h.elapsed() > WATCH_IDLE)
+            .filter(|_| ix.lost_at.is_none());
+        match ix.lost_at.or(silent) {
             Some(t) if t.elapsed() > self.stale_after => Err(format!(
                 "the pod directory has been out of touch with the API server for {}s (more than {}s)",
                 t.elapsed().as_secs(),
@@ -280,7 +333,19 @@ impl Pods {
             }
         };
         fresh.synced = true;
-        *self.write() = fresh;
+        fresh.heard_at = Some(Instant::now());
+        let gone: Vec<(PodKey, Option<Box<str>>)> = {
+            let mut ix = self.write();
+            let gone = ix
+                .pods
+                .iter()
+                .filter(|(k, _)| !fresh.pods.contains_key(*k))
+                .map(|(k, p)| (k.clone(), p.uid.clone()))
+                .collect();
+            *ix = fresh;
+            gone
+        };
+        self.tell_gone(&gone);
         self.changed_now();
         Ok(rv)
     }
@@ -292,13 +357,26 @@ impl Pods {
             _ => return,
         };
         let Some((k, v)) = Placed::of(p) else { return };
-        self.write().put(k, (!gone).then_some(v));
+        let uid = v.uid.clone();
+        self.write().put(k.clone(), (!gone).then_some(v));
+        if gone {
+            self.tell_gone(&[(k, uid)]);
+        }
         self.changed_now();
+    }
+
+    fn heard(&self) {
+        self.write().heard_at = Some(Instant::now());
     }
 
     fn lost_touch(&self) {
         let mut ix = self.write();
-        ix.lost_at.get_or_insert_with(Instant::now);
+        // Out of touch since it last heard the API server (a silent watch) or from now.
+        let since = ix
+            .heard_at
+            .filter(|h| h.elapsed() > WATCH_IDLE)
+            .unwrap_or_else(Instant::now);
+        ix.lost_at.get_or_insert(since);
     }
 
     /// Keeps the directory current until `shutdown`: list, then watch from there; a watch that
@@ -335,6 +413,7 @@ impl Pods {
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         loop {
+            // Bookmarks are on by default: the API server sends one about every minute.
             let wp = WatchParams::default().timeout(290);
             let stream = match api.watch(&wp, &rv).await {
                 Ok(s) => s,
@@ -346,9 +425,17 @@ impl Pods {
             let mut stream = std::pin::pin!(stream);
             loop {
                 let ev = tokio::select! {
-                    ev = stream.next() => ev,
+                    ev = tokio::time::timeout(WATCH_IDLE, stream.next()) => match ev {
+                        Ok(ev) => ev,
+                        Err(_) => {
+                            self.stalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!("the pod watch has been silent for {}s (no event, no bookmark): listing again", WATCH_IDLE.as_secs());
+                            return false;
+                        }
+                    },
                     _ = shutdown.changed() => return true,
                 };
+                self.heard();
                 match ev {
                     Some(Ok(WatchEvent::Error(e))) => {
                         tracing::debug!("pod watch ended: {e}; listing again");
@@ -436,12 +523,22 @@ impl Pods {
 }
 
 impl PodDirectory for Pods {
-    fn node_of(&self, namespace: &str, pod: &str) -> Result<Option<String>, String> {
+    fn node_of(
+        &self,
+        namespace: &str,
+        pod: &str,
+        uid: Option<&str>,
+    ) -> Result<Option<String>, String> {
         let ix = self.read();
         self.usable(&ix)?;
         Ok(ix
             .pods
             .get(&(namespace.into(), pod.into()))
+            // A pod by that name but another UID is not the one the token is bound to.
+            .filter(|p| match (uid, p.uid.as_deref()) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            })
             .and_then(|p| p.node.as_deref().map(str::to_owned)))
     }
 
@@ -478,6 +575,11 @@ mod tests {
     #[test]
     fn the_index_follows_pods_being_scheduled_moved_finished_and_deleted() {
         let d = Pods::new(Duration::from_secs(30));
+        let gone = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = gone.clone();
+        d.on_gone(Box::new(move |ns, name, _| {
+            g.lock().unwrap().push(format!("{ns}/{name}"));
+        }));
         assert!(d.on_node("a", "prod", "web").is_err(), "not synced yet");
         d.write().synced = true;
         let ev = |e: WatchEvent<Pod>| d.apply(&e);
@@ -512,6 +614,7 @@ mod tests {
             "Running",
         )));
         assert_eq!(d.on_node("a", "prod", "web"), Ok(true), "web-2 still there");
+        assert_eq!(*gone.lock().unwrap(), vec!["prod/web-1".to_owned()], "told");
         ev(WatchEvent::Modified(pod(
             "prod",
             "web-2",
@@ -528,7 +631,32 @@ mod tests {
             "Running",
         )));
         assert_eq!(d.on_node("a", "prod", "api"), Ok(false));
-        assert_eq!(d.node_of("prod", "api-1"), Ok(Some("b".into())));
+        assert_eq!(d.node_of("prod", "api-1", None), Ok(Some("b".into())));
+        // The test pods carry no UID: a token's UID cannot be compared, the name decides.
+        assert_eq!(
+            d.node_of("prod", "api-1", Some("uid-1")),
+            Ok(Some("b".into()))
+        );
+        let mut again = pod("prod", "api-1", Some("c"), "api", "Running");
+        again.metadata.uid = Some("uid-2".into());
+        ev(WatchEvent::Modified(again));
+        assert_eq!(
+            d.node_of("prod", "api-1", Some("uid-1")),
+            Ok(None),
+            "another pod of the same name is not the token's"
+        );
+        assert_eq!(
+            d.node_of("prod", "api-1", Some("uid-2")),
+            Ok(Some("c".into()))
+        );
+        // Back as it was (on node b, no UID) for what follows.
+        ev(WatchEvent::Modified(pod(
+            "prod",
+            "api-1",
+            Some("b"),
+            "api",
+            "Running",
+        )));
         assert_eq!(d.read().running.len(), 1, "no empty counts are kept");
         // A pod with no ServiceAccount, and a mirror pod naming one, grant nothing.
         let mut bare = pod("other", "static-1", Some("a"), "", "Running");
@@ -540,6 +668,19 @@ mod tests {
         mirror.metadata.annotations = Some([(MIRROR_ANNOTATION.to_owned(), "h".to_owned())].into());
         ev(WatchEvent::Added(mirror));
         assert_eq!(d.on_node("a", "other", "web"), Ok(false));
+        // A watch silent past WATCH_IDLE (no event, no bookmark) is out of touch from the last
+        // time it heard anything: a quiet minute between bookmarks still answers, a hung watch
+        // stops answering WATCH_IDLE after its last word (not at the client's read timeout).
+        d.write().heard_at = Some(Instant::now() - Duration::from_secs(60));
+        assert_eq!(d.on_node("b", "prod", "api"), Ok(true), "between bookmarks");
+        d.write().heard_at = Some(Instant::now() - WATCH_IDLE - Duration::from_secs(1));
+        assert!(
+            d.on_node("b", "prod", "api")
+                .unwrap_err()
+                .contains("out of touch"),
+            "a hung watch is bounded"
+        );
+        d.write().heard_at = Some(Instant::now());
         // Out of touch for longer than the bound: no answer.
         d.write().lost_at = Some(Instant::now() - Duration::from_secs(31));
         assert!(

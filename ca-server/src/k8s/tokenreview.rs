@@ -33,12 +33,33 @@ use crate::limits::Limits;
 pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 /// The TokenReview `user.extra` key naming the pod a token is bound to.
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+/// The TokenReview `user.extra` key holding that pod's UID.
+pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// How long a gone pod's UID is remembered: longer than the API server's own caches take to see
+/// the deletion (its answers for that pod's tokens are refused meanwhile), short enough to
+/// bound the memory (at most [`GONE_PODS_MAX`] UIDs).
+pub const GONE_PODS_TTL: Duration = Duration::from_secs(300);
+/// At most this many gone pods are remembered (the oldest go first): ~100 bytes each.
+pub const GONE_PODS_MAX: usize = 10_000;
 
 type Answer = Result<ServiceAccount, AuthError>;
 
 struct Entry {
     answer: Answer,
     until: OffsetDateTime,
+}
+
+/// Whether `answer` accepts a token bound to the pod `ns/name` (with UID `uid`, when known on
+/// both sides).
+fn bound_to(answer: &Answer, ns: &str, name: &str, uid: Option<&str>) -> bool {
+    match answer {
+        Ok(sa) => match (sa.pod_uid.as_deref(), uid) {
+            (Some(a), Some(b)) => a == b,
+            _ => sa.namespace == ns && sa.pod.as_deref() == Some(name),
+        },
+        Err(_) => false,
+    }
 }
 
 /// Reviews tokens, with a bounded cache. A token that cannot be a ServiceAccount JWT for this
@@ -57,6 +78,9 @@ pub struct TokenReviewer {
     calls: AtomicU64,
     keys: super::jwks::SigningKeys,
     forged: AtomicU64,
+    /// Pods the pod directory saw go, by UID, with when: a review that still accepts a token
+    /// bound to one (the API server's caches lag its own deletion) is refused, not cached.
+    gone: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 type Flights = std::sync::Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Answer>>>>;
@@ -123,6 +147,7 @@ impl TokenReviewer {
             calls: AtomicU64::new(0),
             keys: super::jwks::SigningKeys::new(client.clone()),
             forged: AtomicU64::new(0),
+            gone: Default::default(),
             client,
         }
     }
@@ -154,6 +179,43 @@ impl TokenReviewer {
     /// Cached answers.
     pub fn cached(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Pod `ns/name` (UID `uid`) is gone: the cached answers for tokens bound to it are
+    /// dropped, and for [`GONE_PODS_TTL`] an answer that still accepts one (the API server's own
+    /// caches see the deletion a moment later) is refused instead of used or cached.
+    pub fn forget_pod(&self, ns: &str, name: &str, uid: Option<&str>) -> usize {
+        if let Some(uid) = uid {
+            let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+            gone.retain(|_, t| t.elapsed() < GONE_PODS_TTL);
+            if gone.len() >= GONE_PODS_MAX
+                && let Some(oldest) = gone.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone())
+            {
+                gone.remove(&oldest);
+            }
+            gone.insert(uid.to_owned(), std::time::Instant::now());
+        }
+        let mut cache = self.lock();
+        let before = cache.len();
+        cache.retain(|_, e| !bound_to(&e.answer, ns, name, uid));
+        before - cache.len()
+    }
+
+    /// `answer`, or a refusal when it accepts a token bound to a pod seen gone.
+    fn unless_gone(&self, answer: Answer) -> Answer {
+        let Ok(sa) = &answer else { return answer };
+        let Some(uid) = sa.pod_uid.as_deref() else {
+            return answer;
+        };
+        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        match gone.get(uid) {
+            Some(t) if t.elapsed() < GONE_PODS_TTL => Err(AuthError::TokenRejected(format!(
+                "the pod the token is bound to, {}/{}, was deleted",
+                sa.namespace,
+                sa.pod.as_deref().unwrap_or("?")
+            ))),
+            _ => answer,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Entry>> {
@@ -220,7 +282,7 @@ impl TokenReviewer {
         // comes after it finds the cache, and the waiters only read.
         // `_flight` ends (and the entry goes) after this, or when the caller goes away.
         cell.get_or_init(|| async {
-            let answer = self.ask_within_limits(token, audience).await;
+            let answer = self.unless_gone(self.ask_within_limits(token, audience).await);
             self.remember(key, token, &answer, now);
             answer
         })
@@ -333,6 +395,7 @@ impl TokenReviewer {
         };
         sa.node = extra(EXTRA_NODE_NAME);
         sa.pod = extra(EXTRA_POD_NAME);
+        sa.pod_uid = extra(EXTRA_POD_UID);
         Ok(sa)
     }
 }
@@ -428,6 +491,7 @@ pub fn parse_service_account(user: &str) -> Option<ServiceAccount> {
         name: sa.to_owned(),
         node: None,
         pod: None,
+        pod_uid: None,
     })
 }
 
@@ -538,6 +602,7 @@ mod tests {
                 name: "web".into(),
                 node: None,
                 pod: None,
+                pod_uid: None,
             })
         );
         for bad in [
