@@ -439,6 +439,26 @@ pub struct Metrics {
     /// `meshca_issuer_source_refusals_total`: issuers from `kubernetes.issuer_secret`
     /// (cert-manager) that were not adopted (the last good issuer keeps signing).
     pub issuer_source_refusals: Counter,
+    /// `meshca_pod_watch_stalls_total`: pod watches given up after hearing nothing (no event,
+    /// no bookmark) for `k8s::pods::WATCH_IDLE`.
+    pub pod_watch_stalls: Counter,
+}
+
+/// The Kubernetes counters: issuers refused from `kubernetes.issuer_secret`, pod watches stalled.
+fn register_kubernetes(registry: &mut Registry) -> (Counter, Counter) {
+    let issuer_source_refusals = Counter::default();
+    registry.register(
+        "issuer_source_refusals",
+        "Issuers read from kubernetes.issuer_secret and refused (the last good one keeps signing)",
+        issuer_source_refusals.clone(),
+    );
+    let pod_watch_stalls = Counter::default();
+    registry.register(
+        "pod_watch_stalls",
+        "Pod watches given up after hearing nothing, not even a bookmark, for 90 s (listed again)",
+        pod_watch_stalls.clone(),
+    );
+    (issuer_source_refusals, pod_watch_stalls)
 }
 
 /// `success` or `failure`.
@@ -504,12 +524,7 @@ impl Metrics {
             "Connections and requests refused by a [limits] cap, by limit",
             limit_refusals.clone(),
         );
-        let issuer_source_refusals = Counter::default();
-        registry.register(
-            "issuer_source_refusals",
-            "Issuers read from kubernetes.issuer_secret and refused (the last good one keeps signing)",
-            issuer_source_refusals.clone(),
-        );
+        let (issuer_source_refusals, pod_watch_stalls) = register_kubernetes(&mut registry);
         let authority = AuthorityMetrics::default();
         authority.register(&mut registry);
         let m = Self {
@@ -523,6 +538,7 @@ impl Metrics {
             rotation_failures,
             limit_refusals,
             issuer_source_refusals,
+            pod_watch_stalls,
         };
         m.start_at_zero();
         m

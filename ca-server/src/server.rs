@@ -248,7 +248,12 @@ impl RequestPath {
         let i = &config.istio;
         let pods = (kube.is_some()
             && ((i.enabled && !i.trusted_node_agents.is_empty()) || linkerd_restarts(config)))
-        .then(|| Pods::new(i.pod_directory_max_staleness));
+        .then(|| {
+            Pods::with_stall_counter(
+                i.pod_directory_max_staleness,
+                metrics.pod_watch_stalls.clone(),
+            )
+        });
         // A pod that goes takes the cached reviews of tokens bound to it along.
         if let (Some(p), Some(r)) = (&pods, &reviewer) {
             let r = Arc::downgrade(r);

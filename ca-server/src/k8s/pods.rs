@@ -230,7 +230,7 @@ pub struct Pods {
     changes: watch::Sender<u64>,
     stale_after: Duration,
     gone: RwLock<Vec<GoneHook>>,
-    stalls: std::sync::atomic::AtomicU64,
+    stalls: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Pods {
@@ -250,7 +250,21 @@ impl Pods {
             changes: watch::channel(0).0,
             stale_after,
             gone: RwLock::default(),
-            stalls: std::sync::atomic::AtomicU64::new(0),
+            stalls: prometheus_client::metrics::counter::Counter::default(),
+        })
+    }
+
+    /// Counts stalled watches in `stalls` (`meshca_pod_watch_stalls_total`).
+    pub fn with_stall_counter(
+        stale_after: Duration,
+        stalls: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            index: RwLock::new(Index::default()),
+            changes: watch::channel(0).0,
+            stale_after,
+            gone: RwLock::default(),
+            stalls,
         })
     }
 
@@ -262,7 +276,7 @@ impl Pods {
 
     /// Watches given up because they had been silent for [`WATCH_IDLE`].
     pub fn watch_stalls(&self) -> u64 {
-        self.stalls.load(std::sync::atomic::Ordering::Relaxed)
+        self.stalls.get()
     }
 
     fn tell_gone(&self, pods: &[(PodKey, Option<Box<str>>)]) {
@@ -428,7 +442,7 @@ impl Pods {
                     ev = tokio::time::timeout(WATCH_IDLE, stream.next()) => match ev {
                         Ok(ev) => ev,
                         Err(_) => {
-                            self.stalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.stalls.inc();
                             tracing::warn!("the pod watch has been silent for {}s (no event, no bookmark): listing again", WATCH_IDLE.as_secs());
                             return false;
                         }
