@@ -293,6 +293,24 @@ fn meshca_check_exit_codes() {
     let ((code, v), (off_code, _)) = case("fresh", "365days");
     assert_eq!((code, off_code), (0, 0), "{v}");
     assert_eq!(v["source"], "server");
+    // Fail-closed (issue #30): the server stopped and no --offline: the CA being down is itself
+    // critical, whatever the state dir says.
+    let (code, v) = meshca_check(&[
+        "--state-dir",
+        tmp.path().join("fresh/state").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{v}");
+    assert_eq!(
+        (v["source"].as_str(), v["policy"].as_str()),
+        (Some("state-dir"), Some("default"))
+    );
+    assert!(
+        v["findings"][0]["what"]
+            .as_str()
+            .unwrap()
+            .contains("no meshca-server answers"),
+        "{v}"
+    );
     let ((code, v), (off_code, _)) = case("warning", "60days");
     assert_eq!((code, off_code), (1, 1), "{v}");
     assert!(

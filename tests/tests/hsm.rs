@@ -522,9 +522,9 @@ async fn a_bad_token_setting_is_refused_and_changes_nothing() {
         out.contains("\"key_store\": \"pkcs11:token=meshca;id="),
         "{out}"
     );
-    let (code, out) = offline(&["check"], &hsm.pin_file);
+    let (code, out) = offline(&["check", "--offline"], &hsm.pin_file);
     assert!(matches!(code, Some(0 | 1)), "{out}");
-    let (code, out) = offline(&["check"], &bad_pin);
+    let (code, out) = offline(&["check", "--offline"], &bad_pin);
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("wrong PIN"), "{out}");
     let before = snapshot_dir(&state);
@@ -533,7 +533,7 @@ async fn a_bad_token_setting_is_refused_and_changes_nothing() {
     softhsm_util(&util, &hsm.conf, INIT_TOKEN);
     let err = refused(hsm.spawn(&state));
     assert!(err.contains("has no key with id"), "{err}");
-    let (code, out) = offline(&["check"], &hsm.pin_file);
+    let (code, out) = offline(&["check", "--offline"], &hsm.pin_file);
     assert_ne!(code, Some(0), "{out}");
     assert!(out.contains("has no key with id"), "{out}");
     assert_eq!(snapshot_dir(&state), before, "the state is untouched");

@@ -3,6 +3,12 @@
 //! Exit codes: 0 all good, 1 a warning, 2 something critical, 3 nothing to check (no server
 //! answers and the state dir holds no readable authority). One line per finding, with the number
 //! of days and the command that fixes it.
+//!
+//! The rule (issue #30): `meshca check` checks the running CA. When no server answers on the
+//! admin socket, that is itself a **critical** finding (exit 2) — a cron job or CI gate must not
+//! stay green while the CA is down — and the state dir is still judged and reported, with the
+//! default policy's rotation times (the server's configuration is not read; the output says so).
+//! `--offline` asks for the state dir alone: no server is expected then.
 
 use std::time::Duration;
 
@@ -252,7 +258,22 @@ pub fn check(a: &CheckArgs, output: Output) -> u8 {
             return 3;
         }
     };
-    let found = findings(&doc, a);
+    let mut found = findings(&doc, a);
+    let from_server = doc.server.is_some();
+    if !from_server && !a.status.offline {
+        found.insert(
+            0,
+            Finding {
+                severity: Severity::Critical,
+                what: format!(
+                    "no meshca-server answers on {}: the CA may be down (the state dir was read instead, judged with the default policy, not the server's)",
+                    a.status.admin.socket().display()
+                ),
+                days: None,
+                fix: "start meshca-server (or pass --offline to judge the state dir alone)".into(),
+            },
+        );
+    }
     let worst = found
         .iter()
         .map(|f| f.severity)
@@ -269,7 +290,8 @@ pub fn check(a: &CheckArgs, output: Output) -> u8 {
             json!({
                 "status": worst.name(),
                 "exit_code": code,
-                "source": if doc.server.is_some() { "server" } else { "state-dir" },
+                "source": if from_server { "server" } else { "state-dir" },
+                "policy": if from_server { "server" } else { "default" },
                 "findings": found.iter().map(|f| json!({
                     "severity": f.severity.name(), "what": f.what, "days": f.days, "fix": f.fix,
                 })).collect::<Vec<_>>(),
