@@ -458,3 +458,37 @@ fn a_real_prometheus_fires_the_expected_alert_only() {
     }
     meshca.kill();
 }
+
+/// The alert table in docs/runbooks/alerts.md names exactly the alerts the rules file ships, and
+/// each has its runbook section (issue #30: the table had drifted to 12 of 15).
+#[test]
+fn the_runbook_table_lists_every_shipped_alert() {
+    let root = meshca_tests::repo();
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/meshca-rules.yaml")).unwrap();
+    let shipped: std::collections::BTreeSet<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .map(str::trim)
+        .collect();
+    let runbook = std::fs::read_to_string(root.join("docs/runbooks/alerts.md")).unwrap();
+    let table: std::collections::BTreeSet<&str> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("| Meshca"))
+        .filter_map(|l| l.split('|').next())
+        .map(str::trim)
+        .collect();
+    let table: std::collections::BTreeSet<String> =
+        table.iter().map(|t| format!("Meshca{t}")).collect();
+    let shipped: std::collections::BTreeSet<String> =
+        shipped.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(
+        table, shipped,
+        "the runbook's table and the rules file differ"
+    );
+    for a in &shipped {
+        assert!(
+            runbook.contains(&format!("## {a}")),
+            "no runbook section for {a}"
+        );
+    }
+}
