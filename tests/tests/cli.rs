@@ -533,3 +533,28 @@ async fn token_files_are_usable_as_raw_header_values() {
         "the redirected token authenticates"
     );
 }
+
+/// `meshca issue` without `--instance-id` renews the same output as the same workload (issue
+/// #30, item 4): three renewals of `web` and one of `db` are two live workloads, not four, so the
+/// measured gates do not wait for superseded leaves to expire.
+#[tokio::test]
+async fn renewing_the_same_output_is_the_same_workload() {
+    let srv = meshca_tests::TestServer::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let (url, dir, cwd) = (srv.url.clone(), srv.state_dir(), work.path().to_owned());
+    tokio::task::spawn_blocking(move || {
+        for name in ["web", "web", "web", "db"] {
+            meshca_tests::cli_issue(&url, &dir, name, &cwd);
+        }
+    })
+    .await
+    .unwrap();
+    let (code, out, err) =
+        meshca_tests::meshca_in(&srv.state_dir(), &["status", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["anchor_rotation"]["ledger"]["live_workloads"], 2,
+        "web renewed three times is one workload: {out}"
+    );
+}

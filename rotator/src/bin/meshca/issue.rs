@@ -40,12 +40,37 @@ pub struct IssueArgs {
     /// Requested lifetime, e.g. 24h (the server clamps it).
     #[arg(long, value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
-    /// Optional instance id (e.g. a pod UID) for bundle-convergence tracking.
+    /// Instance id for bundle-convergence tracking (e.g. a pod UID). Default: derived from this
+    /// host and the `--out` path, so renewing the same output counts as the same workload.
     #[arg(long, default_value = "")]
     instance_id: String,
     /// Output prefix: writes PREFIX.crt (leaf then issuer), PREFIX.key (0600), PREFIX.bundle.pem.
     #[arg(long, value_name = "PREFIX")]
     out: PathBuf,
+}
+
+/// The instance this request renews: `--instance-id`, else `cli:` and a hash of (host name,
+/// absolute `--out` path, SPIFFE ID) — stable across renewals of the same output on one host, so
+/// the ledger counts them as one workload (a new key each time would otherwise look like a new
+/// workload until the old leaf expired, holding the measured gates closed).
+fn instance_id(a: &IssueArgs) -> String {
+    if !a.instance_id.is_empty() {
+        return a.instance_id.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "localhost".into());
+    let out = std::path::absolute(&a.out).unwrap_or_else(|_| a.out.clone());
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [
+        host.trim().as_bytes(),
+        out.as_os_str().as_encoded_bytes(),
+        a.spiffe_id.as_str().as_bytes(),
+    ] {
+        ctx.update(part);
+        ctx.update(&[0]);
+    }
+    format!("cli:{}", hex::encode(&ctx.finish().as_ref()[..8]))
 }
 
 pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
@@ -80,7 +105,7 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
             seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
             nanos: 0,
         }),
-        instance_id: a.instance_id.clone(),
+        instance_id: instance_id(&a),
     });
     if let Some(t) = &token {
         let v = format!("Bearer {}", t.as_str()).parse().map_err(|_| {
