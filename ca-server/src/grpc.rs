@@ -226,21 +226,9 @@ impl IdentityService for MeshcaV1 {
             })
             .map_err(|e| crate::codes::limit(&e))?;
         // A stream counts toward bundle convergence only when the watcher is known: it sent an
-        // instance id and authenticated with a client certificate from this CA that passes the
-        // checks a renewal with it would (not expired, its issuer not revoked, the path pinned,
-        // not denied), so nobody can mark another SPIFFE ID's instances as up to date. The
-        // checks run again before each message counted: a stream outlives its certificate.
-        let creds = peer.and_then(|p| {
-            p.client_cert
-                .clone()
-                .map(|c| (c, p.client_intermediates.clone()))
-        });
-        let core = self.issuer.clone();
-        let may_count = move || {
-            creds
-                .as_ref()
-                .is_some_and(|(c, i)| core.watcher_may_count(c, i).is_ok())
-        };
+        // instance id and authenticated with a certificate that still passes (`may_count`), so
+        // nobody can mark another SPIFFE ID's instances as up to date.
+        let may_count = self.may_count(peer);
         let who = spiffe_id
             .filter(|_| !request.get_ref().instance_id.is_empty() && may_count())
             .map(|id| {
@@ -307,6 +295,26 @@ impl IdentityService for MeshcaV1 {
                 }
             });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl MeshcaV1 {
+    /// Whether a bundle stream from `peer` may count toward convergence, asked when it opens
+    /// and again before each message counted (a stream outlives its certificate): its client
+    /// certificate passes the checks a renewal with it would (not expired, its issuer not
+    /// revoked, the path pinned, not denied).
+    fn may_count(&self, peer: Option<&PeerInfo>) -> impl Fn() -> bool + Clone + Send + 'static {
+        let creds = peer.and_then(|p| {
+            p.client_cert
+                .clone()
+                .map(|c| (c, p.client_intermediates.clone()))
+        });
+        let core = self.issuer.clone();
+        move || {
+            creds
+                .as_ref()
+                .is_some_and(|(c, i)| core.watcher_may_count(c, i).is_ok())
+        }
     }
 }
 

@@ -243,6 +243,27 @@ impl NodeDenial {
     }
 }
 
+/// What every denial needs, of an identity or of a node: a reason, and an `until` (if any) in
+/// the future.
+fn check_denial(
+    reason: &str,
+    until: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> Result<(), StateError> {
+    if reason.trim().is_empty() {
+        return Err(StateError::Unusable(
+            "a denial needs a reason (--reason)".into(),
+        ));
+    }
+    match until {
+        Some(u) if u <= now => Err(StateError::Unusable(format!(
+            "--until {} is not in the future",
+            rfc3339(u)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Denial {
     /// Whether it applies at `now`.
     pub fn active(&self, now: OffsetDateTime) -> bool {
@@ -358,17 +379,7 @@ impl AuthorityState {
         until: Option<OffsetDateTime>,
         by: String,
     ) -> Result<Self, StateError> {
-        if reason.trim().is_empty() {
-            return Err(StateError::Unusable(
-                "a denial needs a reason (--reason)".into(),
-            ));
-        }
-        if until.is_some_and(|u| u <= now) {
-            return Err(StateError::Unusable(format!(
-                "--until {} is not in the future",
-                rfc3339(until.unwrap_or(now))
-            )));
-        }
+        check_denial(&reason, until, now)?;
         let mut s = self.clone();
         s.denied.retain(|d| d.pattern != pattern);
         s.record(now, format!("identity_denied {pattern}: {reason}"));
@@ -484,17 +495,7 @@ impl AuthorityState {
                 "{node:?} is not a Kubernetes node name (lowercase letters, digits, '-' and '.')"
             )));
         }
-        if reason.trim().is_empty() {
-            return Err(StateError::Unusable(
-                "a denial needs a reason (--reason)".into(),
-            ));
-        }
-        if until.is_some_and(|u| u <= now) {
-            return Err(StateError::Unusable(format!(
-                "--until {} is not in the future",
-                rfc3339(until.unwrap_or(now))
-            )));
-        }
+        check_denial(&reason, until, now)?;
         let mut s = self.clone();
         s.denied_nodes.retain(|d| d.node != node);
         s.record(now, format!("node_denied {node}: {reason}"));

@@ -321,6 +321,89 @@ fn stored_at(k: &crate::pki::SecretKey) -> Option<String> {
     }
 }
 
+/// The TRUST-ANCHOR ROTATION section's ledger lines: convergence (by face), revoked issuers'
+/// leaves, Linkerd proxies, live leaves by anchor.
+fn render_ledger(o: &mut String, l: &LedgerEntry) {
+    use std::fmt::Write;
+    let at = |t: OffsetDateTime| crate::clock::rfc3339(t);
+    let _ = writeln!(
+        o,
+        "  bundle convergence: {} of {} live workloads ({:.1} %) hold bundle v{} or newer",
+        l.workloads_with_current_bundle,
+        l.live_workloads,
+        l.convergence_percent,
+        l.current_bundle_version,
+    );
+    if l.by_api.keys().any(|a| *a != crate::ledger::Api::Meshca) {
+        for (api, c) in &l.by_api {
+            let _ = writeln!(
+                o,
+                "    {:<8} {} of {} live workloads{}",
+                api.label(),
+                c.workloads_current,
+                c.live_workloads,
+                match api {
+                    crate::ledger::Api::Linkerd => {
+                        " (proxies take anchors from their pod spec, not from meshca)"
+                    }
+                    _ => "",
+                }
+            );
+        }
+    }
+    for r in &l.revoked_issuers {
+        let _ = writeln!(
+            o,
+            "  revoked issuer {}: {} live leaves{}",
+            r.issuer,
+            r.live_leaves,
+            r.last_expires
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+                .map(|t| format!(", the last expires {}", at(t)))
+                .unwrap_or_default()
+        );
+    }
+    match &l.restart_bound {
+        crate::ledger::RestartBound::NotTracked => {}
+        crate::ledger::RestartBound::Unknown { reason } => {
+            let _ = writeln!(o, "  Linkerd proxies: not counted ({reason})");
+        }
+        crate::ledger::RestartBound::Counted {
+            proxies,
+            stale,
+            by_creation_time,
+            ..
+        } => {
+            let _ = writeln!(
+                o,
+                "  Linkerd proxies started with the current anchors: {} of {proxies} ({stale} to restart: meshca anchors restarts){}",
+                proxies - (*stale).min(*proxies),
+                if *by_creation_time > 0 {
+                    format!(
+                        "; {by_creation_time} without the linkerd.io/trust-root-sha256 annotation, judged by creation time"
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    let by: Vec<String> = l
+        .live_leaves_by_anchor
+        .iter()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
+    let _ = writeln!(
+        o,
+        "  live leaves by anchor: {}",
+        if by.is_empty() {
+            "none".into()
+        } else {
+            by.join(", ")
+        }
+    );
+}
+
 /// The status of `s` at `now` under `policy`; `ledger` is the running server's issuance ledger
 /// (`None` when read from a state dir: gates are then time-based only).
 pub fn document(
@@ -620,84 +703,7 @@ pub fn render(v: &Status) -> String {
     let r = &v.anchor_rotation;
     let _ = writeln!(o, "\nTRUST-ANCHOR ROTATION   phase {}", r.phase);
     match &r.ledger {
-        Some(l) => {
-            let _ = writeln!(
-                o,
-                "  bundle convergence: {} of {} live workloads ({:.1} %) hold bundle v{} or newer",
-                l.workloads_with_current_bundle,
-                l.live_workloads,
-                l.convergence_percent,
-                l.current_bundle_version,
-            );
-            if l.by_api.keys().any(|a| *a != crate::ledger::Api::Meshca) {
-                for (api, c) in &l.by_api {
-                    let _ = writeln!(
-                        o,
-                        "    {:<8} {} of {} live workloads{}",
-                        api.label(),
-                        c.workloads_current,
-                        c.live_workloads,
-                        match api {
-                            crate::ledger::Api::Linkerd => {
-                                " (proxies take anchors from their pod spec, not from meshca)"
-                            }
-                            _ => "",
-                        }
-                    );
-                }
-            }
-            for r in &l.revoked_issuers {
-                let _ = writeln!(
-                    o,
-                    "  revoked issuer {}: {} live leaves{}",
-                    r.issuer,
-                    r.live_leaves,
-                    r.last_expires
-                        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
-                        .map(|t| format!(", the last expires {}", at(t)))
-                        .unwrap_or_default()
-                );
-            }
-            match &l.restart_bound {
-                crate::ledger::RestartBound::NotTracked => {}
-                crate::ledger::RestartBound::Unknown { reason } => {
-                    let _ = writeln!(o, "  Linkerd proxies: not counted ({reason})");
-                }
-                crate::ledger::RestartBound::Counted {
-                    proxies,
-                    stale,
-                    by_creation_time,
-                    ..
-                } => {
-                    let _ = writeln!(
-                        o,
-                        "  Linkerd proxies started with the current anchors: {} of {proxies} ({stale} to restart: meshca anchors restarts){}",
-                        proxies - (*stale).min(*proxies),
-                        if *by_creation_time > 0 {
-                            format!(
-                                "; {by_creation_time} without the linkerd.io/trust-root-sha256 annotation, judged by creation time"
-                            )
-                        } else {
-                            String::new()
-                        }
-                    );
-                }
-            }
-            let by: Vec<String> = l
-                .live_leaves_by_anchor
-                .iter()
-                .map(|(k, n)| format!("{k}: {n}"))
-                .collect();
-            let _ = writeln!(
-                o,
-                "  live leaves by anchor: {}",
-                if by.is_empty() {
-                    "none".into()
-                } else {
-                    by.join(", ")
-                }
-            );
-        }
+        Some(l) => render_ledger(&mut o, l),
         None => {
             let _ = writeln!(
                 o,

@@ -140,47 +140,7 @@ impl Cluster {
             &dir.join("etcd.log"),
             None,
         );
-        let mut args = vec![
-            format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            format!("--secure-port={api_port}"),
-            format!("--cert-dir={}", dir.join("certs").display()),
-            format!("--tls-cert-file={}", dir.join("serving.pem").display()),
-            format!(
-                "--tls-private-key-file={}",
-                dir.join("serving.key").display()
-            ),
-            format!("--client-ca-file={}", dir.join("ca.pem").display()),
-            format!("--service-account-issuer={ISSUER}"),
-            format!(
-                "--service-account-key-file={}",
-                dir.join("sa.pub").display()
-            ),
-            format!(
-                "--service-account-signing-key-file={}",
-                dir.join("sa.key").display()
-            ),
-            format!("--api-audiences={ISSUER}"),
-            "--authorization-mode=Node,RBAC".into(),
-            "--enable-admission-plugins=NodeRestriction".into(),
-            "--service-cluster-ip-range=10.96.0.0/24".into(),
-            "--endpoint-reconciler-type=none".into(),
-            "--enable-priority-and-fairness=false".into(),
-            "--profiling=false".into(),
-            "--v=0".into(),
-        ];
-        // PodCertificateRequest (KEP-4317) and ClusterTrustBundle (KEP-3257): beta behind their
-        // gates on 1.35; v1 on 1.37.
-        match version {
-            OLDEST => {
-                args.push("--feature-gates=PodCertificateRequest=true,ClusterTrustBundle=true,ClusterTrustBundleProjection=true".into());
-                args.push("--runtime-config=certificates.k8s.io/v1beta1/podcertificaterequests=true,certificates.k8s.io/v1beta1/clustertrustbundles=true".into());
-            }
-            _ => {
-                args.push("--runtime-config=certificates.k8s.io/v1beta1=true".into());
-            }
-        }
+        let args = apiserver_args(version, &dir, &etcd_url, api_port);
         let apiserver = supervised(
             &bin.join("kube-apiserver"),
             &args,
@@ -606,6 +566,52 @@ async fn set_running(api: &Api<Pod>, name: &str) -> Pod {
     )
     .await
     .unwrap_or_else(|e| panic!("set Pod {name} Running: {e}"))
+}
+
+/// kube-apiserver's flags, configured as a cluster is (see the module's docs).
+fn apiserver_args(version: &str, dir: &Path, etcd_url: &str, api_port: u16) -> Vec<String> {
+    let mut args = vec![
+        format!("--etcd-servers={etcd_url}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        format!("--secure-port={api_port}"),
+        format!("--cert-dir={}", dir.join("certs").display()),
+        format!("--tls-cert-file={}", dir.join("serving.pem").display()),
+        format!(
+            "--tls-private-key-file={}",
+            dir.join("serving.key").display()
+        ),
+        format!("--client-ca-file={}", dir.join("ca.pem").display()),
+        format!("--service-account-issuer={ISSUER}"),
+        format!(
+            "--service-account-key-file={}",
+            dir.join("sa.pub").display()
+        ),
+        format!(
+            "--service-account-signing-key-file={}",
+            dir.join("sa.key").display()
+        ),
+        format!("--api-audiences={ISSUER}"),
+        "--authorization-mode=Node,RBAC".into(),
+        "--enable-admission-plugins=NodeRestriction".into(),
+        "--service-cluster-ip-range=10.96.0.0/24".into(),
+        "--endpoint-reconciler-type=none".into(),
+        "--enable-priority-and-fairness=false".into(),
+        "--profiling=false".into(),
+        "--v=0".into(),
+    ];
+    // PodCertificateRequest (KEP-4317) and ClusterTrustBundle (KEP-3257): beta behind their
+    // gates on 1.35; v1 on 1.37.
+    match version {
+        OLDEST => {
+            args.push("--feature-gates=PodCertificateRequest=true,ClusterTrustBundle=true,ClusterTrustBundleProjection=true".into());
+            args.push("--runtime-config=certificates.k8s.io/v1beta1/podcertificaterequests=true,certificates.k8s.io/v1beta1/clustertrustbundles=true".into());
+        }
+        _ => {
+            args.push("--runtime-config=certificates.k8s.io/v1beta1=true".into());
+        }
+    }
+    args
 }
 
 /// A client from a kubeconfig file.

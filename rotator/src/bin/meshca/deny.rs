@@ -201,47 +201,43 @@ fn export(doc: &Value, format: ExportFormat) {
     }
 }
 
+/// `[(expired) ]since <added> by <by>[, until <until>]: <reason>` of one denial row.
+fn since_line(d: &Value) -> String {
+    let s = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
+    format!(
+        "{}since {} by {}{}: {}",
+        if d["active"].as_bool() == Some(true) {
+            ""
+        } else {
+            "(expired) "
+        },
+        s("added"),
+        s("by"),
+        d["until"]
+            .as_str()
+            .map(|u| format!(", until {u}"))
+            .unwrap_or_default(),
+        s("reason"),
+    )
+}
+
 fn print_text(doc: &Value) {
     let rows = doc["denied"].as_array().cloned().unwrap_or_default();
     if rows.is_empty() {
         println!("no identity is denied");
     }
     for d in doc["denied_nodes"].as_array().into_iter().flatten() {
-        let s = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
         println!(
-            "node {}  {}since {} by {}{}: {} (its node agents act for nobody)",
-            s("node"),
-            if d["active"].as_bool() == Some(true) {
-                ""
-            } else {
-                "(expired) "
-            },
-            s("added"),
-            s("by"),
-            d["until"]
-                .as_str()
-                .map(|u| format!(", until {u}"))
-                .unwrap_or_default(),
-            s("reason"),
+            "node {}  {} (its node agents act for nobody)",
+            d["node"].as_str().unwrap_or("-"),
+            since_line(d)
         );
     }
     for d in rows {
-        let s = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
         println!(
-            "{}  {}since {} by {}{}: {}",
-            s("pattern"),
-            if d["active"].as_bool() == Some(true) {
-                ""
-            } else {
-                "(expired) "
-            },
-            s("added"),
-            s("by"),
-            d["until"]
-                .as_str()
-                .map(|u| format!(", until {u}"))
-                .unwrap_or_default(),
-            s("reason"),
+            "{}  {}",
+            d["pattern"].as_str().unwrap_or("-"),
+            since_line(&d)
         );
         let live = d["live_leaves"].as_array().cloned().unwrap_or_default();
         println!("  live leaves: {}", live.len());
