@@ -452,6 +452,14 @@ impl AdminService for Admin {
         })?;
         let policy = self.authority.policy().clone();
         let (by, reason) = (operator(), r.reason.trim().to_owned());
+        // The leaves it signed that are live at the moment of revocation: counted before the
+        // commit, since its watchers are told to renew as soon as it is published and their
+        // renewals supersede those leaves within milliseconds.
+        let now = self.authority.clock().now().unix_timestamp();
+        let (live, last) = self
+            .authority
+            .ledger()
+            .with(|l| l.live_under_issuer(&id, now));
         self.authority
             .transition(|s, now| {
                 s.revoke_issuer(&policy, now, &id, reason.clone(), by.clone())
@@ -463,22 +471,14 @@ impl AdminService for Admin {
             .authority
             .read(|s| s.active_issuer().map(|i| i.cert.id().to_string()))
             .await;
-        let left = self
-            .authority
-            .ledger_summary()
-            .await
-            .revoked_issuers
-            .into_iter()
-            .find(|l| l.issuer == id);
         tracing::warn!(target: "meshca::audit", operator = %by, issuer = %id, reason = %reason,
             active = %active.clone().unwrap_or_default(), "issuer revoked by an operator");
         Ok(Response::new(RevokeIssuerResponse {
             json: serde_json::json!({
                 "revoked": id.to_string(),
                 "active": active,
-                "live_leaves": left.as_ref().map_or(0, |l| l.live_leaves),
-                "last_expires": left
-                    .and_then(|l| l.last_expires)
+                "live_leaves": live,
+                "last_expires": last
                     .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
                     .map(rfc3339),
             })
