@@ -245,13 +245,10 @@ impl Pods {
     /// An empty directory that answers "cannot say" until synced, and again when out of touch
     /// with the API server for longer than `stale_after`.
     pub fn new(stale_after: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            index: RwLock::new(Index::default()),
-            changes: watch::channel(0).0,
+        Self::with_stall_counter(
             stale_after,
-            gone: RwLock::default(),
-            stalls: prometheus_client::metrics::counter::Counter::default(),
-        })
+            prometheus_client::metrics::counter::Counter::default(),
+        )
     }
 
     /// Counts stalled watches in `stalls` (`meshca_pod_watch_stalls_total`).
