@@ -32,6 +32,9 @@ pub mod metrics;
 pub mod server;
 pub mod signing;
 pub(crate) mod tls;
+/// The pod directory node-agent authorization reads (`k8s::pods`), for tests that run it
+/// against a real API server on their own terms (a short watch timeout).
+pub use k8s::pods::{Pods as PodIndex, Watching as PodWatching};
 /// For programs that run lower-priority work beside a server (the abuse benchmark's attackers).
 pub use tls::lower_this_threads_priority;
 

@@ -442,10 +442,13 @@ pub struct Metrics {
     /// `meshca_pod_watch_stalls_total`: pod watches given up after hearing nothing (no event,
     /// no bookmark) for `k8s::pods::WATCH_IDLE`.
     pub pod_watch_stalls: Counter,
+    /// `meshca_pod_watch_expired_total`: pod watches answered `410 Gone` (listed again).
+    pub pod_watch_expired: Counter,
 }
 
-/// The Kubernetes counters: issuers refused from `kubernetes.issuer_secret`, pod watches stalled.
-fn register_kubernetes(registry: &mut Registry) -> (Counter, Counter) {
+/// The Kubernetes counters: issuers refused from `kubernetes.issuer_secret`, pod watches stalled
+/// and expired.
+fn register_kubernetes(registry: &mut Registry) -> (Counter, Counter, Counter) {
     let issuer_source_refusals = Counter::default();
     registry.register(
         "issuer_source_refusals",
@@ -458,7 +461,13 @@ fn register_kubernetes(registry: &mut Registry) -> (Counter, Counter) {
         "Pod watches given up after hearing nothing, not even a bookmark, for 90 s (listed again)",
         pod_watch_stalls.clone(),
     );
-    (issuer_source_refusals, pod_watch_stalls)
+    let pod_watch_expired = Counter::default();
+    registry.register(
+        "pod_watch_expired",
+        "Pod watches answered 410 Gone (their resourceVersion was compacted; listed again)",
+        pod_watch_expired.clone(),
+    );
+    (issuer_source_refusals, pod_watch_stalls, pod_watch_expired)
 }
 
 /// `success` or `failure`.
@@ -524,7 +533,8 @@ impl Metrics {
             "Connections and requests refused by a [limits] cap, by limit",
             limit_refusals.clone(),
         );
-        let (issuer_source_refusals, pod_watch_stalls) = register_kubernetes(&mut registry);
+        let (issuer_source_refusals, pod_watch_stalls, pod_watch_expired) =
+            register_kubernetes(&mut registry);
         let authority = AuthorityMetrics::default();
         authority.register(&mut registry);
         let m = Self {
@@ -539,6 +549,7 @@ impl Metrics {
             limit_refusals,
             issuer_source_refusals,
             pod_watch_stalls,
+            pod_watch_expired,
         };
         m.start_at_zero();
         m

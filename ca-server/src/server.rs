@@ -249,9 +249,13 @@ impl RequestPath {
         let pods = (kube.is_some()
             && ((i.enabled && !i.trusted_node_agents.is_empty()) || linkerd_restarts(config)))
         .then(|| {
-            Pods::with_stall_counter(
+            Pods::watching(
                 i.pod_directory_max_staleness,
-                metrics.pod_watch_stalls.clone(),
+                crate::k8s::pods::Watching {
+                    stalls: metrics.pod_watch_stalls.clone(),
+                    expired: metrics.pod_watch_expired.clone(),
+                    ..Default::default()
+                },
             )
         });
         // A pod that goes takes the cached reviews of tokens bound to it along.

@@ -40,6 +40,8 @@ pub struct Cluster {
     pub version: &'static str,
     /// `https://127.0.0.1:<port>`.
     pub url: String,
+    /// etcd's client URL, `http://127.0.0.1:<port>`.
+    pub etcd_url: String,
     /// Where its files are (certificates, kubeconfigs, etcd's data).
     pub dir: PathBuf,
     ca_pem: String,
@@ -66,7 +68,7 @@ impl Cluster {
             return Some(c);
         }
         let bin = binaries(version)?;
-        let c: &'static Cluster = Box::leak(Box::new(Cluster::start(version, &bin)));
+        let c: &'static Cluster = Box::leak(Box::new(Cluster::start(version, &bin, &[])));
         all.insert(version, c);
         Some(c)
     }
@@ -74,16 +76,22 @@ impl Cluster {
     /// A cluster of `version` for one test alone (one that stops it), started now; `None` as
     /// for [`Cluster::shared`]. It stops when dropped, or when the test binary ends.
     pub fn private(version: &'static str) -> Option<Cluster> {
+        Self::private_with(version, &[])
+    }
+
+    /// As [`Cluster::private`], the API server started with `extra` flags as well (for example
+    /// `--watch-cache=false`, so that watches are served by etcd and see its compactions).
+    pub fn private_with(version: &'static str, extra: &[&str]) -> Option<Cluster> {
         let bin = binaries(version)?;
-        Some(Cluster::start(version, &bin))
+        Some(Cluster::start(version, &bin, extra))
     }
 
     /// Starts a cluster, trying again (new ports, new files) when one does not become ready: a
     /// free port picked here may be taken by another process before the server binds it.
-    fn start(version: &'static str, bin: &Path) -> Self {
+    fn start(version: &'static str, bin: &Path, extra: &[&str]) -> Self {
         let mut failures = Vec::new();
         for _ in 0..3 {
-            match Self::try_start(version, bin) {
+            match Self::try_start(version, bin, extra) {
                 Ok(c) => return c,
                 Err(e) => {
                     eprintln!("cluster: {e}; starting again");
@@ -97,7 +105,7 @@ impl Cluster {
         );
     }
 
-    fn try_start(version: &'static str, bin: &Path) -> Result<Self, String> {
+    fn try_start(version: &'static str, bin: &Path, extra: &[&str]) -> Result<Self, String> {
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let begin = Instant::now();
         let dir = std::env::temp_dir().join(format!(
@@ -140,7 +148,8 @@ impl Cluster {
             &dir.join("etcd.log"),
             None,
         );
-        let args = apiserver_args(version, &dir, &etcd_url, api_port);
+        let mut args = apiserver_args(version, &dir, &etcd_url, api_port);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         let apiserver = supervised(
             &bin.join("kube-apiserver"),
             &args,
@@ -151,6 +160,7 @@ impl Cluster {
         let mut c = Self {
             version,
             url: format!("https://127.0.0.1:{api_port}"),
+            etcd_url,
             dir,
             ca_pem,
             ca,
@@ -501,6 +511,22 @@ impl Cluster {
         applied
     }
 
+    /// Compacts etcd at its current revision, as the API server does every five minutes (and
+    /// etcd's own auto-compaction would): every older resourceVersion is gone, so a watch from
+    /// one is answered `410 Gone` (when watches reach etcd: `--watch-cache=false`). Through
+    /// etcd's JSON gateway; returns the revision compacted at.
+    pub async fn compact_etcd(&self) -> u64 {
+        let range = etcd_post(&self.etcd_url, "/v3/kv/range", r#"{"key":"AA=="}"#).await;
+        let rev: u64 = range["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("etcd's revision in {range}"));
+        let body = format!(r#"{{"revision":"{rev}","physical":true}}"#);
+        let done = etcd_post(&self.etcd_url, "/v3/kv/compaction", &body).await;
+        assert!(done.get("header").is_some(), "etcd compaction: {done}");
+        rev
+    }
+
     /// etcd's and kube-apiserver's logs, for a failing test's message.
     pub fn logs_at(&self) -> String {
         self.dir.display().to_string()
@@ -556,6 +582,30 @@ fn rebase(d: &mut serde_json::Value, ns: &str, target: &str) {
             }
         }
     }
+}
+
+/// POSTs `body` to etcd's JSON gateway at `base` + `path` (plain HTTP/1.1 on loopback) and
+/// returns the JSON it answers.
+async fn etcd_post(base: &str, path: &str, body: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host)
+        .await
+        .unwrap_or_else(|e| panic!("etcd at {host}: {e}"));
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("etcd request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("etcd answer");
+    let json = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // A chunked answer: the JSON object is between the first `{` and the last `}`.
+    let json = json
+        .find('{')
+        .zip(json.rfind('}'))
+        .map_or("", |(a, b)| &json[a..=b]);
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("etcd answered {out:?}: {e}"))
 }
 
 async fn set_running(api: &Api<Pod>, name: &str) -> Pod {

@@ -1155,3 +1155,71 @@ async fn a_deleted_pods_token_stops_working_before_its_cache_entry_expires() {
     .expect("the cached answer went with the pod (the cache alone would keep it 5 minutes)");
     eprintln!("after the pod's deletion: {refused}");
 }
+
+/// A watch expired by compaction (issue #24): with watches served by etcd
+/// (`--watch-cache=false`), the directory's watch ends, resumes from the last pod's
+/// resourceVersion, and etcd — compacted past it meanwhile — answers `410 Gone`. The directory
+/// counts it (`meshca_pod_watch_expired_total`), says so, lists again, and holds every pod that
+/// changed while it was away; without compaction a resumed watch is not counted as expired.
+#[tokio::test]
+async fn a_pod_watch_expired_by_etcd_compaction_lists_again_and_says_so() {
+    use ca_server::impersonation::PodDirectory as _;
+    use ca_server::{PodIndex as Pods, PodWatching as Watching};
+    let Some(cluster) = Cluster::private_with(NEWEST, &["--watch-cache=false"]) else {
+        return;
+    };
+    let c = &cluster;
+    let admin = c.admin().await;
+    let ns = c.namespace(&admin, "prod").await;
+    c.service_account(&admin, &ns, "web").await;
+    c.node(&admin, "node-a").await;
+    c.pod(&admin, &ns, "web-1", Some("web"), "node-a").await;
+    // Watches of 1 s: each ends and resumes from the last pod event's resourceVersion.
+    let pods = Pods::watching(
+        Duration::from_secs(30),
+        Watching {
+            timeout: Duration::from_secs(1),
+            ..Watching::default()
+        },
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(pods.clone().run(admin.clone(), stopped));
+    let knows = |name: &str| matches!(pods.node_of(&ns, name, None), Ok(Some(n)) if n == "node-a");
+    meshca_tests::eventually(Duration::from_secs(20), || async {
+        knows("web-1").then_some(())
+    })
+    .await
+    .expect("the directory lists web-1");
+    // Resumed watches that nothing compacted: several ends, no expiry.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(pods.watches_expired(), 0, "a resumed watch is not expired");
+    // Other writes move etcd's revision past the last pod event, then compaction removes it.
+    let cms = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), &ns);
+    for i in 0..3 {
+        let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": format!("filler-{i}")}}),
+        )
+        .unwrap();
+        cms.create(&Default::default(), &cm).await.unwrap();
+    }
+    let rev = c.compact_etcd().await;
+    let expired = meshca_tests::eventually(Duration::from_secs(20), || async {
+        (pods.watches_expired() > 0).then_some(pods.watches_expired())
+    })
+    .await
+    .expect("the resumed watch is answered 410 Gone and counted");
+    eprintln!("compacted at revision {rev}: {expired} watch(es) expired, listed again");
+    // After the relist it follows again: a new pod appears, a deleted one goes.
+    c.pod(&admin, &ns, "web-2", Some("web"), "node-a").await;
+    Api::<Pod>::namespaced(admin.clone(), &ns)
+        .delete("web-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    meshca_tests::eventually(Duration::from_secs(20), || async {
+        (knows("web-2") && !knows("web-1")).then_some(())
+    })
+    .await
+    .expect("the relisted directory follows new changes");
+    stop.send(true).unwrap();
+    run.await.unwrap();
+}

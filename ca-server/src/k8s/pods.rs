@@ -224,13 +224,36 @@ pub const WATCH_IDLE: Duration = Duration::from_secs(90);
 /// and UID (when known).
 pub type GoneHook = Box<dyn Fn(&str, &str, Option<&str>) + Send + Sync>;
 
+/// How the directory watches, and where it counts what went wrong.
+#[derive(Debug, Clone)]
+pub struct Watching {
+    /// Each watch request's `timeoutSeconds` (the API server ends it then; it resumes from the
+    /// last resourceVersion seen). 290 s by default.
+    pub timeout: Duration,
+    /// `meshca_pod_watch_stalls_total`: watches given up after [`WATCH_IDLE`] of silence.
+    pub stalls: prometheus_client::metrics::counter::Counter,
+    /// `meshca_pod_watch_expired_total`: watches answered `410 Gone` (the resourceVersion they
+    /// resumed from was compacted away), after which the directory lists again.
+    pub expired: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for Watching {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(290),
+            stalls: prometheus_client::metrics::counter::Counter::default(),
+            expired: prometheus_client::metrics::counter::Counter::default(),
+        }
+    }
+}
+
 /// The directory. [`Pods::run`] keeps it current.
 pub struct Pods {
     index: RwLock<Index>,
     changes: watch::Sender<u64>,
     stale_after: Duration,
     gone: RwLock<Vec<GoneHook>>,
-    stalls: prometheus_client::metrics::counter::Counter,
+    watching: Watching,
 }
 
 impl std::fmt::Debug for Pods {
@@ -245,23 +268,17 @@ impl Pods {
     /// An empty directory that answers "cannot say" until synced, and again when out of touch
     /// with the API server for longer than `stale_after`.
     pub fn new(stale_after: Duration) -> Arc<Self> {
-        Self::with_stall_counter(
-            stale_after,
-            prometheus_client::metrics::counter::Counter::default(),
-        )
+        Self::watching(stale_after, Watching::default())
     }
 
-    /// Counts stalled watches in `stalls` (`meshca_pod_watch_stalls_total`).
-    pub fn with_stall_counter(
-        stale_after: Duration,
-        stalls: prometheus_client::metrics::counter::Counter,
-    ) -> Arc<Self> {
+    /// As [`Pods::new`], watching as `watching` says.
+    pub fn watching(stale_after: Duration, watching: Watching) -> Arc<Self> {
         Arc::new(Self {
             index: RwLock::new(Index::default()),
             changes: watch::channel(0).0,
             stale_after,
             gone: RwLock::default(),
-            stalls,
+            watching,
         })
     }
 
@@ -273,7 +290,21 @@ impl Pods {
 
     /// Watches given up because they had been silent for [`WATCH_IDLE`].
     pub fn watch_stalls(&self) -> u64 {
-        self.stalls.get()
+        self.watching.stalls.get()
+    }
+
+    /// Watches answered `410 Gone`, each followed by a list.
+    pub fn watches_expired(&self) -> u64 {
+        self.watching.expired.get()
+    }
+
+    /// A watch that ended in `410 Gone`: counted and said (at info: it is routine after etcd
+    /// compacts, but an operator looking at a relist should find why).
+    fn expired(&self, rv: &str, what: &dyn std::fmt::Display) {
+        self.watching.expired.inc();
+        tracing::info!(
+            "the pod watch from resourceVersion {rv} expired ({what}): listing every pod again"
+        );
     }
 
     fn tell_gone(&self, pods: &[(PodKey, Option<Box<str>>)]) {
@@ -425,9 +456,14 @@ impl Pods {
     ) -> bool {
         loop {
             // Bookmarks are on by default: the API server sends one about every minute.
-            let wp = WatchParams::default().timeout(290);
+            let secs = u32::try_from(self.watching.timeout.as_secs().max(1)).unwrap_or(290);
+            let wp = WatchParams::default().timeout(secs);
             let stream = match api.watch(&wp, &rv).await {
                 Ok(s) => s,
+                Err(kube::Error::Api(e)) if e.code == 410 => {
+                    self.expired(&rv, &e);
+                    return false;
+                }
                 Err(e) => {
                     tracing::warn!("watching pods: {e}; listing again");
                     return false;
@@ -439,7 +475,7 @@ impl Pods {
                     ev = tokio::time::timeout(WATCH_IDLE, stream.next()) => match ev {
                         Ok(ev) => ev,
                         Err(_) => {
-                            self.stalls.inc();
+                            self.watching.stalls.inc();
                             tracing::warn!("the pod watch has been silent for {}s (no event, no bookmark): listing again", WATCH_IDLE.as_secs());
                             return false;
                         }
@@ -448,6 +484,10 @@ impl Pods {
                 };
                 self.heard();
                 match ev {
+                    Some(Ok(WatchEvent::Error(e))) if e.code == 410 => {
+                        self.expired(&rv, &e);
+                        return false;
+                    }
                     Some(Ok(WatchEvent::Error(e))) => {
                         tracing::debug!("pod watch ended: {e}; listing again");
                         return false;
