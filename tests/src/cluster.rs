@@ -785,3 +785,122 @@ fn leaf(
     let cert = p.signed_by(&key, ca).expect("a certificate");
     (cert.pem(), key.serialize_pem())
 }
+
+/// What one real-server test gets: the shared cluster, an admin client, meshca's namespace (with its
+/// ServiceAccount and the deploy RBAC moved there) and the kubeconfig meshca runs with.
+pub struct Env {
+    /// The shared cluster.
+    pub cluster: &'static Cluster,
+    /// An admin client.
+    pub admin: kube::Client,
+    /// meshca's namespace.
+    pub ns: String,
+    /// The kubeconfig meshca runs with (its ServiceAccount's token).
+    pub kubeconfig: PathBuf,
+    /// (namespace in the manifests, namespace here) for namespaces other than meshca's.
+    pub elsewhere: Vec<(String, String)>,
+    _token_dir: tempfile::TempDir,
+}
+
+/// `version`'s shared cluster with a fresh namespace for meshca, its ServiceAccount and the
+/// deploy RBAC (less `skip_rule`, see [`Cluster::apply_rbac`]); `None` when the cluster cannot
+/// run here (see [`Cluster::shared`]).
+pub async fn env(version: &'static str, skip_rule: Option<&str>) -> Option<Env> {
+    env_in(version, "deploy/kubernetes", &[], skip_rule).await
+}
+
+/// As [`env`], with the RBAC `dir` renders (an overlay); each namespace in `others` (as the
+/// overlay names it, e.g. `linkerd`) is created as `<ns>-<name>` and its Roles go there
+/// ([`Env::elsewhere`]).
+pub async fn env_in(
+    version: &'static str,
+    dir: &str,
+    others: &[&str],
+    skip_rule: Option<&str>,
+) -> Option<Env> {
+    let cluster = Cluster::shared(version)?;
+    let admin = cluster.admin().await;
+    let ns = cluster.namespace(&admin, "meshca").await;
+    cluster.service_account(&admin, &ns, "meshca").await;
+    let mut elsewhere = Vec::new();
+    for o in others {
+        let name = format!("{ns}-{o}");
+        cluster
+            .namespace_named(&admin, &name, BTreeMap::new())
+            .await;
+        elsewhere.push(((*o).to_owned(), name));
+    }
+    let map: Vec<(&str, &str)> = elsewhere
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let applied = cluster
+        .apply_rbac(&admin, dir, &ns, &map, skip_rule)
+        .await;
+    assert!(applied.len() >= 6, "the deploy RBAC: {applied:?}");
+    // meshca's own token, as a projected ServiceAccount token volume gives it (audience: the
+    // API server).
+    let token = cluster
+        .token(&admin, &ns, "meshca", &[ISSUER], 3600, None)
+        .await;
+    let tdir = tempfile::tempdir().expect("a temp dir");
+    let file = tdir.path().join("token");
+    std::fs::write(&file, token).expect("token file");
+    let kubeconfig = cluster.token_kubeconfig(&format!("{ns}-meshca"), &file);
+    Some(Env {
+        cluster,
+        admin,
+        ns,
+        kubeconfig,
+        elsewhere,
+        _token_dir: tdir,
+    })
+}
+
+impl Env {
+    /// The namespace standing in for `name` (a namespace the overlay names), see [`env_in`].
+    pub fn other(&self, name: &str) -> &str {
+        self.elsewhere
+            .iter()
+            .find(|(a, _)| a == name)
+            .map_or_else(|| panic!("no namespace {name} in this env"), |(_, b)| b.as_str())
+    }
+}
+
+/// A meshca in Kubernetes mode as `e`'s ServiceAccount: TokenReview, state in the state dir.
+pub fn kube_mode(e: &Env, c: &mut ca_server::config::Config) {
+    kube_mode_as(&e.kubeconfig, &e.ns, c);
+}
+
+/// As [`kube_mode`], with this kubeconfig and namespace.
+pub fn kube_mode_as(kubeconfig: &Path, ns: &str, c: &mut ca_server::config::Config) {
+    c.kubernetes.enabled = true;
+    c.kubernetes.kubeconfig = kubeconfig.display().to_string();
+    c.kubernetes.namespace = ns.to_owned();
+    c.kubernetes.state_secret.clear();
+    c.auth.authenticators = vec![
+        ca_server::config::AuthMethod::Mtls,
+        ca_server::config::AuthMethod::Tokenreview,
+        ca_server::config::AuthMethod::Static,
+    ];
+}
+
+/// Asks `srv` for `id` (meshca.v1 over gRPC/TLS) with the bearer `token`: the SPIFFE ID signed,
+/// or the refusal's code and message.
+pub async fn sign(
+    srv: &crate::TestServer,
+    id: &str,
+    token: &str,
+) -> Result<String, (tonic::Code, String)> {
+    let key = rotator::pki::SecretKey::generate_p256().unwrap();
+    let csr = rotator::client::make_csr(&id.parse().unwrap(), &key).unwrap();
+    srv.client(None)
+        .sign_certificate(crate::with_token(crate::sign_request(csr), token))
+        .await
+        .map(|r| {
+            rotator::client::spiffe_id_of(&r.into_inner().certificate_chain[0])
+                .unwrap()
+                .to_string()
+        })
+        .map_err(|s| (s.code(), s.message().to_owned()))
+}

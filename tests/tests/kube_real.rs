@@ -4,87 +4,16 @@
 //! authorizer, real mirror pods created with a node's credential.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use ca_server::config::{AuthMethod, Config};
+use ca_server::config::Config;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::DeleteParams;
-use meshca_tests::cluster::{Cluster, ISSUER, NEWEST, OLDEST};
-use meshca_tests::{TestServer, istio, istio_impersonating, pem_certs, sign_request, with_token};
-use rotator::client::make_csr;
+use meshca_tests::cluster::{Cluster, ISSUER, NEWEST, OLDEST, env, kube_mode, kube_mode_as, sign};
+use meshca_tests::{TestServer, istio, istio_impersonating, pem_certs, with_token};
 use rotator::pki::SecretKey;
 use tonic::Code;
-
-/// What one test gets: the shared cluster, an admin client, meshca's namespace (with its
-/// ServiceAccount and the deploy RBAC moved there) and the kubeconfig meshca runs with.
-struct Env {
-    cluster: &'static Cluster,
-    admin: kube::Client,
-    ns: String,
-    kubeconfig: PathBuf,
-    _token_dir: tempfile::TempDir,
-}
-
-async fn env(version: &'static str, skip_rule: Option<&str>) -> Option<Env> {
-    let cluster = Cluster::shared(version)?;
-    let admin = cluster.admin().await;
-    let ns = cluster.namespace(&admin, "meshca").await;
-    cluster.service_account(&admin, &ns, "meshca").await;
-    let applied = cluster
-        .apply_rbac(&admin, "deploy/kubernetes", &ns, &[], skip_rule)
-        .await;
-    assert!(applied.len() >= 6, "the deploy RBAC: {applied:?}");
-    // meshca's own token, as a projected ServiceAccount token volume gives it (audience: the
-    // API server).
-    let token = cluster
-        .token(&admin, &ns, "meshca", &[ISSUER], 3600, None)
-        .await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("token");
-    std::fs::write(&file, token).unwrap();
-    let kubeconfig = cluster.token_kubeconfig(&format!("{ns}-meshca"), &file);
-    Some(Env {
-        cluster,
-        admin,
-        ns,
-        kubeconfig,
-        _token_dir: dir,
-    })
-}
-
-/// A meshca in Kubernetes mode as `e`'s ServiceAccount: TokenReview, state in the state dir.
-fn kube_mode(e: &Env, c: &mut Config) {
-    kube_mode_as(&e.kubeconfig, &e.ns, c);
-}
-
-/// As [`kube_mode`], with this kubeconfig and namespace.
-fn kube_mode_as(kubeconfig: &std::path::Path, ns: &str, c: &mut Config) {
-    c.kubernetes.enabled = true;
-    c.kubernetes.kubeconfig = kubeconfig.display().to_string();
-    c.kubernetes.namespace = ns.to_owned();
-    c.kubernetes.state_secret.clear();
-    c.auth.authenticators = vec![
-        AuthMethod::Mtls,
-        AuthMethod::Tokenreview,
-        AuthMethod::Static,
-    ];
-}
-
-async fn sign(srv: &TestServer, id: &str, token: &str) -> Result<String, (Code, String)> {
-    let key = SecretKey::generate_p256().unwrap();
-    let csr = make_csr(&id.parse().unwrap(), &key).unwrap();
-    srv.client(None)
-        .sign_certificate(with_token(sign_request(csr), token))
-        .await
-        .map(|r| {
-            rotator::client::spiffe_id_of(&r.into_inner().certificate_chain[0])
-                .unwrap()
-                .to_string()
-        })
-        .map_err(|s| (s.code(), s.message().to_owned()))
-}
 
 async fn tokenreview_with_real_tokens(version: &'static str) {
     let Some(e) = env(version, None).await else {
