@@ -834,9 +834,7 @@ pub async fn env_in(
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
-    let applied = cluster
-        .apply_rbac(&admin, dir, &ns, &map, skip_rule)
-        .await;
+    let applied = cluster.apply_rbac(&admin, dir, &ns, &map, skip_rule).await;
     assert!(applied.len() >= 6, "the deploy RBAC: {applied:?}");
     // meshca's own token, as a projected ServiceAccount token volume gives it (audience: the
     // API server).
@@ -860,10 +858,10 @@ pub async fn env_in(
 impl Env {
     /// The namespace standing in for `name` (a namespace the overlay names), see [`env_in`].
     pub fn other(&self, name: &str) -> &str {
-        self.elsewhere
-            .iter()
-            .find(|(a, _)| a == name)
-            .map_or_else(|| panic!("no namespace {name} in this env"), |(_, b)| b.as_str())
+        self.elsewhere.iter().find(|(a, _)| a == name).map_or_else(
+            || panic!("no namespace {name} in this env"),
+            |(_, b)| b.as_str(),
+        )
     }
 }
 
