@@ -890,14 +890,15 @@ pub async fn sign(
     id: &str,
     token: &str,
 ) -> Result<String, (tonic::Code, String)> {
-    let key = rotator::pki::SecretKey::generate_p256().unwrap();
-    let csr = rotator::client::make_csr(&id.parse().unwrap(), &key).unwrap();
+    let key = rotator::pki::SecretKey::generate_p256().expect("a key");
+    let id = id.parse().expect("a SPIFFE ID");
+    let csr = rotator::client::make_csr(&id, &key).expect("a CSR");
     srv.client(None)
         .sign_certificate(crate::with_token(crate::sign_request(csr), token))
         .await
         .map(|r| {
             rotator::client::spiffe_id_of(&r.into_inner().certificate_chain[0])
-                .unwrap()
+                .expect("a SPIFFE ID in the leaf")
                 .to_string()
         })
         .map_err(|s| (s.code(), s.message().to_owned()))
