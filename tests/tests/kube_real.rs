@@ -353,13 +353,36 @@ async fn the_linkerd_gate_reads_each_pods_trust_root_annotation() {
         }
         json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": apps, "annotations": annotations},
+            "metadata": {"name": name, "namespace": apps, "annotations": annotations,
+                "labels": {"app": "web"}},
             "spec": {"nodeName": "node-a", "containers": [
                 {"name": "app", "image": "registry.invalid/app:1"},
                 {"name": "linkerd-proxy", "image": "registry.invalid/proxy:1"},
             ]},
         })
     };
+    // A PodDisruptionBudget over the pods, its status set as the disruption controller (not
+    // running here) would: no disruption allowed now. The restart order reads it.
+    let pdbs = Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(
+        e.admin.clone(),
+        &apps,
+    );
+    let pdb = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"minAvailable": 4, "selector": {"matchLabels": {"app": "web"}}},
+    }))
+    .unwrap();
+    pdbs.create(&Default::default(), &pdb).await.unwrap();
+    pdbs.patch_status(
+        "web",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            json!({"status": {"disruptionsAllowed": 0, "currentHealthy": 4,
+            "desiredHealthy": 4, "expectedPods": 4, "observedGeneration": 1}}),
+        ),
+    )
+    .await
+    .unwrap();
     let old = content(1).await;
     c.create_pod(&e.admin, proxy("before-annotated", Some(&sha(&old))))
         .await;
@@ -401,6 +424,26 @@ async fn the_linkerd_gate_reads_each_pods_trust_root_annotation() {
         .collect();
     assert!(owners.contains(&"Pod/after-stale-volume"), "{owners:?}");
     assert!(!owners.contains(&"Pod/after-new-roots"), "{owners:?}");
+    // Every stale workload is under the budget, which allows no disruption now: the order puts
+    // them last and says why.
+    let budgets = meshca_tests::eventually(Duration::from_secs(20), || async {
+        let (_, out, _) =
+            meshca_tests::meshca_in(&srv.state_dir(), &["status", "--output", "json"]).await;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let ws = v["anchor_rotation"]["ledger"]["restart_bound"]["workloads"].clone();
+        let ws = ws.as_array()?.clone();
+        ws.iter()
+            .all(|w| w["disruptions_allowed"] == 0)
+            .then_some(ws.len())
+    })
+    .await
+    .expect("the budget is read from the real API server");
+    assert_eq!(budgets, 3, "three stale pods, one budget over them all");
+    let (_, text, _) = meshca_tests::meshca_in(&srv.state_dir(), &["anchors", "restarts"]).await;
+    assert!(
+        text.contains("(PDB web allows no disruption now: last)"),
+        "{text}"
+    );
 }
 
 /// A rustls server with `crt`/`key` (PEM) and a client trusting exactly `roots` (PEM) that
