@@ -448,6 +448,90 @@ impl Cluster {
             .expect("a token in the TokenRequest status")
     }
 
+    /// A ServiceAccount token for `ns/sa` signed with this cluster's own signing key exactly as
+    /// the TokenRequest API signs one (ES256, its key id, its claims) but expiring
+    /// `expires_in` seconds from now, which may be in the past: TokenRequest will not mint one
+    /// shorter than 600 s.
+    pub async fn signed_token(
+        &self,
+        client: &kube::Client,
+        ns: &str,
+        sa: &str,
+        audiences: &[&str],
+        expires_in: i64,
+    ) -> String {
+        use base64::Engine as _;
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let account = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+            .get(sa)
+            .await
+            .unwrap_or_else(|e| panic!("ServiceAccount {ns}/{sa}: {e}"));
+        let spki = pem::parse(std::fs::read(self.dir.join("sa.pub")).expect("sa.pub"))
+            .expect("the signing key's public half");
+        let kid = b64(ring::digest::digest(&ring::digest::SHA256, spki.contents()).as_ref());
+        let key = pem::parse(std::fs::read(self.dir.join("sa.key")).expect("sa.key"))
+            .expect("the signing key");
+        let rng = ring::rand::SystemRandom::new();
+        let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            key.contents(),
+            &rng,
+        )
+        .expect("a P-256 key");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let iat = now.min(now + expires_in) - 600;
+        let claims = json!({
+            "aud": audiences,
+            "exp": now + expires_in,
+            "iat": iat,
+            "nbf": iat,
+            "iss": ISSUER,
+            "jti": format!("meshca-test-{}", self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            "kubernetes.io": {
+                "namespace": ns,
+                "serviceaccount": {"name": sa, "uid": account.metadata.uid},
+            },
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        });
+        let header = json!({"alg": "ES256", "kid": kid});
+        let signing_input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = signer
+            .sign(&rng, signing_input.as_bytes())
+            .expect("a signature");
+        format!("{signing_input}.{}", b64(sig.as_ref()))
+    }
+
+    /// What the API server's TokenReview says of `token` for `audiences`: (authenticated,
+    /// username or error).
+    pub async fn review(
+        &self,
+        client: &kube::Client,
+        token: &str,
+        audiences: &[&str],
+    ) -> (bool, String) {
+        use k8s_openapi::api::authentication::v1::TokenReview;
+        let tr: TokenReview =
+            serde_json::from_value(json!({"spec": {"token": token, "audiences": audiences}}))
+                .expect("a TokenReview");
+        let st = Api::<TokenReview>::all(client.clone())
+            .create(&PostParams::default(), &tr)
+            .await
+            .expect("TokenReview")
+            .status
+            .unwrap_or_default();
+        let ok = st.authenticated.unwrap_or(false);
+        let who = if ok {
+            st.user.and_then(|u| u.username).unwrap_or_default()
+        } else {
+            st.error.unwrap_or_default()
+        };
+        (ok, who)
+    }
+
     /// Applies the RBAC objects `kubectl kustomize <dir>` renders (a `deploy/kubernetes`
     /// directory) for a meshca whose namespace is `ns` instead of `meshca`: Roles and
     /// RoleBindings in `meshca` move to `ns` (those in another namespace to what `elsewhere`

@@ -66,6 +66,24 @@ async fn tokenreview_with_real_tokens(version: &'static str) {
     assert_eq!(code, Code::Unauthenticated, "{msg}");
     eprintln!("{version}: a token bound to a deleted pod: {msg}");
 
+    // Expired (signed with the cluster's own key, as TokenRequest signs, an hour ago expiring a
+    // minute ago): the API server refuses it and so does meshca. The control — the same
+    // signing with an expiry ahead — is accepted by both, so the expiry is what refuses it.
+    let fresh = c
+        .signed_token(&e.admin, &prod, "web", &["meshca"], 600)
+        .await;
+    let (ok, who) = c.review(&e.admin, &fresh, &["meshca"]).await;
+    assert!(ok, "the control token: {who}");
+    assert_eq!(sign(&srv, &want, &fresh).await.unwrap(), want);
+    let expired = c
+        .signed_token(&e.admin, &prod, "web", &["meshca"], -60)
+        .await;
+    let (ok, why) = c.review(&e.admin, &expired, &["meshca"]).await;
+    assert!(!ok, "kube-apiserver {version} accepted an expired token");
+    let (code, msg) = sign(&srv, &want, &expired).await.unwrap_err();
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+    eprintln!("{version}: an expired token: the API server says {why:?}; meshca: {msg}");
+
     // Garbage that looks like a token: refused.
     let (code, _) = sign(&srv, &want, "not.a.token").await.unwrap_err();
     assert_eq!(code, Code::Unauthenticated);
@@ -108,8 +126,19 @@ async fn without_its_tokenreview_grant_meshca_cannot_authenticate() {
 /// choosing, with no ServiceAccount — grants nothing (issue #25, item 1: it used to count as
 /// `default`).
 #[tokio::test]
-async fn a_node_agent_gets_pods_on_its_node_and_nothing_from_mirror_pods() {
-    let Some(e) = env(NEWEST, None).await else {
+async fn a_node_agent_gets_pods_on_its_node_and_nothing_from_mirror_pods_v1_37() {
+    node_agent_and_mirror_pods(NEWEST).await;
+}
+
+/// As above on v1.35: bound tokens' node claims and NodeRestriction's mirror-pod rules differ by
+/// release, so both are run.
+#[tokio::test]
+async fn a_node_agent_gets_pods_on_its_node_and_nothing_from_mirror_pods_v1_35() {
+    node_agent_and_mirror_pods(OLDEST).await;
+}
+
+async fn node_agent_and_mirror_pods(version: &'static str) {
+    let Some(e) = env(version, None).await else {
         return;
     };
     let c = e.cluster;
@@ -825,9 +854,19 @@ async fn a_denied_node_gets_nothing_through_its_agent() {
 /// PrometheusRule and ServiceMonitor need prometheus-operator's CRDs, which this cluster does
 /// not have: their kinds are checked by the manifests test instead.
 #[tokio::test]
-async fn every_manifest_is_admitted_by_a_real_api_server() {
+async fn every_manifest_is_admitted_by_a_real_api_server_v1_37() {
+    every_manifest_admitted(NEWEST).await;
+}
+
+/// As above on v1.35 (validation and Pod Security's `restricted` profile change by release).
+#[tokio::test]
+async fn every_manifest_is_admitted_by_a_real_api_server_v1_35() {
+    every_manifest_admitted(OLDEST).await;
+}
+
+async fn every_manifest_admitted(version: &'static str) {
     use kube::api::{DynamicObject, GroupVersionKind, Patch, PatchParams};
-    let Some(cluster) = Cluster::shared(NEWEST) else {
+    let Some(cluster) = Cluster::shared(version) else {
         return;
     };
     let admin = cluster.admin().await;
