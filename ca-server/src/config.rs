@@ -453,19 +453,55 @@ impl Config {
 }
 
 impl Config {
+    /// Checks the files and modules the configuration names, before anything is written:
+    /// `anchor_cert` readable and holding a certificate, a PKCS#11 module loadable and its PIN
+    /// file readable, the `https_web` bundle endpoint's certificate and key usable together, each
+    /// federated peer's bootstrap bundle readable and of its trust domain, each `web_ca_file`
+    /// holding a certificate. `meshca-server --print-config` runs it too.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        if let Some(p) = &self.anchor_cert {
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                name: "anchor_cert".into(),
+                value: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            if rotator::client::parse_pem_certs(&text).is_empty() {
+                return Err(ConfigError {
+                    name: "anchor_cert".into(),
+                    value: p.display().to_string(),
+                    reason: "no CERTIFICATE in it".into(),
+                });
+            }
+        }
+        self.keys
+            .check()
+            .map_err(|(name, value, reason)| ConfigError {
+                name: name.into(),
+                value,
+                reason,
+            })?;
+        crate::federation::check_files(&self.federation).map_err(|(name, value, reason)| {
+            ConfigError {
+                name: format!("federation.{name}"),
+                value,
+                reason,
+            }
+        })
+    }
+
     /// `[federation]`: the endpoint's profile and files agree, every peer is complete and listed
     /// once, and this authority's own trust domain is not among them.
     fn validate_federation(&self) -> Result<(), ConfigError> {
         self.federation.validate().map_err(|reason| ConfigError {
             name: "federation.bundle_endpoint_profile".into(),
-            value: format!("{:?}", self.federation.bundle_endpoint_profile),
+            value: self.federation.bundle_endpoint_profile.name().into(),
             reason,
         })?;
         self.federation
             .validate_peers()
-            .map_err(|reason| ConfigError {
-                name: "federation".into(),
-                value: String::new(),
+            .map_err(|(name, value, reason)| ConfigError {
+                name: format!("federation.{name}"),
+                value,
                 reason,
             })?;
         match &self.trust_domain {
@@ -711,6 +747,16 @@ impl LimitsConfig {
                 name: "limits.max_concurrent_streams".into(),
                 value: "0".into(),
                 reason: "no stream could ever open".into(),
+            });
+        }
+        if self.max_connections != 0 && self.max_connections_per_ip > self.max_connections {
+            return Err(ConfigError {
+                name: "limits.max_connections_per_ip".into(),
+                value: self.max_connections_per_ip.to_string(),
+                reason: format!(
+                    "more than max_connections = {}: the per-address cap could never apply",
+                    self.max_connections
+                ),
             });
         }
         if self.watch_max != 0 && self.watch_max_unauthenticated > self.watch_max {

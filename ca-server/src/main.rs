@@ -210,6 +210,9 @@ impl Args {
             )
             .map_err(|e| e.to_string())?;
         c.validate().map_err(|e| e.to_string())?;
+        // The files and modules it names too: what `--print-config` accepts, the server
+        // accepts, and a refusal comes before anything is written.
+        c.check_files().map_err(|e| e.to_string())?;
         Ok(c)
     }
 }

@@ -102,7 +102,7 @@ impl Server {
     /// Opens (or creates) the authority and starts serving. Returns once every port is bound
     /// and any issuer step that was due has been taken. The steps, in order:
     ///
-    /// 1. check the configuration; lock the state dir (one server per state dir);
+    /// 1. check the configuration and the files and modules it names; lock the state dir (one server per state dir);
     /// 2. connect to Kubernetes when enabled, and choose the store (a Secret, or the state dir);
     /// 3. open the authority (or create it, with a bootstrap token); take overdue issuer steps;
     /// 4. build the request path: authenticators, the signing core, readiness, TLS;
@@ -110,6 +110,7 @@ impl Server {
     pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         rotator::client::install_crypto_provider();
         config.validate()?;
+        config.check_files()?;
         let (files, lock) = lock_state_dir(&config)?;
         // Everything local (ledger, tokens, admin socket, bootstrap token) lives where the store
         // does: `<state dir>/meshca` when the configured dir belongs to another user.

@@ -147,13 +147,24 @@ fn the_bundle_endpoint_is_set_by_flag_or_environment_and_checked() {
         let t: toml::Table = toml::from_str(&String::from_utf8(stdout).unwrap()).unwrap();
         t["federation"].clone()
     };
+    // Files that exist and go together (they are checked before the configuration is printed).
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["bundle.example".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (crt, keyf) = (dir.path().join("web.crt"), dir.path().join("web.key"));
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&keyf, key.serialize_pem()).unwrap();
+    let (crt, keyf) = (crt.display().to_string(), keyf.display().to_string());
     let out = print_config(
         &[],
         &[
             ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_LISTEN", "0.0.0.0:8444"),
             ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_PROFILE", "https_web"),
-            ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_CERT", "web.crt"),
-            ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_KEY", "web.key"),
+            ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_CERT", &crt),
+            ("MESHCA_FEDERATION_BUNDLE_ENDPOINT_KEY", &keyf),
         ],
     );
     assert!(out.status.success(), "{out:?}");

@@ -85,30 +85,59 @@ pub struct KeysConfig {
 }
 
 impl KeysConfig {
+    /// Checks what can be checked before anything starts, as (setting, value, reason): with
+    /// `pkcs11`, every setting given, the module a loadable PKCS#11 library, the PIN file
+    /// readable. (The token and the PIN are tried when the key store opens.)
+    pub fn check(&self) -> Result<(), (&'static str, String, String)> {
+        if self.backend == Backend::File {
+            return Ok(());
+        }
+        let shown = |p: &std::path::Path| p.display().to_string();
+        for (name, value, empty) in [
+            (
+                "keys.pkcs11_module",
+                shown(&self.pkcs11_module),
+                self.pkcs11_module.as_os_str().is_empty(),
+            ),
+            (
+                "keys.pkcs11_token_label",
+                self.pkcs11_token_label.clone(),
+                self.pkcs11_token_label.is_empty(),
+            ),
+            (
+                "keys.pkcs11_pin_file",
+                shown(&self.pkcs11_pin_file),
+                self.pkcs11_pin_file.as_os_str().is_empty(),
+            ),
+        ] {
+            if empty {
+                return Err((
+                    name,
+                    value,
+                    "must be set with keys.backend = \"pkcs11\"".into(),
+                ));
+            }
+        }
+        crate::pkcs11::load_module(&self.pkcs11_module)
+            .map_err(|reason| ("keys.pkcs11_module", shown(&self.pkcs11_module), reason))?;
+        std::fs::File::open(&self.pkcs11_pin_file).map_err(|e| {
+            (
+                "keys.pkcs11_pin_file",
+                shown(&self.pkcs11_pin_file),
+                e.to_string(),
+            )
+        })?;
+        Ok(())
+    }
+
     /// Opens the configured key store (`None` for the file backend), or says what is wrong:
     /// a setting missing, the PIN file unreadable, the module, the token or the PIN.
     pub fn open(&self) -> Result<Option<Arc<dyn KeyStore>>, String> {
         if self.backend == Backend::File {
             return Ok(None);
         }
-        for (name, empty) in [
-            (
-                "keys.pkcs11_module",
-                self.pkcs11_module.as_os_str().is_empty(),
-            ),
-            (
-                "keys.pkcs11_token_label",
-                self.pkcs11_token_label.is_empty(),
-            ),
-            (
-                "keys.pkcs11_pin_file",
-                self.pkcs11_pin_file.as_os_str().is_empty(),
-            ),
-        ] {
-            if empty {
-                return Err(format!("{name} must be set with keys.backend = \"pkcs11\""));
-            }
-        }
+        self.check()
+            .map_err(|(name, value, reason)| format!("{name} {value}: {reason}"))?;
         let pin = zeroize::Zeroizing::new(std::fs::read_to_string(&self.pkcs11_pin_file).map_err(
             |e| {
                 format!(

@@ -226,6 +226,17 @@ fn fault_hook(s: &Session) {
     let _ = s;
 }
 
+/// Loads `module` as a PKCS#11 library (`dlopen` and `C_GetFunctionList`, no `C_Initialize`)
+/// and lets it go: whether it is one, before anything is written.
+pub fn load_module(module: &Path) -> Result<(), String> {
+    if !module.exists() {
+        return Err("no such file".into());
+    }
+    Pkcs11::new(module)
+        .map(drop)
+        .map_err(|e| format!("not a loadable PKCS#11 module: {e}"))
+}
+
 impl Pkcs11Store {
     /// Loads `module`, finds the token labelled `label` and logs in with `pin`, or says which of
     /// these failed (module not found, no such token — naming the ones there are —, wrong PIN).

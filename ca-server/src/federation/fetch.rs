@@ -256,7 +256,7 @@ fn same_anchors(a: &str, b: &str) -> bool {
 }
 
 /// The bootstrap bundle's anchors (PEM), each a CA of `td` or naming no trust domain.
-fn bootstrap(path: &Path, td: &TrustDomain) -> Result<String, String> {
+pub(crate) fn bootstrap(path: &Path, td: &TrustDomain) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("bootstrap_bundle {}: {e}", path.display()))?;
     let certs = rotator::client::parse_pem_certs(&text);

@@ -45,6 +45,16 @@ pub enum EndpointProfile {
     HttpsWeb,
 }
 
+impl EndpointProfile {
+    /// Its name in the configuration: `https_spiffe` or `https_web`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HttpsSpiffe => "https_spiffe",
+            Self::HttpsWeb => "https_web",
+        }
+    }
+}
+
 impl std::str::FromStr for EndpointProfile {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -173,28 +183,55 @@ impl Peer {
 }
 
 impl FederationConfig {
-    /// The profile and its files agree; every peer is complete, once, and bounds are sane.
-    pub fn validate_peers(&self) -> Result<(), String> {
+    /// Every peer is complete and listed once, and the bounds are sane; or (setting under
+    /// `federation.`, its value, why).
+    pub fn validate_peers(&self) -> Result<(), (String, String, String)> {
+        let h = |d: Duration| humantime::format_duration(d).to_string();
         for (i, p) in self.trust_domains.iter().enumerate() {
-            p.validate()?;
+            let td = p.trust_domain.to_string();
+            p.validate()
+                .map_err(|reason| ("trust_domains".to_owned(), td.clone(), reason))?;
             if self.trust_domains[..i]
                 .iter()
                 .any(|o| o.trust_domain == p.trust_domain)
             {
-                return Err(format!("{} is listed twice", p.trust_domain));
+                return Err(("trust_domains".into(), td, "listed twice".into()));
             }
         }
-        if self.refresh_min.is_zero() || self.refresh_min > self.refresh_max {
-            return Err(format!(
-                "refresh_min ({:?}) must be above zero and at most refresh_max ({:?})",
-                self.refresh_min, self.refresh_max
+        if self.refresh_min.is_zero() {
+            return Err((
+                "refresh_min".into(),
+                h(self.refresh_min),
+                "must be more than 0".into(),
+            ));
+        }
+        if self.refresh_min > self.refresh_max {
+            return Err((
+                "refresh_min".into(),
+                h(self.refresh_min),
+                format!("more than refresh_max = {}", h(self.refresh_max)),
+            ));
+        }
+        if self.bundle_endpoint_refresh_hint.is_zero() {
+            return Err((
+                "bundle_endpoint_refresh_hint".into(),
+                h(self.bundle_endpoint_refresh_hint),
+                "must be more than 0: peers would be told to fetch without pause".into(),
             ));
         }
         if self.max_bundle_bytes < 1024 {
-            return Err("max_bundle_bytes must be at least 1024".into());
+            return Err((
+                "max_bundle_bytes".into(),
+                self.max_bundle_bytes.to_string(),
+                "must be at least 1024".into(),
+            ));
         }
         if self.max_anchors == 0 {
-            return Err("max_anchors must be at least 1".into());
+            return Err((
+                "max_anchors".into(),
+                "0".into(),
+                "must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -209,17 +246,52 @@ impl FederationConfig {
             (EndpointProfile::HttpsWeb, (true, true))
             | (EndpointProfile::HttpsSpiffe, (false, false)) => Ok(()),
             (EndpointProfile::HttpsWeb, _) => Err(
-                "federation.bundle_endpoint_profile = \"https_web\" needs both \
-                 federation.bundle_endpoint_cert and federation.bundle_endpoint_key (PEM)"
+                "needs both federation.bundle_endpoint_cert and federation.bundle_endpoint_key (PEM)"
                     .into(),
             ),
             (EndpointProfile::HttpsSpiffe, _) => Err(
-                "federation.bundle_endpoint_cert and _key are for the \"https_web\" profile; \
-                 \"https_spiffe\" serves an SVID that meshca issues itself"
+                "federation.bundle_endpoint_cert and _key are for https_web; https_spiffe serves \
+                 an SVID that meshca issues itself"
                     .into(),
             ),
         }
     }
+}
+
+/// The files `[federation]` names, read and checked as they will be used (see
+/// `Config::check_files`); or (setting under `federation.`, its value, why).
+pub fn check_files(cfg: &FederationConfig) -> Result<(), (String, String, String)> {
+    if let (EndpointProfile::HttpsWeb, Some(cert), Some(key)) = (
+        cfg.bundle_endpoint_profile,
+        &cfg.bundle_endpoint_cert,
+        &cfg.bundle_endpoint_key,
+    ) {
+        web_config(cert, key)?;
+    }
+    for p in &cfg.trust_domains {
+        let td = p.trust_domain.to_string();
+        if let Some(path) = &p.bootstrap_bundle {
+            fetch::bootstrap(path, &p.trust_domain)
+                .map_err(|reason| ("trust_domains".to_owned(), td.clone(), reason))?;
+        }
+        if let Some(path) = &p.web_ca_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                (
+                    "trust_domains".to_owned(),
+                    td.clone(),
+                    format!("web_ca_file {}: {e}", path.display()),
+                )
+            })?;
+            if rotator::client::parse_pem_certs(&text).is_empty() {
+                return Err((
+                    "trust_domains".into(),
+                    td,
+                    format!("web_ca_file {}: no CERTIFICATE in it", path.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The bundle endpoint's SPIFFE ID in the `https_spiffe` profile.
@@ -247,7 +319,8 @@ pub fn endpoint_tls(cfg: &FederationConfig, authority: &Authority) -> Result<End
         &cfg.bundle_endpoint_key,
     ) {
         (EndpointProfile::HttpsWeb, Some(cert), Some(key)) => Ok(EndpointTls {
-            config: web_config(cert, key)?,
+            config: web_config(cert, key)
+                .map_err(|(name, file, why)| format!("federation.{name} {file}: {why}"))?,
             live: None,
         }),
         (EndpointProfile::HttpsWeb, _, _) => Err("https_web needs a certificate and a key".into()),
@@ -262,28 +335,37 @@ pub fn endpoint_tls(cfg: &FederationConfig, authority: &Authority) -> Result<End
     }
 }
 
-fn web_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+/// The `https_web` endpoint's TLS from its files; or (setting, file, why).
+fn web_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (String, String, String)> {
+    let bad = |name: &str, path: &Path, reason: String| {
+        (name.to_owned(), path.display().to_string(), reason)
+    };
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| format!("federation.bundle_endpoint_cert {}: {e}", cert.display()))?;
+        .map_err(|e| bad("bundle_endpoint_cert", cert, e.to_string()))?;
     if chain.is_empty() {
-        return Err(format!(
-            "federation.bundle_endpoint_cert {}: no CERTIFICATE in it",
-            cert.display()
+        return Err(bad(
+            "bundle_endpoint_cert",
+            cert,
+            "no CERTIFICATE in it".into(),
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("federation.bundle_endpoint_key {}: {e}", key.display()))?;
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| bad("bundle_endpoint_key", key, e.to_string()))?;
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(|e| bad("bundle_endpoint_cert", cert, e.to_string()))?
             .with_no_client_auth()
-            .with_single_cert(chain, key)
+            .with_single_cert(chain, key_der)
             .map_err(|e| {
-                format!(
-                    "federation.bundle_endpoint_cert/_key {}: {e}",
-                    cert.display()
+                bad(
+                    "bundle_endpoint_key",
+                    key,
+                    format!(
+                        "does not go with bundle_endpoint_cert {}: {e}",
+                        cert.display()
+                    ),
                 )
             })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
