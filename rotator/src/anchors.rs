@@ -436,6 +436,15 @@ impl AuthorityState {
                 "an emergency rotation needs a reason (--reason)".into(),
             ));
         }
+        if !matches!(self.phase, Phase::Steady) {
+            return Err(StateError::WrongPhase {
+                step: "emergency",
+                phase: self.phase.name(),
+                next: ": it starts from steady; finish or roll back the rotation in progress \
+                       first (both can be forced), or revoke the compromised anchor's issuers \
+                       with `meshca issuer revoke`",
+            });
+        }
         let old = self.active_anchor().ok_or_else(no_active_anchor)?;
         if old.key.is_none() {
             return Err(StateError::Upstream(

@@ -114,7 +114,7 @@ async fn admin_refusals_say_why_and_change_nothing() {
         "does not apply in phase steady",
         "does not apply in phase steady",
         "InvalidArgument: the anchor certificate is unusable",
-        "InvalidArgument: refused: the anchor certificate is not self-signed",
+        "InvalidArgument: the anchor certificate is not self-signed",
         "does not apply in phase steady",
         "--cert",
     ];

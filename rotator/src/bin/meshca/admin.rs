@@ -81,16 +81,14 @@ pub enum IssuerCommand {
 
 async fn client(a: &AdminArgs) -> Result<AdminServiceClient<Channel>, Failed> {
     Ok(AdminServiceClient::new(
-        admin_channel(&a.socket()).await.map_err(Failed)?,
+        admin_channel(&a.socket())
+            .await
+            .map_err(Failed::unreachable)?,
     ))
 }
 
 fn refused(s: tonic::Status) -> Failed {
-    Failed(format!(
-        "the server refused: {:?}: {}",
-        s.code(),
-        s.message()
-    ))
+    Failed::refused(&s)
 }
 
 fn print_issuer(r: &IssuerResponse, what: &str, output: Output) {
@@ -129,7 +127,7 @@ pub fn issuer(cmd: IssuerCommand, output: Output) -> Result<(), Failed> {
                 })?
                 .into_inner();
             let v: serde_json::Value = serde_json::from_str(&r.json)
-                .map_err(|e| Failed(format!("the server's answer does not parse: {e}")))?;
+                .map_err(|e| Failed::new(format!("the server's answer does not parse: {e}")))?;
             match output {
                 Output::Json => println!("{v}"),
                 Output::Text => println!(
@@ -183,7 +181,7 @@ pub fn issuer(cmd: IssuerCommand, output: Output) -> Result<(), Failed> {
         }
         IssuerCommand::Import { admin, cert } => {
             let pem = std::fs::read_to_string(&cert)
-                .map_err(|e| Failed(format!("{}: {e}", cert.display())))?;
+                .map_err(|e| Failed::new(format!("{}: {e}", cert.display())))?;
             let r = rt.block_on(async {
                 client(&admin)
                     .await?
@@ -206,8 +204,9 @@ pub fn live_status(a: &AdminArgs) -> Result<Option<rotator::status::Status>, Fai
             return Ok(None);
         };
         let r = c.get_status(GetStatusRequest {}).await.map_err(refused)?;
-        let doc = serde_json::from_str(&r.get_ref().json)
-            .map_err(|e| Failed(format!("the server's status document does not parse: {e}")))?;
+        let doc = serde_json::from_str(&r.get_ref().json).map_err(|e| {
+            Failed::new(format!("the server's status document does not parse: {e}"))
+        })?;
         Ok(Some(doc))
     })
 }

@@ -57,7 +57,8 @@ pub enum AnchorsCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Block until a gate opens (exit 0), with a progress bar; exit 1 on timeout.
+    /// Block until a gate opens (exit 0), with a progress bar; exit 1 on timeout, 2 when the
+    /// gate does not apply in the current phase (waiting would never end).
     Wait {
         #[command(flatten)]
         admin: AdminArgs,
@@ -112,16 +113,12 @@ async fn client(a: &AdminArgs) -> Result<AdminServiceClient<Channel>, Failed> {
     Ok(AdminServiceClient::new(
         rotator::client::admin_channel(&a.socket())
             .await
-            .map_err(Failed)?,
+            .map_err(Failed::unreachable)?,
     ))
 }
 
 fn refused(s: tonic::Status) -> Failed {
-    Failed(format!(
-        "the server refused: {:?}: {}",
-        s.code(),
-        s.message()
-    ))
+    Failed::refused(&s)
 }
 
 fn next_hint(phase: &str) -> &'static str {
@@ -187,7 +184,7 @@ pub fn anchors(cmd: AnchorsCommand, output: Output) -> Result<(), Failed> {
     match cmd {
         AnchorsCommand::Stage { admin, cert, key } => {
             let read = |p: &PathBuf| {
-                std::fs::read_to_string(p).map_err(|e| Failed(format!("{}: {e}", p.display())))
+                std::fs::read_to_string(p).map_err(|e| Failed::new(format!("{}: {e}", p.display())))
             };
             let req = StageAnchorRequest {
                 cert_pem: cert.as_ref().map(read).transpose()?.unwrap_or_default(),
@@ -303,7 +300,7 @@ fn restarts(doc: &Status, output: Output) -> Result<(), Failed> {
                 doc.anchor_rotation.phase
             ),
         };
-        return Err(Failed(format!("no restart list: {why}")));
+        return Err(Failed::new(format!("no restart list: {why}")));
     };
     // Linkerd's control plane first (its default namespace; its proxies verify everyone), then
     // workloads whose PodDisruptionBudget lets a pod go now (or that have none), then those
@@ -334,7 +331,7 @@ fn restarts(doc: &Status, output: Output) -> Result<(), Failed> {
         Output::Text => print_restarts(proxies, stale, since, &workloads),
     }
     if stale > 0 {
-        return Err(Failed(format!(
+        return Err(Failed::new(format!(
             "{stale} Linkerd proxies still hold only the old anchor"
         )));
     }
@@ -364,7 +361,7 @@ fn step(
 async fn status(c: &mut AdminServiceClient<Channel>) -> Result<Status, Failed> {
     let r = c.get_status(GetStatusRequest {}).await.map_err(refused)?;
     serde_json::from_str(&r.get_ref().json)
-        .map_err(|e| Failed(format!("the server's status document does not parse: {e}")))
+        .map_err(|e| Failed::new(format!("the server's status document does not parse: {e}")))
 }
 
 /// How far a gate is from opening, 0.0 to 1.0: the larger of the measured progress and the
@@ -420,11 +417,13 @@ async fn wait(
             .iter()
             .find(|g| g.gate.step.name() == until.step())
             .ok_or_else(|| {
-                Failed(format!(
+                Failed::new(format!(
                     "`{}` does not apply in phase {phase}: {}",
                     until.step(),
                     next_hint(&phase)
                 ))
+                .code("wrong_phase")
+                .exit(2)
             })?;
         let explain = gate.explain.clone();
         if gate.gate.open {
@@ -444,11 +443,12 @@ async fn wait(
             if let Some(b) = &bar {
                 b.abandon();
             }
-            return Err(Failed(format!(
+            return Err(Failed::new(format!(
                 "timed out after {} waiting for the {} gate: {explain}",
                 humantime::format_duration(timeout),
                 until.step()
-            )));
+            ))
+            .code("timeout"));
         }
         if let Some(b) = &bar {
             let opens = gate

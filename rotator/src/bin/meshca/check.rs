@@ -251,9 +251,9 @@ pub fn check(a: &CheckArgs, output: Output) -> u8 {
             match output {
                 Output::Json => println!(
                     "{}",
-                    json!({ "status": "unreachable", "exit_code": 3, "error": e.0 })
+                    json!({ "status": "unreachable", "exit_code": 3, "error": e.message })
                 ),
-                Output::Text => println!("UNREACHABLE {}", e.0),
+                Output::Text => println!("UNREACHABLE {}", e.message),
             }
             return 3;
         }

@@ -85,7 +85,7 @@ fn until_unix(text: &str) -> Result<i64, Failed> {
         return Ok(t.unix_timestamp());
     }
     let d = humantime::parse_duration(text).map_err(|e| {
-        Failed(format!(
+        Failed::new(format!(
             "--until {text}: neither an RFC 3339 time nor a duration ({e})"
         ))
     })?;
@@ -101,8 +101,12 @@ pub fn deny(cmd: DenyCommand, output: Output) -> Result<(), Failed> {
         | DenyCommand::Export { admin, .. } => admin.clone(),
     };
     let doc = runtime()?.block_on(async {
-        let mut c = AdminServiceClient::new(admin_channel(&admin.socket()).await.map_err(Failed)?);
-        let refused = |s: tonic::Status| Failed(format!("the server refused: {}", s.message()));
+        let mut c = AdminServiceClient::new(
+            admin_channel(&admin.socket())
+                .await
+                .map_err(Failed::unreachable)?,
+        );
+        let refused = |s: tonic::Status| Failed::refused(&s);
         let r = match &cmd {
             DenyCommand::Add {
                 pattern,
@@ -133,7 +137,7 @@ pub fn deny(cmd: DenyCommand, output: Output) -> Result<(), Failed> {
         }
         .map_err(refused)?;
         serde_json::from_str::<Value>(&r.into_inner().json)
-            .map_err(|e| Failed(format!("the server's answer does not parse: {e}")))
+            .map_err(|e| Failed::new(format!("the server's answer does not parse: {e}")))
     })?;
     if let DenyCommand::Export { format, .. } = cmd {
         export(&doc, format);

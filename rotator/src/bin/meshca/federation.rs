@@ -31,16 +31,20 @@ pub fn federation(cmd: FederationCommand, output: Output) -> Result<(), Failed> 
         trust_domain,
     } = cmd;
     let json = runtime()?.block_on(async {
-        let mut c = AdminServiceClient::new(admin_channel(&admin.socket()).await.map_err(Failed)?);
+        let mut c = AdminServiceClient::new(
+            admin_channel(&admin.socket())
+                .await
+                .map_err(Failed::unreachable)?,
+        );
         c.reset_federation(ResetFederationRequest {
             trust_domain: trust_domain.clone(),
         })
         .await
         .map(|r| r.into_inner().json)
-        .map_err(|s| Failed(format!("the server refused: {}", s.message())))
+        .map_err(|s| Failed::refused(&s))
     })?;
     let doc: serde_json::Value = serde_json::from_str(&json)
-        .map_err(|e| Failed(format!("the server's answer does not parse: {e}")))?;
+        .map_err(|e| Failed::new(format!("the server's answer does not parse: {e}")))?;
     match output {
         Output::Json => println!("{doc}"),
         Output::Text => println!(

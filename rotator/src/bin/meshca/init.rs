@@ -84,20 +84,20 @@ pub struct TokenAddArgs {
 
 pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
     let read = |p: &PathBuf| {
-        std::fs::read_to_string(p).map_err(|e| Failed(format!("{}: {e}", p.display())))
+        std::fs::read_to_string(p).map_err(|e| Failed::new(format!("{}: {e}", p.display())))
     };
     let cert = CaCert::from_pem(&read(&a.anchor_cert)?)
-        .map_err(|e| Failed(format!("{}: {e}", a.anchor_cert.display())))?;
+        .map_err(|e| Failed::new(format!("{}: {e}", a.anchor_cert.display())))?;
     let key_text = zeroize::Zeroizing::new(read(&a.anchor_key)?);
     let key = SecretKey::from_pem(&key_text)
-        .map_err(|e| Failed(format!("{}: {e}", a.anchor_key.display())))?;
+        .map_err(|e| Failed::new(format!("{}: {e}", a.anchor_key.display())))?;
     let dir = a.state_dir.unwrap_or_else(default_state_dir);
     let store = FileStore::open(&dir)?;
     // Where the files go: the dir, or meshca's own directory in it (another user's dir).
     let dir = store.dir().to_owned();
     let _lock = store.lock()?;
     if store.load_sync()?.is_some() {
-        return Err(Failed(format!(
+        return Err(Failed::new(format!(
             "{} already holds an authority; init only creates new ones",
             dir.display()
         )));
@@ -105,17 +105,17 @@ pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
     let now = OffsetDateTime::now_utc();
     let policy = Policy::default();
     let state = AuthorityState::with_anchor(a.trust_domain.clone(), cert, Some(key), &policy, now)
-        .map_err(|e| Failed(format!("{}: {e}", a.anchor_cert.display())))?;
+        .map_err(|e| Failed::new(format!("{}: {e}", a.anchor_cert.display())))?;
     runtime()?.block_on(store.commit(None, &state))?;
     store.write_bundle(&state)?;
     let expires = (!a.bootstrap_token_ttl.is_zero()).then(|| now + a.bootstrap_token_ttl);
     let token = write_bootstrap_token(&dir, &a.trust_domain, expires)?;
     let anchor = state
         .active_anchor()
-        .ok_or_else(|| Failed("internal: no active anchor".into()))?;
+        .ok_or_else(|| Failed::new("internal: no active anchor"))?;
     let issuer = state
         .active_issuer()
-        .ok_or_else(|| Failed("internal: no issuer".into()))?;
+        .ok_or_else(|| Failed::new("internal: no issuer"))?;
     let left = anchor.cert.info.remaining(now);
     match output {
         Output::Json => println!(
@@ -157,7 +157,7 @@ pub fn init(a: InitArgs, output: Output) -> Result<(), Failed> {
 pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
     let dir = crate::state_dir(a.state_dir);
     if !dir.join("state.json").exists() {
-        return Err(Failed(format!("{}: no authority here", dir.display())));
+        return Err(Failed::new(format!("{}: no authority here", dir.display())));
     }
     let list = |p: &[IdPattern]| {
         p.iter()
@@ -206,15 +206,15 @@ pub fn token_add(a: TokenAddArgs, output: Output) -> Result<(), Failed> {
     };
     // The file first, then the registration: a token is never registered without its only copy.
     if out.exists() {
-        return Err(Failed(format!(
+        return Err(Failed::new(format!(
             "{}: already exists; meshca does not overwrite a token file (remove it first, or pick another path)",
             out.display()
         )));
     }
     let token = zeroize::Zeroizing::new(
-        new_token().map_err(|_| Failed("random number generator failed".into()))?,
+        new_token().map_err(|_| Failed::new("random number generator failed"))?,
     );
-    write_token_file(out, &token).map_err(|e| Failed(format!("{}: {e}", out.display())))?;
+    write_token_file(out, &token).map_err(|e| Failed::new(format!("{}: {e}", out.display())))?;
     if let Err(e) = register_token(&dir, &a.name, grant, &token) {
         let _ = std::fs::remove_file(out);
         return Err(e.into());
@@ -294,7 +294,7 @@ pub fn token_list(a: TokenListArgs, output: Output) -> Result<(), Failed> {
 pub fn token_revoke(a: TokenRevokeArgs, output: Output) -> Result<(), Failed> {
     let dir = crate::state_dir(a.state_dir);
     if !dir.join("state.json").exists() {
-        return Err(Failed(format!("{}: no authority here", dir.display())));
+        return Err(Failed::new(format!("{}: no authority here", dir.display())));
     }
     let n = revoke_token(&dir, &a.name)?;
     match output {

@@ -79,10 +79,11 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
         (Some(c), Some(k)) => {
             let chain = read_pem_certs(&c.display().to_string())?;
             let key_text = zeroize::Zeroizing::new(
-                std::fs::read_to_string(k).map_err(|e| Failed(format!("{}: {e}", k.display())))?,
+                std::fs::read_to_string(k)
+                    .map_err(|e| Failed::new(format!("{}: {e}", k.display())))?,
             );
             let key = SecretKey::from_pem(&key_text)
-                .map_err(|e| Failed(format!("{}: {e}", k.display())))?;
+                .map_err(|e| Failed::new(format!("{}: {e}", k.display())))?;
             Some(Identity { chain, key })
         }
         _ => None,
@@ -90,7 +91,7 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
     let token = match &a.token_file {
         Some(p) => Some(zeroize::Zeroizing::new(
             std::fs::read_to_string(p)
-                .map_err(|e| Failed(format!("{}: {e}", p.display())))?
+                .map_err(|e| Failed::new(format!("{}: {e}", p.display())))?
                 .trim()
                 .to_owned(),
         )),
@@ -108,9 +109,9 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
         instance_id: instance_id(&a),
     });
     if let Some(t) = &token {
-        let v = format!("Bearer {}", t.as_str()).parse().map_err(|_| {
-            Failed("the token file holds characters not allowed in a header".into())
-        })?;
+        let v = format!("Bearer {}", t.as_str())
+            .parse()
+            .map_err(|_| Failed::new("the token file holds characters not allowed in a header"))?;
         req.metadata_mut().insert("authorization", v);
     }
     let resp = runtime()?
@@ -141,9 +142,9 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
         UnixTime::now(),
         webpki::KeyUsage::client_auth(),
     )
-    .map_err(|e| Failed(format!("the server's answer does not verify: {e}")))?;
+    .map_err(|e| Failed::new(format!("the server's answer does not verify: {e}")))?;
     if got != a.spiffe_id {
-        return Err(Failed(format!(
+        return Err(Failed::new(format!(
             "the server issued {got}, not the requested {}",
             a.spiffe_id
         )));
@@ -165,7 +166,7 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
     )?;
     // Sanity: what we wrote parses back.
     if parse_pem_certs(&chain_pem).len() != chain.len() {
-        return Err(Failed("internal: written chain does not parse back".into()));
+        return Err(Failed::new("internal: written chain does not parse back"));
     }
     let ts = |t: Option<prost_types::Timestamp>| {
         t.and_then(|t| OffsetDateTime::from_unix_timestamp(t.seconds).ok())
@@ -223,8 +224,9 @@ fn write_credential(
     files: [(&str, &[u8], u32); 3],
 ) -> Result<(), Failed> {
     use std::os::unix::fs::DirBuilderExt;
-    let fail =
-        |p: &std::path::Path, e: &dyn std::fmt::Display| Failed(format!("{}: {e}", p.display()));
+    let fail = |p: &std::path::Path, e: &dyn std::fmt::Display| {
+        Failed::new(format!("{}: {e}", p.display()))
+    };
     let dir = prefix
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -232,7 +234,7 @@ fn write_credential(
     let base = prefix
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| Failed(format!("{}: not a file name prefix", prefix.display())))?;
+        .ok_or_else(|| Failed::new(format!("{}: not a file name prefix", prefix.display())))?;
     let mut serial: String = serial.chars().filter(char::is_ascii_hexdigit).collect();
     if serial.is_empty() {
         let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
@@ -246,7 +248,7 @@ fn write_credential(
         .create(&vdir)
         .map_err(|e| fail(&vdir, &e))?;
     for (name, bytes, mode) in files {
-        write_atomic(&vdir.join(name), bytes, mode).map_err(|e| Failed(e.to_string()))?;
+        write_atomic(&vdir.join(name), bytes, mode).map_err(|e| Failed::new(e.to_string()))?;
     }
     rotator::store::fault_point("issue:before-swap");
     // The commit point: one rename of a fresh symlink over `.PREFIX.live`.
@@ -287,6 +289,6 @@ fn swap_symlink(dir: &std::path::Path, target: &str, name: &str) -> Result<(), F
         .and_then(|()| std::fs::File::open(dir)?.sync_all())
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            Failed(format!("{}: {e}", dir.join(name).display()))
+            Failed::new(format!("{}: {e}", dir.join(name).display()))
         })
 }

@@ -81,13 +81,92 @@ enum TokenCommand {
     Revoke(init::TokenRevokeArgs),
 }
 
-/// A failed command: the message, already worded for the user.
+/// A failed command: the message, already worded for the user; a short code for scripts
+/// (`--output json` prints `{"ok": false, "error": {"code", "message", "exit_code"}}`); the exit
+/// status (1 unless said otherwise).
 #[derive(Debug)]
-pub struct Failed(pub String);
+pub struct Failed {
+    /// What went wrong, for people.
+    pub message: String,
+    /// What kind of failure, for scripts: `failed`, `timeout`, `wrong_phase`, `usage`, or a
+    /// server's refusal as its gRPC code in snake case (`failed_precondition`, …).
+    pub code: &'static str,
+    /// The exit status.
+    pub exit: u8,
+}
+
+impl Failed {
+    /// A failure with code `failed` and exit status 1.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: "failed",
+            exit: 1,
+        }
+    }
+
+    /// The server could not be reached (code `unreachable`).
+    pub fn unreachable(message: String) -> Self {
+        Self::new(message).code("unreachable")
+    }
+
+    /// The same failure, with this code.
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
+
+    /// The same failure, with this exit status.
+    pub fn exit(mut self, exit: u8) -> Self {
+        self.exit = exit;
+        self
+    }
+
+    /// The server's refusal: its gRPC code and reason (without the `refused: ` the reason may
+    /// start with: this says it already), coded by its gRPC status for scripts.
+    pub fn refused(s: &tonic::Status) -> Self {
+        let reason = s.message();
+        let reason = reason.strip_prefix("refused: ").unwrap_or(reason);
+        Self::new(format!("the server refused: {:?}: {reason}", s.code()))
+            .code(status_code(s.code()))
+    }
+
+    /// The JSON document `--output json` prints for it.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ok": false,
+            "error": {"code": self.code, "message": self.message, "exit_code": self.exit},
+        })
+    }
+}
 
 impl<E: std::fmt::Display> From<E> for Failed {
     fn from(e: E) -> Self {
-        Self(e.to_string())
+        Self::new(e.to_string())
+    }
+}
+
+/// A gRPC status code in snake case, as `--output json` names a server's refusal.
+fn status_code(c: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match c {
+        C::Ok => "ok",
+        C::Cancelled => "cancelled",
+        C::Unknown => "unknown",
+        C::InvalidArgument => "invalid_argument",
+        C::DeadlineExceeded => "deadline_exceeded",
+        C::NotFound => "not_found",
+        C::AlreadyExists => "already_exists",
+        C::PermissionDenied => "permission_denied",
+        C::ResourceExhausted => "resource_exhausted",
+        C::FailedPrecondition => "failed_precondition",
+        C::Aborted => "aborted",
+        C::OutOfRange => "out_of_range",
+        C::Unimplemented => "unimplemented",
+        C::Internal => "internal",
+        C::Unavailable => "unavailable",
+        C::DataLoss => "data_loss",
+        C::Unauthenticated => "unauthenticated",
     }
 }
 
@@ -129,17 +208,45 @@ fn keys_from_env() -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the raw arguments ask for `--output json` (for failures before they are parsed).
+fn json_asked() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .any(|w| w[0] == "--output" && w[1] == "json")
+        || args.iter().any(|a| a == "--output=json")
+}
+
+/// Says `f` the way `output` asks (one JSON document on stdout, and the message on stderr) and
+/// returns its exit status.
+fn report(f: &Failed, output: Output) -> ExitCode {
+    if output == Output::Json {
+        println!("{}", f.json());
+    }
+    eprintln!("meshca: {}", f.message);
+    ExitCode::from(f.exit)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if json_asked() && e.use_stderr() => {
+            // A usage error: the JSON document as well, exit 2 as clap would.
+            let f = Failed::new(e.to_string().trim().to_owned())
+                .code("usage")
+                .exit(2);
+            return report(&f, Output::Json);
+        }
+        Err(e) => e.exit(),
+    };
     rotator::client::install_crypto_provider();
     if let Err(e) = keys_from_env() {
-        eprintln!("meshca: {e}");
         // For `check`, keys that cannot be used are critical.
-        return ExitCode::from(if matches!(cli.command, Command::Check(_)) {
+        let exit = if matches!(cli.command, Command::Check(_)) {
             2
         } else {
             1
-        });
+        };
+        return report(&Failed::new(e).exit(exit), cli.output);
     }
     if let Command::Check(a) = &cli.command {
         return ExitCode::from(check::check(a, cli.output));
@@ -161,10 +268,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failed(m)) => {
-            eprintln!("meshca: {m}");
-            ExitCode::FAILURE
-        }
+        Err(f) => report(&f, cli.output),
     }
 }
 
@@ -173,7 +277,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Failed(format!("runtime: {e}")))
+        .map_err(|e| Failed::new(format!("runtime: {e}")))
 }
 
 /// Words a gRPC failure for the user: the code and the server's reason.
@@ -188,7 +292,9 @@ pub fn grpc_failure(server: &str, s: &tonic::Status) -> Failed {
         while let Some(e) = inner.source() {
             inner = e;
         }
-        return Failed(format!("cannot reach {server}: {inner}"));
+        return Failed::new(format!("cannot reach {server}: {inner}")).code("unreachable");
     }
-    Failed(format!("{server} refused: {:?}: {}", s.code(), s.message()))
+    let reason = s.message();
+    let reason = reason.strip_prefix("refused: ").unwrap_or(reason);
+    Failed::new(format!("{server} refused: {:?}: {reason}", s.code())).code(status_code(s.code()))
 }

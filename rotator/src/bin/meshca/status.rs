@@ -52,7 +52,7 @@ fn federated(
         .find(|h| h.0 == want)
         .map(|(td, seq, pems)| (seq, td, pems))
         .ok_or_else(|| {
-            Failed(format!(
+            Failed::new(format!(
                 "no bundle of trust domain {want} is held (federated: {})",
                 if names.is_empty() {
                     "none".to_owned()
@@ -66,7 +66,7 @@ fn federated(
 fn load(dir: Option<PathBuf>) -> Result<AuthorityState, Failed> {
     let dir = crate::state_dir(dir);
     FileStore::read_only(&dir).load_sync()?.ok_or_else(|| {
-        Failed(format!(
+        Failed::new(format!(
             "{}: no authority here (start meshca-server with --state-dir {0})",
             dir.display()
         ))
@@ -85,7 +85,7 @@ pub fn document(a: &StatusArgs, output: Output) -> Result<rotator::status::Statu
         Some(doc) => doc,
         None => {
             if a.admin.admin_socket.is_some() && !a.offline {
-                return Err(Failed(format!(
+                return Err(Failed::new(format!(
                     "no meshca-server answers on {}",
                     a.admin.socket().display()
                 )));
