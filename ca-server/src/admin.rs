@@ -308,8 +308,14 @@ impl AdminService for Admin {
                     "a denial names a node or an identity, not both",
                 ));
             }
+            let mut previous = None;
             self.authority
                 .transition(|s, now| {
+                    previous = s
+                        .denied_nodes
+                        .iter()
+                        .find(|d| d.node == r.node && d.active(now))
+                        .map(|d| node_row(d, now));
                     s.deny_node(now, &r.node, reason.clone(), until, by.clone())
                         .map(Some)
                 })
@@ -317,20 +323,31 @@ impl AdminService for Admin {
                 .map_err(|e| codes::transition(&e))?;
             tracing::warn!(target: "meshca::audit", operator = %by, node = %crate::issuance::log_safe(&r.node),
                 reason = %crate::issuance::log_safe(&reason), until = %until.map(rfc3339).unwrap_or_default(),
-                "node denied by an operator: its node agents act for nobody");
-            return Ok(Response::new(self.denied_document().await));
+                replaced = previous.is_some(), "node denied by an operator: its node agents act for nobody");
+            return Ok(self
+                .changed(Target::Node(&r.node), previous, "denied")
+                .await);
         }
         let pattern = self.pattern(&r.pattern).await?;
+        let mut previous = None;
         self.authority
             .transition(|s, now| {
+                previous = s
+                    .denied
+                    .iter()
+                    .find(|d| d.pattern == pattern && d.active(now))
+                    .map(|d| denial_row(d, now, Vec::new()));
                 s.deny(now, pattern.clone(), reason.clone(), until, by.clone())
                     .map(Some)
             })
             .await
             .map_err(|e| codes::transition(&e))?;
         tracing::warn!(target: "meshca::audit", operator = %by, pattern = %pattern, reason = %reason,
-            until = %until.map(rfc3339).unwrap_or_default(), "identity denied by an operator");
-        Ok(Response::new(self.denied_document().await))
+            until = %until.map(rfc3339).unwrap_or_default(), replaced = previous.is_some(),
+            "identity denied by an operator");
+        Ok(self
+            .changed(Target::Pattern(&pattern.to_string()), previous, "denied")
+            .await)
     }
 
     async fn allow_identity(
@@ -339,22 +356,42 @@ impl AdminService for Admin {
     ) -> Result<Response<DenyListResponse>, Status> {
         let r = request.into_inner();
         if !r.node.is_empty() {
+            let mut previous = None;
             self.authority
-                .transition(|s, now| s.undeny_node(now, &r.node).map(Some))
+                .transition(|s, now| {
+                    previous = s
+                        .denied_nodes
+                        .iter()
+                        .find(|d| d.node == r.node && d.active(now))
+                        .map(|d| node_row(d, now));
+                    s.undeny_node(now, &r.node).map(Some)
+                })
                 .await
                 .map_err(|e| codes::transition(&e))?;
             tracing::warn!(target: "meshca::audit", operator = %operator(), node = %crate::issuance::log_safe(&r.node),
                 "node denial lifted by an operator");
-            return Ok(Response::new(self.denied_document().await));
+            return Ok(self
+                .changed(Target::Node(&r.node), previous, "lifted")
+                .await);
         }
         let pattern = self.pattern(&r.pattern).await?;
+        let mut previous = None;
         self.authority
-            .transition(|s, now| s.undeny(now, &pattern).map(Some))
+            .transition(|s, now| {
+                previous = s
+                    .denied
+                    .iter()
+                    .find(|d| d.pattern == pattern && d.active(now))
+                    .map(|d| denial_row(d, now, Vec::new()));
+                s.undeny(now, &pattern).map(Some)
+            })
             .await
             .map_err(|e| codes::transition(&e))?;
         tracing::warn!(target: "meshca::audit", operator = %operator(), pattern = %pattern,
             "identity denial lifted by an operator");
-        Ok(Response::new(self.denied_document().await))
+        Ok(self
+            .changed(Target::Pattern(&pattern.to_string()), previous, "lifted")
+            .await)
     }
 
     async fn list_denied(
@@ -525,7 +562,47 @@ impl Admin {
     }
 
     /// The denials with the live leaves each matches (the issuance ledger: this replica's).
+    /// What a deny or remove changed: `{"changed": {"action", "denial", "previous"}}` —
+    /// `denial` as it stands now (with its live leaves; `null` once lifted), `previous` the one
+    /// it replaced or lifted (`null` when there was none).
+    async fn changed(
+        &self,
+        target: Target<'_>,
+        previous: Option<serde_json::Value>,
+        action: &str,
+    ) -> Response<DenyListResponse> {
+        let doc = self.denied_value().await;
+        let (list, key, name) = match target {
+            Target::Node(n) => ("denied_nodes", "node", n),
+            Target::Pattern(p) => ("denied", "pattern", p),
+        };
+        let now = doc[list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d[key] == name)
+            .cloned();
+        let action = match (action, &previous) {
+            ("denied", Some(_)) => "replaced",
+            (a, _) => a,
+        };
+        Response::new(DenyListResponse {
+            json: serde_json::json!({
+                "changed": {"action": action, key: name, "denial": now, "previous": previous},
+            })
+            .to_string(),
+        })
+    }
+
     async fn denied_document(&self) -> DenyListResponse {
+        DenyListResponse {
+            json: self.denied_value().await.to_string(),
+        }
+    }
+
+    /// The denials in force (lapsed ones are not listed), the revoked issuers and the denied
+    /// nodes, each with the live leaves it matches.
+    async fn denied_value(&self) -> serde_json::Value {
         let now = self.authority.clock().now();
         let (denied, revoked, nodes) = self
             .authority
@@ -538,6 +615,7 @@ impl Admin {
         });
         let rows: Vec<serde_json::Value> = denied
             .iter()
+            .filter(|d| d.active(now))
             .map(|d| {
                 let live: Vec<serde_json::Value> = records
                     .iter()
@@ -548,11 +626,7 @@ impl Admin {
                     })
                     .map(leaf_json)
                     .collect();
-                serde_json::json!({
-                    "pattern": d.pattern.to_string(), "reason": d.reason,
-                    "added": rfc3339(d.added), "until": d.until.map(rfc3339), "by": d.by,
-                    "active": d.active(now), "live_leaves": live,
-                })
+                denial_row(d, now, live)
             })
             .collect();
         // Revoked issuers, with their leaves not yet expired (the ledger records each leaf's
@@ -573,20 +647,40 @@ impl Admin {
             .collect();
         let node_rows: Vec<serde_json::Value> = nodes
             .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "node": d.node, "reason": d.reason, "added": rfc3339(d.added),
-                    "until": d.until.map(rfc3339), "by": d.by, "active": d.active(now),
-                })
-            })
+            .filter(|d| d.active(now))
+            .map(|d| node_row(d, now))
             .collect();
-        DenyListResponse {
-            json: serde_json::json!({
-                "denied": rows, "revoked_issuers": revoked_rows, "denied_nodes": node_rows,
-            })
-            .to_string(),
-        }
+        serde_json::json!({
+            "denied": rows, "revoked_issuers": revoked_rows, "denied_nodes": node_rows,
+        })
     }
+}
+
+/// What a deny or remove names.
+enum Target<'a> {
+    Node(&'a str),
+    Pattern(&'a str),
+}
+
+/// A denial as `meshca deny` shows it.
+fn denial_row(
+    d: &rotator::state::Denial,
+    now: time::OffsetDateTime,
+    live: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "pattern": d.pattern.to_string(), "reason": d.reason,
+        "added": rfc3339(d.added), "until": d.until.map(rfc3339), "by": d.by,
+        "active": d.active(now), "live_leaves": live,
+    })
+}
+
+/// A node denial as `meshca deny` shows it.
+fn node_row(d: &rotator::state::NodeDenial, now: time::OffsetDateTime) -> serde_json::Value {
+    serde_json::json!({
+        "node": d.node, "reason": d.reason, "added": rfc3339(d.added),
+        "until": d.until.map(rfc3339), "by": d.by, "active": d.active(now),
+    })
 }
 
 impl Admin {

@@ -381,7 +381,8 @@ impl AuthorityState {
     ) -> Result<Self, StateError> {
         check_denial(&reason, until, now)?;
         let mut s = self.clone();
-        s.denied.retain(|d| d.pattern != pattern);
+        // A denial of the same pattern is replaced (the caller says so); lapsed ones go.
+        s.denied.retain(|d| d.pattern != pattern && d.active(now));
         s.record(now, format!("identity_denied {pattern}: {reason}"));
         s.denied.push(Denial {
             pattern,
@@ -497,7 +498,7 @@ impl AuthorityState {
         }
         check_denial(&reason, until, now)?;
         let mut s = self.clone();
-        s.denied_nodes.retain(|d| d.node != node);
+        s.denied_nodes.retain(|d| d.node != node && d.active(now));
         s.record(now, format!("node_denied {node}: {reason}"));
         s.denied_nodes.push(NodeDenial {
             node: node.to_owned(),
@@ -511,12 +512,15 @@ impl AuthorityState {
 
     /// Lifts the denial of node `node`; none is an error.
     pub fn undeny_node(&self, now: OffsetDateTime, node: &str) -> Result<Self, StateError> {
-        let mut s = self.clone();
-        let before = s.denied_nodes.len();
-        s.denied_nodes.retain(|d| d.node != node);
-        if s.denied_nodes.len() == before {
+        if !self
+            .denied_nodes
+            .iter()
+            .any(|d| d.node == node && d.active(now))
+        {
             return Err(StateError::NotFound(format!("node {node} is not denied")));
         }
+        let mut s = self.clone();
+        s.denied_nodes.retain(|d| d.node != node && d.active(now));
         s.record(now, format!("node_allowed {node}"));
         Ok(s)
     }
@@ -527,12 +531,15 @@ impl AuthorityState {
         now: OffsetDateTime,
         pattern: &crate::spiffe::IdPattern,
     ) -> Result<Self, StateError> {
-        let mut s = self.clone();
-        let before = s.denied.len();
-        s.denied.retain(|d| &d.pattern != pattern);
-        if s.denied.len() == before {
+        if !self
+            .denied
+            .iter()
+            .any(|d| &d.pattern == pattern && d.active(now))
+        {
             return Err(StateError::NotFound(format!("{pattern} is not denied")));
         }
+        let mut s = self.clone();
+        s.denied.retain(|d| &d.pattern != pattern && d.active(now));
         s.record(now, format!("identity_allowed {pattern}"));
         Ok(s)
     }

@@ -67,7 +67,10 @@ async fn a_denied_identity_is_refused_whatever_its_credential_while_others_renew
     .await;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let d = &v["denied"][0];
+    // The one denial changed, not the whole list (issue #30 item 7).
+    assert_eq!(v["changed"]["action"], "denied", "{v}");
+    assert!(v["changed"]["previous"].is_null(), "{v}");
+    let d = &v["changed"]["denial"];
     assert_eq!(d["pattern"], WEB);
     assert!(d["by"].as_str().unwrap().starts_with("uid "), "{d}");
     // Its live leaf is listed, with its expiry.
@@ -194,6 +197,33 @@ async fn a_denied_identity_is_refused_whatever_its_credential_while_others_renew
     // (`--until 1h` is an hour from the CLI's wall clock; the server's clock is moved past it.)
     clock.advance(Duration::from_secs(3700));
     prod("x").await.expect("the denial expired");
+    // A lapsed denial is not listed any more; the one in force is.
+    let (code, out, err) = meshca(dir.clone(), &["--output", "json", "deny", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listed: Vec<&str> = v["denied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["pattern"].as_str())
+        .collect();
+    assert_eq!(listed, vec![WEB], "the lapsed pattern is gone: {v}");
+    // Denying an identity again replaces its denial, and says so, naming the old reason; the
+    // text shows the one denial changed.
+    let (code, text, err) = meshca(
+        dir.clone(),
+        &["deny", "add", WEB, "--reason", "confirmed by forensics"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.starts_with(&format!("denied {WEB}"))
+            && text.contains("confirmed by forensics")
+            && text.contains("replaced the earlier denial")
+            && text.contains("exfiltration seen on node-3"),
+        "{text}"
+    );
+    assert!(!text.contains("prod/sa/*"), "only the one changed: {text}");
 
     // Bad input: refused, nothing changes.
     let state_before = std::fs::read(dir.join("state.json")).unwrap();
@@ -237,8 +267,13 @@ async fn a_denied_identity_is_refused_whatever_its_credential_while_others_renew
         );
     }
 
-    // Lifted: it renews again.
-    let (code, _, err) = meshca(dir.clone(), &["deny", "remove", WEB]).await;
+    // Lifted: it renews again; the text names what was lifted.
+    let (code, text, err) = meshca(dir.clone(), &["deny", "remove", WEB]).await;
     assert_eq!(code, 0, "{err}");
+    assert!(
+        text.starts_with(&format!("lifted the denial of {WEB}"))
+            && text.contains("confirmed by forensics"),
+        "{text}"
+    );
     srv.issue(WEB).await.expect("allowed again");
 }

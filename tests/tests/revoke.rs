@@ -105,6 +105,16 @@ async fn a_revoked_issuers_workloads_are_told_to_renew_and_do() {
     let left = &st["anchor_rotation"]["ledger"]["revoked_issuers"][0];
     assert_eq!(left["issuer"], revoked.as_str(), "{st}");
     assert_eq!(left["live_leaves"], 0, "{left}");
+    // `deny list` in text shows the revoked issuer too (issue #30 item 7: it used to list
+    // identities only).
+    let (code, text, err) = meshca_in(&dir, &["deny", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains(&format!("issuer {revoked}  revoked"))
+            && text.contains("issuer key leaked")
+            && text.contains("live leaves: 0"),
+        "{text}"
+    );
     let metrics = http_get(srv.server().http_addr, "/metrics").await.1;
     let line = format!("meshca_revoked_issuer_live_leaves{{issuer=\"{revoked}\"}} 0");
     assert!(metrics.contains(&line), "{line} not in /metrics");

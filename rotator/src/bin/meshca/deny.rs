@@ -51,7 +51,8 @@ pub enum DenyCommand {
         #[arg(long, value_name = "NAME")]
         node: Option<String>,
     },
-    /// The denials, each with the live leaves it matches and when they expire.
+    /// The denials in force (one whose `--until` has passed is not listed), each with the live
+    /// leaves it matches and when they expire; the revoked issuers with theirs.
     List {
         #[command(flatten)]
         admin: AdminArgs,
@@ -225,7 +226,39 @@ fn since_line(d: &Value) -> String {
     )
 }
 
+/// What `deny add` or `remove` changed (`{"changed": …}` from the server), for people.
+fn print_changed(c: &Value) {
+    let name = c["pattern"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| c["node"].as_str().map(|n| format!("node {n}")))
+        .unwrap_or_default();
+    match c["action"].as_str() {
+        Some("lifted") => println!(
+            "lifted the denial of {name} ({})",
+            since_line(&c["previous"])
+        ),
+        action => {
+            let d = &c["denial"];
+            println!("denied {name}  {}", since_line(d));
+            if let Some(live) = d["live_leaves"].as_array() {
+                println!("  live leaves: {}", live.len());
+            }
+            if action == Some("replaced") {
+                println!(
+                    "  replaced the earlier denial: {}",
+                    since_line(&c["previous"])
+                );
+            }
+        }
+    }
+}
+
 fn print_text(doc: &Value) {
+    if doc.get("changed").is_some() {
+        print_changed(&doc["changed"]);
+        return;
+    }
     let rows = doc["denied"].as_array().cloned().unwrap_or_default();
     if rows.is_empty() {
         println!("no identity is denied");
@@ -253,5 +286,16 @@ fn print_text(doc: &Value) {
                 l["not_after"].as_str().unwrap_or("-")
             );
         }
+    }
+    for r in doc["revoked_issuers"].as_array().into_iter().flatten() {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+        let live = r["live_leaves"].as_array().map_or(0, Vec::len);
+        println!(
+            "issuer {}  revoked {} by {}: {}\n  live leaves: {live}",
+            s("issuer"),
+            s("at"),
+            s("by"),
+            s("reason")
+        );
     }
 }
