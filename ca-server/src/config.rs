@@ -212,7 +212,7 @@ impl IstiodCertificate {
         if self.ttl < Duration::from_secs(3600) {
             return Err(bad(
                 "ttl",
-                humantime::format_duration(self.ttl).to_string(),
+                rotator::policy::written(self.ttl),
                 "shorter than 1h: istiod reloads it, but a renewal every few minutes is churn",
             ));
         }
@@ -377,7 +377,7 @@ impl Config {
             reason: e.reason,
         })?;
         if let Some(before) = self.anchor.auto_stage_before {
-            let h = |d: std::time::Duration| humantime::format_duration(d).to_string();
+            let h = rotator::policy::written;
             let p = &self.policy;
             // A whole gated rotation by the time fallbacks: stage → activate → finish.
             let needs = 2 * p.leaf_ttl_max + p.propagation_allowance + p.clock_skew;
@@ -665,16 +665,25 @@ impl LimitsConfig {
                     "no such limit (see docs/configuration.md, Limits)".into()
                 ));
             }
-            let v = value.trim().parse::<i64>().map_or_else(
-                |_| toml::Value::String(value.trim().to_owned()),
-                toml::Value::Integer,
-            );
+            let count = matches!(table.get(name), Some(toml::Value::Integer(_)));
+            let v = match value.trim().parse::<i64>() {
+                Ok(n) => toml::Value::Integer(n),
+                Err(_) if count => {
+                    return Err(err(
+                        "not a whole number (this limit is a count; 0 means unlimited)".into(),
+                    ));
+                }
+                Err(_) => toml::Value::String(value.trim().to_owned()),
+            };
             table.insert(name.to_owned(), v);
             // Checked one at a time, so that an error names the value that caused it.
-            out = table
-                .clone()
-                .try_into()
-                .map_err(|e: toml::de::Error| err(e.message().to_owned()))?;
+            out = table.clone().try_into().map_err(|e: toml::de::Error| {
+                err(if count {
+                    "out of range for this limit (a count from 0)".to_owned()
+                } else {
+                    e.message().to_owned()
+                })
+            })?;
         }
         Ok(out)
     }
@@ -724,7 +733,7 @@ impl LimitsConfig {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let h = |d: Duration| humantime::format_duration(d).to_string();
+        let h = rotator::policy::written;
         for (name, d) in [
             ("preface_timeout", self.preface_timeout),
             ("idle_timeout", self.idle_timeout),
@@ -889,7 +898,7 @@ impl KubernetesConfig {
         if self.lease_duration < Duration::from_secs(2) {
             return Err(bad(
                 "lease_duration",
-                humantime::format_duration(self.lease_duration).to_string(),
+                rotator::policy::written(self.lease_duration),
                 "shorter than 2s: the holder could not renew in time",
             ));
         }

@@ -217,8 +217,55 @@ impl Args {
     }
 }
 
+/// A bad value clap found in an environment variable, said as the variable (clap names the flag,
+/// which the operator did not use): `config: <setting> = <value>: <VAR>: …`. `None` when the value
+/// came from the command line, or the error is not about a value.
+fn env_value_error(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(a)) => a.clone(),
+        _ => return None,
+    };
+    let long = arg
+        .split_whitespace()
+        .next()?
+        .strip_prefix("--")?
+        .to_owned();
+    let given =
+        std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    if given {
+        return None;
+    }
+    let cmd = <Args as clap::CommandFactory>::command();
+    let var = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))?
+        .get_env()?
+        .to_string_lossy()
+        .into_owned();
+    let value = std::env::var(&var).ok()?;
+    let valid = match e.get(ContextKind::ValidValue) {
+        Some(ContextValue::Strings(v)) => format!("expected one of {}", v.join(", ")),
+        _ => std::error::Error::source(e)
+            .map_or_else(|| "not a valid value".to_owned(), ToString::to_string),
+    };
+    Some(format!(
+        "config: {} = {value}: {var}: {valid}",
+        long.replace('-', "_")
+    ))
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            if let Some(m) = env_value_error(&e) {
+                eprintln!("meshca-server: {m}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     let config = match args.config() {
         Ok(c) => c,
         Err(e) => {

@@ -369,7 +369,7 @@ impl TlsConn {
                         &format_args!(
                             "connection from {} closed: no stream for {}",
                             self.info.addr,
-                            humantime::format_duration(timeout)
+                            rotator::policy::written(timeout)
                         ),
                     );
                     return Poll::Ready(io::Error::new(
@@ -601,7 +601,7 @@ async fn handshake(
                 Limit::Preface,
                 &format_args!(
                     "connection from {addr} closed: no request within {}",
-                    humantime::format_duration(timeout)
+                    rotator::policy::written(timeout)
                 ),
             );
             None

@@ -18,7 +18,10 @@ fn print_config_shows_the_embedded_default_and_flags_override_it() {
         "state_dir = \"./meshca-data\"",
         "listen = \"127.0.0.1:8443\"",
         "http_listen = \"127.0.0.1:9090\"",
-        "leaf_ttl_max = \"2days\"",
+        // Durations as people write them: days, never months (issue #30 item 7).
+        "leaf_ttl_max = \"2d\"",
+        "anchor_ttl = \"365d\"",
+        "issuer_ttl = \"7d\"",
     ] {
         assert!(text.contains(want), "{want} missing from:\n{text}");
     }
@@ -49,7 +52,7 @@ fn a_bad_config_file_names_the_setting() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("policy.issuer_ttl = 1day") && err.contains("leaf_ttl_max"),
+        err.contains("policy.issuer_ttl = 1d:") && err.contains("leaf_ttl_max"),
         "{err}"
     );
 }
@@ -85,6 +88,17 @@ fn limits_are_set_by_flag_and_environment_and_a_bad_one_is_named() {
             &[][..],
             &[("MESHCA_LIMITS_IDLE_TIMEOUT", "soon")][..],
             "limits.idle_timeout = soon",
+        ),
+        // Said in the operator's terms, not serde's ("invalid type: string, expected u32").
+        (
+            &["--limit", "tokenreview_rate=2.5"][..],
+            &[][..],
+            "config: limits.tokenreview_rate = 2.5: not a whole number (this limit is a count",
+        ),
+        (
+            &["--limit", "tokenreview_rate=-1"][..],
+            &[][..],
+            "config: limits.tokenreview_rate = -1: out of range for this limit",
         ),
     ] {
         let out = run(args, env);
@@ -194,4 +208,22 @@ fn the_bundle_endpoint_is_set_by_flag_or_environment_and_checked() {
     assert!(err.contains("federation.bundle_endpoint_cert"), "{err}");
     let out = print_config(&["--bundle-endpoint-profile", "http"], &[]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A bad value in an environment variable is blamed on the variable, not on a flag the operator
+/// never typed (issue #30 item 7); a bad flag is still the flag's.
+#[test]
+fn a_bad_environment_value_names_the_variable() {
+    let out = print_config(&[], &[("MESHCA_LOG_FORMAT", "xml")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config: log_format = xml: MESHCA_LOG_FORMAT: expected one of text, json")
+            && !err.contains("--log-format"),
+        "{err}"
+    );
+    let out = print_config(&["--log-format", "xml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'--log-format"), "{err}");
 }

@@ -126,7 +126,7 @@ impl Policy {
                 reason,
             })
         };
-        let h = |d: Duration| humantime::format_duration(d).to_string();
+        let h = written;
         if self.leaf_ttl_min.is_zero() {
             return err(
                 "leaf_ttl_min",
@@ -330,15 +330,40 @@ impl<'de> Deserialize<'de> for Fraction {
     }
 }
 
-/// Serde for durations as human strings (`"24h"`, `"7days"`, `"90s"`).
+/// `d` exactly, as a person would write it in the configuration: days, hours, minutes,
+/// seconds and milliseconds, each only when not zero (`365d`, `1d 12h`, `90s`, `1h 30m`,
+/// `500ms`; `0s`). Never months or years, whose length humantime guesses (`365d` would read
+/// `11months 30days 3h 50m 24s`). `humantime::parse_duration` reads it back unchanged.
+pub fn written(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    let parts = [
+        (s / 86400, "d"),
+        ((s % 86400) / 3600, "h"),
+        ((s % 3600) / 60, "m"),
+        (s % 60, "s"),
+        (u64::from(d.subsec_millis()), "ms"),
+    ];
+    let text: Vec<String> = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    if text.is_empty() {
+        "0s".into()
+    } else {
+        text.join(" ")
+    }
+}
+
+/// Serde for durations as human strings (`"24h"`, `"7d"`, `"90s"`), written by [`written`].
 pub mod duration_str {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    /// Writes `d` as a humantime string.
+    /// Writes `d` as [`super::written`] does.
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
+        s.collect_str(&super::written(*d))
     }
 
     /// Reads a humantime string.
@@ -357,7 +382,7 @@ pub mod duration_opt_str {
     /// Writes `d` as a humantime string, or nothing.
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.collect_str(&humantime::format_duration(*d)),
+            Some(d) => s.collect_str(&super::written(*d)),
             None => s.serialize_none(),
         }
     }
@@ -374,6 +399,24 @@ pub mod duration_opt_str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_written_as_people_write_them_and_read_back() {
+        let d = |s: u64| Duration::from_secs(s);
+        for (dur, text) in [
+            (d(365 * 86400), "365d"),
+            (d(90 * 86400), "90d"),
+            (d(86400 + 12 * 3600), "1d 12h"),
+            (d(5400), "1h 30m"),
+            (d(90), "1m 30s"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::ZERO, "0s"),
+            (d(2 * 86400 + 61), "2d 1m 1s"),
+        ] {
+            assert_eq!(written(dur), text);
+            assert_eq!(humantime::parse_duration(text).unwrap(), dur, "{text}");
+        }
+    }
     use proptest::prelude::*;
     use time::macros::datetime;
 
@@ -415,8 +458,8 @@ mod tests {
         };
         let e = p.validate().unwrap_err();
         assert_eq!(e.name, "issuer_ttl");
-        assert!(e.reason.contains("leaf_ttl_max = 2days"), "{e}");
-        assert!(e.reason.contains("at least 6days"), "{e}");
+        assert!(e.reason.contains("leaf_ttl_max = 2d:"), "{e}");
+        assert!(e.reason.contains("at least 6d "), "{e}");
 
         let p = Policy {
             leaf_ttl_min: Duration::from_secs(49 * H),

@@ -111,6 +111,10 @@ pub struct AnchorEntry {
     /// Where the key lives when it is in a key store: its reference (`pkcs11:token=…;id=…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_store: Option<String>,
+    /// Its key was here and has been destroyed after archival (`policy.key_retention`), as
+    /// the journal records.
+    #[serde(default)]
+    pub key_destroyed: bool,
     /// Serial, hex.
     pub serial: String,
     /// Subject.
@@ -483,6 +487,14 @@ pub fn document(
                 status: a.status,
                 key_held: a.key.is_some(),
                 key_store: a.key.as_ref().and_then(stored_at),
+                key_destroyed: a.key.is_none()
+                    && s.history.iter().any(|e| {
+                        e.what
+                            .split_whitespace()
+                            .skip_while(|w| *w != "anchor_keys_destroyed")
+                            .nth(1)
+                            .is_some_and(|ids| ids.split(',').any(|id| id == a.cert.id().as_str()))
+                    }),
                 serial: a.cert.info.serial.clone(),
                 subject: a.cert.info.subject.clone(),
                 not_before: a.cert.info.not_before,
@@ -645,10 +657,11 @@ pub fn render(v: &Status) -> String {
             "  {:<16}  {:<9}  {:<8}  {:<20}  {}",
             a.id.as_str(),
             a.status,
-            match (a.key_held, &a.key_store) {
-                (true, Some(_)) => "token",
-                (true, None) => "here",
-                (false, _) => "upstream",
+            match (a.key_held, &a.key_store, a.key_destroyed) {
+                (true, Some(_), _) => "token",
+                (true, None, _) => "here",
+                (false, _, true) => "destroyed",
+                (false, _, false) => "upstream",
             },
             at(a.not_after),
             countdown(a.expires_in_seconds)
@@ -773,6 +786,39 @@ mod tests {
         assert!(!text.contains("ATTENTION"), "{text}");
     }
 
+    /// An archived anchor whose key was destroyed after `key_retention` shows KEY `destroyed`,
+    /// not `upstream` (issue #30 item 7); the active one, `here`.
+    #[test]
+    fn a_destroyed_anchor_key_says_so() {
+        use crate::anchors::NewAnchor;
+        let p = Policy::default();
+        let now = OffsetDateTime::now_utc();
+        let s = AuthorityState::genesis("cluster.local".parse().unwrap(), &p, now).unwrap();
+        let old = s.active_anchor().unwrap().cert.id().clone();
+        let s = s.stage_anchor(&p, now, NewAnchor::Generate).unwrap();
+        let s = s.activate_anchor(&p, None, now, true).unwrap();
+        let s = s.finish_anchor(&p, None, now, true).unwrap();
+        let held = document(&s, &p, None, now);
+        let row = |v: &Status| {
+            render(v)
+                .lines()
+                .find(|l| l.contains(old.as_str()))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(row(&held).contains("here"), "{}", row(&held));
+        let later = now + time::Duration::seconds(1);
+        let s = s.prune_expired_issuers(p.key_retention, later).unwrap();
+        let v = document(&s, &p, None, later);
+        let a = v.anchors.iter().find(|a| a.id == old).unwrap();
+        assert!(a.key_destroyed && !a.key_held);
+        assert!(
+            row(&v).contains("destroyed") && !row(&v).contains("upstream"),
+            "{}",
+            row(&v)
+        );
+    }
+
     /// The JSON keeps the field names and shapes the untyped document had (scripts read it), and
     /// reads back into the same types.
     #[test]
@@ -812,7 +858,7 @@ mod tests {
         );
         assert_eq!(
             keys(&v["anchors"][0]),
-            "expires_in_seconds,id,key_held,not_after,not_before,serial,status,subject"
+            "expires_in_seconds,id,key_destroyed,key_held,not_after,not_before,serial,status,subject"
         );
         assert_eq!(
             keys(&v["issuers"][0]),

@@ -186,7 +186,7 @@ impl FederationConfig {
     /// Every peer is complete and listed once, and the bounds are sane; or (setting under
     /// `federation.`, its value, why).
     pub fn validate_peers(&self) -> Result<(), (String, String, String)> {
-        let h = |d: Duration| humantime::format_duration(d).to_string();
+        let h = rotator::policy::written;
         for (i, p) in self.trust_domains.iter().enumerate() {
             let td = p.trust_domain.to_string();
             p.validate()

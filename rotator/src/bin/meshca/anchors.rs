@@ -445,7 +445,7 @@ async fn wait(
             }
             return Err(Failed::new(format!(
                 "timed out after {} waiting for the {} gate: {explain}",
-                humantime::format_duration(timeout),
+                rotator::policy::written(timeout),
                 until.step()
             ))
             .code("timeout"));
@@ -457,7 +457,7 @@ async fn wait(
                 .map(|s| {
                     format!(
                         " time fallback in {}",
-                        humantime::format_duration(Duration::from_secs(s))
+                        rotator::state::human(Duration::from_secs(s))
                     )
                 })
                 .unwrap_or_default();
