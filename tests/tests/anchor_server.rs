@@ -251,6 +251,42 @@ fn plan_draws_the_gates_as_text_svg_and_json() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("state");
     let s = ServerProcess::spawn(&dir, &[], &[]).unwrap();
+    // In steady (issue #30 item 5): the rotation deadline, and when each gate would open by
+    // time if staged now (48 h + 1 h; then 48 h + 5 min).
+    let (code, json, err) = meshca(&["plan", "--output", "json"], &dir);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let at = |label: &str| {
+        let m = v["marks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["label"].as_str().unwrap().starts_with(label))
+            .unwrap_or_else(|| panic!("no mark {label:?}: {v}"));
+        time::OffsetDateTime::parse(
+            m["at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    let now = time::OffsetDateTime::parse(
+        v["now"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let activate = at("if staged now: activate gate");
+    assert_eq!(activate - now, time::Duration::hours(49));
+    assert_eq!(
+        at("if staged now: finish gate") - activate,
+        time::Duration::hours(48) + time::Duration::minutes(5)
+    );
+    let deadline = at("rotation deadline");
+    assert!(deadline > now + time::Duration::days(300), "{v}");
+    let (_, text, _) = meshca(&["plan"], &dir);
+    assert!(
+        text.contains("rotation deadline: stage by then") && text.contains("◀ not after this"),
+        "{text}"
+    );
     // One live workload holding the old bundle keeps the measured activate gate closed.
     issue(&s, &dir, "web");
     let (code, _, err) = meshca(&["anchors", "stage"], &dir);

@@ -3,8 +3,10 @@
 //!
 //! Rows: every anchor in the bundle (and archived ones still valid), every issuer, and the
 //! window of a leaf signed now. Marks: today, and the moment each gate of the current phase
-//! opens (now, when measured open; else its time fallback). It answers "when can I safely
-//! finish?" at a glance.
+//! opens (now, when measured open; else its time fallback); in steady, the rotation deadline
+//! (stage by then to finish by the time gates before the anchor expires) and when the activate
+//! and finish gates would open by time if you staged now. It answers "when can I safely
+//! finish?" and "when must I start?" at a glance.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -90,7 +92,12 @@ struct Mark {
     at: OffsetDateTime,
     label: String,
     open: bool,
+    /// Said after a mark still ahead that is not open: ` ◀ not before this` for a gate, ` ◀ not
+    /// after this` for a deadline, nothing for what would happen if you staged now.
+    note: &'static str,
 }
+
+const GATE: &str = " ◀ not before this";
 
 #[derive(Debug)]
 struct Timeline {
@@ -139,6 +146,7 @@ fn timeline(doc: &Status) -> Timeline {
             at: *since,
             label: format!("{phase} since"),
             open: true,
+            note: "",
         });
     }
     for g in doc.anchor_rotation.gates.iter().map(|g| &g.gate) {
@@ -158,14 +166,19 @@ fn timeline(doc: &Status) -> Timeline {
                     }
                 ),
                 open: true,
+                note: "",
             });
         } else if let Some(at) = g.opens_at {
             marks.push(Mark {
                 at,
                 label: format!("{step} gate opens (time fallback)"),
                 open: false,
+                note: GATE,
             });
         }
+    }
+    if matches!(doc.phase, Phase::Steady) {
+        marks.extend(steady_marks(doc));
     }
     // The window: from a leaf TTL before the first mark (or now) to a leaf TTL after the last
     // mark, so the gates and the leaf window are what the picture is about.
@@ -192,6 +205,43 @@ fn timeline(doc: &Status) -> Timeline {
         rows,
         marks,
     }
+}
+
+/// In steady: the next rotation's deadline (the last moment to stage and still finish by the
+/// time gates before the anchor expires) and, if you staged now, when the activate and finish
+/// gates would open by time at the latest (sooner when measured).
+fn steady_marks(doc: &Status) -> Vec<Mark> {
+    let secs = |s: u64| time::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 2));
+    let p = &doc.policy;
+    let leaf_max = secs(p.leaf_ttl_max_seconds);
+    let activate = doc.now + leaf_max + secs(p.propagation_allowance_seconds);
+    let finish = activate + leaf_max + secs(p.clock_skew_seconds);
+    let mut marks = vec![
+        Mark {
+            at: activate,
+            label: "if staged now: activate gate opens by time at the latest".into(),
+            open: false,
+            note: "",
+        },
+        Mark {
+            at: finish,
+            label: "if staged now: finish gate opens by time at the latest".into(),
+            open: false,
+            note: "",
+        },
+    ];
+    if let Some(d) = &doc.rotation_deadlines.anchor {
+        marks.push(Mark {
+            at: d.at,
+            label: format!(
+                "rotation deadline: stage by then to finish by the time gates before anchor {} expires",
+                d.id
+            ),
+            open: false,
+            note: " ◀ not after this",
+        });
+    }
+    marks
 }
 
 fn frac(tl: &Timeline, at: OffsetDateTime) -> f64 {
@@ -262,11 +312,7 @@ fn text(tl: &Timeline) -> String {
             "  {}  {}{}",
             date(m.at),
             m.label,
-            if m.open || m.at <= tl.now {
-                ""
-            } else {
-                " ◀ not before this"
-            }
+            if m.open || m.at <= tl.now { "" } else { m.note }
         );
     }
     let _ = writeln!(
