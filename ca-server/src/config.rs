@@ -1,6 +1,8 @@
 //! Configuration: one typed struct, read from TOML (`--config FILE`), overridden by environment
 //! variables and flags (flags win). Every setting has a default; `--print-config` shows the result.
 
+pub mod federation;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -61,7 +63,7 @@ pub struct Config {
     /// Where anchor and issuer keys live (`[keys]`): the state (default) or a PKCS#11 token.
     pub keys: rotator::keys::KeysConfig,
     /// SPIFFE federation (`[federation]`): the bundle endpoint served over HTTPS.
-    pub federation: crate::federation::FederationConfig,
+    pub federation: federation::FederationConfig,
 }
 
 /// One authenticator of the chain.
@@ -323,7 +325,7 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             limits: LimitsConfig::default(),
             keys: rotator::keys::KeysConfig::default(),
-            federation: crate::federation::FederationConfig::default(),
+            federation: federation::FederationConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -453,42 +455,6 @@ impl Config {
 }
 
 impl Config {
-    /// Checks the files and modules the configuration names, before anything is written:
-    /// `anchor_cert` readable and holding a certificate, a PKCS#11 module loadable and its PIN
-    /// file readable, the `https_web` bundle endpoint's certificate and key usable together, each
-    /// federated peer's bootstrap bundle readable and of its trust domain, each `web_ca_file`
-    /// holding a certificate. `meshca-server --print-config` runs it too.
-    pub fn check_files(&self) -> Result<(), ConfigError> {
-        if let Some(p) = &self.anchor_cert {
-            let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
-                name: "anchor_cert".into(),
-                value: p.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            if rotator::client::parse_pem_certs(&text).is_empty() {
-                return Err(ConfigError {
-                    name: "anchor_cert".into(),
-                    value: p.display().to_string(),
-                    reason: "no CERTIFICATE in it".into(),
-                });
-            }
-        }
-        self.keys
-            .check()
-            .map_err(|(name, value, reason)| ConfigError {
-                name: name.into(),
-                value,
-                reason,
-            })?;
-        crate::federation::check_files(&self.federation).map_err(|(name, value, reason)| {
-            ConfigError {
-                name: format!("federation.{name}"),
-                value,
-                reason,
-            }
-        })
-    }
-
     /// `[federation]`: the endpoint's profile and files agree, every peer is complete and listed
     /// once, and this authority's own trust domain is not among them.
     fn validate_federation(&self) -> Result<(), ConfigError> {
@@ -1053,7 +1019,7 @@ mod tests {
         let c = Config::default();
         c.validate().unwrap();
         let text = c.to_toml();
-        assert!(text.contains("leaf_ttl_default = \"1day\""), "{text}");
+        assert!(text.contains("leaf_ttl_default = \"1d\""), "{text}");
         assert_eq!(Config::from_toml(&text).unwrap(), c);
     }
 

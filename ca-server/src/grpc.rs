@@ -24,7 +24,7 @@ use crate::authority::{Authority, Bundle};
 use crate::config::{Config, LimitsConfig, MAX_REQUEST_BYTES};
 use crate::issuance::{Face, IssueRequest, SigningCore};
 use crate::limits::{CountStreams, Limits, WatchPeer};
-use crate::tls::{PeerInfo, TlsConn};
+use crate::tls::{PeerInfo, TlsConn, caller_of};
 
 /// Longest accepted `instance_id`.
 pub const MAX_INSTANCE_ID: usize = 128;
@@ -90,7 +90,7 @@ pub async fn serve(
         .max_connection_age(limits.max_connection_age)
         .max_connection_age_grace(limits.max_connection_age_grace)
         .timeout(limits.request_timeout)
-        .layer(CountStreams)
+        .layer(CountStreams(crate::tls::activity_of))
         .layer(tower::util::MapRequestLayer::new(limit_request_body))
         .add_service(faces.native)
         .add_optional_service(faces.istio)
@@ -136,16 +136,6 @@ fn check_instance_id(id: &str) -> Result<(), Status> {
 }
 
 type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Send>>;
-
-/// The caller's connection info and `authorization` metadata, as every face reads them.
-pub fn caller_of<T>(request: &Request<T>) -> (Option<PeerInfo>, Option<String>) {
-    let peer = request.extensions().get::<PeerInfo>().cloned();
-    let authorization = request
-        .metadata()
-        .get("authorization")
-        .map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned());
-    (peer, authorization)
-}
 
 #[tonic::async_trait]
 impl IdentityService for MeshcaV1 {

@@ -244,7 +244,19 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     // From the committed state at scrape time: never stale after a rotation.
     let summary = authority.ledger_summary_for_scrape().await;
     let (policy, now) = (authority.policy().clone(), authority.clock().now());
-    let federation = s.federation.statuses();
+    let federation = s
+        .federation
+        .statuses()
+        .into_iter()
+        .map(|(td, st)| {
+            let seen = crate::metrics::PeerRefresh {
+                refreshing: st.refreshing,
+                last_success: st.last_success,
+                consecutive_failures: st.consecutive_failures,
+            };
+            (td, seen)
+        })
+        .collect();
     authority
         .read(|st| {
             s.metrics.authority.observe(st, &summary, &policy, now);
@@ -284,90 +296,8 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 pub const SPIFFE_REFRESH_HINT_SECONDS: u64 = 300;
 
 async fn spiffe_bundle(State(s): State<Arc<HttpState>>) -> axum::response::Response {
-    spiffe_bundle_response(
+    crate::federation::document::spiffe_bundle_response(
         &s.issuer.authority().snapshot().bundle,
         SPIFFE_REFRESH_HINT_SECONDS,
     )
-}
-
-/// The SPIFFE bundle document of `bundle`, as an HTTP answer (the HTTP port and the bundle
-/// endpoint serve the same).
-pub(crate) fn spiffe_bundle_response(
-    bundle: &crate::authority::Bundle,
-    refresh_hint: u64,
-) -> axum::response::Response {
-    match spiffe_bundle_json(bundle, refresh_hint) {
-        Ok(v) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            v.to_string(),
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            format!("{e}\n"),
-        ),
-    }
-    .into_response()
-}
-
-/// The bundle as a SPIFFE trust bundle (a JWK Set): one `x509-svid` key per anchor with its
-/// certificate in `x5c`, `spiffe_sequence` = the bundle version.
-pub fn spiffe_bundle_json(
-    b: &crate::authority::Bundle,
-    refresh_hint: u64,
-) -> Result<serde_json::Value, String> {
-    use base64::Engine;
-    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-    use x509_parser::public_key::PublicKey;
-    let mut keys = Vec::new();
-    for der in &b.anchors {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| format!("anchor certificate: {e}"))?;
-        let spki = cert.public_key();
-        let x5c = vec![STANDARD.encode(der.as_ref())];
-        let key = match spki.parsed().map_err(|e| format!("anchor key: {e}"))? {
-            PublicKey::EC(point) => {
-                let d = point.data();
-                let (crv, n) = match d.len() {
-                    65 => ("P-256", 32),
-                    97 => ("P-384", 48),
-                    133 => ("P-521", 66),
-                    l => return Err(format!("unsupported EC point of {l} bytes")),
-                };
-                serde_json::json!({
-                    "use": "x509-svid", "kty": "EC", "crv": crv,
-                    "x": URL_SAFE_NO_PAD.encode(&d[1..=n]),
-                    "y": URL_SAFE_NO_PAD.encode(&d[1 + n..]),
-                    "x5c": x5c,
-                })
-            }
-            PublicKey::RSA(rsa) => {
-                let strip = |v: &[u8]| {
-                    let i = v.iter().position(|&b| b != 0).unwrap_or(v.len());
-                    v[i..].to_vec()
-                };
-                serde_json::json!({
-                    "use": "x509-svid", "kty": "RSA",
-                    "n": URL_SAFE_NO_PAD.encode(strip(rsa.modulus)),
-                    "e": URL_SAFE_NO_PAD.encode(strip(rsa.exponent)),
-                    "x5c": x5c,
-                })
-            }
-            PublicKey::Unknown(_) if spki.algorithm.algorithm.to_id_string() == "1.3.101.112" => {
-                serde_json::json!({
-                    "use": "x509-svid", "kty": "OKP", "crv": "Ed25519",
-                    "x": URL_SAFE_NO_PAD.encode(spki.subject_public_key.data.as_ref()),
-                    "x5c": x5c,
-                })
-            }
-            _ => return Err("unsupported anchor key type".into()),
-        };
-        keys.push(key);
-    }
-    Ok(serde_json::json!({
-        "keys": keys,
-        "spiffe_sequence": b.version,
-        "spiffe_refresh_hint": refresh_hint,
-    }))
 }

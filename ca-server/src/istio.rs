@@ -10,8 +10,8 @@ use meshca_proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
 use tonic::{Request, Response, Status};
 
 use crate::auth::Credentials;
-use crate::grpc::caller_of;
 use crate::issuance::{Face, IssueRequest, SigningCore};
+use crate::tls::caller_of;
 
 /// The request metadata key a node agent (ztunnel) names the workload with.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";

@@ -567,22 +567,45 @@ impl Drop for StreamGuard {
     }
 }
 
+/// Finds a request's connection activity in its extensions (where the connection layer put it).
+pub type ActivityOf = for<'a> fn(&'a http::Extensions) -> Option<&'a Arc<ConnActivity>>;
+
 /// A tower layer that counts each request as an open stream of its connection until its
-/// response body is dropped (a watch stream stays open as long as it is watched).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CountStreams;
+/// response body is dropped (a watch stream stays open as long as it is watched). The
+/// connection's [`ConnActivity`] is found by the function it holds (the TLS layer's), so that
+/// limits know nothing of connections.
+#[derive(Clone, Copy)]
+pub struct CountStreams(pub ActivityOf);
+
+impl std::fmt::Debug for CountStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CountStreams")
+    }
+}
 
 impl<S> tower::Layer<S> for CountStreams {
     type Service = CountStreamsService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        CountStreamsService { inner }
+        CountStreamsService {
+            inner,
+            activity_of: self.0,
+        }
     }
 }
 
 /// See [`CountStreams`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CountStreamsService<S> {
     inner: S,
+    activity_of: ActivityOf,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for CountStreamsService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountStreamsService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -601,10 +624,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let guard = req
-            .extensions()
-            .get::<crate::tls::PeerInfo>()
-            .map(|p| p.activity.begin());
+        let guard = (self.activity_of)(req.extensions()).map(ConnActivity::begin);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;

@@ -212,7 +212,7 @@ impl Args {
         c.validate().map_err(|e| e.to_string())?;
         // The files and modules it names too: what `--print-config` accepts, the server
         // accepts, and a refusal comes before anything is written.
-        c.check_files().map_err(|e| e.to_string())?;
+        ca_server::server::check_files(&c).map_err(|e| e.to_string())?;
         Ok(c)
     }
 }

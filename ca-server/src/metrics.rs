@@ -187,10 +187,7 @@ impl AuthorityMetrics {
     pub fn observe_federation(
         &self,
         s: &rotator::state::AuthorityState,
-        statuses: &std::collections::BTreeMap<
-            rotator::spiffe::TrustDomain,
-            crate::federation::fetch::PeerStatus,
-        >,
+        statuses: &std::collections::BTreeMap<rotator::spiffe::TrustDomain, PeerRefresh>,
         now: time::OffsetDateTime,
     ) {
         for f in [
@@ -444,6 +441,18 @@ pub struct Metrics {
     pub pod_watch_stalls: Counter,
     /// `meshca_pod_watch_expired_total`: pod watches answered `410 Gone` (listed again).
     pub pod_watch_expired: Counter,
+}
+
+/// How this replica's refreshes of one federated trust domain went, as the federation metrics
+/// need it (the federation module's status, seen from here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerRefresh {
+    /// Whether this replica refreshes it.
+    pub refreshing: bool,
+    /// The last fetch that succeeded.
+    pub last_success: Option<time::OffsetDateTime>,
+    /// Failed or refused fetches since.
+    pub consecutive_failures: u32,
 }
 
 /// The Kubernetes counters: issuers refused from `kubernetes.issuer_secret`, pod watches stalled

@@ -98,6 +98,41 @@ pub struct Server {
     _lock: std::fs::File,
 }
 
+/// Checks the files and modules the configuration names, before anything is written:
+/// `anchor_cert` readable and holding a certificate, a PKCS#11 module loadable and its PIN
+/// file readable, the `https_web` bundle endpoint's certificate and key usable together, each
+/// federated peer's bootstrap bundle readable and of its trust domain, each `web_ca_file`
+/// holding a certificate. `meshca-server --print-config` runs it too. (Here, in start-up, not
+/// in `config`: reading them is the features' business, and configuration depends on none.)
+pub fn check_files(config: &Config) -> Result<(), ConfigError> {
+    if let Some(p) = &config.anchor_cert {
+        let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+            name: "anchor_cert".into(),
+            value: p.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if rotator::client::parse_pem_certs(&text).is_empty() {
+            return Err(ConfigError {
+                name: "anchor_cert".into(),
+                value: p.display().to_string(),
+                reason: "no CERTIFICATE in it".into(),
+            });
+        }
+    }
+    rotator::pkcs11::check_config(&config.keys).map_err(|(name, value, reason)| ConfigError {
+        name: name.into(),
+        value,
+        reason,
+    })?;
+    crate::federation::check_files(&config.federation).map_err(|(name, value, reason)| {
+        ConfigError {
+            name: format!("federation.{name}"),
+            value,
+            reason,
+        }
+    })
+}
+
 impl Server {
     /// Opens (or creates) the authority and starts serving. Returns once every port is bound
     /// and any issuer step that was due has been taken. The steps, in order:
@@ -110,14 +145,16 @@ impl Server {
     pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         rotator::client::install_crypto_provider();
         config.validate()?;
-        config.check_files()?;
+        check_files(&config)?;
         let (files, lock) = lock_state_dir(&config)?;
         // Everything local (ledger, tokens, admin socket, bootstrap token) lives where the store
         // does: `<state dir>/meshca` when the configured dir belongs to another user.
         config.state_dir = files.dir().to_owned();
         // Before the state is read: the keys it names must be found in the configured store, and
         // new ones made there. One key backend per process.
-        rotator::keys::set_ca_key_store(config.keys.open().map_err(StartError::Other)?);
+        rotator::keys::set_ca_key_store(
+            rotator::pkcs11::open_configured(&config.keys).map_err(StartError::Other)?,
+        );
         let kube = Kube::connect(&config).await?;
         let secret = kube.as_ref().and_then(|k| k.state_secret(&config));
         let storage = storage(files, secret.clone());

@@ -325,6 +325,22 @@ pub struct PeerInfo {
     pub activity: Arc<ConnActivity>,
 }
 
+/// The connection activity of a request that came on one of these connections (for
+/// [`crate::limits::CountStreams`]).
+pub fn activity_of(ext: &http::Extensions) -> Option<&Arc<ConnActivity>> {
+    ext.get::<PeerInfo>().map(|p| &p.activity)
+}
+
+/// The caller's connection info and `authorization` metadata, as every face reads them.
+pub fn caller_of<T>(request: &tonic::Request<T>) -> (Option<PeerInfo>, Option<String>) {
+    let peer = request.extensions().get::<PeerInfo>().cloned();
+    let authorization = request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned());
+    (peer, authorization)
+}
+
 /// A TLS connection handed to tonic. It holds its connection slot, and closes itself when it
 /// opens no stream within `preface_timeout` or has none open for `idle_timeout`.
 pub struct TlsConn {

@@ -121,3 +121,298 @@ fn the_reader_sees_imports() {
     assert!(names("k8s/tokenreview.rs").contains("auth"));
     assert!(names("grpc.rs").contains("codes") || names("grpc.rs").contains("issuance"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// No import circle in any crate of the workspace (issue #26).
+
+use std::collections::BTreeMap;
+
+/// A crate's modules by path (`""` for the root, `a::b`), each with its source text.
+type Modules = BTreeMap<String, String>;
+
+/// The modules of the crate whose root file is in `dir` (`lib.rs` or `main.rs`); `skip` names
+/// subfolders that are other crates (`bin`).
+fn modules(dir: &Path, skip: &[&str]) -> Modules {
+    fn walk(dir: &Path, prefix: &[String], skip: &[&str], out: &mut Modules) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                if prefix.is_empty() && skip.contains(&name.as_str()) {
+                    continue;
+                }
+                let mut next = prefix.to_vec();
+                next.push(name);
+                walk(&p, &next, skip, out);
+            } else if let Some(stem) = name.strip_suffix(".rs") {
+                let mut path = prefix.to_vec();
+                if !matches!(stem, "mod" | "lib" | "main") {
+                    path.push(stem.to_owned());
+                }
+                out.insert(path.join("::"), std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+    let mut out = Modules::new();
+    walk(dir, &[], skip, &mut out);
+    out
+}
+
+/// The text that counts: before `#[cfg(test)]`, without comment lines (a doc link is not a
+/// dependency).
+fn code(text: &str) -> String {
+    text.split("#[cfg(test)]")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every path `text` names after `crate::`, `super::` or `self::`, as (that word, segments);
+/// a `{…}` group gives one path per item.
+fn named_paths(text: &str) -> Vec<(&'static str, Vec<String>)> {
+    fn ident(s: &str) -> &str {
+        let n = s
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
+        &s[..n]
+    }
+    let mut out = Vec::new();
+    for base in ["crate", "super", "self"] {
+        let pat = format!("{base}::");
+        let mut from = 0;
+        while let Some(i) = text[from..].find(&pat) {
+            let at = from + i;
+            from = at + pat.len();
+            let before = text[..at].chars().next_back();
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+                continue;
+            }
+            let mut rest = &text[from..];
+            let mut segs = Vec::new();
+            loop {
+                if let Some(group) = rest.strip_prefix('{') {
+                    let mut depth = 0;
+                    let end = group
+                        .char_indices()
+                        .find(|&(_, c)| {
+                            match c {
+                                '{' => depth += 1,
+                                '}' if depth == 0 => return true,
+                                '}' => depth -= 1,
+                                _ => {}
+                            }
+                            false
+                        })
+                        .map_or(group.len(), |(i, _)| i);
+                    let mut item = String::new();
+                    let mut d = 0;
+                    let mut items = Vec::new();
+                    for c in group[..end].chars() {
+                        match c {
+                            '{' => d += 1,
+                            '}' => d -= 1,
+                            ',' if d == 0 => {
+                                items.push(std::mem::take(&mut item));
+                                continue;
+                            }
+                            _ => {}
+                        }
+                        item.push(c);
+                    }
+                    items.push(item);
+                    for it in items {
+                        let mut p = segs.clone();
+                        p.extend(it.trim().split("::").map(ident).map(String::from));
+                        out.push((base, p));
+                    }
+                    break;
+                }
+                let id = ident(rest);
+                if id.is_empty() {
+                    out.push((base, segs));
+                    break;
+                }
+                segs.push(id.to_owned());
+                rest = &rest[id.len()..];
+                match rest.strip_prefix("::") {
+                    Some(r) => rest = r,
+                    None => {
+                        out.push((base, segs));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Module → the modules it names: `crate::`/`super::`/`self::` paths resolved to the longest
+/// module they start with, and a declared child module named by its bare name.
+fn import_graph(mods: &Modules) -> BTreeMap<String, BTreeSet<String>> {
+    let mut g = BTreeMap::new();
+    for (m, text) in mods {
+        let text = code(text);
+        let here: Vec<String> = if m.is_empty() {
+            Vec::new()
+        } else {
+            m.split("::").map(String::from).collect()
+        };
+        let mut to = BTreeSet::new();
+        for (base, segs) in named_paths(&text) {
+            let mut full = match base {
+                "crate" => Vec::new(),
+                "super" => here[..here.len().saturating_sub(1)].to_vec(),
+                _ => here.clone(),
+            };
+            full.extend(segs);
+            if let Some(target) = (1..=full.len())
+                .rev()
+                .map(|i| full[..i].join("::"))
+                .find(|c| mods.contains_key(c))
+                && &target != m
+            {
+                to.insert(target);
+            }
+        }
+        for line in text.lines() {
+            let l = line.trim_start().trim_start_matches("pub ").trim_start();
+            if let Some(child) = l.strip_prefix("mod ").and_then(|r| r.strip_suffix(';')) {
+                let path = if m.is_empty() {
+                    child.to_owned()
+                } else {
+                    format!("{m}::{child}")
+                };
+                let named = text.match_indices(&format!("{child}::")).any(|(i, _)| {
+                    !text[..i]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+                });
+                if named && mods.contains_key(&path) {
+                    to.insert(path);
+                }
+            }
+        }
+        g.insert(m.clone(), to);
+    }
+    g
+}
+
+/// The import circles of `g` (strongly connected sets of more than one module), each sorted.
+fn circles(g: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+    // Kosaraju: finish order on g, then components on the reverse graph.
+    fn visit<'a>(
+        v: &'a str,
+        g: &'a BTreeMap<String, BTreeSet<String>>,
+        seen: &mut BTreeSet<&'a str>,
+        out: &mut Vec<&'a str>,
+    ) {
+        if !seen.insert(v) {
+            return;
+        }
+        for w in g.get(v).into_iter().flatten() {
+            visit(w, g, seen, out);
+        }
+        out.push(v);
+    }
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    for v in g.keys() {
+        visit(v, g, &mut seen, &mut order);
+    }
+    let mut rev: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (v, ws) in g {
+        for w in ws {
+            rev.entry(w.clone()).or_default().insert(v.clone());
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
+    for v in order.into_iter().rev() {
+        let mut comp = Vec::new();
+        visit(v, &rev, &mut seen, &mut comp);
+        if comp.len() > 1 {
+            let mut c: Vec<String> = comp.into_iter().map(String::from).collect();
+            c.sort();
+            found.push(c);
+        }
+    }
+    found
+}
+
+#[test]
+fn no_crate_of_the_workspace_has_an_import_circle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let crates = [
+        ("meshca-server", root.join("ca-server/src"), &["bin"][..]),
+        ("meshca-rotator", root.join("rotator/src"), &["bin"][..]),
+        ("meshca (CLI)", root.join("rotator/src/bin/meshca"), &[][..]),
+        ("meshca-proto", root.join("proto/src"), &[][..]),
+        ("meshca-tests", root.join("tests/src"), &[][..]),
+    ];
+    let mut found = Vec::new();
+    for (name, dir, skip) in crates {
+        let mods = modules(&dir, skip);
+        assert!(
+            mods.len() > 1 || name == "meshca-proto",
+            "{name}: modules read"
+        );
+        for c in circles(&import_graph(&mods)) {
+            found.push(format!("{name}: {}", c.join(" ↔ ")));
+        }
+    }
+    assert!(found.is_empty(), "import circles:\n{}", found.join("\n"));
+}
+
+/// Negative control for the test above: the circles this crate had before issue #26 — config
+/// naming federation which names http which names config; grpc and istio naming each other; a
+/// parent naming its child that names it back — are found.
+#[test]
+fn the_circle_finder_finds_circles() {
+    let mods: Modules = [
+        (
+            "",
+            "pub mod config; pub mod federation; pub mod http; mod k8s;",
+        ),
+        (
+            "config",
+            "pub federation: crate::federation::FederationConfig,",
+        ),
+        (
+            "federation",
+            "use crate::{http::spiffe_bundle_response, tls};",
+        ),
+        ("http", "fn f(c: &crate::config::Config) {}"),
+        ("tls", ""),
+        ("grpc", "istio: crate::istio::Istio,"),
+        ("istio", "use crate::grpc::caller_of;"),
+        ("k8s", "pub mod store;\nfn g() { store::MANAGED_BY; }"),
+        (
+            "k8s::store",
+            "use super::is_conflict;\n// crate::tls only in a comment",
+        ),
+        (
+            "quiet",
+            "// crate::grpc::x\n#[cfg(test)]\nuse crate::istio;",
+        ),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    .collect();
+    let g = import_graph(&mods);
+    assert!(g["quiet"].is_empty(), "comments and tests do not count");
+    assert!(!g["k8s::store"].contains("tls"));
+    let found = circles(&g);
+    let want: Vec<Vec<String>> = vec![
+        vec!["config".into(), "federation".into(), "http".into()],
+        vec!["grpc".into(), "istio".into()],
+        vec!["k8s".into(), "k8s::store".into()],
+    ];
+    let mut got = found.clone();
+    got.sort();
+    assert_eq!(got, want);
+}

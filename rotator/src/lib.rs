@@ -10,6 +10,7 @@
 pub mod anchors;
 pub mod client;
 pub mod clock;
+pub mod gate;
 pub mod keys;
 pub mod ledger;
 pub mod pkcs11;

@@ -28,7 +28,7 @@ use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use crate::keys::{KeyStore, REFERENCE_PREFIX, StoredKey};
+use crate::keys::{Backend, KeyStore, KeysConfig, REFERENCE_PREFIX, StoredKey};
 
 /// DER of the P-256 curve's OID, as CKA_EC_PARAMS holds it.
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -688,4 +688,67 @@ fn der_signature(raw: &[u8]) -> Result<Vec<u8>, String> {
     out.extend(r);
     out.extend(s);
     Ok(out)
+}
+
+/// Checks what can be checked of `[keys]` before anything starts, as (setting, value, reason): with
+/// `pkcs11`, every setting given, the module a loadable PKCS#11 library, the PIN file
+/// readable. (The token and the PIN are tried when the key store opens.)
+pub fn check_config(cfg: &KeysConfig) -> Result<(), (&'static str, String, String)> {
+    if cfg.backend == Backend::File {
+        return Ok(());
+    }
+    let shown = |p: &std::path::Path| p.display().to_string();
+    for (name, value, empty) in [
+        (
+            "keys.pkcs11_module",
+            shown(&cfg.pkcs11_module),
+            cfg.pkcs11_module.as_os_str().is_empty(),
+        ),
+        (
+            "keys.pkcs11_token_label",
+            cfg.pkcs11_token_label.clone(),
+            cfg.pkcs11_token_label.is_empty(),
+        ),
+        (
+            "keys.pkcs11_pin_file",
+            shown(&cfg.pkcs11_pin_file),
+            cfg.pkcs11_pin_file.as_os_str().is_empty(),
+        ),
+    ] {
+        if empty {
+            return Err((
+                name,
+                value,
+                "must be set with keys.backend = \"pkcs11\"".into(),
+            ));
+        }
+    }
+    load_module(&cfg.pkcs11_module)
+        .map_err(|reason| ("keys.pkcs11_module", shown(&cfg.pkcs11_module), reason))?;
+    std::fs::File::open(&cfg.pkcs11_pin_file).map_err(|e| {
+        (
+            "keys.pkcs11_pin_file",
+            shown(&cfg.pkcs11_pin_file),
+            e.to_string(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Opens the key store `[keys]` configures (`None` for the file backend), or says what is wrong:
+/// a setting missing, the PIN file unreadable, the module, the token or the PIN.
+pub fn open_configured(cfg: &KeysConfig) -> Result<Option<Arc<dyn KeyStore>>, String> {
+    if cfg.backend == Backend::File {
+        return Ok(None);
+    }
+    check_config(cfg).map_err(|(name, value, reason)| format!("{name} {value}: {reason}"))?;
+    let pin =
+        zeroize::Zeroizing::new(std::fs::read_to_string(&cfg.pkcs11_pin_file).map_err(|e| {
+            format!(
+                "keys.pkcs11_pin_file {}: {e}",
+                cfg.pkcs11_pin_file.display()
+            )
+        })?);
+    let store = Pkcs11Store::open(&cfg.pkcs11_module, &cfg.pkcs11_token_label, pin.trim_end())?;
+    Ok(Some(store))
 }

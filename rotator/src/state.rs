@@ -446,9 +446,7 @@ impl AuthorityState {
         now: OffsetDateTime,
         id: &CertId,
     ) -> Result<Self, StateError> {
-        let anchor = self
-            .active_anchor()
-            .ok_or_else(crate::anchors::no_active_anchor)?;
+        let anchor = self.active_anchor().ok_or_else(no_active_anchor)?;
         let anchor_id = anchor.cert.id().clone();
         if anchor.key.is_some() {
             let s = self.prepare_issuer(policy, now, &anchor_id)?;
@@ -597,7 +595,7 @@ pub enum StateError {
         .0.explain(),
         .0.risk
     )]
-    GateClosed(Box<crate::anchors::Gate>),
+    GateClosed(Box<crate::gate::Gate>),
     /// The anchor's key is held upstream (not here), so meshca cannot sign with it; the message
     /// says what the operator must do instead.
     #[error("{0}")]
@@ -1207,6 +1205,12 @@ impl fmt::Display for IssuerStatus {
         };
         f.pad(s)
     }
+}
+
+/// A state with no active anchor breaks an invariant (`check` refuses it); a step that finds
+/// one says so rather than panic.
+pub(crate) fn no_active_anchor() -> StateError {
+    StateError::Invariant("no active anchor".into())
 }
 
 /// `d` in the largest whole units that read well: `3d 4h`, `5h 12m`, `42s`.

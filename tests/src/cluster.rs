@@ -893,7 +893,7 @@ pub async fn env(version: &'static str, skip_rule: Option<&str>) -> Option<Env> 
     env_in(version, "deploy/kubernetes", &[], skip_rule).await
 }
 
-/// As [`env`], with the RBAC `dir` renders (an overlay); each namespace in `others` (as the
+/// As [`env()`], with the RBAC `dir` renders (an overlay); each namespace in `others` (as the
 /// overlay names it, e.g. `linkerd`) is created as `<ns>-<name>` and its Roles go there
 /// ([`Env::elsewhere`]).
 pub async fn env_in(

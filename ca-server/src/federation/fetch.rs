@@ -21,8 +21,8 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::{EndpointProfile, FederationConfig, Peer};
 use crate::authority::Authority;
+use crate::config::federation::{EndpointProfile, FederationConfig, Peer, SYSTEM_ROOTS};
 
 /// How long one fetch (connect, TLS, answer) may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -498,7 +498,7 @@ fn client_tls(peer: &Peer, held: Option<&FederatedBundle>) -> Result<Arc<ClientC
             let file = peer
                 .web_ca_file
                 .clone()
-                .unwrap_or_else(|| super::SYSTEM_ROOTS.into());
+                .unwrap_or_else(|| SYSTEM_ROOTS.into());
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| format!("web_ca_file {}: {e}", file.display()))?;
             let mut roots = rustls::RootCertStore::empty();

@@ -21,7 +21,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::store::MANAGED_BY;
+use super::MANAGED_BY;
 use super::{is_conflict, stamp};
 use crate::authority::{Authority, Snapshot};
 use crate::config::IstiodCertificate;

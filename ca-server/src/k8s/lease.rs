@@ -136,8 +136,8 @@ pub async fn round(
                     name: Some(name.to_owned()),
                     labels: Some(
                         [(
-                            super::store::MANAGED_BY.0.to_owned(),
-                            super::store::MANAGED_BY.1.to_owned(),
+                            super::MANAGED_BY.0.to_owned(),
+                            super::MANAGED_BY.1.to_owned(),
                         )]
                         .into(),
                     ),

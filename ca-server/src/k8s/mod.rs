@@ -65,14 +65,16 @@ pub async fn client(cfg: &KubernetesConfig) -> Result<kube::Client, String> {
 /// Marks `meta` as written by meshca: the `app.kubernetes.io/managed-by=meshca` label and
 /// `annotation`, keeping the labels and annotations others put there.
 pub fn stamp(meta: &mut kube::api::ObjectMeta, annotation: (&str, String)) {
-    meta.labels.get_or_insert_default().insert(
-        store::MANAGED_BY.0.to_owned(),
-        store::MANAGED_BY.1.to_owned(),
-    );
+    meta.labels
+        .get_or_insert_default()
+        .insert(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned());
     meta.annotations
         .get_or_insert_default()
         .insert(annotation.0.to_owned(), annotation.1);
 }
+
+/// Label on every object meshca writes.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshca");
 
 /// Whether a kube error means "someone else wrote first" (409 Conflict / AlreadyExists).
 pub fn is_conflict(e: &kube::Error) -> bool {

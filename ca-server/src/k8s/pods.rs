@@ -230,7 +230,7 @@ pub struct Watching {
     /// Each watch request's `timeoutSeconds` (the API server ends it then; it resumes from the
     /// last resourceVersion seen). 290 s by default.
     pub timeout: Duration,
-    /// `meshca_pod_watch_stalls_total`: watches given up after [`WATCH_IDLE`] of silence.
+    /// `meshca_pod_watch_stalls_total`: watches given up after `WATCH_IDLE` (90 s) of silence.
     pub stalls: prometheus_client::metrics::counter::Counter,
     /// `meshca_pod_watch_expired_total`: watches answered `410 Gone` (the resourceVersion they
     /// resumed from was compacted away), after which the directory lists again.
@@ -288,7 +288,7 @@ impl Pods {
         self.gone.write().unwrap_or_else(|p| p.into_inner()).push(f);
     }
 
-    /// Watches given up because they had been silent for [`WATCH_IDLE`].
+    /// Watches given up because they had been silent for `WATCH_IDLE` (90 s).
     pub fn watch_stalls(&self) -> u64 {
         self.watching.stalls.get()
     }

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use tokio::sync::watch;
 
-use super::store::MANAGED_BY;
+use super::MANAGED_BY;
 use super::{BundlePublication, is_conflict, is_not_found};
 use crate::authority::{Authority, Bundle};
 

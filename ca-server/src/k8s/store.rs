@@ -21,9 +21,6 @@ use rotator::store::{Store, StoreError, StoreFuture, decode_flat, encode_flat, f
 
 use super::is_conflict;
 
-/// Label on every object meshca writes.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshca");
-
 /// The authority state in a Secret.
 pub struct KubeStore {
     api: Api<Secret>,

@@ -204,7 +204,7 @@ fn keys_from_env() -> Result<(), String> {
             .unwrap_or_default(),
         pkcs11_pin_file: var("PKCS11_PIN_FILE").map(Into::into).unwrap_or_default(),
     };
-    rotator::keys::set_ca_key_store(cfg.open()?);
+    rotator::keys::set_ca_key_store(rotator::pkcs11::open_configured(&cfg)?);
     Ok(())
 }
 
