@@ -1,42 +1,41 @@
-//! meshca-server: the network faces of meshca (gRPC over TLS, HTTP), authentication, and the
-//! signing core. The authority itself — what is trusted, which issuer signs, when to rotate —
+//! meshca-server: the network faces of meshca, the issuing core behind them, and the process
+//! that runs them. The authority itself — what is trusted, which issuer signs, when to rotate —
 //! lives in the `rotator` crate; this crate serves it.
 //!
-//! Request path: `tls` accepts the connection (client certificate checked against the live
-//! bundle) → a face (`grpc` for meshca.v1, `istio`, `linkerd`) translates the request →
-//! [`issuance`] authenticates ([`auth`]), checks the CSR and signs ([`signing`]) with the issuer
-//! in the [`authority`] snapshot → the face answers; every error becomes a gRPC status in
-//! `codes`. [`server`] starts it all; [`driver`] rotates.
+//! The folders are the parts, and a request runs downward through them:
 //!
-//! Public modules are those the binary, the end-to-end tests and the examples use; the rest are
-//! this crate's own.
+//! - [`faces`]: what speaks to the outside — native gRPC (`grpc`), Istio (`istio`), Linkerd
+//!   (`linkerd`), the HTTP port (`http`), the admin socket (`admin`), and `codes`, which turns
+//!   every typed error into a gRPC status.
+//! - [`issuing`]: what decides and signs — [`issuance`] authenticates ([`auth`], node agents in
+//!   [`impersonation`]), applies [`limits`], checks the CSR and signs ([`signing`]).
+//! - [`authority`]: the state every request reads (a snapshot) and every change commits, and
+//!   the issuance [`ledger`] the rotation gates measure.
+//! - [`process`]: what runs it all — [`config`], start-up ([`server`]), rotation ([`driver`]),
+//!   the TLS listener (`tls`), [`metrics`], [`disk`] health.
+//! - [`federation`] and `k8s`: the SPIFFE bundle endpoint and peers; Kubernetes (TokenReview,
+//!   the Secret store, Lease, bundle ConfigMaps, the pod directory).
+//!
+//! Faces name the issuing core, the core names the authority, never the other way round
+//! (`tests/layering.rs`). The modules below are re-exported at the root by their old names, the
+//! ones the binary, the end-to-end tests and the examples use.
 
-pub(crate) mod admin;
-pub mod auth;
 pub mod authority;
-pub(crate) mod codes;
-pub mod config;
-pub mod disk;
-pub mod driver;
+pub mod faces;
 pub mod federation;
-pub(crate) mod grpc;
-pub(crate) mod http;
-pub mod impersonation;
-pub mod issuance;
-pub(crate) mod istio;
+pub mod issuing;
 pub(crate) mod k8s;
-pub mod ledger;
-pub mod limits;
-pub(crate) mod linkerd;
-pub mod metrics;
-pub mod server;
-pub mod signing;
-pub(crate) mod tls;
+pub mod process;
+
+pub use authority::ledger;
+pub use issuing::{auth, impersonation, issuance, limits, signing};
+pub use process::{config, disk, driver, metrics, server};
+
 /// The pod directory node-agent authorization reads (`k8s::pods`), for tests that run it
 /// against a real API server on their own terms (a short watch timeout).
 pub use k8s::pods::{Pods as PodIndex, Watching as PodWatching};
 /// For programs that run lower-priority work beside a server (the abuse benchmark's attackers).
-pub use tls::lower_this_threads_priority;
+pub use process::tls::lower_this_threads_priority;
 
 /// Entry points for the fuzz targets in `fuzz/` (cargo fuzz), one per parser of outside input,
 /// each fed bytes as the server (or `meshca`) would be. `tests/tests/fuzz_corpus.rs` replays the
@@ -68,12 +67,12 @@ pub mod fuzzing {
 
     /// A CSR as the native and Istio faces take it (DER or PEM), and as the Linkerd face does.
     pub fn csr(data: &[u8]) {
-        if let Ok(v) = crate::signing::parse_csr(data) {
+        if let Ok(v) = crate::issuing::signing::parse_csr(data) {
             let again: SpiffeId = v.id.as_str().parse().expect("an accepted ID parses again");
             assert_eq!(again, v.id);
         }
         if let Ok(id) = "spiffe://cluster.local/ns/a/sa/b".parse() {
-            let _ = crate::signing::parse_dns_csr(
+            let _ = crate::issuing::signing::parse_dns_csr(
                 data,
                 "b.a.serviceaccount.identity.linkerd.cluster.local",
                 id,
@@ -114,7 +113,7 @@ pub mod fuzzing {
             return;
         };
         let (identity, ns) = text.split_once('\n').unwrap_or((text, "linkerd"));
-        if let Ok(id) = crate::linkerd::spiffe_id_of(identity, ns, "cluster.local") {
+        if let Ok(id) = crate::faces::linkerd::spiffe_id_of(identity, ns, "cluster.local") {
             let again: SpiffeId = id.as_str().parse().expect("a mapped ID parses");
             assert_eq!(again, id);
         }
@@ -127,7 +126,7 @@ pub mod fuzzing {
             return;
         };
         let _ = u64::try_from(req.validity_duration);
-        let _ = crate::signing::parse_csr(req.csr.as_bytes());
+        let _ = crate::issuing::signing::parse_csr(req.csr.as_bytes());
         if let Some(meta) = &req.metadata {
             for (k, v) in &meta.fields {
                 let _ = (k.len(), format!("{v:?}").len());
@@ -170,7 +169,7 @@ pub mod fuzzing {
 
     /// A `ledger.log` replayed at start-up.
     pub fn ledger_log(data: &[u8]) {
-        let _ = crate::ledger::parse_log(data);
+        let _ = crate::authority::ledger::parse_log(data);
     }
 
     /// A `tokens.json` as the server (re)loads it.
@@ -193,7 +192,7 @@ pub mod fuzzing {
     /// A TOML configuration file, parsed and validated.
     pub fn config_toml(data: &[u8]) {
         if let Ok(text) = std::str::from_utf8(data)
-            && let Ok(c) = crate::config::Config::from_toml(text)
+            && let Ok(c) = crate::process::config::Config::from_toml(text)
         {
             let _ = c.validate();
         }

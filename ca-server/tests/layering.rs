@@ -1,131 +1,185 @@
-//! The crate's seams, as a test: which module may name which (docs/ARCHITECTURE.md, "Seams").
-//! It reads the sources and lists every `crate::<module>` a file names (in paths and in `use
-//! crate::{…}` groups), then checks the edges that must not exist. A new import that breaks a
-//! seam fails here with the file and the module it named.
+//! The crate's seams, as a test: which module may name which (docs/ARCHITECTURE.md, "Seams"),
+//! and no import circle in any crate of the workspace. It reads the sources and resolves every
+//! path a module names after `crate::`, `super::` or `self::` (and `{…}` groups) to the module it
+//! starts with, then checks the edges that must not exist and looks for circles. A new import
+//! that breaks a seam or closes a circle fails here, naming the modules.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The `crate::` modules a source file names (outside its `#[cfg(test)]` part).
-fn names(file: &str) -> BTreeSet<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(file);
-    names_in(&std::fs::read_to_string(&path).unwrap(), file)
-}
-
-fn names_in(text: &str, file: &str) -> BTreeSet<String> {
-    let text = text.split("#[cfg(test)]").next().unwrap_or_default();
-    let mut out = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("crate::") {
-        rest = &rest[i + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            // `use crate::{a, b::c, d}`: each top-level name in the group.
-            let end = group.find('}').unwrap_or(group.len());
-            for part in group[..end].split(',') {
-                let m: String = part
-                    .trim()
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if !m.is_empty() {
-                    out.insert(m);
-                }
-            }
-        } else {
-            let m: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            out.insert(m);
-        }
-    }
-    // `super::x` inside `k8s/` names a sibling under k8s.
-    if file.starts_with("k8s/") && text.contains("super::") {
-        out.insert("k8s".into());
-    }
-    out
-}
-
-/// Edges that must not exist: (file, modules it must not name, why).
+/// Rules: (modules, by prefix; the modules they must not name, by prefix; why). A request runs
+/// downward — faces → issuing → authority — and the process stands beside them.
 const FORBIDDEN: &[(&str, &[&str], &str)] = &[
     (
-        "authority.rs",
+        "authority",
         &[
-            "k8s", "grpc", "http", "admin", "server", "istio", "linkerd", "tls",
+            "faces",
+            "issuing",
+            "federation",
+            "k8s",
+            "process::server",
+            "process::driver",
+            "process::tls",
+            "process::metrics",
         ],
-        "the authority owns a `dyn Store`; no backend or face is known to it",
+        "the authority owns a `dyn Store`; no backend, face or caller is known to it",
     ),
     (
-        "auth.rs",
+        "issuing",
+        &[
+            "faces",
+            "federation",
+            "k8s",
+            "process::server",
+            "process::driver",
+        ],
+        "the issuing core returns typed errors and knows no face (faces map them: faces::codes)",
+    ),
+    (
+        "issuing::signing",
+        &["authority", "issuing::issuance"],
+        "CSR checks and leaf signing are pure",
+    ),
+    (
+        "issuing::auth",
         &["k8s"],
         "token backends implement `auth::TokenAuthenticator` in their own modules",
     ),
     (
-        "config.rs",
-        &["k8s", "server"],
-        "configuration depends on nothing that reads it",
+        "process::config",
+        &[
+            "faces",
+            "issuing",
+            "authority",
+            "federation",
+            "k8s",
+            "process::server",
+            "process::driver",
+            "process::tls",
+            "process::metrics",
+            "process::disk",
+        ],
+        "configuration is plain data: every part reads it, it names none of them",
     ),
     (
-        "k8s/store.rs",
+        "k8s::store",
         &["authority"],
         "the Secret store is a store; following it is k8s/follow.rs",
     ),
     (
-        "issuance.rs",
-        &["grpc", "istio", "linkerd", "admin", "codes"],
-        "the signing core returns typed errors; faces map them (codes.rs)",
-    ),
-    (
-        "signing.rs",
-        &["authority", "issuance", "grpc", "k8s"],
-        "CSR checks and leaf signing are pure",
+        "faces",
+        &["process::server"],
+        "start-up builds the faces, not the other way round",
     ),
 ];
 
-#[test]
-fn seams_hold() {
+fn under(module: &str, prefix: &str) -> bool {
+    module == prefix || module.starts_with(&format!("{prefix}::"))
+}
+
+/// The broken rules of `g`, one line each.
+fn broken_rules(g: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     let mut broken = Vec::new();
-    for (file, banned, why) in FORBIDDEN {
-        let named = names(file);
-        for b in *banned {
-            if named.contains(*b) {
-                broken.push(format!("{file} names crate::{b}: {why}"));
+    for (from, banned, why) in FORBIDDEN {
+        for (m, named) in g.iter().filter(|(m, _)| under(m, from)) {
+            for n in named {
+                if let Some(b) = banned.iter().find(|b| under(n, b)) {
+                    broken.push(format!("{m} names {n} (no {from} may name {b}): {why}"));
+                }
             }
         }
     }
+    broken
+}
+
+fn server_graph() -> BTreeMap<String, BTreeSet<String>> {
+    import_graph(&modules(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &["bin"],
+    ))
+}
+
+#[test]
+fn seams_hold() {
+    let g = server_graph();
+    // The folders are there (a rename would make every rule pass vacuously).
+    for m in [
+        "faces::grpc",
+        "faces::istio",
+        "issuing::issuance",
+        "issuing::signing",
+        "authority",
+        "authority::ledger",
+        "process::config",
+        "process::server",
+        "k8s::store",
+    ] {
+        assert!(g.contains_key(m), "no module {m}");
+    }
+    let broken = broken_rules(&g);
     assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
 
-/// The reader sees imports at all (a negative control for the test above): the imports that
-/// made the cycles before the seams (authority.rs and k8s/store.rs naming each other, auth.rs
-/// naming the TokenReview backend) are found, and files that do name modules today are read.
+/// The reader sees imports (a negative control for the test above): the imports that made the
+/// cycles before the seams — the authority naming the Secret store, the store naming the
+/// authority, a signing module naming the issuance that calls it, configuration naming a
+/// feature — break their rules, and files that do name modules today are read.
 #[test]
 fn the_reader_sees_imports() {
-    let old_authority = "use crate::ledger::LedgerHandle;\n\
-        remote: Option<Arc<crate::k8s::store::KubeStore>>,";
-    assert!(names_in(old_authority, "authority.rs").contains("k8s"));
-    let old_store =
-        "pub async fn follow(authority: std::sync::Arc<crate::authority::Authority>) {}";
-    assert!(names_in(old_store, "k8s/store.rs").contains("authority"));
-    let grouped = "use crate::{auth::Caller, k8s::tokenreview::TokenReviewer};";
-    assert_eq!(
-        names_in(grouped, "auth.rs"),
-        ["auth", "k8s"].map(String::from).into()
-    );
-    assert!(names_in("#[cfg(test)]\nuse crate::k8s;", "auth.rs").is_empty());
-    assert!(names("server.rs").contains("authority"));
-    assert!(names("server.rs").contains("k8s"));
-    assert!(names("k8s/follow.rs").contains("authority"));
-    assert!(names("k8s/tokenreview.rs").contains("auth"));
-    assert!(names("grpc.rs").contains("codes") || names("grpc.rs").contains("issuance"));
+    let mods: Modules = [
+        (
+            "",
+            "pub mod authority; pub mod k8s; pub mod issuing; pub mod process;",
+        ),
+        (
+            "authority",
+            "remote: Option<Arc<crate::k8s::store::KubeStore>>,",
+        ),
+        ("k8s", "pub mod store;"),
+        (
+            "k8s::store",
+            "pub async fn follow(a: std::sync::Arc<crate::authority::Authority>) {}",
+        ),
+        ("issuing", "pub mod signing; pub mod issuance;"),
+        ("issuing::issuance", ""),
+        (
+            "issuing::signing",
+            "use crate::issuing::{issuance::SigningCore};",
+        ),
+        ("process", "pub mod config;"),
+        (
+            "process::config",
+            "pub f: crate::federation::FederationConfig,",
+        ),
+        ("federation", ""),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    .collect();
+    let broken = broken_rules(&import_graph(&mods));
+    for want in [
+        "authority names k8s::store",
+        "k8s::store names authority",
+        "issuing::signing names issuing::issuance",
+        "process::config names federation",
+    ] {
+        assert!(
+            broken.iter().any(|b| b.starts_with(want)),
+            "{want} not found in {broken:#?}"
+        );
+    }
+    let g = server_graph();
+    assert!(g["process::server"].contains("authority"));
+    assert!(g["process::server"].iter().any(|m| m.starts_with("k8s")));
+    assert!(g["k8s::follow"].contains("authority"));
+    assert!(g["k8s::tokenreview"].contains("issuing::auth"));
+    assert!(g["faces::grpc"].contains("issuing::issuance"));
 }
 
 // ---------------------------------------------------------------------------------------------
-// No import circle in any crate of the workspace (issue #26).
-
-use std::collections::BTreeMap;
+// Reading the modules; no import circle in any crate of the workspace (issue #26).
 
 /// A crate's modules by path (`""` for the root, `a::b`), each with its source text.
 type Modules = BTreeMap<String, String>;

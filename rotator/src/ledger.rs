@@ -1,7 +1,7 @@
 //! The issuance ledger: which leaves are live, which anchor each chains to, and which bundle
 //! version each live workload has been handed. The trust-anchor gates read it
 //! ([`crate::anchors`]); it is pure (no clock, no disk). The server feeds it from the signing
-//! path and the bundle stream and persists it in batches (`ca-server/src/ledger.rs`).
+//! path and the bundle stream and persists it in batches (`ca-server/src/authority/ledger.rs`).
 //!
 //! ## What a "live workload" is
 //!

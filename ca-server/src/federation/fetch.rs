@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::authority::Authority;
-use crate::config::federation::{EndpointProfile, FederationConfig, Peer, SYSTEM_ROOTS};
+use crate::process::config::federation::{EndpointProfile, FederationConfig, Peer, SYSTEM_ROOTS};
 
 /// How long one fetch (connect, TLS, answer) may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);

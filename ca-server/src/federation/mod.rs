@@ -30,10 +30,12 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::authority::Authority;
-use crate::issuance::SigningCore;
-use crate::tls::LiveTls;
+use crate::issuing::issuance::SigningCore;
+use crate::process::tls::LiveTls;
 
-pub use crate::config::federation::{EndpointProfile, FederationConfig, Peer, SYSTEM_ROOTS};
+pub use crate::process::config::federation::{
+    EndpointProfile, FederationConfig, Peer, SYSTEM_ROOTS,
+};
 
 /// The files `[federation]` names, read and checked as they will be used (see
 /// `Config::check_files`); or (setting under `federation.`, its value, why).

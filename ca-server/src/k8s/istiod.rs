@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use super::MANAGED_BY;
 use super::{is_conflict, stamp};
 use crate::authority::{Authority, Snapshot};
-use crate::config::IstiodCertificate;
+use crate::process::config::IstiodCertificate;
 
 /// The annotation naming the issuer that signed the certificate.
 pub const ISSUER_ANNOTATION: &str = "meshca.io/issuer";

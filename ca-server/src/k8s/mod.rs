@@ -11,7 +11,7 @@
 //! - [`publish`]: the trust bundle as a ConfigMap in every namespace matching a label selector;
 //! - [`istiod`]: istiod's serving certificate in its `istiod-tls` Secret, when configured.
 //!
-//! The settings (`[kubernetes]`) are `crate::config::KubernetesConfig`: configuration depends on
+//! The settings (`[kubernetes]`) are `crate::process::config::KubernetesConfig`: configuration depends on
 //! nothing here, and this module depends on it.
 //!
 //! Every call goes through `kube::Client`; the endpoints used are exactly those granted by
@@ -28,7 +28,7 @@ pub mod publish;
 pub mod store;
 pub mod tokenreview;
 
-pub use crate::config::{BundlePublication, KubernetesConfig};
+pub use crate::process::config::{BundlePublication, KubernetesConfig};
 
 /// A client for the API server `cfg` names (in-cluster configuration, or `KUBECONFIG`, when it
 /// names none).

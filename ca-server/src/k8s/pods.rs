@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use tokio::sync::watch;
 
-use crate::impersonation::PodDirectory;
+use crate::issuing::impersonation::PodDirectory;
 
 /// Pods per list page.
 pub const PAGE: u32 = 500;

@@ -25,9 +25,9 @@ use rotator::clock::Clock;
 use rotator::spiffe::{IdPattern, SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
-pub use crate::auth::ServiceAccount;
-use crate::auth::{AuthError, Caller, CallerKind, TokenAuthenticator};
-use crate::limits::Limits;
+pub use crate::issuing::auth::ServiceAccount;
+use crate::issuing::auth::{AuthError, Caller, CallerKind, TokenAuthenticator};
+use crate::issuing::limits::Limits;
 
 /// The TokenReview `user.extra` key naming the node of the pod a token is bound to.
 pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
@@ -545,7 +545,7 @@ mod tests {
             Duration::from_secs(60),
             10,
             Arc::new(Limits::new(
-                crate::config::LimitsConfig::unlimited(),
+                crate::process::config::LimitsConfig::unlimited(),
                 prometheus_client::metrics::family::Family::default(),
             )),
         );

@@ -10,12 +10,12 @@ use rotator::spiffe::SpiffeId;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use crate::auth::{AuthError, Authenticator, Credentials, authorize};
 use crate::authority::{Authority, Bundle};
-use crate::impersonation::{Impersonation, NodeAgents};
-use crate::limits::{Limit, Limits, Refusal};
-use crate::metrics::Metrics;
-use crate::signing::{CsrError, ValidCsr, parse_csr, parse_dns_csr, sign_leaf};
+use crate::issuing::auth::{AuthError, Authenticator, Credentials, authorize};
+use crate::issuing::impersonation::{Impersonation, NodeAgents};
+use crate::issuing::limits::{Limit, Limits, Refusal};
+use crate::issuing::signing::{CsrError, ValidCsr, parse_csr, parse_dns_csr, sign_leaf};
+use crate::process::metrics::Metrics;
 
 /// The wire API a request came in on. All faces share one signing core, ledger and audit line;
 /// they differ in their TokenReview audience, their status codes and what their responses carry.
@@ -163,13 +163,13 @@ impl IssueError {
 /// renewal counts as a new instance each time (the gates then open later, never earlier).
 pub fn implied_instance(
     via: Option<&Impersonation>,
-    caller: Option<&crate::auth::Caller>,
+    caller: Option<&crate::issuing::auth::Caller>,
 ) -> Option<String> {
     if let Some(v) = via {
         return v.node.as_ref().map(|n| format!("node:{n}"));
     }
     match caller.map(|c| &c.kind) {
-        Some(crate::auth::CallerKind::ServiceAccount(sa)) => {
+        Some(crate::issuing::auth::CallerKind::ServiceAccount(sa)) => {
             sa.pod.as_ref().map(|p| format!("pod:{p}"))
         }
         _ => None,
@@ -198,7 +198,7 @@ pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// The SPIFFE IDs a node agent is known by: a ServiceAccount's own ID, and the exact IDs a
 /// token is allowed for itself (its patterns name more than one workload and are not checked).
-fn agent_identities(callers: &[crate::auth::Caller], agent: &str) -> Vec<SpiffeId> {
+fn agent_identities(callers: &[crate::issuing::auth::Caller], agent: &str) -> Vec<SpiffeId> {
     callers
         .iter()
         .filter(|c| c.name == agent)
@@ -223,7 +223,7 @@ pub struct Audiences {
 
 impl Audiences {
     /// The audiences `config` sets.
-    pub fn of(c: &crate::config::Config) -> Self {
+    pub fn of(c: &crate::process::config::Config) -> Self {
         Self {
             meshca: c.kubernetes.token_audience.clone(),
             istio: c.istio.token_audience.clone(),
@@ -234,7 +234,7 @@ impl Audiences {
 
 impl Default for Audiences {
     fn default() -> Self {
-        Self::of(&crate::config::Config::default())
+        Self::of(&crate::process::config::Config::default())
     }
 }
 
@@ -254,7 +254,7 @@ impl SigningCore {
     /// server sets them with [`with_limits`](Self::with_limits)).
     pub fn new(authority: Arc<Authority>, auth: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
         let limits = Arc::new(Limits::new(
-            crate::config::LimitsConfig::unlimited(),
+            crate::process::config::LimitsConfig::unlimited(),
             metrics.limit_refusals.clone(),
         ));
         Self {
@@ -328,7 +328,9 @@ impl SigningCore {
                 if let IssueError::Auth(a) = e {
                     self.metrics
                         .auth_failures
-                        .get_or_create(&crate::metrics::ReasonLabels { reason: a.reason() })
+                        .get_or_create(&crate::process::metrics::ReasonLabels {
+                            reason: a.reason(),
+                        })
                         .inc();
                 }
                 tracing::warn!(
@@ -433,7 +435,7 @@ impl SigningCore {
     async fn issue_inner(
         &self,
         req: &IssueRequest<'_>,
-        callers: &[crate::auth::Caller],
+        callers: &[crate::issuing::auth::Caller],
         who: &mut String,
         via: &mut Option<Impersonation>,
     ) -> Result<Issued, IssueError> {
@@ -504,7 +506,7 @@ impl SigningCore {
         &self,
         req: &IssueRequest<'_>,
         id: &SpiffeId,
-        callers: &[crate::auth::Caller],
+        callers: &[crate::issuing::auth::Caller],
         who: &mut String,
         via: &mut Option<Impersonation>,
     ) -> Result<Option<String>, IssueError> {
@@ -660,7 +662,7 @@ impl SigningCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{Caller, CallerKind, ServiceAccount};
+    use crate::issuing::auth::{Caller, CallerKind, ServiceAccount};
 
     fn sa(pod: Option<&str>) -> Caller {
         Caller {

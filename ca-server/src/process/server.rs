@@ -13,22 +13,22 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::admin::{self, Admin};
-use crate::auth::{Authenticator, TokenAuthenticator, write_bootstrap_token};
 use crate::authority::{Authority, OpenError, OpenOptions, Origin, Storage};
-use crate::config::{AuthMethod, Config, ConfigError, DEFAULT_TRUST_DOMAIN};
-use crate::driver::{self, RotationHealth};
-use crate::grpc::Faces;
-use crate::http::{HttpState, Readiness};
-use crate::impersonation::{NodeAgents, PodDirectory};
-use crate::issuance::{Audiences, SigningCore};
+use crate::faces::admin::{self, Admin};
+use crate::faces::grpc::Faces;
+use crate::faces::http::{HttpState, Readiness};
+use crate::issuing::auth::{Authenticator, TokenAuthenticator, write_bootstrap_token};
+use crate::issuing::impersonation::{NodeAgents, PodDirectory};
+use crate::issuing::issuance::{Audiences, SigningCore};
+use crate::issuing::limits::Limits;
 use crate::k8s::linkerd::LinkerdRoots;
 use crate::k8s::pods::Pods;
 use crate::k8s::store::KubeStore;
 use crate::k8s::tokenreview::TokenReviewer;
-use crate::limits::Limits;
-use crate::metrics::Metrics;
-use crate::tls::{LiveTls, incoming};
+use crate::process::config::{AuthMethod, Config, ConfigError, DEFAULT_TRUST_DOMAIN};
+use crate::process::driver::{self, RotationHealth};
+use crate::process::metrics::Metrics;
+use crate::process::tls::{LiveTls, incoming};
 
 /// How often the tokens file is checked for changes.
 const TOKENS_RELOAD: Duration = Duration::from_secs(2);
@@ -385,7 +385,7 @@ impl RequestPath {
             stop.clone(),
         ));
         tasks.spawn(self.tls.clone().maintain(authority.clone(), stop.clone()));
-        tasks.spawn(crate::auth::reload_tokens(
+        tasks.spawn(crate::issuing::auth::reload_tokens(
             self.auth.clone(),
             TOKENS_RELOAD,
             stop.clone(),
@@ -418,14 +418,14 @@ impl RequestPath {
         let faces = Faces::of(config, &self.core, &self.limits);
         let cfg = config.limits.clone();
         let grpc_stop = stop.clone();
-        tasks.spawn(async move { crate::grpc::serve(conns, faces, &cfg, grpc_stop).await });
+        tasks.spawn(async move { crate::faces::grpc::serve(conns, faces, &cfg, grpc_stop).await });
         let state = HttpState {
             issuer: self.core.clone(),
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
             federation: self.federation.clone(),
         };
-        tasks.spawn(crate::http::serve(
+        tasks.spawn(crate::faces::http::serve(
             http,
             state,
             self.limits.clone(),
@@ -474,7 +474,7 @@ impl BundleEndpoint {
         if let Some(live) = self.tls.live {
             tasks.spawn(live.maintain(authority.clone(), stop.clone()));
         }
-        tasks.spawn(crate::http::serve_app(
+        tasks.spawn(crate::faces::http::serve_app(
             self.listener,
             crate::federation::router(path.core.clone(), self.refresh_hint),
             Some(tokio_rustls::TlsAcceptor::from(self.tls.config)),

@@ -22,7 +22,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::LimitsConfig;
+use crate::process::config::LimitsConfig;
 
 /// How often a refusal of one kind is logged at most (the counter counts every one).
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -145,7 +145,7 @@ pub struct Refusal {
 }
 
 impl Limits {
-    /// Limits `cfg`, counting refusals in `refusals` (registered by [`crate::metrics`]).
+    /// Limits `cfg`, counting refusals in `refusals` (registered by [`crate::process::metrics`]).
     pub fn new(cfg: LimitsConfig, refusals: Family<LimitLabels, Counter>) -> Self {
         let cap = |n: usize| (n > 0).then(|| Arc::new(Semaphore::new(n)));
         let review_rate = std::num::NonZeroU32::new(cfg.tokenreview_rate).map(|rate| {

@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::server::Connected;
 
 use crate::authority::{Authority, Snapshot};
-use crate::config::TlsConfig;
-use crate::limits::{ConnActivity, ConnSlot, Limit, Limits};
+use crate::issuing::limits::{ConnActivity, ConnSlot, Limit, Limits};
+use crate::process::config::TlsConfig;
 
 /// How long a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -326,7 +326,7 @@ pub struct PeerInfo {
 }
 
 /// The connection activity of a request that came on one of these connections (for
-/// [`crate::limits::CountStreams`]).
+/// [`crate::issuing::limits::CountStreams`]).
 pub fn activity_of(ext: &http::Extensions) -> Option<&Arc<ConnActivity>> {
     ext.get::<PeerInfo>().map(|p| &p.activity)
 }

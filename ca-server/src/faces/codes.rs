@@ -24,10 +24,10 @@
 use rotator::state::StateError;
 use tonic::Status;
 
-use crate::auth::AuthError;
 use crate::authority::TransitionError;
-use crate::issuance::{Face, IssueError};
-use crate::signing::CsrError;
+use crate::issuing::auth::AuthError;
+use crate::issuing::issuance::{Face, IssueError};
+use crate::issuing::signing::CsrError;
 
 /// Which column of the table a face answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +97,7 @@ pub fn issue(e: &IssueError, face: Face) -> Status {
 }
 
 /// The status for a request over one of `[limits]`: `RESOURCE_EXHAUSTED`, naming the cap.
-pub fn limit(e: &crate::limits::WatchRefused) -> Status {
+pub fn limit(e: &crate::issuing::limits::WatchRefused) -> Status {
     Status::resource_exhausted(e.to_string())
 }
 

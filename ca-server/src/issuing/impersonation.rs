@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use rotator::spiffe::SpiffeId;
 
-use crate::auth::{AuthError, Caller, CallerKind, ServiceAccount};
+use crate::issuing::auth::{AuthError, Caller, CallerKind, ServiceAccount};
 
 /// Where pods run, as far as the directory knows. `Err` is a directory that cannot answer now
 /// (not synced, or out of touch with the API server for too long), saying why.

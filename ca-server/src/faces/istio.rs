@@ -9,9 +9,9 @@ use meshca_proto::istio::istio_certificate_service_server::IstioCertificateServi
 use meshca_proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
 use tonic::{Request, Response, Status};
 
-use crate::auth::Credentials;
-use crate::issuance::{Face, IssueRequest, SigningCore};
-use crate::tls::caller_of;
+use crate::issuing::auth::Credentials;
+use crate::issuing::issuance::{Face, IssueRequest, SigningCore};
+use crate::process::tls::caller_of;
 
 /// The request metadata key a node agent (ztunnel) names the workload with.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -79,7 +79,7 @@ impl IstioCertificateService for Istio {
                 impersonate,
             })
             .await
-            .map_err(|e| crate::codes::issue(&e, Face::Istio))?;
+            .map_err(|e| crate::faces::codes::issue(&e, Face::Istio))?;
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: cert_chain(&issued)?,
         }))
@@ -91,7 +91,7 @@ impl IstioCertificateService for Istio {
 /// puts its whole root bundle there), so a staged anchor must be in it: with only the issuing
 /// anchor, workloads renewed under the new anchor and those still on the old one would refuse
 /// each other after `activate`.
-pub fn cert_chain(issued: &crate::issuance::Issued) -> Result<Vec<String>, Status> {
+pub fn cert_chain(issued: &crate::issuing::issuance::Issued) -> Result<Vec<String>, Status> {
     if !issued.bundle.ids.contains(&issued.anchor) {
         return Err(Status::internal("the issuing anchor is not in the bundle"));
     }

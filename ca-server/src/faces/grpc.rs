@@ -1,5 +1,5 @@
 //! `meshca.v1.IdentityService`: translates gRPC requests into [`IssueRequest`]s and results into
-//! responses (errors become statuses in [`crate::codes`]); [`serve`] runs every face on the
+//! responses (errors become statuses in [`crate::faces::codes`]); [`serve`] runs every face on the
 //! TLS port.
 
 use std::pin::Pin;
@@ -19,12 +19,12 @@ use linkerd2_proxy_api::identity::identity_server::IdentityServer;
 use meshca_proto::istio::istio_certificate_service_server::IstioCertificateServiceServer;
 use meshca_proto::v1::identity_service_server::IdentityServiceServer;
 
-use crate::auth::Credentials;
 use crate::authority::{Authority, Bundle};
-use crate::config::{Config, LimitsConfig, MAX_REQUEST_BYTES};
-use crate::issuance::{Face, IssueRequest, SigningCore};
-use crate::limits::{CountStreams, Limits, WatchPeer};
-use crate::tls::{PeerInfo, TlsConn, caller_of};
+use crate::issuing::auth::Credentials;
+use crate::issuing::issuance::{Face, IssueRequest, SigningCore};
+use crate::issuing::limits::{CountStreams, Limits, WatchPeer};
+use crate::process::config::{Config, LimitsConfig, MAX_REQUEST_BYTES};
+use crate::process::tls::{PeerInfo, TlsConn, caller_of};
 
 /// Longest accepted `instance_id`.
 pub const MAX_INSTANCE_ID: usize = 128;
@@ -52,8 +52,8 @@ impl MeshcaV1 {
 /// when enabled.
 pub struct Faces {
     native: IdentityServiceServer<MeshcaV1>,
-    istio: Option<IstioCertificateServiceServer<crate::istio::Istio>>,
-    linkerd: Option<IdentityServer<crate::linkerd::Linkerd>>,
+    istio: Option<IstioCertificateServiceServer<crate::faces::istio::Istio>>,
+    linkerd: Option<IdentityServer<crate::faces::linkerd::Linkerd>>,
 }
 
 impl Faces {
@@ -62,10 +62,10 @@ impl Faces {
         Self {
             native: IdentityServiceServer::new(MeshcaV1::new(issuer.clone(), limits.clone())),
             istio: config.istio.enabled.then(|| {
-                IstioCertificateServiceServer::new(crate::istio::Istio::new(issuer.clone()))
+                IstioCertificateServiceServer::new(crate::faces::istio::Istio::new(issuer.clone()))
             }),
             linkerd: config.linkerd.enabled.then(|| {
-                IdentityServer::new(crate::linkerd::Linkerd::new(
+                IdentityServer::new(crate::faces::linkerd::Linkerd::new(
                     issuer.clone(),
                     config.linkerd.control_plane_namespace.clone(),
                 ))
@@ -90,7 +90,7 @@ pub async fn serve(
         .max_connection_age(limits.max_connection_age)
         .max_connection_age_grace(limits.max_connection_age_grace)
         .timeout(limits.request_timeout)
-        .layer(CountStreams(crate::tls::activity_of))
+        .layer(CountStreams(crate::process::tls::activity_of))
         .layer(tower::util::MapRequestLayer::new(limit_request_body))
         .add_service(faces.native)
         .add_optional_service(faces.istio)
@@ -175,7 +175,7 @@ impl IdentityService for MeshcaV1 {
                 impersonate: None,
             })
             .await
-            .map_err(|e| crate::codes::issue(&e, Face::Meshca))?;
+            .map_err(|e| crate::faces::codes::issue(&e, Face::Meshca))?;
         Ok(Response::new(SignCertificateResponse {
             certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
             trust_bundle: issued.bundle.anchors.iter().map(|a| a.to_vec()).collect(),
@@ -214,7 +214,7 @@ impl IdentityService for MeshcaV1 {
                 ip: peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.addr.ip()),
                 spiffe_id: spiffe_id.clone(),
             })
-            .map_err(|e| crate::codes::limit(&e))?;
+            .map_err(|e| crate::faces::codes::limit(&e))?;
         // A stream counts toward bundle convergence only when the watcher is known: it sent an
         // instance id and authenticated with a certificate that still passes (`may_count`), so
         // nobody can mark another SPIFFE ID's instances as up to date.

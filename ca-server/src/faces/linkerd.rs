@@ -8,7 +8,7 @@
 //! proxies verify by, and the SPIFFE URI SAN (so the same leaf is a valid X.509-SVID for
 //! SPIFFE-aware peers; Linkerd ignores it).
 //!
-//! Status codes as Linkerd's identity controller uses them ([`crate::codes::Mapping::Linkerd`]):
+//! Status codes as Linkerd's identity controller uses them ([`crate::faces::codes::Mapping::Linkerd`]):
 //! `InvalidArgument` for a malformed request (no identity, no token, no CSR, a CSR that does not
 //! parse or verify, a key that is not ECDSA, a CA requested), `FailedPrecondition` when the CSR's
 //! names do not match the identity (another DNS name, a URI/IP/email SAN, two names) or
@@ -22,9 +22,9 @@ use linkerd2_proxy_api::identity::{CertifyRequest, CertifyResponse};
 use rotator::spiffe::SpiffeId;
 use tonic::{Request, Response, Status};
 
-use crate::auth::Credentials;
-use crate::issuance::{Face, IssueRequest, SigningCore};
-use crate::tls::PeerInfo;
+use crate::issuing::auth::Credentials;
+use crate::issuing::issuance::{Face, IssueRequest, SigningCore};
+use crate::process::tls::PeerInfo;
 
 /// The Linkerd face.
 pub struct Linkerd {
@@ -107,7 +107,7 @@ impl Identity for Linkerd {
                 impersonate: None,
             })
             .await
-            .map_err(|e| crate::codes::issue(&e, Face::Linkerd))?;
+            .map_err(|e| crate::faces::codes::issue(&e, Face::Linkerd))?;
         let mut chain = issued.chain.into_iter();
         let leaf = chain
             .next()

@@ -24,7 +24,7 @@ pub use rotator::tokens::{
 };
 use rustls_pki_types::CertificateDer;
 
-use crate::config::{AuthConfig, AuthMethod};
+use crate::process::config::{AuthConfig, AuthMethod};
 
 /// Why a request was not authenticated or not authorized.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,7 +167,7 @@ pub struct Caller {
 }
 
 /// What proved a caller. Only this decides whether it may act as a node agent
-/// ([`crate::impersonation`]).
+/// ([`crate::issuing::impersonation`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallerKind {
     /// A client certificate: renewal of its own SPIFFE ID; never a node agent.

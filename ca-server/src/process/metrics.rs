@@ -432,7 +432,7 @@ pub struct Metrics {
     /// The authority's certificates, deadlines, phase and ledger view.
     pub authority: AuthorityMetrics,
     /// `meshca_limit_refusals_total{limit}`: requests and connections refused by `[limits]`.
-    pub limit_refusals: Family<crate::limits::LimitLabels, Counter>,
+    pub limit_refusals: Family<crate::issuing::limits::LimitLabels, Counter>,
     /// `meshca_issuer_source_refusals_total`: issuers from `kubernetes.issuer_secret`
     /// (cert-manager) that were not adopted (the last good issuer keeps signing).
     pub issuer_source_refusals: Counter,
@@ -536,7 +536,7 @@ impl Metrics {
             "Rotation failures since the last success",
             rotation_failures.clone(),
         );
-        let limit_refusals = Family::<crate::limits::LimitLabels, Counter>::default();
+        let limit_refusals = Family::<crate::issuing::limits::LimitLabels, Counter>::default();
         registry.register(
             "limit_refusals",
             "Connections and requests refused by a [limits] cap, by limit",
@@ -567,9 +567,9 @@ impl Metrics {
     /// Every counter exists from the start at 0, so rate() and the alert rules see it before
     /// the first event.
     fn start_at_zero(&self) {
-        for l in crate::limits::Limit::ALL {
+        for l in crate::issuing::limits::Limit::ALL {
             self.limit_refusals
-                .get_or_create(&crate::limits::LimitLabels { limit: l.label() })
+                .get_or_create(&crate::issuing::limits::LimitLabels { limit: l.label() })
                 .inc_by(0);
         }
         for result in [

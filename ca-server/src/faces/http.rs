@@ -11,11 +11,11 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::driver::RotationHealth;
-use crate::issuance::SigningCore;
-use crate::limits::Limits;
-use crate::metrics::Metrics;
-use crate::signing::ValidCsr;
+use crate::issuing::issuance::SigningCore;
+use crate::issuing::limits::Limits;
+use crate::issuing::signing::ValidCsr;
+use crate::process::driver::RotationHealth;
+use crate::process::metrics::Metrics;
 
 /// A probe's answer: when, for which state generation, and what it said.
 type Probed = (tokio::time::Instant, u64, Result<(), String>);
@@ -52,7 +52,7 @@ impl Readiness {
         .parse()
         .map_err(|e: rotator::spiffe::IdError| e.to_string())?;
         let csr = rotator::client::make_csr(&id, &key).map_err(|e| e.to_string())?;
-        let probe = crate::signing::parse_csr(&csr).map_err(|e| e.to_string())?;
+        let probe = crate::issuing::signing::parse_csr(&csr).map_err(|e| e.to_string())?;
         Ok(Self {
             issuer,
             probe,
@@ -143,7 +143,7 @@ pub async fn serve(
 }
 
 /// Serves `app` over HTTP/1.1 on `listener` until `stop` — in TLS when `tls` is given (the
-/// handshake within [`crate::tls::HANDSHAKE_TIMEOUT`]) — under the HTTP port's limits: at most
+/// handshake within [`crate::process::tls::HANDSHAKE_TIMEOUT`]) — under the HTTP port's limits: at most
 /// `limits.http_max_connections` open connections (shared by every port served so), request
 /// headers within `limits.http_header_timeout`.
 pub async fn serve_app(
@@ -178,8 +178,11 @@ pub async fn serve_app(
             let io: Box<dyn Io> = match tls {
                 None => Box::new(tcp),
                 Some(acceptor) => {
-                    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                        .await
+                    match tokio::time::timeout(
+                        crate::process::tls::HANDSHAKE_TIMEOUT,
+                        acceptor.accept(tcp),
+                    )
+                    .await
                     {
                         Ok(Ok(s)) => Box::new(s),
                         Ok(Err(e)) => {
@@ -249,7 +252,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         .statuses()
         .into_iter()
         .map(|(td, st)| {
-            let seen = crate::metrics::PeerRefresh {
+            let seen = crate::process::metrics::PeerRefresh {
                 refreshing: st.refreshing,
                 last_success: st.last_success,
                 consecutive_failures: st.consecutive_failures,

@@ -481,7 +481,7 @@ mod tests {
         // ring cannot generate RSA keys; the fixture script beside them (tests/fixtures/make.sh)
         // made these with openssl.
         let pem = match bits {
-            2048 => include_str!("../../tests/fixtures/rsa2048.key"),
+            2048 => include_str!("../../../tests/fixtures/rsa2048.key"),
             _ => unreachable!(),
         };
         KeyPair::from_pem_and_sign_algo(pem, &rcgen::PKCS_RSA_SHA256).unwrap()
@@ -633,14 +633,14 @@ mod tests {
     #[test]
     fn rejects_weak_rsa() {
         // ring refuses to sign with RSA-1024, so this CSR comes from openssl (fixtures/make.sh).
-        let pem = include_bytes!("../../tests/fixtures/rsa1024.csr");
+        let pem = include_bytes!("../../../tests/fixtures/rsa1024.csr");
         assert_eq!(parse_csr(pem).unwrap_err(), CsrError::WeakRsa(1024));
     }
 
     #[test]
     fn rejects_sha1_signatures() {
         // An RSA-1024/SHA-1 CSR made by `openssl req` (tests/fixtures/make.sh).
-        let pem = include_bytes!("../../tests/fixtures/sha1.csr");
+        let pem = include_bytes!("../../../tests/fixtures/sha1.csr");
         assert!(
             matches!(parse_csr(pem), Err(CsrError::SignatureAlgorithm(o)) if o == "1.2.840.113549.1.1.5")
         );
@@ -649,7 +649,7 @@ mod tests {
     #[test]
     fn rejects_other_key_types() {
         // A P-521 key (tests/fixtures/make.sh): ECDSA, but not a curve meshca accepts.
-        let pem = include_bytes!("../../tests/fixtures/p521.csr");
+        let pem = include_bytes!("../../../tests/fixtures/p521.csr");
         assert!(
             matches!(parse_csr(pem), Err(CsrError::KeyType(k)) if k.contains("1.3.132.0.35")),
             "{:?}",

@@ -5,6 +5,8 @@
 //! of the current state and `now`), commit it to the store, and only then publish it. A crash
 //! between commit and publish loses nothing: the next start loads what was committed.
 
+pub mod ledger;
+
 use std::sync::Arc;
 
 use rotator::clock::Clock;
@@ -221,12 +223,12 @@ impl Storage {
 /// The running authority.
 pub struct Authority {
     policy: Policy,
-    ledger: crate::ledger::LedgerHandle,
+    ledger: crate::authority::ledger::LedgerHandle,
     clock: Arc<dyn Clock>,
     storage: Storage,
     state: Mutex<AuthorityState>,
     snapshot: watch::Sender<Arc<Snapshot>>,
-    disk: crate::disk::DiskWrites,
+    disk: crate::process::disk::DiskWrites,
     restart_bound: std::sync::OnceLock<Arc<dyn RestartBoundSource>>,
 }
 
@@ -302,7 +304,7 @@ impl Authority {
                 )));
             }
         }
-        let disk = crate::disk::DiskWrites::default();
+        let disk = crate::process::disk::DiskWrites::default();
         if let Err(e) = storage.dir.write_bundle(&state) {
             disk.failed("bundle", &e);
         }
@@ -446,7 +448,7 @@ impl Authority {
     }
 
     /// Failed local writes, for `/readyz` and `/metrics`.
-    pub fn disk(&self) -> &crate::disk::DiskWrites {
+    pub fn disk(&self) -> &crate::process::disk::DiskWrites {
         &self.disk
     }
 
@@ -498,7 +500,7 @@ impl Authority {
     }
 
     /// The issuance ledger.
-    pub fn ledger(&self) -> &crate::ledger::LedgerHandle {
+    pub fn ledger(&self) -> &crate::authority::ledger::LedgerHandle {
         &self.ledger
     }
 
@@ -570,7 +572,7 @@ impl Authority {
     }
 
     /// The same for `/metrics`: reused for up to a second (see
-    /// [`LedgerHandle::summary_for_scrape`](crate::ledger::LedgerHandle::summary_for_scrape)).
+    /// [`LedgerHandle::summary_for_scrape`](crate::authority::ledger::LedgerHandle::summary_for_scrape)).
     pub async fn ledger_summary_for_scrape(&self) -> rotator::ledger::LedgerSummary {
         let (version, staged) = self.version_and_staged().await;
         let mut s = self.ledger.summary_for_scrape(
@@ -606,13 +608,13 @@ fn destroy_released_keys(before: &AuthorityState, after: &AuthorityState) {
     }
 }
 
-/// Writes the issuance ledger in batches every [`crate::ledger::FLUSH_EVERY`] until `stop`,
+/// Writes the issuance ledger in batches every [`crate::authority::ledger::FLUSH_EVERY`] until `stop`,
 /// then closes it cleanly (a `closed` line: the next start trusts it). A failed write is
 /// retried on the next tick; the records stay queued.
 pub async fn write_ledger(authority: Arc<Authority>, mut stop: watch::Receiver<bool>) {
     loop {
         let stopping = tokio::select! {
-            () = tokio::time::sleep(crate::ledger::FLUSH_EVERY) => false,
+            () = tokio::time::sleep(crate::authority::ledger::FLUSH_EVERY) => false,
             _ = stop.wait_for(|s| *s) => true,
         };
         let (now, skew) = (authority.clock().now(), authority.policy().clock_skew);
@@ -673,10 +675,14 @@ fn open_ledger(
     fresh: bool,
     now: OffsetDateTime,
     policy: &Policy,
-) -> Result<crate::ledger::LedgerHandle, OpenError> {
-    let (ledger, loaded) =
-        crate::ledger::LedgerHandle::open(storage.dir.path(), fresh, now, policy.clock_skew)
-            .map_err(OpenError::Ledger)?;
+) -> Result<crate::authority::ledger::LedgerHandle, OpenError> {
+    let (ledger, loaded) = crate::authority::ledger::LedgerHandle::open(
+        storage.dir.path(),
+        fresh,
+        now,
+        policy.clock_skew,
+    )
+    .map_err(OpenError::Ledger)?;
     if storage.state.shared() {
         ledger.with(rotator::ledger::Ledger::set_partial);
         tracing::warn!(
@@ -686,11 +692,11 @@ fn open_ledger(
         );
     }
     match loaded {
-        crate::ledger::Loaded::New => {}
-        crate::ledger::Loaded::Clean { records } => {
+        crate::authority::ledger::Loaded::New => {}
+        crate::authority::ledger::Loaded::Clean { records } => {
             tracing::info!(records, "issuance ledger loaded");
         }
-        crate::ledger::Loaded::Incomplete(why) => tracing::warn!(
+        crate::authority::ledger::Loaded::Incomplete(why) => tracing::warn!(
             "issuance ledger {why}: it is complete only from now, so the trust-anchor gates use their \
              time-based fallback until {}",
             rotator::clock::rfc3339(now + policy.leaf_ttl_max + policy.clock_skew)

@@ -16,7 +16,7 @@ use rotator::state::human;
 use tokio::sync::watch;
 
 use crate::authority::{Authority, TransitionError};
-use crate::metrics::Metrics;
+use crate::process::metrics::Metrics;
 
 /// Consecutive failures after which the server reports itself unready (as SPIRE does).
 pub const UNREADY_AFTER_FAILURES: u32 = 10;

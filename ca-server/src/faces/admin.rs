@@ -24,8 +24,8 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::authority::Authority;
-use crate::codes;
-use crate::driver::RotationHealth;
+use crate::faces::codes;
+use crate::process::driver::RotationHealth;
 
 /// The socket's file name in the state dir.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -321,8 +321,8 @@ impl AdminService for Admin {
                 })
                 .await
                 .map_err(|e| codes::transition(&e))?;
-            tracing::warn!(target: "meshca::audit", operator = %by, node = %crate::issuance::log_safe(&r.node),
-                reason = %crate::issuance::log_safe(&reason), until = %until.map(rfc3339).unwrap_or_default(),
+            tracing::warn!(target: "meshca::audit", operator = %by, node = %crate::issuing::issuance::log_safe(&r.node),
+                reason = %crate::issuing::issuance::log_safe(&reason), until = %until.map(rfc3339).unwrap_or_default(),
                 replaced = previous.is_some(), "node denied by an operator: its node agents act for nobody");
             return Ok(self
                 .changed(Target::Node(&r.node), previous, "denied")
@@ -368,7 +368,7 @@ impl AdminService for Admin {
                 })
                 .await
                 .map_err(|e| codes::transition(&e))?;
-            tracing::warn!(target: "meshca::audit", operator = %operator(), node = %crate::issuance::log_safe(&r.node),
+            tracing::warn!(target: "meshca::audit", operator = %operator(), node = %crate::issuing::issuance::log_safe(&r.node),
                 "node denial lifted by an operator");
             return Ok(self
                 .changed(Target::Node(&r.node), previous, "lifted")
@@ -409,7 +409,7 @@ impl AdminService for Admin {
         let td: rotator::spiffe::TrustDomain = raw.parse().map_err(|e| {
             Status::invalid_argument(format!(
                 "{}: not a trust domain ({e})",
-                crate::issuance::log_safe(&raw)
+                crate::issuing::issuance::log_safe(&raw)
             ))
         })?;
         let mut previous = 0;
