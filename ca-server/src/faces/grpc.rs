@@ -234,57 +234,9 @@ impl IdentityService for MeshcaV1 {
             .and_then(|p| p.client_intermediates.first())
             .map(|i| rotator::pki::CertId::of(i.as_ref()));
         let rx = self.authority.subscribe();
-        // The current bundle first, then one message per new bundle version, and one telling
-        // the watcher to renew now whenever an issuer is revoked. The stream holds its watch slot
-        // (`permit`) until it is dropped.
-        type Seen = Option<(u64, Vec<rotator::pki::CertId>, Vec<u64>)>;
-        let state = (rx, Seen::None, who, permit, own_issuer);
-        let stream =
-            futures::stream::unfold(state, move |(mut rx, last, mut who, permit, own_issuer)| {
-                let may_count = may_count.clone();
-                async move {
-                    loop {
-                        let snap = rx.borrow_and_update().clone();
-                        let bundle = snap.bundle.clone();
-                        let revoked: Vec<_> =
-                            snap.revoked.iter().map(|r| r.issuer.clone()).collect();
-                        let renew_now = match &last {
-                            None => own_issuer.as_ref().is_some_and(|i| revoked.contains(i)),
-                            Some((_, seen, _)) => revoked.iter().any(|r| !seen.contains(r)),
-                        };
-                        // Federated bundles change on their own schedule: a new sequence is news.
-                        let federated: Vec<u64> =
-                            bundle.federated.iter().map(|f| f.sequence).collect();
-                        let changed = last
-                            .as_ref()
-                            .is_none_or(|(v, _, f)| *v != bundle.version || *f != federated);
-                        if changed || renew_now {
-                            // A certificate that no longer passes stops counting (its stream is
-                            // no longer a live workload in the ledger).
-                            if who.is_some() && !may_count() {
-                                who = None;
-                            }
-                            if let Some(w) = &who {
-                                w.sent(bundle.version);
-                            }
-                            let msg = TrustBundle {
-                                renew_now,
-                                ..trust_bundle(&bundle)
-                            };
-                            let next = (
-                                rx,
-                                Some((bundle.version, revoked, federated)),
-                                who,
-                                permit,
-                                own_issuer,
-                            );
-                            return Some((Ok(msg), next));
-                        }
-                        rx.changed().await.ok()?;
-                    }
-                }
-            });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(bundle_stream(
+            rx, who, permit, own_issuer, may_count,
+        )))
     }
 }
 
@@ -358,4 +310,64 @@ fn limit_request_body(req: http::Request<tonic::body::Body>) -> http::Request<to
         });
         tonic::body::Body::new(limited)
     })
+}
+
+/// The bundle stream of one watcher: the current bundle first, then one message per new bundle
+/// version (or federated sequence), and one telling the watcher to renew now whenever an issuer
+/// is revoked — or at once when its own certificate's issuer already is. The stream holds its
+/// watch slot (`permit`) until it is dropped; `who` records what it was handed while
+/// `may_count` still holds.
+fn bundle_stream(
+    rx: tokio::sync::watch::Receiver<std::sync::Arc<crate::authority::Snapshot>>,
+    who: Option<WatchGuard>,
+    permit: crate::issuing::limits::WatchPermit,
+    own_issuer: Option<rotator::pki::CertId>,
+    may_count: impl Fn() -> bool + Clone + Send + 'static,
+) -> BundleStream {
+    type Seen = Option<(u64, Vec<rotator::pki::CertId>, Vec<u64>)>;
+    let state = (rx, Seen::None, who, permit, own_issuer);
+    let stream =
+        futures::stream::unfold(state, move |(mut rx, last, mut who, permit, own_issuer)| {
+            let may_count = may_count.clone();
+            async move {
+                loop {
+                    let snap = rx.borrow_and_update().clone();
+                    let bundle = snap.bundle.clone();
+                    let revoked: Vec<_> = snap.revoked.iter().map(|r| r.issuer.clone()).collect();
+                    let renew_now = match &last {
+                        None => own_issuer.as_ref().is_some_and(|i| revoked.contains(i)),
+                        Some((_, seen, _)) => revoked.iter().any(|r| !seen.contains(r)),
+                    };
+                    // Federated bundles change on their own schedule: a new sequence is news.
+                    let federated: Vec<u64> = bundle.federated.iter().map(|f| f.sequence).collect();
+                    let changed = last
+                        .as_ref()
+                        .is_none_or(|(v, _, f)| *v != bundle.version || *f != federated);
+                    if changed || renew_now {
+                        // A certificate that no longer passes stops counting (its stream is
+                        // no longer a live workload in the ledger).
+                        if who.is_some() && !may_count() {
+                            who = None;
+                        }
+                        if let Some(w) = &who {
+                            w.sent(bundle.version);
+                        }
+                        let msg = TrustBundle {
+                            renew_now,
+                            ..trust_bundle(&bundle)
+                        };
+                        let next = (
+                            rx,
+                            Some((bundle.version, revoked, federated)),
+                            who,
+                            permit,
+                            own_issuer,
+                        );
+                        return Some((Ok(msg), next));
+                    }
+                    rx.changed().await.ok()?;
+                }
+            }
+        });
+    Box::pin(stream)
 }

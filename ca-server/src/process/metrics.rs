@@ -320,6 +320,14 @@ impl AuthorityMetrics {
     }
 
     fn register(&self, r: &mut Registry) {
+        self.register_certificates(r);
+        self.register_rotation(r);
+        self.register_revocations(r);
+        self.register_federation(r);
+    }
+
+    /// The certificates held: expiry, notBefore, and the rotation deadlines.
+    fn register_certificates(&self, r: &mut Registry) {
         r.register(
             "certificate_expiration_timestamp_seconds",
             "notAfter of every anchor and issuer the authority holds (archived anchors excepted), Unix seconds",
@@ -335,6 +343,10 @@ impl AuthorityMetrics {
             "anchor: the last moment to start a rotation that finishes by its time gates before the active anchor expires; issuer: the moment the active issuer must be replaced by",
             self.deadline.clone(),
         );
+    }
+
+    /// The trust-anchor rotation and what its gates measure: phase, gates, convergence, the ledger.
+    fn register_rotation(&self, r: &mut Registry) {
         r.register(
             "anchor_rotation_phase",
             "1 for the current trust-anchor rotation phase",
@@ -366,6 +378,25 @@ impl AuthorityMetrics {
             self.live_leaves.clone(),
         );
         r.register(
+            "live_workloads",
+            "Live workload instances known to the issuance ledger",
+            self.live_workloads.clone(),
+        );
+        r.register(
+            "ledger_trustworthy",
+            "1 when the issuance ledger has known every live leaf (measured gates in use)",
+            self.ledger_trustworthy.clone(),
+        );
+        r.register(
+            "policy_leaf_ttl_max_seconds",
+            "The longest leaf lifetime granted",
+            self.leaf_ttl_max.clone(),
+        );
+    }
+
+    /// Revoked issuers and their leaves still out there.
+    fn register_revocations(&self, r: &mut Registry) {
+        r.register(
             "revoked_issuer_live_leaves",
             "Leaves of a revoked issuer that have not expired (they cannot renew with their certificate)",
             self.revoked_live.clone(),
@@ -375,6 +406,10 @@ impl AuthorityMetrics {
             "When the last leaf of a revoked issuer expires, Unix seconds",
             self.revoked_last_expiry.clone(),
         );
+    }
+
+    /// Federated trust domains: the bundle held for each and how its refreshes go.
+    fn register_federation(&self, r: &mut Registry) {
         r.register(
             "federation_bundle_sequence",
             "The spiffe_sequence of the bundle held for a federated trust domain",
@@ -394,21 +429,6 @@ impl AuthorityMetrics {
             "federation_refresh_failures",
             "Failed or refused fetches of a federated trust domain's bundle in a row",
             self.federation_failures.clone(),
-        );
-        r.register(
-            "live_workloads",
-            "Live workload instances known to the issuance ledger",
-            self.live_workloads.clone(),
-        );
-        r.register(
-            "ledger_trustworthy",
-            "1 when the issuance ledger has known every live leaf (measured gates in use)",
-            self.ledger_trustworthy.clone(),
-        );
-        r.register(
-            "policy_leaf_ttl_max_seconds",
-            "The longest leaf lifetime granted",
-            self.leaf_ttl_max.clone(),
         );
     }
 }

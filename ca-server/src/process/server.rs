@@ -142,36 +142,16 @@ impl Server {
     /// 3. open the authority (or create it, with a bootstrap token); take overdue issuer steps;
     /// 4. build the request path: authenticators, the signing core, readiness, TLS;
     /// 5. bind the ports, then start the tasks (see `docs/ARCHITECTURE.md`).
-    pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
-        rotator::client::install_crypto_provider();
-        config.validate()?;
-        check_files(&config)?;
-        let (files, lock) = lock_state_dir(&config)?;
-        // Everything local (ledger, tokens, admin socket, bootstrap token) lives where the store
-        // does: `<state dir>/meshca` when the configured dir belongs to another user.
-        config.state_dir = files.dir().to_owned();
-        // Before the state is read: the keys it names must be found in the configured store, and
-        // new ones made there. One key backend per process.
-        rotator::keys::set_ca_key_store(
-            rotator::pkcs11::open_configured(&config.keys).map_err(StartError::Other)?,
-        );
-        let kube = Kube::connect(&config).await?;
-        let secret = kube.as_ref().and_then(|k| k.state_secret(&config));
-        let storage = storage(files, secret.clone());
-        let (authority, created) = open_authority(&config, storage, clock.clone()).await?;
-        let ledger_limits = config.limits.ledger();
-        authority.ledger().with(|l| l.set_limits(ledger_limits));
-        let bootstrap_token = created
-            .then(|| {
-                write_bootstrap_token(
-                    &config.state_dir,
-                    &authority.snapshot().bundle.trust_domain,
-                    config.auth.bootstrap_token_expiry(clock.now()),
-                )
-            })
-            .transpose()
-            .map_err(other)?;
-        catch_up(&authority).await;
+    pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+        let Opened {
+            config,
+            lock,
+            kube,
+            secret,
+            authority,
+            created,
+            bootstrap_token,
+        } = Opened::open(config, &clock).await?;
         let path = RequestPath::build(&config, &authority, kube.as_ref(), &clock)?;
 
         let grpc_listener = bind(config.listen).await?;
@@ -237,6 +217,94 @@ impl Server {
     }
 }
 
+/// The pod directory, when something reads it: node agents are checked against the pods on
+/// their node, and the Linkerd restart gate counts proxies — on Kubernetes only (it lists every
+/// pod in the cluster). A pod that goes takes the cached reviews of tokens bound to it along.
+fn pod_directory(
+    config: &Config,
+    on_kubernetes: bool,
+    metrics: &Metrics,
+    reviewer: Option<&Arc<TokenReviewer>>,
+) -> Option<Arc<Pods>> {
+    let i = &config.istio;
+    let wanted = (i.enabled && !i.trusted_node_agents.is_empty()) || linkerd_restarts(config);
+    if !(on_kubernetes && wanted) {
+        return None;
+    }
+    let pods = Pods::watching(
+        i.pod_directory_max_staleness,
+        crate::k8s::pods::Watching {
+            stalls: metrics.pod_watch_stalls.clone(),
+            expired: metrics.pod_watch_expired.clone(),
+            ..Default::default()
+        },
+    );
+    if let Some(r) = reviewer {
+        let r = Arc::downgrade(r);
+        pods.on_gone(Box::new(move |ns, name, uid| {
+            if let Some(r) = r.upgrade() {
+                r.forget_pod(ns, name, uid);
+            }
+        }));
+    }
+    Some(pods)
+}
+
+/// Steps 1–3 of [`Server::start`]: the configuration checked, the state dir locked, Kubernetes
+/// connected, the authority opened (or created, with its bootstrap token), overdue steps taken.
+struct Opened {
+    config: Config,
+    lock: std::fs::File,
+    kube: Option<Kube>,
+    secret: Option<Arc<KubeStore>>,
+    authority: Arc<Authority>,
+    created: bool,
+    bootstrap_token: Option<PathBuf>,
+}
+
+impl Opened {
+    async fn open(mut config: Config, clock: &Arc<dyn Clock>) -> Result<Self, StartError> {
+        rotator::client::install_crypto_provider();
+        config.validate()?;
+        check_files(&config)?;
+        let (files, lock) = lock_state_dir(&config)?;
+        // Everything local (ledger, tokens, admin socket, bootstrap token) lives where the store
+        // does: `<state dir>/meshca` when the configured dir belongs to another user.
+        config.state_dir = files.dir().to_owned();
+        // Before the state is read: the keys it names must be found in the configured store, and
+        // new ones made there. One key backend per process.
+        rotator::keys::set_ca_key_store(
+            rotator::pkcs11::open_configured(&config.keys).map_err(StartError::Other)?,
+        );
+        let kube = Kube::connect(&config).await?;
+        let secret = kube.as_ref().and_then(|k| k.state_secret(&config));
+        let storage = storage(files, secret.clone());
+        let (authority, created) = open_authority(&config, storage, clock.clone()).await?;
+        let ledger_limits = config.limits.ledger();
+        authority.ledger().with(|l| l.set_limits(ledger_limits));
+        let bootstrap_token = created
+            .then(|| {
+                write_bootstrap_token(
+                    &config.state_dir,
+                    &authority.snapshot().bundle.trust_domain,
+                    config.auth.bootstrap_token_expiry(clock.now()),
+                )
+            })
+            .transpose()
+            .map_err(other)?;
+        catch_up(&authority).await;
+        Ok(Self {
+            config,
+            lock,
+            kube,
+            secret,
+            authority,
+            created,
+            bootstrap_token,
+        })
+    }
+}
+
 /// Step 4: everything a request goes through, built once and shared by the tasks.
 struct RequestPath {
     limits: Arc<Limits>,
@@ -281,30 +349,8 @@ impl RequestPath {
             )
             .map_err(other)?,
         );
-        // Node agents are checked against the pods on their node: the directory runs only on
-        // Kubernetes, and only when some agent is trusted (it lists every pod in the cluster).
+        let pods = pod_directory(config, kube.is_some(), &metrics, reviewer.as_ref());
         let i = &config.istio;
-        let pods = (kube.is_some()
-            && ((i.enabled && !i.trusted_node_agents.is_empty()) || linkerd_restarts(config)))
-        .then(|| {
-            Pods::watching(
-                i.pod_directory_max_staleness,
-                crate::k8s::pods::Watching {
-                    stalls: metrics.pod_watch_stalls.clone(),
-                    expired: metrics.pod_watch_expired.clone(),
-                    ..Default::default()
-                },
-            )
-        });
-        // A pod that goes takes the cached reviews of tokens bound to it along.
-        if let (Some(p), Some(r)) = (&pods, &reviewer) {
-            let r = Arc::downgrade(r);
-            p.on_gone(Box::new(move |ns, name, uid| {
-                if let Some(r) = r.upgrade() {
-                    r.forget_pod(ns, name, uid);
-                }
-            }));
-        }
         let agents = NodeAgents::new(
             i.trusted_node_agents.clone(),
             pods.clone().map(|p| p as Arc<dyn PodDirectory>),
