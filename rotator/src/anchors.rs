@@ -62,130 +62,24 @@ pub fn gate(
     now: OffsetDateTime,
     step: Step,
 ) -> Result<Gate, StateError> {
-    let not_here = || Err(wrong_phase(s, step));
-    let usable = ledger.filter(|l| l.trustworthy(now));
-    let note = ledger_note(ledger, now);
-    let gate = |open_measured: Option<bool>,
-                opens_at: Option<OffsetDateTime>,
-                condition: String,
-                measured: String,
-                risk: String,
-                at_risk: Option<u64>| {
-        let time_open = opens_at.is_some_and(|t| now >= t);
-        let opened_by = if open_measured == Some(true) {
-            Some(OpenedBy::Measured)
-        } else if time_open {
-            Some(OpenedBy::Time)
-        } else {
-            None
-        };
-        let open = opened_by.is_some();
-        Gate {
-            step,
-            open,
-            opened_by,
-            condition,
-            measured: note.clone().unwrap_or(measured),
-            opens_at,
-            risk: if open { String::new() } else { risk },
-            at_risk: if open { None } else { at_risk },
-        }
+    let j = Judge {
+        step,
+        now,
+        note: ledger_note(ledger, now),
+        usable: ledger.filter(|l| l.trustworthy(now)),
     };
     match (&s.phase, step) {
-        (Phase::Steady, Step::Stage) => Ok(Gate {
-            step,
-            open: true,
-            opened_by: Some(OpenedBy::Always),
-            condition: "staging only adds an anchor to the bundle".into(),
-            measured: String::new(),
-            opens_at: None,
-            risk: String::new(),
-            at_risk: None,
-        }),
-        (Phase::Staged { since, .. }, Step::Activate) => {
-            let opens_at = *since + policy.leaf_ttl_max + policy.propagation_allowance;
-            let (ok, measured, behind) = match usable {
-                Some(l) => {
-                    let behind = l.live_workloads - l.workloads_current.min(l.live_workloads);
-                    (
-                        Some(behind == 0),
-                        format!(
-                            "{} of {} live workloads ({}) hold bundle v{} or newer{}",
-                            l.workloads_current,
-                            l.live_workloads,
-                            percent(l.workloads_current, l.live_workloads),
-                            l.min_version,
-                            by_face(l)
-                        ),
-                        Some(behind),
-                    )
-                }
-                None => (None, String::new(), None),
-            };
-            let risk = match behind {
-                Some(n) => format!(
-                    "{n} live workloads have not been handed a bundle containing the new anchor: leaves it \
-                     signs will not verify there until they fetch one"
-                ),
-                None => "an unknown number of workloads may not hold the new anchor yet: leaves it signs \
-                         will not verify there until they fetch it"
-                    .into(),
-            };
-            Ok(with_restart_bound(
-                gate(
-                    ok,
-                    Some(opens_at),
-                    format!(
-                        "every live workload has a bundle with the new anchor, or max leaf TTL {} + propagation \
-                         allowance {} has passed since staging",
-                        human(policy.leaf_ttl_max),
-                        human(policy.propagation_allowance)
-                    ),
-                    measured,
-                    risk,
-                    behind,
-                ),
-                ledger.map(|l| &l.restart_bound),
-            ))
-        }
+        (Phase::Steady, Step::Stage) => Ok(j.always("staging only adds an anchor to the bundle")),
+        (Phase::Staged { since, .. }, Step::Activate) => Ok(with_restart_bound(
+            activate_gate(&j, policy, *since),
+            ledger.map(|l| &l.restart_bound),
+        )),
         (Phase::Activated { previous, since }, Step::Finish) => {
-            let opens_at = *since + policy.leaf_ttl_max + policy.clock_skew;
-            let live = usable.map(|l| l.live_under(previous));
-            Ok(gate(
-                live.map(|n| n == 0),
-                Some(opens_at),
-                format!(
-                    "no live leaf chains to the old anchor {previous}, or max leaf TTL {} + clock skew {} has \
-                     passed since activation",
-                    human(policy.leaf_ttl_max),
-                    human(policy.clock_skew)
-                ),
-                live.map(|n| format!("{n} live leaves chain to {previous}"))
-                    .unwrap_or_default(),
-                match live {
-                    Some(n) => format!(
-                        "{n} live leaves chain to {previous} and will stop verifying wherever the new bundle \
-                         (without {previous}) arrives"
-                    ),
-                    None => format!(
-                        "leaves signed under {previous} until {} may live until {} and will stop verifying",
-                        rfc3339(*since),
-                        rfc3339(opens_at)
-                    ),
-                },
-                live,
-            ))
+            Ok(finish_gate(&j, policy, previous, *since))
         }
-        (Phase::Activated { .. }, Step::Rollback) => Ok(Gate {
-            step,
-            open: true,
-            opened_by: Some(OpenedBy::Always),
-            condition: "both anchors stay in the bundle, so every live leaf keeps verifying".into(),
-            measured: String::new(),
-            opens_at: None,
-            risk: String::new(),
-            at_risk: None,
-        }),
+        (Phase::Activated { .. }, Step::Rollback) => {
+            Ok(j.always("both anchors stay in the bundle, so every live leaf keeps verifying"))
+        }
         (
             Phase::Staged {
                 anchor,
@@ -193,47 +87,184 @@ pub fn gate(
                 ..
             },
             Step::Rollback,
-        ) => {
-            let Some(until) = signed_until else {
-                return Ok(Gate {
-                    step,
-                    open: true,
-                    opened_by: Some(OpenedBy::Always),
-                    condition: format!(
-                        "the new anchor {anchor} never signed, so no leaf chains to it"
-                    ),
-                    measured: String::new(),
-                    opens_at: None,
-                    risk: String::new(),
-                    at_risk: None,
-                });
-            };
-            let opens_at = *until + policy.leaf_ttl_max + policy.clock_skew;
-            let live = usable.map(|l| l.live_under(anchor));
-            Ok(gate(
-                live.map(|n| n == 0),
-                Some(opens_at),
-                format!(
-                    "no live leaf chains to the new anchor {anchor}, or max leaf TTL {} + clock skew {} has \
-                     passed since it stopped signing",
-                    human(policy.leaf_ttl_max),
-                    human(policy.clock_skew)
-                ),
-                live.map(|n| format!("{n} live leaves chain to {anchor}"))
-                    .unwrap_or_default(),
-                match live {
-                    Some(n) => format!("{n} live leaves chain to {anchor} and will stop verifying"),
-                    None => format!(
-                        "leaves signed under {anchor} until {} may live until {} and will stop verifying",
-                        rfc3339(*until),
-                        rfc3339(opens_at)
-                    ),
-                },
-                live,
-            ))
-        }
-        _ => not_here(),
+        ) => Ok(match signed_until {
+            None => j.always(&format!(
+                "the new anchor {anchor} never signed, so no leaf chains to it"
+            )),
+            Some(until) => rollback_staged_gate(&j, policy, anchor, *until),
+        }),
+        _ => Err(wrong_phase(s, step)),
     }
+}
+
+/// What every gate of one step at one instant shares: the ledger as far as it can be trusted,
+/// and the note saying when it cannot.
+struct Judge<'a> {
+    step: Step,
+    now: OffsetDateTime,
+    note: Option<String>,
+    usable: Option<&'a LedgerSummary>,
+}
+
+/// A gate's case: what it measures and what forcing it risks.
+struct Case {
+    /// The measurement's verdict (`None`: no trustworthy ledger).
+    open_measured: Option<bool>,
+    /// When the time fallback opens it.
+    opens_at: OffsetDateTime,
+    condition: String,
+    measured: String,
+    risk: String,
+    at_risk: Option<u64>,
+}
+
+impl Judge<'_> {
+    /// A step that is safe in itself.
+    fn always(&self, condition: &str) -> Gate {
+        Gate {
+            step: self.step,
+            open: true,
+            opened_by: Some(OpenedBy::Always),
+            condition: condition.to_owned(),
+            measured: String::new(),
+            opens_at: None,
+            risk: String::new(),
+            at_risk: None,
+        }
+    }
+
+    /// Open when measured open, else when its time fallback has passed.
+    fn judge(&self, c: Case) -> Gate {
+        let opened_by = if c.open_measured == Some(true) {
+            Some(OpenedBy::Measured)
+        } else if self.now >= c.opens_at {
+            Some(OpenedBy::Time)
+        } else {
+            None
+        };
+        let open = opened_by.is_some();
+        Gate {
+            step: self.step,
+            open,
+            opened_by,
+            condition: c.condition,
+            measured: self.note.clone().unwrap_or(c.measured),
+            opens_at: Some(c.opens_at),
+            risk: if open { String::new() } else { c.risk },
+            at_risk: if open { None } else { c.at_risk },
+        }
+    }
+}
+
+/// staged → activated: every live workload holds a bundle with the new anchor, or the time
+/// fallback since staging.
+fn activate_gate(j: &Judge<'_>, policy: &Policy, since: OffsetDateTime) -> Gate {
+    let (ok, measured, behind) = match j.usable {
+        Some(l) => {
+            let behind = l.live_workloads - l.workloads_current.min(l.live_workloads);
+            (
+                Some(behind == 0),
+                format!(
+                    "{} of {} live workloads ({}) hold bundle v{} or newer{}",
+                    l.workloads_current,
+                    l.live_workloads,
+                    percent(l.workloads_current, l.live_workloads),
+                    l.min_version,
+                    by_face(l)
+                ),
+                Some(behind),
+            )
+        }
+        None => (None, String::new(), None),
+    };
+    let risk = match behind {
+        Some(n) => format!(
+            "{n} live workloads have not been handed a bundle containing the new anchor: leaves it \
+             signs will not verify there until they fetch one"
+        ),
+        None => "an unknown number of workloads may not hold the new anchor yet: leaves it signs \
+                 will not verify there until they fetch it"
+            .into(),
+    };
+    j.judge(Case {
+        open_measured: ok,
+        opens_at: since + policy.leaf_ttl_max + policy.propagation_allowance,
+        condition: format!(
+            "every live workload has a bundle with the new anchor, or max leaf TTL {} + propagation \
+             allowance {} has passed since staging",
+            human(policy.leaf_ttl_max),
+            human(policy.propagation_allowance)
+        ),
+        measured,
+        risk,
+        at_risk: behind,
+    })
+}
+
+/// activated → steady: no live leaf chains to the old anchor, or the time fallback since
+/// activation.
+fn finish_gate(j: &Judge<'_>, policy: &Policy, previous: &CertId, since: OffsetDateTime) -> Gate {
+    let opens_at = since + policy.leaf_ttl_max + policy.clock_skew;
+    let live = j.usable.map(|l| l.live_under(previous));
+    j.judge(Case {
+        open_measured: live.map(|n| n == 0),
+        opens_at,
+        condition: format!(
+            "no live leaf chains to the old anchor {previous}, or max leaf TTL {} + clock skew {} has \
+             passed since activation",
+            human(policy.leaf_ttl_max),
+            human(policy.clock_skew)
+        ),
+        measured: live
+            .map(|n| format!("{n} live leaves chain to {previous}"))
+            .unwrap_or_default(),
+        risk: match live {
+            Some(n) => format!(
+                "{n} live leaves chain to {previous} and will stop verifying wherever the new bundle \
+                 (without {previous}) arrives"
+            ),
+            None => format!(
+                "leaves signed under {previous} until {} may live until {} and will stop verifying",
+                rfc3339(since),
+                rfc3339(opens_at)
+            ),
+        },
+        at_risk: live,
+    })
+}
+
+/// staged → steady after the new anchor signed: no live leaf chains to it, or the time fallback
+/// since it stopped signing.
+fn rollback_staged_gate(
+    j: &Judge<'_>,
+    policy: &Policy,
+    anchor: &CertId,
+    until: OffsetDateTime,
+) -> Gate {
+    let opens_at = until + policy.leaf_ttl_max + policy.clock_skew;
+    let live = j.usable.map(|l| l.live_under(anchor));
+    j.judge(Case {
+        open_measured: live.map(|n| n == 0),
+        opens_at,
+        condition: format!(
+            "no live leaf chains to the new anchor {anchor}, or max leaf TTL {} + clock skew {} has \
+             passed since it stopped signing",
+            human(policy.leaf_ttl_max),
+            human(policy.clock_skew)
+        ),
+        measured: live
+            .map(|n| format!("{n} live leaves chain to {anchor}"))
+            .unwrap_or_default(),
+        risk: match live {
+            Some(n) => format!("{n} live leaves chain to {anchor} and will stop verifying"),
+            None => format!(
+                "leaves signed under {anchor} until {} may live until {} and will stop verifying",
+                rfc3339(until),
+                rfc3339(opens_at)
+            ),
+        },
+        at_risk: live,
+    })
 }
 
 /// The activate gate where some workloads read anchors only when they start (Linkerd's

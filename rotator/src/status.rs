@@ -425,49 +425,9 @@ pub fn document(
             gate: g,
         })
         .collect();
-    let ledger = ledger.map(|l| LedgerEntry {
-        complete_since: l.complete_since,
-        trustworthy_at: l.trustworthy_at,
-        trustworthy: l.trustworthy(now),
-        partial: l.partial,
-        live_leaves_by_anchor: l.live_leaves.clone(),
-        live_workloads: l.live_workloads,
-        workloads_with_current_bundle: l.workloads_current,
-        current_bundle_version: l.min_version,
-        convergence_percent: if l.live_workloads == 0 {
-            100.0
-        } else {
-            #[allow(clippy::cast_precision_loss, reason = "a percentage")]
-            let p = l.workloads_current as f64 * 100.0 / l.live_workloads as f64;
-            p
-        },
-        by_api: l.by_api.clone(),
-        restart_bound: l.restart_bound.clone(),
-        revoked_issuers: l.revoked_issuers.clone(),
-    });
+    let ledger = ledger.map(|l| ledger_entry(l, now));
     let plan = plan_issuer(s, policy, now);
-    let step = |step: &str, issuer: Option<CertId>, at| {
-        Some(NextStep {
-            step: step.into(),
-            issuer,
-            at,
-        })
-    };
-    let next_issuer_rotation = match &plan.step {
-        Some(IssuerStep::Prepare { .. }) => step("prepare", None, now),
-        Some(IssuerStep::Activate(id)) => step("activate", Some(id.clone()), now),
-        Some(IssuerStep::Prune) => step("prune", None, now),
-        None => match (&plan.schedule, plan.wake_at) {
-            (Some(sc), Some(_)) if now < sc.prepare_at => step("prepare", None, sc.prepare_at),
-            (Some(sc), Some(_)) if now < sc.activate_at => step("activate", None, sc.activate_at),
-            _ => None,
-        },
-    };
-    let deadline = |id: &CertId, at: OffsetDateTime| Deadline {
-        id: id.clone(),
-        at,
-        in_seconds: secs(at),
-    };
+    let next_issuer_rotation = next_issuer_step(&plan, now);
     Status {
         now,
         trust_domain: s.trust_domain.to_string(),
@@ -479,48 +439,8 @@ pub fn document(
         } else {
             Mode::Upstream
         },
-        anchors: s
-            .anchors
-            .iter()
-            .map(|a| AnchorEntry {
-                id: a.cert.id().clone(),
-                status: a.status,
-                key_held: a.key.is_some(),
-                key_store: a.key.as_ref().and_then(stored_at),
-                key_destroyed: a.key.is_none()
-                    && s.history.iter().any(|e| {
-                        e.what
-                            .split_whitespace()
-                            .skip_while(|w| *w != "anchor_keys_destroyed")
-                            .nth(1)
-                            .is_some_and(|ids| ids.split(',').any(|id| id == a.cert.id().as_str()))
-                    }),
-                serial: a.cert.info.serial.clone(),
-                subject: a.cert.info.subject.clone(),
-                not_before: a.cert.info.not_before,
-                not_after: a.cert.info.not_after,
-                expires_in_seconds: secs(a.cert.info.not_after),
-            })
-            .collect(),
-        issuers: s
-            .issuers
-            .iter()
-            .map(|i| {
-                let sc = (i.status == IssuerStatus::Active).then(|| schedule(&i.cert.info, policy));
-                IssuerEntry {
-                    id: i.cert.id().clone(),
-                    status: i.status,
-                    anchor: i.anchor.clone(),
-                    key_store: stored_at(&i.key),
-                    serial: i.cert.info.serial.clone(),
-                    not_before: i.cert.info.not_before,
-                    not_after: i.cert.info.not_after,
-                    expires_in_seconds: secs(i.cert.info.not_after),
-                    prepare_next_at: sc.as_ref().map(|sc| sc.prepare_at),
-                    activate_next_at: sc.as_ref().map(|sc| sc.activate_at),
-                }
-            })
-            .collect(),
+        anchors: anchor_entries(s, now),
+        issuers: issuer_entries(s, policy, now),
         pending_issuer_key: s.pending_issuer_key.as_ref().map(|p| PendingKeyEntry {
             id: key_id(&p.key),
             created: p.created,
@@ -541,20 +461,7 @@ pub fn document(
             gates,
             ledger,
         },
-        rotation_deadlines: Deadlines {
-            anchor: s.active_anchor().map(|a| {
-                deadline(
-                    a.cert.id(),
-                    crate::anchors::anchor_rotation_deadline(a.cert.info.not_after, policy),
-                )
-            }),
-            issuer: s.active_issuer().map(|i| {
-                deadline(
-                    i.cert.id(),
-                    crate::anchors::issuer_rotation_deadline(i.cert.info.not_after, policy),
-                )
-            }),
-        },
+        rotation_deadlines: deadlines(s, policy, now),
         policy: PolicyEntry {
             leaf_ttl_max_seconds: policy.leaf_ttl_max.as_secs(),
             leaf_ttl_default_seconds: policy.leaf_ttl_default.as_secs(),
@@ -564,6 +471,124 @@ pub fn document(
         },
         server: None,
         federation: federation_entries(s),
+    }
+}
+
+/// The ledger's view, as the status document says it.
+fn ledger_entry(l: &LedgerSummary, now: OffsetDateTime) -> LedgerEntry {
+    LedgerEntry {
+        complete_since: l.complete_since,
+        trustworthy_at: l.trustworthy_at,
+        trustworthy: l.trustworthy(now),
+        partial: l.partial,
+        live_leaves_by_anchor: l.live_leaves.clone(),
+        live_workloads: l.live_workloads,
+        workloads_with_current_bundle: l.workloads_current,
+        current_bundle_version: l.min_version,
+        convergence_percent: if l.live_workloads == 0 {
+            100.0
+        } else {
+            #[allow(clippy::cast_precision_loss, reason = "a percentage")]
+            let p = l.workloads_current as f64 * 100.0 / l.live_workloads as f64;
+            p
+        },
+        by_api: l.by_api.clone(),
+        restart_bound: l.restart_bound.clone(),
+        revoked_issuers: l.revoked_issuers.clone(),
+    }
+}
+
+/// The next issuer step: due now, or when it is scheduled.
+fn next_issuer_step(plan: &crate::rotation::IssuerPlan, now: OffsetDateTime) -> Option<NextStep> {
+    let step = |step: &str, issuer: Option<CertId>, at| {
+        Some(NextStep {
+            step: step.into(),
+            issuer,
+            at,
+        })
+    };
+    match &plan.step {
+        Some(IssuerStep::Prepare { .. }) => step("prepare", None, now),
+        Some(IssuerStep::Activate(id)) => step("activate", Some(id.clone()), now),
+        Some(IssuerStep::Prune) => step("prune", None, now),
+        None => match (&plan.schedule, plan.wake_at) {
+            (Some(sc), Some(_)) if now < sc.prepare_at => step("prepare", None, sc.prepare_at),
+            (Some(sc), Some(_)) if now < sc.activate_at => step("activate", None, sc.activate_at),
+            _ => None,
+        },
+    }
+}
+
+/// Every anchor held, with where its key is.
+fn anchor_entries(s: &AuthorityState, now: OffsetDateTime) -> Vec<AnchorEntry> {
+    let secs = |t: OffsetDateTime| (t - now).whole_seconds();
+    s.anchors
+        .iter()
+        .map(|a| AnchorEntry {
+            id: a.cert.id().clone(),
+            status: a.status,
+            key_held: a.key.is_some(),
+            key_store: a.key.as_ref().and_then(stored_at),
+            key_destroyed: a.key.is_none()
+                && s.history.iter().any(|e| {
+                    e.what
+                        .split_whitespace()
+                        .skip_while(|w| *w != "anchor_keys_destroyed")
+                        .nth(1)
+                        .is_some_and(|ids| ids.split(',').any(|id| id == a.cert.id().as_str()))
+                }),
+            serial: a.cert.info.serial.clone(),
+            subject: a.cert.info.subject.clone(),
+            not_before: a.cert.info.not_before,
+            not_after: a.cert.info.not_after,
+            expires_in_seconds: secs(a.cert.info.not_after),
+        })
+        .collect()
+}
+
+/// Every issuer held, with the active one's schedule.
+fn issuer_entries(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> Vec<IssuerEntry> {
+    let secs = |t: OffsetDateTime| (t - now).whole_seconds();
+    s.issuers
+        .iter()
+        .map(|i| {
+            let sc = (i.status == IssuerStatus::Active).then(|| schedule(&i.cert.info, policy));
+            IssuerEntry {
+                id: i.cert.id().clone(),
+                status: i.status,
+                anchor: i.anchor.clone(),
+                key_store: stored_at(&i.key),
+                serial: i.cert.info.serial.clone(),
+                not_before: i.cert.info.not_before,
+                not_after: i.cert.info.not_after,
+                expires_in_seconds: secs(i.cert.info.not_after),
+                prepare_next_at: sc.as_ref().map(|sc| sc.prepare_at),
+                activate_next_at: sc.as_ref().map(|sc| sc.activate_at),
+            }
+        })
+        .collect()
+}
+
+/// The rotation deadlines of the active anchor and issuer.
+fn deadlines(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> Deadlines {
+    let deadline = |id: &CertId, at: OffsetDateTime| Deadline {
+        id: id.clone(),
+        at,
+        in_seconds: (at - now).whole_seconds(),
+    };
+    Deadlines {
+        anchor: s.active_anchor().map(|a| {
+            deadline(
+                a.cert.id(),
+                crate::anchors::anchor_rotation_deadline(a.cert.info.not_after, policy),
+            )
+        }),
+        issuer: s.active_issuer().map(|i| {
+            deadline(
+                i.cert.id(),
+                crate::anchors::issuer_rotation_deadline(i.cert.info.not_after, policy),
+            )
+        }),
     }
 }
 
@@ -624,15 +649,6 @@ fn render_federation(v: &Status, o: &mut String) {
 /// The text view of a status document.
 pub fn render(v: &Status) -> String {
     use std::fmt::Write;
-    let at = |t: OffsetDateTime| crate::clock::rfc3339(t);
-    let countdown = |s: i64| {
-        let d = human(std::time::Duration::from_secs(s.unsigned_abs()));
-        if s >= 0 {
-            d
-        } else {
-            format!("EXPIRED {d} ago")
-        }
-    };
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -646,6 +662,48 @@ pub fn render(v: &Status) -> String {
             Mode::Upstream => "upstream",
         },
     );
+    render_certificates(v, &mut o);
+    render_issuer_rotation(v, &mut o);
+    render_anchor_rotation(v, &mut o);
+    if let Some(srv) = &v.server {
+        let _ = writeln!(
+            o,
+            "\nSERVER\n  ready: {}   issuer rotation failures in a row: {}{}",
+            srv.ready,
+            srv.rotation_failures_consecutive,
+            srv.last_rotation_error
+                .as_ref()
+                .map(|e| format!("   last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for a in &v.attention {
+        let _ = writeln!(o, "\nATTENTION: {}", a.message);
+    }
+    for p in &v.problems {
+        let _ = writeln!(o, "\nPROBLEM: {p}");
+    }
+    render_federation(v, &mut o);
+    o
+}
+
+/// `EXPIRES IN` of a countdown in seconds.
+fn countdown(s: i64) -> String {
+    let d = human(std::time::Duration::from_secs(s.unsigned_abs()));
+    if s >= 0 {
+        d
+    } else {
+        format!("EXPIRED {d} ago")
+    }
+}
+
+fn at(t: OffsetDateTime) -> String {
+    crate::clock::rfc3339(t)
+}
+
+/// The ANCHORS and ISSUERS tables (and a pending issuer key).
+fn render_certificates(v: &Status, o: &mut String) {
+    use std::fmt::Write;
     let _ = writeln!(
         o,
         "\nANCHORS\n  {:<16}  {:<9}  {:<8}  {:<20}  EXPIRES IN",
@@ -691,6 +749,11 @@ pub fn render(v: &Status) -> String {
             at(p.created)
         );
     }
+}
+
+/// NEXT ISSUER ROTATION: the active issuer's schedule and the next step.
+fn render_issuer_rotation(v: &Status, o: &mut String) {
+    use std::fmt::Write;
     let _ = writeln!(o, "\nNEXT ISSUER ROTATION");
     if let Some(i) = v.active_issuer() {
         let opt = |t: Option<OffsetDateTime>| t.map_or_else(|| "-".into(), at);
@@ -713,10 +776,15 @@ pub fn render(v: &Status) -> String {
             let _ = writeln!(o, "  next step: none scheduled");
         }
     }
+}
+
+/// TRUST-ANCHOR ROTATION: the phase, the ledger, each gate.
+fn render_anchor_rotation(v: &Status, o: &mut String) {
+    use std::fmt::Write;
     let r = &v.anchor_rotation;
     let _ = writeln!(o, "\nTRUST-ANCHOR ROTATION   phase {}", r.phase);
     match &r.ledger {
-        Some(l) => render_ledger(&mut o, l),
+        Some(l) => render_ledger(o, l),
         None => {
             let _ = writeln!(
                 o,
@@ -736,26 +804,6 @@ pub fn render(v: &Status) -> String {
         };
         let _ = writeln!(o, "  {:<9} {}{left}", g.gate.step.name(), g.explain);
     }
-    if let Some(srv) = &v.server {
-        let _ = writeln!(
-            o,
-            "\nSERVER\n  ready: {}   issuer rotation failures in a row: {}{}",
-            srv.ready,
-            srv.rotation_failures_consecutive,
-            srv.last_rotation_error
-                .as_ref()
-                .map(|e| format!("   last error: {e}"))
-                .unwrap_or_default()
-        );
-    }
-    for a in &v.attention {
-        let _ = writeln!(o, "\nATTENTION: {}", a.message);
-    }
-    for p in &v.problems {
-        let _ = writeln!(o, "\nPROBLEM: {p}");
-    }
-    render_federation(v, &mut o);
-    o
 }
 
 #[cfg(test)]
