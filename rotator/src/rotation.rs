@@ -94,19 +94,7 @@ pub fn plan_issuer(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> 
     let upstream = anchor.key.is_none();
     let active = s.active_issuer().filter(|i| i.cert.info.valid_at(now));
     let active_expiry = active.map(|i| i.cert.info.not_after);
-    // A prepared issuer worth switching to: under the active anchor, valid now, and outliving
-    // the active issuer (newest first).
-    let candidate = s
-        .issuers
-        .iter()
-        .rev()
-        .find(|i| {
-            i.status == IssuerStatus::Prepared
-                && i.anchor == anchor_id
-                && i.cert.info.valid_at(now)
-                && active_expiry.is_none_or(|e| i.cert.info.not_after > e)
-        })
-        .map(|i| i.cert.id().clone());
+    let candidate = candidate(s, &anchor_id, active_expiry, now);
     // Would a new issuer made now outlive the active one? Not when the anchor ends first.
     let worth_preparing =
         active_expiry.is_none_or(|e| (now + policy.issuer_ttl).min(anchor.cert.info.not_after) > e);
@@ -116,21 +104,6 @@ pub fn plan_issuer(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> 
         wake_at,
         schedule,
         attention,
-    };
-    let upstream_attention = |deadline: Option<OffsetDateTime>| {
-        Attention {
-        message: match deadline {
-            Some(d) => format!(
-                "upstream mode: meshca cannot make issuers; run `meshca issuer csr`, have it signed, and \
-                 `meshca issuer import` it before {} (the active issuer expires then)",
-                rfc3339(d)
-            ),
-            None => "upstream mode: there is no valid issuer, nothing can be signed; run `meshca issuer csr`, \
-                     have it signed, and `meshca issuer import` it now"
-                .into(),
-        },
-        deadline,
-    }
     };
 
     let Some(active) = active else {
@@ -146,15 +119,6 @@ pub fn plan_issuer(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> 
         };
     };
     let sched = schedule(&active.cert.info, policy);
-    let anchor_attention = || Attention {
-        message: format!(
-            "trust anchor {} expires {}: new issuers cannot outlive it, so the active issuer cannot be replaced; \
-             rotate the trust anchor",
-            anchor_id,
-            rfc3339(anchor.cert.info.not_after)
-        ),
-        deadline: Some(sched.expires_at),
-    };
     if now >= sched.activate_at
         && let Some(c) = candidate
     {
@@ -182,7 +146,11 @@ pub fn plan_issuer(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> 
             prune.then_some(IssuerStep::Prune),
             Some(sched.expires_at),
             Some(sched),
-            Some(anchor_attention()),
+            Some(anchor_attention(
+                &anchor_id,
+                anchor.cert.info.not_after,
+                sched.expires_at,
+            )),
         );
     }
     if prune {
@@ -199,6 +167,60 @@ pub fn plan_issuer(s: &AuthorityState, policy: &Policy, now: OffsetDateTime) -> 
     let attention =
         (upstream && now >= sched.prepare_at).then(|| upstream_attention(Some(sched.expires_at)));
     plan(None, Some(wake_at), Some(sched), attention)
+}
+
+/// A prepared issuer worth switching to: under the active anchor, valid now, and outliving the
+/// active issuer (newest first).
+fn candidate(
+    s: &AuthorityState,
+    anchor_id: &CertId,
+    active_expiry: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> Option<CertId> {
+    s.issuers
+        .iter()
+        .rev()
+        .find(|i| {
+            i.status == IssuerStatus::Prepared
+                && &i.anchor == anchor_id
+                && i.cert.info.valid_at(now)
+                && active_expiry.is_none_or(|e| i.cert.info.not_after > e)
+        })
+        .map(|i| i.cert.id().clone())
+}
+
+/// Upstream mode: what the operator must do, by `deadline` (the active issuer's expiry), or
+/// now when there is no valid issuer.
+fn upstream_attention(deadline: Option<OffsetDateTime>) -> Attention {
+    Attention {
+        message: match deadline {
+            Some(d) => format!(
+                "upstream mode: meshca cannot make issuers; run `meshca issuer csr`, have it signed, and \
+                 `meshca issuer import` it before {} (the active issuer expires then)",
+                rfc3339(d)
+            ),
+            None => "upstream mode: there is no valid issuer, nothing can be signed; run `meshca issuer csr`, \
+                     have it signed, and `meshca issuer import` it now"
+                .into(),
+        },
+        deadline,
+    }
+}
+
+/// The anchor ends before a new issuer could outlive the active one.
+fn anchor_attention(
+    anchor_id: &CertId,
+    not_after: OffsetDateTime,
+    deadline: OffsetDateTime,
+) -> Attention {
+    Attention {
+        message: format!(
+            "trust anchor {anchor_id} expires {}: new issuers cannot outlive it, so the active issuer cannot \
+             be replaced; rotate the trust anchor",
+            rfc3339(not_after)
+        ),
+        deadline: Some(deadline),
+    }
 }
 
 /// Whether an anchor in the state can sign issuers here (its key is held).

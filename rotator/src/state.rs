@@ -1070,6 +1070,14 @@ impl AuthorityState {
                 ));
             }
         }
+        self.check_issuers()?;
+        self.check_phase()
+    }
+
+    /// Every issuer: its key, its anchor (known, signed it, outlived by it), at most one active,
+    /// and that one under the active anchor.
+    fn check_issuers(&self) -> Result<(), StateError> {
+        let fail = |m: String| Err(StateError::Invariant(m));
         let mut active_issuers = 0;
         for i in &self.issuers {
             let id = i.cert.id();
@@ -1102,6 +1110,12 @@ impl AuthorityState {
                 "{active_issuers} issuers are active; at most one may be"
             ));
         }
+        Ok(())
+    }
+
+    /// The phase agrees with the anchors' statuses.
+    fn check_phase(&self) -> Result<(), StateError> {
+        let fail = |m: String| Err(StateError::Invariant(m));
         let status_of = |id: &CertId| self.anchor(id).map(|a| a.status);
         let in_bundle = |st: AnchorStatus| self.anchors.iter().filter(|a| a.status == st).count();
         let (staged, retiring) = (
