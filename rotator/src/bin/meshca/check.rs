@@ -80,8 +80,24 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
             fix: fix.to_owned(),
         });
     };
-    let phase = doc.phase.name();
-    let leaf_max = i64::try_from(doc.policy.leaf_ttl_max_seconds).unwrap_or(i64::MAX);
+    anchors(doc, a, &mut push);
+    rotation_deadline(doc, a, &mut push);
+    issuer(doc, &mut push);
+    server(doc, &mut push);
+    federation(doc, &mut push);
+    for att in &doc.attention {
+        push(
+            Severity::Warning,
+            att.message.clone(),
+            att.deadline_in_seconds,
+            "see the message",
+        );
+    }
+    out
+}
+
+/// Anchors in the bundle: expired, or expiring within the thresholds.
+fn anchors(doc: &Status, a: &CheckArgs, push: &mut impl FnMut(Severity, String, Option<i64>, &str)) {
     for an in &doc.anchors {
         let status = an.status;
         if status == AnchorStatus::Archived {
@@ -115,6 +131,11 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
+}
+
+/// The trust-anchor rotation deadline: passed, or near in steady.
+fn rotation_deadline(doc: &Status, a: &CheckArgs, push: &mut impl FnMut(Severity, String, Option<i64>, &str)) {
+    let phase = doc.phase.name();
     if let Some(d) = &doc.rotation_deadlines.anchor {
         let left = d.in_seconds;
         let at = rfc3339(d.at);
@@ -145,6 +166,11 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
+}
+
+/// The active issuer: none, expired, or not rotated in time.
+fn issuer(doc: &Status, push: &mut impl FnMut(Severity, String, Option<i64>, &str)) {
+    let leaf_max = i64::try_from(doc.policy.leaf_ttl_max_seconds).unwrap_or(i64::MAX);
     match doc.active_issuer() {
         None => push(
             Severity::Critical,
@@ -175,6 +201,10 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
             }
         }
     }
+}
+
+/// The running server: not ready, or failing to rotate.
+fn server(doc: &Status, push: &mut impl FnMut(Severity, String, Option<i64>, &str)) {
     if let Some(srv) = &doc.server {
         if !srv.ready {
             push(
@@ -195,16 +225,6 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
             );
         }
     }
-    federation(doc, &mut push);
-    for att in &doc.attention {
-        push(
-            Severity::Warning,
-            att.message.clone(),
-            att.deadline_in_seconds,
-            "see the message",
-        );
-    }
-    out
 }
 
 /// Federated trust domains whose bundle is stale or whose refreshes keep failing.

@@ -75,28 +75,7 @@ fn instance_id(a: &IssueArgs) -> String {
 
 pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
     let bundle = read_pem_certs(&a.ca_bundle.display().to_string())?;
-    let identity = match (&a.cert, &a.key) {
-        (Some(c), Some(k)) => {
-            let chain = read_pem_certs(&c.display().to_string())?;
-            let key_text = zeroize::Zeroizing::new(
-                std::fs::read_to_string(k)
-                    .map_err(|e| Failed::new(format!("{}: {e}", k.display())))?,
-            );
-            let key = SecretKey::from_pem(&key_text)
-                .map_err(|e| Failed::new(format!("{}: {e}", k.display())))?;
-            Some(Identity { chain, key })
-        }
-        _ => None,
-    };
-    let token = match &a.token_file {
-        Some(p) => Some(zeroize::Zeroizing::new(
-            std::fs::read_to_string(p)
-                .map_err(|e| Failed::new(format!("{}: {e}", p.display())))?
-                .trim()
-                .to_owned(),
-        )),
-        None => None,
-    };
+    let (identity, token) = credentials(&a)?;
     let key = SecretKey::generate_p256()?;
     let csr = make_csr(&a.spiffe_id, &key)?;
     let tls = client_tls(&bundle, identity.as_ref())?;
@@ -124,31 +103,7 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
         })?
         .into_inner();
 
-    // Check what came back before writing anything: the chain verifies to the returned bundle
-    // and the leaf carries exactly the identity asked for.
-    let chain: Vec<CertificateDer<'static>> = resp
-        .certificate_chain
-        .into_iter()
-        .map(CertificateDer::from)
-        .collect();
-    let new_bundle: Vec<CertificateDer<'static>> = resp
-        .trust_bundle
-        .into_iter()
-        .map(CertificateDer::from)
-        .collect();
-    let got = verify_svid(
-        &chain,
-        &new_bundle,
-        UnixTime::now(),
-        webpki::KeyUsage::client_auth(),
-    )
-    .map_err(|e| Failed::new(format!("the server's answer does not verify: {e}")))?;
-    if got != a.spiffe_id {
-        return Err(Failed::new(format!(
-            "the server issued {got}, not the requested {}",
-            a.spiffe_id
-        )));
-    }
+    let (got, chain, new_bundle) = checked(&a, &resp)?;
     let crt_path = with_ext(&a.out, "crt");
     let key_path = with_ext(&a.out, "key");
     let bundle_path = with_ext(&a.out, "bundle.pem");
@@ -194,6 +149,67 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
         ),
     }
     Ok(())
+}
+
+/// What came back, checked before anything is written: the chain verifies to the returned
+/// bundle and the leaf carries exactly the identity asked for.
+fn checked(
+    a: &IssueArgs,
+    resp: &meshca_proto::v1::SignCertificateResponse,
+) -> Result<(SpiffeId, Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), Failed> {
+    let chain: Vec<CertificateDer<'static>> = resp
+        .certificate_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let new_bundle: Vec<CertificateDer<'static>> = resp
+        .trust_bundle
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let got = verify_svid(
+        &chain,
+        &new_bundle,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .map_err(|e| Failed::new(format!("the server's answer does not verify: {e}")))?;
+    if got != a.spiffe_id {
+        return Err(Failed::new(format!(
+            "the server issued {got}, not the requested {}",
+            a.spiffe_id
+        )));
+    }
+    Ok((got, chain, new_bundle))
+}
+
+/// The caller's credentials: a certificate and key (renewal over mTLS), a token, or both.
+fn credentials(
+    a: &IssueArgs,
+) -> Result<(Option<Identity>, Option<zeroize::Zeroizing<String>>), Failed> {
+    let identity = match (&a.cert, &a.key) {
+        (Some(c), Some(k)) => {
+            let chain = read_pem_certs(&c.display().to_string())?;
+            let key_text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(k)
+                    .map_err(|e| Failed::new(format!("{}: {e}", k.display())))?,
+            );
+            let key = SecretKey::from_pem(&key_text)
+                .map_err(|e| Failed::new(format!("{}: {e}", k.display())))?;
+            Some(Identity { chain, key })
+        }
+        _ => None,
+    };
+    let token = match &a.token_file {
+        Some(p) => Some(zeroize::Zeroizing::new(
+            std::fs::read_to_string(p)
+                .map_err(|e| Failed::new(format!("{}: {e}", p.display())))?
+                .trim()
+                .to_owned(),
+        )),
+        None => None,
+    };
+    Ok((identity, token))
 }
 
 fn with_ext(prefix: &std::path::Path, ext: &str) -> PathBuf {

@@ -328,13 +328,32 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The picture's geometry: where the bars go.
+struct Canvas<'a> {
+    tl: &'a Timeline,
+    left: f64,
+    width: f64,
+    row_h: f64,
+}
+
+impl Canvas<'_> {
+    fn x(&self, at: OffsetDateTime) -> f64 {
+        self.left + frac(self.tl, at) * self.width
+    }
+}
+
 fn svg(tl: &Timeline) -> String {
-    let (left, width, row_h) = (330.0, 760.0, 26.0);
+    let c = Canvas {
+        tl,
+        left: 330.0,
+        width: 760.0,
+        row_h: 26.0,
+    };
+    let (left, width) = (c.left, c.width);
     #[allow(clippy::cast_precision_loss, reason = "a handful of rows")]
-    let rows_h = tl.rows.len() as f64 * row_h;
+    let rows_h = tl.rows.len() as f64 * c.row_h;
     #[allow(clippy::cast_precision_loss, reason = "a handful of marks")]
     let height = 70.0 + rows_h + 30.0 + tl.marks.len() as f64 * 18.0 + 40.0;
-    let x = |at: OffsetDateTime| left + frac(tl, at) * width;
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -354,35 +373,48 @@ fn svg(tl: &Timeline) -> String {
         left + width,
         date(tl.end)
     );
-    for (i, r) in tl.rows.iter().enumerate() {
+    svg_rows(&c, &mut o);
+    let bottom = 56.0 + rows_h;
+    svg_day_ticks(&c, bottom, &mut o);
+    svg_marks(&c, bottom, &mut o);
+    svg_legend(height, &mut o);
+    o.push_str("</svg>\n");
+    o
+}
+
+/// One bar per certificate (and the leaf window), labelled.
+fn svg_rows(c: &Canvas<'_>, o: &mut String) {
+    for (i, r) in c.tl.rows.iter().enumerate() {
         #[allow(clippy::cast_precision_loss, reason = "a handful of rows")]
-        let y = 56.0 + i as f64 * row_h;
-        let (a, b) = (x(r.from), x(r.to).max(x(r.from) + 2.0));
+        let y = 56.0 + i as f64 * c.row_h;
+        let (a, b) = (c.x(r.from), c.x(r.to).max(c.x(r.from) + 2.0));
         let _ = writeln!(
             o,
             r#"<text x="10" y="{}">{}</text><rect x="{a:.1}" y="{y}" width="{:.1}" height="{}" rx="3" fill="{}"/>"#,
             y + 14.0,
             esc(&r.label),
             b - a,
-            row_h - 8.0,
+            c.row_h - 8.0,
             r.kind.color()
         );
-        if r.to > tl.end {
+        if r.to > c.tl.end {
             let _ = writeln!(
                 o,
                 r#"<text x="{}" y="{}" text-anchor="end" fill="white">→ {}</text>"#,
-                left + width - 4.0,
+                c.left + c.width - 4.0,
                 y + 13.0,
                 date(r.to)
             );
         }
     }
-    let bottom = 56.0 + rows_h;
-    // Day ticks (midnight UTC) when the window spans a month or less.
-    if tl.end - tl.start <= time::Duration::days(31) {
-        let mut d = tl.start.replace_time(time::Time::MIDNIGHT) + time::Duration::days(1);
-        while d < tl.end {
-            let dx = x(d);
+}
+
+/// Day ticks (midnight UTC) when the window spans a month or less.
+fn svg_day_ticks(c: &Canvas<'_>, bottom: f64, o: &mut String) {
+    if c.tl.end - c.tl.start <= time::Duration::days(31) {
+        let mut d = c.tl.start.replace_time(time::Time::MIDNIGHT) + time::Duration::days(1);
+        while d < c.tl.end {
+            let dx = c.x(d);
             let _ = writeln!(
                 o,
                 r##"<line x1="{dx:.1}" y1="50" x2="{dx:.1}" y2="{bottom}" stroke="#e0e0e0"/><text x="{dx:.1}" y="{}" fill="#999" font-size="10" text-anchor="middle">{}</text>"##,
@@ -392,21 +424,25 @@ fn svg(tl: &Timeline) -> String {
             d += time::Duration::days(1);
         }
     }
-    let nx = x(tl.now);
+}
+
+/// The now line and each mark's dashed line with its date and label.
+fn svg_marks(c: &Canvas<'_>, bottom: f64, o: &mut String) {
+    let nx = c.x(c.tl.now);
     let _ = writeln!(
         o,
         r##"<line x1="{nx:.1}" y1="48" x2="{nx:.1}" y2="{bottom}" stroke="#d32f2f" stroke-width="2"/><text x="{nx:.1}" y="{}" fill="#d32f2f" text-anchor="middle">now</text>"##,
         bottom + 14.0
     );
-    let mut marks: Vec<&Mark> = tl.marks.iter().collect();
+    let mut marks: Vec<&Mark> = c.tl.marks.iter().collect();
     marks.sort_by_key(|m| m.at);
     for (i, m) in marks.iter().enumerate() {
-        let mx = x(m.at);
+        let mx = c.x(m.at);
         let color = if m.open { "#2e7d32" } else { "#000000" };
         #[allow(clippy::cast_precision_loss, reason = "a handful of marks")]
         let ty = bottom + 34.0 + i as f64 * 18.0;
         // Labels right of their line, or left of it in the right half of the picture.
-        let (tx, anchor) = if mx > left + width * 0.55 {
+        let (tx, anchor) = if mx > c.left + c.width * 0.55 {
             (mx - 3.0, "end")
         } else {
             (mx + 3.0, "start")
@@ -418,6 +454,10 @@ fn svg(tl: &Timeline) -> String {
             esc(&m.label)
         );
     }
+}
+
+/// What the colours mean.
+fn svg_legend(height: f64, o: &mut String) {
     let ly = height - 14.0;
     let mut lx = 10.0;
     for (k, name) in [
@@ -437,8 +477,6 @@ fn svg(tl: &Timeline) -> String {
         );
         lx += 120.0;
     }
-    o.push_str("</svg>\n");
-    o
 }
 
 /// Runs `meshca plan`.
