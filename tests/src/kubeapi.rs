@@ -454,117 +454,136 @@ async fn handle(
                 &format!("{resource} {:?} not found", name.unwrap_or_default()),
             ),
         },
-        "list" => {
-            let g = api.lock();
-            let items: Vec<Value> = g
-                .objects
-                .iter()
-                .filter(|((r, n, _), o)| {
-                    r == resource
-                        && (ns.is_none() || *n == nskey)
-                        && labels_match(o, q.get("labelSelector").map(String::as_str))
-                        && fields_match(o, q.get("fieldSelector").map(String::as_str))
-                })
-                .map(|(_, o)| o.clone())
-                .collect();
-            let (av, kind) = kind_of(resource);
-            axum::Json(json!({"apiVersion": av, "kind": format!("{kind}List"),
-                "metadata": {"resourceVersion": g.rv.to_string()}, "items": items}))
-            .into_response()
-        }
+        "list" => list(&api, resource, ns, &q),
         "watch" => watch_stream(&api, resource, ns.map(str::to_owned), &q),
-        "create" => {
-            let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
-            };
-            let Some(n) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
-                return status(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid",
-                    "metadata.name required",
-                );
-            };
-            let mut g = api.lock();
-            let key = (resource.to_owned(), nskey.clone(), n.clone());
-            if g.objects.contains_key(&key) {
-                g.conflicts += 1;
-                return status(
-                    StatusCode::CONFLICT,
-                    "AlreadyExists",
-                    &format!("{resource} {n:?} already exists"),
-                );
-            }
-            if !nskey.is_empty() {
-                obj["metadata"]["namespace"] = nskey.clone().into();
-            }
-            let (av, kind) = kind_of(resource);
-            obj["apiVersion"] = av.into();
-            obj["kind"] = kind.into();
-            let stored = api.store(&mut g, key, obj, "ADDED");
-            (StatusCode::CREATED, axum::Json(stored)).into_response()
-        }
-        "update" => {
-            let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
-            };
-            let n = name.unwrap_or_default().to_owned();
-            let mut g = api.lock();
-            let key = (resource.to_owned(), nskey.clone(), n.clone());
-            let Some(cur) = g.objects.get(&key) else {
-                return status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("{resource} {n:?} not found"),
-                );
-            };
-            let have = cur["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let uid = cur["metadata"]["uid"].clone();
-            match obj["metadata"]["resourceVersion"].as_str() {
-                Some(rv) if rv != have && !g.blind => {
-                    g.conflicts += 1;
-                    return status(
-                        StatusCode::CONFLICT,
-                        "Conflict",
-                        &format!(
-                            "Operation cannot be fulfilled on {resource} {n:?}: the object has been modified; please apply your changes to the latest version and try again"
-                        ),
-                    );
-                }
-                _ => {}
-            }
-            if !nskey.is_empty() {
-                obj["metadata"]["namespace"] = nskey.clone().into();
-            }
-            obj["metadata"]["uid"] = uid;
-            let (av, kind) = kind_of(resource);
-            obj["apiVersion"] = av.into();
-            obj["kind"] = kind.into();
-            let stored = api.store(&mut g, key, obj, "MODIFIED");
-            axum::Json(stored).into_response()
-        }
-        "delete" => {
-            let n = name.unwrap_or_default().to_owned();
-            let mut g = api.lock();
-            let key = (resource.to_owned(), nskey, n.clone());
-            let Some(cur) = g.objects.get(&key).cloned() else {
-                return status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("{resource} {n:?} not found"),
-                );
-            };
-            let stored = api.store(&mut g, key, cur, "DELETED");
-            axum::Json(stored).into_response()
-        }
+        "create" => create(&api, resource, &nskey, &body),
+        "update" => update(&api, resource, &nskey, name.unwrap_or_default(), &body),
+        "delete" => delete(&api, resource, nskey, name.unwrap_or_default()),
         _ => status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
             "not served by the fake",
         ),
     }
+}
+
+/// `list`: the objects of `resource` (in `ns`, or everywhere) matching the selectors.
+fn list(api: &KubeApi, resource: &str, ns: Option<&str>, q: &HashMap<String, String>) -> Response {
+    let nskey = ns.unwrap_or_default().to_owned();
+    let g = api.lock();
+    let items: Vec<Value> = g
+        .objects
+        .iter()
+        .filter(|((r, n, _), o)| {
+            r == resource
+                && (ns.is_none() || *n == nskey)
+                && labels_match(o, q.get("labelSelector").map(String::as_str))
+                && fields_match(o, q.get("fieldSelector").map(String::as_str))
+        })
+        .map(|(_, o)| o.clone())
+        .collect();
+    let (av, kind) = kind_of(resource);
+    axum::Json(json!({"apiVersion": av, "kind": format!("{kind}List"),
+        "metadata": {"resourceVersion": g.rv.to_string()}, "items": items}))
+    .into_response()
+
+}
+
+/// `create`: AlreadyExists when the name is taken.
+fn create(api: &KubeApi, resource: &str, nskey: &str, body: &[u8]) -> Response {
+    let nskey = nskey.to_owned();
+    let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+    };
+    let Some(n) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "metadata.name required",
+        );
+    };
+    let mut g = api.lock();
+    let key = (resource.to_owned(), nskey.clone(), n.clone());
+    if g.objects.contains_key(&key) {
+        g.conflicts += 1;
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("{resource} {n:?} already exists"),
+        );
+    }
+    if !nskey.is_empty() {
+        obj["metadata"]["namespace"] = nskey.clone().into();
+    }
+    let (av, kind) = kind_of(resource);
+    obj["apiVersion"] = av.into();
+    obj["kind"] = kind.into();
+    let stored = api.store(&mut g, key, obj, "ADDED");
+    (StatusCode::CREATED, axum::Json(stored)).into_response()
+
+}
+
+/// `update`: a stale resourceVersion is a 409 Conflict (unless the test made the server blind).
+fn update(api: &KubeApi, resource: &str, nskey: &str, name: &str, body: &[u8]) -> Response {
+    let nskey = nskey.to_owned();
+    let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+    };
+    let n = name.to_owned();
+    let mut g = api.lock();
+    let key = (resource.to_owned(), nskey.clone(), n.clone());
+    let Some(cur) = g.objects.get(&key) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{resource} {n:?} not found"),
+        );
+    };
+    let have = cur["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let uid = cur["metadata"]["uid"].clone();
+    match obj["metadata"]["resourceVersion"].as_str() {
+        Some(rv) if rv != have && !g.blind => {
+            g.conflicts += 1;
+            return status(
+                StatusCode::CONFLICT,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {resource} {n:?}: the object has been modified; please apply your changes to the latest version and try again"
+                ),
+            );
+        }
+        _ => {}
+    }
+    if !nskey.is_empty() {
+        obj["metadata"]["namespace"] = nskey.clone().into();
+    }
+    obj["metadata"]["uid"] = uid;
+    let (av, kind) = kind_of(resource);
+    obj["apiVersion"] = av.into();
+    obj["kind"] = kind.into();
+    let stored = api.store(&mut g, key, obj, "MODIFIED");
+    axum::Json(stored).into_response()
+
+}
+
+/// `delete`: the object goes, and watchers hear DELETED.
+fn delete(api: &KubeApi, resource: &str, nskey: String, name: &str) -> Response {
+    let n = name.to_owned();
+    let mut g = api.lock();
+    let key = (resource.to_owned(), nskey, n.clone());
+    let Some(cur) = g.objects.get(&key).cloned() else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{resource} {n:?} not found"),
+        );
+    };
+    let stored = api.store(&mut g, key, cur, "DELETED");
+    axum::Json(stored).into_response()
+
 }
 
 fn token_review(api: &KubeApi, body: &[u8]) -> Response {

@@ -134,21 +134,7 @@ fn trial(
     let out = base.join("out");
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     let secret = format!("meshca-authority-{t}");
-    let extra: Vec<String> = match backend {
-        Backend::Files => Vec::new(),
-        Backend::Secret { api_url, .. } => {
-            let cfg = base.join("meshca.toml");
-            std::fs::write(
-                &cfg,
-                format!(
-                    "[kubernetes]\nenabled = true\napi_url = \"{api_url}\"\nnamespace = \"meshca\"\n\
-                     state_secret = \"{secret}\"\nlease = \"meshca-rotation-{t}\"\nidentity = \"trial-{t}\"\n"
-                ),
-            )
-            .map_err(|e| e.to_string())?;
-            vec!["--config".into(), cfg.display().to_string()]
-        }
-    };
+    let extra = server_args(backend, &base, t, &secret)?;
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let server = ServerProcess::spawn(&dir, &extra, &[])
         .map_err(|r| format!("first start: {}", r.stderr))?;
@@ -160,77 +146,11 @@ fn trial(
     // Load: certificates issued with the bootstrap token until the kill.
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicU64::new(0));
-    let load = {
-        let (stop, issued, url, d, out) = (
-            stop.clone(),
-            issued.clone(),
-            url.clone(),
-            d.clone(),
-            out.clone(),
-        );
-        std::thread::spawn(move || {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let o = meshca(
-                    &[
-                        "issue",
-                        "--server",
-                        &url,
-                        "--ca-bundle",
-                        &format!("{d}/bundle.pem"),
-                        "--token-file",
-                        &format!("{d}/bootstrap-token"),
-                        "--spiffe-id",
-                        &format!("spiffe://cluster.local/ns/default/sa/w{}", i % 8),
-                        "--instance-id",
-                        &format!("pod-{}", i % 8),
-                        "--out",
-                        &format!("w{}", i % 8),
-                    ],
-                    &out,
-                );
-                if o.status.success() {
-                    issued.fetch_add(1, Ordering::Relaxed);
-                }
-                i += 1;
-            }
-        })
-    };
+    let load = spawn_load(&stop, &issued, &url, &d, &out);
     // The rotation steps, in order, each forced past its gate; the generation committed after
     // each step that reported success.
     let done = Arc::new(Mutex::new((0usize, start_gen, false)));
-    let steps = {
-        let (done, d, seq) = (
-            done.clone(),
-            d.clone(),
-            seq.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        );
-        let dir = dir.clone();
-        let backend = backend.clone();
-        let secret = secret.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            for step in seq.iter().cycle() {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let mut args: Vec<&str> = step.split(' ').collect();
-                args.extend(["--state-dir", &d]);
-                if step.starts_with("anchors") && step != "anchors stage" {
-                    args.push("--force");
-                }
-                let o = meshca(&args, dir.parent().unwrap_or(&dir));
-                if !o.status.success() {
-                    done.lock().unwrap_or_else(|p| p.into_inner()).2 = true;
-                    return;
-                }
-                let g = committed_generation(&backend, &dir, &secret);
-                let mut dn = done.lock().unwrap_or_else(|p| p.into_inner());
-                dn.0 += 1;
-                dn.1 = dn.1.max(g.unwrap_or(0));
-            }
-        })
-    };
+    let steps = spawn_steps(&done, &d, seq, &dir, backend, &secret, &stop);
     std::thread::sleep(kill_after);
     server.kill();
     stop.store(true, Ordering::Relaxed);
@@ -249,14 +169,144 @@ fn trial(
     // Restart on the same state and check everything.
     let again =
         ServerProcess::spawn(&dir, &extra, &[]).map_err(|r| format!("no restart: {}", r.stderr))?;
+    check_restarted(backend, &dir, &secret, committed_gen, &base, &out, &again.url, report)?;
+    again.kill();
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
+
+/// The server's extra arguments: on the Secret backend, a config naming this trial's Secret and
+/// Lease.
+fn server_args(backend: &Backend, base: &Path, t: usize, secret: &str) -> Result<Vec<String>, String> {
+    Ok(match backend {
+        Backend::Files => Vec::new(),
+        Backend::Secret { api_url, .. } => {
+            let cfg = base.join("meshca.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[kubernetes]\nenabled = true\napi_url = \"{api_url}\"\nnamespace = \"meshca\"\n\
+                     state_secret = \"{secret}\"\nlease = \"meshca-rotation-{t}\"\nidentity = \"trial-{t}\"\n"
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            vec!["--config".into(), cfg.display().to_string()]
+        }
+    })
+}
+
+/// Load: certificates issued with the bootstrap token until `stop`, counted in `issued`.
+fn spawn_load(
+    stop: &Arc<AtomicBool>,
+    issued: &Arc<AtomicU64>,
+    url: &str,
+    d: &str,
+    out: &Path,
+) -> std::thread::JoinHandle<()> {
+    let (stop, issued, url, d, out) = (
+        stop.clone(),
+        issued.clone(),
+        url.to_owned(),
+        d.to_owned(),
+        out.to_owned(),
+    );
+std::thread::spawn(move || {
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let o = meshca(
+                &[
+                    "issue",
+                    "--server",
+                    &url,
+                    "--ca-bundle",
+                    &format!("{d}/bundle.pem"),
+                    "--token-file",
+                    &format!("{d}/bootstrap-token"),
+                    "--spiffe-id",
+                    &format!("spiffe://cluster.local/ns/default/sa/w{}", i % 8),
+                    "--instance-id",
+                    &format!("pod-{}", i % 8),
+                    "--out",
+                    &format!("w{}", i % 8),
+                ],
+                &out,
+            );
+            if o.status.success() {
+                issued.fetch_add(1, Ordering::Relaxed);
+            }
+            i += 1;
+        }
+    })
+
+}
+
+/// The rotation steps, in order, each forced past its gate, until `stop` or a step fails;
+/// `done` holds (steps that succeeded, the generation committed after them, whether one failed).
+#[allow(clippy::type_complexity, reason = "one shared tuple")]
+fn spawn_steps(
+    done: &Arc<Mutex<(usize, u64, bool)>>,
+    d: &str,
+    seq: &[&str],
+    dir: &Path,
+    backend: &Backend,
+    secret: &str,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let (done, d, seq) = (
+        done.clone(),
+        d.to_owned(),
+        seq.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+    );
+    let dir = dir.to_owned();
+    let backend = backend.clone();
+    let secret = secret.to_owned();
+    let stop = stop.clone();
+std::thread::spawn(move || {
+        for step in seq.iter().cycle() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let mut args: Vec<&str> = step.split(' ').collect();
+            args.extend(["--state-dir", &d]);
+            if step.starts_with("anchors") && step != "anchors stage" {
+                args.push("--force");
+            }
+            let o = meshca(&args, dir.parent().unwrap_or(&dir));
+            if !o.status.success() {
+                done.lock().unwrap_or_else(|p| p.into_inner()).2 = true;
+                return;
+            }
+            let g = committed_generation(&backend, &dir, &secret);
+            let mut dn = done.lock().unwrap_or_else(|p| p.into_inner());
+            dn.0 += 1;
+            dn.1 = dn.1.max(g.unwrap_or(0));
+        }
+    })
+
+}
+
+/// After the restart: the state loads, is consistent, lost no reported commit; `bundle.pem`
+/// is the state's bundle; status speaks of the ledger; issuance works.
+#[allow(clippy::too_many_arguments, reason = "a trial's facts")]
+fn check_restarted(
+    backend: &Backend,
+    dir: &Path,
+    secret: &str,
+    committed_gen: u64,
+    base: &Path,
+    out: &Path,
+    url: &str,
+    report: &mut Report,
+) -> Result<(), String> {
+    let d = dir.display().to_string();
     let state: AuthorityState = match backend {
-        Backend::Files => FileStore::read_only(&dir)
+        Backend::Files => FileStore::read_only(dir)
             .load_sync()
             .map_err(|e| format!("state does not load: {e}"))?
             .ok_or("state is gone")?,
         Backend::Secret { read, .. } => {
-            let data = read(&secret).ok_or("the Secret is gone")?;
-            rotator::store::decode_flat(&secret, &data)
+            let data = read(secret).ok_or("the Secret is gone")?;
+            rotator::store::decode_flat(secret, &data)
                 .map_err(|e| format!("Secret does not decode: {e}"))?
                 .ok_or("the Secret holds no state")?
         }
@@ -277,7 +327,7 @@ fn trial(
     if on_disk != bundle {
         return Err("bundle.pem is not the state's bundle".into());
     }
-    let status = meshca(&["--output", "json", "status", "--state-dir", &d], &base);
+    let status = meshca(&["--output", "json", "status", "--state-dir", &d], base);
     let doc: serde_json::Value = serde_json::from_slice(&status.stdout)
         .map_err(|e| format!("status: {e}: {}", String::from_utf8_lossy(&status.stderr)))?;
     match doc["anchor_rotation"]["ledger"]["trustworthy"].as_bool() {
@@ -290,7 +340,7 @@ fn trial(
         &[
             "issue",
             "--server",
-            &again.url,
+            url,
             "--ca-bundle",
             &format!("{d}/bundle.pem"),
             "--token-file",
@@ -300,7 +350,7 @@ fn trial(
             "--out",
             "after",
         ],
-        &out,
+        out,
     );
     if !o.status.success() {
         return Err(format!(
@@ -308,8 +358,6 @@ fn trial(
             String::from_utf8_lossy(&o.stderr)
         ));
     }
-    again.kill();
-    let _ = std::fs::remove_dir_all(&base);
     Ok(())
 }
 
