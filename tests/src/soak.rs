@@ -193,6 +193,109 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
     .expect("the soak server starts");
     let pid = server.child.id();
     let started = Instant::now();
+    let server_log = capture_log(&mut server, started);
+    let bundle = read_pem_certs(&state.join("bundle.pem").display().to_string()).expect("bundle");
+    let token = std::fs::read_to_string(state.join("bootstrap-token")).expect("token");
+    let auth: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token.trim()).parse().expect("header");
+    // The server's own TLS certificate is re-issued as issuers and anchors rotate; channels made
+    // now keep their connection, and the client trusts every anchor it has seen (the bundle the
+    // watchers push is added).
+    let tls = client_tls(&bundle, None).expect("tls");
+    let channels: Vec<_> = (0..4)
+        .map(|_| channel(&server.url, tls.clone()).expect("channel"))
+        .collect();
+    let tally = Arc::new(Tally::default());
+    let deadline = Instant::now() + s.duration;
+    let watch_tasks = spawn_watchers(s.watchers, &channels, &auth, &tally, deadline);
+    let sampler = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        while Instant::now() < deadline {
+            tick.tick().await;
+            let (rss, fds) = proc_sample(pid);
+            out.push((started.elapsed().as_secs(), rss, fds));
+        }
+        out
+    });
+    let in_flight = issue_open_loop(s, &channels, &auth, &tally, started, deadline).await;
+    // Let the last requests finish.
+    let _ = tokio::time::timeout(Duration::from_secs(10), in_flight.acquire_many(4096)).await;
+    let samples = sampler.await.unwrap_or_default();
+    let (_, metrics) = crate::http_get(server.http, "/metrics").await;
+    for t in watch_tasks {
+        t.abort();
+    }
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let log = std::mem::take(&mut *server_log.lock().unwrap_or_else(|p| p.into_inner()));
+    tally.report(samples, &metrics, log)
+}
+
+/// Everything the soak counts, shared by its tasks.
+#[derive(Debug, Default)]
+struct Tally {
+    issued: AtomicU64,
+    verified: AtomicU64,
+    errors: AtomicU64,
+    pushes: AtomicU64,
+    lost: AtomicU64,
+    samples_err: std::sync::Mutex<Vec<String>>,
+    latencies: std::sync::Mutex<Vec<u32>>,
+    slow: std::sync::Mutex<Vec<(f64, f64)>>,
+}
+
+impl Tally {
+    /// A failed request, its reason kept among the first ten.
+    fn error(&self, why: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.samples_err.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() < 10 {
+            s.push(why);
+        }
+    }
+
+    fn report(
+        &self,
+        samples: Vec<(u64, u64, u64)>,
+        metrics: &str,
+        server_log: Vec<(f64, String)>,
+    ) -> Report {
+        let mut lat = std::mem::take(&mut *self.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+        lat.sort_unstable();
+        let pct = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+                .map_or(0.0, |v| f64::from(*v) / 1000.0)
+        };
+        Report {
+            issued: self.issued.load(Ordering::Relaxed),
+            verified: self.verified.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            error_samples: self
+                .samples_err
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            pushes: self.pushes.load(Ordering::Relaxed),
+            watchers_lost: self.lost.load(Ordering::Relaxed),
+            samples,
+            bundle_version: metric(metrics, "meshca_bundle_version "),
+            issuer_rotation_steps: metric(
+                metrics,
+                "meshca_issuer_rotations_total{result=\"success\"} ",
+            ),
+            latency_ms: (pct(0.5), pct(0.99), pct(1.0)),
+            slow: std::mem::take(&mut *self.slow.lock().unwrap_or_else(|p| p.into_inner())),
+            server_log,
+        }
+    }
+}
+
+/// The server's stderr, line by line with the second it came (the first 100,000 lines).
+fn capture_log(
+    server: &mut crate::ServerProcess,
+    started: Instant,
+) -> Arc<std::sync::Mutex<Vec<(f64, String)>>> {
     let server_log = Arc::new(std::sync::Mutex::new(Vec::<(f64, String)>::new()));
     if let Some(stderr) = server.child.stderr.take() {
         let log = server_log.clone();
@@ -207,61 +310,61 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
             }
         });
     }
-    let slow = Arc::new(std::sync::Mutex::new(Vec::<(f64, f64)>::new()));
-    let bundle = read_pem_certs(&state.join("bundle.pem").display().to_string()).expect("bundle");
-    let token = std::fs::read_to_string(state.join("bootstrap-token")).expect("token");
-    let auth: tonic::metadata::MetadataValue<_> =
-        format!("Bearer {}", token.trim()).parse().expect("header");
-    // The server's own TLS certificate is re-issued as issuers and anchors rotate; channels made
-    // now keep their connection, and the client trusts every anchor it has seen (the bundle the
-    // watchers push is added).
-    let tls = client_tls(&bundle, None).expect("tls");
-    let channels: Vec<_> = (0..4)
-        .map(|_| channel(&server.url, tls.clone()).expect("channel"))
-        .collect();
+    server_log
+}
 
-    let issued = Arc::new(AtomicU64::new(0));
-    let verified = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let pushes = Arc::new(AtomicU64::new(0));
-    let lost = Arc::new(AtomicU64::new(0));
-    let samples_err = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::<u32>::with_capacity(1 << 20)));
-    let deadline = Instant::now() + s.duration;
-
-    // Watchers: authenticated streams, spread over the channels.
-    let mut watch_tasks = Vec::new();
-    for w in 0..s.watchers {
-        let mut c = IdentityServiceClient::new(channels[w % channels.len()].clone());
-        let (pushes, lost, auth) = (pushes.clone(), lost.clone(), auth.clone());
-        watch_tasks.push(tokio::spawn(async move {
-            let mut req = tonic::Request::new(WatchTrustBundleRequest {
-                instance_id: format!("watcher-{w}"),
-            });
-            req.metadata_mut().insert("authorization", auth);
-            let Ok(resp) = c.watch_trust_bundle(req).await else {
-                lost.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            let mut stream = resp.into_inner();
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => {
-                        pushes.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {
-                        if Instant::now() < deadline {
-                            lost.fetch_add(1, Ordering::Relaxed);
+/// Watchers: authenticated streams, spread over the channels; a stream that ends before the
+/// deadline is lost.
+fn spawn_watchers(
+    watchers: usize,
+    channels: &[tonic::transport::Channel],
+    auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    tally: &Arc<Tally>,
+    deadline: Instant,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..watchers)
+        .map(|w| {
+            let mut c = IdentityServiceClient::new(channels[w % channels.len()].clone());
+            let (tally, auth) = (tally.clone(), auth.clone());
+            tokio::spawn(async move {
+                let mut req = tonic::Request::new(WatchTrustBundleRequest {
+                    instance_id: format!("watcher-{w}"),
+                });
+                req.metadata_mut().insert("authorization", auth);
+                let Ok(resp) = c.watch_trust_bundle(req).await else {
+                    tally.lost.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(_)) => {
+                            tally.pushes.fetch_add(1, Ordering::Relaxed);
                         }
-                        return;
+                        _ => {
+                            if Instant::now() < deadline {
+                                tally.lost.fetch_add(1, Ordering::Relaxed);
+                            }
+                            return;
+                        }
                     }
                 }
-            }
-        }));
-    }
+            })
+        })
+        .collect()
+}
 
-    // Open-loop issuance: one request every 1/rate s, each on its own task; identities and
-    // instances from a pool, as a fleet of workloads renewing.
+/// Open-loop issuance until the deadline: one request every 1/rate s, each on its own task;
+/// identities and instances from a pool, as a fleet of workloads renewing. Returns the
+/// semaphore of requests in flight (at most 4,096; over it, counted as errors).
+async fn issue_open_loop(
+    s: &Soak,
+    channels: &[tonic::transport::Channel],
+    auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    tally: &Arc<Tally>,
+    started: Instant,
+    deadline: Instant,
+) -> Arc<tokio::sync::Semaphore> {
     let ids: Arc<Vec<(rotator::spiffe::SpiffeId, Vec<u8>)>> = Arc::new(
         (0..64)
             .map(|i| {
@@ -274,18 +377,6 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
             })
             .collect(),
     );
-    let sampler = {
-        tokio::spawn(async move {
-            let mut out = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            while Instant::now() < deadline {
-                tick.tick().await;
-                let (rss, fds) = proc_sample(pid);
-                out.push((started.elapsed().as_secs(), rss, fds));
-            }
-            out
-        })
-    };
     let interval = Duration::from_secs_f64(1.0 / f64::from(s.rate.max(1)));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -295,130 +386,90 @@ pub async fn run(s: &Soak, work: &Path) -> Report {
         tick.tick().await;
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             // The server is not keeping up: 4,096 requests already wait for an answer.
-            errors.fetch_add(1, Ordering::Relaxed);
-            let mut s = samples_err.lock().unwrap_or_else(|p| p.into_inner());
-            if s.len() < 10 {
-                s.push("backlog: 4,096 requests in flight".into());
-            }
+            tally.error("backlog: 4,096 requests in flight".into());
             continue;
         };
         let verify = n.is_multiple_of(s.verify_every.max(1));
-        let mut c = IdentityServiceClient::new(channels[(n % 4) as usize].clone());
-        let verified = verified.clone();
-        let slow = slow.clone();
-        let (issued, errors, latencies, samples_err, auth, ids) = (
-            issued.clone(),
-            errors.clone(),
-            latencies.clone(),
-            samples_err.clone(),
-            auth.clone(),
-            ids.clone(),
-        );
+        let c = IdentityServiceClient::new(channels[(n % 4) as usize].clone());
+        let (tally, auth, ids) = (tally.clone(), auth.clone(), ids.clone());
         let k = (n % 64) as usize;
         let instance = format!("pod-{}", n % 512);
         n += 1;
         tokio::spawn(async move {
             let _permit = permit;
-            let t0 = Instant::now();
-            let mut req = tonic::Request::new(SignCertificateRequest {
-                csr: ids[k].1.clone(),
-                ttl: None,
-                instance_id: instance,
-            });
-            req.metadata_mut().insert("authorization", auth);
-            let r = c.sign_certificate(req).await;
-            let took = t0.elapsed();
-            if took >= Duration::from_millis(250) {
-                let mut s = slow.lock().unwrap_or_else(|p| p.into_inner());
-                if s.len() < 100_000 {
-                    s.push((
-                        t0.duration_since(started).as_secs_f64(),
-                        took.as_secs_f64() * 1000.0,
-                    ));
-                }
-            }
-            let why = match r {
-                Ok(_) if !verify => None,
-                Ok(resp) => {
-                    let r = resp.into_inner();
-                    let chain: Vec<CertificateDer<'static>> = r
-                        .certificate_chain
-                        .into_iter()
-                        .map(CertificateDer::from)
-                        .collect();
-                    let bundle: Vec<CertificateDer<'static>> = r
-                        .trust_bundle
-                        .into_iter()
-                        .map(CertificateDer::from)
-                        .collect();
-                    match verify_svid(
-                        &chain,
-                        &bundle,
-                        UnixTime::now(),
-                        webpki::KeyUsage::client_auth(),
-                    ) {
-                        Ok(got) if got == ids[k].0 => None,
-                        Ok(got) => Some(format!("issued {got}, asked {}", ids[k].0)),
-                        Err(e) => Some(format!("does not verify: {e}")),
-                    }
-                }
-                Err(st) => Some(format!("{:?}: {}", st.code(), st.message())),
-            };
-            match why {
-                None => {
-                    issued.fetch_add(1, Ordering::Relaxed);
-                    if verify {
-                        verified.fetch_add(1, Ordering::Relaxed);
-                    }
-                    latencies
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
-                }
-                Some(w) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    let mut s = samples_err.lock().unwrap_or_else(|p| p.into_inner());
-                    if s.len() < 10 {
-                        s.push(w);
-                    }
-                }
-            }
+            sign_one(c, &ids[k], instance, auth, verify, &tally, started).await;
         });
     }
-    // Let the last requests finish.
-    let _ = tokio::time::timeout(Duration::from_secs(10), in_flight.acquire_many(4096)).await;
-    let samples = sampler.await.unwrap_or_default();
-    let (_, metrics) = crate::http_get(server.http, "/metrics").await;
-    for t in watch_tasks {
-        t.abort();
+    in_flight
+}
+
+/// One request, timed (slow ones kept), its answer checked when `verify`.
+async fn sign_one(
+    mut c: IdentityServiceClient<tonic::transport::Channel>,
+    (want, csr): &(rotator::spiffe::SpiffeId, Vec<u8>),
+    instance: String,
+    auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    verify: bool,
+    tally: &Tally,
+    started: Instant,
+) {
+    let t0 = Instant::now();
+    let mut req = tonic::Request::new(SignCertificateRequest {
+        csr: csr.clone(),
+        ttl: None,
+        instance_id: instance,
+    });
+    req.metadata_mut().insert("authorization", auth);
+    let r = c.sign_certificate(req).await;
+    let took = t0.elapsed();
+    if took >= Duration::from_millis(250) {
+        let mut s = tally.slow.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() < 100_000 {
+            s.push((
+                t0.duration_since(started).as_secs_f64(),
+                took.as_secs_f64() * 1000.0,
+            ));
+        }
     }
-    let _ = server.child.kill();
-    let _ = server.child.wait();
-    let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0.0, |v| f64::from(*v) / 1000.0)
+    let why = match r {
+        Ok(_) if !verify => None,
+        Ok(resp) => {
+            let r = resp.into_inner();
+            let chain: Vec<CertificateDer<'static>> = r
+                .certificate_chain
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect();
+            let bundle: Vec<CertificateDer<'static>> = r
+                .trust_bundle
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect();
+            match verify_svid(
+                &chain,
+                &bundle,
+                UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+            ) {
+                Ok(got) if &got == want => None,
+                Ok(got) => Some(format!("issued {got}, asked {want}")),
+                Err(e) => Some(format!("does not verify: {e}")),
+            }
+        }
+        Err(st) => Some(format!("{:?}: {}", st.code(), st.message())),
     };
-    let error_samples = samples_err
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    Report {
-        issued: issued.load(Ordering::Relaxed),
-        verified: verified.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
-        error_samples,
-        pushes: pushes.load(Ordering::Relaxed),
-        watchers_lost: lost.load(Ordering::Relaxed),
-        samples,
-        bundle_version: metric(&metrics, "meshca_bundle_version "),
-        issuer_rotation_steps: metric(
-            &metrics,
-            "meshca_issuer_rotations_total{result=\"success\"} ",
-        ),
-        latency_ms: (pct(0.5), pct(0.99), pct(1.0)),
-        slow: std::mem::take(&mut *slow.lock().unwrap_or_else(|p| p.into_inner())),
-        server_log: std::mem::take(&mut *server_log.lock().unwrap_or_else(|p| p.into_inner())),
+    match why {
+        None => {
+            tally.issued.fetch_add(1, Ordering::Relaxed);
+            if verify {
+                tally.verified.fetch_add(1, Ordering::Relaxed);
+            }
+            tally
+                .latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+        }
+        Some(w) => tally.error(w),
     }
 }
