@@ -470,3 +470,181 @@ fn the_circle_finder_finds_circles() {
     got.sort();
     assert_eq!(got, want);
 }
+
+// ---------------------------------------------------------------------------------------------
+// No function over 100 lines in the workspace's libraries and binaries, none over 80 in
+// ca-server (issue #26). Integration-test scenarios (`*/tests/*.rs`) and `#[cfg(test)]` modules
+// are scripts read top to bottom and are not counted.
+
+/// `text` with string and character literals and comments blanked (their braces do not count).
+fn code_only(text: &str) -> String {
+    let b: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let next = b.get(i + 1).copied();
+        if c == '/' && next == Some('/') {
+            while i < b.len() && b[i] != '\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == 'r'
+            && matches!(next, Some('"' | '#'))
+            && !b[..i]
+                .last()
+                .is_some_and(|p| p.is_alphanumeric() || *p == '_')
+        {
+            // Raw string: r"…", r#"…"#.
+            let mut j = i + 1;
+            let mut hashes = 0;
+            while b.get(j) == Some(&'#') {
+                hashes += 1;
+                j += 1;
+            }
+            if b.get(j) == Some(&'"') {
+                j += 1;
+                loop {
+                    if j >= b.len() {
+                        break;
+                    }
+                    if b[j] == '"' && (0..hashes).all(|k| b.get(j + 1 + k) == Some(&'#')) {
+                        j += 1 + hashes;
+                        break;
+                    }
+                    if b[j] == '\n' {
+                        out.push('\n');
+                    }
+                    j += 1;
+                }
+                i = j;
+                continue;
+            }
+        }
+        if c == '"' {
+            i += 1;
+            while i < b.len() && b[i] != '"' {
+                if b[i] == '\\' {
+                    i += 1;
+                } else if b[i] == '\n' {
+                    out.push('\n');
+                }
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        if c == '\'' && next.is_some() {
+            // A char literal ('{', '\n', '\''), not a lifetime ('a).
+            let close = if next == Some('\\') { 3 } else { 2 };
+            if b.get(i + close) == Some(&'\'') {
+                i += close + 1;
+                continue;
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    out
+}
+
+/// (name, first line, lines) of every function in `text` outside `#[cfg(test)]`.
+fn function_lengths(text: &str) -> Vec<(String, usize, usize)> {
+    let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+    let code = code_only(text);
+    let lines: Vec<&str> = code.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let mut t = l.trim_start();
+        for w in [
+            "pub(crate) ",
+            "pub(super) ",
+            "pub ",
+            "const ",
+            "async ",
+            "unsafe ",
+        ] {
+            t = t.strip_prefix(w).unwrap_or(t);
+            t = t.strip_prefix(w).unwrap_or(t);
+        }
+        let Some(rest) = t.strip_prefix("fn ") else {
+            continue;
+        };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let mut depth = 0i64;
+        let mut opened = false;
+        for (j, l2) in lines.iter().enumerate().skip(i) {
+            for c in l2.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if !opened && l2.trim_end().ends_with(';') {
+                break;
+            }
+            if opened && depth <= 0 {
+                out.push((name.clone(), i + 1, j - i + 1));
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_function_is_longer_than_a_screenful_or_two() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut long = Vec::new();
+    let mut seen = 0;
+    for (dir, limit) in [
+        ("ca-server/src", 80),
+        ("rotator/src", 100),
+        ("proto/src", 100),
+        ("tests/src", 100),
+    ] {
+        let mut stack = vec![root.join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    for (name, line, n) in function_lengths(&text) {
+                        seen += 1;
+                        if n > limit {
+                            long.push(format!(
+                                "{}:{line} fn {name}: {n} lines (at most {limit})",
+                                p.strip_prefix(&root).unwrap_or(&p).display()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(seen > 500, "functions read: {seen}");
+    assert!(long.is_empty(), "{}", long.join("\n"));
+}
+
+/// The counter counts (a negative control): braces in strings, raw strings, chars and comments
+/// do not count; a function's lines run from `fn` to its closing brace.
+#[test]
+fn the_function_counter_counts() {
+    let text = "pub async fn a() {\n    let s = \"}}}\";\n    let r = r#\"{\"#;\n    let c = '}';\n    // }\n    if x {\n    }\n}\nfn b();\nfn c<'a>(x: &'a str) {}\n";
+    assert_eq!(
+        function_lengths(text),
+        vec![("a".into(), 1, 8), ("c".into(), 10, 1)]
+    );
+    let long = format!("fn long() {{\n{}}}\n", "    x();\n".repeat(120));
+    assert_eq!(function_lengths(&long)[0].2, 122);
+}

@@ -486,7 +486,6 @@ fn list(api: &KubeApi, resource: &str, ns: Option<&str>, q: &HashMap<String, Str
     axum::Json(json!({"apiVersion": av, "kind": format!("{kind}List"),
         "metadata": {"resourceVersion": g.rv.to_string()}, "items": items}))
     .into_response()
-
 }
 
 /// `create`: AlreadyExists when the name is taken.
@@ -520,7 +519,6 @@ fn create(api: &KubeApi, resource: &str, nskey: &str, body: &[u8]) -> Response {
     obj["kind"] = kind.into();
     let stored = api.store(&mut g, key, obj, "ADDED");
     (StatusCode::CREATED, axum::Json(stored)).into_response()
-
 }
 
 /// `update`: a stale resourceVersion is a 409 Conflict (unless the test made the server blind).
@@ -566,7 +564,6 @@ fn update(api: &KubeApi, resource: &str, nskey: &str, name: &str, body: &[u8]) -
     obj["kind"] = kind.into();
     let stored = api.store(&mut g, key, obj, "MODIFIED");
     axum::Json(stored).into_response()
-
 }
 
 /// `delete`: the object goes, and watchers hear DELETED.
@@ -583,7 +580,6 @@ fn delete(api: &KubeApi, resource: &str, nskey: String, name: &str) -> Response 
     };
     let stored = api.store(&mut g, key, cur, "DELETED");
     axum::Json(stored).into_response()
-
 }
 
 fn token_review(api: &KubeApi, body: &[u8]) -> Response {

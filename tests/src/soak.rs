@@ -261,7 +261,8 @@ impl Tally {
         metrics: &str,
         server_log: Vec<(f64, String)>,
     ) -> Report {
-        let mut lat = std::mem::take(&mut *self.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut lat =
+            std::mem::take(&mut *self.latencies.lock().unwrap_or_else(|p| p.into_inner()));
         lat.sort_unstable();
         let pct = |p: f64| {
             lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))

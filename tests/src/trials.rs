@@ -169,7 +169,16 @@ fn trial(
     // Restart on the same state and check everything.
     let again =
         ServerProcess::spawn(&dir, &extra, &[]).map_err(|r| format!("no restart: {}", r.stderr))?;
-    check_restarted(backend, &dir, &secret, committed_gen, &base, &out, &again.url, report)?;
+    check_restarted(
+        backend,
+        &dir,
+        &secret,
+        committed_gen,
+        &base,
+        &out,
+        &again.url,
+        report,
+    )?;
     again.kill();
     let _ = std::fs::remove_dir_all(&base);
     Ok(())
@@ -177,7 +186,12 @@ fn trial(
 
 /// The server's extra arguments: on the Secret backend, a config naming this trial's Secret and
 /// Lease.
-fn server_args(backend: &Backend, base: &Path, t: usize, secret: &str) -> Result<Vec<String>, String> {
+fn server_args(
+    backend: &Backend,
+    base: &Path,
+    t: usize,
+    secret: &str,
+) -> Result<Vec<String>, String> {
     Ok(match backend {
         Backend::Files => Vec::new(),
         Backend::Secret { api_url, .. } => {
@@ -210,7 +224,7 @@ fn spawn_load(
         d.to_owned(),
         out.to_owned(),
     );
-std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let mut i = 0;
         while !stop.load(Ordering::Relaxed) {
             let o = meshca(
@@ -237,7 +251,6 @@ std::thread::spawn(move || {
             i += 1;
         }
     })
-
 }
 
 /// The rotation steps, in order, each forced past its gate, until `stop` or a step fails;
@@ -261,7 +274,7 @@ fn spawn_steps(
     let backend = backend.clone();
     let secret = secret.to_owned();
     let stop = stop.clone();
-std::thread::spawn(move || {
+    std::thread::spawn(move || {
         for step in seq.iter().cycle() {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -282,7 +295,6 @@ std::thread::spawn(move || {
             dn.1 = dn.1.max(g.unwrap_or(0));
         }
     })
-
 }
 
 /// After the restart: the state loads, is consistent, lost no reported commit; `bundle.pem`

@@ -97,7 +97,11 @@ fn findings(doc: &Status, a: &CheckArgs) -> Vec<Finding> {
 }
 
 /// Anchors in the bundle: expired, or expiring within the thresholds.
-fn anchors(doc: &Status, a: &CheckArgs, push: &mut impl FnMut(Severity, String, Option<i64>, &str)) {
+fn anchors(
+    doc: &Status,
+    a: &CheckArgs,
+    push: &mut impl FnMut(Severity, String, Option<i64>, &str),
+) {
     for an in &doc.anchors {
         let status = an.status;
         if status == AnchorStatus::Archived {
@@ -134,7 +138,11 @@ fn anchors(doc: &Status, a: &CheckArgs, push: &mut impl FnMut(Severity, String, 
 }
 
 /// The trust-anchor rotation deadline: passed, or near in steady.
-fn rotation_deadline(doc: &Status, a: &CheckArgs, push: &mut impl FnMut(Severity, String, Option<i64>, &str)) {
+fn rotation_deadline(
+    doc: &Status,
+    a: &CheckArgs,
+    push: &mut impl FnMut(Severity, String, Option<i64>, &str),
+) {
     let phase = doc.phase.name();
     if let Some(d) = &doc.rotation_deadlines.anchor {
         let left = d.in_seconds;

@@ -156,7 +156,14 @@ pub fn run(a: IssueArgs, output: Output) -> Result<(), Failed> {
 fn checked(
     a: &IssueArgs,
     resp: &meshca_proto::v1::SignCertificateResponse,
-) -> Result<(SpiffeId, Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), Failed> {
+) -> Result<
+    (
+        SpiffeId,
+        Vec<CertificateDer<'static>>,
+        Vec<CertificateDer<'static>>,
+    ),
+    Failed,
+> {
     let chain: Vec<CertificateDer<'static>> = resp
         .certificate_chain
         .iter()
