@@ -88,11 +88,14 @@ pub enum Api {
     Istio,
     /// Linkerd's `Certify`: no bundle (its proxies read anchors at start).
     Linkerd,
+    /// A Kubernetes PodCertificateRequest: no bundle in the answer (the pod projects the
+    /// signer's ClusterTrustBundle).
+    Pod,
 }
 
 impl Api {
     /// Every face, in the order they are shown.
-    pub const ALL: [Api; 3] = [Api::Meshca, Api::Istio, Api::Linkerd];
+    pub const ALL: [Api; 4] = [Api::Meshca, Api::Istio, Api::Linkerd, Api::Pod];
 
     /// Its name in status, metrics and the ledger file.
     pub fn label(self) -> &'static str {
@@ -100,6 +103,7 @@ impl Api {
             Api::Meshca => "meshca",
             Api::Istio => "istio",
             Api::Linkerd => "linkerd",
+            Api::Pod => "pod",
         }
     }
 

@@ -350,6 +350,9 @@ fn render_ledger(o: &mut String, l: &LedgerEntry) {
                     crate::ledger::Api::Linkerd => {
                         " (proxies take anchors from their pod spec, not from meshca)"
                     }
+                    crate::ledger::Api::Pod => {
+                        " (pod certificates: pods read anchors from the ClusterTrustBundle)"
+                    }
                     _ => "",
                 }
             );

@@ -42,7 +42,7 @@ pub enum Mapping {
 impl From<Face> for Mapping {
     fn from(f: Face) -> Self {
         match f {
-            Face::Meshca | Face::Istio => Mapping::Standard,
+            Face::Meshca | Face::Istio | Face::Pod => Mapping::Standard,
             Face::Linkerd => Mapping::Linkerd,
         }
     }

@@ -27,11 +27,13 @@ pub enum Face {
     Istio,
     /// `io.linkerd.proxy.identity.Identity`.
     Linkerd,
+    /// A Kubernetes PodCertificateRequest (`k8s::podcerts`).
+    Pod,
 }
 
 impl Face {
     /// Every face, for metrics initialised at 0.
-    pub const ALL: [Face; 3] = [Face::Meshca, Face::Istio, Face::Linkerd];
+    pub const ALL: [Face; 4] = [Face::Meshca, Face::Istio, Face::Linkerd, Face::Pod];
 
     /// The name in metrics (`api` label) and audit lines.
     pub fn label(self) -> &'static str {
@@ -39,6 +41,7 @@ impl Face {
             Face::Meshca => "meshca",
             Face::Istio => "istio",
             Face::Linkerd => "linkerd",
+            Face::Pod => "pod",
         }
     }
 
@@ -56,6 +59,7 @@ impl Face {
             Face::Meshca => rotator::ledger::Api::Meshca,
             Face::Istio => rotator::ledger::Api::Istio,
             Face::Linkerd => rotator::ledger::Api::Linkerd,
+            Face::Pod => rotator::ledger::Api::Pod,
         }
     }
 }
@@ -64,6 +68,29 @@ impl std::fmt::Display for Face {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.label())
     }
+}
+
+/// How far a pod certificate's notBefore is back-dated (Kubernetes refuses more than five
+/// minutes from its own clock).
+const POD_BACKDATE: Duration = Duration::from_secs(60);
+
+/// A PodCertificateRequest's facts, as `SigningCore::issue_for_pod` needs them.
+#[derive(Debug, Clone)]
+pub struct PodRequest<'a> {
+    /// `spiffe://<td>/ns/<namespace>/sa/<serviceAccountName>`.
+    pub id: SpiffeId,
+    /// The pod's namespace.
+    pub namespace: &'a str,
+    /// `namespace/name` of the pod (for the audit line).
+    pub pod: &'a str,
+    /// The pod's UID: the workload instance.
+    pub pod_uid: &'a str,
+    /// The node the kubelet that asked runs on.
+    pub node: &'a str,
+    /// The subject key.
+    pub key: crate::issuing::signing::CsrKey,
+    /// `maxExpirationSeconds`: the leaf lives at most this long (and as policy allows).
+    pub max_ttl: Duration,
 }
 
 /// One certificate request, whatever API it came in on.
@@ -343,6 +370,116 @@ impl SigningCore {
         result
     }
 
+    /// Signs for a PodCertificateRequest the API server admitted: the kubelet of `req.node`
+    /// asked, for a pod of ServiceAccount `namespace/sa` (NodeRestriction and the request's
+    /// admission checked the binding and the key's possession). The same rules as every face:
+    /// a reserved or denied identity and a denied node are refused; the node's and the
+    /// namespace's issue budgets apply; the leaf is recorded in the ledger (instance `pod:<uid>`,
+    /// via `kubelet@<node>`); one audit line and the metrics either way.
+    pub fn issue_for_pod(&self, req: &PodRequest<'_>) -> Result<Issued, IssueError> {
+        let start = Instant::now();
+        let via = format!("kubelet@{}", req.node);
+        let result = self.issue_for_pod_inner(req, &via);
+        self.metrics.count(
+            Face::Pod.label(),
+            result
+                .as_ref()
+                .map_or_else(IssueError::result_label, |_| "ok"),
+            false,
+            start.elapsed(),
+        );
+        match &result {
+            Ok(i) => tracing::info!(
+                target: "meshca::audit",
+                api = "pod", caller = %log_safe(&via), pod = %log_safe(req.pod), spiffe_id = %i.id,
+                serial = %i.serial, not_after = %rotator::clock::rfc3339(i.not_after), "issued"
+            ),
+            Err(e) => tracing::warn!(
+                target: "meshca::audit",
+                api = "pod", caller = %log_safe(&via), pod = %log_safe(req.pod),
+                spiffe_id = %req.id, reason = %log_safe(&e.to_string()), "refused"
+            ),
+        }
+        result
+    }
+
+    fn issue_for_pod_inner(&self, req: &PodRequest<'_>, via: &str) -> Result<Issued, IssueError> {
+        if req.id.is_reserved() {
+            return Err(IssueError::Auth(AuthError::Reserved {
+                id: req.id.to_string(),
+            }));
+        }
+        self.refuse_denied(&req.id)?;
+        let now = self.authority.clock().now();
+        if let Some(d) = self
+            .authority
+            .snapshot()
+            .denied_nodes
+            .iter()
+            .find(|d| d.active(now) && d.node == req.node)
+        {
+            return Err(IssueError::Auth(AuthError::ImpersonationDenied {
+                agent: via.to_owned(),
+                requested: req.id.to_string(),
+                why: format!(
+                    "node {} is denied by an operator since {}: {}",
+                    req.node,
+                    rotator::clock::rfc3339(d.added),
+                    d.reason
+                ),
+            }));
+        }
+        self.limits.node_agent_issue(via)?;
+        self.limits.issue(&format!("namespace:{}", req.namespace))?;
+        let spiffe_id = req.id.to_string();
+        let instance = format!("pod:{}", req.pod_uid);
+        if let Err(e) = self.authority.ledger().admit(&spiffe_id, &instance) {
+            let message = e.to_string();
+            self.limits.refused(Limit::LedgerPerIdentity, &message);
+            return Err(IssueError::Limited(Refusal {
+                limit: Limit::LedgerPerIdentity,
+                message,
+                retry_after: None,
+            }));
+        }
+        let csr = ValidCsr {
+            id: req.id.clone(),
+            key: req.key.clone(),
+            dns: None,
+        };
+        // Kubernetes checks what the kubelet will be handed: notBefore within 5 minutes of the
+        // API server's clock (so back-dated by one minute here, not by policy.clock_skew), and
+        // notAfter − notBefore at most maxExpirationSeconds.
+        let issued = self.sign_in(&csr, |policy, now, nb, na| {
+            let mut w = policy.leaf_window(now, Some(req.max_ttl), nb, na)?;
+            w.not_before = rotator::clock::whole_seconds(now) - POD_BACKDATE.min(policy.clock_skew);
+            w.not_after = w.not_after.min(w.not_before + req.max_ttl);
+            Ok(w)
+        })?;
+        let recorded = self.authority.ledger().record(LeafRecord {
+            serial: issued.serial.clone(),
+            spiffe_id,
+            instance,
+            anchor: issued.anchor.clone(),
+            issued: now.unix_timestamp(),
+            not_after: issued.not_after.unix_timestamp(),
+            bundle_version: 0,
+            via: Some(via.to_owned()),
+            issuer: Some(issued.issuer.clone()),
+            api: rotator::ledger::Api::Pod,
+        });
+        if recorded == Recorded::DroppedFull {
+            self.limits.refused(
+                Limit::LedgerFull,
+                &format_args!(
+                    "the issuance ledger is full: {} signed but not recorded",
+                    issued.id
+                ),
+            );
+        }
+        Ok(issued)
+    }
+
     /// Whether a bundle stream's client certificate may count toward bundle convergence now:
     /// the same checks as a renewal with it (still valid through one of this authority's
     /// issuers, that issuer not revoked, the path pinned) and its identity not denied. Checked
@@ -429,6 +566,8 @@ impl SigningCore {
             Face::Meshca => &self.audiences.meshca,
             Face::Istio => &self.audiences.istio,
             Face::Linkerd => &self.audiences.linkerd,
+            // Pod certificate requests carry no token: the API server authenticated the kubelet.
+            Face::Pod => &self.audiences.meshca,
         }
     }
 
@@ -600,6 +739,23 @@ impl SigningCore {
 
     /// Signs `csr` (already authorized) with the current issuer.
     pub fn sign(&self, csr: &ValidCsr, ttl: Option<Duration>) -> Result<Issued, IssueError> {
+        self.sign_in(csr, |policy, now, nb, na| {
+            policy.leaf_window(now, ttl, nb, na)
+        })
+    }
+
+    /// Signs `csr` over the window `window_of(policy, now, issuer notBefore, issuer notAfter)`.
+    fn sign_in(
+        &self,
+        csr: &ValidCsr,
+        window_of: impl FnOnce(
+            &rotator::policy::Policy,
+            OffsetDateTime,
+            OffsetDateTime,
+            OffsetDateTime,
+        )
+            -> Result<rotator::policy::LeafWindow, rotator::policy::IssuerNotValid>,
+    ) -> Result<Issued, IssueError> {
         let snap = self.authority.snapshot();
         let issuer = snap.issuer.as_ref().ok_or_else(|| {
             IssueError::Unavailable(
@@ -607,11 +763,13 @@ impl SigningCore {
             )
         })?;
         let now = self.authority.clock().now();
-        let window = self
-            .authority
-            .policy()
-            .leaf_window(now, ttl, issuer.not_before, issuer.not_after)
-            .map_err(|e| IssueError::Unavailable(format!("issuer {}: {e}", issuer.id)))?;
+        let window = window_of(
+            self.authority.policy(),
+            now,
+            issuer.not_before,
+            issuer.not_after,
+        )
+        .map_err(|e| IssueError::Unavailable(format!("issuer {}: {e}", issuer.id)))?;
         let leaf = sign_leaf(csr, &window, &issuer.signer).map_err(|e| {
             // A key store that lost its token says so (and is reconnecting): retryable.
             match rotator::keys::ca_key_store().map(|k| k.health()) {

@@ -333,6 +333,32 @@ impl Names {
     }
 }
 
+/// The subject key a PodCertificateRequest carries: a PKIX SubjectPublicKeyInfo (`v1beta1`'s
+/// `pkixPublicKey`), or the key of its stub PKCS#10 request (`stubPKCS10Request`; the API server
+/// verified the request's signature at admission). Kubernetes allows RSA 3072/4096, ECDSA
+/// P-256/P-384/P-521 and Ed25519; meshca signs P-256, P-384, Ed25519 and RSA of 3072 bits or
+/// more, and says which otherwise.
+pub fn pod_request_key(spki: Option<&[u8]>, stub_csr: Option<&[u8]>) -> Result<CsrKey, CsrError> {
+    let key = match (stub_csr.filter(|c| !c.is_empty()), spki) {
+        (Some(csr), _) => {
+            let (_, csr) = X509CertificationRequest::from_der(csr)
+                .map_err(|e| CsrError::Malformed(e.to_string()))?;
+            csr_key(&csr.certification_request_info.subject_pki)?
+        }
+        (None, Some(der)) => {
+            let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(der)
+                .map_err(|e| CsrError::Malformed(e.to_string()))?;
+            csr_key(&spki)?
+        }
+        (None, None) => return Err(CsrError::Malformed("no public key in the request".into())),
+    };
+    if key.rsa && key.bits.len() < 300 {
+        // A 2048-bit modulus (meshca's floor elsewhere): Kubernetes does not allow it here.
+        return Err(CsrError::KeyType("RSA below 3072 bits".into()));
+    }
+    Ok(key)
+}
+
 fn csr_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKey, CsrError> {
     let alg_oid = &spki.algorithm.algorithm;
     let bits = spki.subject_public_key.data.to_vec();

@@ -9,7 +9,9 @@
 //!   signs and follows the Secret;
 //! - [`follow`]: a replica adopts every newer state another replica commits to the Secret;
 //! - [`publish`]: the trust bundle as a ConfigMap in every namespace matching a label selector;
-//! - [`istiod`]: istiod's serving certificate in its `istiod-tls` Secret, when configured.
+//! - [`istiod`]: istiod's serving certificate in its `istiod-tls` Secret, when configured;
+//! - [`podcerts`]: PodCertificateRequests for meshca's signer answered, and its
+//!   ClusterTrustBundle kept, when `[kubernetes.pod_certificates]` is on.
 //!
 //! The settings (`[kubernetes]`) are `crate::process::config::KubernetesConfig`: configuration depends on
 //! nothing here, and this module depends on it.
@@ -23,6 +25,7 @@ pub mod istiod;
 pub mod jwks;
 pub mod lease;
 pub mod linkerd;
+pub mod podcerts;
 pub mod pods;
 pub mod publish;
 pub mod store;

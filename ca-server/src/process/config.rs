@@ -789,6 +789,40 @@ pub struct KubernetesConfig {
     pub issuer_secret: String,
     /// Bundle publication.
     pub bundle: BundlePublication,
+    /// Kubernetes-native pod certificates (`[kubernetes.pod_certificates]`).
+    pub pod_certificates: PodCertificates,
+}
+
+/// `[kubernetes.pod_certificates]`: meshca as the signer of PodCertificateRequests (KEP-4317)
+/// named `signer_name`, and its trust bundle as a ClusterTrustBundle for that signer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodCertificates {
+    /// Sign PodCertificateRequests (the Lease holder does). Off by default.
+    pub enabled: bool,
+    /// The signer name pods ask for in their `podCertificate` volume.
+    pub signer_name: String,
+    /// Publish the trust bundle as a ClusterTrustBundle linked to the signer (named
+    /// `<signer name with / as :>:bundle`).
+    pub trust_bundle: bool,
+}
+
+impl Default for PodCertificates {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            signer_name: "meshca.io/spiffe".into(),
+            trust_bundle: true,
+        }
+    }
+}
+
+impl PodCertificates {
+    /// The ClusterTrustBundle's name: the signer name with `/` as `:`, then `:bundle` (the
+    /// API server requires the signer name, so written, as its prefix).
+    pub fn trust_bundle_name(&self) -> String {
+        format!("{}:bundle", self.signer_name.replace('/', ":"))
+    }
 }
 
 /// `[kubernetes.bundle]`.
@@ -825,6 +859,7 @@ impl Default for KubernetesConfig {
             token_cache_size: 10_000,
             issuer_secret: String::new(),
             bundle: BundlePublication::default(),
+            pod_certificates: PodCertificates::default(),
         }
     }
 }
@@ -892,6 +927,29 @@ impl KubernetesConfig {
                     name,
                     v.clone(),
                     "not a Kubernetes object name (lowercase DNS subdomain)",
+                ));
+            }
+        }
+        let pc = &self.pod_certificates;
+        if pc.enabled {
+            let valid = pc
+                .signer_name
+                .split_once('/')
+                .is_some_and(|(domain, path)| {
+                    is_dns_subdomain(domain)
+                        && domain.contains('.')
+                        && !path.is_empty()
+                        && !path.contains('/')
+                        && !domain.starts_with("kubernetes.io")
+                        && path
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                });
+            if !valid {
+                return Err(bad(
+                    "pod_certificates.signer_name",
+                    pc.signer_name.clone(),
+                    "expected <domain>/<path> (e.g. meshca.io/spiffe), not under kubernetes.io",
                 ));
             }
         }

@@ -631,6 +631,15 @@ impl Kube {
                 stop.clone(),
             ));
         }
+        if config.kubernetes.pod_certificates.enabled {
+            tasks.spawn(crate::k8s::podcerts::run(
+                self.client.clone(),
+                config.kubernetes.pod_certificates.clone(),
+                path.core.clone(),
+                leader.clone(),
+                stop.clone(),
+            ));
+        }
         if let Some(p) = &path.pods {
             tasks.spawn(p.clone().run(self.client.clone(), stop.clone()));
             if linkerd_restarts(config) {

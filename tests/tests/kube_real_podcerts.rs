@@ -1,0 +1,426 @@
+//! Kubernetes-native pod certificates on a real kube-apiserver (issue #27): meshca, as its own
+//! ServiceAccount with the `pod-certificates` overlay's RBAC, answers PodCertificateRequests
+//! that a node files for its pods (as the kubelet would: `system:node:<name>`, so
+//! NodeRestriction checks the binding; a real key and its proof), and keeps the signer's
+//! ClusterTrustBundle equal to its bundle through a rotation and a rollback. On 1.37 the
+//! requests are `certificates.k8s.io/v1` with a stub PKCS#10 request; on 1.35 `v1beta1` with a
+//! PKIX key and proof of possession. There is no kubelet here: nothing mounts the volume.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use meshca_tests::cluster::{Cluster, Env, NEWEST, OLDEST, env_in, kube_mode};
+use meshca_tests::{TestServer, meshca_in};
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+use serde_json::{Value, json};
+
+const SIGNER: &str = "meshca.io/spiffe";
+const BUNDLE: &str = "meshca.io:spiffe:bundle";
+
+fn b64(v: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(v)
+}
+
+/// The served certificates.k8s.io version on `version`'s API server.
+fn api_version(version: &str) -> &'static str {
+    if version == OLDEST { "v1beta1" } else { "v1" }
+}
+
+fn resource(version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("certificates.k8s.io", api_version(version), kind),
+        plural,
+    )
+}
+
+/// A P-256 key as a kubelet makes one: (PKCS#8 DER, SPKI DER).
+fn p256() -> (Vec<u8>, Vec<u8>) {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let kp = rcgen::KeyPair::try_from(pkcs8.as_ref()).unwrap();
+    (
+        pkcs8.as_ref().to_vec(),
+        rcgen::PublicKeyData::subject_public_key_info(&kp),
+    )
+}
+
+/// What the kubelet puts in a request's key fields: on v1 a stub PKCS#10 request (empty
+/// subject, signed by the key); on v1beta1 the PKIX key and an ECDSA-SHA256 signature over the
+/// pod's UID.
+fn key_fields(version: &str, pkcs8: &[u8], pod_uid: &str) -> Value {
+    if version == OLDEST {
+        let rng = ring::rand::SystemRandom::new();
+        let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8, &rng).unwrap();
+        let proof = kp.sign(&rng, pod_uid.as_bytes()).unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(
+            &rcgen::KeyPair::try_from(pkcs8).unwrap(),
+        );
+        let _ = kp.public_key();
+        json!({"pkixPublicKey": b64(&spki), "proofOfPossession": b64(proof.as_ref())})
+    } else {
+        let kp = rcgen::KeyPair::try_from(pkcs8).unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        let csr = p.serialize_request(&kp).unwrap();
+        json!({"stubPKCS10Request": b64(csr.der())})
+    }
+}
+
+/// A pod of ServiceAccount `web` on `node` that mounts a certificate from `signer` and the
+/// signer's trust bundle, as docs/kubernetes.md shows (the API server lets a node file a request
+/// only for a pod that mounts one).
+fn pod_spec(ns: &str, pod: &str, node: &str, signer: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod, "namespace": ns},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": "web",
+            "containers": [{
+                "name": "app", "image": "registry.invalid/app:1",
+                "volumeMounts": [{"name": "spiffe", "mountPath": "/var/run/spiffe", "readOnly": true}],
+            }],
+            "volumes": [{
+                "name": "spiffe",
+                "projected": {"sources": [
+                    {"podCertificate": {
+                        "signerName": signer, "keyType": "ECDSAP256",
+                        "credentialBundlePath": "credentials.pem",
+                    }},
+                    {"clusterTrustBundle": {
+                        "signerName": signer, "labelSelector": {"matchLabels": {}},
+                        "path": "bundle.pem",
+                    }},
+                ]},
+            }],
+        },
+    })
+}
+
+/// One pod of `ns/sa` on `node`, and the request its kubelet files for it (as the node).
+struct Filed {
+    name: String,
+    spki: Vec<u8>,
+    created: Instant,
+}
+
+async fn file_request(
+    e: &Env,
+    version: &str,
+    ns: &str,
+    pod: &str,
+    node: &str,
+    signer: &str,
+    key: Option<Value>,
+) -> Filed {
+    let c = e.cluster;
+    let p = c
+        .create_pod(&e.admin, pod_spec(ns, pod, node, signer))
+        .await;
+    let sa = Api::<ServiceAccount>::namespaced(e.admin.clone(), ns)
+        .get("web")
+        .await
+        .unwrap();
+    let n = Api::<Node>::all(e.admin.clone()).get(node).await.unwrap();
+    let pod_uid = p.metadata.uid.clone().unwrap();
+    let (pkcs8, spki) = p256();
+    let fields = key.unwrap_or_else(|| key_fields(version, &pkcs8, &pod_uid));
+    let mut spec = json!({
+        "signerName": signer,
+        "podName": pod, "podUID": pod_uid,
+        "serviceAccountName": "web", "serviceAccountUID": sa.metadata.uid,
+        "nodeName": node, "nodeUID": n.metadata.uid,
+        "maxExpirationSeconds": 86400,
+    });
+    for (k, v) in fields.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    let name = format!("{pod}-pcr");
+    let doc = json!({
+        "apiVersion": format!("certificates.k8s.io/{}", api_version(version)),
+        "kind": "PodCertificateRequest",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    });
+    let obj: DynamicObject = serde_json::from_value(doc).unwrap();
+    let as_node = c.node_client(node).await;
+    let created = Instant::now();
+    Api::<DynamicObject>::namespaced_with(
+        as_node,
+        ns,
+        &resource(version, "PodCertificateRequest", "podcertificaterequests"),
+    )
+    .create(&PostParams::default(), &obj)
+    .await
+    .unwrap_or_else(|err| panic!("the node files {ns}/{name}: {err}"));
+    Filed {
+        name,
+        spki,
+        created,
+    }
+}
+
+/// The request's terminal condition (type, reason) and its status, once it has one.
+async fn answered(
+    e: &Env,
+    version: &str,
+    ns: &str,
+    name: &str,
+    within: Duration,
+) -> Option<(String, String, Value)> {
+    let api = Api::<DynamicObject>::namespaced_with(
+        e.admin.clone(),
+        ns,
+        &resource(version, "PodCertificateRequest", "podcertificaterequests"),
+    );
+    meshca_tests::eventually(within, || async {
+        let r = api.get(name).await.ok()?;
+        let c = r.data["status"]["conditions"].as_array()?.first()?.clone();
+        Some((
+            c["type"].as_str()?.to_owned(),
+            c["reason"].as_str()?.to_owned(),
+            r.data["status"].clone(),
+        ))
+    })
+    .await
+}
+
+/// The signer's ClusterTrustBundle's certificates (DER).
+async fn trust_bundle(e: &Env, version: &str) -> Option<Vec<Vec<u8>>> {
+    let api = Api::<DynamicObject>::all_with(
+        e.admin.clone(),
+        &resource(version, "ClusterTrustBundle", "clustertrustbundles"),
+    );
+    let ctb = api.get_opt(BUNDLE).await.ok()??;
+    assert_eq!(ctb.data["spec"]["signerName"], SIGNER);
+    let pem = ctb.data["spec"]["trustBundle"].as_str()?;
+    Some(
+        meshca_tests::pem_certs(pem)
+            .into_iter()
+            .map(|c| c.to_vec())
+            .collect(),
+    )
+}
+
+fn rfc3339(t: &Value) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(
+        t.as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+}
+
+async fn pod_certificates(version: &'static str) {
+    let Some(e) = env_in(
+        version,
+        "deploy/kubernetes/overlays/pod-certificates",
+        &[],
+        None,
+    )
+    .await
+    else {
+        return;
+    };
+    let c = e.cluster;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    c.node(&e.admin, "node-a").await;
+    let srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        cfg.kubernetes.pod_certificates.enabled = true;
+    })
+    .await;
+
+    // Issued: the chain verifies against the ClusterTrustBundle, for the pod's identity and key,
+    // with the times the status states.
+    let f = file_request(&e, version, &prod, "web-1", "node-a", SIGNER, None).await;
+    let (kind, reason, status) = answered(&e, version, &prod, &f.name, Duration::from_secs(30))
+        .await
+        .expect("meshca answers the request");
+    let took = f.created.elapsed();
+    assert_eq!(
+        (kind.as_str(), reason.as_str()),
+        ("Issued", "Issued"),
+        "{status}"
+    );
+    let chain = meshca_tests::pem_certs(status["certificateChain"].as_str().unwrap());
+    assert_eq!(chain.len(), 2, "leaf, then issuer");
+    let anchors: Vec<_> = trust_bundle(&e, version)
+        .await
+        .expect("the ClusterTrustBundle is published")
+        .into_iter()
+        .map(rustls::pki_types::CertificateDer::from)
+        .collect();
+    let want = format!("spiffe://cluster.local/ns/{prod}/sa/web");
+    let got = rotator::client::verify_svid(
+        &chain,
+        &anchors,
+        rustls::pki_types::UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .expect("the chain verifies against the ClusterTrustBundle");
+    assert_eq!(got.to_string(), want);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert_eq!(
+        leaf.public_key().raw,
+        f.spki.as_slice(),
+        "the requester's key"
+    );
+    let nb = rfc3339(&status["notBefore"]);
+    let na = rfc3339(&status["notAfter"]);
+    assert_eq!(nb.unix_timestamp(), leaf.validity().not_before.timestamp());
+    assert_eq!(na.unix_timestamp(), leaf.validity().not_after.timestamp());
+    assert!(
+        na - nb <= time::Duration::seconds(86400),
+        "within maxExpirationSeconds"
+    );
+    let refresh = rfc3339(&status["beginRefreshAt"]);
+    assert!(refresh > nb && refresh < na);
+    println!("{version}: one request issued {took:?} after it was filed");
+
+    // Another signer's request is left alone; a denied identity is Denied.
+    let other = file_request(
+        &e,
+        version,
+        &prod,
+        "web-2",
+        "node-a",
+        "example.com/other",
+        None,
+    )
+    .await;
+    let (code, _, err) = meshca_in(
+        &srv.state_dir(),
+        &["deny", "add", &want, "--reason", "key leaked"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let d = file_request(&e, version, &prod, "web-3", "node-a", SIGNER, None).await;
+    let (kind, reason, status) = answered(&e, version, &prod, &d.name, Duration::from_secs(30))
+        .await
+        .expect("the denied identity's request is answered");
+    assert_eq!(
+        (kind.as_str(), reason.as_str()),
+        ("Denied", "IdentityDenied"),
+        "{status}"
+    );
+    assert!(status["certificateChain"].is_null());
+    assert!(
+        answered(&e, version, &prod, &other.name, Duration::from_secs(1))
+            .await
+            .is_none(),
+        "another signer's request is not meshca's to answer"
+    );
+    let (code, _, err) = meshca_in(&srv.state_dir(), &["deny", "remove", &want]).await;
+    assert_eq!(code, 0, "{err}");
+
+    // The ClusterTrustBundle through stage → activate → finish, and a stage rolled back.
+    let equal = |n: usize| {
+        let (e, srv) = (&e, &srv);
+        async move {
+            meshca_tests::eventually(Duration::from_secs(20), || async {
+                let ctb = trust_bundle(e, version).await?;
+                let ours: Vec<Vec<u8>> = srv.bundle().iter().map(|c| c.to_vec()).collect();
+                (ctb.len() == n && ctb == ours).then_some(())
+            })
+            .await
+            .is_some()
+        }
+    };
+    for (step, n) in [
+        (&["anchors", "stage"][..], 2),
+        (&["anchors", "activate", "--force"], 2),
+        (&["anchors", "finish", "--force"], 1),
+        (&["anchors", "stage"], 2),
+        (&["anchors", "rollback"], 1),
+    ] {
+        let (code, _, err) = meshca_in(&srv.state_dir(), step).await;
+        assert_eq!(code, 0, "{step:?}: {err}");
+        assert!(
+            equal(n).await,
+            "after {step:?} the ClusterTrustBundle holds the {n} anchors of the bundle"
+        );
+    }
+
+    // A node's restart storm: 110 pods' requests at once, each answered once.
+    storm(&e, version, &prod).await;
+}
+
+/// 110 pods on one node file at once (a kubelet restarting with a full node): every request
+/// is Issued; creation-to-Issued p50/p99 printed.
+async fn storm(e: &Env, version: &'static str, ns: &str) {
+    e.cluster.node(&e.admin, "node-storm").await;
+    let filed = futures::future::join_all((0..110).map(|i| async move {
+        let pod = format!("storm-{i}");
+        file_request(e, version, ns, &pod, "node-storm", SIGNER, None).await
+    }))
+    .await;
+    let mut took = Vec::new();
+    for f in &filed {
+        let (kind, _, status) = answered(e, version, ns, &f.name, Duration::from_secs(120))
+            .await
+            .expect("every request of the storm is answered");
+        assert_eq!(kind, "Issued", "{status}");
+        took.push(f.created.elapsed());
+    }
+    took.sort();
+    println!(
+        "{version}: a storm of 110 requests: all Issued; creation to Issued p50 {:?}, p99 {:?} (upper bounds: polled)",
+        took[took.len() / 2],
+        took[took.len() * 99 / 100]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_certificates_are_signed_and_the_trust_bundle_kept_v1_37() {
+    pod_certificates(NEWEST).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_certificates_are_signed_and_the_trust_bundle_kept_v1_35() {
+    pod_certificates(OLDEST).await;
+}
+
+/// Negative control: without the overlay's grants (the base RBAC only) the request stays
+/// pending: meshca cannot list requests nor write their status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_rbac_a_pod_certificate_request_stays_pending() {
+    let Some(e) = env_in(
+        NEWEST,
+        "deploy/kubernetes/overlays/pod-certificates",
+        &[],
+        Some("ClusterRole/meshca-pod-certificates"),
+    )
+    .await
+    else {
+        return;
+    };
+    let c: &Cluster = e.cluster;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    c.node(&e.admin, "node-b").await;
+    let _srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        cfg.kubernetes.pod_certificates.enabled = true;
+        // Its own signer: the other tests' meshca (with grants) must not answer for it.
+        cfg.kubernetes.pod_certificates.signer_name = "meshca.io/spiffe-no-rbac".into();
+    })
+    .await;
+    let f = file_request(
+        &e,
+        NEWEST,
+        &prod,
+        "web-1",
+        "node-b",
+        "meshca.io/spiffe-no-rbac",
+        None,
+    )
+    .await;
+    let answer = answered(&e, NEWEST, &prod, &f.name, Duration::from_secs(8)).await;
+    assert!(answer.is_none(), "answered without the grants: {answer:?}");
+    println!("without meshca-pod-certificates: the request is still pending after 8 s");
+}
