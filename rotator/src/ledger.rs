@@ -178,6 +178,10 @@ pub struct Ledger {
     per_identity: HashMap<Box<str>, u32>,
     /// The gates' counts, kept up to date by every change.
     tally: Tally,
+    /// Per face, a bundle version every workload of that face holds whatever its record says:
+    /// set where the face delivers bundles out of band (pod certificates: the ClusterTrustBundle,
+    /// once the kubelets' refresh and the propagation allowance have passed since it was written).
+    delivered: BTreeMap<Api, u64>,
 }
 
 /// What [`Ledger::summary`] reports, kept incrementally: every change to an instance takes its
@@ -385,7 +389,14 @@ impl Ledger {
             limits: LedgerLimits::default(),
             per_identity: HashMap::new(),
             tally: Tally::default(),
+            delivered: BTreeMap::new(),
         }
+    }
+
+    /// Every workload of face `api` holds bundle `version` or newer now (never lowered).
+    pub fn set_delivered(&mut self, api: Api, version: u64) {
+        let v = self.delivered.entry(api).or_insert(0);
+        *v = (*v).max(version);
     }
 
     /// Instance `k`'s contribution when leaves are live above `cut`.
@@ -703,6 +714,7 @@ impl Ledger {
         let by_api = convergence(
             self.tally.by_version.iter().map(|(&(a, v), &n)| (a, v, n)),
             min_version,
+            &self.delivered,
         );
         LedgerSummary {
             complete_since: self.complete_since,
@@ -748,7 +760,7 @@ impl Ledger {
                 workloads.push((Api::Meshca, w.version, 1));
             }
         }
-        let by_api = convergence(workloads, min_version);
+        let by_api = convergence(workloads, min_version, &self.delivered);
         LedgerSummary {
             complete_since: self.complete_since,
             trustworthy_at: self.trustworthy_at(leaf_ttl_max, clock_skew),
@@ -764,16 +776,18 @@ impl Ledger {
     }
 }
 
-/// Live and current workloads per face, from `(face, bundle version, instances)` counts.
+/// Live and current workloads per face, from `(face, bundle version, instances)` counts and
+/// what each face delivered out of band.
 fn convergence(
     counts: impl IntoIterator<Item = (Api, u64, u64)>,
     min_version: u64,
+    delivered: &BTreeMap<Api, u64>,
 ) -> BTreeMap<Api, ApiConvergence> {
     let mut by_api = BTreeMap::<Api, ApiConvergence>::new();
     for (api, version, n) in counts {
         let c = by_api.entry(api).or_default();
         c.live_workloads += n;
-        if version >= min_version {
+        if version.max(delivered.get(&api).copied().unwrap_or(0)) >= min_version {
             c.workloads_current += n;
         }
     }
@@ -898,6 +912,37 @@ mod tests {
         );
         assert_eq!((s.live_workloads, s.workloads_current), (5, 2));
         assert_eq!(s, l.summary_by_scan(at(100), MAX, SKEW, 2));
+    }
+
+    /// Pod certificates carry no bundle: their workloads count as current only once the face
+    /// says it delivered the version out of band (the ClusterTrustBundle), and then all of them.
+    #[test]
+    fn a_face_that_delivers_out_of_band_counts_once_it_says_so() {
+        let mut l = Ledger::new(at(0));
+        let pod = |inst: &str| LeafRecord {
+            api: Api::Pod,
+            ..rec("w", inst, "A", 1000, 0)
+        };
+        l.record(pod("p1"));
+        l.record(pod("p2"));
+        let current = |l: &mut Ledger| {
+            let s = l.summary(at(100), MAX, SKEW, 3);
+            assert_eq!(s, l.summary_by_scan(at(100), MAX, SKEW, 3));
+            s.by_api.get(&Api::Pod).copied().unwrap_or_default()
+        };
+        assert_eq!(current(&mut l).workloads_current, 0);
+        l.set_delivered(Api::Pod, 2);
+        assert_eq!(current(&mut l).workloads_current, 0, "v2 is not v3");
+        l.set_delivered(Api::Pod, 3);
+        l.set_delivered(Api::Pod, 1);
+        assert_eq!(
+            current(&mut l),
+            ApiConvergence {
+                live_workloads: 2,
+                workloads_current: 2
+            },
+            "never lowered"
+        );
     }
 
     #[test]

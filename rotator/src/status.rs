@@ -351,7 +351,7 @@ fn render_ledger(o: &mut String, l: &LedgerEntry) {
                         " (proxies take anchors from their pod spec, not from meshca)"
                     }
                     crate::ledger::Api::Pod => {
-                        " (pod certificates: pods read anchors from the ClusterTrustBundle)"
+                        " (pods read anchors from the ClusterTrustBundle: counted as current 2 min + the propagation allowance after it is written)"
                     }
                     _ => "",
                 }

@@ -886,6 +886,7 @@ async fn every_manifest_admitted(version: &'static str) {
         "deploy/kubernetes/overlays/cert-manager",
         "deploy/kubernetes/overlays/istiod-certificate",
         "deploy/kubernetes/overlays/monitoring",
+        "deploy/kubernetes/overlays/pod-certificates",
     ] {
         let Some(docs) = meshca_tests::render(dir) else {
             return;

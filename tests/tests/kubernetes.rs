@@ -768,6 +768,7 @@ fn deploy_renders_and_every_object_is_its_kubernetes_type() {
         "deploy/kubernetes/overlays/monitoring",
         "deploy/kubernetes/overlays/cert-manager",
         "deploy/kubernetes/overlays/istiod-certificate",
+        "deploy/kubernetes/overlays/pod-certificates",
     ] {
         let Some(docs) = render(dir) else { return };
         let mut kinds = Vec::new();

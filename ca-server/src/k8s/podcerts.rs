@@ -26,6 +26,12 @@ use crate::issuing::issuance::{IssueError, PodRequest, SigningCore};
 use crate::issuing::signing::pod_request_key;
 use crate::process::config::PodCertificates;
 
+/// How long after a ClusterTrustBundle changes every kubelet has refreshed the pods that project
+/// it, at the latest (kubelets resync projected volumes about every minute; twice that here).
+/// With `policy.propagation_allowance` on top, the pod-certificate workloads count as holding
+/// that bundle version in the activate gate.
+pub const KUBELET_REFRESH: Duration = Duration::from_secs(120);
+
 /// Every request is listed again this often (a request left pending is retried then), and a
 /// watch ends after it.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -99,14 +105,25 @@ async fn serve(
     };
     let requests: Api<DynamicObject> = Api::all_with(client.clone(), &pcr);
     let mut snapshots = core.authority().subscribe();
-    let mut published = None;
+    // (bundle version, when its ClusterTrustBundle was written)
+    let mut published: Option<(u64, std::time::Instant)> = None;
+    let settle = KUBELET_REFRESH + core.authority().policy().propagation_allowance;
     loop {
         if let Some(ar) = &ctb {
             let version = core.authority().snapshot().bundle.version;
-            if published != Some(version) {
+            if published.is_none_or(|(v, _)| v != version) {
                 publish(client, ar, cfg, core).await?;
-                published = Some(version);
+                published = Some((version, std::time::Instant::now()));
             }
+        }
+        // Pods read anchors from the ClusterTrustBundle: once every kubelet has had time to
+        // refresh and the allowance has passed, they all hold this version.
+        if let Some((v, at)) = published
+            && at.elapsed() >= settle
+        {
+            core.authority()
+                .ledger()
+                .with(|l| l.set_delivered(rotator::ledger::Api::Pod, v));
         }
         let list = requests
             .list(&ListParams::default())
