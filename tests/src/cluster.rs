@@ -903,6 +903,28 @@ pub async fn env_in(
     skip_rule: Option<&str>,
 ) -> Option<Env> {
     let cluster = Cluster::shared(version)?;
+    Some(env_on(cluster, dir, others, skip_rule).await)
+}
+
+/// As [`env_in`], on a cluster of this test's own ([`Cluster::private`], kept until the test
+/// binary ends): for tests whose cluster-wide objects (a signer's requests, its
+/// ClusterTrustBundle) must not meet another test's meshca.
+pub async fn env_private(
+    version: &'static str,
+    dir: &str,
+    others: &[&str],
+    skip_rule: Option<&str>,
+) -> Option<Env> {
+    let cluster: &'static Cluster = Box::leak(Box::new(Cluster::private(version)?));
+    Some(env_on(cluster, dir, others, skip_rule).await)
+}
+
+async fn env_on(
+    cluster: &'static Cluster,
+    dir: &str,
+    others: &[&str],
+    skip_rule: Option<&str>,
+) -> Env {
     let admin = cluster.admin().await;
     let ns = cluster.namespace(&admin, "meshca").await;
     cluster.service_account(&admin, &ns, "meshca").await;
@@ -929,14 +951,14 @@ pub async fn env_in(
     let file = tdir.path().join("token");
     std::fs::write(&file, token).expect("token file");
     let kubeconfig = cluster.token_kubeconfig(&format!("{ns}-meshca"), &file);
-    Some(Env {
+    Env {
         cluster,
         admin,
         ns,
         kubeconfig,
         elsewhere,
         _token_dir: tdir,
-    })
+    }
 }
 
 impl Env {

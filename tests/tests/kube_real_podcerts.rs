@@ -13,7 +13,7 @@ use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
-use meshca_tests::cluster::{Cluster, Env, NEWEST, OLDEST, env_in, kube_mode};
+use meshca_tests::cluster::{Cluster, Env, NEWEST, OLDEST, env_in, env_private, kube_mode};
 use meshca_tests::{TestServer, meshca_in};
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
 use serde_json::{Value, json};
@@ -389,7 +389,7 @@ async fn pod_certificates_are_signed_and_the_trust_bundle_kept_v1_35() {
 /// pending: meshca cannot list requests nor write their status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_its_rbac_a_pod_certificate_request_stays_pending() {
-    let Some(e) = env_in(
+    let Some(e) = env_private(
         NEWEST,
         "deploy/kubernetes/overlays/pod-certificates",
         &[],
@@ -403,24 +403,127 @@ async fn without_its_rbac_a_pod_certificate_request_stays_pending() {
     let prod = c.namespace(&e.admin, "prod").await;
     c.service_account(&e.admin, &prod, "web").await;
     c.node(&e.admin, "node-b").await;
+    // The signer the overlay names, on a cluster of its own (no other meshca answers there).
     let _srv = TestServer::start_with(|cfg| {
         kube_mode(&e, cfg);
         cfg.kubernetes.pod_certificates.enabled = true;
-        // Its own signer: the other tests' meshca (with grants) must not answer for it.
-        cfg.kubernetes.pod_certificates.signer_name = "meshca.io/spiffe-no-rbac".into();
     })
     .await;
-    let f = file_request(
-        &e,
-        NEWEST,
-        &prod,
-        "web-1",
-        "node-b",
-        "meshca.io/spiffe-no-rbac",
-        None,
-    )
-    .await;
+    let f = file_request(&e, NEWEST, &prod, "web-1", "node-b", SIGNER, None).await;
     let answer = answered(&e, NEWEST, &prod, &f.name, Duration::from_secs(8)).await;
     assert!(answer.is_none(), "answered without the grants: {answer:?}");
     println!("without meshca-pod-certificates: the request is still pending after 8 s");
+}
+
+/// Two replicas on one state Secret: only the Lease holder answers (the other's ledger records
+/// no pod certificate), every request once. Then the holder is stopped mid-storm and the other
+/// takes over: every request of the storm ends `Issued`, and the two ledgers together hold one
+/// leaf per request (a graceful stop finishes the answer under way; a SIGKILL between signing
+/// and writing the status could sign one twice — only one is ever written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_answer_each_request_once_through_a_failover() {
+    let Some(e) = env_private(
+        NEWEST,
+        "deploy/kubernetes/overlays/pod-certificates",
+        &[],
+        None,
+    )
+    .await
+    else {
+        return;
+    };
+    let c = e.cluster;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    c.node(&e.admin, "node-r").await;
+    // On a cluster of its own: the signer the overlay's RBAC names, and no other meshca.
+    let signer = SIGNER;
+    let replica = |name: &'static str| {
+        let e = &e;
+        move |cfg: &mut ca_server::config::Config| {
+            kube_mode(e, cfg);
+            cfg.kubernetes.state_secret = "meshca-authority".into();
+            cfg.kubernetes.identity = name.into();
+            cfg.kubernetes.lease_duration = Duration::from_secs(2);
+            cfg.kubernetes.pod_certificates.enabled = true;
+        }
+    };
+    let mut a = TestServer::start_with(replica("replica-a")).await;
+    let mut b = TestServer::start_with(replica("replica-b")).await;
+    let leader = |s: &TestServer| *s.server().leader.borrow();
+    meshca_tests::eventually(Duration::from_secs(20), || async {
+        (leader(&a) ^ leader(&b)).then_some(())
+    })
+    .await
+    .expect("one Lease holder");
+    let pods_signed = |s: &TestServer| {
+        s.server().authority.ledger().with(|l| {
+            l.summary_by_scan(
+                time::OffsetDateTime::now_utc(),
+                Duration::from_secs(86400),
+                Duration::ZERO,
+                0,
+            )
+            .by_api
+            .get(&rotator::ledger::Api::Pod)
+            .map_or(0, |c| c.live_workloads)
+        })
+    };
+    let first = file_request(&e, NEWEST, &prod, "one", "node-r", signer, None).await;
+    let (kind, _, status) = answered(&e, NEWEST, &prod, &first.name, Duration::from_secs(30))
+        .await
+        .expect("answered");
+    assert_eq!(kind, "Issued", "{status}");
+    let (holder, other) = if leader(&a) {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert_eq!(
+        (pods_signed(holder), pods_signed(other)),
+        (1, 0),
+        "only the Lease holder signs"
+    );
+
+    // A storm, and the holder stopped in the middle of it (its ledger kept to count after).
+    let holder_authority = holder.server().authority.clone();
+    let names: Vec<String> = (0..40).map(|i| format!("r-{i}")).collect();
+    let filing = futures::future::join_all(
+        names
+            .iter()
+            .map(|n| file_request(&e, NEWEST, &prod, n, "node-r", signer, None)),
+    );
+    let (filed, ()) = tokio::join!(filing, async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        holder.stop().await;
+    });
+    for f in &filed {
+        let (kind, _, status) = answered(&e, NEWEST, &prod, &f.name, Duration::from_secs(60))
+            .await
+            .expect("every request of the storm is answered after the fail-over");
+        assert_eq!(kind, "Issued", "{status}");
+    }
+    let survivor = pods_signed(other);
+    let stopped = holder_authority.ledger().with(|l| {
+        l.summary_by_scan(
+            time::OffsetDateTime::now_utc(),
+            Duration::from_secs(86400),
+            Duration::ZERO,
+            0,
+        )
+        .by_api
+        .get(&rotator::ledger::Api::Pod)
+        .map_or(0, |c| c.live_workloads)
+    });
+    println!(
+        "fail-over mid-storm: all {} Issued; the stopped holder signed {}, the survivor {}",
+        filed.len(),
+        stopped.saturating_sub(1),
+        survivor
+    );
+    assert_eq!(
+        stopped + survivor,
+        1 + filed.len() as u64,
+        "each request signed once across the two replicas"
+    );
 }
