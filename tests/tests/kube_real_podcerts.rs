@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
@@ -318,6 +319,52 @@ async fn pod_certificates(version: &'static str) {
     let (code, _, err) = meshca_in(&srv.state_dir(), &["deny", "remove", &want]).await;
     assert_eq!(code, 0, "{err}");
 
+    // A key Kubernetes allows and meshca does not sign: P-521 (1.37 lets kubelets make one;
+    // 1.35's admission refuses it before any signer sees it). Made by openssl.
+    if version == NEWEST
+        && let Some(tool) = meshca_tests::require_tool("openssl")
+    {
+        let dir = tempfile::tempdir().unwrap();
+        meshca_tests::openssl(
+            &tool,
+            dir.path(),
+            &[
+                "ecparam",
+                "-name",
+                "secp521r1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "k.pem",
+            ],
+        );
+        meshca_tests::openssl(
+            &tool,
+            dir.path(),
+            &[
+                "req", "-new", "-key", "k.pem", "-subj", "/", "-outform", "DER", "-out", "r.der",
+            ],
+        );
+        let csr = std::fs::read(dir.path().join("r.der")).unwrap();
+        let key = json!({"stubPKCS10Request": b64(&csr)});
+        let u = file_request(&e, version, &prod, "web-4", "node-a", SIGNER, Some(key)).await;
+        let (kind, reason, status) = answered(&e, version, &prod, &u.name, Duration::from_secs(30))
+            .await
+            .expect("the P-521 request is answered");
+        assert_eq!(
+            (kind.as_str(), reason.as_str()),
+            ("Denied", "UnsupportedKeyType"),
+            "{status}"
+        );
+        let msg = status["conditions"][0]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            msg.contains("P-256"),
+            "the message says what meshca signs: {msg}"
+        );
+    }
+
     // The ClusterTrustBundle through stage → activate → finish, and a stage rolled back.
     let equal = |n: usize| {
         let (e, srv) = (&e, &srv);
@@ -525,5 +572,62 @@ async fn two_replicas_answer_each_request_once_through_a_failover() {
         stopped + survivor,
         1 + filed.len() as u64,
         "each request signed once across the two replicas"
+    );
+}
+
+/// A thousand requests across ten nodes (a cluster-wide restart), on a cluster of its own: all
+/// `Issued`; creation-to-Issued p50/p99 printed (upper bounds: polled), and the time until the
+/// last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_across_nodes_are_all_issued() {
+    let Some(e) = env_private(
+        NEWEST,
+        "deploy/kubernetes/overlays/pod-certificates",
+        &[],
+        None,
+    )
+    .await
+    else {
+        return;
+    };
+    let c = e.cluster;
+    let prod = c.namespace(&e.admin, "prod").await;
+    c.service_account(&e.admin, &prod, "web").await;
+    for n in 0..10 {
+        c.node(&e.admin, &format!("node-{n}")).await;
+    }
+    let _srv = TestServer::start_with(|cfg| {
+        kube_mode(&e, cfg);
+        cfg.kubernetes.pod_certificates.enabled = true;
+    })
+    .await;
+    let start = Instant::now();
+    let filed = futures::stream::iter(0..1000)
+        .map(|i| {
+            let (e, prod) = (&e, &prod);
+            async move {
+                let (pod, node) = (format!("p-{i}"), format!("node-{}", i % 10));
+                file_request(e, NEWEST, prod, &pod, &node, SIGNER, None).await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let filed_in = start.elapsed();
+    let mut took = Vec::new();
+    for f in &filed {
+        let (kind, _, status) = answered(&e, NEWEST, &prod, &f.name, Duration::from_secs(300))
+            .await
+            .expect("every request is answered");
+        assert_eq!(kind, "Issued", "{status}");
+        took.push(f.created.elapsed());
+    }
+    let all = start.elapsed();
+    took.sort();
+    println!(
+        "1000 requests across 10 nodes: filed in {filed_in:?}, all Issued {all:?} after the first was filed; \
+         creation to Issued p50 {:?}, p99 {:?} (upper bounds: polled in filing order)",
+        took[took.len() / 2],
+        took[took.len() * 99 / 100]
     );
 }

@@ -109,6 +109,8 @@ async fn connections_over_the_cap_are_closed_before_tls() {
         (
             LimitsConfig {
                 max_connections: 4,
+                // The global cap alone (all connections come from 127.0.0.1): no per-address one.
+                max_connections_per_ip: 0,
                 ..LimitsConfig::default()
             },
             true,

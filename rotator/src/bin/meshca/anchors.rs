@@ -333,7 +333,9 @@ fn restarts(doc: &Status, output: Output) -> Result<(), Failed> {
     if stale > 0 {
         return Err(Failed::new(format!(
             "{stale} Linkerd proxies still hold only the old anchor"
-        )));
+        ))
+        .code("stale_proxies")
+        .said());
     }
     Ok(())
 }

@@ -93,6 +93,8 @@ pub struct Failed {
     pub code: &'static str,
     /// The exit status.
     pub exit: u8,
+    /// The command already printed its own document (with `--output json`, no second one).
+    pub said: bool,
 }
 
 impl Failed {
@@ -102,7 +104,15 @@ impl Failed {
             message: message.into(),
             code: "failed",
             exit: 1,
+            said: false,
         }
+    }
+
+    /// The command printed its document already; only the exit status says it failed (`meshca
+    /// anchors restarts` while proxies remain).
+    pub fn said(mut self) -> Self {
+        self.said = true;
+        self
     }
 
     /// The server could not be reached (code `unreachable`).
@@ -219,7 +229,7 @@ fn json_asked() -> bool {
 /// Says `f` the way `output` asks (one JSON document on stdout, and the message on stderr) and
 /// returns its exit status.
 fn report(f: &Failed, output: Output) -> ExitCode {
-    if output == Output::Json {
+    if output == Output::Json && !f.said {
         println!("{}", f.json());
     }
     eprintln!("meshca: {}", f.message);
