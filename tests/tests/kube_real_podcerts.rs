@@ -462,6 +462,21 @@ async fn without_its_rbac_a_pod_certificate_request_stays_pending() {
     println!("without meshca-pod-certificates: the request is still pending after 8 s");
 }
 
+/// The pod-certificate leaves a replica's ledger holds (live ones: they live a day).
+fn pod_leaves(a: &ca_server::authority::Authority) -> u64 {
+    a.ledger().with(|l| {
+        l.summary_by_scan(
+            time::OffsetDateTime::now_utc(),
+            Duration::from_secs(86400),
+            Duration::ZERO,
+            0,
+        )
+        .by_api
+        .get(&rotator::ledger::Api::Pod)
+        .map_or(0, |c| c.live_workloads)
+    })
+}
+
 /// Two replicas on one state Secret: only the Lease holder answers (the other's ledger records
 /// no pod certificate), every request once. Then the holder is stopped mid-storm and the other
 /// takes over: every request of the storm ends `Issued`, and the two ledgers together hold one
@@ -503,19 +518,7 @@ async fn two_replicas_answer_each_request_once_through_a_failover() {
     })
     .await
     .expect("one Lease holder");
-    let pods_signed = |s: &TestServer| {
-        s.server().authority.ledger().with(|l| {
-            l.summary_by_scan(
-                time::OffsetDateTime::now_utc(),
-                Duration::from_secs(86400),
-                Duration::ZERO,
-                0,
-            )
-            .by_api
-            .get(&rotator::ledger::Api::Pod)
-            .map_or(0, |c| c.live_workloads)
-        })
-    };
+    let pods_signed = |s: &TestServer| pod_leaves(&s.server().authority);
     let first = file_request(&e, NEWEST, &prod, "one", "node-r", signer, None).await;
     let (kind, _, status) = answered(&e, NEWEST, &prod, &first.name, Duration::from_secs(30))
         .await
@@ -551,17 +554,7 @@ async fn two_replicas_answer_each_request_once_through_a_failover() {
         assert_eq!(kind, "Issued", "{status}");
     }
     let survivor = pods_signed(other);
-    let stopped = holder_authority.ledger().with(|l| {
-        l.summary_by_scan(
-            time::OffsetDateTime::now_utc(),
-            Duration::from_secs(86400),
-            Duration::ZERO,
-            0,
-        )
-        .by_api
-        .get(&rotator::ledger::Api::Pod)
-        .map_or(0, |c| c.live_workloads)
-    });
+    let stopped = pod_leaves(&holder_authority);
     println!(
         "fail-over mid-storm: all {} Issued; the stopped holder signed {}, the survivor {}",
         filed.len(),

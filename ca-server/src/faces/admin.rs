@@ -311,11 +311,7 @@ impl AdminService for Admin {
             let mut previous = None;
             self.authority
                 .transition(|s, now| {
-                    previous = s
-                        .denied_nodes
-                        .iter()
-                        .find(|d| d.node == r.node && d.active(now))
-                        .map(|d| node_row(d, now));
+                    previous = node_denial(s, &r.node, now);
                     s.deny_node(now, &r.node, reason.clone(), until, by.clone())
                         .map(Some)
                 })
@@ -332,11 +328,7 @@ impl AdminService for Admin {
         let mut previous = None;
         self.authority
             .transition(|s, now| {
-                previous = s
-                    .denied
-                    .iter()
-                    .find(|d| d.pattern == pattern && d.active(now))
-                    .map(|d| denial_row(d, now, Vec::new()));
+                previous = identity_denial(s, &pattern, now);
                 s.deny(now, pattern.clone(), reason.clone(), until, by.clone())
                     .map(Some)
             })
@@ -359,11 +351,7 @@ impl AdminService for Admin {
             let mut previous = None;
             self.authority
                 .transition(|s, now| {
-                    previous = s
-                        .denied_nodes
-                        .iter()
-                        .find(|d| d.node == r.node && d.active(now))
-                        .map(|d| node_row(d, now));
+                    previous = node_denial(s, &r.node, now);
                     s.undeny_node(now, &r.node).map(Some)
                 })
                 .await
@@ -378,11 +366,7 @@ impl AdminService for Admin {
         let mut previous = None;
         self.authority
             .transition(|s, now| {
-                previous = s
-                    .denied
-                    .iter()
-                    .find(|d| d.pattern == pattern && d.active(now))
-                    .map(|d| denial_row(d, now, Vec::new()));
+                previous = identity_denial(s, &pattern, now);
                 s.undeny(now, &pattern).map(Some)
             })
             .await
@@ -660,6 +644,30 @@ impl Admin {
 enum Target<'a> {
     Node(&'a str),
     Pattern(&'a str),
+}
+
+/// The denial of `node` in force in `s`, as `meshca deny` shows it.
+fn node_denial(
+    s: &rotator::state::AuthorityState,
+    node: &str,
+    now: time::OffsetDateTime,
+) -> Option<serde_json::Value> {
+    s.denied_nodes
+        .iter()
+        .find(|d| d.node == node && d.active(now))
+        .map(|d| node_row(d, now))
+}
+
+/// The denial of exactly `pattern` in force in `s`, as `meshca deny` shows it.
+fn identity_denial(
+    s: &rotator::state::AuthorityState,
+    pattern: &rotator::spiffe::IdPattern,
+    now: time::OffsetDateTime,
+) -> Option<serde_json::Value> {
+    s.denied
+        .iter()
+        .find(|d| &d.pattern == pattern && d.active(now))
+        .map(|d| denial_row(d, now, Vec::new()))
 }
 
 /// A denial as `meshca deny` shows it.

@@ -77,6 +77,10 @@ pub async fn run(
                 Err(e) => tracing::warn!(target: "meshca::podcerts", "pod certificates: {e}"),
             }
         }
+        // (serve may have seen the shutdown already: its change is not seen twice.)
+        if *shutdown.borrow() {
+            return;
+        }
         tokio::select! {
             r = leader.changed() => if r.is_err() { return },
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
