@@ -433,15 +433,7 @@ impl SigningCore {
         self.limits.issue(&format!("namespace:{}", req.namespace))?;
         let spiffe_id = req.id.to_string();
         let instance = format!("pod:{}", req.pod_uid);
-        if let Err(e) = self.authority.ledger().admit(&spiffe_id, &instance) {
-            let message = e.to_string();
-            self.limits.refused(Limit::LedgerPerIdentity, &message);
-            return Err(IssueError::Limited(Refusal {
-                limit: Limit::LedgerPerIdentity,
-                message,
-                retry_after: None,
-            }));
-        }
+        self.admit(&spiffe_id, &instance)?;
         let csr = ValidCsr {
             id: req.id.clone(),
             key: req.key.clone(),
@@ -597,15 +589,7 @@ impl SigningCore {
             }),
         };
         let spiffe_id = csr.id.to_string();
-        if let Err(e) = self.authority.ledger().admit(&spiffe_id, &instance) {
-            let message = e.to_string();
-            self.limits.refused(Limit::LedgerPerIdentity, &message);
-            return Err(IssueError::Limited(Refusal {
-                limit: Limit::LedgerPerIdentity,
-                message,
-                retry_after: None,
-            }));
-        }
+        self.admit(&spiffe_id, &instance)?;
         let issued = self.sign(&csr, req.ttl)?;
         let recorded = self.authority.ledger().record(LeafRecord {
             serial: issued.serial.clone(),
@@ -735,6 +719,23 @@ impl SigningCore {
             })),
             None => Ok(()),
         }
+    }
+
+    /// Whether the ledger takes one more instance of `spiffe_id`
+    /// (`limits.ledger_instances_per_identity`); a refusal is counted.
+    fn admit(&self, spiffe_id: &str, instance: &str) -> Result<(), IssueError> {
+        self.authority
+            .ledger()
+            .admit(spiffe_id, instance)
+            .map_err(|e| {
+                let message = e.to_string();
+                self.limits.refused(Limit::LedgerPerIdentity, &message);
+                IssueError::Limited(Refusal {
+                    limit: Limit::LedgerPerIdentity,
+                    message,
+                    retry_after: None,
+                })
+            })
     }
 
     /// Signs `csr` (already authorized) with the current issuer.
