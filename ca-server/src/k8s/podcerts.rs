@@ -231,7 +231,7 @@ async fn answer(
     let status = match status_of(&outcome, r.metadata.generation) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(target: "meshca::podcerts", request = %format!("{ns}/{name}"), "{e}");
+            tracing::warn!(target: "meshca::podcerts", request = %crate::issuing::issuance::log_safe(&format!("{ns}/{name}")), "{e}");
             return;
         }
     };
@@ -252,7 +252,7 @@ async fn answer(
         Err(e) if super::is_conflict(&e) => {}
         Err(e) => tracing::warn!(
             target: "meshca::podcerts",
-            request = %format!("{ns}/{name}"), "writing the answer: {e}"
+            request = %crate::issuing::issuance::log_safe(&format!("{ns}/{name}")), "writing the answer: {e}"
         ),
     }
 }
