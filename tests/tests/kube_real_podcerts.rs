@@ -149,15 +149,28 @@ async fn file_request(
     });
     let obj: DynamicObject = serde_json::from_value(doc).unwrap();
     let as_node = c.node_client(node).await;
-    let created = Instant::now();
-    Api::<DynamicObject>::namespaced_with(
+    let api = Api::<DynamicObject>::namespaced_with(
         as_node,
         ns,
         &resource(version, "PodCertificateRequest", "podcertificaterequests"),
-    )
-    .create(&PostParams::default(), &obj)
-    .await
-    .unwrap_or_else(|err| panic!("the node files {ns}/{name}: {err}"));
+    );
+    // Admission reads the pod from the API server's cache, which may not hold a pod created
+    // a moment ago ("pod … not found", 500): a kubelet files only for pods it has watched, and
+    // retries; so does this.
+    let mut tries = 0;
+    let created = loop {
+        let at = Instant::now();
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => break at,
+            Err(kube::Error::Api(s))
+                if s.code == 500 && s.message.contains("not found") && tries < 50 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("the node files {ns}/{name}: {err}"),
+        }
+    };
     Filed {
         name,
         spki,
