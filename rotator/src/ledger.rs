@@ -35,6 +35,11 @@ use time::OffsetDateTime;
 
 use crate::pki::CertId;
 
+mod file;
+mod names;
+
+pub use file::{MAGIC, ReadLedger, closed_frame, read as read_file};
+
 /// One leaf, as the ledger remembers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeafRecord {
@@ -118,11 +123,12 @@ impl std::fmt::Display for Api {
     }
 }
 
-/// An instance's key: 128 bits of SHA-256 over (SPIFFE ID, instance), so the map holds each
-/// string once.
-type Key = u128;
+/// An instance's key: 128 bits of SHA-256 over (SPIFFE ID, instance). The ledger keeps the key,
+/// not the instance string: the key is all it ever compares.
+pub type Key = u128;
 
-fn key(spiffe_id: &str, instance: &str) -> Key {
+/// The key of instance `instance` of `spiffe_id`.
+pub fn key(spiffe_id: &str, instance: &str) -> Key {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(spiffe_id.as_bytes());
     ctx.update(&[0]);
@@ -133,21 +139,73 @@ fn key(spiffe_id: &str, instance: &str) -> Key {
     u128::from_le_bytes(b)
 }
 
-/// A record as held in memory: boxed strings, the anchor as an index into the ledger's anchors.
-#[derive(Debug, Clone)]
-struct Entry {
-    serial: Box<str>,
-    spiffe_id: Box<str>,
-    instance: Box<str>,
+/// A slot that holds no leaf.
+const FREE: u32 = u32::MAX;
+/// No name (no node agent asked; no issuer recorded).
+const NONE: u32 = u32::MAX;
+/// The serial is not up to 16 bytes of lowercase hex: it is kept in `odd_serials`.
+const ODD_SERIAL: u8 = u8::MAX;
+
+/// A leaf as held in memory: 60 bytes of fixed fields. Strings are indices into the ledger's
+/// interned names, anchors and issuers small indices, times 32-bit Unix seconds (to 2106).
+#[derive(Debug, Clone, Copy)]
+struct Leaf {
+    /// The instance's [`Key`], in 4-byte words (so the record is 4-byte aligned).
+    key: [u32; 4],
+    /// The serial's bytes (`serial_len` of them), or [`ODD_SERIAL`].
+    serial: [u8; 16],
+    /// Index into `ids`; [`FREE`]: this slot holds no leaf.
+    id: u32,
+    /// Index into `vias`, or [`NONE`].
+    via: u32,
+    issued: u32,
+    not_after: u32,
+    version: u32,
+    /// Index into the ledger's anchors.
     anchor: u16,
-    issued: i64,
-    not_after: i64,
-    bundle_version: u64,
-    via: Option<Box<str>>,
     /// Index into the ledger's issuers; `u16::MAX`: unknown.
     issuer: u16,
-    /// The face it came in on.
+    serial_len: u8,
     api: Api,
+    /// In the ledger's queue of leaves not yet written.
+    queued: bool,
+}
+
+fn pack(k: Key) -> [u32; 4] {
+    let b = k.to_le_bytes();
+    let w = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+fn unpack(w: [u32; 4]) -> Key {
+    w.iter()
+        .rev()
+        .fold(0u128, |k, x| (k << 32) | u128::from(*x))
+}
+
+/// The index table's hash of a key (the key is already a digest).
+fn key_hash(w: &[u32; 4]) -> u64 {
+    (u64::from(w[1]) << 32) | u64::from(w[0])
+}
+
+/// Unix seconds as held: clamped into 0..=u32::MAX.
+fn secs(t: i64) -> u32 {
+    u32::try_from(t.clamp(0, i64::from(u32::MAX))).unwrap_or(u32::MAX)
+}
+
+/// A serial as held: up to 16 bytes when it is lowercase hex of even length, else odd.
+fn serial_bytes(s: &str) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    let hexish = s.len() % 2 == 0
+        && s.len() <= 32
+        && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    if !hexish {
+        return ([0; 16], ODD_SERIAL);
+    }
+    match hex::decode_to_slice(s, &mut out[..s.len() / 2]) {
+        Ok(()) => (out, u8::try_from(s.len() / 2).unwrap_or(ODD_SERIAL)),
+        Err(_) => ([0; 16], ODD_SERIAL),
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -162,20 +220,31 @@ struct Watch {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     complete_since: OffsetDateTime,
-    /// Newest leaf per instance.
-    leaves: HashMap<Key, Entry>,
+    /// The newest leaf of each instance, in slots (freed slots are reused).
+    slots: Vec<Leaf>,
+    free_slots: Vec<u32>,
+    /// Slot numbers, found by their leaf's key.
+    index: hashbrown::HashTable<u32>,
+    /// SPIFFE IDs; an ID's hold count is how many instances it has (`limits.max_per_identity`).
+    ids: names::Names,
+    /// Who asked on the workloads' behalf.
+    vias: names::Names,
+    /// Serials that are not short lowercase hex, by slot (none from meshca's own signer).
+    odd_serials: HashMap<u32, Box<str>>,
+    /// Slots whose leaf changed since the file last had it.
+    queued: Vec<u32>,
     /// Authenticated bundle watchers per instance.
     watches: HashMap<Key, Watch>,
-    /// The anchors leaves chain to (entries hold an index).
+    /// The anchors leaves chain to (entries hold an index), and whether the file names each.
     anchors: Vec<CertId>,
-    /// The issuers that signed them (entries hold an index).
+    anchors_written: Vec<bool>,
+    /// The issuers that signed them (entries hold an index), and whether the file names each.
     issuers: Vec<CertId>,
+    issuers_written: Vec<bool>,
     /// Other processes sign too (replicas): this ledger never sees every leaf.
     partial: bool,
     /// Bounds on what it holds.
     limits: LedgerLimits,
-    /// Instances held per SPIFFE ID (for `limits.max_per_identity`).
-    per_identity: HashMap<Box<str>, u32>,
     /// The gates' counts, kept up to date by every change.
     tally: Tally,
     /// Per face, a bundle version every workload of that face holds whatever its record says:
@@ -186,21 +255,22 @@ pub struct Ledger {
 
 /// What [`Ledger::summary`] reports, kept incrementally: every change to an instance takes its
 /// old contribution out and puts its new one in, and leaves stop being live in notAfter order as
-/// the summaries' time advances. A summary then costs O(anchors + bundle versions), not
-/// O(leaves): a `/metrics` scrape or a gate decision does not walk a ledger of 200,000 instances
-/// under the mutex the signing path takes.
+/// the summaries' time advances. A summary then costs O(anchors + bundle versions + leaves that
+/// expired since the last one), not O(leaves): a `/metrics` scrape or a gate decision does not
+/// walk a ledger of a million instances under the mutex the signing path takes.
 #[derive(Debug, Clone)]
 struct Tally {
-    /// Leaves are live while `not_after > cut` (Unix seconds). Moved forward by summaries and
-    /// compaction, never back (a summary for an earlier time scans instead).
+    /// Leaves are live while `not_after > cut` (Unix seconds). Moved forward by summaries,
+    /// never back (a summary for an earlier time scans instead).
     cut: i64,
     /// Live leaves by anchor index.
     by_anchor: HashMap<u16, u64>,
     /// Live instances by the face of their newest leaf (`meshca` for a stream without a leaf)
     /// and the newest bundle version they have been handed.
     by_version: BTreeMap<(Api, u64), u64>,
-    /// Leaves still live at `cut`, by notAfter: the next to expire first.
-    expiry: std::collections::BTreeSet<(i64, Key)>,
+    /// Every held leaf as (notAfter, slot): those whose notAfter the cut passes stop being live
+    /// (summaries), and compaction drops the expired from the front.
+    expiry: std::collections::BTreeSet<(u32, u32)>,
 }
 
 impl Default for Tally {
@@ -217,6 +287,52 @@ impl Default for Tally {
 /// One instance's share of the tally: the anchor of its live leaf, and its face and bundle
 /// version if it is live at all.
 type Contribution = (Option<u16>, Option<(Api, u64)>);
+
+/// A name as a new leaf gives it: a string (signing) or an index the caller already holds
+/// (replaying the file).
+#[derive(Debug, Clone, Copy)]
+enum Name<'a> {
+    Text(&'a str),
+    Held(u32),
+}
+
+/// A leaf about to be recorded, its strings not yet interned.
+#[derive(Debug, Clone, Copy)]
+struct Incoming<'a> {
+    key: Key,
+    serial: &'a str,
+    id: Name<'a>,
+    via: Option<Name<'a>>,
+    anchor: u16,
+    issuer: u16,
+    issued: i64,
+    not_after: i64,
+    version: u64,
+    api: Api,
+}
+
+/// A leaf the ledger holds, as the deny list and tests read it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLeaf {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// The SPIFFE ID in the leaf.
+    pub spiffe_id: String,
+    /// The anchor it chains to.
+    pub anchor: CertId,
+    /// When it was signed, Unix seconds.
+    pub issued: i64,
+    /// notAfter, Unix seconds.
+    pub not_after: i64,
+    /// The newest bundle version its instance has been handed.
+    pub bundle_version: u64,
+    /// Who asked on the workload's behalf.
+    pub via: Option<String>,
+    /// The issuer that signed it, when recorded.
+    pub issuer: Option<CertId>,
+    /// The face it was asked for on.
+    pub api: Api,
+}
 
 /// Bounds on the ledger (`0`: unlimited). Memory is the reason: ~450 bytes per instance
 /// with its incremental tally (docs/benchmarks.md), so 200,000 instances are ~90 MiB.
@@ -381,13 +497,20 @@ impl Ledger {
     pub fn new(complete_since: OffsetDateTime) -> Self {
         Self {
             complete_since,
-            leaves: HashMap::new(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            index: hashbrown::HashTable::new(),
+            ids: names::Names::default(),
+            vias: names::Names::default(),
+            odd_serials: HashMap::new(),
+            queued: Vec::new(),
             watches: HashMap::new(),
             anchors: Vec::new(),
+            anchors_written: Vec::new(),
             issuers: Vec::new(),
+            issuers_written: Vec::new(),
             partial: false,
             limits: LedgerLimits::default(),
-            per_identity: HashMap::new(),
             tally: Tally::default(),
             delivered: BTreeMap::new(),
         }
@@ -399,15 +522,28 @@ impl Ledger {
         *v = (*v).max(version);
     }
 
+    /// The slot holding instance `k`'s leaf.
+    fn slot_of(&self, k: Key) -> Option<u32> {
+        let w = pack(k);
+        let slots = &self.slots;
+        self.index
+            .find(key_hash(&w), |&s| slots[s as usize].key == w)
+            .copied()
+    }
+
+    fn leaf_of(&self, k: Key) -> Option<&Leaf> {
+        self.slot_of(k).map(|s| &self.slots[s as usize])
+    }
+
     /// Instance `k`'s contribution when leaves are live above `cut`.
-    fn contribution_at(&self, k: &Key, cut: i64) -> Contribution {
-        let leaf = self.leaves.get(k);
-        let watch = self.watches.get(k);
-        let leaf_live = leaf.is_some_and(|r| r.not_after > cut);
+    fn contribution_at(&self, k: Key, cut: i64) -> Contribution {
+        let leaf = self.leaf_of(k);
+        let watch = self.watches.get(&k);
+        let leaf_live = leaf.is_some_and(|r| i64::from(r.not_after) > cut);
         let version = (leaf_live || watch.is_some()).then(|| {
             (
                 leaf.map_or(Api::Meshca, |r| r.api),
-                leaf.map_or(0, |r| r.bundle_version)
+                leaf.map_or(0, |r| u64::from(r.version))
                     .max(watch.map_or(0, |w| w.version)),
             )
         });
@@ -438,20 +574,26 @@ impl Ledger {
         }
     }
 
+    /// Where instance `k` is in the expiry index: (notAfter, slot).
+    fn expiry_of(&self, k: Key) -> Option<(u32, u32)> {
+        self.slot_of(k)
+            .map(|s| (self.slots[s as usize].not_after, s))
+    }
+
     /// Applies `f`, a change to instance `k`, and moves `k`'s contribution in the tally.
     fn change<R>(&mut self, k: Key, f: impl FnOnce(&mut Self) -> R) -> R {
         let cut = self.tally.cut;
-        let before = self.contribution_at(&k, cut);
-        let old_na = self.leaves.get(&k).map(|r| r.not_after);
+        let before = self.contribution_at(k, cut);
+        let old = self.expiry_of(k);
         let r = f(self);
-        let after = self.contribution_at(&k, cut);
-        let new_na = self.leaves.get(&k).map(|r| r.not_after);
-        if old_na != new_na {
-            if let Some(na) = old_na {
-                self.tally.expiry.remove(&(na, k));
+        let after = self.contribution_at(k, cut);
+        let new = self.expiry_of(k);
+        if old != new {
+            if let Some(e) = old {
+                self.tally.expiry.remove(&e);
             }
-            if let Some(na) = new_na.filter(|na| *na > cut) {
-                self.tally.expiry.insert((na, k));
+            if let Some(e) = new {
+                self.tally.expiry.insert(e);
             }
         }
         self.count(before, false);
@@ -465,17 +607,24 @@ impl Ledger {
         if cut <= old {
             return;
         }
-        while let Some(&(na, k)) = self.tally.expiry.first() {
-            if na > cut {
-                break;
-            }
-            self.tally.expiry.pop_first();
-            let before = self.contribution_at(&k, old);
-            let after = self.contribution_at(&k, cut);
+        self.tally.cut = cut;
+        if cut < 0 || old >= i64::from(u32::MAX) {
+            return;
+        }
+        let passing: Vec<u32> = self
+            .tally
+            .expiry
+            .range((secs(old.saturating_add(1)), 0)..=(secs(cut), u32::MAX))
+            .filter(|(na, _)| i64::from(*na) > old)
+            .map(|&(_, s)| s)
+            .collect();
+        for s in passing {
+            let k = unpack(self.slots[s as usize].key);
+            let before = self.contribution_at(k, old);
+            let after = self.contribution_at(k, cut);
             self.count(before, false);
             self.count(after, true);
         }
-        self.tally.cut = cut;
     }
 
     /// Sets its bounds.
@@ -487,10 +636,10 @@ impl Ledger {
     /// a new one not when its identity already holds `max_per_identity` instances.
     pub fn admit(&self, spiffe_id: &str, instance: &str) -> Result<(), TooManyInstances> {
         let cap = self.limits.max_per_identity;
-        if cap == 0 || self.leaves.contains_key(&key(spiffe_id, instance)) {
+        if cap == 0 || self.slot_of(key(spiffe_id, instance)).is_some() {
             return Ok(());
         }
-        let held = self.per_identity.get(spiffe_id).copied().unwrap_or(0);
+        let held = self.ids.find(spiffe_id).map_or(0, |i| self.ids.refs(i));
         if usize::try_from(held).unwrap_or(usize::MAX) >= cap {
             return Err(TooManyInstances {
                 spiffe_id: spiffe_id.to_owned(),
@@ -511,6 +660,7 @@ impl Ledger {
             return u16::try_from(i).unwrap_or(u16::MAX);
         }
         self.anchors.push(a.clone());
+        self.anchors_written.push(false);
         u16::try_from(self.anchors.len() - 1).unwrap_or(u16::MAX)
     }
 
@@ -519,7 +669,15 @@ impl Ledger {
             return u16::try_from(n).unwrap_or(u16::MAX);
         }
         self.issuers.push(i.clone());
+        self.issuers_written.push(false);
         u16::try_from(self.issuers.len() - 1).unwrap_or(u16::MAX)
+    }
+
+    /// The held leaves (free slots skipped), with their slot numbers.
+    fn held(&self) -> impl Iterator<Item = (u32, &Leaf)> {
+        (0u32..)
+            .zip(&self.slots)
+            .filter(|(_, l)| l.id != FREE)
     }
 
     /// Leaves signed by `issuer` that have not expired at `now` (Unix seconds), and the last
@@ -530,27 +688,35 @@ impl Ledger {
             return (0, None);
         };
         let idx = u16::try_from(idx).unwrap_or(u16::MAX);
-        self.leaves
-            .values()
-            .filter(|e| e.issuer == idx && e.not_after > now)
+        self.held()
+            .map(|(_, l)| l)
+            .filter(|e| e.issuer == idx && i64::from(e.not_after) > now)
             .fold((0, None), |(n, last), e| {
-                (
-                    n + 1,
-                    Some(last.map_or(e.not_after, |l: i64| l.max(e.not_after))),
-                )
+                let na = i64::from(e.not_after);
+                (n + 1, Some(last.map_or(na, |l: i64| l.max(na))))
             })
     }
 
-    fn to_record(&self, e: &Entry) -> LeafRecord {
-        LeafRecord {
-            serial: e.serial.to_string(),
-            spiffe_id: e.spiffe_id.to_string(),
-            instance: e.instance.to_string(),
+    fn serial_of(&self, slot: u32, e: &Leaf) -> String {
+        if e.serial_len == ODD_SERIAL {
+            return self
+                .odd_serials
+                .get(&slot)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+        }
+        hex::encode(&e.serial[..usize::from(e.serial_len.min(16))])
+    }
+
+    fn to_held(&self, slot: u32, e: &Leaf) -> HeldLeaf {
+        HeldLeaf {
+            serial: self.serial_of(slot, e),
+            spiffe_id: self.ids.get(e.id).to_owned(),
             anchor: self.anchors[usize::from(e.anchor)].clone(),
-            issued: e.issued,
-            not_after: e.not_after,
-            bundle_version: e.bundle_version,
-            via: e.via.as_deref().map(str::to_owned),
+            issued: i64::from(e.issued),
+            not_after: i64::from(e.not_after),
+            bundle_version: u64::from(e.version),
+            via: (e.via != NONE).then(|| self.vias.get(e.via).to_owned()),
             issuer: self.issuers.get(usize::from(e.issuer)).cloned(),
             api: e.api,
         }
@@ -577,45 +743,137 @@ impl Ledger {
     /// while the ledger holds `max_instances` is dropped, and the ledger is complete only from
     /// its issue time on.
     pub fn record(&mut self, r: LeafRecord) -> Recorded {
-        let k = key(&r.spiffe_id, &r.instance);
+        let anchor = self.anchor_index(&r.anchor);
+        let issuer = r.issuer.as_ref().map_or(u16::MAX, |i| self.issuer_index(i));
+        self.put(Incoming {
+            key: key(&r.spiffe_id, &r.instance),
+            serial: &r.serial,
+            id: Name::Text(&r.spiffe_id),
+            via: r.via.as_deref().map(Name::Text),
+            anchor,
+            issuer,
+            issued: r.issued,
+            not_after: r.not_after,
+            version: r.bundle_version,
+            api: r.api,
+        })
+    }
+
+    fn hold(names: &mut names::Names, n: Name<'_>) -> u32 {
+        match n {
+            Name::Text(s) => names.hold(s),
+            Name::Held(i) => {
+                names.hold_index(i);
+                i
+            }
+        }
+    }
+
+    fn queue(&mut self, slot: u32) {
+        let l = &mut self.slots[slot as usize];
+        if !l.queued {
+            l.queued = true;
+            self.queued.push(slot);
+        }
+    }
+
+    /// Records `r` (see [`Ledger::record`]).
+    fn put(&mut self, r: Incoming<'_>) -> Recorded {
+        let k = r.key;
         let cap = self.limits.max_instances;
-        if cap != 0 && self.leaves.len() >= cap && !self.leaves.contains_key(&k) {
+        if cap != 0 && self.len() >= cap && self.slot_of(k).is_none() {
             if let Ok(t) = OffsetDateTime::from_unix_timestamp(r.issued) {
                 self.complete_since = self.complete_since.max(t);
             }
             return Recorded::DroppedFull;
         }
-        let anchor = self.anchor_index(&r.anchor);
-        let issuer = r.issuer.as_ref().map_or(u16::MAX, |i| self.issuer_index(i));
-        let e = Entry {
-            serial: r.serial.into_boxed_str(),
-            spiffe_id: r.spiffe_id.into_boxed_str(),
-            instance: r.instance.into_boxed_str(),
-            anchor,
-            issued: r.issued,
-            not_after: r.not_after,
-            bundle_version: r.bundle_version,
-            via: r.via.map(String::into_boxed_str),
-            issuer,
-            api: r.api,
-        };
-        self.change(k, |s| match s.leaves.get_mut(&k) {
-            // Records arrive (and are replayed from the log) in signing order; a record signed
-            // in an earlier second than the one held is stale.
-            Some(old) if old.issued > e.issued => {
-                old.bundle_version = old.bundle_version.max(e.bundle_version);
+        let (serial, serial_len) = serial_bytes(r.serial);
+        let version = u32::try_from(r.version).unwrap_or(u32::MAX);
+        self.change(k, |s| {
+            let slot = match s.slot_of(k) {
+                // Records arrive (and are replayed from the log) in signing order; a record
+                // signed in an earlier second than the one held is stale.
+                Some(slot) if i64::from(s.slots[slot as usize].issued) > r.issued => {
+                    let l = &mut s.slots[slot as usize];
+                    l.version = l.version.max(version);
+                    slot
+                }
+                Some(slot) => {
+                    let via = r.via.map_or(NONE, |v| Self::hold(&mut s.vias, v));
+                    let l = &mut s.slots[slot as usize];
+                    let old_via = std::mem::replace(&mut l.via, via);
+                    l.version = l.version.max(version);
+                    (l.serial, l.serial_len) = (serial, serial_len);
+                    (l.issued, l.not_after) = (secs(r.issued), secs(r.not_after));
+                    (l.anchor, l.issuer, l.api) = (r.anchor, r.issuer, r.api);
+                    if old_via != NONE {
+                        s.vias.release(old_via);
+                    }
+                    slot
+                }
+                None => s.insert(&r, serial, serial_len, version),
+            };
+            if serial_len == ODD_SERIAL {
+                s.odd_serials.insert(slot, r.serial.into());
+            } else {
+                s.odd_serials.remove(&slot);
             }
-            Some(old) => {
-                let v = old.bundle_version.max(e.bundle_version);
-                *old = e;
-                old.bundle_version = v;
-            }
-            None => {
-                *s.per_identity.entry(e.spiffe_id.clone()).or_default() += 1;
-                s.leaves.insert(k, e);
-            }
+            s.queue(slot);
         });
         Recorded::Kept
+    }
+
+    /// Puts a new instance's leaf in a slot.
+    fn insert(&mut self, r: &Incoming<'_>, serial: [u8; 16], serial_len: u8, version: u32) -> u32 {
+        let leaf = Leaf {
+            key: pack(r.key),
+            serial,
+            id: Self::hold(&mut self.ids, r.id),
+            via: r.via.map_or(NONE, |v| Self::hold(&mut self.vias, v)),
+            issued: secs(r.issued),
+            not_after: secs(r.not_after),
+            version,
+            anchor: r.anchor,
+            issuer: r.issuer,
+            serial_len,
+            api: r.api,
+            queued: false,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.slots[s as usize] = leaf;
+                s
+            }
+            None => {
+                self.slots.push(leaf);
+                u32::try_from(self.slots.len() - 1).unwrap_or(FREE)
+            }
+        };
+        let slots = &self.slots;
+        self.index
+            .insert_unique(key_hash(&leaf.key), slot, |&s| {
+                key_hash(&slots[s as usize].key)
+            });
+        slot
+    }
+
+    /// Empties a slot.
+    fn remove(&mut self, slot: u32) {
+        let l = self.slots[slot as usize];
+        if l.id == FREE {
+            return;
+        }
+        if let Ok(e) = self.index.find_entry(key_hash(&l.key), |&s| s == slot) {
+            e.remove();
+        }
+        self.ids.release(l.id);
+        if l.via != NONE {
+            self.vias.release(l.via);
+        }
+        self.odd_serials.remove(&slot);
+        let freed = &mut self.slots[slot as usize];
+        (freed.id, freed.via, freed.queued) = (FREE, NONE, false);
+        self.free_slots.push(slot);
     }
 
     /// An authenticated bundle stream for an instance opened.
@@ -631,8 +889,12 @@ impl Ledger {
             if let Some(w) = s.watches.get_mut(&k) {
                 w.version = w.version.max(version);
             }
-            if let Some(l) = s.leaves.get_mut(&k) {
-                l.bundle_version = l.bundle_version.max(version);
+            if let Some(slot) = s.slot_of(k) {
+                let l = &mut s.slots[slot as usize];
+                l.version = l
+                    .version
+                    .max(u32::try_from(version).unwrap_or(u32::MAX));
+                s.queue(slot);
             }
         });
     }
@@ -651,43 +913,49 @@ impl Ledger {
     }
 
     /// Drops leaves no verifier accepts any more (`notAfter + clock_skew <= now`); returns how
-    /// many it dropped.
+    /// many it dropped. O(dropped): they are the front of the expiry index. A queued leaf it
+    /// drops is not written: a file writer writes the queue first.
     pub fn compact(&mut self, now: OffsetDateTime, clock_skew: Duration) -> usize {
         let cut = (now - clock_skew).unix_timestamp();
-        let gone: Vec<Key> = self
-            .leaves
-            .iter()
-            .filter(|(_, r)| r.not_after <= cut)
-            .map(|(k, _)| *k)
+        if cut < 0 {
+            return 0;
+        }
+        let gone: Vec<u32> = self
+            .tally
+            .expiry
+            .range(..=(secs(cut), u32::MAX))
+            .map(|&(_, s)| s)
             .collect();
-        for k in &gone {
-            self.change(*k, |s| {
-                if let Some(r) = s.leaves.remove(k)
-                    && let Some(n) = s.per_identity.get_mut(&r.spiffe_id)
-                {
-                    *n -= 1;
-                    if *n == 0 {
-                        s.per_identity.remove(&r.spiffe_id);
-                    }
-                }
-            });
+        for &slot in &gone {
+            let k = unpack(self.slots[slot as usize].key);
+            self.change(k, |s| s.remove(slot));
         }
         gone.len()
     }
 
     /// The newest leaf of every instance (live or not yet compacted).
-    pub fn records(&self) -> impl Iterator<Item = LeafRecord> + '_ {
-        self.leaves.values().map(|e| self.to_record(e))
+    pub fn records(&self) -> impl Iterator<Item = HeldLeaf> + '_ {
+        self.held().map(|(s, e)| self.to_held(s, e))
     }
 
     /// How many instances have a record.
     pub fn len(&self) -> usize {
-        self.leaves.len()
+        self.slots.len() - self.free_slots.len()
     }
 
     /// Whether the ledger holds no record.
     pub fn is_empty(&self) -> bool {
-        self.leaves.is_empty()
+        self.len() == 0
+    }
+
+    /// Leaves changed since the file last had them.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// SPIFFE IDs with a record.
+    pub fn identities(&self) -> usize {
+        self.ids.len()
     }
 
     /// The gates' view at `now`, counting instances handed `min_version` or newer, from the
@@ -716,6 +984,17 @@ impl Ledger {
             min_version,
             &self.delivered,
         );
+        self.summary_of(live_leaves, by_api, leaf_ttl_max, clock_skew, min_version)
+    }
+
+    fn summary_of(
+        &self,
+        live_leaves: BTreeMap<CertId, u64>,
+        by_api: BTreeMap<Api, ApiConvergence>,
+        leaf_ttl_max: Duration,
+        clock_skew: Duration,
+        min_version: u64,
+    ) -> LedgerSummary {
         LedgerSummary {
             complete_since: self.complete_since,
             trustworthy_at: self.trustworthy_at(leaf_ttl_max, clock_skew),
@@ -742,40 +1021,29 @@ impl Ledger {
         let cut = (now - clock_skew).unix_timestamp();
         let mut live_leaves = BTreeMap::new();
         let mut workloads = Vec::new();
-        for (k, r) in &self.leaves {
-            let leaf_live = r.not_after > cut;
+        for (_, r) in self.held() {
+            let k = unpack(r.key);
+            let leaf_live = i64::from(r.not_after) > cut;
             if leaf_live {
                 *live_leaves
                     .entry(self.anchors[usize::from(r.anchor)].clone())
                     .or_insert(0) += 1;
             }
-            let watch = self.watches.get(k);
+            let watch = self.watches.get(&k);
             if leaf_live || watch.is_some() {
-                let v = r.bundle_version.max(watch.map_or(0, |w| w.version));
+                let v = u64::from(r.version).max(watch.map_or(0, |w| w.version));
                 workloads.push((r.api, v, 1));
             }
         }
-        for (k, w) in &self.watches {
-            if !self.leaves.contains_key(k) {
-                workloads.push((Api::Meshca, w.version, 1));
+        for k in self.watches.keys() {
+            if self.slot_of(*k).is_none() {
+                workloads.push((Api::Meshca, self.watches[k].version, 1));
             }
         }
         let by_api = convergence(workloads, min_version, &self.delivered);
-        LedgerSummary {
-            complete_since: self.complete_since,
-            trustworthy_at: self.trustworthy_at(leaf_ttl_max, clock_skew),
-            live_leaves,
-            live_workloads: by_api.values().map(|c| c.live_workloads).sum(),
-            workloads_current: by_api.values().map(|c| c.workloads_current).sum(),
-            min_version,
-            by_api,
-            partial: self.partial,
-            restart_bound: RestartBound::NotTracked,
-            revoked_issuers: Vec::new(),
-        }
+        self.summary_of(live_leaves, by_api, leaf_ttl_max, clock_skew, min_version)
     }
 }
-
 /// Live and current workloads per face, from `(face, bundle version, instances)` counts and
 /// what each face delivered out of band.
 fn convergence(

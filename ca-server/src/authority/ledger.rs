@@ -1,22 +1,26 @@
-//! The issuance ledger on disk: `<state-dir>/ledger.log`, one JSON line per leaf, written in
-//! batches by a background task so that no disk write is on the signing path.
+//! The issuance ledger on disk: `<state-dir>/ledger.log`, written in batches by a background
+//! task so that no disk write is on the signing path. The format (version 2, binary: fixed-size
+//! leaf records, each string written once) is [`rotator::ledger::read_file`]'s; a version-1 file
+//! (one JSON line per leaf, before #28) is read at start and rewritten as version 2.
 //!
-//! The signing path only locks a mutex to update the in-memory [`Ledger`] and queue the record.
-//! [`LedgerHandle::flush`] (every [`FLUSH_EVERY`], and at shutdown) appends the queued records and
-//! fsyncs; when the file holds more than twice the live records it is rewritten with only the
-//! live ones (atomic replace). A clean shutdown appends a `closed` line.
+//! The signing path only locks a mutex to update the in-memory [`Ledger`], which queues the
+//! changed leaf. [`LedgerHandle::flush`] (every [`FLUSH_EVERY`], and at shutdown) appends the
+//! queued leaves as one checksummed frame and fsyncs; when the file holds more than twice the
+//! live records it is rewritten with only the live ones (atomic replace). A clean shutdown
+//! appends a closing frame.
 //!
 //! Loading is conservative: a missing, unreadable or uncleanly closed log (a crash may have
 //! lost the last batch) makes the ledger *complete only from now*, so the gates fall back to
 //! time until every leaf signed before has expired — and say so.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use rotator::ledger::{LeafRecord, Ledger, LedgerSummary, Recorded, TooManyInstances};
+use rotator::pki::CertId;
 use rotator::store::write_atomic;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -28,12 +32,14 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// How long a scrape's ledger summary is reused.
 pub const SCRAPE_SUMMARY_MAX_AGE: Duration = Duration::from_secs(1);
 
+/// A version-1 file's first line.
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
     ledger: u32,
     complete_since: i64,
 }
 
+/// A version-1 file's closing line.
 #[derive(Debug, Serialize, Deserialize)]
 struct Closed {
     closed: bool,
@@ -55,9 +61,8 @@ pub enum Loaded {
 
 struct Inner {
     ledger: Ledger,
-    queued: Vec<LeafRecord>,
     file: Option<File>,
-    lines_in_file: usize,
+    records_in_file: usize,
     /// A write failed: the file may lack records, so the next flush rewrites it.
     needs_rewrite: bool,
 }
@@ -80,11 +85,21 @@ impl std::fmt::Debug for LedgerHandle {
 }
 
 fn read_log(path: &Path) -> Result<(Ledger, bool, usize), String> {
-    let f = File::open(path).map_err(|e| e.to_string())?;
-    parse_log(BufReader::new(f))
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    read_bytes(&bytes)
 }
 
-/// Replays a ledger file's lines: the ledger, whether it was closed cleanly, how many records.
+/// Replays a ledger file of either version: the ledger, whether it was closed cleanly, how
+/// many records.
+pub(crate) fn read_bytes(bytes: &[u8]) -> Result<(Ledger, bool, usize), String> {
+    if bytes.starts_with(rotator::ledger::MAGIC) {
+        let r = rotator::ledger::read_file(bytes)?;
+        return Ok((r.ledger, r.closed, r.records));
+    }
+    parse_log(bytes)
+}
+
+/// Replays a version-1 file's lines: the ledger, whether it was closed cleanly, how many records.
 pub(crate) fn parse_log(r: impl BufRead) -> Result<(Ledger, bool, usize), String> {
     let mut lines = r.lines();
     let first = lines.next().ok_or("empty")?.map_err(|e| e.to_string())?;
@@ -101,6 +116,10 @@ pub(crate) fn parse_log(r: impl BufRead) -> Result<(Ledger, bool, usize), String
             return Err(format!("line {}: records after the closing line", i + 2));
         }
         if let Ok(r) = serde_json::from_str::<LeafRecord>(&line) {
+            let ids = std::iter::once(&r.anchor).chain(r.issuer.as_ref());
+            if let Some(bad) = ids.map(CertId::as_str).find(|s| !CertId::is_well_formed(s)) {
+                return Err(format!("line {}: {bad:?} is not a certificate id", i + 2));
+            }
             l.record(r);
             n += 1;
         } else if serde_json::from_str::<Closed>(&line).is_ok_and(|c| c.closed) {
@@ -159,9 +178,8 @@ impl LedgerHandle {
             summaries: Default::default(),
             inner: Mutex::new(Inner {
                 ledger,
-                queued: Vec::new(),
                 file: None,
-                lines_in_file: 0,
+                records_in_file: 0,
                 needs_rewrite: false,
             }),
         };
@@ -174,15 +192,13 @@ impl LedgerHandle {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a leaf (memory only; the next flush writes it). A leaf the full ledger drops is
-    /// not written either (the ledger is complete only from then on, in memory and, through
-    /// the next rewrite's header, on disk).
+    /// Records a leaf (memory only; the ledger queues it and the next flush writes it). A leaf
+    /// the full ledger drops is not written either (the ledger is complete only from then on,
+    /// in memory and, through the next rewrite's header, on disk).
     pub fn record(&self, r: LeafRecord) -> Recorded {
         let mut i = self.lock();
-        let kept = i.ledger.record(r.clone());
-        if kept == Recorded::Kept {
-            i.queued.push(r);
-        } else {
+        let kept = i.ledger.record(r);
+        if kept != Recorded::Kept {
             i.needs_rewrite = true;
         }
         kept
@@ -255,74 +271,65 @@ impl LedgerHandle {
         self.len() == 0
     }
 
-    /// Writes the whole ledger afresh (header + one line per record), atomically.
+    /// Writes the whole ledger afresh (header + every held leaf), atomically.
     fn rewrite(&self) -> std::io::Result<()> {
         let mut i = self.lock();
-        let mut out = serde_json::to_string(&Header {
-            ledger: 1,
-            complete_since: i.ledger.complete_since().unix_timestamp(),
-        })?;
-        out.push('\n');
-        for r in i.ledger.records() {
-            out.push_str(&serde_json::to_string(&r)?);
-            out.push('\n');
-        }
-        let n = i.ledger.len();
-        write_atomic(&self.path, out.as_bytes(), 0o600).map_err(std::io::Error::other)?;
-        i.queued.clear();
+        let mut out = Vec::with_capacity(64 + i.ledger.len() * 64);
+        let n = i.ledger.write_all(&mut out);
+        write_atomic(&self.path, &out, 0o600).map_err(std::io::Error::other)?;
         i.file = Some(OpenOptions::new().append(true).open(&self.path)?);
-        i.lines_in_file = n;
+        i.records_in_file = n;
         i.needs_rewrite = false;
         Ok(())
     }
 
-    /// Drops expired records, then writes queued records (append + fdatasync), or rewrites the
-    /// file when it holds more than twice the live records. Blocking: call from a blocking task.
+    /// Drops expired records, then appends the queued ones as one frame (append +
+    /// fdatasync), or rewrites the file when it holds more than twice the live records.
+    /// Blocking: call from a blocking task.
     pub fn flush(&self, now: OffsetDateTime, clock_skew: Duration) -> std::io::Result<()> {
-        let (batch, rewrite) = {
+        let (buf, n, file) = {
             let mut i = self.lock();
+            // The queue first: a renewal the compaction then drops is in the file as it was
+            // last, not as the one before it.
+            let mut buf = Vec::new();
+            let n = i.ledger.write_queued(&mut buf);
             i.ledger.compact(now, clock_skew);
-            let batch = std::mem::take(&mut i.queued);
-            let rewrite =
-                i.needs_rewrite || i.lines_in_file + batch.len() > 2 * i.ledger.len() + 1024;
-            (batch, rewrite)
-        };
-        if rewrite {
-            let r = self.rewrite();
-            if r.is_err() {
-                self.lock().needs_rewrite = true;
+            let rewrite = i.needs_rewrite || i.records_in_file + n > 2 * i.ledger.len() + 1024;
+            if rewrite {
+                drop(i);
+                let r = self.rewrite();
+                if r.is_err() {
+                    self.lock().needs_rewrite = true;
+                }
+                return r;
             }
-            return r;
-        }
-        if batch.is_empty() {
+            (buf, n, i.file.as_ref().map(File::try_clone).transpose())
+        };
+        if n == 0 {
             return Ok(());
         }
-        let mut buf = String::with_capacity(batch.len() * 160);
-        for r in &batch {
-            buf.push_str(&serde_json::to_string(r)?);
-            buf.push('\n');
-        }
-        let file = self.lock().file.as_ref().map(File::try_clone).transpose()?;
-        let Some(mut f) = file else {
-            return Err(std::io::Error::other("the ledger file is not open"));
-        };
-        let r = rotator::store::io_faults::hit(&self.path, rotator::store::io_faults::Stage::Write)
-            .and_then(|()| f.write_all(buf.as_bytes()))
-            .and_then(|()| f.sync_data());
+        let r = file
+            .and_then(|f| f.ok_or_else(|| std::io::Error::other("the ledger file is not open")))
+            .and_then(|mut f| {
+                rotator::store::io_faults::hit(&self.path, rotator::store::io_faults::Stage::Write)?;
+                f.write_all(&buf)?;
+                f.sync_data()
+            });
         let mut i = self.lock();
         match r {
-            Ok(()) => i.lines_in_file += batch.len(),
+            Ok(()) => i.records_in_file += n,
+            // The leaves are no longer queued: the rewrite writes them all.
             Err(_) => i.needs_rewrite = true,
         }
         r
     }
 
-    /// Flushes and appends the closing line: the next start may trust the ledger as complete.
+    /// Flushes and appends the closing frame: the next start may trust the ledger as complete.
     pub fn close(&self, now: OffsetDateTime, clock_skew: Duration) -> std::io::Result<()> {
         self.flush(now, clock_skew)?;
         let file = self.lock().file.take();
         if let Some(mut f) = file {
-            f.write_all(b"{\"closed\":true}\n")?;
+            f.write_all(&rotator::ledger::closed_frame())?;
             f.sync_data()?;
         }
         Ok(())
@@ -369,10 +376,12 @@ mod tests {
         }
         l.flush(now, Duration::from_secs(300)).unwrap();
         let size = std::fs::metadata(l.path()).unwrap().len();
-        assert!(size < 50 * 1024 * 1024, "{size} bytes");
+        println!("{} bytes per leaf", size / 100_000);
+        // A leaf is 60 bytes; each of these has its own SPIFFE ID (~50 bytes, written once).
+        assert!(size < 100_000 * 120, "{size} bytes");
         assert!(
             size > 100_000 * 100,
-            "every record is on disk: {size} bytes"
+            "every record and identity is on disk: {size} bytes"
         );
         l.close(now, Duration::from_secs(300)).unwrap();
         let (again, loaded) =
@@ -396,15 +405,69 @@ mod tests {
             }
             l.flush(now, skew).unwrap();
         }
-        let lines = std::fs::read_to_string(l.path()).unwrap().lines().count();
+        let (_, _, records) = read_bytes(&std::fs::read(l.path()).unwrap()).unwrap();
         assert!(
-            lines < 2 * 10 + 1024 + 20,
-            "{lines} lines for 10 live records"
+            (10..2 * 10 + 1024 + 20).contains(&records),
+            "{records} records in the file for 10 live ones"
         );
         assert_eq!(l.len(), 10);
         let later = now + Duration::from_secs(3 * 86400);
         l.flush(later, skew).unwrap();
         assert!(l.is_empty(), "expired leaves are dropped");
+    }
+
+    /// A `ledger.log` as meshca wrote it before #28 (version 1: a JSON line per leaf) is read
+    /// at start, as complete as it was, and rewritten in version 2.
+    #[test]
+    fn a_version_one_file_is_read_and_rewritten_as_version_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let skew = Duration::from_secs(300);
+        let since = now - Duration::from_secs(7200);
+        let mut v1 = format!(
+            "{{\"ledger\":1,\"complete_since\":{}}}\n",
+            since.unix_timestamp()
+        );
+        let mut written = Vec::new();
+        for i in 0..50 {
+            let mut r = record(i, now);
+            r.via = (i % 5 == 0).then(|| "k8s:istio-system/ztunnel@node-a".to_owned());
+            r.issuer = (i % 2 == 0).then(|| CertId::of(b"issuer"));
+            r.api = rotator::ledger::Api::ALL[i % 4];
+            v1.push_str(&serde_json::to_string(&r).unwrap());
+            v1.push('\n');
+            written.push(r);
+        }
+        v1.push_str("{\"closed\":true}\n");
+        std::fs::write(dir.path().join(LEDGER_FILE), &v1).unwrap();
+
+        let (l, loaded) = LedgerHandle::open(dir.path(), false, now, skew).unwrap();
+        assert_eq!(loaded, Loaded::Clean { records: 50 });
+        let bytes = std::fs::read(l.path()).unwrap();
+        assert!(bytes.starts_with(rotator::ledger::MAGIC), "rewritten as version 2");
+        assert!(bytes.len() < v1.len() * 6 / 10, "{} bytes, {} before", bytes.len(), v1.len());
+        let mut held: Vec<_> = l.with(|l| l.records().collect());
+        held.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        written.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        assert_eq!(held.len(), 50);
+        for (h, w) in held.iter().zip(&written) {
+            assert_eq!(
+                (&h.serial, &h.spiffe_id, &h.anchor, h.issued, h.not_after),
+                (&w.serial, &w.spiffe_id, &w.anchor, w.issued, w.not_after)
+            );
+            assert_eq!((h.bundle_version, &h.via, &h.issuer, h.api), (w.bundle_version, &w.via, &w.issuer, w.api));
+        }
+        assert_eq!(
+            l.summary(now, Duration::from_secs(3600), skew, 1)
+                .complete_since
+                .unix_timestamp(),
+            since.unix_timestamp(),
+            "as complete as the old file said"
+        );
+        l.close(now, skew).unwrap();
+        let (again, loaded) = LedgerHandle::open(dir.path(), false, now, skew).unwrap();
+        assert_eq!(loaded, Loaded::Clean { records: 50 });
+        assert_eq!(again.len(), 50);
     }
 
     #[test]

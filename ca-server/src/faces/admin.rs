@@ -509,7 +509,7 @@ impl AdminService for Admin {
 }
 
 /// A live leaf in the deny and revocation lists.
-fn leaf_json(r: &rotator::ledger::LeafRecord) -> serde_json::Value {
+fn leaf_json(r: &rotator::ledger::HeldLeaf) -> serde_json::Value {
     serde_json::json!({
         "spiffe_id": r.spiffe_id, "serial": r.serial,
         "not_after": time::OffsetDateTime::from_unix_timestamp(r.not_after)
