@@ -21,6 +21,9 @@ use rotator::client::{channel, client_tls, make_csr, read_pem_certs, verify_svid
 use rotator::pki::SecretKey;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
+mod common;
+use common::{Child, cpu_secs, median, percentile, rss_kib, spawn_server};
+
 struct Args {
     rounds: usize,
     connections: usize,
@@ -61,35 +64,6 @@ fn parse_args() -> Args {
         a.server = Some((u, b, t));
     }
     a
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
-}
-
-/// CPU seconds (user + system) used so far by `pid` ("self" for this process).
-fn cpu_secs(pid: &str) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at ") ".
-    let rest = s.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name; 100 ticks/s.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// The signing core alone on this thread: CSR parse + verify, leaf sign. Certs per second.
@@ -187,52 +161,6 @@ fn target(a: &Args) -> Target {
         _child: Some(p),
         _dir: Some(dir),
     }
-}
-
-/// The server child process; killed when dropped.
-struct Child {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_server(mut cmd: std::process::Command) -> Child {
-    use std::io::{BufRead, BufReader};
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd
-        .spawn()
-        .expect("start meshca-server (build it with cargo build --release first)");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut banner = String::new();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        banner.push_str(&l);
-        banner.push('\n');
-        if l.starts_with("Issue a certificate") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let field = |p: &str| {
-        banner
-            .lines()
-            .find_map(|l| {
-                l.trim()
-                    .strip_prefix(p)
-                    .map(|r| r.split_whitespace().next().unwrap().to_owned())
-            })
-            .unwrap()
-    };
-    let url = field("gRPC (TLS)");
-    Child { child, url }
 }
 
 /// Closed loop (`rate = None`: as fast as possible) or open loop at `rate` req/s, where latency is
@@ -334,11 +262,6 @@ async fn drive(t: &Target, a: &Args, rate: Option<f64>) -> (f64, Vec<u32>, Vec<u
     all.sort_unstable();
     svc.sort_unstable();
     (all.len() as f64 / elapsed, all, svc, errors)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

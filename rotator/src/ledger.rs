@@ -198,7 +198,8 @@ fn serial_bytes(s: &str) -> ([u8; 16], u8) {
     let mut out = [0u8; 16];
     let hexish = s.len() % 2 == 0
         && s.len() <= 32
-        && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
     if !hexish {
         return ([0; 16], ODD_SERIAL);
     }
@@ -334,8 +335,9 @@ pub struct HeldLeaf {
     pub api: Api,
 }
 
-/// Bounds on the ledger (`0`: unlimited). Memory is the reason: ~450 bytes per instance
-/// with its incremental tally (docs/benchmarks.md), so 200,000 instances are ~90 MiB.
+/// Bounds on the ledger (`0`: unlimited). Memory is the reason: ~95 bytes per instance when
+/// ten or more share a SPIFFE ID, ~170 when each has its own, the incremental tally included
+/// (docs/benchmarks.md): the default 500,000 instances are 45–81 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LedgerLimits {
     /// Instances held in all. A leaf signed while it is full is not recorded, and the ledger is
@@ -675,9 +677,7 @@ impl Ledger {
 
     /// The held leaves (free slots skipped), with their slot numbers.
     fn held(&self) -> impl Iterator<Item = (u32, &Leaf)> {
-        (0u32..)
-            .zip(&self.slots)
-            .filter(|(_, l)| l.id != FREE)
+        (0u32..).zip(&self.slots).filter(|(_, l)| l.id != FREE)
     }
 
     /// Leaves signed by `issuer` that have not expired at `now` (Unix seconds), and the last
@@ -850,10 +850,9 @@ impl Ledger {
             }
         };
         let slots = &self.slots;
-        self.index
-            .insert_unique(key_hash(&leaf.key), slot, |&s| {
-                key_hash(&slots[s as usize].key)
-            });
+        self.index.insert_unique(key_hash(&leaf.key), slot, |&s| {
+            key_hash(&slots[s as usize].key)
+        });
         slot
     }
 
@@ -891,9 +890,7 @@ impl Ledger {
             }
             if let Some(slot) = s.slot_of(k) {
                 let l = &mut s.slots[slot as usize];
-                l.version = l
-                    .version
-                    .max(u32::try_from(version).unwrap_or(u32::MAX));
+                l.version = l.version.max(u32::try_from(version).unwrap_or(u32::MAX));
                 s.queue(slot);
             }
         });

@@ -311,7 +311,10 @@ impl LedgerHandle {
         let r = file
             .and_then(|f| f.ok_or_else(|| std::io::Error::other("the ledger file is not open")))
             .and_then(|mut f| {
-                rotator::store::io_faults::hit(&self.path, rotator::store::io_faults::Stage::Write)?;
+                rotator::store::io_faults::hit(
+                    &self.path,
+                    rotator::store::io_faults::Stage::Write,
+                )?;
                 f.write_all(&buf)?;
                 f.sync_data()
             });
@@ -444,8 +447,16 @@ mod tests {
         let (l, loaded) = LedgerHandle::open(dir.path(), false, now, skew).unwrap();
         assert_eq!(loaded, Loaded::Clean { records: 50 });
         let bytes = std::fs::read(l.path()).unwrap();
-        assert!(bytes.starts_with(rotator::ledger::MAGIC), "rewritten as version 2");
-        assert!(bytes.len() < v1.len() * 6 / 10, "{} bytes, {} before", bytes.len(), v1.len());
+        assert!(
+            bytes.starts_with(rotator::ledger::MAGIC),
+            "rewritten as version 2"
+        );
+        assert!(
+            bytes.len() < v1.len() * 6 / 10,
+            "{} bytes, {} before",
+            bytes.len(),
+            v1.len()
+        );
         let mut held: Vec<_> = l.with(|l| l.records().collect());
         held.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
         written.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
@@ -455,7 +466,10 @@ mod tests {
                 (&h.serial, &h.spiffe_id, &h.anchor, h.issued, h.not_after),
                 (&w.serial, &w.spiffe_id, &w.anchor, w.issued, w.not_after)
             );
-            assert_eq!((h.bundle_version, &h.via, &h.issuer, h.api), (w.bundle_version, &w.via, &w.issuer, w.api));
+            assert_eq!(
+                (h.bundle_version, &h.via, &h.issuer, h.api),
+                (w.bundle_version, &w.via, &w.issuer, w.api)
+            );
         }
         assert_eq!(
             l.summary(now, Duration::from_secs(3600), skew, 1)

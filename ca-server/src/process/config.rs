@@ -559,7 +559,8 @@ pub struct LimitsConfig {
     pub node_agent_issue_rate: u32,
     /// See `node_agent_issue_rate`.
     pub node_agent_issue_burst: u32,
-    /// Instances the issuance ledger holds in all (~450 bytes each with the incremental tally: 200,000 ≈ 90 MiB). Beyond,
+    /// Instances the issuance ledger holds in all (~95 bytes each when ten or more share a
+    /// SPIFFE ID, ~170 when each has its own: 500,000 ≈ 45–81 MiB). Beyond,
     /// leaves are still signed but not recorded, and the measured gates fall back to time.
     pub ledger_max_instances: usize,
     /// Live instances one SPIFFE ID may hold in the ledger; a new one beyond it is refused.
@@ -595,7 +596,7 @@ impl Default for LimitsConfig {
             issue_burst: 200,
             node_agent_issue_rate: 50,
             node_agent_issue_burst: 500,
-            ledger_max_instances: 200_000,
+            ledger_max_instances: 500_000,
             ledger_instances_per_identity: 1000,
             unauthenticated_per_connection: 16,
         }

@@ -329,7 +329,9 @@ pub fn read(bytes: &[u8]) -> Result<ReadLedger, String> {
         let payload = c.take(len).map_err(at)?;
         let s = c.array::<8>().map_err(at)?;
         if s != sum(&whole[..4 + len]) {
-            return Err(at("its checksum does not match (a torn or altered write)".into()));
+            return Err(at(
+                "its checksum does not match (a torn or altered write)".into()
+            ));
         }
         if closed {
             return Err(at("data after the closing frame".into()));
@@ -378,7 +380,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::ledger::{LeafRecord, Leaf};
+    use crate::ledger::{Leaf, LeafRecord};
 
     fn at(s: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(s).unwrap()
@@ -507,7 +509,11 @@ mod tests {
         assert_eq!(read(&file).unwrap().records, 5);
         // Torn: the last append cut short.
         let torn = &file[..file.len() - 3];
-        assert!(read(torn).unwrap_err().contains("truncated"), "{:?}", read(torn).err());
+        assert!(
+            read(torn).unwrap_err().contains("truncated"),
+            "{:?}",
+            read(torn).err()
+        );
         // One byte altered inside a leaf.
         let mut altered = file.clone();
         altered[60] ^= 1;

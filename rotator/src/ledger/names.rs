@@ -195,7 +195,11 @@ mod tests {
                 n.release(*idx);
             }
         }
-        assert!(n.arena.len() < before, "repacked: {} of {before}", n.arena.len());
+        assert!(
+            n.arena.len() < before,
+            "repacked: {} of {before}",
+            n.arena.len()
+        );
         for (i, idx) in held.iter().enumerate().filter(|(i, _)| i % 4 == 0) {
             let s = format!("spiffe://cluster.local/ns/team/sa/service-{i}");
             assert_eq!(n.get(*idx), s);
