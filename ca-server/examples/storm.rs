@@ -3,7 +3,8 @@
 //!
 //! ```sh
 //! cargo build --release --bin meshca-server
-//! cargo run --release -p meshca-server --example storm -- [--workloads 10000] [--per-identity 10]
+//! cargo run --release -p meshca-server --example storm -- [--workloads 10000] [--per-identity 10] \
+//!     [--limits "max_connections = 20000; max_connections_per_ip = 0"]
 //! ```
 //!
 //! 1. Starts `target/release/meshca-server` with issuance limits lifted and signs every
@@ -43,6 +44,9 @@ struct Args {
     workloads: usize,
     per_identity: usize,
     server_bin: PathBuf,
+    /// `[limits]` lines for the storm's server instead of the defaults (to see what a limit
+    /// costs).
+    limits: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -50,6 +54,7 @@ fn parse_args() -> Args {
         workloads: 10_000,
         per_identity: 10,
         server_bin: PathBuf::from("target/release/meshca-server"),
+        limits: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -58,6 +63,7 @@ fn parse_args() -> Args {
             "--workloads" => a.workloads = v.parse().unwrap(),
             "--per-identity" => a.per_identity = v.parse::<usize>().unwrap().max(1),
             "--server-bin" => a.server_bin = PathBuf::from(v),
+            "--limits" => a.limits = Some(format!("[limits]\n{}\n", v.replace(';', "\n"))),
             other => panic!("unknown flag {other}; see the source for the flags"),
         }
     }
@@ -263,8 +269,8 @@ fn main() {
     );
     drop(server);
 
-    // Default limits from here on.
-    let server = start_server(&a.server_bin, &state, None);
+    // Default limits from here on (unless --limits says otherwise).
+    let server = start_server(&a.server_bin, &state, a.limits.as_deref());
     let pid = server.child.id();
     let url = server.url.clone();
     let bundle = Arc::new(read_pem_certs(&state.join("bundle.pem").display().to_string()).unwrap());

@@ -285,6 +285,35 @@ pub fn verify_svid(
     spiffe_id_of(leaf)
 }
 
+/// Verifies `leaf` through `issuer` to `bundle` at `at`, and says whether the path webpki built
+/// went through `issuer` (`false`: an anchor signed the leaf directly, and `issuer` played no
+/// part). One path build: two signature checks for a leaf → issuer → anchor path.
+pub fn verify_through(
+    leaf: &CertificateDer<'_>,
+    issuer: &CertificateDer<'_>,
+    bundle: &[CertificateDer<'_>],
+    at: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<bool, ClientError> {
+    let verr = |e: webpki::Error| ClientError::Verify(format!("{e:?}"));
+    let anchors: Vec<TrustAnchor<'_>> = bundle
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map_err(verr))
+        .collect::<Result<_, _>>()?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(verr)?;
+    let algs: &WebPkiSupportedAlgorithms =
+        &rustls::crypto::ring::default_provider().signature_verification_algorithms;
+    let intermediates = std::slice::from_ref(issuer);
+    let path = ee
+        .verify_for_usage(algs.all, &anchors, intermediates, at, usage, None, None)
+        .map_err(verr)?;
+    let mut through = path.intermediate_certificates();
+    Ok(matches!(
+        (through.next(), through.next()),
+        (Some(c), None) if c.der().as_ref() == issuer.as_ref()
+    ))
+}
+
 /// The one SPIFFE ID a leaf carries (exactly one URI SAN, of scheme spiffe).
 pub fn spiffe_id_of(leaf: &[u8]) -> Result<SpiffeId, ClientError> {
     let info = CertInfo::parse(leaf).map_err(|e| ClientError::Verify(e.to_string()))?;
