@@ -103,8 +103,10 @@ async fn silent_tls_connections_are_closed_after_the_preface_timeout() {
     legit_issue(&srv).await;
 }
 
+/// At `max_connections` the server stops accepting: a new connection waits in the listen
+/// backlog (no TLS work, no refusal to retry) and is taken as soon as a slot frees.
 #[tokio::test]
-async fn connections_over_the_cap_are_closed_before_tls() {
+async fn connections_over_the_cap_wait_in_the_backlog_until_a_slot_frees() {
     for (limits, capped) in [
         (
             LimitsConfig {
@@ -115,7 +117,7 @@ async fn connections_over_the_cap_are_closed_before_tls() {
             },
             true,
         ),
-        // Negative control: without the cap the fifth handshake completes.
+        // Negative control: without the cap the fifth handshake completes at once.
         (LimitsConfig::unlimited(), false),
     ] {
         let srv = TestServer::start_with(|c| c.limits = limits).await;
@@ -123,11 +125,22 @@ async fn connections_over_the_cap_are_closed_before_tls() {
         for _ in 0..4 {
             held.push(silent_tls(&srv).await.unwrap());
         }
-        let fifth = silent_tls(&srv).await;
-        assert_eq!(fifth.is_err(), capped, "{fifth:?}");
+        let mut fifth = Box::pin(silent_tls(&srv));
+        let at_once = tokio::time::timeout(Duration::from_secs(1), &mut fifth).await;
+        assert_eq!(
+            at_once.is_err(),
+            capped,
+            "the fifth handshake waits only under the cap: {at_once:?}"
+        );
         if capped {
             assert_eq!(refusals(&srv, "connections").await, 1);
-            // Slots come back when connections close.
+            // A slot comes back when a connection closes, and the waiting one gets it.
+            held.pop();
+            let got = tokio::time::timeout(Duration::from_secs(10), fifth).await;
+            assert!(
+                matches!(got, Ok(Ok(_))),
+                "the waiting connection was not taken when a slot freed: {got:?}"
+            );
             drop(held);
             let ok = eventually(Duration::from_secs(10), || async {
                 srv.issue("spiffe://cluster.local/ns/default/sa/legit")
@@ -135,10 +148,9 @@ async fn connections_over_the_cap_are_closed_before_tls() {
                     .ok()
             })
             .await;
-            assert!(
-                ok.is_some(),
-                "no slot freed after the held connections closed"
-            );
+            assert!(ok.is_some(), "no slot for a request after the rest closed");
+        } else {
+            assert!(matches!(at_once, Ok(Ok(_))), "{at_once:?}");
         }
     }
 }

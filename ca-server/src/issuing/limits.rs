@@ -4,9 +4,10 @@
 //! module holds the counters, counts every refusal in `meshca_limit_refusals_total{limit}` and
 //! logs refusals at most once per [`LOG_EVERY`] per limit (an attack must not flood the log).
 //!
-//! What a refusal looks like to the caller: a connection over the cap is closed right after
-//! `accept` (before TLS); a silent or idle connection is closed; a watch over a cap gets
-//! `RESOURCE_EXHAUSTED` naming the cap.
+//! What a refusal looks like to the caller: at the connection cap the server stops accepting
+//! (the caller waits in the listen backlog until a slot frees); a connection over its address's
+//! cap is closed right after `accept` (before TLS); a silent or idle connection is closed; a
+//! watch over a cap gets `RESOURCE_EXHAUSTED` naming the cap.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -202,10 +203,34 @@ impl Limits {
         }
     }
 
-    /// A slot for a new gRPC connection from `peer`, or `None` (counted) when its address
-    /// holds `max_connections_per_ip` already (one source cannot take every slot) or all
-    /// slots are taken.
-    pub fn grpc_connection(self: &Arc<Self>, peer: IpAddr) -> Option<ConnSlot> {
+    /// One of the `max_connections` slots, waited for before the next `accept`: at the cap the
+    /// server stops accepting, so new connections wait in the kernel's listen backlog and are
+    /// taken in order as slots free, instead of being closed and coming back as retries (a
+    /// restart storm would otherwise turn into a retry storm). Reaching the cap is counted and
+    /// logged. `None`: no cap.
+    pub async fn grpc_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let sem = self.grpc_connections.as_ref()?;
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        self.refused(
+            Limit::Connections,
+            &format_args!(
+                "all {} connection slots are taken: new connections wait in the listen backlog",
+                self.cfg.max_connections
+            ),
+        );
+        sem.clone().acquire_owned().await.ok()
+    }
+
+    /// A slot for a new gRPC connection from `peer` holding `global` (from
+    /// [`grpc_slot`](Self::grpc_slot)), or `None` (counted) when its address holds
+    /// `max_connections_per_ip` already: one source cannot take every slot.
+    pub fn grpc_connection(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        global: Option<OwnedSemaphorePermit>,
+    ) -> Option<ConnSlot> {
         let cap = self.cfg.max_connections_per_ip;
         if cap != 0 {
             let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
@@ -224,7 +249,6 @@ impl Limits {
             limits: self.clone(),
             ip: peer,
         });
-        let global = self.connection(&self.grpc_connections, Limit::Connections, peer)?;
         Some(ConnSlot {
             _global: global,
             _per_ip: ip_slot,

@@ -722,10 +722,22 @@ async fn catch_up(authority: &Authority) {
     }
 }
 
+/// Connections the kernel completes and holds for `accept`: at `limits.max_connections` the
+/// server stops accepting and new connections wait here (beyond it, the kernel drops SYNs and
+/// clients' TCP retransmits them). Linux caps it at `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let listen = || {
+        let sock = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Who rotates: with the state in a shared Secret, the Lease holder (and every replica follows

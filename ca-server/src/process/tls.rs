@@ -651,6 +651,11 @@ pub fn incoming(
     });
     tokio::spawn(async move {
         loop {
+            // At the cap: no accept until a slot frees (the connection waits in the backlog).
+            let global = tokio::select! {
+                g = limits.grpc_slot() => g,
+                _ = shutdown.changed() => return,
+            };
             let (tcp, addr) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
@@ -663,8 +668,8 @@ pub fn incoming(
                 },
                 _ = shutdown.changed() => return,
             };
-            // Over the cap: closed at once, before any TLS work.
-            let Some(slot) = limits.grpc_connection(addr.ip()) else {
+            // Over its address's cap: closed at once, before any TLS work.
+            let Some(slot) = limits.grpc_connection(addr.ip(), global) else {
                 drop(tcp);
                 continue;
             };
