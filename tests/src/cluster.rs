@@ -547,6 +547,19 @@ impl Cluster {
         skip: Option<&str>,
     ) -> Vec<String> {
         let docs = crate::render(dir).expect("kubectl renders deploy/kubernetes");
+        self.apply_rbac_docs(client, docs, ns, elsewhere, skip)
+            .await
+    }
+
+    /// As [`Cluster::apply_rbac`], with the objects given (rendered by helm, say).
+    pub async fn apply_rbac_docs(
+        &self,
+        client: &kube::Client,
+        docs: Vec<serde_json::Value>,
+        ns: &str,
+        elsewhere: &[(&str, &str)],
+        skip: Option<&str>,
+    ) -> Vec<String> {
         let mut applied = Vec::new();
         for mut d in docs {
             let kind = d["kind"].as_str().unwrap_or_default().to_owned();
@@ -593,6 +606,60 @@ impl Cluster {
             applied.push(format!("{kind}/{name}"));
         }
         applied
+    }
+
+    /// Applies every object in `docs` with a server-side dry run (each is validated and admitted
+    /// as it would be, nothing is stored); `PrometheusRule` and `ServiceMonitor` (CRDs this API
+    /// server does not have) are skipped. Objects without a namespace go to `meshca`. Returns
+    /// `Kind/name` of each admitted; panics naming `label` and the object the server refused.
+    pub async fn dry_run_apply(
+        &self,
+        admin: &kube::Client,
+        docs: Vec<serde_json::Value>,
+        label: &str,
+    ) -> Vec<String> {
+        use kube::api::{DynamicObject, GroupVersionKind};
+        let discovery = kube::Discovery::new(admin.clone())
+            .run()
+            .await
+            .expect("API discovery");
+        let mut admitted = Vec::new();
+        for d in docs {
+            let kind = d["kind"].as_str().unwrap_or_default().to_owned();
+            let api_version = d["apiVersion"].as_str().unwrap_or_default();
+            let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+            let gvk = GroupVersionKind::gvk(group, version, &kind);
+            let Some((ar, caps)) = discovery.resolve_gvk(&gvk) else {
+                assert!(
+                    matches!(kind.as_str(), "PrometheusRule" | "ServiceMonitor"),
+                    "{label}: the API server does not serve {gvk:?}"
+                );
+                continue;
+            };
+            let obj: DynamicObject = serde_json::from_value(d.clone()).expect("an object");
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            let api: Api<DynamicObject> = match caps.scope {
+                kube::discovery::Scope::Cluster => Api::all_with(admin.clone(), &ar),
+                kube::discovery::Scope::Namespaced => Api::namespaced_with(
+                    admin.clone(),
+                    obj.metadata.namespace.as_deref().unwrap_or("meshca"),
+                    &ar,
+                ),
+            };
+            let pp = PatchParams::apply("meshca-tests").force().dry_run();
+            api.patch(&name, &pp, &Patch::Apply(&obj))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("{label}: {kind}/{name} refused by the API server: {e}")
+                });
+            admitted.push(format!("{kind}/{name}"));
+        }
+        eprintln!(
+            "{label}: {} objects admitted (dry run): {}",
+            admitted.len(),
+            admitted.join(", ")
+        );
+        admitted
     }
 
     /// Compacts etcd at its current revision, as the API server does every five minutes (and
@@ -925,6 +992,26 @@ async fn env_on(
     others: &[&str],
     skip_rule: Option<&str>,
 ) -> Env {
+    let docs = crate::render(dir).expect("kubectl renders deploy/kubernetes");
+    env_on_docs(cluster, docs, others, skip_rule).await
+}
+
+/// As [`env()`], with the RBAC among `docs` (the Helm chart's rendering, say).
+pub async fn env_with(
+    version: &'static str,
+    docs: Vec<serde_json::Value>,
+    others: &[&str],
+) -> Option<Env> {
+    let cluster = Cluster::shared(version)?;
+    Some(env_on_docs(cluster, docs, others, None).await)
+}
+
+async fn env_on_docs(
+    cluster: &'static Cluster,
+    docs: Vec<serde_json::Value>,
+    others: &[&str],
+    skip_rule: Option<&str>,
+) -> Env {
     let admin = cluster.admin().await;
     let ns = cluster.namespace(&admin, "meshca").await;
     cluster.service_account(&admin, &ns, "meshca").await;
@@ -940,7 +1027,9 @@ async fn env_on(
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
-    let applied = cluster.apply_rbac(&admin, dir, &ns, &map, skip_rule).await;
+    let applied = cluster
+        .apply_rbac_docs(&admin, docs, &ns, &map, skip_rule)
+        .await;
     assert!(applied.len() >= 6, "the deploy RBAC: {applied:?}");
     // meshca's own token, as a projected ServiceAccount token volume gives it (audience: the
     // API server).

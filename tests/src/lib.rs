@@ -4,6 +4,7 @@
 //!
 //! See `tests/README.md` for the tiers.
 
+pub mod chart;
 pub mod cluster;
 pub mod fleet;
 pub mod kubeapi;

@@ -865,7 +865,6 @@ async fn every_manifest_is_admitted_by_a_real_api_server_v1_35() {
 }
 
 async fn every_manifest_admitted(version: &'static str) {
-    use kube::api::{DynamicObject, GroupVersionKind, Patch, PatchParams};
     let Some(cluster) = Cluster::shared(version) else {
         return;
     };
@@ -880,7 +879,6 @@ async fn every_manifest_admitted(version: &'static str) {
                 .await;
         }
     }
-    let discovery = kube::Discovery::new(admin.clone()).run().await.unwrap();
     for dir in [
         "deploy/kubernetes",
         "deploy/kubernetes/overlays/cert-manager",
@@ -891,42 +889,7 @@ async fn every_manifest_admitted(version: &'static str) {
         let Some(docs) = meshca_tests::render(dir) else {
             return;
         };
-        let mut admitted = Vec::new();
-        for d in docs {
-            let kind = d["kind"].as_str().unwrap().to_owned();
-            let (group, version) = match d["apiVersion"].as_str().unwrap().split_once('/') {
-                Some((g, v)) => (g.to_owned(), v.to_owned()),
-                None => (String::new(), d["apiVersion"].as_str().unwrap().to_owned()),
-            };
-            let gvk = GroupVersionKind::gvk(&group, &version, &kind);
-            let Some((ar, caps)) = discovery.resolve_gvk(&gvk) else {
-                assert!(
-                    matches!(kind.as_str(), "PrometheusRule" | "ServiceMonitor"),
-                    "{dir}: the API server does not serve {gvk:?}"
-                );
-                continue;
-            };
-            let obj: DynamicObject = serde_json::from_value(d.clone()).unwrap();
-            let name = obj.metadata.name.clone().unwrap();
-            let api: Api<DynamicObject> = match caps.scope {
-                kube::discovery::Scope::Cluster => Api::all_with(admin.clone(), &ar),
-                kube::discovery::Scope::Namespaced => Api::namespaced_with(
-                    admin.clone(),
-                    obj.metadata.namespace.as_deref().unwrap_or("meshca"),
-                    &ar,
-                ),
-            };
-            let pp = PatchParams::apply("meshca-tests").force().dry_run();
-            api.patch(&name, &pp, &Patch::Apply(&obj))
-                .await
-                .unwrap_or_else(|e| panic!("{dir}: {kind}/{name} refused by the API server: {e}"));
-            admitted.push(format!("{kind}/{name}"));
-        }
-        eprintln!(
-            "{dir}: {} objects admitted (dry run): {}",
-            admitted.len(),
-            admitted.join(", ")
-        );
+        let admitted = cluster.dry_run_apply(&admin, docs, dir).await;
         assert!(admitted.len() >= 10, "{dir}: {admitted:?}");
     }
     // Pod Security admission: the Deployment's pod, as a pod, in a namespace that enforces the
