@@ -170,7 +170,7 @@ pub mod fuzzing {
     /// A `ledger.log` replayed at start-up, as either version (the bytes as they are, and
     /// after the version-2 magic); what reads must be written back and read again the same.
     pub fn ledger_log(data: &[u8]) {
-        let mut v2 = rotator::ledger::MAGIC.to_vec();
+        let mut v2 = rotator::ledger::file::MAGIC.to_vec();
         v2.extend_from_slice(data);
         for bytes in [data, &v2[..]] {
             if let Ok((mut l, _, _)) = crate::authority::ledger::read_bytes(bytes) {

@@ -35,10 +35,8 @@ use time::OffsetDateTime;
 
 use crate::pki::CertId;
 
-mod file;
+pub mod file;
 mod names;
-
-pub use file::{MAGIC, ReadLedger, closed_frame, read as read_file};
 
 /// One leaf, as the ledger remembers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,7 +194,7 @@ fn secs(t: i64) -> u32 {
 /// A serial as held: up to 16 bytes when it is lowercase hex of even length, else odd.
 fn serial_bytes(s: &str) -> ([u8; 16], u8) {
     let mut out = [0u8; 16];
-    let hexish = s.len() % 2 == 0
+    let hexish = s.len().is_multiple_of(2)
         && s.len() <= 32
         && s.bytes()
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));

@@ -85,8 +85,9 @@ pub fn key(d: &Value) -> String {
 
 /// The objects by [`key`], made comparable: `meshca.toml` as the configuration meshca-server
 /// reads from it (every setting, defaults included: the same configuration written two ways
-/// compares equal), and without the chart's `checksum/config` pod annotation (helm's way to
-/// roll the pods when the configuration changes; kustomize has no equivalent).
+/// compares equal), without the chart's `checksum/config` pod annotation (helm's way to roll
+/// the pods when the configuration changes) and its `helm.sh/resource-policy` (kustomize has no
+/// equivalent of either).
 pub fn comparable(docs: &[Value]) -> BTreeMap<String, Value> {
     docs.iter()
         .map(|d| {
@@ -97,6 +98,18 @@ pub fn comparable(docs: &[Value]) -> BTreeMap<String, Value> {
                 let c = ca_server::config::Config::from_toml(toml)
                     .unwrap_or_else(|e| panic!("{}: meshca.toml: {e}\n{toml}", key(&d)));
                 d["data"]["meshca.toml"] = Value::String(c.to_toml());
+            }
+            // Helm-only: `helm uninstall` keeps the namespace (and the authority's Secret).
+            if let Some(a) = d
+                .pointer_mut("/metadata/annotations")
+                .and_then(Value::as_object_mut)
+            {
+                a.remove("helm.sh/resource-policy");
+                if a.is_empty() {
+                    d["metadata"]
+                        .as_object_mut()
+                        .map(|m| m.remove("annotations"));
+                }
             }
             if d["kind"] == "Deployment"
                 && let Some(meta) = d

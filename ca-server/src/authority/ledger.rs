@@ -1,6 +1,6 @@
 //! The issuance ledger on disk: `<state-dir>/ledger.log`, written in batches by a background
 //! task so that no disk write is on the signing path. The format (version 2, binary: fixed-size
-//! leaf records, each string written once) is [`rotator::ledger::read_file`]'s; a version-1 file
+//! leaf records, each string written once) is [`rotator::ledger::file`]'s; a version-1 file
 //! (one JSON line per leaf, before #28) is read at start and rewritten as version 2.
 //!
 //! The signing path only locks a mutex to update the in-memory [`Ledger`], which queues the
@@ -92,8 +92,8 @@ fn read_log(path: &Path) -> Result<(Ledger, bool, usize), String> {
 /// Replays a ledger file of either version: the ledger, whether it was closed cleanly, how
 /// many records.
 pub(crate) fn read_bytes(bytes: &[u8]) -> Result<(Ledger, bool, usize), String> {
-    if bytes.starts_with(rotator::ledger::MAGIC) {
-        let r = rotator::ledger::read_file(bytes)?;
+    if bytes.starts_with(rotator::ledger::file::MAGIC) {
+        let r = rotator::ledger::file::read(bytes)?;
         return Ok((r.ledger, r.closed, r.records));
     }
     parse_log(bytes)
@@ -332,7 +332,7 @@ impl LedgerHandle {
         self.flush(now, clock_skew)?;
         let file = self.lock().file.take();
         if let Some(mut f) = file {
-            f.write_all(&rotator::ledger::closed_frame())?;
+            f.write_all(&rotator::ledger::file::closed_frame())?;
             f.sync_data()?;
         }
         Ok(())
@@ -448,7 +448,7 @@ mod tests {
         assert_eq!(loaded, Loaded::Clean { records: 50 });
         let bytes = std::fs::read(l.path()).unwrap();
         assert!(
-            bytes.starts_with(rotator::ledger::MAGIC),
+            bytes.starts_with(rotator::ledger::file::MAGIC),
             "rewritten as version 2"
         );
         assert!(

@@ -425,7 +425,7 @@ mod tests {
     fn record(id: u8, inst: u8, via: Option<u8>, serial: u8, issued: i64, na: i64) -> LeafRecord {
         LeafRecord {
             // Some serials are meshca's (hex), some are not (kept as text).
-            serial: if serial % 3 == 0 {
+            serial: if serial.is_multiple_of(3) {
                 format!("odd-{serial}")
             } else {
                 format!("{serial:02x}{:030x}", u128::from(serial) * 7919)
@@ -438,7 +438,9 @@ mod tests {
             // The bundle handed out is the current one: versions never go back either.
             bundle_version: u64::try_from(issued / 20).unwrap_or(0),
             via: via.map(|v| format!("k8s:istio-system/ztunnel@node-{v}")),
-            issuer: (serial % 2 == 0).then(|| crate::pki::CertId::of(&[serial % 5])),
+            issuer: serial
+                .is_multiple_of(2)
+                .then(|| crate::pki::CertId::of(&[serial % 5])),
             api: Api::ALL[usize::from(serial) % Api::ALL.len()],
         }
     }
