@@ -202,9 +202,15 @@ async fn a_ledger_that_cannot_be_written_does_not_stop_signing() {
     let written = eventually(Duration::from_secs(10), || {
         let dir = dir.clone();
         async move {
-            let text = std::fs::read_to_string(dir.join("ledger.log")).ok()?;
+            let bytes = std::fs::read(dir.join("ledger.log")).ok()?;
+            let held: Vec<String> = rotator::ledger::file::read(&bytes)
+                .ok()?
+                .ledger
+                .records()
+                .map(|r| r.spiffe_id)
+                .collect();
             (0..5)
-                .all(|i| text.contains(&format!("sa/web-{i}\"")))
+                .all(|i| held.contains(&format!("{WEB}-{i}")))
                 .then_some(())
         }
     })

@@ -59,7 +59,9 @@ fn runtime_stage() -> Stage {
                 let mut r = rest.trim();
                 while let Some((k, v)) = r.split_once("=\"") {
                     let (value, tail) = v.split_once('"').unwrap();
-                    s.labels.insert(k.trim().into(), value.into());
+                    // As a builder does: ARGs expand in LABEL values.
+                    let value = value.replace("${VERSION}", &s.version);
+                    s.labels.insert(k.trim().into(), value);
                     r = tail.trim();
                 }
             }
@@ -131,11 +133,14 @@ fn assemble(root: &Path, bins: &Path, stage: &Stage) {
         }
     }
     for lib in &libs {
-        copy_in(root, lib);
-        // The loader follows the name; keep the file it resolves to as well.
+        // The file itself at its real path (Debian's /lib is /usr/lib), and the name the
+        // loader asks for as a link to it, as the distribution lays them out.
         let real = std::fs::canonicalize(lib).unwrap();
+        copy_in(root, &real);
         if &real != lib {
-            copy_in(root, &real);
+            let link = root.join(lib.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(&real, &link).unwrap();
         }
     }
     let etc = root.join("etc");
