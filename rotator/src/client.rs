@@ -269,20 +269,32 @@ pub fn verify_svid(
     at: UnixTime,
     usage: webpki::KeyUsage,
 ) -> Result<SpiffeId, ClientError> {
-    let verr = |e: webpki::Error| ClientError::Verify(format!("{e:?}"));
     let leaf = chain
         .first()
         .ok_or_else(|| ClientError::Verify("empty chain".into()))?;
-    let anchors: Vec<TrustAnchor<'_>> = bundle
-        .iter()
-        .map(|c| webpki::anchor_from_trusted_cert(c).map_err(verr))
-        .collect::<Result<_, _>>()?;
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(verr)?;
+    let (anchors, ee) = webpki_view(leaf, bundle)?;
     let algs: &WebPkiSupportedAlgorithms =
         &rustls::crypto::ring::default_provider().signature_verification_algorithms;
     ee.verify_for_usage(algs.all, &anchors, &chain[1..], at, usage, None, None)
-        .map_err(verr)?;
+        .map_err(verify_error)?;
     spiffe_id_of(leaf)
+}
+
+fn verify_error(e: webpki::Error) -> ClientError {
+    ClientError::Verify(format!("{e:?}"))
+}
+
+/// webpki's view of a chain to check: the bundle as trust anchors, the leaf as an end entity.
+fn webpki_view<'a>(
+    leaf: &'a CertificateDer<'a>,
+    bundle: &'a [CertificateDer<'a>],
+) -> Result<(Vec<TrustAnchor<'a>>, webpki::EndEntityCert<'a>), ClientError> {
+    let anchors = bundle
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map_err(verify_error))
+        .collect::<Result<_, _>>()?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(verify_error)?;
+    Ok((anchors, ee))
 }
 
 /// Verifies `leaf` through `issuer` to `bundle` at `at`, and says whether the path webpki built
@@ -295,18 +307,13 @@ pub fn verify_through(
     at: UnixTime,
     usage: webpki::KeyUsage,
 ) -> Result<bool, ClientError> {
-    let verr = |e: webpki::Error| ClientError::Verify(format!("{e:?}"));
-    let anchors: Vec<TrustAnchor<'_>> = bundle
-        .iter()
-        .map(|c| webpki::anchor_from_trusted_cert(c).map_err(verr))
-        .collect::<Result<_, _>>()?;
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(verr)?;
+    let (anchors, ee) = webpki_view(leaf, bundle)?;
     let algs: &WebPkiSupportedAlgorithms =
         &rustls::crypto::ring::default_provider().signature_verification_algorithms;
     let intermediates = std::slice::from_ref(issuer);
     let path = ee
         .verify_for_usage(algs.all, &anchors, intermediates, at, usage, None, None)
-        .map_err(verr)?;
+        .map_err(verify_error)?;
     let mut through = path.intermediate_certificates();
     Ok(matches!(
         (through.next(), through.next()),

@@ -662,6 +662,45 @@ impl Cluster {
         admitted
     }
 
+    /// The pod of the Deployment among `docs`, as a pod, created with a dry run in a namespace
+    /// that enforces Pod Security `restricted` (admission enforces on pods, not Deployments):
+    /// the API server's refusal, naming `label`, if it violates the profile.
+    pub async fn admit_pod_restricted(
+        &self,
+        admin: &kube::Client,
+        docs: &[serde_json::Value],
+        label: &str,
+    ) -> Result<(), String> {
+        let psa = "meshca-psa-restricted";
+        let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+        if namespaces.get_opt(psa).await.ok().flatten().is_none() {
+            let enforce = "pod-security.kubernetes.io/enforce".to_owned();
+            self.namespace_named(admin, psa, [(enforce, "restricted".to_owned())].into())
+                .await;
+        }
+        let deployment = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment")
+            .unwrap_or_else(|| panic!("{label}: no Deployment"));
+        let mut spec = deployment["spec"]["template"]["spec"].clone();
+        spec["serviceAccountName"] = json!("default");
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "meshca-psa", "namespace": psa},
+            "spec": spec,
+        }))
+        .expect("a pod");
+        let pp = kube::api::PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        Api::<Pod>::namespaced(admin.clone(), psa)
+            .create(&pp, &pod)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{label}: the pod violates Pod Security `restricted`: {e}"))
+    }
+
     /// Compacts etcd at its current revision, as the API server does every five minutes (and
     /// etcd's own auto-compaction would): every older resourceVersion is gone, so a watch from
     /// one is answered `410 Gone` (when watches reach etcd: `--watch-cache=false`). Through

@@ -244,45 +244,31 @@ async fn every_rendering_admitted(version: &'static str) {
             template(&helm, "meshca", &[&example(name)], &[]).unwrap(),
         ));
     }
-    // Pod Security admission enforces on pods, not Deployments: each rendering's pod, as a pod,
-    // in a namespace that enforces `restricted` (the profile the chart's namespace carries).
-    let psa = "meshca-chart-psa";
-    if Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
-        .get_opt(psa)
+    // The check can fail: a pod mounting a hostPath (what hsm.yaml must not do) is refused.
+    let host_path = template(
+        &helm,
+        "meshca",
+        &[],
+        &[
+            "extraVolumes[0].name=module",
+            "extraVolumes[0].hostPath.path=/opt/pkcs11",
+            "extraVolumeMounts[0].name=module",
+            "extraVolumeMounts[0].mountPath=/opt/pkcs11",
+        ],
+    )
+    .unwrap();
+    let refused = cluster
+        .admit_pod_restricted(&admin, &host_path, "a hostPath volume")
         .await
-        .unwrap()
-        .is_none()
-    {
-        cluster
-            .namespace_named(
-                &admin,
-                psa,
-                [(
-                    "pod-security.kubernetes.io/enforce".to_owned(),
-                    "restricted".to_owned(),
-                )]
-                .into(),
-            )
-            .await;
-    }
+        .unwrap_err();
+    assert!(refused.contains("hostPath"), "{refused}");
     for (label, docs) in renderings {
-        let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
-        let mut spec = deployment["spec"]["template"]["spec"].clone();
-        spec["serviceAccountName"] = serde_json::json!("default");
-        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "meshca-chart-psa", "namespace": psa},
-            "spec": spec,
-        }))
-        .unwrap();
-        let pp = kube::api::PostParams {
-            dry_run: true,
-            ..Default::default()
-        };
-        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(admin.clone(), psa)
-            .create(&pp, &pod)
+        // Pod Security admission enforces on pods, not Deployments: each rendering's pod, as a
+        // pod, in a namespace enforcing `restricted` (the profile the chart's namespace carries).
+        cluster
+            .admit_pod_restricted(&admin, &docs, &label)
             .await
-            .unwrap_or_else(|e| panic!("{label}: the pod violates Pod Security `restricted`: {e}"));
+            .unwrap();
         let n = docs.len();
         let admitted = cluster
             .dry_run_apply(&admin, docs, &format!("{version} chart {label}"))

@@ -895,35 +895,10 @@ async fn every_manifest_admitted(version: &'static str) {
     // Pod Security admission: the Deployment's pod, as a pod, in a namespace that enforces the
     // `restricted` profile (PodSecurity enforces on pods, not on Deployments).
     let docs = meshca_tests::render("deploy/kubernetes").unwrap();
-    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
-    let psa = "meshca-psa-restricted";
     cluster
-        .namespace_named(
-            &admin,
-            psa,
-            [(
-                "pod-security.kubernetes.io/enforce".to_owned(),
-                "restricted".to_owned(),
-            )]
-            .into(),
-        )
-        .await;
-    let mut spec = deployment["spec"]["template"]["spec"].clone();
-    spec["serviceAccountName"] = serde_json::json!("default");
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "meshca-psa", "namespace": psa},
-        "spec": spec,
-    }))
-    .unwrap();
-    let pp = kube::api::PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    Api::<Pod>::namespaced(admin.clone(), psa)
-        .create(&pp, &pod)
+        .admit_pod_restricted(&admin, &docs, "deploy/kubernetes")
         .await
-        .unwrap_or_else(|e| panic!("the Deployment's pod violates Pod Security `restricted`: {e}"));
+        .unwrap();
 }
 
 /// The pod directory with real pods on a cluster of its own: a workload deleted from the node
