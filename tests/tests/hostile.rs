@@ -277,6 +277,8 @@ fn the_fuzz_corpus_replays_without_a_panic() {
     let b: rotator::spiffe::TrustDomain = "b.example".parse().unwrap();
     ca_server::federation::fetch::parse_anchors(&seed("federated_bundle", "bundle.json"), &b)
         .unwrap();
+    let ledger = rotator::ledger::file::read(&seed("ledger_log", "v2-two-leaves-closed")).unwrap();
+    assert!(ledger.closed && ledger.records == 2 && ledger.ledger.len() == 2);
     for f in ["defaults.toml", "kubernetes.toml"] {
         let text = String::from_utf8(seed("config_toml", f)).unwrap();
         ca_server::config::Config::from_toml(&text)
