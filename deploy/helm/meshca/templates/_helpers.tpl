@@ -29,3 +29,8 @@ annotations:
 {{ $k }} = {{ toJson $v }}
 {{- end }}
 {{- end }}
+
+{{/* The same, indented 4 under a line of the config (no blank or trailing-space lines). */}}
+{{- define "meshca.settings4" -}}
+{{- include "meshca.settings" . | trim | nindent 4 }}
+{{- end }}
