@@ -608,10 +608,25 @@ impl Cluster {
         applied
     }
 
+    /// Namespace `ns` with `labels`, created unless it exists (shared clusters: another test may
+    /// have made it).
+    async fn ensure_namespace(
+        &self,
+        admin: &kube::Client,
+        ns: &str,
+        labels: BTreeMap<String, String>,
+    ) {
+        let namespaces = Api::<Namespace>::all(admin.clone());
+        if namespaces.get_opt(ns).await.ok().flatten().is_none() {
+            self.namespace_named(admin, ns, labels).await;
+        }
+    }
+
     /// Applies every object in `docs` with a server-side dry run (each is validated and admitted
     /// as it would be, nothing is stored); `PrometheusRule` and `ServiceMonitor` (CRDs this API
-    /// server does not have) are skipped. Objects without a namespace go to `meshca`. Returns
-    /// `Kind/name` of each admitted; panics naming `label` and the object the server refused.
+    /// server does not have) are skipped. Objects without a namespace go to `meshca`; the
+    /// namespaces they name are created for real first (a dry-run object needs its namespace).
+    /// Returns `Kind/name` of each admitted; panics naming `label` and the object refused.
     pub async fn dry_run_apply(
         &self,
         admin: &kube::Client,
@@ -623,6 +638,14 @@ impl Cluster {
             .run()
             .await
             .expect("API discovery");
+        let mut namespaces: std::collections::BTreeSet<&str> = docs
+            .iter()
+            .filter_map(|d| d["metadata"]["namespace"].as_str())
+            .collect();
+        namespaces.insert("meshca");
+        for ns in namespaces {
+            self.ensure_namespace(admin, ns, BTreeMap::new()).await;
+        }
         let mut admitted = Vec::new();
         for d in docs {
             let kind = d["kind"].as_str().unwrap_or_default().to_owned();
@@ -672,12 +695,9 @@ impl Cluster {
         label: &str,
     ) -> Result<(), String> {
         let psa = "meshca-psa-restricted";
-        let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
-        if namespaces.get_opt(psa).await.ok().flatten().is_none() {
-            let enforce = "pod-security.kubernetes.io/enforce".to_owned();
-            self.namespace_named(admin, psa, [(enforce, "restricted".to_owned())].into())
-                .await;
-        }
+        let enforce = "pod-security.kubernetes.io/enforce".to_owned();
+        self.ensure_namespace(admin, psa, [(enforce, "restricted".to_owned())].into())
+            .await;
         let deployment = docs
             .iter()
             .find(|d| d["kind"] == "Deployment")

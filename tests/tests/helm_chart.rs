@@ -228,12 +228,6 @@ async fn every_rendering_admitted(version: &'static str) {
         return;
     };
     let admin = cluster.admin().await;
-    for ns in ["meshca", "istio-system", "linkerd"] {
-        let api = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
-        if api.get_opt(ns).await.unwrap().is_none() {
-            cluster.namespace_named(&admin, ns, BTreeMap::new()).await;
-        }
-    }
     let mut renderings = vec![(
         "defaults".to_owned(),
         template(&helm, "meshca", &[], &[]).unwrap(),

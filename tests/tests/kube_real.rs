@@ -869,16 +869,6 @@ async fn every_manifest_admitted(version: &'static str) {
         return;
     };
     let admin = cluster.admin().await;
-    // The namespaces the manifests live in (created for real: a dry-run object needs its
-    // namespace to exist).
-    for ns in ["meshca", "istio-system", "linkerd"] {
-        let api = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
-        if api.get_opt(ns).await.unwrap().is_none() {
-            cluster
-                .namespace_named(&admin, ns, std::collections::BTreeMap::new())
-                .await;
-        }
-    }
     for dir in [
         "deploy/kubernetes",
         "deploy/kubernetes/overlays/cert-manager",

@@ -14,7 +14,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
-use meshca_tests::cluster::{Cluster, Env, NEWEST, OLDEST, env_in, env_private, kube_mode};
+use meshca_tests::cluster::{Env, NEWEST, OLDEST, env_in, env_private, kube_mode};
 use meshca_tests::{TestServer, meshca_in};
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
 use serde_json::{Value, json};
@@ -228,21 +228,25 @@ fn rfc3339(t: &Value) -> time::OffsetDateTime {
     .unwrap()
 }
 
+/// The overlay whose RBAC every test here runs meshca with.
+const OVERLAY: &str = "deploy/kubernetes/overlays/pod-certificates";
+
+/// What every test here starts from: a namespace `prod` with ServiceAccount `web` (the workload
+/// the pods run as), and `nodes`. Returns the namespace.
+async fn workloads(e: &Env, nodes: &[&str]) -> String {
+    let prod = e.cluster.namespace(&e.admin, "prod").await;
+    e.cluster.service_account(&e.admin, &prod, "web").await;
+    for n in nodes {
+        e.cluster.node(&e.admin, n).await;
+    }
+    prod
+}
+
 async fn pod_certificates(version: &'static str) {
-    let Some(e) = env_in(
-        version,
-        "deploy/kubernetes/overlays/pod-certificates",
-        &[],
-        None,
-    )
-    .await
-    else {
+    let Some(e) = env_in(version, OVERLAY, &[], None).await else {
         return;
     };
-    let c = e.cluster;
-    let prod = c.namespace(&e.admin, "prod").await;
-    c.service_account(&e.admin, &prod, "web").await;
-    c.node(&e.admin, "node-a").await;
+    let prod = workloads(&e, &["node-a"]).await;
     let srv = TestServer::start_with(|cfg| {
         kube_mode(&e, cfg);
         cfg.kubernetes.pod_certificates.enabled = true;
@@ -451,7 +455,7 @@ async fn pod_certificates_are_signed_and_the_trust_bundle_kept_v1_35() {
 async fn without_its_rbac_a_pod_certificate_request_stays_pending() {
     let Some(e) = env_private(
         NEWEST,
-        "deploy/kubernetes/overlays/pod-certificates",
+        OVERLAY,
         &[],
         Some("ClusterRole/meshca-pod-certificates"),
     )
@@ -459,10 +463,7 @@ async fn without_its_rbac_a_pod_certificate_request_stays_pending() {
     else {
         return;
     };
-    let c: &Cluster = e.cluster;
-    let prod = c.namespace(&e.admin, "prod").await;
-    c.service_account(&e.admin, &prod, "web").await;
-    c.node(&e.admin, "node-b").await;
+    let prod = workloads(&e, &["node-b"]).await;
     // The signer the overlay names, on a cluster of its own (no other meshca answers there).
     let _srv = TestServer::start_with(|cfg| {
         kube_mode(&e, cfg);
@@ -497,20 +498,10 @@ fn pod_leaves(a: &ca_server::authority::Authority) -> u64 {
 /// and writing the status could sign one twice — only one is ever written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_answer_each_request_once_through_a_failover() {
-    let Some(e) = env_private(
-        NEWEST,
-        "deploy/kubernetes/overlays/pod-certificates",
-        &[],
-        None,
-    )
-    .await
-    else {
+    let Some(e) = env_private(NEWEST, OVERLAY, &[], None).await else {
         return;
     };
-    let c = e.cluster;
-    let prod = c.namespace(&e.admin, "prod").await;
-    c.service_account(&e.admin, &prod, "web").await;
-    c.node(&e.admin, "node-r").await;
+    let prod = workloads(&e, &["node-r"]).await;
     // On a cluster of its own: the signer the overlay's RBAC names, and no other meshca.
     let signer = SIGNER;
     let replica = |name: &'static str| {
@@ -586,22 +577,11 @@ async fn two_replicas_answer_each_request_once_through_a_failover() {
 /// last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_requests_across_nodes_are_all_issued() {
-    let Some(e) = env_private(
-        NEWEST,
-        "deploy/kubernetes/overlays/pod-certificates",
-        &[],
-        None,
-    )
-    .await
-    else {
+    let Some(e) = env_private(NEWEST, OVERLAY, &[], None).await else {
         return;
     };
-    let c = e.cluster;
-    let prod = c.namespace(&e.admin, "prod").await;
-    c.service_account(&e.admin, &prod, "web").await;
-    for n in 0..10 {
-        c.node(&e.admin, &format!("node-{n}")).await;
-    }
+    let nodes: Vec<String> = (0..10).map(|n| format!("node-{n}")).collect();
+    let prod = workloads(&e, &nodes.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let _srv = TestServer::start_with(|cfg| {
         kube_mode(&e, cfg);
         cfg.kubernetes.pod_certificates.enabled = true;
