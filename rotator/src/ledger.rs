@@ -295,11 +295,19 @@ enum Name<'a> {
     Held(u32),
 }
 
+/// A new leaf's serial: as text (signing: lowercase hex, normally), or already as the bytes a
+/// leaf holds (replaying the file: up to 16, the rest zero).
+#[derive(Debug, Clone, Copy)]
+enum Serial<'a> {
+    Text(&'a str),
+    Bytes([u8; 16], u8),
+}
+
 /// A leaf about to be recorded, its strings not yet interned.
 #[derive(Debug, Clone, Copy)]
 struct Incoming<'a> {
     key: Key,
-    serial: &'a str,
+    serial: Serial<'a>,
     id: Name<'a>,
     via: Option<Name<'a>>,
     anchor: u16,
@@ -745,7 +753,7 @@ impl Ledger {
         let issuer = r.issuer.as_ref().map_or(u16::MAX, |i| self.issuer_index(i));
         self.put(Incoming {
             key: key(&r.spiffe_id, &r.instance),
-            serial: &r.serial,
+            serial: Serial::Text(&r.serial),
             id: Name::Text(&r.spiffe_id),
             via: r.via.as_deref().map(Name::Text),
             anchor,
@@ -785,7 +793,10 @@ impl Ledger {
             }
             return Recorded::DroppedFull;
         }
-        let (serial, serial_len) = serial_bytes(r.serial);
+        let (serial, serial_len) = match r.serial {
+            Serial::Text(t) => serial_bytes(t),
+            Serial::Bytes(b, n) => (b, n),
+        };
         let version = u32::try_from(r.version).unwrap_or(u32::MAX);
         self.change(k, |s| {
             let slot = match s.slot_of(k) {
@@ -811,8 +822,8 @@ impl Ledger {
                 }
                 None => s.insert(&r, serial, serial_len, version),
             };
-            if serial_len == ODD_SERIAL {
-                s.odd_serials.insert(slot, r.serial.into());
+            if let (ODD_SERIAL, Serial::Text(t)) = (serial_len, r.serial) {
+                s.odd_serials.insert(slot, t.into());
             } else {
                 s.odd_serials.remove(&slot);
             }

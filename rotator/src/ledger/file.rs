@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use time::OffsetDateTime;
 
-use super::{Api, CertId, FREE, Incoming, Key, Ledger, NONE, Name, ODD_SERIAL};
+use super::{Api, CertId, FREE, Incoming, Key, Ledger, NONE, Name, ODD_SERIAL, Serial};
 
 /// The first bytes of a version-2 file.
 pub const MAGIC: &[u8; 8] = b"MLEDGER2";
@@ -268,13 +268,15 @@ impl FileNames {
         let (anchor, issuer) = (c.u16()?, c.u16()?);
         let api = c.u8()?;
         let api = api_of(api).ok_or_else(|| format!("unknown face {api}"))?;
-        let odd;
         let serial = if serial_len == ODD_SERIAL {
             let n = c.u32()? as usize;
-            odd = c.str(n)?.to_owned();
-            odd
+            Serial::Text(c.str(n)?)
         } else if serial_len <= 16 {
-            hex::encode(&serial[..usize::from(serial_len)])
+            // The bytes as a leaf holds them (what follows the serial zeroed, as from text).
+            let n = usize::from(serial_len);
+            let mut held = [0u8; 16];
+            held[..n].copy_from_slice(&serial[..n]);
+            Serial::Bytes(held, serial_len)
         } else {
             return Err(format!("a serial of {serial_len} bytes"));
         };
@@ -297,7 +299,7 @@ impl FileNames {
         };
         l.put(Incoming {
             key,
-            serial: &serial,
+            serial,
             id: Name::Held(id),
             via: via.map(Name::Held),
             anchor,
