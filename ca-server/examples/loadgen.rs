@@ -22,7 +22,7 @@ use rotator::pki::SecretKey;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 mod common;
-use common::{Child, cpu_secs, median, percentile, rss_kib, spawn_server};
+use common::{Child, LIFTED_LIMITS, cpu_secs, median, percentile, rss_kib, start_server};
 
 struct Args {
     rounds: usize,
@@ -122,32 +122,19 @@ fn target(a: &Args) -> Target {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    // One token asks for every certificate here, at thousands per second, all for one SPIFFE
-    // ID: exactly what `[limits] issue_rate` and `ledger_instances_per_identity` exist to stop.
-    // They are lifted (every other limit stays at its default) so that the run measures what the
-    // limit checks cost on the signing path, not the limits doing their job.
+    // The limits one token asking for everything would meet are lifted (`LIFTED_LIMITS`);
     // `LOADGEN_LIMITS=off` turns every limit off instead (the A/B in docs/benchmarks.md).
-    let config = dir.path().join("loadgen.toml");
     let limits = if std::env::var("LOADGEN_LIMITS").as_deref() == Ok("off") {
         "[limits]\nmax_connections = 0\nmax_connections_per_ip = 0\nwatch_max = 0\n\
          watch_max_unauthenticated = 0\nwatch_per_peer = 0\nhttp_max_connections = 0\n\
          tokenreview_rate = 0\ntokenreview_in_flight = 0\nissue_rate = 0\n\
          ledger_max_instances = 0\nledger_instances_per_identity = 0\n"
     } else {
-        "[limits]\nissue_rate = 1000000\nissue_burst = 1000000\nledger_instances_per_identity = 0\n"
+        LIFTED_LIMITS
     };
-    std::fs::write(&config, limits).unwrap();
-    let mut cmd = std::process::Command::new(&a.server_bin);
-    cmd.arg("--config").arg(&config);
-    cmd.arg("--state-dir").arg(&state).args([
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ]);
     // Audit lines are written by a background thread; keep them, as production would, but off
     // the terminal.
-    let p = spawn_server(cmd);
+    let p = start_server(&a.server_bin, &state, Some(limits));
     let url = p.url.clone();
     let pid = p.child.id();
     Target {

@@ -35,7 +35,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Channel, Endpoint};
 
 mod common;
-use common::{cpu_secs, percentile, rss_kib, spawn_server};
+use common::{LIFTED_LIMITS, cpu_secs, percentile, rss_kib, start_server};
 
 /// Source addresses the workloads connect from.
 const ADDRESSES: usize = 100;
@@ -68,22 +68,6 @@ fn parse_args() -> Args {
         }
     }
     a
-}
-
-fn start_server(bin: &PathBuf, state: &std::path::Path, config: Option<&str>) -> common::Child {
-    let mut cmd = std::process::Command::new(bin);
-    if let Some(c) = config {
-        let path = state.with_extension("toml");
-        std::fs::write(&path, c).unwrap();
-        cmd.arg("--config").arg(path);
-    }
-    cmd.arg("--state-dir").arg(state).args([
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ]);
-    spawn_server(cmd)
 }
 
 /// A channel whose one connection comes from `from`, over TLS with `tls`.
@@ -250,13 +234,87 @@ fn rand_unit() -> f64 {
     f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
 }
 
+/// Every workload renews at once, each from its address; what each saw, and the server's peak
+/// resident memory (KiB) meanwhile.
+async fn storm(
+    url: &str,
+    bundle: Arc<Vec<CertificateDer<'static>>>,
+    workloads: Vec<Workload>,
+    pid: u32,
+) -> (Vec<Served>, u64) {
+    let start = Instant::now();
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(r) = rss_kib(pid) {
+                    peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, w) in workloads.into_iter().enumerate() {
+        let octet = u8::try_from(i % ADDRESSES + 1).unwrap();
+        let from = IpAddr::V4(Ipv4Addr::new(127, 1, 0, octet));
+        tasks.spawn(renew(url.to_owned(), bundle.clone(), w, from, start));
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        out.push(r.unwrap());
+    }
+    sampler.abort();
+    (out, peak.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The storm's figures, and each last refusal's reason with how many workloads saw it.
+fn report(results: &[Served], server_cpu: f64, rss_before: u64, peak: u64) {
+    let mut waits: Vec<u32> = results
+        .iter()
+        .filter_map(|r| {
+            r.after
+                .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX))
+        })
+        .collect();
+    waits.sort_unstable();
+    let errors = results.iter().filter(|r| r.after.is_none()).count();
+    let attempts: u32 = results.iter().map(|r| r.attempts).sum();
+    let retried = results.iter().filter(|r| r.attempts > 1).count();
+    println!(
+        "storm: {} workloads, {} served, {} errors; last served after {:.2} s; wait p50 {:.0} ms, \
+         p99 {:.0} ms; {} attempts ({} workloads retried); server CPU {:.1} s, memory {:.0} → \
+         peak {:.0} MiB",
+        results.len(),
+        waits.len(),
+        errors,
+        waits.last().map_or(f64::NAN, |w| f64::from(*w) / 1e6),
+        percentile(&waits, 0.50),
+        percentile(&waits, 0.99),
+        attempts,
+        retried,
+        server_cpu,
+        rss_before as f64 / 1024.0,
+        peak as f64 / 1024.0,
+    );
+    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
+    for r in results {
+        if let Some(e) = &r.last_error {
+            *reasons.entry(e.chars().take(120).collect()).or_default() += 1;
+        }
+    }
+    for (e, n) in reasons {
+        println!("  {n:>6} × last refusal: {e}");
+    }
+}
+
 fn main() {
     let a = parse_args();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let lifted = "[limits]\nissue_rate = 1000000\nissue_burst = 1000000\nledger_instances_per_identity = 0\n";
-    let server = start_server(&a.server_bin, &state, Some(lifted));
+    let server = start_server(&a.server_bin, &state, Some(LIFTED_LIMITS));
     let bundle = read_pem_certs(&state.join("bundle.pem").display().to_string()).unwrap();
     let token = std::fs::read_to_string(state.join("bootstrap-token")).unwrap();
     let t = Instant::now();
@@ -272,72 +330,10 @@ fn main() {
     // Default limits from here on (unless --limits says otherwise).
     let server = start_server(&a.server_bin, &state, a.limits.as_deref());
     let pid = server.child.id();
-    let url = server.url.clone();
     let bundle = Arc::new(read_pem_certs(&state.join("bundle.pem").display().to_string()).unwrap());
     let cpu_before = cpu_secs(&pid.to_string());
     let rss_before = rss_kib(pid).unwrap_or(0);
-    let peak = Arc::new(std::sync::atomic::AtomicU64::new(rss_before));
-    let results = rt.block_on(async {
-        let start = Instant::now();
-        let sampler = {
-            let peak = peak.clone();
-            tokio::spawn(async move {
-                loop {
-                    if let Some(r) = rss_kib(pid) {
-                        peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-        };
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, w) in workloads.into_iter().enumerate() {
-            let octet = u8::try_from(i % ADDRESSES + 1).unwrap();
-            let from = IpAddr::V4(Ipv4Addr::new(127, 1, 0, octet));
-            tasks.spawn(renew(url.clone(), bundle.clone(), w, from, start));
-        }
-        let mut out = Vec::new();
-        while let Some(r) = tasks.join_next().await {
-            out.push(r.unwrap());
-        }
-        sampler.abort();
-        out
-    });
+    let (results, peak) = rt.block_on(storm(&server.url, bundle, workloads, pid));
     let server_cpu = cpu_secs(&pid.to_string()) - cpu_before;
-    let mut waits: Vec<u32> = results
-        .iter()
-        .filter_map(|r| {
-            r.after
-                .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX))
-        })
-        .collect();
-    waits.sort_unstable();
-    let errors: Vec<&Served> = results.iter().filter(|r| r.after.is_none()).collect();
-    let attempts: u32 = results.iter().map(|r| r.attempts).sum();
-    let retried = results.iter().filter(|r| r.attempts > 1).count();
-    println!(
-        "storm: {} workloads, {} served, {} errors; last served after {:.2} s; wait p50 {:.0} ms, \
-         p99 {:.0} ms; {} attempts ({} workloads retried); server CPU {:.1} s, memory {:.0} → \
-         peak {:.0} MiB",
-        results.len(),
-        waits.len(),
-        errors.len(),
-        waits.last().map_or(f64::NAN, |w| f64::from(*w) / 1e6),
-        percentile(&waits, 0.50),
-        percentile(&waits, 0.99),
-        attempts,
-        retried,
-        server_cpu,
-        rss_before as f64 / 1024.0,
-        peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0,
-    );
-    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
-    for r in &results {
-        if let Some(e) = &r.last_error {
-            *reasons.entry(e.chars().take(120).collect()).or_default() += 1;
-        }
-    }
-    for (e, n) in reasons {
-        println!("  {n:>6} × last refusal: {e}");
-    }
+    report(&results, server_cpu, rss_before, peak);
 }

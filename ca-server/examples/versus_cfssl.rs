@@ -16,6 +16,7 @@
 //! authentication: cfssl's default).
 #![allow(clippy::unwrap_used, reason = "a benchmark binary")]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use std::pin::Pin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
-use common::{cpu_secs, median, percentile, spawn_server};
+use common::{LIFTED_LIMITS, cpu_secs, median, percentile, start_server};
 
 struct Args {
     cfssl: PathBuf,
@@ -221,107 +222,76 @@ fn start_cfssl(bin: &PathBuf, dir: &std::path::Path) -> (common::Child, SocketAd
     )
 }
 
-fn main() {
-    rotator::client::install_crypto_provider();
-    let a = parse_args();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let limits = "[limits]\nissue_rate = 1000000\nissue_burst = 1000000\nledger_instances_per_identity = 0\n";
-    std::fs::write(dir.path().join("meshca.toml"), limits).unwrap();
-    let mut cmd = std::process::Command::new(&a.server_bin);
-    cmd.arg("--config")
-        .arg(dir.path().join("meshca.toml"))
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
-    let meshca = spawn_server(cmd);
-    let meshca_pid = meshca.child.id();
-    let bundle = read_pem_certs(&state.join("bundle.pem").display().to_string()).unwrap();
-    let token = std::fs::read_to_string(state.join("bootstrap-token")).unwrap();
-    let (cfssl, cfssl_addr) = start_cfssl(&a.cfssl, dir.path());
-    let cfssl_pid = cfssl.child.id();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let _in_runtime = rt.enter();
-    let csrs = csrs();
-    let tls = client_tls(&bundle, None).unwrap();
-    let channels: Vec<_> = (0..4)
-        .map(|_| channel(&meshca.url, tls.clone()).unwrap())
-        .collect();
-    let auth: tonic::metadata::MetadataValue<_> =
-        format!("Bearer {}", token.trim()).parse().unwrap();
-    println!(
-        "{} rounds of {:?} each, concurrency {:?}: meshca then cfssl at each",
-        a.rounds, a.duration, a.concurrency
-    );
-    let mut results: std::collections::BTreeMap<(usize, &str), Vec<Run>> = Default::default();
-    for round in 1..=a.rounds {
-        for &c in &a.concurrency {
-            let meshca_senders: Vec<Sender> = (0..c)
-                .map(|w| {
-                    let client = IdentityServiceClient::new(channels[w % channels.len()].clone());
-                    let (csrs, auth) = (csrs.clone(), auth.clone());
-                    Box::new(move |n: usize| {
-                        let mut client = client.clone();
-                        let mut r = tonic::Request::new(SignCertificateRequest {
-                            csr: csrs[(w * 31 + n) % csrs.len()].clone(),
-                            ttl: None,
-                            instance_id: String::new(),
-                        });
-                        r.metadata_mut().insert("authorization", auth.clone());
-                        Box::pin(async move { client.sign_certificate(r).await.is_ok() })
-                            as Pin<Box<dyn Future<Output = bool> + Send>>
-                    }) as Sender
-                })
-                .collect();
-            let m = rt.block_on(closed_loop(meshca_senders, a.duration, meshca_pid));
-            let requests: Arc<Vec<Vec<u8>>> =
-                Arc::new(csrs.iter().map(|c| cfssl_request(cfssl_addr, c)).collect());
-            let cfssl_senders: Vec<Sender> = rt.block_on(async {
-                let mut v = Vec::new();
-                for w in 0..c {
-                    let conn = Arc::new(tokio::sync::Mutex::new((
-                        tokio::net::TcpStream::connect(cfssl_addr).await.unwrap(),
-                        Vec::new(),
-                    )));
-                    let requests = requests.clone();
-                    v.push(Box::new(move |n: usize| {
-                        let (conn, requests) = (conn.clone(), requests.clone());
-                        Box::pin(async move {
-                            let mut g = conn.lock().await;
-                            let (s, buf) = &mut *g;
-                            s.write_all(&requests[(w * 31 + n) % requests.len()])
-                                .await
-                                .is_ok()
-                                && cfssl_response(s, buf).await
-                        }) as Pin<Box<dyn Future<Output = bool> + Send>>
-                    }) as Sender);
-                }
-                v
-            });
-            let f = rt.block_on(closed_loop(cfssl_senders, a.duration, cfssl_pid));
-            println!(
-                "  round {round} c={c}: meshca {:>6.0}/s p99 {:>6.2} ms err {} ({:.2} cores) | cfssl {:>6.0}/s p99 {:>6.2} ms err {} ({:.2} cores) | throughput {:.2}×, p99 {:.1}× lower",
-                m.rate,
-                percentile(&m.lat, 0.99),
-                m.errors,
-                m.server_cores,
-                f.rate,
-                percentile(&f.lat, 0.99),
-                f.errors,
-                f.server_cores,
-                m.rate / f.rate,
-                percentile(&f.lat, 0.99) / percentile(&m.lat, 0.99),
-            );
-            results.entry((c, "meshca")).or_default().push(m);
-            results.entry((c, "cfssl")).or_default().push(f);
-        }
+/// One meshca sender per worker: `SignCertificate` with the token, over the workers' share of
+/// `channels`.
+fn meshca_senders(
+    c: usize,
+    channels: &[tonic::transport::Channel],
+    csrs: &Arc<Vec<Vec<u8>>>,
+    auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+) -> Vec<Sender> {
+    (0..c)
+        .map(|w| {
+            let client = IdentityServiceClient::new(channels[w % channels.len()].clone());
+            let (csrs, auth) = (csrs.clone(), auth.clone());
+            Box::new(move |n: usize| {
+                let mut client = client.clone();
+                let mut r = tonic::Request::new(SignCertificateRequest {
+                    csr: csrs[(w * 31 + n) % csrs.len()].clone(),
+                    ttl: None,
+                    instance_id: String::new(),
+                });
+                r.metadata_mut().insert("authorization", auth.clone());
+                Box::pin(async move { client.sign_certificate(r).await.is_ok() })
+                    as Pin<Box<dyn Future<Output = bool> + Send>>
+            }) as Sender
+        })
+        .collect()
+}
+
+/// One cfssl sender per worker, each on its own keep-alive connection to `addr`.
+async fn cfssl_senders(c: usize, addr: SocketAddr, requests: &Arc<Vec<Vec<u8>>>) -> Vec<Sender> {
+    let mut v = Vec::new();
+    for w in 0..c {
+        let conn = Arc::new(tokio::sync::Mutex::new((
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            Vec::new(),
+        )));
+        let requests = requests.clone();
+        v.push(Box::new(move |n: usize| {
+            let (conn, requests) = (conn.clone(), requests.clone());
+            Box::pin(async move {
+                let mut g = conn.lock().await;
+                let (s, buf) = &mut *g;
+                s.write_all(&requests[(w * 31 + n) % requests.len()])
+                    .await
+                    .is_ok()
+                    && cfssl_response(s, buf).await
+            }) as Pin<Box<dyn Future<Output = bool> + Send>>
+        }) as Sender);
     }
+    v
+}
+
+fn print_round(round: usize, c: usize, m: &Run, f: &Run) {
+    println!(
+        "  round {round} c={c}: meshca {:>6.0}/s p99 {:>6.2} ms err {} ({:.2} cores) | cfssl {:>6.0}/s p99 {:>6.2} ms err {} ({:.2} cores) | throughput {:.2}×, p99 {:.1}× lower",
+        m.rate,
+        percentile(&m.lat, 0.99),
+        m.errors,
+        m.server_cores,
+        f.rate,
+        percentile(&f.lat, 0.99),
+        f.errors,
+        f.server_cores,
+        m.rate / f.rate,
+        percentile(&f.lat, 0.99) / percentile(&m.lat, 0.99),
+    );
+}
+
+fn print_medians(concurrency: &[usize], results: &BTreeMap<(usize, &str), Vec<Run>>) {
     println!("medians:");
-    for &c in &a.concurrency {
+    for &c in concurrency {
         let rate = |k| median(results[&(c, k)].iter().map(|r| r.rate).collect());
         let p99 = |k| {
             median(
@@ -341,5 +311,50 @@ fn main() {
             p99("cfssl") / p99("meshca"),
         );
     }
+}
+
+fn main() {
+    rotator::client::install_crypto_provider();
+    let a = parse_args();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let meshca = start_server(&a.server_bin, &state, Some(LIFTED_LIMITS));
+    let meshca_pid = meshca.child.id();
+    let bundle = read_pem_certs(&state.join("bundle.pem").display().to_string()).unwrap();
+    let token = std::fs::read_to_string(state.join("bootstrap-token")).unwrap();
+    let (cfssl, cfssl_addr) = start_cfssl(&a.cfssl, dir.path());
+    let cfssl_pid = cfssl.child.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_runtime = rt.enter();
+    let csrs = csrs();
+    let tls = client_tls(&bundle, None).unwrap();
+    let channels: Vec<_> = (0..4)
+        .map(|_| channel(&meshca.url, tls.clone()).unwrap())
+        .collect();
+    let auth: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token.trim()).parse().unwrap();
+    let requests: Arc<Vec<Vec<u8>>> =
+        Arc::new(csrs.iter().map(|c| cfssl_request(cfssl_addr, c)).collect());
+    println!(
+        "{} rounds of {:?} each, concurrency {:?}: meshca then cfssl at each",
+        a.rounds, a.duration, a.concurrency
+    );
+    let mut results: BTreeMap<(usize, &str), Vec<Run>> = BTreeMap::new();
+    for round in 1..=a.rounds {
+        for &c in &a.concurrency {
+            let senders = meshca_senders(c, &channels, &csrs, &auth);
+            let m = rt.block_on(closed_loop(senders, a.duration, meshca_pid));
+            let senders = rt.block_on(cfssl_senders(c, cfssl_addr, &requests));
+            let f = rt.block_on(closed_loop(senders, a.duration, cfssl_pid));
+            print_round(round, c, &m, &f);
+            results.entry((c, "meshca")).or_default().push(m);
+            results.entry((c, "cfssl")).or_default().push(f);
+        }
+    }
+    print_medians(&a.concurrency, &results);
     drop(cfssl);
 }

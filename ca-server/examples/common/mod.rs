@@ -80,3 +80,28 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// `[limits]` for a benchmark where one credential asks for every certificate, at thousands per
+/// second, for one SPIFFE ID: exactly what `issue_rate` and `ledger_instances_per_identity` exist
+/// to stop. They are lifted (every other limit stays at its default), so a run measures what the
+/// limit checks cost, not the limits doing their job.
+pub const LIFTED_LIMITS: &str =
+    "[limits]\nissue_rate = 1000000\nissue_burst = 1000000\nledger_instances_per_identity = 0\n";
+
+/// Starts `bin` on `state` (loopback ports chosen by the kernel), with `config` written beside
+/// the state dir when given.
+pub fn start_server(bin: &std::path::Path, state: &std::path::Path, config: Option<&str>) -> Child {
+    let mut cmd = std::process::Command::new(bin);
+    if let Some(c) = config {
+        let path = state.with_extension("toml");
+        std::fs::write(&path, c).unwrap();
+        cmd.arg("--config").arg(path);
+    }
+    cmd.arg("--state-dir").arg(state).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    spawn_server(cmd)
+}
